@@ -1,0 +1,156 @@
+//! Assembling the Pingora server: the proxy service, the admin service and the background
+//! services, from a validated config. Listeners on port 0 get a free port, which is
+//! printed so that scripts and tests can find it.
+
+use crate::admin::AdminApp;
+use crate::config::Config;
+use crate::proxy::Gateway;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora_core::connectors::http::Connector;
+use pingora_core::connectors::ConnectorOptions;
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::{Server, ShutdownWatch};
+use pingora_core::services::background::{background_service, BackgroundService};
+use pingora_core::services::listening::Service;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How the process was asked to run.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RunMode {
+    /// Detach and run in the background (`-d`).
+    pub daemon: bool,
+    /// Take the listeners over from a running instance (`-u`).
+    pub upgrade: bool,
+}
+
+/// Gives listeners on port 0 a concrete free port, so it can be printed and reused.
+fn concrete(addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    if addr.port() != 0 {
+        return Ok(addr);
+    }
+    std::net::TcpListener::bind(addr)?.local_addr()
+}
+
+/// Builds every service and runs until the process is told to stop. Never returns.
+pub fn run(config: Config, mode: RunMode) -> ! {
+    match start(config, mode) {
+        Ok(server) => server.run_forever(),
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
+    let listen: Vec<SocketAddr> = config.listen.iter().map(|a| concrete(*a)).collect::<Result<_, _>>()?;
+    let admin_listen = concrete(config.admin_listen)?;
+    config.resolve();
+    if config.keys.is_empty() {
+        log::warn!("no client keys are configured: the gateway is open to anyone who can reach it");
+    }
+
+    let s = &config.server;
+    let conf = ServerConf {
+        daemon: mode.daemon,
+        pid_file: s.pid_file.clone(),
+        upgrade_sock: s.upgrade_sock.clone(),
+        threads: s.threads,
+        grace_period_seconds: Some(s.grace_period.0.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(5),
+        upstream_keepalive_pool_size: s.upstream_pool_size,
+        ..ServerConf::default()
+    };
+    let opt = Opt {
+        upgrade: mode.upgrade,
+        daemon: mode.daemon,
+        nocapture: false,
+        test: false,
+        conf: None,
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let threads = s.threads;
+    let summary = summary(&config, &listen, admin_listen);
+    let config = Arc::new(ArcSwap::from_pointee(config));
+    let connector = Connector::new(Some(ConnectorOptions::from_server_conf(&server.configuration)));
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Gateway::new(Arc::clone(&config), connector),
+        "tollgate proxy",
+    );
+    for addr in &listen {
+        proxy.add_tcp(&addr.to_string());
+    }
+    proxy.threads = Some(threads);
+
+    let mut admin = Service::new(
+        "tollgate admin".to_string(),
+        AdminApp {
+            config: Arc::clone(&config),
+        },
+    );
+    admin.add_tcp(&admin_listen.to_string());
+    admin.threads = Some(1);
+
+    server.add_service(proxy);
+    server.add_service(admin);
+    server.add_service(background_service("resolver", Resolver { config }));
+
+    log::info!("{summary}");
+    println!("tollgate: listening on {}", listen.iter().map(|a| format!("http://{a}")).collect::<Vec<_>>().join(" "));
+    println!("tollgate: admin on http://{admin_listen}");
+    let _ = std::io::stdout().flush();
+    Ok(server)
+}
+
+fn summary(config: &Config, listen: &[SocketAddr], admin: SocketAddr) -> String {
+    let upstreams: Vec<String> = config
+        .upstreams
+        .values()
+        .map(|u| format!("{} ({} servers)", u.name, u.servers.len()))
+        .collect();
+    let mut aliases = config.router.alias_names().join(", ");
+    if config.router.resolve("\u{0}").is_some() {
+        aliases.push_str(if aliases.is_empty() { "*" } else { ", *" });
+    }
+    format!(
+        "starting: proxy on {listen:?}, admin on {admin}, {} client keys, upstreams: {}; models: {}",
+        config.keys.len(),
+        upstreams.join(", "),
+        aliases
+    )
+}
+
+/// Re-resolves upstream host names in the background, so that DNS changes are followed
+/// and no lookup ever happens on the request path.
+struct Resolver {
+    config: Arc<ArcSwap<Config>>,
+}
+
+const RESOLVE_EVERY: Duration = Duration::from_secs(30);
+
+#[async_trait]
+impl BackgroundService for Resolver {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(RESOLVE_EVERY) => {}
+            }
+            let config = self.config.load_full();
+            for upstream in config.upstreams.values() {
+                for server in &upstream.servers {
+                    if let Err(e) = server.endpoint.resolve().await {
+                        log::warn!("server {}: cannot resolve: {e}", server.name);
+                    }
+                }
+            }
+        }
+    }
+}

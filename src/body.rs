@@ -1,0 +1,107 @@
+//! Stage 3, `request_filter`: the request body. Finds `model` and `stream` in one pass
+//! of serde_json over the borrowed bytes (unknown fields are skipped, not built), and
+//! rewrites only the bytes of the model value when a route renames it. The rest of the
+//! body is forwarded byte for byte; nothing here re-encodes the whole JSON.
+
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::ops::Range;
+
+/// What the gateway needs from a request body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RequestFacts {
+    pub model: String,
+    /// Byte range of the model value, quotes included, in the original body.
+    pub model_span: Range<usize>,
+    pub stream: bool,
+}
+
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(borrow)]
+    model: Option<&'a RawValue>,
+    #[serde(default)]
+    stream: Option<bool>,
+}
+
+/// Reads `model` and `stream` from a JSON object body. Errors are client-facing messages.
+pub fn scan(body: &[u8]) -> Result<RequestFacts, String> {
+    let text = std::str::from_utf8(body).map_err(|_| "Request body is not valid UTF-8.".to_string())?;
+    if !text.trim_start().starts_with('{') {
+        return Err("Request body must be a JSON object.".into());
+    }
+    let head: Head = serde_json::from_str(text)
+        .map_err(|e| format!("Request body is not valid JSON: {e}"))?;
+    let raw = head
+        .model
+        .ok_or_else(|| "You must provide a model parameter.".to_string())?;
+    let model: String = serde_json::from_str(raw.get())
+        .map_err(|_| "The model parameter must be a string.".to_string())?;
+    // RawValue borrows from `text`, so its position is the value's offset in the body.
+    let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
+    Ok(RequestFacts {
+        model,
+        model_span: start..start + raw.get().len(),
+        stream: head.stream.unwrap_or(false),
+    })
+}
+
+/// The body with the model value replaced by `model`; the same bytes (no copy) when the
+/// name is unchanged.
+pub fn rewrite_model(body: &Bytes, facts: &RequestFacts, model: &str) -> Bytes {
+    if model == facts.model {
+        return body.clone();
+    }
+    let quoted = serde_json::to_string(model).unwrap_or_else(|_| format!("\"{model}\""));
+    let mut out = BytesMut::with_capacity(body.len() + quoted.len());
+    out.extend_from_slice(&body[..facts.model_span.start]);
+    out.extend_from_slice(quoted.as_bytes());
+    out.extend_from_slice(&body[facts.model_span.end..]);
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_model_and_stream_anywhere_in_the_object() {
+        let body = br#"{"messages":[{"role":"user","content":"{\"model\":\"x\"}"}],"stream":true,"model":"gpt-4o"}"#;
+        let f = scan(body).unwrap();
+        assert_eq!(f.model, "gpt-4o");
+        assert!(f.stream);
+        assert_eq!(&body[f.model_span.clone()], br#""gpt-4o""#);
+    }
+
+    #[test]
+    fn rewrite_touches_only_the_model_value() {
+        let body = Bytes::from_static(br#"{ "model" : "alias", "n": 1, "stream": null }"#);
+        let f = scan(&body).unwrap();
+        assert!(!f.stream);
+        let out = rewrite_model(&body, &f, "llama-3-70b");
+        assert_eq!(&out[..], br#"{ "model" : "llama-3-70b", "n": 1, "stream": null }"#);
+        let same = rewrite_model(&body, &f, "alias");
+        assert_eq!(same.as_ptr(), body.as_ptr());
+    }
+
+    #[test]
+    fn escaped_model_names_round_trip() {
+        let body = Bytes::from_static(br#"{"model":"a\"b"}"#);
+        let f = scan(&body).unwrap();
+        assert_eq!(f.model, "a\"b");
+        let out = rewrite_model(&body, &f, "c\"d");
+        assert_eq!(scan(&out).unwrap().model, "c\"d");
+    }
+
+    #[test]
+    fn bad_bodies_are_client_errors() {
+        assert!(scan(b"").is_err());
+        assert!(scan(b"[1]").is_err());
+        assert!(scan(b"{\"model\":").is_err());
+        assert!(scan(b"{\"messages\":[]}").unwrap_err().contains("model parameter"));
+        assert!(scan(b"{\"model\":5}").is_err());
+        assert!(scan(b"{\"model\":\"a\",\"model\":\"b\"}").is_err());
+        assert!(scan(b"{\"model\":\"a\",\"stream\":\"yes\"}").is_err());
+    }
+}

@@ -1,0 +1,113 @@
+//! Command line: `tollgate [-c FILE] [-t] [-d] [-u]` and `tollgate demo`. `-d` and `-u`
+//! map onto Pingora's daemon and graceful-upgrade options.
+
+use crate::app::{self, RunMode};
+use crate::config::Config;
+use crate::mock::MockUpstream;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+
+/// Default config path when `-c` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/tollgate/tollgate.yaml";
+
+/// The embedded demo config; `${TOLLGATE_DEMO_UPSTREAM}` is the in-process mock upstream.
+const DEMO_CONFIG: &str = include_str!("../conf/demo.yaml");
+
+#[derive(Parser, Debug)]
+#[command(name = "tollgate", version, about = "An LLM API gateway on Pingora")]
+pub struct Cli {
+    /// Config file.
+    #[arg(short = 'c', long = "conf", default_value = DEFAULT_CONFIG, global = true)]
+    pub config: String,
+    /// Check the config and exit: 0 and "configuration OK", or every error with its path.
+    #[arg(short = 't', long = "test")]
+    pub test: bool,
+    /// Run in the background.
+    #[arg(short = 'd', long = "daemon")]
+    pub daemon: bool,
+    /// Take over the listening sockets of a running instance (graceful upgrade).
+    #[arg(short = 'u', long = "upgrade")]
+    pub upgrade: bool,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run with an embedded mock upstream: no API key and no other server needed.
+    Demo {
+        /// Proxy listener.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Admin listener.
+        #[arg(long, default_value = "127.0.0.1:9091")]
+        admin_listen: SocketAddr,
+    },
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Runs the command line; returns the process exit code when it does not serve.
+pub fn main(cli: Cli) -> i32 {
+    match cli.command {
+        Some(Command::Demo { listen, admin_listen }) => demo(listen, admin_listen),
+        None => {
+            let config = match Config::load(&cli.config, &env) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!("tollgate: configuration {} has errors:", cli.config);
+                    for e in &errors.0 {
+                        eprintln!("  {e}");
+                    }
+                    return 1;
+                }
+            };
+            if cli.test {
+                println!("tollgate: configuration {} OK", cli.config);
+                return 0;
+            }
+            app::run(
+                config,
+                RunMode {
+                    daemon: cli.daemon,
+                    upgrade: cli.upgrade,
+                },
+            )
+        }
+    }
+}
+
+fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> i32 {
+    let upstream = match MockUpstream::start_in_thread("the Tollgate demo upstream", "127.0.0.1:0".parse().unwrap_or(listen)) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("tollgate: cannot start the demo upstream: {e}");
+            return 1;
+        }
+    };
+    let upstream_url = upstream.url();
+    let lookup = |name: &str| match name {
+        "TOLLGATE_DEMO_UPSTREAM" => Some(upstream_url.clone()),
+        "TOLLGATE_DEMO_LISTEN" => Some(listen.to_string()),
+        "TOLLGATE_DEMO_ADMIN" => Some(admin_listen.to_string()),
+        other => env(other),
+    };
+    let config = match Config::parse(DEMO_CONFIG, &lookup) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tollgate: demo config: {e}");
+            return 1;
+        }
+    };
+    println!("tollgate demo: mock upstream at {upstream_url}");
+    println!("tollgate demo: try");
+    println!(
+        "  curl -s http://{listen}/v1/chat/completions -H 'Authorization: Bearer demo-key' \\\n    -H 'content-type: application/json' -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
+    );
+    println!(
+        "  curl -sN http://{listen}/v1/chat/completions -H 'Authorization: Bearer demo-key' \\\n    -H 'content-type: application/json' -d '{{\"model\":\"demo\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
+    );
+    app::run(config, RunMode::default())
+}

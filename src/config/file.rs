@@ -1,0 +1,205 @@
+//! The config file schema, exactly as users write it. Every struct denies unknown fields
+//! and names its defaults; nothing here resolves references or touches the network: that
+//! is `config::build`'s job.
+
+use super::units::{ByteSize, Seconds};
+use crate::secret::Secret;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub server: ServerSection,
+    /// Client keys. With none, the gateway is open to anyone who can reach it.
+    #[serde(default)]
+    pub keys: Vec<KeySection>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamSection>,
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Proxy listeners. Default `["0.0.0.0:8080"]`. Port 0 picks a free port, printed at start.
+    #[serde(default = "default_listen")]
+    pub listen: Vec<String>,
+    /// Admin and metrics listener. Default `127.0.0.1:9091`.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: String,
+    /// Worker threads of the proxy service. Default 2.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// Largest request body accepted; larger ones get 413. Default 32MiB.
+    #[serde(default = "default_max_body_size")]
+    pub max_body_size: ByteSize,
+    /// How long an idle client connection is kept open between requests. Default 60s.
+    #[serde(default = "default_keepalive_timeout")]
+    pub keepalive_timeout: Seconds,
+    /// How long a stopping process keeps serving in-flight requests. Default 30s.
+    #[serde(default = "default_grace_period")]
+    pub grace_period: Seconds,
+    /// Where the daemon writes its pid. Default `/tmp/tollgate.pid`.
+    #[serde(default = "default_pid_file")]
+    pub pid_file: String,
+    /// Socket through which a new process takes over the listeners on upgrade.
+    /// Default `/tmp/tollgate_upgrade.sock`.
+    #[serde(default = "default_upgrade_sock")]
+    pub upgrade_sock: String,
+    /// Idle upstream connections kept for reuse, per process. Default 128.
+    #[serde(default = "default_pool_size")]
+    pub upstream_pool_size: usize,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: default_listen(),
+            admin_listen: default_admin_listen(),
+            threads: default_threads(),
+            max_body_size: default_max_body_size(),
+            keepalive_timeout: default_keepalive_timeout(),
+            grace_period: default_grace_period(),
+            pid_file: default_pid_file(),
+            upgrade_sock: default_upgrade_sock(),
+            upstream_pool_size: default_pool_size(),
+        }
+    }
+}
+
+fn default_listen() -> Vec<String> {
+    vec!["0.0.0.0:8080".to_string()]
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9091".to_string()
+}
+fn default_threads() -> usize {
+    2
+}
+fn default_max_body_size() -> ByteSize {
+    ByteSize(32 << 20)
+}
+fn default_keepalive_timeout() -> Seconds {
+    Seconds(Duration::from_secs(60))
+}
+fn default_grace_period() -> Seconds {
+    Seconds(Duration::from_secs(30))
+}
+fn default_pid_file() -> String {
+    "/tmp/tollgate.pid".to_string()
+}
+fn default_upgrade_sock() -> String {
+    "/tmp/tollgate_upgrade.sock".to_string()
+}
+fn default_pool_size() -> usize {
+    128
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySection {
+    /// A name for logs and metrics; the key itself is never printed.
+    pub name: String,
+    pub key: Secret,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Provider {
+    /// OpenAI and anything OpenAI-compatible that takes `Authorization: Bearer`.
+    Openai,
+    /// Anthropic: `x-api-key` plus `anthropic-version`.
+    Anthropic,
+    /// Azure OpenAI: `api-key`.
+    Azure,
+    /// Self-hosted servers (vLLM, TGI, llama.cpp, Ollama): Bearer when a key is set.
+    #[default]
+    Generic,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Weighted round robin (pingora-load-balancing).
+    #[default]
+    Weighted,
+    /// Fewest requests in flight relative to weight; streams count until they end.
+    LeastConn,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    #[serde(default)]
+    pub provider: Provider,
+    #[serde(default)]
+    pub balance: Balance,
+    /// TCP (and TLS) connect timeout. Default 10s.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Seconds,
+    /// Time from the end of the request to the response header. Default 60s.
+    #[serde(default = "default_first_byte_timeout")]
+    pub first_byte_timeout: Seconds,
+    /// Longest gap between two response body chunks. Default 300s.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: Seconds,
+    pub servers: Vec<ServerEntry>,
+}
+
+fn default_connect_timeout() -> Seconds {
+    Seconds(Duration::from_secs(10))
+}
+fn default_first_byte_timeout() -> Seconds {
+    Seconds(Duration::from_secs(60))
+}
+fn default_idle_timeout() -> Seconds {
+    Seconds(Duration::from_secs(300))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerEntry {
+    /// Base URL, e.g. `https://api.openai.com/v1`. The client's path after `/v1` is appended.
+    pub url: String,
+    /// Optional display name; default `host:port`, with `#N` when a host repeats.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+    /// Relative share of traffic. Default 1.
+    #[serde(default = "default_weight")]
+    pub weight: usize,
+    /// Used only when no non-backup server of the upstream is usable. Default false.
+    #[serde(default)]
+    pub backup: bool,
+}
+
+fn default_weight() -> usize {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub routes: Vec<RouteSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    pub upstream: String,
+    /// Model name sent upstream. Default: the alias (or, for `*`, the client's model).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Tier: lower is tried first; equal priorities are balanced together. Default 1.
+    #[serde(default = "default_priority")]
+    pub priority: u32,
+}
+
+fn default_priority() -> u32 {
+    1
+}

@@ -1,0 +1,442 @@
+//! Loading and validating configuration. Two layers: `file` is the serde schema users
+//! write; [`build`] checks it as a whole (every error at once, each with its path),
+//! expands `${ENV}` references and resolves names into the runtime [`Config`] the proxy
+//! reads. A config that fails here is never served.
+
+pub mod file;
+pub mod units;
+
+use crate::auth::KeyRing;
+use crate::route::{Alias, Route, Router, Tier};
+use crate::select::{Endpoint, Server, Upstream};
+use file::FileConfig;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// One problem in a config file, with the path of the offending field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in one config file.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl ConfigErrors {
+    fn one(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigErrors(vec![ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }])
+    }
+}
+
+/// The validated runtime configuration the proxy serves from.
+pub struct Config {
+    pub server: file::ServerSection,
+    pub listen: Vec<SocketAddr>,
+    pub admin_listen: SocketAddr,
+    pub keys: KeyRing,
+    pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    pub router: Router,
+}
+
+impl Config {
+    /// Reads, expands and validates `path`. `env` looks up `${VAR}` references.
+    pub fn load(path: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors::one("", format!("cannot read {path}: {e}")))?;
+        Config::parse(&text, env)
+    }
+
+    /// Validates config text. Host names are not resolved here (see [`Config::resolve`]).
+    pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+        let mut value: serde_yaml::Value = serde_yaml::from_str(text)
+            .map_err(|e| ConfigErrors::one("", format!("not valid YAML: {e}")))?;
+        let mut errors = Vec::new();
+        expand_env(&mut value, &mut String::new(), env, &mut errors);
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        let file: FileConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            ConfigErrors::one(path, e.into_inner().to_string())
+        })?;
+        build(file)
+    }
+
+    /// Resolves every server's host name once, blocking; called at start and reload,
+    /// never on the request path. Servers that do not resolve stay unusable (and are
+    /// retried by the resolver service) instead of failing the start.
+    pub fn resolve(&self) {
+        for upstream in self.upstreams.values() {
+            for server in &upstream.servers {
+                if let Err(e) = server.endpoint.resolve_blocking() {
+                    log::warn!("server {}: cannot resolve: {e}", server.name);
+                }
+            }
+        }
+    }
+}
+
+/// Replaces `${VAR}` in every string of the document; `$${` is a literal `${`.
+fn expand_env(
+    value: &mut serde_yaml::Value,
+    path: &mut String,
+    env: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Vec<ConfigError>,
+) {
+    use serde_yaml::Value;
+    match value {
+        Value::String(s) if s.contains("${") => match expand_str(s, env) {
+            Ok(expanded) => *s = expanded,
+            Err(message) => errors.push(ConfigError {
+                path: path.clone(),
+                message,
+            }),
+        },
+        Value::Sequence(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                expand_env(item, path, env, errors);
+                path.truncate(len);
+            }
+        }
+        Value::Mapping(map) => {
+            for (k, v) in map.iter_mut() {
+                let len = path.len();
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k.as_str().unwrap_or("?"));
+                expand_env(v, path, env, errors);
+                path.truncate(len);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn expand_str(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(pos) = rest.find("${") {
+        if pos > 0 && rest.as_bytes()[pos - 1] == b'$' {
+            out.push_str(&rest[..pos - 1]);
+            out.push_str("${");
+            rest = &rest[pos + 2..];
+            continue;
+        }
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| "unterminated ${ in value".to_string())?;
+        let name = &after[..end];
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("invalid environment variable name {name:?}"));
+        }
+        match env(name) {
+            Some(v) => out.push_str(&v),
+            None => return Err(format!("environment variable {name} is not set")),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn build(file: FileConfig) -> Result<Config, ConfigErrors> {
+    let mut errors = Vec::new();
+    let mut err = |path: String, message: String| errors.push(ConfigError { path, message });
+
+    let s = &file.server;
+    let mut listen = Vec::new();
+    if s.listen.is_empty() {
+        err("server.listen".into(), "at least one listener is required".into());
+    }
+    for (i, l) in s.listen.iter().enumerate() {
+        match l.parse::<SocketAddr>() {
+            Ok(a) => listen.push(a),
+            Err(_) => err(
+                format!("server.listen[{i}]"),
+                format!("{l:?} is not an address like 0.0.0.0:8080"),
+            ),
+        }
+    }
+    let admin_listen = match s.admin_listen.parse::<SocketAddr>() {
+        Ok(a) => a,
+        Err(_) => {
+            err(
+                "server.admin_listen".into(),
+                format!("{:?} is not an address like 127.0.0.1:9091", s.admin_listen),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 9091))
+        }
+    };
+    if s.threads == 0 {
+        err("server.threads".into(), "must be at least 1".into());
+    }
+    if s.max_body_size.0 == 0 {
+        err("server.max_body_size".into(), "must be larger than 0".into());
+    }
+
+    let mut seen_names = HashSet::new();
+    let mut seen_keys = HashSet::new();
+    for (i, k) in file.keys.iter().enumerate() {
+        if k.name.trim().is_empty() {
+            err(format!("keys[{i}].name"), "must not be empty".into());
+        } else if !seen_names.insert(k.name.as_str()) {
+            err(format!("keys[{i}].name"), format!("duplicate key name {:?}", k.name));
+        }
+        if k.key.is_empty() {
+            err(format!("keys[{i}].key"), "must not be empty".into());
+        } else if !seen_keys.insert(k.key.expose()) {
+            err(format!("keys[{i}].key"), "the same key is configured twice".into());
+        }
+    }
+
+    let mut upstreams = BTreeMap::new();
+    for (name, u) in &file.upstreams {
+        let path = format!("upstreams.{name}");
+        if u.servers.is_empty() {
+            err(format!("{path}.servers"), "at least one server is required".into());
+        }
+        let mut servers = Vec::new();
+        let mut display_names: HashMap<String, usize> = HashMap::new();
+        for (i, entry) in u.servers.iter().enumerate() {
+            let spath = format!("{path}.servers[{i}]");
+            let endpoint = match Endpoint::parse(&entry.url) {
+                Ok(e) => e,
+                Err(m) => {
+                    err(format!("{spath}.url"), m);
+                    continue;
+                }
+            };
+            if entry.weight == 0 || entry.weight > 1000 {
+                err(format!("{spath}.weight"), "must be between 1 and 1000".into());
+            }
+            let needs_key = matches!(
+                u.provider,
+                file::Provider::Openai | file::Provider::Anthropic | file::Provider::Azure
+            );
+            if needs_key && entry.api_key.as_ref().is_none_or(|k| k.is_empty()) {
+                err(
+                    format!("{spath}.api_key"),
+                    format!("required for provider {:?}", u.provider).to_lowercase(),
+                );
+            }
+            let base = entry
+                .name
+                .clone()
+                .unwrap_or_else(|| endpoint.authority());
+            let n = display_names.entry(base.clone()).or_insert(0);
+            *n += 1;
+            let short = if *n == 1 { base } else { format!("{base}#{n}") };
+            servers.push(Server::new(
+                format!("{name}/{short}"),
+                endpoint,
+                entry.api_key.clone(),
+                entry.weight.clamp(1, 1000),
+                entry.backup,
+            ));
+        }
+        if !u.servers.is_empty() && u.servers.iter().all(|s| s.backup) {
+            err(
+                format!("{path}.servers"),
+                "every server is a backup; at least one must not be".into(),
+            );
+        }
+        upstreams.insert(
+            name.clone(),
+            Arc::new(Upstream::new(name.clone(), u, servers)),
+        );
+    }
+
+    let mut aliases = HashMap::new();
+    let mut catch_all = None;
+    for (alias, m) in &file.models {
+        let path = format!("models.{alias}");
+        if alias.trim().is_empty() {
+            err(path.clone(), "alias must not be empty".into());
+        }
+        if m.routes.is_empty() {
+            err(format!("{path}.routes"), "at least one route is required".into());
+        }
+        let mut by_priority: BTreeMap<u32, Vec<Route>> = BTreeMap::new();
+        for (i, r) in m.routes.iter().enumerate() {
+            let Some(upstream) = upstreams.get(&r.upstream) else {
+                err(
+                    format!("{path}.routes[{i}].upstream"),
+                    format!("no upstream named {:?}", r.upstream),
+                );
+                continue;
+            };
+            let model = match (&r.model, alias.as_str()) {
+                (Some(m), _) => Some(Arc::<str>::from(m.as_str())),
+                (None, "*") => None,
+                (None, a) => Some(Arc::<str>::from(a)),
+            };
+            by_priority.entry(r.priority).or_default().push(Route {
+                upstream: Arc::clone(upstream),
+                model,
+            });
+        }
+        let tiers = by_priority
+            .into_iter()
+            .map(|(priority, routes)| Tier::new(priority, routes))
+            .collect();
+        let a = Arc::new(Alias {
+            name: alias.clone(),
+            tiers,
+        });
+        if alias == "*" {
+            catch_all = Some(a);
+        } else {
+            aliases.insert(alias.clone(), a);
+        }
+    }
+    if file.models.is_empty() {
+        err("models".into(), "at least one model alias is required".into());
+    }
+
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    Ok(Config {
+        listen,
+        admin_listen,
+        keys: KeyRing::new(file.keys.iter().map(|k| (k.name.as_str(), &k.key))),
+        upstreams,
+        router: Router::new(aliases, catch_all),
+        server: file.server,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    const GOOD: &str = r#"
+upstreams:
+  local:
+    servers:
+      - url: http://127.0.0.1:8000/v1
+models:
+  small:
+    routes:
+      - {upstream: local}
+"#;
+
+    #[test]
+    fn minimal_config_is_valid_with_defaults() {
+        let c = Config::parse(GOOD, &no_env).unwrap();
+        assert_eq!(c.listen, vec!["0.0.0.0:8080".parse().unwrap()]);
+        assert_eq!(c.server.max_body_size.0, 32 << 20);
+        assert!(c.keys.is_empty());
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_path() {
+        let text = r#"
+server:
+  listen: ["nowhere"]
+upstreams:
+  openai:
+    provider: openai
+    servers:
+      - url: ftp://x
+      - url: https://api.openai.com/v1
+models:
+  gpt-4o:
+    routes:
+      - {upstream: openai}
+      - {upstream: azure, priority: 2}
+"#;
+        let errs = Config::parse(text, &no_env).err().unwrap().to_string();
+        assert!(errs.contains("server.listen[0]: \"nowhere\""), "{errs}");
+        assert!(errs.contains("upstreams.openai.servers[0].url"), "{errs}");
+        assert!(
+            errs.contains("upstreams.openai.servers[1].api_key: required for provider openai"),
+            "{errs}"
+        );
+        assert!(
+            errs.contains("models.gpt-4o.routes[1].upstream: no upstream named \"azure\""),
+            "{errs}"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_errors_with_a_path() {
+        let text = GOOD.replace("servers:", "colour: red\n    servers:");
+        let errs = Config::parse(&text, &no_env).err().unwrap().to_string();
+        assert!(errs.starts_with("upstreams.local"), "{errs}");
+        assert!(errs.contains("unknown field `colour`"), "{errs}");
+    }
+
+    #[test]
+    fn env_references_expand_and_missing_ones_are_errors() {
+        let text = format!("{GOOD}keys:\n  - {{name: a, key: \"${{TG_TEST_KEY}}\"}}\n");
+        let env = |n: &str| (n == "TG_TEST_KEY").then(|| "secret-value-123".to_string());
+        let c = Config::parse(&text, &env).unwrap();
+        assert_eq!(c.keys.len(), 1);
+        let errs = Config::parse(&text, &no_env).err().unwrap().to_string();
+        assert_eq!(errs, "keys[0].key: environment variable TG_TEST_KEY is not set");
+        assert_eq!(expand_str("a$${b}", &no_env).unwrap(), "a${b}");
+    }
+
+    #[test]
+    fn equal_priorities_form_one_tier_in_order() {
+        let text = r#"
+upstreams:
+  a: {servers: [{url: "http://127.0.0.1:1/v1"}]}
+  b: {servers: [{url: "http://127.0.0.1:2/v1"}]}
+models:
+  m:
+    routes:
+      - {upstream: b, priority: 2}
+      - {upstream: a, priority: 1, model: other}
+      - {upstream: b, priority: 1}
+"#;
+        let c = Config::parse(text, &no_env).unwrap();
+        let alias = c.router.resolve("m").unwrap();
+        assert_eq!(alias.tiers.len(), 2);
+        assert_eq!(alias.tiers[0].routes.len(), 2);
+        assert_eq!(alias.tiers[0].routes[0].model.as_deref(), Some("other"));
+        assert_eq!(alias.tiers[1].priority, 2);
+    }
+}

@@ -1,0 +1,396 @@
+//! An OpenAI-compatible upstream that answers from a script: the backend of `tollgate
+//! demo` (no key, no other server needed) and the fixture of the integration tests. By
+//! default it answers like a model server (chat, completions, embeddings, responses,
+//! Anthropic messages, SSE streams); a script can make it answer with any status, stream
+//! slowly, cut a stream, hang, or close the connection, and it records what it received.
+//! It is a real HTTP/1.1 server on loopback (hyper), not a stand-in inside the gateway.
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+/// One scripted answer.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// Answer like a model server, streaming when the request asks for it.
+    Model,
+    /// A fixed status, headers and body.
+    Status {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: String,
+    },
+    /// An SSE response: each event is written as one chunk, `gap` apart. With `cut`, the
+    /// connection is dropped after the last event instead of ending the body.
+    Stream {
+        events: Vec<String>,
+        gap: Duration,
+        cut: bool,
+    },
+    /// Wait, then answer with the inner reply.
+    Delay(Duration, Box<Reply>),
+    /// Read the request and never answer.
+    Hang,
+    /// Close the connection without answering.
+    Close,
+}
+
+impl Reply {
+    /// A JSON error body with a status, the way providers send them.
+    pub fn error(status: u16, body: &str) -> Reply {
+        Reply::Status {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.into(),
+        }
+    }
+}
+
+/// What the upstream received, for assertions.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+struct State {
+    name: String,
+    script: Mutex<VecDeque<Reply>>,
+    default: Mutex<Reply>,
+    received: Mutex<Vec<Received>>,
+    hits: AtomicUsize,
+    connections: AtomicUsize,
+    open_streams: AtomicUsize,
+    cut_by_peer: AtomicUsize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A running mock upstream. Stops when the runtime it was started on stops.
+#[derive(Clone)]
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+}
+
+impl MockUpstream {
+    /// Starts on `127.0.0.1:0` on the current Tokio runtime.
+    pub async fn start(name: &str) -> std::io::Result<MockUpstream> {
+        Self::start_on(name, "127.0.0.1:0".parse().map_err(std::io::Error::other)?).await
+    }
+
+    pub async fn start_on(name: &str, addr: SocketAddr) -> std::io::Result<MockUpstream> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            name: name.to_string(),
+            script: Mutex::new(VecDeque::new()),
+            default: Mutex::new(Reply::Model),
+            received: Mutex::new(Vec::new()),
+            hits: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+            open_streams: AtomicUsize::new(0),
+            cut_by_peer: AtomicUsize::new(0),
+        });
+        let accept_state = Arc::clone(&state);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                accept_state.connections.fetch_add(1, Ordering::Relaxed);
+                let state = Arc::clone(&accept_state);
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| handle(Arc::clone(&state), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(MockUpstream { addr, state })
+    }
+
+    /// Starts on its own thread and runtime (for `tollgate demo`, before Pingora starts).
+    pub fn start_in_thread(name: &str, addr: SocketAddr) -> std::io::Result<MockUpstream> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let name = name.to_string();
+        std::thread::Builder::new()
+            .name("demo-upstream".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let started = MockUpstream::start_on(&name, addr).await;
+                    let ok = started.is_ok();
+                    let _ = tx.send(started);
+                    if ok {
+                        std::future::pending::<()>().await;
+                    }
+                });
+            })?;
+        rx.recv().map_err(std::io::Error::other)?
+    }
+
+    /// The base URL to put in a config: `http://127.0.0.1:PORT/v1`.
+    pub fn url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Queues replies for the next requests, in order; after them the default applies.
+    pub fn push(&self, replies: impl IntoIterator<Item = Reply>) {
+        lock(&self.state.script).extend(replies);
+    }
+
+    /// Sets the reply used when the script is empty.
+    pub fn set_default(&self, reply: Reply) {
+        *lock(&self.state.default) = reply;
+    }
+
+    /// Requests received so far.
+    pub fn hits(&self) -> usize {
+        self.state.hits.load(Ordering::Relaxed)
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::Relaxed)
+    }
+
+    /// SSE responses being written right now.
+    pub fn open_streams(&self) -> usize {
+        self.state.open_streams.load(Ordering::Relaxed)
+    }
+
+    /// SSE responses whose reader went away before the end.
+    pub fn cut_by_peer(&self) -> usize {
+        self.state.cut_by_peer.load(Ordering::Relaxed)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        lock(&self.state.received).clone()
+    }
+
+    pub fn last(&self) -> Option<Received> {
+        lock(&self.state.received).last().cloned()
+    }
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, std::io::Error> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map_err(std::io::Error::other)?.to_bytes();
+    state.hits.fetch_add(1, Ordering::Relaxed);
+    lock(&state.received).push(Received {
+        method: parts.method.to_string(),
+        path: parts.uri.path_and_query().map_or_else(String::new, |p| p.to_string()),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+    let reply = lock(&state.script)
+        .pop_front()
+        .unwrap_or_else(|| lock(&state.default).clone());
+    answer(&state, reply, parts.uri.path(), &body).await
+}
+
+async fn answer(state: &Arc<State>, mut reply: Reply, path: &str, body: &Bytes) -> Result<Response<Body>, std::io::Error> {
+    while let Reply::Delay(d, inner) = reply {
+        tokio::time::sleep(d).await;
+        reply = *inner;
+    }
+    match reply {
+        Reply::Model => Ok(model_reply(state, path, body)),
+        Reply::Status { status, headers, body } => {
+            let mut resp = Response::builder().status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
+            for (k, v) in headers {
+                resp = resp.header(k, v);
+            }
+            resp.body(full(body)).map_err(std::io::Error::other)
+        }
+        Reply::Stream { events, gap, cut } => Ok(sse(state, events, gap, cut)),
+        Reply::Hang => {
+            std::future::pending::<()>().await;
+            Err(std::io::Error::other("unreachable"))
+        }
+        Reply::Close => Err(std::io::Error::other("scripted close")),
+        Reply::Delay(..) => Err(std::io::Error::other("nested delay")),
+    }
+}
+
+fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into()).map_err(|e: Infallible| match e {}).boxed()
+}
+
+fn json_response(v: Value) -> Response<Body> {
+    let mut r = Response::new(full(v.to_string()));
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}
+
+/// Counts an open SSE response; notices when the reader left before the end.
+struct StreamGuard {
+    state: Arc<State>,
+    finished: bool,
+}
+
+impl StreamGuard {
+    fn finish(&mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.state.open_streams.fetch_sub(1, Ordering::Relaxed);
+        if !self.finished {
+            self.state.cut_by_peer.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn sse(state: &Arc<State>, events: Vec<String>, gap: Duration, cut: bool) -> Response<Body> {
+    state.open_streams.fetch_add(1, Ordering::Relaxed);
+    let guard = StreamGuard {
+        state: Arc::clone(state),
+        finished: false,
+    };
+    let stream = futures_util::stream::unfold((events.into_iter(), guard, true), move |(mut it, mut guard, first)| async move {
+        if !first {
+            tokio::time::sleep(gap).await;
+        }
+        match it.next() {
+            Some(event) => Some((Ok(Frame::data(Bytes::from(event))), (it, guard, false))),
+            None if cut => {
+                guard.finish();
+                Some((Err(std::io::Error::other("scripted cut")), (it, guard, false)))
+            }
+            None => {
+                guard.finish();
+                None
+            }
+        }
+    });
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    let h = r.headers_mut();
+    h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/event-stream"));
+    h.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
+    r
+}
+
+/// SSE events of a chat completion streamed word by word, as OpenAI sends them.
+pub fn chat_events(model: &str, text: &str, include_usage: bool) -> Vec<String> {
+    let chunk = |delta: Value, finish: Value| {
+        format!(
+            "data: {}\n\n",
+            json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        )
+    };
+    let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
+    let words: Vec<&str> = text.split_inclusive(' ').collect();
+    for w in &words {
+        events.push(chunk(json!({"content": w}), Value::Null));
+    }
+    events.push(chunk(json!({}), json!("stop")));
+    if include_usage {
+        events.push(format!(
+            "data: {}\n\n",
+            json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
+                   "choices": [], "usage": usage(8, words.len() as u64)})
+        ));
+    }
+    events.push("data: [DONE]\n\n".to_string());
+    events
+}
+
+fn usage(prompt: u64, completion: u64) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+fn model_reply(state: &Arc<State>, path: &str, body: &Bytes) -> Response<Body> {
+    let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let model = req["model"].as_str().unwrap_or("mock").to_string();
+    let stream = req["stream"].as_bool().unwrap_or(false);
+    let prompt = last_user_text(&req);
+    let text = format!("Hello from {}. You said: {}", state.name, prompt.chars().take(200).collect::<String>());
+    let suffix = path.rsplit("/v1").next().unwrap_or(path);
+    match suffix {
+        "/chat/completions" if stream => {
+            let include_usage = req["stream_options"]["include_usage"].as_bool().unwrap_or(false);
+            sse(state, chat_events(&model, &text, include_usage), Duration::from_millis(20), false)
+        }
+        "/chat/completions" => json_response(json!({
+            "id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": usage(8, text.split(' ').count() as u64)
+        })),
+        "/completions" => json_response(json!({
+            "id": "cmpl-mock", "object": "text_completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": null}],
+            "usage": usage(8, text.split(' ').count() as u64)
+        })),
+        "/embeddings" => {
+            let inputs = match &req["input"] {
+                Value::Array(items) => items.len().max(1),
+                _ => 1,
+            };
+            let data: Vec<Value> = (0..inputs)
+                .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3, 0.4]}))
+                .collect();
+            json_response(json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": 8, "total_tokens": 8}}))
+        }
+        "/responses" => json_response(json!({
+            "id": "resp-mock", "object": "response", "created_at": 0, "model": model, "status": "completed",
+            "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}],
+            "usage": {"input_tokens": 8, "output_tokens": text.split(' ').count(), "total_tokens": 8 + text.split(' ').count()}
+        })),
+        "/messages" => json_response(json!({
+            "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+            "usage": {"input_tokens": 8, "output_tokens": text.split(' ').count()}
+        })),
+        "/models" => json_response(json!({"object": "list", "data": [{"id": "mock", "object": "model", "created": 0, "owned_by": "mock"}]})),
+        _ => {
+            let mut r = json_response(json!({"error": {"message": "not found", "type": "invalid_request_error", "param": null, "code": null}}));
+            *r.status_mut() = StatusCode::NOT_FOUND;
+            r
+        }
+    }
+}
+
+fn last_user_text(req: &Value) -> String {
+    if let Some(messages) = req["messages"].as_array() {
+        if let Some(m) = messages.iter().rev().find(|m| m["role"] == "user") {
+            return match &m["content"] {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+        }
+    }
+    match &req["prompt"] {
+        Value::String(s) => s.clone(),
+        _ => req["input"].as_str().unwrap_or_default().to_string(),
+    }
+}

@@ -1,0 +1,273 @@
+//! The Pingora `ProxyHttp` implementation: a thin dispatcher. Each hook calls one stage;
+//! the LLM endpoints are answered entirely inside `request_filter` by the attempt loop
+//! (see `failover`), because Pingora's own retry can neither read an error body nor
+//! replay a body over 64 KiB. `logging` always runs and is where a request is recorded.
+
+use crate::auth::{presented_key, Caller};
+use crate::body;
+use crate::config::Config;
+use crate::error::GatewayError;
+use crate::failover::{self, Dialect};
+use crate::forward::Outgoing;
+use crate::observe::{self, Record};
+use crate::respond;
+use crate::stream::{self, Relayed, Stamp};
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora_core::connectors::http::Connector;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::{Error, ErrorType};
+use pingora_proxy::{ProxyHttp, Session};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// The gateway service: the live config and one pooled upstream connector.
+pub struct Gateway {
+    pub config: Arc<ArcSwap<Config>>,
+    connector: Connector,
+}
+
+impl Gateway {
+    pub fn new(config: Arc<ArcSwap<Config>>, connector: Connector) -> Self {
+        Gateway { config, connector }
+    }
+}
+
+/// Per-request state.
+#[derive(Default)]
+pub struct RequestCtx {
+    pub record: Record,
+    /// Whether the client's request body is still unread (the connection then closes
+    /// after an early answer).
+    body_unread: bool,
+}
+
+/// The LLM endpoints forwarded through the attempt loop, after `/v1`.
+const FORWARDED: &[&str] = &[
+    "/chat/completions",
+    "/completions",
+    "/embeddings",
+    "/responses",
+    "/messages",
+];
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::default()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> pingora_core::Result<bool> {
+        let config = self.config.load_full();
+        begin(session, ctx, &config);
+        match self.handle(session, ctx, &config).await {
+            Ok(()) => Ok(true),
+            Err(Outcome::Refused(e)) => {
+                ctx.record.status = e.status();
+                ctx.record.error = Some(e.kind());
+                respond::error(session, &e, &ctx.record.request_id, ctx.body_unread).await?;
+                Ok(true)
+            }
+            Err(Outcome::Aborted(e)) => Err(e),
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> pingora_core::Result<Box<HttpPeer>> {
+        // Every request is answered in request_filter; reaching Pingora's own proxy path
+        // would be a bug, and it must not silently proxy somewhere.
+        Error::e_explain(ErrorType::InternalError, "no native proxy path")
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&pingora_core::Error>, ctx: &mut RequestCtx) {
+        if ctx.record.status == 0 {
+            ctx.record.status = session.response_written().map_or(0, |r| r.status.as_u16());
+        }
+        if e.is_some() && ctx.record.error.is_none() {
+            ctx.record.error = Some("aborted");
+        }
+        ctx.record.bytes_in = session.body_bytes_read();
+        observe::access_log(&ctx.record);
+    }
+}
+
+enum Outcome {
+    /// Answer the client with this error.
+    Refused(GatewayError),
+    /// The response already started (or the client left): end the request with an error.
+    Aborted(Box<Error>),
+}
+
+impl From<GatewayError> for Outcome {
+    fn from(e: GatewayError) -> Self {
+        Outcome::Refused(e)
+    }
+}
+
+impl From<Box<Error>> for Outcome {
+    fn from(e: Box<Error>) -> Self {
+        Outcome::Aborted(e)
+    }
+}
+
+fn begin(session: &mut Session, ctx: &mut RequestCtx, config: &Config) {
+    let req = session.req_header();
+    let r = &mut ctx.record;
+    r.method = req.method.as_str().to_string();
+    r.path = req.uri.path().to_string();
+    r.request_id = req
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(new_request_id, str::to_string);
+    r.client_ip = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map_or_else(|| "-".to_string(), |a| a.ip().to_string());
+    ctx.body_unread = !session.is_body_empty();
+    session.set_keepalive(Some(config.server.keepalive_timeout.0.as_secs()));
+}
+
+/// A request id unique across processes: a per-process random seed and a counter.
+fn new_request_id() -> String {
+    static SEED: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        t ^ (u64::from(std::process::id()) << 40)
+    });
+    format!("{seed:016x}{:08x}", COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+impl Gateway {
+    async fn handle(&self, session: &mut Session, ctx: &mut RequestCtx, config: &Config) -> Result<(), Outcome> {
+        let req = session.req_header();
+        let path = req.uri.path().to_string();
+        let method = req.method.clone();
+        if path == "/health" || path == "/healthz" {
+            ctx.record.status = 200;
+            respond::json(session, 200, Bytes::from_static(b"{\"status\":\"ok\"}"), &ctx.record.request_id).await?;
+            return Ok(());
+        }
+        let Some(suffix) = path.strip_prefix("/v1") else {
+            return Err(GatewayError::NotFound(path).into());
+        };
+
+        let key = presented_key(
+            req.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes()),
+            req.headers.get("x-api-key").map(|v| v.as_bytes()),
+        );
+        let caller = config.keys.authenticate(key).ok_or(GatewayError::Unauthorized)?;
+        ctx.record.caller = caller.name().to_string();
+
+        if suffix == "/models" || suffix.starts_with("/models/") {
+            if method != http::Method::GET {
+                return Err(GatewayError::MethodNotAllowed(method.to_string()).into());
+            }
+            let body = match suffix.strip_prefix("/models/") {
+                None => respond::model_list(&config.router.alias_names()),
+                Some(id) if config.router.is_configured(id) => Bytes::from(respond::model_object(id).to_string()),
+                Some(id) => return Err(GatewayError::ModelNotFound(id.to_string()).into()),
+            };
+            ctx.record.status = 200;
+            respond::json(session, 200, body, &ctx.record.request_id).await?;
+            return Ok(());
+        }
+        if !FORWARDED.contains(&suffix) {
+            return Err(GatewayError::NotFound(path).into());
+        }
+        if method != http::Method::POST {
+            return Err(GatewayError::MethodNotAllowed(method.to_string()).into());
+        }
+        let dialect = if suffix == "/messages" { Dialect::Anthropic } else { Dialect::OpenAi };
+        self.forward(session, ctx, config, &caller, suffix, dialect).await
+    }
+
+    async fn forward(&self, session: &mut Session, ctx: &mut RequestCtx, config: &Config, _caller: &Caller, suffix: &str, dialect: Dialect) -> Result<(), Outcome> {
+        let body = read_body(session, config.server.max_body_size.0).await?;
+        ctx.body_unread = false;
+        let facts = body::scan(&body).map_err(GatewayError::BadRequest)?;
+        ctx.record.model = Some(facts.model.clone());
+        ctx.record.stream = facts.stream;
+        let alias = config
+            .router
+            .resolve(&facts.model)
+            .ok_or_else(|| GatewayError::ModelNotFound(facts.model.clone()))?;
+
+        let req = session.req_header();
+        let client_ip = ctx.record.client_ip.as_str();
+        let forwarded_for = match req.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prior) => format!("{prior}, {client_ip}"),
+            None => client_ip.to_string(),
+        };
+        let out = Outgoing {
+            client: req,
+            suffix,
+            request_id: &ctx.record.request_id,
+            forwarded_for: &forwarded_for,
+        };
+        let rewrite = |model: &str| body::rewrite_model(&body, &facts, model);
+        let mut attempts = Vec::new();
+        let result = failover::run(&self.connector, alias, dialect, &out, &facts.model, &rewrite, &mut attempts).await;
+        ctx.record.attempts = attempts;
+        let winner = result?;
+
+        let target = winner.server.name.clone();
+        let stamp = Stamp {
+            request_id: &ctx.record.request_id,
+            target: &target,
+            attempts: ctx.record.attempts.len(),
+        };
+        let mut relayed = Relayed::default();
+        let result = stream::relay(session, &self.connector, winner, &stamp, &mut relayed).await;
+        ctx.record.target = Some(target);
+        ctx.record.status = relayed.status;
+        ctx.record.first_byte = relayed.first_byte;
+        ctx.record.bytes_out = relayed.bytes;
+        if let Some(end) = relayed.end.filter(|e| *e != stream::StreamEnd::Complete) {
+            ctx.record.error = Some(end.as_str());
+        }
+        result.map_err(Outcome::Aborted)
+    }
+}
+
+/// Reads the whole request body, refusing more than `limit` bytes. Answers
+/// `Expect: 100-continue` first (after authentication), since clients otherwise wait
+/// before sending large bodies.
+async fn read_body(session: &mut Session, limit: u64) -> Result<Bytes, Outcome> {
+    let too_large = || GatewayError::BodyTooLarge { limit };
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large().into());
+    }
+    let expects_continue = session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        // Writing 100 makes Pingora treat the response as started early and close the
+        // client connection at the end, unless this is turned off around it.
+        session.set_close_on_response_before_downstream_finish(false);
+        session.write_continue_response().await?;
+        session.set_close_on_response_before_downstream_finish(true);
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(16 * 1024).min(limit) as usize);
+    while let Some(chunk) = session.read_request_body().await? {
+        if (buf.len() + chunk.len()) as u64 > limit {
+            return Err(too_large().into());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}

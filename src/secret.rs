@@ -1,0 +1,72 @@
+//! Secrets (client keys, upstream API keys) wrapped so that `Debug` and `Display` never
+//! print them, and a masking helper for the rare place that must show which key it was.
+
+use std::fmt;
+
+/// A credential from the config. Formatting prints `***`; read it with [`Secret::expose`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The raw value, for the one place that sends it (an upstream auth header) or hashes it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Masks a credential for display: `sk-ab****cdef` for long values, `****` for short ones,
+/// so that an operator can tell two keys apart without the key being recoverable.
+pub fn mask(value: &str) -> String {
+    let chars: Vec<char> = value.chars().collect();
+    if chars.len() < 16 {
+        return "****".to_string();
+    }
+    let head: String = chars[..5].iter().collect();
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{head}****{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_format_their_value() {
+        let s = Secret::new("sk-live-abcdef0123456789");
+        assert_eq!(format!("{s}"), "***");
+        assert_eq!(format!("{s:?}"), "***");
+        assert_eq!(s.expose(), "sk-live-abcdef0123456789");
+    }
+
+    #[test]
+    fn mask_keeps_only_the_ends() {
+        assert_eq!(mask("sk-abcdefghijklmnopcdef"), "sk-ab****cdef");
+        assert_eq!(mask("short"), "****");
+    }
+}

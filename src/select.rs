@@ -1,0 +1,488 @@
+//! Stage 5: picking one server of an upstream for an attempt, with pingora-load-balancing.
+//! `weighted` is its weighted round robin; `least_conn` is our own `BackendSelection`
+//! (Pingora has none) reading in-flight counters that live outside the selector, because
+//! selectors are rebuilt on every `update()`. Backup servers are only offered when no
+//! primary is usable. This stage does no I/O on the request path: host names are resolved
+//! by the config loader and the resolver service.
+
+use crate::config::file::{Balance, Provider, UpstreamSection};
+use crate::secret::Secret;
+use arc_swap::ArcSwapOption;
+use futures_util::FutureExt;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_load_balancing::discovery::Static;
+use pingora_load_balancing::selection::{BackendIter, BackendSelection, RoundRobin};
+use pingora_load_balancing::{Backend, Backends, LoadBalancer};
+use std::collections::BTreeSet;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where a server lives: parsed from its URL; the address is resolved off the request path.
+pub struct Endpoint {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix from the URL without a trailing slash, e.g. `/v1`.
+    pub base_path: String,
+    /// Query string from the URL (Azure's `api-version=...`), appended to every request.
+    pub query: Option<String>,
+    addr: ArcSwapOption<SocketAddr>,
+}
+
+impl Endpoint {
+    /// Parses `http(s)://host[:port][/path][?query]`.
+    pub fn parse(url: &str) -> Result<Endpoint, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(format!("{url:?}: only http:// and https:// URLs are supported"));
+        };
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, Some(q.to_string())),
+            None => (rest, None),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if authority.contains('@') {
+            return Err(format!("{url:?}: credentials in the URL are not supported; use api_key"));
+        }
+        let default_port = if tls { 443 } else { 80 };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, after) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("{url:?}: unterminated IPv6 address"))?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse().map_err(|_| format!("{url:?}: invalid port"))?,
+                None => default_port,
+            };
+            (h.to_string(), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (
+                    h.to_string(),
+                    p.parse().map_err(|_| format!("{url:?}: invalid port"))?,
+                ),
+                None => (authority.to_string(), default_port),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("{url:?}: missing host"));
+        }
+        let addr = host
+            .parse::<std::net::IpAddr>()
+            .ok()
+            .map(|ip| Arc::new(SocketAddr::new(ip, port)));
+        Ok(Endpoint {
+            tls,
+            host,
+            port,
+            base_path: path.trim_end_matches('/').to_string(),
+            query,
+            addr: ArcSwapOption::new(addr),
+        })
+    }
+
+    /// `host:port` as written in a `Host` header (port omitted when it is the default).
+    pub fn authority(&self) -> String {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        if self.port == if self.tls { 443 } else { 80 } {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.addr.load().as_deref().copied()
+    }
+
+    /// Resolves the host name now (blocking); keeps the old address on failure.
+    pub fn resolve_blocking(&self) -> std::io::Result<()> {
+        if self.host.parse::<std::net::IpAddr>().is_ok() {
+            return Ok(());
+        }
+        let found = (self.host.as_str(), self.port).to_socket_addrs()?.next();
+        match found {
+            Some(a) => {
+                self.addr.store(Some(Arc::new(a)));
+                Ok(())
+            }
+            None => Err(std::io::Error::other("no address found")),
+        }
+    }
+
+    /// Resolves the host name on the runtime (for the resolver service).
+    pub async fn resolve(&self) -> std::io::Result<()> {
+        if self.host.parse::<std::net::IpAddr>().is_ok() {
+            return Ok(());
+        }
+        let found = tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await?
+            .next();
+        match found {
+            Some(a) => {
+                self.addr.store(Some(Arc::new(a)));
+                Ok(())
+            }
+            None => Err(std::io::Error::other("no address found")),
+        }
+    }
+
+    /// A peer for one attempt: built from the resolved address (never a name, which
+    /// `HttpPeer::new` would resolve blocking), with SNI set to the host.
+    pub fn peer(&self, connect_timeout: Duration, pool_idle: Duration) -> Option<HttpPeer> {
+        let addr = self.addr()?;
+        let mut peer = HttpPeer::new(addr, self.tls, self.host.clone());
+        peer.options.connection_timeout = Some(connect_timeout);
+        peer.options.total_connection_timeout = Some(connect_timeout);
+        peer.options.idle_timeout = Some(pool_idle);
+        Some(peer)
+    }
+}
+
+/// Live per-server state shared by every alias that reaches the server.
+#[derive(Default)]
+pub struct ServerState {
+    in_flight: AtomicUsize,
+}
+
+impl ServerState {
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts one request in flight on a server until dropped (the end of the request by
+/// any path, streams included), which is what `least_conn` balances on.
+pub struct InFlight(Arc<ServerState>);
+
+impl InFlight {
+    pub fn new(state: &Arc<ServerState>) -> Self {
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(state))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One member of an upstream. Two servers on one host with different keys are two
+/// servers (and two targets).
+pub struct Server {
+    /// `upstream/host:port[#n]`: used in logs, metrics and response headers.
+    pub name: String,
+    pub endpoint: Endpoint,
+    pub api_key: Option<Secret>,
+    pub weight: usize,
+    pub backup: bool,
+    pub state: Arc<ServerState>,
+}
+
+impl Server {
+    pub fn new(name: String, endpoint: Endpoint, api_key: Option<Secret>, weight: usize, backup: bool) -> Self {
+        Server {
+            name,
+            endpoint,
+            api_key,
+            weight,
+            backup,
+            state: Arc::new(ServerState::default()),
+        }
+    }
+
+    /// Whether the server can take an attempt now: its address is known.
+    pub fn usable(&self) -> bool {
+        self.endpoint.addr().is_some()
+    }
+}
+
+/// A named group of servers with one balancing method and one provider kind.
+pub struct Upstream {
+    pub name: String,
+    pub provider: Provider,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub servers: Vec<Arc<Server>>,
+    balancer: Balancer,
+}
+
+enum Balancer {
+    Weighted(LoadBalancer<RoundRobin>),
+    LeastConn(LoadBalancer<LeastConn>),
+}
+
+/// Backend identity in pingora-load-balancing is (address, weight), so two servers on one
+/// host with the same weight would collapse into one. Each backend's address therefore
+/// carries the server's index in its upstream; the real address lives on the [`Server`].
+fn backend_for(index: usize, weight: usize) -> Backend {
+    Backend {
+        addr: pingora_core::protocols::l4::socket::SocketAddr::Inet(SocketAddr::from((
+            [0, 0, 0, 0],
+            index as u16,
+        ))),
+        weight,
+        ext: Default::default(),
+    }
+}
+
+fn index_of(b: &Backend) -> usize {
+    b.addr.as_inet().map(|a| a.port() as usize).unwrap_or(usize::MAX)
+}
+
+impl Upstream {
+    pub fn new(name: String, section: &UpstreamSection, servers: Vec<Server>) -> Self {
+        let servers: Vec<Arc<Server>> = servers.into_iter().map(Arc::new).collect();
+        let set: BTreeSet<Backend> = servers
+            .iter()
+            .enumerate()
+            .map(|(i, s)| backend_for(i, s.weight))
+            .collect();
+        let backends = Backends::new(Static::new(set));
+        let balancer = match section.balance {
+            Balance::Weighted => {
+                let lb = LoadBalancer::from_backends(backends);
+                settle(lb.update());
+                Balancer::Weighted(lb)
+            }
+            Balance::LeastConn => {
+                let load: Arc<[Arc<ServerState>]> =
+                    servers.iter().map(|s| Arc::clone(&s.state)).collect();
+                let lb = LoadBalancer::from_backends_with_config(backends, Some(load));
+                settle(lb.update());
+                Balancer::LeastConn(lb)
+            }
+        };
+        Upstream {
+            name,
+            provider: section.provider,
+            connect_timeout: section.connect_timeout.0,
+            first_byte_timeout: section.first_byte_timeout.0,
+            idle_timeout: section.idle_timeout.0,
+            servers,
+            balancer,
+        }
+    }
+
+    /// Picks a server for one attempt. `accept` says whether a server may be used by this
+    /// request (not tried yet, not cooling down). Primaries first; backups only when no
+    /// primary is accepted.
+    pub fn pick(&self, accept: impl Fn(&Arc<Server>) -> bool) -> Option<&Arc<Server>> {
+        let primary = |b: &Backend, _healthy: bool| {
+            self.servers
+                .get(index_of(b))
+                .is_some_and(|s| !s.backup && s.usable() && accept(s))
+        };
+        let backup = |b: &Backend, _healthy: bool| {
+            self.servers
+                .get(index_of(b))
+                .is_some_and(|s| s.backup && s.usable() && accept(s))
+        };
+        // Round robin's fallback order is pseudo-random; enough steps to visit every
+        // server with near certainty.
+        let steps = 16 + self.servers.len() * 8;
+        let chosen = match &self.balancer {
+            Balancer::Weighted(lb) => lb
+                .select_with(b"", steps, primary)
+                .or_else(|| lb.select_with(b"", steps, backup)),
+            Balancer::LeastConn(lb) => lb
+                .select_with(b"", steps, primary)
+                .or_else(|| lb.select_with(b"", steps, backup)),
+        }?;
+        self.servers.get(index_of(&chosen))
+    }
+}
+
+/// Static discovery never waits, so its update completes on the first poll.
+fn settle(update: impl std::future::Future<Output = pingora_core::Result<()>>) {
+    match update.now_or_never() {
+        Some(Ok(())) => {}
+        Some(Err(e)) => log::error!("load balancer update failed: {e}"),
+        None => log::error!("load balancer update did not complete"),
+    }
+}
+
+/// Least-connections selection: the server with the fewest requests in flight relative to
+/// its weight; ties go round robin so equal servers share evenly.
+pub struct LeastConn {
+    backends: Box<[Backend]>,
+    load: Arc<[Arc<ServerState>]>,
+    rotor: AtomicUsize,
+}
+
+impl BackendSelection for LeastConn {
+    type Iter = LeastConnIter;
+    type Config = Arc<[Arc<ServerState>]>;
+
+    fn build_with_config(backends: &BTreeSet<Backend>, load: &Self::Config) -> Self {
+        LeastConn {
+            backends: backends.iter().cloned().collect(),
+            load: Arc::clone(load),
+            rotor: AtomicUsize::new(0),
+        }
+    }
+
+    fn build(backends: &BTreeSet<Backend>) -> Self {
+        LeastConn {
+            backends: backends.iter().cloned().collect(),
+            load: Arc::from(Vec::new()),
+            rotor: AtomicUsize::new(0),
+        }
+    }
+
+    fn iter(self: &Arc<Self>, _key: &[u8]) -> LeastConnIter {
+        let n = self.backends.len();
+        let start = self.rotor.fetch_add(1, Ordering::Relaxed);
+        let in_flight = |i: usize| {
+            self.load
+                .get(index_of(&self.backends[i]))
+                .map_or(0, |s| s.in_flight())
+        };
+        let mut order: Vec<(usize, usize)> = (0..n)
+            .map(|k| (start + k) % n.max(1))
+            .map(|i| (i, in_flight(i)))
+            .collect();
+        // Compare in_flight/weight without division: a/wa < b/wb  <=>  a*wb < b*wa.
+        // The sort is stable, so the rotated order breaks ties.
+        order.sort_by(|&(a, la), &(b, lb)| {
+            (la * self.backends[b].weight).cmp(&(lb * self.backends[a].weight))
+        });
+        LeastConnIter {
+            order: order.into_iter().map(|(i, _)| i).collect(),
+            pos: 0,
+            selection: Arc::clone(self),
+        }
+    }
+}
+
+pub struct LeastConnIter {
+    order: Vec<usize>,
+    pos: usize,
+    selection: Arc<LeastConn>,
+}
+
+impl BackendIter for LeastConnIter {
+    fn next(&mut self) -> Option<&Backend> {
+        let i = *self.order.get(self.pos)?;
+        self.pos += 1;
+        self.selection.backends.get(i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::units::Seconds;
+
+    fn upstream(balance: Balance, servers: &[(usize, bool)]) -> Upstream {
+        let section = UpstreamSection {
+            provider: Provider::Generic,
+            balance,
+            connect_timeout: Seconds(Duration::from_secs(1)),
+            first_byte_timeout: Seconds(Duration::from_secs(1)),
+            idle_timeout: Seconds(Duration::from_secs(1)),
+            servers: vec![],
+        };
+        let servers = servers
+            .iter()
+            .enumerate()
+            .map(|(i, &(weight, backup))| {
+                let url = format!("http://127.0.0.1:{}/v1", 9000 + i);
+                Server::new(format!("s{i}"), Endpoint::parse(&url).unwrap(), None, weight, backup)
+            })
+            .collect();
+        Upstream::new("u".into(), &section, servers)
+    }
+
+    fn count(u: &Upstream, n: usize) -> Vec<usize> {
+        let mut hits = vec![0; u.servers.len()];
+        for _ in 0..n {
+            let s = u.pick(|_| true).unwrap();
+            hits[u.servers.iter().position(|x| Arc::ptr_eq(x, s)).unwrap()] += 1;
+        }
+        hits
+    }
+
+    #[test]
+    fn weighted_follows_weights() {
+        let u = upstream(Balance::Weighted, &[(3, false), (1, false)]);
+        assert_eq!(count(&u, 400), vec![300, 100]);
+    }
+
+    #[test]
+    fn same_host_servers_stay_distinct() {
+        let section_servers = vec![
+            Server::new("a".into(), Endpoint::parse("http://10.0.0.1/v1").unwrap(), Some(Secret::new("k1")), 1, false),
+            Server::new("b".into(), Endpoint::parse("http://10.0.0.1/v1").unwrap(), Some(Secret::new("k2")), 1, false),
+        ];
+        let u = Upstream::new(
+            "u".into(),
+            &UpstreamSection {
+                provider: Provider::Generic,
+                balance: Balance::Weighted,
+                connect_timeout: Seconds(Duration::from_secs(1)),
+                first_byte_timeout: Seconds(Duration::from_secs(1)),
+                idle_timeout: Seconds(Duration::from_secs(1)),
+                servers: vec![],
+            },
+            section_servers,
+        );
+        assert_eq!(count(&u, 10), vec![5, 5]);
+    }
+
+    #[test]
+    fn least_conn_avoids_busy_servers_relative_to_weight() {
+        let u = upstream(Balance::LeastConn, &[(1, false), (1, false), (2, false)]);
+        let _g1 = InFlight::new(&u.servers[0].state);
+        let _g2 = InFlight::new(&u.servers[2].state);
+        // s1 is idle: it is chosen every time while it stays idle.
+        for _ in 0..5 {
+            assert_eq!(u.pick(|_| true).unwrap().name, "s1");
+        }
+        let _g3 = InFlight::new(&u.servers[1].state);
+        // s0: 1/1, s1: 1/1, s2: 1/2 -> s2.
+        assert_eq!(u.pick(|_| true).unwrap().name, "s2");
+    }
+
+    #[test]
+    fn least_conn_spreads_ties() {
+        let u = upstream(Balance::LeastConn, &[(1, false), (1, false)]);
+        assert_eq!(count(&u, 10), vec![5, 5]);
+    }
+
+    #[test]
+    fn backups_only_when_no_primary_is_accepted() {
+        let u = upstream(Balance::Weighted, &[(1, false), (1, true)]);
+        assert_eq!(count(&u, 20), vec![20, 0]);
+        let chosen = u.pick(|s| s.name != "s0").unwrap();
+        assert_eq!(chosen.name, "s1");
+        assert!(u.pick(|_| false).is_none());
+    }
+
+    #[test]
+    fn urls_parse_into_endpoints() {
+        let e = Endpoint::parse("https://api.openai.com/v1/").unwrap();
+        assert!(e.tls);
+        assert_eq!((e.host.as_str(), e.port, e.base_path.as_str()), ("api.openai.com", 443, "/v1"));
+        assert_eq!(e.authority(), "api.openai.com");
+        let e = Endpoint::parse("http://[::1]:8000/openai/deployments/x?api-version=1").unwrap();
+        assert_eq!(e.authority(), "[::1]:8000");
+        assert_eq!(e.query.as_deref(), Some("api-version=1"));
+        assert!(e.addr().is_some());
+        assert!(Endpoint::parse("ftp://x").is_err());
+        assert!(Endpoint::parse("http://u:p@x").is_err());
+    }
+}

@@ -1,0 +1,159 @@
+//! Stage 8: relaying the chosen response to the client. Writes the response header
+//! (hop-by-hop fields dropped, chunked framing added for HTTP/1.1 clients when the
+//! upstream gave no length), then passes body chunks through as they arrive, racing each
+//! upstream read against a client disconnect. Once the header is written there is no
+//! retry: a failure mid-stream ends in an SSE error event (never a fake `[DONE]`) and an
+//! error, so the client cannot mistake a cut stream for a complete one.
+
+use crate::failover::Winner;
+use crate::headers::{connection_nominated, is_hop_by_hop};
+use bytes::Bytes;
+use pingora_core::connectors::http::Connector;
+use pingora_core::{Error, ErrorType};
+use pingora_http::ResponseHeader;
+use pingora_proxy::Session;
+use std::time::Instant;
+
+/// How a relayed response ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    Complete,
+    ClientGone,
+    UpstreamError,
+    UpstreamTimeout,
+}
+
+impl StreamEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamEnd::Complete => "complete",
+            StreamEnd::ClientGone => "client_disconnect",
+            StreamEnd::UpstreamError => "upstream_error",
+            StreamEnd::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+}
+
+/// What the relay observed, for the access log and metrics.
+#[derive(Debug, Default)]
+pub struct Relayed {
+    pub status: u16,
+    pub first_byte: Option<Instant>,
+    pub bytes: usize,
+    pub end: Option<StreamEnd>,
+}
+
+/// Labels the gateway adds to every relayed response.
+pub struct Stamp<'a> {
+    pub request_id: &'a str,
+    pub target: &'a str,
+    pub attempts: usize,
+}
+
+/// The client's response header, derived from the upstream's.
+pub fn downstream_header(up: &ResponseHeader, http1_client: bool, stamp: &Stamp) -> pingora_core::Result<ResponseHeader> {
+    let mut resp = ResponseHeader::build(up.status, Some(up.headers.len() + 4))?;
+    let nominated = connection_nominated(&up.headers);
+    for (name, value) in up.headers.iter() {
+        if is_hop_by_hop(name, &nominated) {
+            continue;
+        }
+        if name.as_str() == "x-request-id" {
+            resp.append_header("x-upstream-request-id", value.clone())?;
+            continue;
+        }
+        resp.append_header(name.clone(), value.clone())?;
+    }
+    resp.insert_header("x-request-id", stamp.request_id)?;
+    resp.insert_header("x-tollgate-upstream", stamp.target)?;
+    resp.insert_header("x-tollgate-attempts", stamp.attempts)?;
+    if http1_client && !up.headers.contains_key(http::header::CONTENT_LENGTH) {
+        // Without a length or chunked framing the client would read until close, which
+        // loses keep-alive and hides truncation.
+        resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+    }
+    Ok(resp)
+}
+
+fn is_event_stream(h: &ResponseHeader) -> bool {
+    h.headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
+}
+
+/// The SSE event sent when the upstream fails after the stream began. SDKs raise it.
+fn sse_error_event(message: &str) -> Bytes {
+    let body = serde_json::json!({
+        "error": {"message": message, "type": "api_error", "param": null, "code": "upstream_stream_error"}
+    });
+    Bytes::from(format!("data: {body}\n\n"))
+}
+
+/// Relays `winner`'s response. `Ok` when the body completed; `Err` when it was cut, in
+/// which case the connection to the client is not reused.
+pub async fn relay(session: &mut Session, connector: &Connector, winner: Winner, stamp: &Stamp<'_>, relayed: &mut Relayed) -> pingora_core::Result<()> {
+    let Winner { sent, upstream, .. } = winner;
+    let mut up = sent.session;
+    let Some(up_header) = up.response_header() else {
+        return Error::e_explain(ErrorType::InternalError, "response header missing after read");
+    };
+    let sse = is_event_stream(up_header);
+    let http1 = !session.is_http2();
+    let header = downstream_header(up_header, http1, stamp)?;
+    relayed.status = header.status.as_u16();
+    session.write_response_header(Box::new(header), false).await?;
+
+    up.set_read_timeout(Some(upstream.idle_timeout));
+    let end = loop {
+        let read = tokio::select! {
+            biased;
+            chunk = up.read_response_body() => chunk,
+            _ = session.downstream_session.read_body_or_idle(true) => break StreamEnd::ClientGone,
+        };
+        match read {
+            Ok(Some(chunk)) => {
+                if relayed.first_byte.is_none() {
+                    relayed.first_byte = Some(Instant::now());
+                }
+                relayed.bytes += chunk.len();
+                if session.write_response_body(Some(chunk), false).await.is_err() {
+                    break StreamEnd::ClientGone;
+                }
+            }
+            Ok(None) => break StreamEnd::Complete,
+            Err(e) if e.etype() == &ErrorType::ReadTimedout => break StreamEnd::UpstreamTimeout,
+            Err(_) => break StreamEnd::UpstreamError,
+        }
+    };
+    relayed.end = Some(end);
+    match end {
+        StreamEnd::Complete => {
+            if sent.body_complete {
+                connector
+                    .release_http_session(up, &sent.peer, Some(upstream.idle_timeout))
+                    .await;
+            } else {
+                up.shutdown().await;
+            }
+            Ok(())
+        }
+        StreamEnd::ClientGone => {
+            // Dropping the upstream connection is what stops the generation (and its cost).
+            up.shutdown().await;
+            Error::e_explain(ErrorType::ConnectionClosed, "client disconnected mid-response")
+        }
+        StreamEnd::UpstreamError | StreamEnd::UpstreamTimeout => {
+            up.shutdown().await;
+            if sse {
+                let msg = if end == StreamEnd::UpstreamTimeout {
+                    "The upstream stopped sending in the middle of the stream (idle timeout)."
+                } else {
+                    "The upstream connection failed in the middle of the stream."
+                };
+                let _ = session.write_response_body(Some(sse_error_event(msg)), false).await;
+            }
+            Error::e_explain(ErrorType::ReadError, "upstream failed mid-response")
+        }
+    }
+}
