@@ -165,6 +165,11 @@ impl MockUpstream {
         lock(&self.state.script).extend(replies);
     }
 
+    /// Drops the replies not used yet.
+    pub fn clear_script(&self) {
+        lock(&self.state.script).clear();
+    }
+
     /// Sets the reply used when the script is empty.
     pub fn set_default(&self, reply: Reply) {
         *lock(&self.state.default) = reply;

@@ -1,0 +1,137 @@
+//! Test harness: starts the real `tollgate` binary on 127.0.0.1:0 with a config written
+//! for the test, waits until it answers, and stops it when dropped. Mock upstreams are
+//! `tollgate::mock::MockUpstream`, real HTTP servers on loopback in the test's runtime.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Gateway {
+    child: Child,
+    pub addr: String,
+    pub admin: String,
+    pub dir: tempfile::TempDir,
+    pub stderr_path: PathBuf,
+}
+
+impl Gateway {
+    /// Starts the gateway with `body` appended to a server section that listens on free
+    /// loopback ports. `body` holds `keys`, `upstreams`, `models`, ...
+    pub fn start(body: &str) -> Gateway {
+        Self::start_with_env(body, &[])
+    }
+
+    pub fn start_with_env(body: &str, env: &[(&str, &str)]) -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = format!(
+            "server:\n  listen: [\"127.0.0.1:0\"]\n  admin_listen: \"127.0.0.1:0\"\n  threads: 1\n  grace_period: 0s\n  pid_file: {d}/tollgate.pid\n  upgrade_sock: {d}/upgrade.sock\n",
+            d = dir.path().display()
+        );
+        let text = if body.contains("server:") { body.to_string() } else { format!("{server}{body}") };
+        let path = dir.path().join("tollgate.yaml");
+        std::fs::write(&path, text).expect("write config");
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.arg("-c").arg(&path).stdout(Stdio::piped()).stderr(stderr);
+        cmd.env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn tollgate");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let mut addr = String::new();
+        let mut admin = String::new();
+        while addr.is_empty() || admin.is_empty() {
+            let Some(Ok(line)) = lines.next() else {
+                let _ = child.kill();
+                panic!(
+                    "gateway exited before listening; stderr:\n{}",
+                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                );
+            };
+            if let Some(a) = line.strip_prefix("tollgate: listening on http://") {
+                addr = a.split_whitespace().next().unwrap_or_default().to_string();
+            } else if let Some(a) = line.strip_prefix("tollgate: admin on http://") {
+                admin = a.trim().to_string();
+            }
+        }
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let gw = Gateway {
+            child,
+            addr,
+            admin,
+            dir,
+            stderr_path,
+        };
+        gw.wait_ready();
+        gw
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(&self.addr).is_ok() && std::net::TcpStream::connect(&self.admin).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("gateway did not start listening on {}", self.addr);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    /// Everything the gateway wrote to stderr (logs) so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback port with nothing listening on it (connections are refused).
+pub fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    drop(l);
+    port
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+pub fn chat(model: &str, stream: bool) -> serde_json::Value {
+    serde_json::json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hello"}]})
+}
+
+/// Polls `cond` until it holds or `within` passes.
+pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond()
+}
