@@ -17,12 +17,14 @@ pub struct AdminApp {
 
 fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     let mut r = Response::new(body);
-    *r.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    *r.status_mut() =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
     if let Ok(v) = http::HeaderValue::from_str(content_type) {
         r.headers_mut().insert(http::header::CONTENT_TYPE, v);
     }
     let len = r.body().len();
-    r.headers_mut().insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    r.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
     r
 }
 
@@ -45,7 +47,11 @@ impl ServeHttp for AdminApp {
                     "status": if unready.is_empty() { "ready" } else { "not_ready" },
                     "unavailable_models": unready,
                 });
-                reply(if unready.is_empty() { 200 } else { 503 }, "application/json", body.to_string().into_bytes())
+                reply(
+                    if unready.is_empty() { 200 } else { 503 },
+                    "application/json",
+                    body.to_string().into_bytes(),
+                )
             }
             "/metrics" => {
                 let mut buf = Vec::new();
@@ -55,7 +61,11 @@ impl ServeHttp for AdminApp {
                     Err(e) => reply(500, "text/plain", e.to_string().into_bytes()),
                 }
             }
-            _ => reply(404, "application/json", b"{\"error\":\"not found\"}".to_vec()),
+            _ => reply(
+                404,
+                "application/json",
+                b"{\"error\":\"not found\"}".to_vec(),
+            ),
         }
     }
 }

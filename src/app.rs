@@ -47,7 +47,11 @@ pub fn run(config: Config, mode: RunMode) -> ! {
 }
 
 fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
-    let listen: Vec<SocketAddr> = config.listen.iter().map(|a| concrete(*a)).collect::<Result<_, _>>()?;
+    let listen: Vec<SocketAddr> = config
+        .listen
+        .iter()
+        .map(|a| concrete(*a))
+        .collect::<Result<_, _>>()?;
     let admin_listen = concrete(config.admin_listen)?;
     config.resolve();
     if config.keys.is_empty() {
@@ -78,7 +82,9 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
     let threads = s.threads;
     let summary = summary(&config, &listen, admin_listen);
     let config = Arc::new(ArcSwap::from_pointee(config));
-    let connector = Connector::new(Some(ConnectorOptions::from_server_conf(&server.configuration)));
+    let connector = Connector::new(Some(ConnectorOptions::from_server_conf(
+        &server.configuration,
+    )));
     let mut proxy = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,
         Gateway::new(Arc::clone(&config), connector),
@@ -103,7 +109,14 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
     server.add_service(background_service("resolver", Resolver { config }));
 
     log::info!("{summary}");
-    println!("tollgate: listening on {}", listen.iter().map(|a| format!("http://{a}")).collect::<Vec<_>>().join(" "));
+    println!(
+        "tollgate: listening on {}",
+        listen
+            .iter()
+            .map(|a| format!("http://{a}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     println!("tollgate: admin on http://{admin_listen}");
     let _ = std::io::stdout().flush();
     Ok(server)

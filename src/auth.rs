@@ -70,7 +70,10 @@ fn digest(key: &str) -> [u8; 32] {
 
 /// Takes the client key from `Authorization: Bearer KEY`, or from `x-api-key` (the
 /// Anthropic SDK's header) when the bearer is absent.
-pub fn presented_key<'a>(authorization: Option<&'a [u8]>, x_api_key: Option<&'a [u8]>) -> Option<&'a str> {
+pub fn presented_key<'a>(
+    authorization: Option<&'a [u8]>,
+    x_api_key: Option<&'a [u8]>,
+) -> Option<&'a str> {
     if let Some(v) = authorization {
         let v = std::str::from_utf8(v).ok()?.trim();
         let (scheme, rest) = v.split_once(' ')?;
@@ -99,7 +102,10 @@ mod tests {
 
     #[test]
     fn an_empty_ring_admits_everyone() {
-        assert_eq!(KeyRing::default().authenticate(None), Some(Caller::Anonymous));
+        assert_eq!(
+            KeyRing::default().authenticate(None),
+            Some(Caller::Anonymous)
+        );
     }
 
     #[test]

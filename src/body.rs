@@ -27,12 +27,13 @@ struct Head<'a> {
 
 /// Reads `model` and `stream` from a JSON object body. Errors are client-facing messages.
 pub fn scan(body: &[u8]) -> Result<RequestFacts, String> {
-    let text = std::str::from_utf8(body).map_err(|_| "Request body is not valid UTF-8.".to_string())?;
+    let text =
+        std::str::from_utf8(body).map_err(|_| "Request body is not valid UTF-8.".to_string())?;
     if !text.trim_start().starts_with('{') {
         return Err("Request body must be a JSON object.".into());
     }
-    let head: Head = serde_json::from_str(text)
-        .map_err(|e| format!("Request body is not valid JSON: {e}"))?;
+    let head: Head =
+        serde_json::from_str(text).map_err(|e| format!("Request body is not valid JSON: {e}"))?;
     let raw = head
         .model
         .ok_or_else(|| "You must provide a model parameter.".to_string())?;
@@ -80,7 +81,10 @@ mod tests {
         let f = scan(&body).unwrap();
         assert!(!f.stream);
         let out = rewrite_model(&body, &f, "llama-3-70b");
-        assert_eq!(&out[..], br#"{ "model" : "llama-3-70b", "n": 1, "stream": null }"#);
+        assert_eq!(
+            &out[..],
+            br#"{ "model" : "llama-3-70b", "n": 1, "stream": null }"#
+        );
         let same = rewrite_model(&body, &f, "alias");
         assert_eq!(same.as_ptr(), body.as_ptr());
     }
@@ -99,7 +103,9 @@ mod tests {
         assert!(scan(b"").is_err());
         assert!(scan(b"[1]").is_err());
         assert!(scan(b"{\"model\":").is_err());
-        assert!(scan(b"{\"messages\":[]}").unwrap_err().contains("model parameter"));
+        assert!(scan(b"{\"messages\":[]}")
+            .unwrap_err()
+            .contains("model parameter"));
         assert!(scan(b"{\"model\":5}").is_err());
         assert!(scan(b"{\"model\":\"a\",\"model\":\"b\"}").is_err());
         assert!(scan(b"{\"model\":\"a\",\"stream\":\"yes\"}").is_err());

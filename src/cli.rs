@@ -52,7 +52,10 @@ fn env(name: &str) -> Option<String> {
 /// Runs the command line; returns the process exit code when it does not serve.
 pub fn main(cli: Cli) -> i32 {
     match cli.command {
-        Some(Command::Demo { listen, admin_listen }) => demo(listen, admin_listen),
+        Some(Command::Demo {
+            listen,
+            admin_listen,
+        }) => demo(listen, admin_listen),
         None => {
             let config = match Config::load(&cli.config, &env) {
                 Ok(c) => c,
@@ -80,7 +83,10 @@ pub fn main(cli: Cli) -> i32 {
 }
 
 fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> i32 {
-    let upstream = match MockUpstream::start_in_thread("the Tollgate demo upstream", "127.0.0.1:0".parse().unwrap_or(listen)) {
+    let upstream = match MockUpstream::start_in_thread(
+        "the Tollgate demo upstream",
+        "127.0.0.1:0".parse().unwrap_or(listen),
+    ) {
         Ok(u) => u,
         Err(e) => {
             eprintln!("tollgate: cannot start the demo upstream: {e}");

@@ -55,7 +55,11 @@ pub async fn run(
     rewrite: &(dyn Fn(&str) -> Bytes + Sync),
     attempts: &mut Vec<AttemptRecord>,
 ) -> Result<Winner, GatewayError> {
-    if !alias.tiers.iter().any(|t| t.routes.iter().any(|r| route_serves(r, dialect))) {
+    if !alias
+        .tiers
+        .iter()
+        .any(|t| t.routes.iter().any(|r| route_serves(r, dialect)))
+    {
         return Err(GatewayError::NoRouteForEndpoint {
             model: client_model.to_string(),
             path: format!("/v1{}", out.suffix),
@@ -85,8 +89,13 @@ pub async fn run(
             let model = route.model.as_deref().unwrap_or(client_model);
             let body = rewrite(model);
             let in_flight = InFlight::new(&server.state);
-            let header = forward::request_header(out, &server, upstream, body.len())
-                .map_err(|e| GatewayError::BadRequest(format!("Request cannot be forwarded: {}", e.etype().as_str())))?;
+            let header =
+                forward::request_header(out, &server, upstream, body.len()).map_err(|e| {
+                    GatewayError::BadRequest(format!(
+                        "Request cannot be forwarded: {}",
+                        e.etype().as_str()
+                    ))
+                })?;
             let outcome = match forward::send(connector, &server, upstream, &header, &body).await {
                 Ok(sent) => match inspect::judge_response(&sent) {
                     Verdict::Deliver => {
@@ -137,9 +146,18 @@ fn all_failed(model: &str, attempts: &[AttemptRecord], last_timeout: bool) -> Ga
             "No upstream is available for model `{model}` right now."
         ));
     }
-    let mut msg = format!("All {} upstream attempts for model `{model}` failed:", attempts.len());
+    let mut msg = format!(
+        "All {} upstream attempts for model `{model}` failed:",
+        attempts.len()
+    );
     for (i, a) in attempts.iter().enumerate() {
-        let _ = write!(msg, "{} {} ({})", if i == 0 { "" } else { ";" }, a.target, a.outcome);
+        let _ = write!(
+            msg,
+            "{} {} ({})",
+            if i == 0 { "" } else { ";" },
+            a.target,
+            a.outcome
+        );
     }
     msg.push('.');
     if last_timeout {

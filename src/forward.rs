@@ -77,7 +77,12 @@ impl TransportError {
 }
 
 /// Builds the upstream request header for one target.
-pub fn request_header(out: &Outgoing, server: &Server, upstream: &Upstream, body_len: usize) -> pingora_core::Result<RequestHeader> {
+pub fn request_header(
+    out: &Outgoing,
+    server: &Server,
+    upstream: &Upstream,
+    body_len: usize,
+) -> pingora_core::Result<RequestHeader> {
     let ep = &server.endpoint;
     let mut path = String::with_capacity(ep.base_path.len() + out.suffix.len() + 32);
     path.push_str(&ep.base_path);
@@ -100,7 +105,11 @@ pub fn request_header(out: &Outgoing, server: &Server, upstream: &Upstream, body
         }
         (None, None) => {}
     }
-    let mut req = RequestHeader::build(out.client.method.clone(), path.as_bytes(), Some(out.client.headers.len() + 6))?;
+    let mut req = RequestHeader::build(
+        out.client.method.clone(),
+        path.as_bytes(),
+        Some(out.client.headers.len() + 6),
+    )?;
     let nominated = connection_nominated(&out.client.headers);
     for (name, value) in out.client.headers.iter() {
         if is_hop_by_hop(name, &nominated) || NOT_FORWARDED.contains(&name.as_str()) {
@@ -115,7 +124,10 @@ pub fn request_header(out: &Outgoing, server: &Server, upstream: &Upstream, body
     if let Some(key) = &server.api_key {
         match upstream.provider {
             Provider::Openai | Provider::Generic => {
-                req.insert_header(http::header::AUTHORIZATION, format!("Bearer {}", key.expose()))?;
+                req.insert_header(
+                    http::header::AUTHORIZATION,
+                    format!("Bearer {}", key.expose()),
+                )?;
             }
             Provider::Anthropic => req.insert_header("x-api-key", key.expose())?,
             Provider::Azure => req.insert_header("api-key", key.expose())?,
@@ -134,7 +146,13 @@ const EARLY_ANSWER_WAIT: Duration = Duration::from_secs(1);
 /// Sends one attempt and reads the response header. A pooled connection that turns out
 /// to be dead before anything was received is replaced by a fresh one (the upstream may
 /// close idle connections at any time); other failures are returned.
-pub async fn send(connector: &Connector, server: &Server, upstream: &Upstream, header: &RequestHeader, body: &Bytes) -> Result<Sent, TransportError> {
+pub async fn send(
+    connector: &Connector,
+    server: &Server,
+    upstream: &Upstream,
+    header: &RequestHeader,
+    body: &Bytes,
+) -> Result<Sent, TransportError> {
     let peer = server
         .endpoint
         .peer(upstream.connect_timeout, upstream.idle_timeout)
@@ -155,7 +173,10 @@ pub async fn send(connector: &Connector, server: &Server, upstream: &Upstream, h
                     body_complete,
                 })
             }
-            Err(Failure { error, received_nothing }) => {
+            Err(Failure {
+                error,
+                received_nothing,
+            }) => {
                 if reused && received_nothing && stale_retries > 0 {
                     stale_retries -= 1;
                     continue;
@@ -171,14 +192,21 @@ struct Failure {
     received_nothing: bool,
 }
 
-async fn exchange(mut session: HttpSession, header: &RequestHeader, body: &Bytes, upstream: &Upstream) -> Result<(HttpSession, bool), Failure> {
+async fn exchange(
+    mut session: HttpSession,
+    header: &RequestHeader,
+    body: &Bytes,
+    upstream: &Upstream,
+) -> Result<(HttpSession, bool), Failure> {
     let broken = |e: Box<pingora_core::Error>| Failure {
         error: TransportError::Broken(e.to_string()),
         received_nothing: true,
     };
     session.set_write_timeout(Some(upstream.idle_timeout));
     let written = async {
-        session.write_request_header(Box::new(header.clone())).await?;
+        session
+            .write_request_header(Box::new(header.clone()))
+            .await?;
         if !body.is_empty() {
             session.write_request_body(body.clone(), true).await?;
         }

@@ -46,8 +46,17 @@ mod tests {
         h.insert("connection", "keep-alive, X-Secret-Hop".parse().unwrap());
         let nominated = connection_nominated(&h);
         assert_eq!(nominated, vec!["x-secret-hop".to_string()]);
-        assert!(is_hop_by_hop(&HeaderName::from_static("x-secret-hop"), &nominated));
-        assert!(is_hop_by_hop(&HeaderName::from_static("transfer-encoding"), &[]));
-        assert!(!is_hop_by_hop(&HeaderName::from_static("content-type"), &nominated));
+        assert!(is_hop_by_hop(
+            &HeaderName::from_static("x-secret-hop"),
+            &nominated
+        ));
+        assert!(is_hop_by_hop(
+            &HeaderName::from_static("transfer-encoding"),
+            &[]
+        ));
+        assert!(!is_hop_by_hop(
+            &HeaderName::from_static("content-type"),
+            &nominated
+        ));
     }
 }

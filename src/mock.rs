@@ -136,7 +136,10 @@ impl MockUpstream {
         std::thread::Builder::new()
             .name("demo-upstream".into())
             .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
                     Ok(r) => r,
                     Err(e) => {
                         let _ = tx.send(Err(e));
@@ -204,13 +207,23 @@ impl MockUpstream {
     }
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, std::io::Error> {
+async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, std::io::Error> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map_err(std::io::Error::other)?.to_bytes();
+    let body = body
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
     state.hits.fetch_add(1, Ordering::Relaxed);
     lock(&state.received).push(Received {
         method: parts.method.to_string(),
-        path: parts.uri.path_and_query().map_or_else(String::new, |p| p.to_string()),
+        path: parts
+            .uri
+            .path_and_query()
+            .map_or_else(String::new, |p| p.to_string()),
         headers: parts.headers.clone(),
         body: body.clone(),
     });
@@ -220,15 +233,25 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     answer(&state, reply, parts.uri.path(), &body).await
 }
 
-async fn answer(state: &Arc<State>, mut reply: Reply, path: &str, body: &Bytes) -> Result<Response<Body>, std::io::Error> {
+async fn answer(
+    state: &Arc<State>,
+    mut reply: Reply,
+    path: &str,
+    body: &Bytes,
+) -> Result<Response<Body>, std::io::Error> {
     while let Reply::Delay(d, inner) = reply {
         tokio::time::sleep(d).await;
         reply = *inner;
     }
     match reply {
         Reply::Model => Ok(model_reply(state, path, body)),
-        Reply::Status { status, headers, body } => {
-            let mut resp = Response::builder().status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
+        Reply::Status {
+            status,
+            headers,
+            body,
+        } => {
+            let mut resp = Response::builder()
+                .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
             for (k, v) in headers {
                 resp = resp.header(k, v);
             }
@@ -245,12 +268,17 @@ async fn answer(state: &Arc<State>, mut reply: Reply, path: &str, body: &Bytes) 
 }
 
 fn full(body: impl Into<Bytes>) -> Body {
-    Full::new(body.into()).map_err(|e: Infallible| match e {}).boxed()
+    Full::new(body.into())
+        .map_err(|e: Infallible| match e {})
+        .boxed()
 }
 
 fn json_response(v: Value) -> Response<Body> {
     let mut r = Response::new(full(v.to_string()));
-    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -281,26 +309,38 @@ fn sse(state: &Arc<State>, events: Vec<String>, gap: Duration, cut: bool) -> Res
         state: Arc::clone(state),
         finished: false,
     };
-    let stream = futures_util::stream::unfold((events.into_iter(), guard, true), move |(mut it, mut guard, first)| async move {
-        if !first {
-            tokio::time::sleep(gap).await;
-        }
-        match it.next() {
-            Some(event) => Some((Ok(Frame::data(Bytes::from(event))), (it, guard, false))),
-            None if cut => {
-                guard.finish();
-                Some((Err(std::io::Error::other("scripted cut")), (it, guard, false)))
+    let stream = futures_util::stream::unfold(
+        (events.into_iter(), guard, true),
+        move |(mut it, mut guard, first)| async move {
+            if !first {
+                tokio::time::sleep(gap).await;
             }
-            None => {
-                guard.finish();
-                None
+            match it.next() {
+                Some(event) => Some((Ok(Frame::data(Bytes::from(event))), (it, guard, false))),
+                None if cut => {
+                    guard.finish();
+                    Some((
+                        Err(std::io::Error::other("scripted cut")),
+                        (it, guard, false),
+                    ))
+                }
+                None => {
+                    guard.finish();
+                    None
+                }
             }
-        }
-    });
+        },
+    );
     let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
     let h = r.headers_mut();
-    h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/event-stream"));
-    h.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-cache"),
+    );
     r
 }
 
@@ -313,7 +353,10 @@ pub fn chat_events(model: &str, text: &str, include_usage: bool) -> Vec<String> 
                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
         )
     };
-    let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
+    let mut events = vec![chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    )];
     let words: Vec<&str> = text.split_inclusive(' ').collect();
     for w in &words {
         events.push(chunk(json!({"content": w}), Value::Null));
@@ -339,12 +382,23 @@ fn model_reply(state: &Arc<State>, path: &str, body: &Bytes) -> Response<Body> {
     let model = req["model"].as_str().unwrap_or("mock").to_string();
     let stream = req["stream"].as_bool().unwrap_or(false);
     let prompt = last_user_text(&req);
-    let text = format!("Hello from {}. You said: {}", state.name, prompt.chars().take(200).collect::<String>());
+    let text = format!(
+        "Hello from {}. You said: {}",
+        state.name,
+        prompt.chars().take(200).collect::<String>()
+    );
     let suffix = path.rsplit("/v1").next().unwrap_or(path);
     match suffix {
         "/chat/completions" if stream => {
-            let include_usage = req["stream_options"]["include_usage"].as_bool().unwrap_or(false);
-            sse(state, chat_events(&model, &text, include_usage), Duration::from_millis(20), false)
+            let include_usage = req["stream_options"]["include_usage"]
+                .as_bool()
+                .unwrap_or(false);
+            sse(
+                state,
+                chat_events(&model, &text, include_usage),
+                Duration::from_millis(20),
+                false,
+            )
         }
         "/chat/completions" => json_response(json!({
             "id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": model,
@@ -364,7 +418,9 @@ fn model_reply(state: &Arc<State>, path: &str, body: &Bytes) -> Response<Body> {
             let data: Vec<Value> = (0..inputs)
                 .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3, 0.4]}))
                 .collect();
-            json_response(json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": 8, "total_tokens": 8}}))
+            json_response(
+                json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": 8, "total_tokens": 8}}),
+            )
         }
         "/responses" => json_response(json!({
             "id": "resp-mock", "object": "response", "created_at": 0, "model": model, "status": "completed",
@@ -376,9 +432,13 @@ fn model_reply(state: &Arc<State>, path: &str, body: &Bytes) -> Response<Body> {
             "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
             "usage": {"input_tokens": 8, "output_tokens": text.split(' ').count()}
         })),
-        "/models" => json_response(json!({"object": "list", "data": [{"id": "mock", "object": "model", "created": 0, "owned_by": "mock"}]})),
+        "/models" => json_response(
+            json!({"object": "list", "data": [{"id": "mock", "object": "model", "created": 0, "owned_by": "mock"}]}),
+        ),
         _ => {
-            let mut r = json_response(json!({"error": {"message": "not found", "type": "invalid_request_error", "param": null, "code": null}}));
+            let mut r = json_response(
+                json!({"error": {"message": "not found", "type": "invalid_request_error", "param": null, "code": null}}),
+            );
             *r.status_mut() = StatusCode::NOT_FOUND;
             r
         }

@@ -62,7 +62,13 @@ pub fn access_log(r: &Record) {
     let ms = |t: Option<Instant>| t.map(|t| t.duration_since(r.start).as_secs_f64() * 1000.0);
     let mut attempts = String::new();
     for (i, a) in r.attempts.iter().enumerate() {
-        let _ = write!(attempts, "{}{}={}", if i == 0 { "" } else { "," }, a.target, a.outcome);
+        let _ = write!(
+            attempts,
+            "{}{}={}",
+            if i == 0 { "" } else { "," },
+            a.target,
+            a.outcome
+        );
     }
     log::info!(
         target: "tollgate::access",

@@ -60,7 +60,11 @@ impl ProxyHttp for Gateway {
         RequestCtx::default()
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> pingora_core::Result<bool> {
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora_core::Result<bool> {
         let config = self.config.load_full();
         begin(session, ctx, &config);
         match self.handle(session, ctx, &config).await {
@@ -75,13 +79,22 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> pingora_core::Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> pingora_core::Result<Box<HttpPeer>> {
         // Every request is answered in request_filter; reaching Pingora's own proxy path
         // would be a bug, and it must not silently proxy somewhere.
         Error::e_explain(ErrorType::InternalError, "no native proxy path")
     }
 
-    async fn logging(&self, session: &mut Session, e: Option<&pingora_core::Error>, ctx: &mut RequestCtx) {
+    async fn logging(
+        &self,
+        session: &mut Session,
+        e: Option<&pingora_core::Error>,
+        ctx: &mut RequestCtx,
+    ) {
         if ctx.record.status == 0 {
             ctx.record.status = session.response_written().map_or(0, |r| r.status.as_u16());
         }
@@ -145,13 +158,24 @@ fn new_request_id() -> String {
 }
 
 impl Gateway {
-    async fn handle(&self, session: &mut Session, ctx: &mut RequestCtx, config: &Config) -> Result<(), Outcome> {
+    async fn handle(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        config: &Config,
+    ) -> Result<(), Outcome> {
         let req = session.req_header();
         let path = req.uri.path().to_string();
         let method = req.method.clone();
         if path == "/health" || path == "/healthz" {
             ctx.record.status = 200;
-            respond::json(session, 200, Bytes::from_static(b"{\"status\":\"ok\"}"), &ctx.record.request_id).await?;
+            respond::json(
+                session,
+                200,
+                Bytes::from_static(b"{\"status\":\"ok\"}"),
+                &ctx.record.request_id,
+            )
+            .await?;
             return Ok(());
         }
         let Some(suffix) = path.strip_prefix("/v1") else {
@@ -159,10 +183,15 @@ impl Gateway {
         };
 
         let key = presented_key(
-            req.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes()),
+            req.headers
+                .get(http::header::AUTHORIZATION)
+                .map(|v| v.as_bytes()),
             req.headers.get("x-api-key").map(|v| v.as_bytes()),
         );
-        let caller = config.keys.authenticate(key).ok_or(GatewayError::Unauthorized)?;
+        let caller = config
+            .keys
+            .authenticate(key)
+            .ok_or(GatewayError::Unauthorized)?;
         ctx.record.caller = caller.name().to_string();
 
         if suffix == "/models" || suffix.starts_with("/models/") {
@@ -171,7 +200,9 @@ impl Gateway {
             }
             let body = match suffix.strip_prefix("/models/") {
                 None => respond::model_list(&config.router.alias_names()),
-                Some(id) if config.router.is_configured(id) => Bytes::from(respond::model_object(id).to_string()),
+                Some(id) if config.router.is_configured(id) => {
+                    Bytes::from(respond::model_object(id).to_string())
+                }
                 Some(id) => return Err(GatewayError::ModelNotFound(id.to_string()).into()),
             };
             ctx.record.status = 200;
@@ -184,11 +215,24 @@ impl Gateway {
         if method != http::Method::POST {
             return Err(GatewayError::MethodNotAllowed(method.to_string()).into());
         }
-        let dialect = if suffix == "/messages" { Dialect::Anthropic } else { Dialect::OpenAi };
-        self.forward(session, ctx, config, &caller, suffix, dialect).await
+        let dialect = if suffix == "/messages" {
+            Dialect::Anthropic
+        } else {
+            Dialect::OpenAi
+        };
+        self.forward(session, ctx, config, &caller, suffix, dialect)
+            .await
     }
 
-    async fn forward(&self, session: &mut Session, ctx: &mut RequestCtx, config: &Config, _caller: &Caller, suffix: &str, dialect: Dialect) -> Result<(), Outcome> {
+    async fn forward(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        config: &Config,
+        _caller: &Caller,
+        suffix: &str,
+        dialect: Dialect,
+    ) -> Result<(), Outcome> {
         let body = read_body(session, config.server.max_body_size.0).await?;
         ctx.body_unread = false;
         let facts = body::scan(&body).map_err(GatewayError::BadRequest)?;
@@ -201,7 +245,11 @@ impl Gateway {
 
         let req = session.req_header();
         let client_ip = ctx.record.client_ip.as_str();
-        let forwarded_for = match req.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        let forwarded_for = match req
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
             Some(prior) => format!("{prior}, {client_ip}"),
             None => client_ip.to_string(),
         };
@@ -213,7 +261,16 @@ impl Gateway {
         };
         let rewrite = |model: &str| body::rewrite_model(&body, &facts, model);
         let mut attempts = Vec::new();
-        let result = failover::run(&self.connector, alias, dialect, &out, &facts.model, &rewrite, &mut attempts).await;
+        let result = failover::run(
+            &self.connector,
+            alias,
+            dialect,
+            &out,
+            &facts.model,
+            &rewrite,
+            &mut attempts,
+        )
+        .await;
         ctx.record.attempts = attempts;
         let winner = result?;
 

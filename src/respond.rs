@@ -7,7 +7,12 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
 /// Writes a complete JSON response.
-pub async fn json(session: &mut Session, status: u16, body: Bytes, request_id: &str) -> pingora_core::Result<()> {
+pub async fn json(
+    session: &mut Session,
+    status: u16,
+    body: Bytes,
+    request_id: &str,
+) -> pingora_core::Result<()> {
     let mut resp = ResponseHeader::build(status, Some(4))?;
     resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
@@ -18,7 +23,12 @@ pub async fn json(session: &mut Session, status: u16, body: Bytes, request_id: &
 
 /// Writes a gateway error. When the request body was not read to the end the client
 /// connection cannot be reused, so it is closed after the answer.
-pub async fn error(session: &mut Session, e: &GatewayError, request_id: &str, body_unread: bool) -> pingora_core::Result<()> {
+pub async fn error(
+    session: &mut Session,
+    e: &GatewayError,
+    request_id: &str,
+    body_unread: bool,
+) -> pingora_core::Result<()> {
     if body_unread {
         session.set_keepalive(None);
     }

@@ -39,7 +39,9 @@ impl Endpoint {
         } else if let Some(r) = url.strip_prefix("http://") {
             (false, r)
         } else {
-            return Err(format!("{url:?}: only http:// and https:// URLs are supported"));
+            return Err(format!(
+                "{url:?}: only http:// and https:// URLs are supported"
+            ));
         };
         let (rest, query) = match rest.split_once('?') {
             Some((r, q)) => (r, Some(q.to_string())),
@@ -50,7 +52,9 @@ impl Endpoint {
             None => (rest, ""),
         };
         if authority.contains('@') {
-            return Err(format!("{url:?}: credentials in the URL are not supported; use api_key"));
+            return Err(format!(
+                "{url:?}: credentials in the URL are not supported; use api_key"
+            ));
         }
         let default_port = if tls { 443 } else { 80 };
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
@@ -192,7 +196,13 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn new(name: String, endpoint: Endpoint, api_key: Option<Secret>, weight: usize, backup: bool) -> Self {
+    pub fn new(
+        name: String,
+        endpoint: Endpoint,
+        api_key: Option<Secret>,
+        weight: usize,
+        backup: bool,
+    ) -> Self {
         Server {
             name,
             endpoint,
@@ -240,7 +250,10 @@ fn backend_for(index: usize, weight: usize) -> Backend {
 }
 
 fn index_of(b: &Backend) -> usize {
-    b.addr.as_inet().map(|a| a.port() as usize).unwrap_or(usize::MAX)
+    b.addr
+        .as_inet()
+        .map(|a| a.port() as usize)
+        .unwrap_or(usize::MAX)
 }
 
 impl Upstream {
@@ -401,7 +414,13 @@ mod tests {
             .enumerate()
             .map(|(i, &(weight, backup))| {
                 let url = format!("http://127.0.0.1:{}/v1", 9000 + i);
-                Server::new(format!("s{i}"), Endpoint::parse(&url).unwrap(), None, weight, backup)
+                Server::new(
+                    format!("s{i}"),
+                    Endpoint::parse(&url).unwrap(),
+                    None,
+                    weight,
+                    backup,
+                )
             })
             .collect();
         Upstream::new("u".into(), &section, servers)
@@ -425,8 +444,20 @@ mod tests {
     #[test]
     fn same_host_servers_stay_distinct() {
         let section_servers = vec![
-            Server::new("a".into(), Endpoint::parse("http://10.0.0.1/v1").unwrap(), Some(Secret::new("k1")), 1, false),
-            Server::new("b".into(), Endpoint::parse("http://10.0.0.1/v1").unwrap(), Some(Secret::new("k2")), 1, false),
+            Server::new(
+                "a".into(),
+                Endpoint::parse("http://10.0.0.1/v1").unwrap(),
+                Some(Secret::new("k1")),
+                1,
+                false,
+            ),
+            Server::new(
+                "b".into(),
+                Endpoint::parse("http://10.0.0.1/v1").unwrap(),
+                Some(Secret::new("k2")),
+                1,
+                false,
+            ),
         ];
         let u = Upstream::new(
             "u".into(),
@@ -476,7 +507,10 @@ mod tests {
     fn urls_parse_into_endpoints() {
         let e = Endpoint::parse("https://api.openai.com/v1/").unwrap();
         assert!(e.tls);
-        assert_eq!((e.host.as_str(), e.port, e.base_path.as_str()), ("api.openai.com", 443, "/v1"));
+        assert_eq!(
+            (e.host.as_str(), e.port, e.base_path.as_str()),
+            ("api.openai.com", 443, "/v1")
+        );
         assert_eq!(e.authority(), "api.openai.com");
         let e = Endpoint::parse("http://[::1]:8000/openai/deployments/x?api-version=1").unwrap();
         assert_eq!(e.authority(), "[::1]:8000");

@@ -51,7 +51,11 @@ pub struct Stamp<'a> {
 }
 
 /// The client's response header, derived from the upstream's.
-pub fn downstream_header(up: &ResponseHeader, http1_client: bool, stamp: &Stamp) -> pingora_core::Result<ResponseHeader> {
+pub fn downstream_header(
+    up: &ResponseHeader,
+    http1_client: bool,
+    stamp: &Stamp,
+) -> pingora_core::Result<ResponseHeader> {
     let mut resp = ResponseHeader::build(up.status, Some(up.headers.len() + 4))?;
     let nominated = connection_nominated(&up.headers);
     for (name, value) in up.headers.iter() {
@@ -92,17 +96,28 @@ fn sse_error_event(message: &str) -> Bytes {
 
 /// Relays `winner`'s response. `Ok` when the body completed; `Err` when it was cut, in
 /// which case the connection to the client is not reused.
-pub async fn relay(session: &mut Session, connector: &Connector, winner: Winner, stamp: &Stamp<'_>, relayed: &mut Relayed) -> pingora_core::Result<()> {
+pub async fn relay(
+    session: &mut Session,
+    connector: &Connector,
+    winner: Winner,
+    stamp: &Stamp<'_>,
+    relayed: &mut Relayed,
+) -> pingora_core::Result<()> {
     let Winner { sent, upstream, .. } = winner;
     let mut up = sent.session;
     let Some(up_header) = up.response_header() else {
-        return Error::e_explain(ErrorType::InternalError, "response header missing after read");
+        return Error::e_explain(
+            ErrorType::InternalError,
+            "response header missing after read",
+        );
     };
     let sse = is_event_stream(up_header);
     let http1 = !session.is_http2();
     let header = downstream_header(up_header, http1, stamp)?;
     relayed.status = header.status.as_u16();
-    session.write_response_header(Box::new(header), false).await?;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
 
     up.set_read_timeout(Some(upstream.idle_timeout));
     let end = loop {
@@ -117,7 +132,11 @@ pub async fn relay(session: &mut Session, connector: &Connector, winner: Winner,
                     relayed.first_byte = Some(Instant::now());
                 }
                 relayed.bytes += chunk.len();
-                if session.write_response_body(Some(chunk), false).await.is_err() {
+                if session
+                    .write_response_body(Some(chunk), false)
+                    .await
+                    .is_err()
+                {
                     break StreamEnd::ClientGone;
                 }
             }
@@ -141,7 +160,10 @@ pub async fn relay(session: &mut Session, connector: &Connector, winner: Winner,
         StreamEnd::ClientGone => {
             // Dropping the upstream connection is what stops the generation (and its cost).
             up.shutdown().await;
-            Error::e_explain(ErrorType::ConnectionClosed, "client disconnected mid-response")
+            Error::e_explain(
+                ErrorType::ConnectionClosed,
+                "client disconnected mid-response",
+            )
         }
         StreamEnd::UpstreamError | StreamEnd::UpstreamTimeout => {
             up.shutdown().await;
@@ -151,7 +173,9 @@ pub async fn relay(session: &mut Session, connector: &Connector, winner: Winner,
                 } else {
                     "The upstream connection failed in the middle of the stream."
                 };
-                let _ = session.write_response_body(Some(sse_error_event(msg)), false).await;
+                let _ = session
+                    .write_response_body(Some(sse_error_event(msg)), false)
+                    .await;
             }
             Error::e_explain(ErrorType::ReadError, "upstream failed mid-response")
         }

@@ -10,7 +10,9 @@ use tollgate::mock::{MockUpstream, Reply};
 
 fn long_stream(events: usize, gap_ms: u64) -> Reply {
     Reply::Stream {
-        events: (0..events).map(|i| format!("data: {{\"i\":{i}}}\n\n")).collect(),
+        events: (0..events)
+            .map(|i| format!("data: {{\"i\":{i}}}\n\n"))
+            .collect(),
         gap: Duration::from_millis(gap_ms),
         cut: false,
     }
@@ -33,7 +35,9 @@ async fn weighted_split_follows_weights_over_1000_requests() {
         .buffer_unordered(8)
         .collect::<Vec<_>>()
         .await;
-    assert!(results.iter().all(|r| r.as_ref().is_ok_and(|r| r.status() == 200)));
+    assert!(results
+        .iter()
+        .all(|r| r.as_ref().is_ok_and(|r| r.status() == 200)));
     let (ha, hb) = (a.hits(), b.hits());
     assert_eq!(ha + hb, 1000);
     // 3:1 is 750:250; allow 3 percentage points.
@@ -58,7 +62,11 @@ async fn least_conn_sends_new_requests_away_from_a_server_holding_a_long_stream(
     assert_eq!(held.status(), 200);
     let first = held.chunk().await.unwrap();
     assert!(first.is_some());
-    let (busy, idle) = if a.open_streams() == 1 { (&a, &b) } else { (&b, &a) };
+    let (busy, idle) = if a.open_streams() == 1 {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
     assert_eq!(busy.open_streams(), 1);
     idle.clear_script();
     for _ in 0..10 {
@@ -83,16 +91,29 @@ async fn backup_is_untouched_while_primaries_are_up_and_used_when_they_are_down(
     ));
     let c = client();
     for _ in 0..20 {
-        let r = c.post(gw.url("/v1/chat/completions")).json(&chat("m-up", false)).send().await.unwrap();
+        let r = c
+            .post(gw.url("/v1/chat/completions"))
+            .json(&chat("m-up", false))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
     }
     assert_eq!(primary.hits(), 20);
     assert_eq!(backup.hits(), 0);
 
-    let r = c.post(gw.url("/v1/chat/completions")).json(&chat("m-down", false)).send().await.unwrap();
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat("m-down", false))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-tollgate-attempts"], "2");
-    assert!(r.headers()["x-tollgate-upstream"].to_str().unwrap().starts_with("down/"));
+    assert!(r.headers()["x-tollgate-upstream"]
+        .to_str()
+        .unwrap()
+        .starts_with("down/"));
     assert_eq!(backup.hits(), 1);
 }
 
@@ -125,12 +146,18 @@ async fn model_rewrite_is_the_only_change_to_the_body_and_credentials_are_swappe
     let expected = sent.replace(r#""gpt-4o""#, r#""llama-3-70b""#);
     assert_eq!(std::str::from_utf8(&got.body).unwrap(), expected);
     assert_eq!(got.path, "/v1/chat/completions?trace=1");
-    assert_eq!(got.headers["authorization"], "Bearer up-secret-key-bbbbbbbb");
+    assert_eq!(
+        got.headers["authorization"],
+        "Bearer up-secret-key-bbbbbbbb"
+    );
     assert_eq!(got.headers["x-request-id"], "req-123");
     assert_eq!(got.headers["x-forwarded-for"], "127.0.0.1");
     assert_eq!(got.headers["openai-beta"], "assistants=v2");
     assert!(got.headers.get("x-private-hop").is_none());
-    assert!(!got.headers.values().any(|v| v.to_str().unwrap_or("").contains("tg-client-key")));
+    assert!(!got
+        .headers
+        .values()
+        .any(|v| v.to_str().unwrap_or("").contains("tg-client-key")));
     let logs = gw.logs();
     assert!(!logs.contains("tg-client-key-aaaaaaaa") && !logs.contains("up-secret-key-bbbbbbbb"));
 }
@@ -143,8 +170,11 @@ async fn a_one_mib_prompt_is_resent_intact_after_a_connect_failure() {
         "upstreams:\n  dead:\n    servers: [{{url: \"http://127.0.0.1:{dead}/v1\"}}]\n  live:\n    servers: [{{url: \"{}\"}}]\nmodels:\n  m:\n    routes:\n      - {{upstream: dead, priority: 1}}\n      - {{upstream: live, priority: 2}}\n",
         live.url()
     ));
-    let filler: String = (0..(1 << 20)).map(|i| (b'a' + (i % 26) as u8) as char).collect();
-    let body = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": filler}]}).to_string();
+    let filler: String = (0..(1 << 20))
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    let body = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": filler}]})
+        .to_string();
     assert!(body.len() > 1 << 20);
     let r = client()
         .post(gw.url("/v1/chat/completions"))
@@ -167,7 +197,12 @@ async fn the_first_chunk_reaches_the_client_while_the_upstream_is_still_sending(
         "upstreams:\n  u:\n    servers: [{{url: \"{}\"}}]\nmodels:\n  m:\n    routes: [{{upstream: u}}]\n",
         up.url()
     ));
-    let mut r = client().post(gw.url("/v1/chat/completions")).json(&chat("m", true)).send().await.unwrap();
+    let mut r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat("m", true))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "text/event-stream");
     assert_eq!(r.headers()["transfer-encoding"], "chunked");
@@ -192,14 +227,24 @@ async fn a_client_disconnect_mid_stream_closes_the_upstream_connection() {
         "upstreams:\n  u:\n    servers: [{{url: \"{}\"}}]\nmodels:\n  m:\n    routes: [{{upstream: u}}]\n",
         up.url()
     ));
-    let mut r = client().post(gw.url("/v1/chat/completions")).json(&chat("m", true)).send().await.unwrap();
+    let mut r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat("m", true))
+        .send()
+        .await
+        .unwrap();
     r.chunk().await.unwrap().unwrap();
     assert_eq!(up.open_streams(), 1);
     drop(r);
     // The stream would run for 5 s; the upstream must see its reader go well before that.
     assert!(eventually(Duration::from_secs(2), || up.cut_by_peer() == 1).await);
     assert_eq!(up.open_streams(), 0);
-    assert!(eventually(Duration::from_secs(2), || gw.logs().contains("error=client_disconnect")).await);
+    assert!(
+        eventually(Duration::from_secs(2), || gw
+            .logs()
+            .contains("error=client_disconnect"))
+        .await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,13 +258,50 @@ async fn refusals_are_openai_shaped_and_never_reach_an_upstream() {
     let url = gw.url("/v1/chat/completions");
     let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
         (c.post(&url).json(&chat("m", false)), 401, "invalid_api_key"),
-        (c.post(&url).bearer_auth("wrong").json(&chat("m", false)), 401, "invalid_api_key"),
-        (c.post(&url).bearer_auth("tg-test-key-000000").body("{not json"), 400, "bad_request"),
-        (c.post(&url).bearer_auth("tg-test-key-000000").body("{\"messages\":[]}"), 400, "bad_request"),
-        (c.post(&url).bearer_auth("tg-test-key-000000").json(&chat("gpt-9", false)), 404, "model_not_found"),
-        (c.post(&url).bearer_auth("tg-test-key-000000").body(vec![b' '; 2048]), 413, "body_too_large"),
-        (c.get(&url).bearer_auth("tg-test-key-000000"), 405, "method_not_allowed"),
-        (c.get(gw.url("/v1/nothing")).bearer_auth("tg-test-key-000000"), 404, "not_found"),
+        (
+            c.post(&url).bearer_auth("wrong").json(&chat("m", false)),
+            401,
+            "invalid_api_key",
+        ),
+        (
+            c.post(&url)
+                .bearer_auth("tg-test-key-000000")
+                .body("{not json"),
+            400,
+            "bad_request",
+        ),
+        (
+            c.post(&url)
+                .bearer_auth("tg-test-key-000000")
+                .body("{\"messages\":[]}"),
+            400,
+            "bad_request",
+        ),
+        (
+            c.post(&url)
+                .bearer_auth("tg-test-key-000000")
+                .json(&chat("gpt-9", false)),
+            404,
+            "model_not_found",
+        ),
+        (
+            c.post(&url)
+                .bearer_auth("tg-test-key-000000")
+                .body(vec![b' '; 2048]),
+            413,
+            "body_too_large",
+        ),
+        (
+            c.get(&url).bearer_auth("tg-test-key-000000"),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            c.get(gw.url("/v1/nothing"))
+                .bearer_auth("tg-test-key-000000"),
+            404,
+            "not_found",
+        ),
     ];
     for (req, status, code) in cases {
         let r = req.send().await.unwrap();
@@ -227,15 +309,31 @@ async fn refusals_are_openai_shaped_and_never_reach_an_upstream() {
         assert_eq!(r.headers()["content-type"], "application/json");
         let v: serde_json::Value = r.json().await.unwrap();
         assert_eq!(v["error"]["code"], code);
-        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
         assert!(v["error"]["type"].is_string());
     }
     assert_eq!(up.hits(), 0);
     // Health and the model list.
-    assert_eq!(c.get(gw.url("/healthz")).send().await.unwrap().status(), 200);
-    let models: serde_json::Value = c.get(gw.url("/v1/models")).bearer_auth("tg-test-key-000000").send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        c.get(gw.url("/healthz")).send().await.unwrap().status(),
+        200
+    );
+    let models: serde_json::Value = c
+        .get(gw.url("/v1/models"))
+        .bearer_auth("tg-test-key-000000")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(models["data"][0]["id"], "m");
-    assert_eq!(c.get(gw.admin_url("/ready")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        c.get(gw.admin_url("/ready")).send().await.unwrap().status(),
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,9 +359,17 @@ async fn messages_go_only_to_anthropic_upstreams_with_their_auth_style() {
     assert_eq!(got.headers["anthropic-version"], "2023-06-01");
     assert!(got.headers.get("authorization").is_none());
     // OpenAI endpoints take the lowest tier as usual.
-    let r = client().post(gw.url("/v1/chat/completions")).json(&chat("claude", false)).send().await.unwrap();
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat("claude", false))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(openai.last().unwrap().headers["authorization"], "Bearer sk-oa-1111111111");
+    assert_eq!(
+        openai.last().unwrap().headers["authorization"],
+        "Bearer sk-oa-1111111111"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,8 +388,15 @@ async fn expect_100_continue_is_answered_and_the_connection_stays_alive() {
     );
     s.write_all(head.as_bytes()).await.unwrap();
     let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 100 Continue"), "{}", String::from_utf8_lossy(&buf[..n]));
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 100 Continue"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
     s.write_all(body.as_bytes()).await.unwrap();
     let text = read_response(&mut s).await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
@@ -305,14 +418,21 @@ async fn read_response(s: &mut tokio::net::TcpStream) -> String {
     let mut data = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(n > 0, "connection closed");
         data.extend_from_slice(&buf[..n]);
         let text = String::from_utf8_lossy(&data).to_string();
         if let Some(end) = text.find("\r\n\r\n") {
             let len = text[..end]
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
                 .unwrap_or(0);
             if data.len() >= end + 4 + len {
                 return text;

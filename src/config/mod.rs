@@ -183,7 +183,10 @@ fn build(file: FileConfig) -> Result<Config, ConfigErrors> {
     let s = &file.server;
     let mut listen = Vec::new();
     if s.listen.is_empty() {
-        err("server.listen".into(), "at least one listener is required".into());
+        err(
+            "server.listen".into(),
+            "at least one listener is required".into(),
+        );
     }
     for (i, l) in s.listen.iter().enumerate() {
         match l.parse::<SocketAddr>() {
@@ -208,7 +211,10 @@ fn build(file: FileConfig) -> Result<Config, ConfigErrors> {
         err("server.threads".into(), "must be at least 1".into());
     }
     if s.max_body_size.0 == 0 {
-        err("server.max_body_size".into(), "must be larger than 0".into());
+        err(
+            "server.max_body_size".into(),
+            "must be larger than 0".into(),
+        );
     }
 
     let mut seen_names = HashSet::new();
@@ -217,12 +223,18 @@ fn build(file: FileConfig) -> Result<Config, ConfigErrors> {
         if k.name.trim().is_empty() {
             err(format!("keys[{i}].name"), "must not be empty".into());
         } else if !seen_names.insert(k.name.as_str()) {
-            err(format!("keys[{i}].name"), format!("duplicate key name {:?}", k.name));
+            err(
+                format!("keys[{i}].name"),
+                format!("duplicate key name {:?}", k.name),
+            );
         }
         if k.key.is_empty() {
             err(format!("keys[{i}].key"), "must not be empty".into());
         } else if !seen_keys.insert(k.key.expose()) {
-            err(format!("keys[{i}].key"), "the same key is configured twice".into());
+            err(
+                format!("keys[{i}].key"),
+                "the same key is configured twice".into(),
+            );
         }
     }
 
@@ -230,7 +242,10 @@ fn build(file: FileConfig) -> Result<Config, ConfigErrors> {
     for (name, u) in &file.upstreams {
         let path = format!("upstreams.{name}");
         if u.servers.is_empty() {
-            err(format!("{path}.servers"), "at least one server is required".into());
+            err(
+                format!("{path}.servers"),
+                "at least one server is required".into(),
+            );
         }
         let mut servers = Vec::new();
         let mut display_names: HashMap<String, usize> = HashMap::new();
@@ -244,7 +259,10 @@ fn build(file: FileConfig) -> Result<Config, ConfigErrors> {
                 }
             };
             if entry.weight == 0 || entry.weight > 1000 {
-                err(format!("{spath}.weight"), "must be between 1 and 1000".into());
+                err(
+                    format!("{spath}.weight"),
+                    "must be between 1 and 1000".into(),
+                );
             }
             let needs_key = matches!(
                 u.provider,
@@ -256,10 +274,7 @@ fn build(file: FileConfig) -> Result<Config, ConfigErrors> {
                     format!("required for provider {:?}", u.provider).to_lowercase(),
                 );
             }
-            let base = entry
-                .name
-                .clone()
-                .unwrap_or_else(|| endpoint.authority());
+            let base = entry.name.clone().unwrap_or_else(|| endpoint.authority());
             let n = display_names.entry(base.clone()).or_insert(0);
             *n += 1;
             let short = if *n == 1 { base } else { format!("{base}#{n}") };
@@ -291,7 +306,10 @@ fn build(file: FileConfig) -> Result<Config, ConfigErrors> {
             err(path.clone(), "alias must not be empty".into());
         }
         if m.routes.is_empty() {
-            err(format!("{path}.routes"), "at least one route is required".into());
+            err(
+                format!("{path}.routes"),
+                "at least one route is required".into(),
+            );
         }
         let mut by_priority: BTreeMap<u32, Vec<Route>> = BTreeMap::new();
         for (i, r) in m.routes.iter().enumerate() {
@@ -327,7 +345,10 @@ fn build(file: FileConfig) -> Result<Config, ConfigErrors> {
         }
     }
     if file.models.is_empty() {
-        err("models".into(), "at least one model alias is required".into());
+        err(
+            "models".into(),
+            "at least one model alias is required".into(),
+        );
     }
 
     if !errors.is_empty() {
@@ -415,7 +436,10 @@ models:
         let c = Config::parse(&text, &env).unwrap();
         assert_eq!(c.keys.len(), 1);
         let errs = Config::parse(&text, &no_env).err().unwrap().to_string();
-        assert_eq!(errs, "keys[0].key: environment variable TG_TEST_KEY is not set");
+        assert_eq!(
+            errs,
+            "keys[0].key: environment variable TG_TEST_KEY is not set"
+        );
         assert_eq!(expand_str("a$${b}", &no_env).unwrap(), "a${b}");
     }
 

@@ -30,13 +30,20 @@ impl Gateway {
             "server:\n  listen: [\"127.0.0.1:0\"]\n  admin_listen: \"127.0.0.1:0\"\n  threads: 1\n  grace_period: 0s\n  pid_file: {d}/tollgate.pid\n  upgrade_sock: {d}/upgrade.sock\n",
             d = dir.path().display()
         );
-        let text = if body.contains("server:") { body.to_string() } else { format!("{server}{body}") };
+        let text = if body.contains("server:") {
+            body.to_string()
+        } else {
+            format!("{server}{body}")
+        };
         let path = dir.path().join("tollgate.yaml");
         std::fs::write(&path, text).expect("write config");
         let stderr_path = dir.path().join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
-        cmd.arg("-c").arg(&path).stdout(Stdio::piped()).stderr(stderr);
+        cmd.arg("-c")
+            .arg(&path)
+            .stdout(Stdio::piped())
+            .stderr(stderr);
         cmd.env("RUST_LOG", "info");
         for (k, v) in env {
             cmd.env(k, v);
@@ -76,7 +83,9 @@ impl Gateway {
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if std::net::TcpStream::connect(&self.addr).is_ok() && std::net::TcpStream::connect(&self.admin).is_ok() {
+            if std::net::TcpStream::connect(&self.addr).is_ok()
+                && std::net::TcpStream::connect(&self.admin).is_ok()
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -1,0 +1,130 @@
+//! Real clients against the gateway: the official `openai` Python SDK and curl.
+//! The Python interpreter is `$TOLLGATE_PYTHON` (set by scripts/bootstrap to a venv
+//! with `openai`), else `python3`.
+
+mod common;
+
+use common::Gateway;
+use std::process::Command;
+use tollgate::mock::MockUpstream;
+
+fn python() -> String {
+    std::env::var("TOLLGATE_PYTHON").unwrap_or_else(|_| {
+        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/target/pyenv/bin/python");
+        if std::path::Path::new(venv).exists() {
+            venv.to_string()
+        } else {
+            "python3".to_string()
+        }
+    })
+}
+
+fn demo_like(up: &MockUpstream) -> String {
+    format!(
+        "keys:\n  - {{name: sdk, key: tg-sdk-key-12345678}}\nupstreams:\n  mock:\n    servers: [{{url: \"{}\"}}]\nmodels:\n  demo:\n    routes: [{{upstream: mock, model: mock-model}}]\n",
+        up.url()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_python_sdk_works_through_the_gateway() {
+    let up = MockUpstream::start("the mock upstream").await.unwrap();
+    let gw = Gateway::start(&demo_like(&up));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/sdk_check.py");
+    let base = gw.url("/v1");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .args([script, &base, "tg-sdk-key-12345678"])
+            .output()
+            .expect("run python (see scripts/bootstrap)")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "openai SDK check failed (scripts/bootstrap installs the SDK):\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("sdk ok"));
+    // chat, stream, 2 embeddings inputs in one request; models and errors stay local.
+    assert_eq!(up.hits(), 3);
+    let paths: Vec<String> = up.received().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/chat/completions",
+            "/v1/chat/completions",
+            "/v1/embeddings"
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_uploads_a_large_body_and_streams() {
+    let up = MockUpstream::start("the mock upstream").await.unwrap();
+    let gw = Gateway::start(&demo_like(&up));
+    let dir = tempfile::tempdir().unwrap();
+    let body_path = dir.path().join("body.json");
+    let filler = "x".repeat(3 << 20);
+    let body =
+        serde_json::json!({"model": "demo", "messages": [{"role": "user", "content": filler}]})
+            .to_string();
+    std::fs::write(&body_path, &body).unwrap();
+    let url = gw.url("/v1/chat/completions");
+    let out = tokio::task::spawn_blocking({
+        let url = url.clone();
+        let body_path = body_path.clone();
+        move || {
+            // curl sends `Expect: 100-continue` for a body this large.
+            Command::new("curl")
+                .args([
+                    "-sS",
+                    "-v",
+                    "--fail-with-body",
+                    "-H",
+                    "Authorization: Bearer tg-sdk-key-12345678",
+                ])
+                .args(["-H", "content-type: application/json", "--data-binary"])
+                .arg(format!("@{}", body_path.display()))
+                .arg(&url)
+                .output()
+                .expect("curl")
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let trace = String::from_utf8_lossy(&out.stderr);
+    assert!(trace.contains("Expect: 100-continue"), "{trace}");
+    assert!(trace.contains("HTTP/1.1 100 Continue"), "{trace}");
+    let expected = body.replacen(r#""model":"demo""#, r#""model":"mock-model""#, 1);
+    assert_eq!(up.last().unwrap().body, expected.as_bytes());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["model"], "mock-model");
+
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("curl")
+            .args([
+                "-sSN",
+                "--fail-with-body",
+                "-H",
+                "Authorization: Bearer tg-sdk-key-12345678",
+            ])
+            .args(["-H", "content-type: application/json", "-d"])
+            .arg(r#"{"model":"demo","stream":true,"messages":[{"role":"user","content":"hi"}]}"#)
+            .arg(&url)
+            .output()
+            .expect("curl")
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert!(text.matches("data: ").count() > 5);
+}
