@@ -3,6 +3,7 @@
 //! `/metrics` (Prometheus text format, the default registry of prometheus 0.14).
 
 use crate::config::Config;
+use crate::health::now_ms;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use http::Response;
@@ -28,10 +29,104 @@ fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     r
 }
 
+impl AdminApp {
+    /// `GET /admin/cooldowns`: cooling and unhealthy servers with reason and time left.
+    /// `DELETE /admin/cooldowns/{server}` clears one (`DELETE /admin/cooldowns`: all).
+    fn cooldowns(&self, method: &http::Method, rest: &str) -> Response<Vec<u8>> {
+        let config = self.config.load();
+        let now = now_ms();
+        let servers = config.upstreams.values().flat_map(|u| u.servers.iter());
+        match *method {
+            http::Method::GET if rest.is_empty() || rest == "/" => {
+                let list: Vec<serde_json::Value> = servers
+                    .filter_map(|s| {
+                        let cooling = s.state.health.cooldown(now);
+                        let healthy = s.state.health.active_ok();
+                        if cooling.is_none() && healthy {
+                            return None;
+                        }
+                        Some(serde_json::json!({
+                            "target": s.name,
+                            "reason": cooling.map(|(_, r)| r.as_str()),
+                            "remaining_seconds": cooling.map(|(d, _)| d.as_secs_f64()),
+                            "healthy": healthy,
+                        }))
+                    })
+                    .collect();
+                reply(
+                    200,
+                    "application/json",
+                    serde_json::json!({ "cooldowns": list })
+                        .to_string()
+                        .into_bytes(),
+                )
+            }
+            http::Method::DELETE => {
+                let wanted = percent_decode(rest.trim_start_matches('/'));
+                let mut cleared = Vec::new();
+                for s in servers {
+                    if wanted.is_empty() || s.name == wanted {
+                        s.state.health.clear();
+                        cleared.push(s.name.clone());
+                    }
+                }
+                if cleared.is_empty() {
+                    return reply(
+                        404,
+                        "application/json",
+                        serde_json::json!({ "error": format!("no server named {wanted:?}") })
+                            .to_string()
+                            .into_bytes(),
+                    );
+                }
+                log::info!("cooldowns cleared by an operator: {}", cleared.join(", "));
+                reply(
+                    200,
+                    "application/json",
+                    serde_json::json!({ "cleared": cleared })
+                        .to_string()
+                        .into_bytes(),
+                )
+            }
+            _ => reply(
+                405,
+                "application/json",
+                b"{\"error\":\"method not allowed\"}".to_vec(),
+            ),
+        }
+    }
+}
+
+/// Decodes `%XX` escapes (server names hold `/`, `:` and `#`).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Some(v) = std::str::from_utf8(&bytes[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
+        let method = session.req_header().method.clone();
+        if let Some(rest) = path.strip_prefix("/admin/cooldowns") {
+            return self.cooldowns(&method, rest);
+        }
         match path.as_str() {
             "/health" => reply(200, "application/json", b"{\"status\":\"ok\"}".to_vec()),
             "/ready" => {

@@ -104,6 +104,9 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
     admin.add_tcp(&admin_listen.to_string());
     admin.threads = Some(1);
 
+    for upstream in config.load().upstreams.values() {
+        upstream.add_health_service(&mut server);
+    }
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(background_service("resolver", Resolver { config }));

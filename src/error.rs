@@ -21,12 +21,21 @@ pub enum GatewayError {
     NotFound(String),
     #[error("Method {0} is not allowed on this path.")]
     MethodNotAllowed(String),
-    #[error("{0}")]
-    UpstreamUnavailable(String),
-    #[error("{0}")]
-    UpstreamTimeout(String),
-    #[error("{0}")]
-    NoTarget(String),
+    #[error("{message}")]
+    UpstreamUnavailable {
+        message: String,
+        retry_after: Option<u64>,
+    },
+    #[error("{message}")]
+    UpstreamTimeout {
+        message: String,
+        retry_after: Option<u64>,
+    },
+    #[error("{message}")]
+    NoTarget {
+        message: String,
+        retry_after: Option<u64>,
+    },
 }
 
 impl GatewayError {
@@ -38,9 +47,9 @@ impl GatewayError {
             GatewayError::ModelNotFound(_) | GatewayError::NotFound(_) => 404,
             GatewayError::NoRouteForEndpoint { .. } => 400,
             GatewayError::MethodNotAllowed(_) => 405,
-            GatewayError::UpstreamUnavailable(_) => 502,
-            GatewayError::UpstreamTimeout(_) => 504,
-            GatewayError::NoTarget(_) => 503,
+            GatewayError::UpstreamUnavailable { .. } => 503,
+            GatewayError::UpstreamTimeout { .. } => 503,
+            GatewayError::NoTarget { .. } => 503,
         }
     }
 
@@ -54,9 +63,19 @@ impl GatewayError {
             GatewayError::NoRouteForEndpoint { .. } => "no_route",
             GatewayError::NotFound(_) => "not_found",
             GatewayError::MethodNotAllowed(_) => "method_not_allowed",
-            GatewayError::UpstreamUnavailable(_) => "upstream_unavailable",
-            GatewayError::UpstreamTimeout(_) => "upstream_timeout",
-            GatewayError::NoTarget(_) => "no_target",
+            GatewayError::UpstreamUnavailable { .. } => "upstream_unavailable",
+            GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
+            GatewayError::NoTarget { .. } => "no_target",
+        }
+    }
+
+    /// Seconds after which the client may try again (`retry-after`), when known.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            GatewayError::UpstreamUnavailable { retry_after, .. }
+            | GatewayError::UpstreamTimeout { retry_after, .. }
+            | GatewayError::NoTarget { retry_after, .. } => *retry_after,
+            _ => None,
         }
     }
 
@@ -64,9 +83,9 @@ impl GatewayError {
     fn error_type(&self) -> &'static str {
         match self {
             GatewayError::Unauthorized => "invalid_request_error",
-            GatewayError::UpstreamUnavailable(_)
-            | GatewayError::UpstreamTimeout(_)
-            | GatewayError::NoTarget(_) => "api_error",
+            GatewayError::UpstreamUnavailable { .. }
+            | GatewayError::UpstreamTimeout { .. }
+            | GatewayError::NoTarget { .. } => "api_error",
             _ => "invalid_request_error",
         }
     }

@@ -1,24 +1,31 @@
-//! The attempt loop, run inside `request_filter` for the LLM POST endpoints: walks an
-//! alias's tiers in priority order, asks `select` for a server of each tier not tried
-//! yet, runs `forward`, lets `inspect` judge, and either delivers the response or moves
-//! on. It owns the order of attempts and nothing else: no I/O to the client happens
-//! here, so no retry can ever follow a byte the client has seen.
+//! The attempt loop, run inside `request_filter` for the LLM POST endpoints. Walks the
+//! alias's tiers in priority order (L1), then its `fallbacks` aliases with their own tiers
+//! (L2); asks `select` for a usable server of each tier not tried yet; runs `forward`;
+//! lets `inspect` classify the answer; cools failed targets down; and either delivers a
+//! response or moves on, within `failover.max_attempts`. Nothing here writes to the
+//! client, so no retry can ever follow a byte the client has seen.
 
+use crate::config::Failover;
 use crate::error::GatewayError;
 use crate::forward::{self, Outgoing, Sent, TransportError};
-use crate::inspect::{self, Verdict};
-use crate::route::{Alias, Route};
+use crate::health::{now_ms, Reason};
+use crate::inspect::{self, Class};
+use crate::route::{Alias, Route, Router};
 use crate::select::{InFlight, Server, Upstream};
 use bytes::Bytes;
 use pingora_core::connectors::http::Connector;
+use std::collections::VecDeque;
 use std::fmt::Write;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// One attempt as it appears in the access log and in an all-failed error.
 #[derive(Debug, Clone)]
 pub struct AttemptRecord {
     pub target: String,
     pub outcome: &'static str,
+    /// The upstream's status, when it answered.
+    pub status: Option<u16>,
 }
 
 /// The attempt whose response is delivered, holding its server's in-flight slot.
@@ -45,91 +52,198 @@ fn route_serves(route: &Route, dialect: Dialect) -> bool {
     }
 }
 
-/// Runs attempts until one is delivered or every target of every tier was tried.
+/// Everything one request's attempt loop reads.
+pub struct Plan<'a> {
+    pub connector: &'a Connector,
+    pub router: &'a Router,
+    pub failover: &'a Failover,
+    pub dialect: Dialect,
+    pub out: &'a Outgoing<'a>,
+    pub client_model: &'a str,
+    pub rewrite: &'a (dyn Fn(&str) -> Bytes + Sync),
+}
+
+/// An upstream error status a client can act on, relayed as sent when every attempt
+/// failed. 401/403 are not: they concern the gateway's credential, not the client's.
+fn client_meaningful(status: u16) -> bool {
+    (400..500).contains(&status) && !matches!(status, 401 | 403 | 407)
+}
+
+/// Runs attempts until one is delivered or no attempt is left.
 pub async fn run(
-    connector: &Connector,
-    alias: &Alias,
-    dialect: Dialect,
-    out: &Outgoing<'_>,
-    client_model: &str,
-    rewrite: &(dyn Fn(&str) -> Bytes + Sync),
+    plan: &Plan<'_>,
+    alias: &Arc<Alias>,
     attempts: &mut Vec<AttemptRecord>,
 ) -> Result<Winner, GatewayError> {
-    if !alias
-        .tiers
-        .iter()
-        .any(|t| t.routes.iter().any(|r| route_serves(r, dialect)))
-    {
+    let serves = |a: &Alias| {
+        a.tiers
+            .iter()
+            .any(|t| t.routes.iter().any(|r| route_serves(r, plan.dialect)))
+    };
+    let mut queue: VecDeque<Arc<Alias>> = VecDeque::new();
+    queue.push_back(Arc::clone(alias));
+    queue.extend(
+        alias
+            .fallbacks
+            .iter()
+            .filter_map(|f| plan.router.resolve(f).cloned()),
+    );
+    if !queue.iter().any(|a| serves(a)) {
         return Err(GatewayError::NoRouteForEndpoint {
-            model: client_model.to_string(),
-            path: format!("/v1{}", out.suffix),
+            model: plan.client_model.to_string(),
+            path: format!("/v1{}", plan.out.suffix),
         });
     }
+    let chain: Vec<Arc<Alias>> = queue.iter().cloned().collect();
+    let mut context_switched = false;
+    let mut last: Option<Winner> = None;
     let mut last_timeout = false;
-    for tier in &alias.tiers {
-        let order: Vec<usize> = tier.route_order().collect();
-        // (route index, server address): a target this request already tried.
-        let mut tried: Vec<(usize, usize)> = Vec::new();
-        loop {
-            let Some((ri, server)) = order.iter().find_map(|&ri| {
-                let route = &tier.routes[ri];
-                if !route_serves(route, dialect) {
-                    return None;
+
+    'aliases: while let Some(current) = queue.pop_front() {
+        for tier in &current.tiers {
+            let order: Vec<usize> = tier.route_order().collect();
+            // (route index, server address): targets this request already tried.
+            let mut tried: Vec<(usize, usize)> = Vec::new();
+            loop {
+                if attempts.len() >= plan.failover.max_attempts {
+                    break 'aliases;
                 }
-                route
-                    .upstream
-                    .pick(|s| !tried.contains(&(ri, Arc::as_ptr(s) as usize)))
-                    .map(|s| (ri, Arc::clone(s)))
-            }) else {
-                break;
-            };
-            tried.push((ri, Arc::as_ptr(&server) as usize));
-            let route = &tier.routes[ri];
-            let upstream = &route.upstream;
-            let model = route.model.as_deref().unwrap_or(client_model);
-            let body = rewrite(model);
-            let in_flight = InFlight::new(&server.state);
-            let header =
-                forward::request_header(out, &server, upstream, body.len()).map_err(|e| {
-                    GatewayError::BadRequest(format!(
-                        "Request cannot be forwarded: {}",
-                        e.etype().as_str()
-                    ))
-                })?;
-            let outcome = match forward::send(connector, &server, upstream, &header, &body).await {
-                Ok(sent) => match inspect::judge_response(&sent) {
-                    Verdict::Deliver => {
-                        attempts.push(AttemptRecord {
-                            target: server.name.clone(),
-                            outcome: "ok",
-                        });
-                        return Ok(Winner {
-                            sent,
-                            server,
-                            upstream: Arc::clone(upstream),
-                            in_flight,
-                        });
+                let Some((ri, server)) = order.iter().find_map(|&ri| {
+                    let route = &tier.routes[ri];
+                    if !route_serves(route, plan.dialect) {
+                        return None;
                     }
-                    Verdict::NextTarget(outcome) => outcome,
-                },
-                Err(e) => {
-                    log::warn!(
-                        "request {}: attempt on {} failed: {}",
-                        out.request_id,
-                        server.name,
-                        describe(&e)
-                    );
-                    last_timeout = matches!(e, TransportError::Timeout);
-                    inspect::judge_transport(&e)
+                    route
+                        .upstream
+                        .pick(|s| !tried.contains(&(ri, Arc::as_ptr(s) as usize)))
+                        .map(|s| (ri, Arc::clone(s)))
+                }) else {
+                    break;
+                };
+                tried.push((ri, Arc::as_ptr(&server) as usize));
+                let route = &tier.routes[ri];
+                let upstream = &route.upstream;
+                let model = route.model.as_deref().unwrap_or(plan.client_model);
+                let body = (plan.rewrite)(model);
+                let in_flight = InFlight::new(&server.state);
+                let header = forward::request_header(plan.out, &server, upstream, body.len())
+                    .map_err(|e| {
+                        GatewayError::BadRequest(format!(
+                            "Request cannot be forwarded: {}",
+                            e.etype().as_str()
+                        ))
+                    })?;
+                let health = &server.state.health;
+
+                let mut sent =
+                    match forward::send(plan.connector, &server, upstream, &header, &body).await {
+                        Ok(sent) => sent,
+                        Err(e) => {
+                            log::warn!(
+                                "request {}: attempt on {} failed: {}",
+                                plan.out.request_id,
+                                server.name,
+                                describe(&e)
+                            );
+                            health.record_failure(now_ms(), server.max_fails, server.fail_timeout);
+                            last_timeout = matches!(e, TransportError::Timeout);
+                            attempts.push(AttemptRecord {
+                                target: server.name.clone(),
+                                outcome: e.kind(),
+                                status: None,
+                            });
+                            continue;
+                        }
+                    };
+                last_timeout = false;
+                health.record_success();
+                let status = sent.status();
+                let class = if status < 400 {
+                    Class::Deliver
+                } else {
+                    sent.read_prefix(plan.failover.error_body_limit, upstream.idle_timeout)
+                        .await;
+                    let headers = sent.headers().cloned().unwrap_or_default();
+                    inspect::classify(status, &headers, &sent.prefix_bytes(), &upstream.rules)
+                };
+                attempts.push(AttemptRecord {
+                    target: server.name.clone(),
+                    outcome: class.outcome(),
+                    status: Some(status),
+                });
+                let winner = Winner {
+                    sent,
+                    server: Arc::clone(&server),
+                    upstream: Arc::clone(upstream),
+                    in_flight,
+                };
+                let now = now_ms();
+                let f = plan.failover;
+                match class {
+                    Class::Deliver => return Ok(winner),
+                    Class::ContextLength => {
+                        if context_switched || current.context_fallbacks.is_empty() {
+                            return Ok(winner);
+                        }
+                        context_switched = true;
+                        queue.clear();
+                        queue.extend(
+                            current
+                                .context_fallbacks
+                                .iter()
+                                .filter_map(|a| plan.router.resolve(a).cloned()),
+                        );
+                        last = Some(winner);
+                        continue 'aliases;
+                    }
+                    Class::Transient { hint } => {
+                        let d = hint.unwrap_or(f.cooldown).min(f.max_cooldown);
+                        health.cool(now, d, Reason::Transient);
+                    }
+                    Class::Quota => health.cool(now, f.quota_cooldown, Reason::Quota),
+                    Class::Credentials => {
+                        log::error!(
+                            "upstream {} rejected the gateway's credential with status {status}: check its api_key; no traffic for {}",
+                            server.name,
+                            humantime::format_duration(f.quota_cooldown)
+                        );
+                        health.cool(now, f.quota_cooldown, Reason::Credentials);
+                    }
+                    Class::Skip => {}
                 }
-            };
-            attempts.push(AttemptRecord {
-                target: server.name.clone(),
-                outcome,
-            });
+                log::info!(
+                    "request {}: {} answered {status} ({}), trying the next target",
+                    plan.out.request_id,
+                    server.name,
+                    class.outcome()
+                );
+                last = Some(winner);
+            }
         }
     }
-    Err(all_failed(client_model, attempts, last_timeout))
+
+    if let Some(w) = last.filter(|w| client_meaningful(w.sent.status())) {
+        return Ok(w);
+    }
+    Err(all_failed(
+        plan.client_model,
+        attempts,
+        last_timeout,
+        retry_after(&chain),
+    ))
+}
+
+/// Seconds until the first cooling server of the chain comes back, if any is cooling.
+fn retry_after(chain: &[Arc<Alias>]) -> Option<u64> {
+    let now = now_ms();
+    chain
+        .iter()
+        .flat_map(|a| a.tiers.iter())
+        .flat_map(|t| t.routes.iter())
+        .flat_map(|r| r.upstream.servers.iter())
+        .filter_map(|s| s.state.health.cooldown(now).map(|(d, _)| d))
+        .min()
+        .map(|d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0))
 }
 
 fn describe(e: &TransportError) -> String {
@@ -140,29 +254,43 @@ fn describe(e: &TransportError) -> String {
     }
 }
 
-fn all_failed(model: &str, attempts: &[AttemptRecord], last_timeout: bool) -> GatewayError {
+fn all_failed(
+    model: &str,
+    attempts: &[AttemptRecord],
+    last_timeout: bool,
+    retry_after: Option<u64>,
+) -> GatewayError {
     if attempts.is_empty() {
-        return GatewayError::NoTarget(format!(
-            "No upstream is available for model `{model}` right now."
-        ));
+        return GatewayError::NoTarget {
+            message: format!("No upstream is available for model `{model}` right now."),
+            retry_after,
+        };
     }
-    let mut msg = format!(
+    let mut message = format!(
         "All {} upstream attempts for model `{model}` failed:",
         attempts.len()
     );
     for (i, a) in attempts.iter().enumerate() {
-        let _ = write!(
-            msg,
-            "{} {} ({})",
-            if i == 0 { "" } else { ";" },
-            a.target,
-            a.outcome
-        );
+        let sep = if i == 0 { "" } else { ";" };
+        match a.status {
+            Some(s) => {
+                let _ = write!(message, "{sep} {} ({} {s})", a.target, a.outcome);
+            }
+            None => {
+                let _ = write!(message, "{sep} {} ({})", a.target, a.outcome);
+            }
+        }
     }
-    msg.push('.');
+    message.push('.');
     if last_timeout {
-        GatewayError::UpstreamTimeout(msg)
+        GatewayError::UpstreamTimeout {
+            message,
+            retry_after,
+        }
     } else {
-        GatewayError::UpstreamUnavailable(msg)
+        GatewayError::UpstreamUnavailable {
+            message,
+            retry_after,
+        }
     }
 }

@@ -50,6 +50,56 @@ pub struct Sent {
     /// False when the upstream answered before taking the whole body: the connection
     /// must not be pooled.
     pub body_complete: bool,
+    /// Body chunks already read (an error body read to classify it), relayed first.
+    pub prefix: Vec<Bytes>,
+    /// The whole response body is in `prefix`.
+    pub ended: bool,
+}
+
+impl Sent {
+    pub fn status(&self) -> u16 {
+        self.session
+            .response_header()
+            .map_or(0, |h| h.status.as_u16())
+    }
+
+    pub fn headers(&self) -> Option<&http::HeaderMap> {
+        self.session.response_header().map(|h| &h.headers)
+    }
+
+    /// Reads up to `limit` bytes of the response body into `prefix`, so that `inspect` can
+    /// classify an error. Stops early at the end of the body or on an error.
+    pub async fn read_prefix(&mut self, limit: usize, idle: Duration) {
+        self.session.set_read_timeout(Some(idle));
+        let mut total = 0;
+        while total < limit {
+            match self.session.read_response_body().await {
+                Ok(Some(chunk)) => {
+                    total += chunk.len();
+                    self.prefix.push(chunk);
+                }
+                Ok(None) => {
+                    self.ended = true;
+                    return;
+                }
+                Err(_) => {
+                    // Nothing more can be read; what was read is what the client gets.
+                    self.ended = true;
+                    self.body_complete = false;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The prefix as one contiguous slice (copied only when it came in several chunks).
+    pub fn prefix_bytes(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self.prefix.as_slice() {
+            [] => std::borrow::Cow::Borrowed(&[]),
+            [one] => std::borrow::Cow::Borrowed(one),
+            many => std::borrow::Cow::Owned(many.concat()),
+        }
+    }
 }
 
 /// Why an attempt got no response header.
@@ -121,8 +171,19 @@ pub fn request_header(
     req.insert_header(http::header::CONTENT_LENGTH, body_len)?;
     req.insert_header("x-request-id", out.request_id)?;
     req.insert_header("x-forwarded-for", out.forwarded_for)?;
+    set_credential(&mut req, server, upstream.provider)?;
+    Ok(req)
+}
+
+/// Sets the server's credential in its provider's style (and `anthropic-version` for
+/// Anthropic when the client sent none).
+pub fn set_credential(
+    req: &mut RequestHeader,
+    server: &Server,
+    provider: Provider,
+) -> pingora_core::Result<()> {
     if let Some(key) = &server.api_key {
-        match upstream.provider {
+        match provider {
             Provider::Openai | Provider::Generic => {
                 req.insert_header(
                     http::header::AUTHORIZATION,
@@ -133,10 +194,10 @@ pub fn request_header(
             Provider::Azure => req.insert_header("api-key", key.expose())?,
         }
     }
-    if upstream.provider == Provider::Anthropic && req.headers.get("anthropic-version").is_none() {
+    if provider == Provider::Anthropic && req.headers.get("anthropic-version").is_none() {
         req.insert_header("anthropic-version", ANTHROPIC_VERSION)?;
     }
-    Ok(req)
+    Ok(())
 }
 
 /// How long to wait for a response header after a body write failed: an upstream that
@@ -171,6 +232,8 @@ pub async fn send(
                     session,
                     peer,
                     body_complete,
+                    prefix: Vec::new(),
+                    ended: false,
                 })
             }
             Err(Failure {

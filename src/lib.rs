@@ -17,6 +17,7 @@ pub mod error;
 pub mod failover;
 pub mod forward;
 pub mod headers;
+pub mod health;
 pub mod inspect;
 pub mod mock;
 pub mod observe;

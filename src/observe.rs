@@ -69,6 +69,9 @@ pub fn access_log(r: &Record) {
             a.target,
             a.outcome
         );
+        if let Some(s) = a.status {
+            let _ = write!(attempts, ":{s}");
+        }
     }
     log::info!(
         target: "tollgate::access",

@@ -72,7 +72,14 @@ impl ProxyHttp for Gateway {
             Err(Outcome::Refused(e)) => {
                 ctx.record.status = e.status();
                 ctx.record.error = Some(e.kind());
-                respond::error(session, &e, &ctx.record.request_id, ctx.body_unread).await?;
+                respond::error(
+                    session,
+                    &e,
+                    &ctx.record.request_id,
+                    ctx.body_unread,
+                    ctx.record.attempts.len(),
+                )
+                .await?;
                 Ok(true)
             }
             Err(Outcome::Aborted(e)) => Err(e),
@@ -260,17 +267,17 @@ impl Gateway {
             forwarded_for: &forwarded_for,
         };
         let rewrite = |model: &str| body::rewrite_model(&body, &facts, model);
-        let mut attempts = Vec::new();
-        let result = failover::run(
-            &self.connector,
-            alias,
+        let plan = failover::Plan {
+            connector: &self.connector,
+            router: &config.router,
+            failover: &config.failover,
             dialect,
-            &out,
-            &facts.model,
-            &rewrite,
-            &mut attempts,
-        )
-        .await;
+            out: &out,
+            client_model: &facts.model,
+            rewrite: &rewrite,
+        };
+        let mut attempts = Vec::new();
+        let result = failover::run(&plan, alias, &mut attempts).await;
         ctx.record.attempts = attempts;
         let winner = result?;
 

@@ -28,11 +28,24 @@ pub async fn error(
     e: &GatewayError,
     request_id: &str,
     body_unread: bool,
+    attempts: usize,
 ) -> pingora_core::Result<()> {
     if body_unread {
         session.set_keepalive(None);
     }
-    json(session, e.status(), e.body(), request_id).await
+    let body = e.body();
+    let mut resp = ResponseHeader::build(e.status(), Some(6))?;
+    resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+    resp.insert_header("x-request-id", request_id)?;
+    if let Some(secs) = e.retry_after() {
+        resp.insert_header(http::header::RETRY_AFTER, secs.max(1))?;
+    }
+    if attempts > 0 {
+        resp.insert_header("x-tollgate-attempts", attempts)?;
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
 }
 
 /// `GET /v1/models`: the configured aliases (not `*`).

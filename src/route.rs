@@ -46,15 +46,20 @@ impl Tier {
 pub struct Alias {
     pub name: String,
     pub tiers: Vec<Tier>,
+    /// Aliases tried in order after every tier of this one (L2 failover).
+    pub fallbacks: Vec<String>,
+    /// Aliases tried when an upstream says the prompt exceeds the context length.
+    pub context_fallbacks: Vec<String>,
 }
 
 impl Alias {
     /// True when at least one server of any tier can take a request now.
     pub fn has_usable_target(&self) -> bool {
+        let now = crate::health::now_ms();
         self.tiers.iter().any(|t| {
             t.routes
                 .iter()
-                .any(|r| r.upstream.servers.iter().any(|s| s.usable()))
+                .any(|r| r.upstream.servers.iter().any(|s| s.usable(now)))
         })
     }
 }

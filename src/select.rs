@@ -6,9 +6,12 @@
 //! by the config loader and the resolver service.
 
 use crate::config::file::{Balance, Provider, UpstreamSection};
+use crate::health::{now_ms, ActiveCheck, Health};
+use crate::inspect::Rules;
 use crate::secret::Secret;
 use arc_swap::ArcSwapOption;
 use futures_util::FutureExt;
+use pingora_core::services::background::GenBackgroundService;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_load_balancing::discovery::Static;
 use pingora_load_balancing::selection::{BackendIter, BackendSelection, RoundRobin};
@@ -158,6 +161,7 @@ impl Endpoint {
 #[derive(Default)]
 pub struct ServerState {
     in_flight: AtomicUsize,
+    pub health: Health,
 }
 
 impl ServerState {
@@ -192,6 +196,8 @@ pub struct Server {
     pub api_key: Option<Secret>,
     pub weight: usize,
     pub backup: bool,
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
     pub state: Arc<ServerState>,
 }
 
@@ -209,13 +215,16 @@ impl Server {
             api_key,
             weight,
             backup,
+            max_fails: 1,
+            fail_timeout: Duration::from_secs(10),
             state: Arc::new(ServerState::default()),
         }
     }
 
-    /// Whether the server can take an attempt now: its address is known.
-    pub fn usable(&self) -> bool {
-        self.endpoint.addr().is_some()
+    /// Whether the server can take an attempt at `now` (see [`crate::health::now_ms`]):
+    /// its address is known, it is not cooling down and passes its active checks.
+    pub fn usable(&self, now: u64) -> bool {
+        self.endpoint.addr().is_some() && !self.state.health.unavailable(now)
     }
 }
 
@@ -227,12 +236,15 @@ pub struct Upstream {
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
     pub servers: Vec<Arc<Server>>,
+    /// Extra retry rules (`failover.retry_on` plus this upstream's own).
+    pub rules: Rules,
     balancer: Balancer,
+    checks_active: bool,
 }
 
 enum Balancer {
-    Weighted(LoadBalancer<RoundRobin>),
-    LeastConn(LoadBalancer<LeastConn>),
+    Weighted(Arc<LoadBalancer<RoundRobin>>),
+    LeastConn(Arc<LoadBalancer<LeastConn>>),
 }
 
 /// Backend identity in pingora-load-balancing is (address, weight), so two servers on one
@@ -249,7 +261,7 @@ fn backend_for(index: usize, weight: usize) -> Backend {
     }
 }
 
-fn index_of(b: &Backend) -> usize {
+pub fn index_of(b: &Backend) -> usize {
     b.addr
         .as_inet()
         .map(|a| a.port() as usize)
@@ -257,26 +269,41 @@ fn index_of(b: &Backend) -> usize {
 }
 
 impl Upstream {
-    pub fn new(name: String, section: &UpstreamSection, servers: Vec<Server>) -> Self {
+    pub fn new(
+        name: String,
+        section: &UpstreamSection,
+        servers: Vec<Server>,
+        rules: Rules,
+    ) -> Self {
         let servers: Vec<Arc<Server>> = servers.into_iter().map(Arc::new).collect();
         let set: BTreeSet<Backend> = servers
             .iter()
             .enumerate()
             .map(|(i, s)| backend_for(i, s.weight))
             .collect();
-        let backends = Backends::new(Static::new(set));
+        let mut backends = Backends::new(Static::new(set));
+        if let Some(hc) = &section.health_check {
+            backends.set_health_check(Box::new(ActiveCheck::new(
+                servers.clone(),
+                hc,
+                section.provider,
+            )));
+        }
+        let interval = section.health_check.as_ref().map(|hc| hc.interval.0);
         let balancer = match section.balance {
             Balance::Weighted => {
-                let lb = LoadBalancer::from_backends(backends);
+                let mut lb = LoadBalancer::from_backends(backends);
+                lb.health_check_frequency = interval;
                 settle(lb.update());
-                Balancer::Weighted(lb)
+                Balancer::Weighted(Arc::new(lb))
             }
             Balance::LeastConn => {
                 let load: Arc<[Arc<ServerState>]> =
                     servers.iter().map(|s| Arc::clone(&s.state)).collect();
-                let lb = LoadBalancer::from_backends_with_config(backends, Some(load));
+                let mut lb = LoadBalancer::from_backends_with_config(backends, Some(load));
+                lb.health_check_frequency = interval;
                 settle(lb.update());
-                Balancer::LeastConn(lb)
+                Balancer::LeastConn(Arc::new(lb))
             }
         };
         Upstream {
@@ -286,7 +313,26 @@ impl Upstream {
             first_byte_timeout: section.first_byte_timeout.0,
             idle_timeout: section.idle_timeout.0,
             servers,
+            rules,
             balancer,
+            checks_active: section.health_check.is_some(),
+        }
+    }
+
+    /// Adds the active health check of this upstream (when configured) to the server as
+    /// a background service run by pingora-load-balancing.
+    pub fn add_health_service(&self, server: &mut pingora_core::server::Server) {
+        if !self.checks_active {
+            return;
+        }
+        let name = format!("health {}", self.name);
+        match &self.balancer {
+            Balancer::Weighted(lb) => {
+                server.add_service(GenBackgroundService::new(name, Arc::clone(lb)));
+            }
+            Balancer::LeastConn(lb) => {
+                server.add_service(GenBackgroundService::new(name, Arc::clone(lb)));
+            }
         }
     }
 
@@ -294,15 +340,18 @@ impl Upstream {
     /// request (not tried yet, not cooling down). Primaries first; backups only when no
     /// primary is accepted.
     pub fn pick(&self, accept: impl Fn(&Arc<Server>) -> bool) -> Option<&Arc<Server>> {
+        let now = now_ms();
+        // Health comes from each server's own state (cooldowns and active checks), which
+        // outlives the selectors; the load balancer's own flag is not consulted.
         let primary = |b: &Backend, _healthy: bool| {
             self.servers
                 .get(index_of(b))
-                .is_some_and(|s| !s.backup && s.usable() && accept(s))
+                .is_some_and(|s| !s.backup && s.usable(now) && accept(s))
         };
         let backup = |b: &Backend, _healthy: bool| {
             self.servers
                 .get(index_of(b))
-                .is_some_and(|s| s.backup && s.usable() && accept(s))
+                .is_some_and(|s| s.backup && s.usable(now) && accept(s))
         };
         // Round robin's fallback order is pseudo-random; enough steps to visit every
         // server with near certainty.
@@ -407,6 +456,8 @@ mod tests {
             connect_timeout: Seconds(Duration::from_secs(1)),
             first_byte_timeout: Seconds(Duration::from_secs(1)),
             idle_timeout: Seconds(Duration::from_secs(1)),
+            retry_on: None,
+            health_check: None,
             servers: vec![],
         };
         let servers = servers
@@ -423,7 +474,7 @@ mod tests {
                 )
             })
             .collect();
-        Upstream::new("u".into(), &section, servers)
+        Upstream::new("u".into(), &section, servers, Rules::default())
     }
 
     fn count(u: &Upstream, n: usize) -> Vec<usize> {
@@ -467,9 +518,12 @@ mod tests {
                 connect_timeout: Seconds(Duration::from_secs(1)),
                 first_byte_timeout: Seconds(Duration::from_secs(1)),
                 idle_timeout: Seconds(Duration::from_secs(1)),
+                retry_on: None,
+                health_check: None,
                 servers: vec![],
             },
             section_servers,
+            Rules::default(),
         );
         assert_eq!(count(&u, 10), vec![5, 5]);
     }
@@ -492,6 +546,17 @@ mod tests {
     fn least_conn_spreads_ties() {
         let u = upstream(Balance::LeastConn, &[(1, false), (1, false)]);
         assert_eq!(count(&u, 10), vec![5, 5]);
+    }
+
+    #[test]
+    fn cooling_servers_are_skipped() {
+        let u = upstream(Balance::Weighted, &[(1, false), (1, false)]);
+        u.servers[0].state.health.cool(
+            now_ms(),
+            Duration::from_secs(60),
+            crate::health::Reason::Quota,
+        );
+        assert_eq!(count(&u, 10), vec![0, 10]);
     }
 
     #[test]

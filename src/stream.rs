@@ -103,7 +103,9 @@ pub async fn relay(
     stamp: &Stamp<'_>,
     relayed: &mut Relayed,
 ) -> pingora_core::Result<()> {
-    let Winner { sent, upstream, .. } = winner;
+    let Winner {
+        mut sent, upstream, ..
+    } = winner;
     let mut up = sent.session;
     let Some(up_header) = up.response_header() else {
         return Error::e_explain(
@@ -119,30 +121,52 @@ pub async fn relay(
         .write_response_header(Box::new(header), false)
         .await?;
 
+    for chunk in std::mem::take(&mut sent.prefix) {
+        relayed.bytes += chunk.len();
+        relayed.first_byte.get_or_insert_with(Instant::now);
+        if session
+            .write_response_body(Some(chunk), false)
+            .await
+            .is_err()
+        {
+            relayed.end = Some(StreamEnd::ClientGone);
+            up.shutdown().await;
+            return Error::e_explain(
+                ErrorType::ConnectionClosed,
+                "client disconnected mid-response",
+            );
+        }
+    }
     up.set_read_timeout(Some(upstream.idle_timeout));
-    let end = loop {
-        let read = tokio::select! {
-            biased;
-            chunk = up.read_response_body() => chunk,
-            _ = session.downstream_session.read_body_or_idle(true) => break StreamEnd::ClientGone,
-        };
-        match read {
-            Ok(Some(chunk)) => {
-                if relayed.first_byte.is_none() {
-                    relayed.first_byte = Some(Instant::now());
+    let end = if sent.ended {
+        StreamEnd::Complete
+    } else {
+        loop {
+            let read = tokio::select! {
+                biased;
+                chunk = up.read_response_body() => chunk,
+                _ = session.downstream_session.read_body_or_idle(true) => break StreamEnd::ClientGone,
+            };
+            match read {
+                Ok(Some(chunk)) => {
+                    if relayed.first_byte.is_none() {
+                        relayed.first_byte = Some(Instant::now());
+                    }
+                    relayed.bytes += chunk.len();
+                    if session
+                        .write_response_body(Some(chunk), false)
+                        .await
+                        .is_err()
+                    {
+                        break StreamEnd::ClientGone;
+                    }
                 }
-                relayed.bytes += chunk.len();
-                if session
-                    .write_response_body(Some(chunk), false)
-                    .await
-                    .is_err()
-                {
-                    break StreamEnd::ClientGone;
+                Ok(None) => break StreamEnd::Complete,
+                Err(e) if e.etype() == &ErrorType::ReadTimedout => {
+                    break StreamEnd::UpstreamTimeout
                 }
+                Err(_) => break StreamEnd::UpstreamError,
             }
-            Ok(None) => break StreamEnd::Complete,
-            Err(e) if e.etype() == &ErrorType::ReadTimedout => break StreamEnd::UpstreamTimeout,
-            Err(_) => break StreamEnd::UpstreamError,
         }
     };
     relayed.end = Some(end);

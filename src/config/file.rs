@@ -20,6 +20,71 @@ pub struct FileConfig {
     pub upstreams: BTreeMap<String, UpstreamSection>,
     #[serde(default)]
     pub models: BTreeMap<String, ModelSection>,
+    #[serde(default)]
+    pub failover: FailoverSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverSection {
+    /// Attempts per client request, all tiers and fallback aliases together. Default 4.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: usize,
+    /// Cooldown after a transient failure when the upstream gives no hint. Default 30s.
+    #[serde(default = "default_cooldown")]
+    pub cooldown: Seconds,
+    /// Upper bound on any hinted transient cooldown. Default 5m.
+    #[serde(default = "default_max_cooldown")]
+    pub max_cooldown: Seconds,
+    /// Cooldown after a quota, billing or credential failure. Default 1h.
+    #[serde(default = "default_quota_cooldown")]
+    pub quota_cooldown: Seconds,
+    /// How much of an upstream error body is read to classify it. Default 64KiB.
+    #[serde(default = "default_error_body_limit")]
+    pub error_body_limit: ByteSize,
+    /// Extra statuses and body patterns that mean "try another target".
+    #[serde(default)]
+    pub retry_on: RetryOnSection,
+}
+
+impl Default for FailoverSection {
+    fn default() -> Self {
+        FailoverSection {
+            max_attempts: default_max_attempts(),
+            cooldown: default_cooldown(),
+            max_cooldown: default_max_cooldown(),
+            quota_cooldown: default_quota_cooldown(),
+            error_body_limit: default_error_body_limit(),
+            retry_on: RetryOnSection::default(),
+        }
+    }
+}
+
+fn default_max_attempts() -> usize {
+    4
+}
+fn default_cooldown() -> Seconds {
+    Seconds(Duration::from_secs(30))
+}
+fn default_max_cooldown() -> Seconds {
+    Seconds(Duration::from_secs(300))
+}
+fn default_quota_cooldown() -> Seconds {
+    Seconds(Duration::from_secs(3600))
+}
+fn default_error_body_limit() -> ByteSize {
+    ByteSize(64 << 10)
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RetryOnSection {
+    /// Exact codes (`"429"`) or classes (`"5xx"`).
+    #[serde(default)]
+    pub status: Vec<String>,
+    /// Case-insensitive substrings of the error body.
+    #[serde(default)]
+    pub body_patterns: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,7 +212,46 @@ pub struct UpstreamSection {
     /// Longest gap between two response body chunks. Default 300s.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: Seconds,
+    /// Extends `failover.retry_on` for this upstream.
+    #[serde(default)]
+    pub retry_on: Option<RetryOnSection>,
+    /// Active HTTP health checks; off unless present.
+    #[serde(default)]
+    pub health_check: Option<HealthCheckSection>,
     pub servers: Vec<ServerEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSection {
+    /// Path after the server URL. Default `/models`.
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    /// Time between checks. Default 10s.
+    #[serde(default = "default_health_interval")]
+    pub interval: Seconds,
+    /// Connect and response timeout of one check. Default 5s.
+    #[serde(default = "default_health_timeout")]
+    pub timeout: Seconds,
+    /// Passing checks in a row to become healthy again. Default 1.
+    #[serde(default = "default_one")]
+    pub consecutive_success: usize,
+    /// Failing checks in a row to become unhealthy. Default 1.
+    #[serde(default = "default_one")]
+    pub consecutive_failure: usize,
+}
+
+fn default_health_path() -> String {
+    "/models".to_string()
+}
+fn default_health_interval() -> Seconds {
+    Seconds(Duration::from_secs(10))
+}
+fn default_health_timeout() -> Seconds {
+    Seconds(Duration::from_secs(5))
+}
+fn default_one() -> usize {
+    1
 }
 
 fn default_connect_timeout() -> Seconds {
@@ -176,6 +280,20 @@ pub struct ServerEntry {
     /// Used only when no non-backup server of the upstream is usable. Default false.
     #[serde(default)]
     pub backup: bool,
+    /// Connection failures or timeouts within `fail_timeout` that cool the server down
+    /// for `fail_timeout` (nginx semantics). 0 never does. Default 1.
+    #[serde(default = "default_max_fails")]
+    pub max_fails: u32,
+    /// Default 10s.
+    #[serde(default = "default_fail_timeout")]
+    pub fail_timeout: Seconds,
+}
+
+fn default_max_fails() -> u32 {
+    1
+}
+fn default_fail_timeout() -> Seconds {
+    Seconds(Duration::from_secs(10))
 }
 
 fn default_weight() -> usize {
@@ -186,6 +304,13 @@ fn default_weight() -> usize {
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
     pub routes: Vec<RouteSection>,
+    /// Aliases tried in order when every tier of this one is exhausted (L2 failover).
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+    /// Aliases tried when an upstream says the request exceeds the model's context
+    /// length (which would otherwise be returned to the client).
+    #[serde(default)]
+    pub context_fallbacks: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -7,6 +7,7 @@ pub mod file;
 pub mod units;
 
 use crate::auth::KeyRing;
+use crate::inspect::Rules;
 use crate::route::{Alias, Route, Router, Tier};
 use crate::select::{Endpoint, Server, Upstream};
 use file::FileConfig;
@@ -59,9 +60,20 @@ impl ConfigErrors {
     }
 }
 
+/// Failover settings in effect (see `failover` in the config reference).
+#[derive(Debug, Clone)]
+pub struct Failover {
+    pub max_attempts: usize,
+    pub cooldown: std::time::Duration,
+    pub max_cooldown: std::time::Duration,
+    pub quota_cooldown: std::time::Duration,
+    pub error_body_limit: usize,
+}
+
 /// The validated runtime configuration the proxy serves from.
 pub struct Config {
     pub server: file::ServerSection,
+    pub failover: Failover,
     pub listen: Vec<SocketAddr>,
     pub admin_listen: SocketAddr,
     pub keys: KeyRing,
@@ -292,9 +304,38 @@ fn build(file: FileConfig) -> Result<Config, ConfigErrors> {
                 "every server is a backup; at least one must not be".into(),
             );
         }
+        let rules = match Rules::from_sections(
+            std::iter::once(&file.failover.retry_on).chain(u.retry_on.as_ref()),
+        ) {
+            Ok(r) => r,
+            Err(m) => {
+                err(format!("{path}.retry_on"), m);
+                Rules::default()
+            }
+        };
+        if let Some(hc) = &u.health_check {
+            if !hc.path.starts_with('/') {
+                err(
+                    format!("{path}.health_check.path"),
+                    "must start with /".into(),
+                );
+            }
+            if hc.interval.0 < std::time::Duration::from_millis(100) {
+                err(
+                    format!("{path}.health_check.interval"),
+                    "must be at least 100ms".into(),
+                );
+            }
+        }
+        if u.servers.len() > 1000 {
+            err(
+                format!("{path}.servers"),
+                "at most 1000 servers per upstream".into(),
+            );
+        }
         upstreams.insert(
             name.clone(),
-            Arc::new(Upstream::new(name.clone(), u, servers)),
+            Arc::new(Upstream::new(name.clone(), u, servers, rules)),
         );
     }
 
@@ -334,9 +375,28 @@ fn build(file: FileConfig) -> Result<Config, ConfigErrors> {
             .into_iter()
             .map(|(priority, routes)| Tier::new(priority, routes))
             .collect();
+        for (field, list) in [
+            ("fallbacks", &m.fallbacks),
+            ("context_fallbacks", &m.context_fallbacks),
+        ] {
+            for (i, f) in list.iter().enumerate() {
+                if f == alias || f == "*" || !file.models.contains_key(f) {
+                    err(
+                        format!("{path}.{field}[{i}]"),
+                        if f == alias {
+                            "an alias cannot fall back to itself".to_string()
+                        } else {
+                            format!("no model alias named {f:?}")
+                        },
+                    );
+                }
+            }
+        }
         let a = Arc::new(Alias {
             name: alias.clone(),
             tiers,
+            fallbacks: m.fallbacks.clone(),
+            context_fallbacks: m.context_fallbacks.clone(),
         });
         if alias == "*" {
             catch_all = Some(a);
@@ -344,6 +404,29 @@ fn build(file: FileConfig) -> Result<Config, ConfigErrors> {
             aliases.insert(alias.clone(), a);
         }
     }
+    let f = &file.failover;
+    if f.max_attempts == 0 || f.max_attempts > 20 {
+        err(
+            "failover.max_attempts".into(),
+            "must be between 1 and 20".into(),
+        );
+    }
+    if f.max_cooldown.0 < f.cooldown.0 {
+        err(
+            "failover.max_cooldown".into(),
+            "must not be shorter than failover.cooldown".into(),
+        );
+    }
+    if let Err(m) = Rules::from_sections([&f.retry_on]) {
+        err("failover.retry_on".into(), m);
+    }
+    let failover = Failover {
+        max_attempts: f.max_attempts,
+        cooldown: f.cooldown.0,
+        max_cooldown: f.max_cooldown.0,
+        quota_cooldown: f.quota_cooldown.0,
+        error_body_limit: f.error_body_limit.0.clamp(1024, 16 << 20) as usize,
+    };
     if file.models.is_empty() {
         err(
             "models".into(),
@@ -355,6 +438,7 @@ fn build(file: FileConfig) -> Result<Config, ConfigErrors> {
         return Err(ConfigErrors(errors));
     }
     Ok(Config {
+        failover,
         listen,
         admin_listen,
         keys: KeyRing::new(file.keys.iter().map(|k| (k.name.as_str(), &k.key))),

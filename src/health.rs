@@ -1,0 +1,298 @@
+//! Whether a server may take traffic now: passive health (cooldowns set by `inspect`'s
+//! verdicts and nginx-style `max_fails`/`fail_timeout` for connection failures) and active
+//! health (HTTP checks run by pingora-load-balancing as a background service). All state is
+//! atomics read on the request path without locks; time comes from one process clock in
+//! milliseconds, passed in explicitly so the logic is tested without sleeping.
+
+use crate::select::Server;
+use async_trait::async_trait;
+use pingora_core::connectors::http::Connector;
+use pingora_core::{Error, ErrorType};
+use pingora_http::RequestHeader;
+use pingora_load_balancing::health_check::HealthCheck;
+use pingora_load_balancing::Backend;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Milliseconds on a monotonic process clock (never 0).
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// Why a server is cooling down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Reason {
+    /// Rate limit, overload, 5xx: short, or the provider's hint.
+    Transient = 1,
+    /// Out of credit, billing, spend cap: long (`quota_cooldown`).
+    Quota = 2,
+    /// The upstream rejected the gateway's credential (401/403).
+    Credentials = 3,
+    /// `max_fails` connection failures or timeouts within `fail_timeout`.
+    Unreachable = 4,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Transient => "transient",
+            Reason::Quota => "quota",
+            Reason::Credentials => "credentials",
+            Reason::Unreachable => "unreachable",
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<Reason> {
+        match v {
+            1 => Some(Reason::Transient),
+            2 => Some(Reason::Quota),
+            3 => Some(Reason::Credentials),
+            4 => Some(Reason::Unreachable),
+            _ => None,
+        }
+    }
+}
+
+/// Health of one server.
+pub struct Health {
+    cooling_until: AtomicU64,
+    reason: AtomicU8,
+    fails: AtomicU32,
+    fails_since: AtomicU64,
+    active_ok: AtomicBool,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            cooling_until: AtomicU64::new(0),
+            reason: AtomicU8::new(0),
+            fails: AtomicU32::new(0),
+            fails_since: AtomicU64::new(0),
+            active_ok: AtomicBool::new(true),
+        }
+    }
+}
+
+impl Health {
+    /// Whether the server is skipped at `now`: cooling down or failing active checks.
+    pub fn unavailable(&self, now: u64) -> bool {
+        !self.active_ok.load(Ordering::Relaxed) || now < self.cooling_until.load(Ordering::Relaxed)
+    }
+
+    /// Cools the server down for `duration` from `now`. A longer cooldown already in
+    /// place is kept (a quota cooldown is not shortened by a later rate limit).
+    pub fn cool(&self, now: u64, duration: Duration, reason: Reason) {
+        let until = now + duration.as_millis() as u64;
+        let previous = self.cooling_until.fetch_max(until, Ordering::Relaxed);
+        if previous < until {
+            self.reason.store(reason as u8, Ordering::Relaxed);
+        }
+    }
+
+    /// Ends a cooldown now (an operator's `DELETE /admin/cooldowns/...`).
+    pub fn clear(&self) {
+        self.cooling_until.store(0, Ordering::Relaxed);
+        self.reason.store(0, Ordering::Relaxed);
+        self.fails.store(0, Ordering::Relaxed);
+    }
+
+    /// Time left and reason, when cooling at `now`.
+    pub fn cooldown(&self, now: u64) -> Option<(Duration, Reason)> {
+        let until = self.cooling_until.load(Ordering::Relaxed);
+        (now < until).then(|| {
+            let reason =
+                Reason::from_u8(self.reason.load(Ordering::Relaxed)).unwrap_or(Reason::Transient);
+            (Duration::from_millis(until - now), reason)
+        })
+    }
+
+    /// Counts a connection failure or timeout (nginx `max_fails` within `fail_timeout`);
+    /// at `max_fails` the server cools for `fail_timeout`. `max_fails` 0 never marks it.
+    pub fn record_failure(&self, now: u64, max_fails: u32, fail_timeout: Duration) {
+        if max_fails == 0 {
+            return;
+        }
+        let window = fail_timeout.as_millis() as u64;
+        let since = self.fails_since.load(Ordering::Relaxed);
+        if now.saturating_sub(since) > window {
+            self.fails_since.store(now, Ordering::Relaxed);
+            self.fails.store(0, Ordering::Relaxed);
+        }
+        let fails = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
+        if fails >= max_fails {
+            self.fails.store(0, Ordering::Relaxed);
+            self.cool(now, fail_timeout, Reason::Unreachable);
+        }
+    }
+
+    /// A response came back: the failure count starts over.
+    pub fn record_success(&self) {
+        if self.fails.load(Ordering::Relaxed) != 0 {
+            self.fails.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn active_ok(&self) -> bool {
+        self.active_ok.load(Ordering::Relaxed)
+    }
+
+    pub fn set_active_ok(&self, ok: bool) {
+        self.active_ok.store(ok, Ordering::Relaxed);
+    }
+}
+
+/// Active HTTP health check of an upstream's servers, run by pingora-load-balancing.
+/// `GET {url}{path}` with the server's credential; a 2xx is healthy. Results land in each
+/// server's [`Health`], which is what selection reads.
+pub struct ActiveCheck {
+    pub servers: Vec<Arc<Server>>,
+    pub path: String,
+    pub timeout: Duration,
+    pub consecutive_success: usize,
+    pub consecutive_failure: usize,
+    pub provider: crate::config::file::Provider,
+    connector: Connector,
+}
+
+impl ActiveCheck {
+    pub fn new(
+        servers: Vec<Arc<Server>>,
+        section: &crate::config::file::HealthCheckSection,
+        provider: crate::config::file::Provider,
+    ) -> Self {
+        ActiveCheck {
+            servers,
+            path: section.path.clone(),
+            timeout: section.timeout.0,
+            consecutive_success: section.consecutive_success.max(1),
+            consecutive_failure: section.consecutive_failure.max(1),
+            provider,
+            connector: Connector::new(None),
+        }
+    }
+
+    fn server(&self, target: &Backend) -> Option<&Arc<Server>> {
+        self.servers.get(crate::select::index_of(target))
+    }
+}
+
+#[async_trait]
+impl HealthCheck for ActiveCheck {
+    fn health_threshold(&self, success: bool) -> usize {
+        if success {
+            self.consecutive_success
+        } else {
+            self.consecutive_failure
+        }
+    }
+
+    async fn check(&self, target: &Backend) -> pingora_core::Result<()> {
+        let Some(server) = self.server(target) else {
+            return Error::e_explain(ErrorType::InternalError, "unknown backend");
+        };
+        let Some(mut peer) = server.endpoint.peer(self.timeout, self.timeout) else {
+            return Error::e_explain(ErrorType::ConnectNoRoute, "address not resolved");
+        };
+        peer.options.read_timeout = Some(self.timeout);
+        peer.options.write_timeout = Some(self.timeout);
+        let path = format!("{}{}", server.endpoint.base_path, self.path);
+        let mut req = RequestHeader::build("GET", path.as_bytes(), Some(3))?;
+        req.insert_header(http::header::HOST, server.endpoint.authority())?;
+        crate::forward::set_credential(&mut req, server, self.provider)?;
+        let (mut session, _) = self.connector.get_http_session(&peer).await?;
+        session.set_write_timeout(Some(self.timeout));
+        session.set_read_timeout(Some(self.timeout));
+        session.write_request_header(Box::new(req)).await?;
+        session.finish_request_body().await?;
+        session.read_response_header().await?;
+        let status = session.response_header().map_or(0, |h| h.status.as_u16());
+        while session.read_response_body().await?.is_some() {}
+        self.connector
+            .release_http_session(session, &peer, Some(self.timeout))
+            .await;
+        if (200..300).contains(&status) {
+            Ok(())
+        } else {
+            Error::e_explain(
+                ErrorType::CustomCode("health check status", status),
+                "non-2xx health check",
+            )
+        }
+    }
+
+    async fn health_status_change(&self, target: &Backend, healthy: bool) {
+        if let Some(server) = self.server(target) {
+            if healthy {
+                log::info!("server {} passes its health check again", server.name);
+            } else {
+                log::warn!(
+                    "server {} fails its health check: no traffic until it passes",
+                    server.name
+                );
+            }
+            server.state.health.set_active_ok(healthy);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cooldown_ends_when_its_time_is_up() {
+        let h = Health::default();
+        h.cool(1_000, Duration::from_secs(2), Reason::Transient);
+        assert!(h.unavailable(1_000));
+        assert!(h.unavailable(2_999));
+        assert_eq!(
+            h.cooldown(2_000),
+            Some((Duration::from_millis(1_000), Reason::Transient))
+        );
+        assert!(!h.unavailable(3_000));
+        assert_eq!(h.cooldown(3_000), None);
+    }
+
+    #[test]
+    fn a_longer_cooldown_is_not_shortened() {
+        let h = Health::default();
+        h.cool(0, Duration::from_secs(3600), Reason::Quota);
+        h.cool(10, Duration::from_secs(2), Reason::Transient);
+        assert_eq!(h.cooldown(10).unwrap().1, Reason::Quota);
+        assert!(h.unavailable(3_000_000));
+        h.clear();
+        assert!(!h.unavailable(10));
+    }
+
+    #[test]
+    fn max_fails_within_fail_timeout_marks_the_server() {
+        let h = Health::default();
+        let t = Duration::from_secs(10);
+        h.record_failure(1_000, 3, t);
+        h.record_failure(2_000, 3, t);
+        assert!(!h.unavailable(2_000));
+        // The window expired: counting starts over.
+        h.record_failure(20_000, 3, t);
+        assert!(!h.unavailable(20_000));
+        h.record_failure(21_000, 3, t);
+        h.record_failure(22_000, 3, t);
+        assert_eq!(h.cooldown(22_000).unwrap().1, Reason::Unreachable);
+        assert!(!h.unavailable(32_000));
+        let never = Health::default();
+        never.record_failure(1, 0, t);
+        assert!(!never.unavailable(1));
+    }
+
+    #[test]
+    fn failing_active_checks_make_a_server_unavailable() {
+        let h = Health::default();
+        h.set_active_ok(false);
+        assert!(h.unavailable(0));
+        h.set_active_ok(true);
+        assert!(!h.unavailable(0));
+    }
+}
