@@ -2,6 +2,7 @@
 //! name by SHA-256 digest, confirmed with a constant-time comparison. It never logs or
 //! returns the key itself, and it does no I/O.
 
+use crate::config::file::LimitSection;
 use crate::secret::Secret;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -11,7 +12,14 @@ use subtle::ConstantTimeEq;
 /// The configured client keys, stored only as digests.
 #[derive(Default)]
 pub struct KeyRing {
-    by_digest: HashMap<[u8; 32], Arc<str>>,
+    by_digest: HashMap<[u8; 32], Arc<KeyInfo>>,
+}
+
+/// What the gateway knows about a client key: its name and its limits.
+#[derive(Debug, PartialEq, Eq)]
+pub struct KeyInfo {
+    pub name: String,
+    pub limits: LimitSection,
 }
 
 /// The outcome of authentication for one request.
@@ -19,8 +27,8 @@ pub struct KeyRing {
 pub enum Caller {
     /// No keys are configured: the gateway is open.
     Anonymous,
-    /// A configured key, by name.
-    Key(Arc<str>),
+    /// A configured key.
+    Key(Arc<KeyInfo>),
 }
 
 impl Caller {
@@ -28,16 +36,22 @@ impl Caller {
     pub fn name(&self) -> &str {
         match self {
             Caller::Anonymous => "-",
-            Caller::Key(n) => n,
+            Caller::Key(k) => &k.name,
         }
     }
 }
 
 impl KeyRing {
-    pub fn new<'a>(keys: impl IntoIterator<Item = (&'a str, &'a Secret)>) -> Self {
+    pub fn new<'a>(keys: impl IntoIterator<Item = (&'a str, &'a Secret, LimitSection)>) -> Self {
         let by_digest = keys
             .into_iter()
-            .map(|(name, key)| (digest(key.expose()), Arc::from(name)))
+            .map(|(name, key, limits)| {
+                let info = KeyInfo {
+                    name: name.to_string(),
+                    limits,
+                };
+                (digest(key.expose()), Arc::new(info))
+            })
             .collect();
         KeyRing { by_digest }
     }
@@ -91,11 +105,9 @@ mod tests {
     #[test]
     fn only_configured_keys_authenticate() {
         let k = Secret::new("tg-team-a-0123456789");
-        let ring = KeyRing::new([("team-a", &k)]);
-        assert_eq!(
-            ring.authenticate(Some("tg-team-a-0123456789")),
-            Some(Caller::Key(Arc::from("team-a")))
-        );
+        let ring = KeyRing::new([("team-a", &k, LimitSection::default())]);
+        let caller = ring.authenticate(Some("tg-team-a-0123456789")).unwrap();
+        assert_eq!(caller.name(), "team-a");
         assert_eq!(ring.authenticate(Some("tg-team-a-012345678")), None);
         assert_eq!(ring.authenticate(None), None);
     }

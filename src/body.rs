@@ -15,6 +15,9 @@ pub struct RequestFacts {
     /// Byte range of the model value, quotes included, in the original body.
     pub model_span: Range<usize>,
     pub stream: bool,
+    /// The completion budget asked for (`max_tokens`, `max_completion_tokens` or
+    /// `max_output_tokens`), used to estimate tokens before the response.
+    pub max_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -23,6 +26,12 @@ struct Head<'a> {
     model: Option<&'a RawValue>,
     #[serde(default)]
     stream: Option<bool>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
 }
 
 /// Reads `model` and `stream` from a JSON object body. Errors are client-facing messages.
@@ -45,6 +54,10 @@ pub fn scan(body: &[u8]) -> Result<RequestFacts, String> {
         model,
         model_span: start..start + raw.get().len(),
         stream: head.stream.unwrap_or(false),
+        max_tokens: head
+            .max_completion_tokens
+            .or(head.max_tokens)
+            .or(head.max_output_tokens),
     })
 }
 

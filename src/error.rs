@@ -36,6 +36,8 @@ pub enum GatewayError {
         message: String,
         retry_after: Option<u64>,
     },
+    #[error("{message}")]
+    RateLimited { message: String, retry_after: u64 },
 }
 
 impl GatewayError {
@@ -50,6 +52,7 @@ impl GatewayError {
             GatewayError::UpstreamUnavailable { .. } => 503,
             GatewayError::UpstreamTimeout { .. } => 503,
             GatewayError::NoTarget { .. } => 503,
+            GatewayError::RateLimited { .. } => 429,
         }
     }
 
@@ -66,6 +69,7 @@ impl GatewayError {
             GatewayError::UpstreamUnavailable { .. } => "upstream_unavailable",
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
             GatewayError::NoTarget { .. } => "no_target",
+            GatewayError::RateLimited { .. } => "rate_limit_exceeded",
         }
     }
 
@@ -75,6 +79,7 @@ impl GatewayError {
             GatewayError::UpstreamUnavailable { retry_after, .. }
             | GatewayError::UpstreamTimeout { retry_after, .. }
             | GatewayError::NoTarget { retry_after, .. } => *retry_after,
+            GatewayError::RateLimited { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -86,6 +91,7 @@ impl GatewayError {
             GatewayError::UpstreamUnavailable { .. }
             | GatewayError::UpstreamTimeout { .. }
             | GatewayError::NoTarget { .. } => "api_error",
+            GatewayError::RateLimited { .. } => "rate_limit_exceeded",
             _ => "invalid_request_error",
         }
     }

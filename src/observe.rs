@@ -3,6 +3,7 @@
 //! response; it must not fail or block the request.
 
 use crate::failover::AttemptRecord;
+use crate::usage::Usage;
 use std::fmt::Write;
 use std::time::Instant;
 
@@ -24,6 +25,10 @@ pub struct Record {
     pub bytes_in: usize,
     pub bytes_out: usize,
     pub error: Option<&'static str>,
+    /// Token usage reported by the upstream, when it reported any.
+    pub usage: Option<Usage>,
+    /// The limit scope that refused the request, if one did.
+    pub limited: Option<&'static str>,
 }
 
 impl Record {
@@ -44,6 +49,8 @@ impl Record {
             bytes_in: 0,
             bytes_out: 0,
             error: None,
+            usage: None,
+            limited: None,
         }
     }
 }

@@ -9,8 +9,10 @@ use crate::config::Config;
 use crate::error::GatewayError;
 use crate::failover::{self, Dialect};
 use crate::forward::Outgoing;
+use crate::limits::{self, key_hash, Admission, Counters, Refusal, Scope};
 use crate::observe::{self, Record};
 use crate::respond;
+use crate::route::Alias;
 use crate::stream::{self, Relayed, Stamp};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -19,6 +21,7 @@ use pingora_core::connectors::http::Connector;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorType};
 use pingora_proxy::{ProxyHttp, Session};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -26,11 +29,17 @@ use std::sync::{Arc, OnceLock};
 pub struct Gateway {
     pub config: Arc<ArcSwap<Config>>,
     connector: Connector,
+    /// Limit counters; they outlive config reloads.
+    counters: Counters,
 }
 
 impl Gateway {
     pub fn new(config: Arc<ArcSwap<Config>>, connector: Connector) -> Self {
-        Gateway { config, connector }
+        Gateway {
+            config,
+            connector,
+            counters: Counters::default(),
+        }
     }
 }
 
@@ -41,6 +50,10 @@ pub struct RequestCtx {
     /// Whether the client's request body is still unread (the connection then closes
     /// after an early answer).
     body_unread: bool,
+    /// The TCP peer (the client, or the proxy in front of it).
+    peer: Option<IpAddr>,
+    /// What this request holds against the limits; released when the context drops.
+    admission: Admission,
 }
 
 /// The LLM endpoints forwarded through the attempt loop, after `/v1`.
@@ -72,14 +85,19 @@ impl ProxyHttp for Gateway {
             Err(Outcome::Refused(e)) => {
                 ctx.record.status = e.status();
                 ctx.record.error = Some(e.kind());
-                respond::error(
-                    session,
-                    &e,
-                    &ctx.record.request_id,
-                    ctx.body_unread,
-                    ctx.record.attempts.len(),
-                )
-                .await?;
+                let extra = ctx
+                    .admission
+                    .key_headers
+                    .as_ref()
+                    .map(|h| h.pairs())
+                    .unwrap_or_default();
+                let r = respond::Refusal {
+                    request_id: &ctx.record.request_id,
+                    body_unread: ctx.body_unread,
+                    attempts: ctx.record.attempts.len(),
+                    headers: &extra,
+                };
+                respond::error(session, &e, &r).await?;
                 Ok(true)
             }
             Err(Outcome::Aborted(e)) => Err(e),
@@ -120,6 +138,15 @@ enum Outcome {
     Aborted(Box<Error>),
 }
 
+/// Records a limit refusal and turns it into the client's 429.
+fn refused(ctx: &mut RequestCtx, r: Refusal) -> GatewayError {
+    ctx.record.limited = Some(r.scope.as_str());
+    GatewayError::RateLimited {
+        message: r.message(),
+        retry_after: r.retry_after,
+    }
+}
+
 impl From<GatewayError> for Outcome {
     fn from(e: GatewayError) -> Self {
         Outcome::Refused(e)
@@ -143,10 +170,17 @@ fn begin(session: &mut Session, ctx: &mut RequestCtx, config: &Config) {
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map_or_else(new_request_id, str::to_string);
-    r.client_ip = session
+    ctx.peer = session
         .client_addr()
         .and_then(|a| a.as_inet())
-        .map_or_else(|| "-".to_string(), |a| a.ip().to_string());
+        .map(|a| a.ip());
+    if let Some(peer) = ctx.peer {
+        let xff = req
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        r.client_ip = limits::client_ip(peer, xff, &config.trusted_proxies).to_string();
+    }
     ctx.body_unread = !session.is_body_empty();
     session.set_keepalive(Some(config.server.keepalive_timeout.0.as_secs()));
 }
@@ -227,8 +261,69 @@ impl Gateway {
         } else {
             Dialect::OpenAi
         };
+        self.admit_request(ctx, config, &caller)?;
         self.forward(session, ctx, config, &caller, suffix, dialect)
             .await
+    }
+
+    /// Request limits of the global, IP and key scopes, before the body is read.
+    fn admit_request(
+        &self,
+        ctx: &mut RequestCtx,
+        config: &Config,
+        caller: &Caller,
+    ) -> Result<(), GatewayError> {
+        let c = &self.counters;
+        let adm = &mut ctx.admission;
+        let mut result = c
+            .admit_request(Scope::Global, 0, &config.limits.global, adm)
+            .and_then(|()| {
+                c.admit_request(
+                    Scope::Ip,
+                    key_hash(&ctx.record.client_ip),
+                    &config.limits.per_ip,
+                    adm,
+                )
+            });
+        if let Caller::Key(info) = caller {
+            let key = key_hash(&info.name);
+            result = result.and_then(|()| c.admit_request(Scope::Key, key, &info.limits, adm));
+            adm.key_headers = c.key_headers(key, &info.limits);
+        }
+        result.map_err(|r| refused(ctx, r))
+    }
+
+    /// Model request limits and token limits of every scope, once the body is known.
+    fn admit_model(
+        &self,
+        ctx: &mut RequestCtx,
+        config: &Config,
+        caller: &Caller,
+        alias: &Alias,
+        tokens: u64,
+    ) -> Result<(), GatewayError> {
+        let c = &self.counters;
+        let adm = &mut ctx.admission;
+        let model_key = key_hash(&alias.name);
+        let ip_key = key_hash(&ctx.record.client_ip);
+        let mut result = c
+            .admit_request(Scope::Model, model_key, &alias.limits, adm)
+            .and_then(|()| c.admit_tokens(Scope::Global, 0, &config.limits.global, tokens, adm))
+            .and_then(|()| c.admit_tokens(Scope::Ip, ip_key, &config.limits.per_ip, tokens, adm))
+            .and_then(|()| c.admit_tokens(Scope::Model, model_key, &alias.limits, tokens, adm))
+            .map_err(|mut r| {
+                if r.scope == Scope::Model {
+                    r.model = Some(alias.name.clone());
+                }
+                r
+            });
+        if let Caller::Key(info) = caller {
+            let key = key_hash(&info.name);
+            result =
+                result.and_then(|()| c.admit_tokens(Scope::Key, key, &info.limits, tokens, adm));
+            adm.key_headers = c.key_headers(key, &info.limits);
+        }
+        result.map_err(|r| refused(ctx, r))
     }
 
     async fn forward(
@@ -236,7 +331,7 @@ impl Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
         config: &Config,
-        _caller: &Caller,
+        caller: &Caller,
         suffix: &str,
         dialect: Dialect,
     ) -> Result<(), Outcome> {
@@ -249,9 +344,14 @@ impl Gateway {
             .router
             .resolve(&facts.model)
             .ok_or_else(|| GatewayError::ModelNotFound(facts.model.clone()))?;
+        let estimate = limits::estimate_tokens(body.len(), facts.max_tokens);
+        self.admit_model(ctx, config, caller, alias, estimate)?;
 
         let req = session.req_header();
-        let client_ip = ctx.record.client_ip.as_str();
+        let peer = ctx
+            .peer
+            .map_or_else(|| "unknown".to_string(), |p| p.to_string());
+        let client_ip = peer.as_str();
         let forwarded_for = match req
             .headers
             .get("x-forwarded-for")
@@ -286,6 +386,12 @@ impl Gateway {
             request_id: &ctx.record.request_id,
             target: &target,
             attempts: ctx.record.attempts.len(),
+            headers: &ctx
+                .admission
+                .key_headers
+                .as_ref()
+                .map(|h| h.pairs())
+                .unwrap_or_default(),
         };
         let mut relayed = Relayed::default();
         let result = stream::relay(session, &self.connector, winner, &stamp, &mut relayed).await;
@@ -293,6 +399,11 @@ impl Gateway {
         ctx.record.status = relayed.status;
         ctx.record.first_byte = relayed.first_byte;
         ctx.record.bytes_out = relayed.bytes;
+        if let Some(usage) = relayed.usage {
+            self.counters
+                .settle_tokens(&mut ctx.admission, usage.total());
+            ctx.record.usage = Some(usage);
+        }
         if let Some(end) = relayed.end.filter(|e| *e != stream::StreamEnd::Complete) {
             ctx.record.error = Some(end.as_str());
         }

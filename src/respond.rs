@@ -23,16 +23,25 @@ pub async fn json(
 
 /// Writes a gateway error. When the request body was not read to the end the client
 /// connection cannot be reused, so it is closed after the answer.
+/// What a gateway error response carries besides the error.
+pub struct Refusal<'a> {
+    pub request_id: &'a str,
+    /// The request body was not read to the end: the connection closes afterwards.
+    pub body_unread: bool,
+    pub attempts: usize,
+    /// Extra headers (the key's `x-ratelimit-*`).
+    pub headers: &'a [(&'static str, String)],
+}
+
 pub async fn error(
     session: &mut Session,
     e: &GatewayError,
-    request_id: &str,
-    body_unread: bool,
-    attempts: usize,
+    r: &Refusal<'_>,
 ) -> pingora_core::Result<()> {
-    if body_unread {
+    if r.body_unread {
         session.set_keepalive(None);
     }
+    let (request_id, attempts) = (r.request_id, r.attempts);
     let body = e.body();
     let mut resp = ResponseHeader::build(e.status(), Some(6))?;
     resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
@@ -43,6 +52,9 @@ pub async fn error(
     }
     if attempts > 0 {
         resp.insert_header("x-tollgate-attempts", attempts)?;
+    }
+    for (name, value) in r.headers {
+        resp.insert_header(*name, value.as_str())?;
     }
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await

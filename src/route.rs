@@ -50,6 +50,7 @@ pub struct Alias {
     pub fallbacks: Vec<String>,
     /// Aliases tried when an upstream says the prompt exceeds the context length.
     pub context_fallbacks: Vec<String>,
+    pub limits: crate::config::file::LimitSection,
 }
 
 impl Alias {

@@ -7,6 +7,7 @@
 
 use crate::failover::Winner;
 use crate::headers::{connection_nominated, is_hop_by_hop};
+use crate::usage::{Usage, UsageScanner};
 use bytes::Bytes;
 use pingora_core::connectors::http::Connector;
 use pingora_core::{Error, ErrorType};
@@ -41,6 +42,8 @@ pub struct Relayed {
     pub first_byte: Option<Instant>,
     pub bytes: usize,
     pub end: Option<StreamEnd>,
+    /// Token usage found in the body.
+    pub usage: Option<Usage>,
 }
 
 /// Labels the gateway adds to every relayed response.
@@ -48,6 +51,8 @@ pub struct Stamp<'a> {
     pub request_id: &'a str,
     pub target: &'a str,
     pub attempts: usize,
+    /// Headers that replace the upstream's (the key's `x-ratelimit-*`).
+    pub headers: &'a [(&'static str, String)],
 }
 
 /// The client's response header, derived from the upstream's.
@@ -71,6 +76,9 @@ pub fn downstream_header(
     resp.insert_header("x-request-id", stamp.request_id)?;
     resp.insert_header("x-tollgate-upstream", stamp.target)?;
     resp.insert_header("x-tollgate-attempts", stamp.attempts)?;
+    for (name, value) in stamp.headers {
+        resp.insert_header(*name, value.as_str())?;
+    }
     if http1_client && !up.headers.contains_key(http::header::CONTENT_LENGTH) {
         // Without a length or chunked framing the client would read until close, which
         // loses keep-alive and hides truncation.
@@ -114,6 +122,7 @@ pub async fn relay(
         );
     };
     let sse = is_event_stream(up_header);
+    let mut usage = UsageScanner::new(sse);
     let http1 = !session.is_http2();
     let header = downstream_header(up_header, http1, stamp)?;
     relayed.status = header.status.as_u16();
@@ -122,6 +131,7 @@ pub async fn relay(
         .await?;
 
     for chunk in std::mem::take(&mut sent.prefix) {
+        usage.feed(&chunk);
         relayed.bytes += chunk.len();
         relayed.first_byte.get_or_insert_with(Instant::now);
         if session
@@ -153,6 +163,7 @@ pub async fn relay(
                         relayed.first_byte = Some(Instant::now());
                     }
                     relayed.bytes += chunk.len();
+                    usage.feed(&chunk);
                     if session
                         .write_response_body(Some(chunk), false)
                         .await
@@ -170,6 +181,7 @@ pub async fn relay(
         }
     };
     relayed.end = Some(end);
+    relayed.usage = usage.finish();
     match end {
         StreamEnd::Complete => {
             if sent.body_complete {

@@ -22,6 +22,37 @@ pub struct FileConfig {
     pub models: BTreeMap<String, ModelSection>,
     #[serde(default)]
     pub failover: FailoverSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+/// Limits of one scope. Absent dimensions are unlimited.
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSection {
+    /// Requests per second.
+    #[serde(default)]
+    pub rps: Option<u64>,
+    /// Requests per minute.
+    #[serde(default)]
+    pub rpm: Option<u64>,
+    /// Tokens (input + output) per minute.
+    #[serde(default)]
+    pub tpm: Option<u64>,
+    /// Requests in flight, streams included until they end.
+    #[serde(default)]
+    pub concurrency: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Limits over all traffic.
+    #[serde(default)]
+    pub global: LimitSection,
+    /// Limits per client IP address.
+    #[serde(default)]
+    pub per_ip: LimitSection,
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,6 +149,10 @@ pub struct ServerSection {
     /// Idle upstream connections kept for reuse, per process. Default 128.
     #[serde(default = "default_pool_size")]
     pub upstream_pool_size: usize,
+    /// Peers (addresses or CIDR ranges) whose `X-Forwarded-For` is believed when
+    /// finding the client IP. Default: none.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerSection {
@@ -132,6 +167,7 @@ impl Default for ServerSection {
             pid_file: default_pid_file(),
             upgrade_sock: default_upgrade_sock(),
             upstream_pool_size: default_pool_size(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -170,6 +206,8 @@ pub struct KeySection {
     /// A name for logs and metrics; the key itself is never printed.
     pub name: String,
     pub key: Secret,
+    #[serde(default)]
+    pub limits: LimitSection,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
@@ -311,6 +349,9 @@ pub struct ModelSection {
     /// length (which would otherwise be returned to the client).
     #[serde(default)]
     pub context_fallbacks: Vec<String>,
+    /// Limits over all requests for this alias.
+    #[serde(default)]
+    pub limits: LimitSection,
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,6 +8,7 @@ pub mod units;
 
 use crate::auth::KeyRing;
 use crate::inspect::Rules;
+use crate::limits::Cidr;
 use crate::route::{Alias, Route, Router, Tier};
 use crate::select::{Endpoint, Server, Upstream};
 use file::FileConfig;
@@ -70,10 +71,19 @@ pub struct Failover {
     pub error_body_limit: usize,
 }
 
+/// Limits of the global and per-IP scopes (key and model limits live on keys and aliases).
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    pub global: file::LimitSection,
+    pub per_ip: file::LimitSection,
+}
+
 /// The validated runtime configuration the proxy serves from.
 pub struct Config {
     pub server: file::ServerSection,
     pub failover: Failover,
+    pub limits: Limits,
+    pub trusted_proxies: Vec<Cidr>,
     pub listen: Vec<SocketAddr>,
     pub admin_listen: SocketAddr,
     pub keys: KeyRing,
@@ -397,11 +407,19 @@ fn build(file: FileConfig) -> Result<Config, ConfigErrors> {
             tiers,
             fallbacks: m.fallbacks.clone(),
             context_fallbacks: m.context_fallbacks.clone(),
+            limits: m.limits,
         });
         if alias == "*" {
             catch_all = Some(a);
         } else {
             aliases.insert(alias.clone(), a);
+        }
+    }
+    let mut trusted_proxies = Vec::new();
+    for (i, t) in file.server.trusted_proxies.iter().enumerate() {
+        match Cidr::parse(t) {
+            Ok(c) => trusted_proxies.push(c),
+            Err(m) => err(format!("server.trusted_proxies[{i}]"), m),
         }
     }
     let f = &file.failover;
@@ -441,7 +459,16 @@ fn build(file: FileConfig) -> Result<Config, ConfigErrors> {
         failover,
         listen,
         admin_listen,
-        keys: KeyRing::new(file.keys.iter().map(|k| (k.name.as_str(), &k.key))),
+        keys: KeyRing::new(
+            file.keys
+                .iter()
+                .map(|k| (k.name.as_str(), &k.key, k.limits)),
+        ),
+        limits: Limits {
+            global: file.limits.global,
+            per_ip: file.limits.per_ip,
+        },
+        trusted_proxies,
         upstreams,
         router: Router::new(aliases, catch_all),
         server: file.server,

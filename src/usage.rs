@@ -1,0 +1,181 @@
+//! Token usage read from responses as they stream by: the `usage` object of a JSON
+//! response (OpenAI `prompt_tokens`/`completion_tokens`, Anthropic and Responses API
+//! `input_tokens`/`output_tokens`), or of SSE events (OpenAI's final usage chunk,
+//! Anthropic's `message_start`/`message_delta`, the Responses API's `response.completed`).
+//! Only lines or bodies that mention `"usage"` are parsed; memory is bounded.
+
+use serde_json::Value;
+
+/// Tokens of one response.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input: u64,
+    pub output: u64,
+}
+
+impl Usage {
+    pub fn total(&self) -> u64 {
+        self.input + self.output
+    }
+}
+
+/// Largest JSON body kept to read its usage, and largest SSE line.
+const MAX_KEPT: usize = 4 << 20;
+
+/// Feeds response body chunks; reports the usage found.
+pub struct UsageScanner {
+    sse: bool,
+    buf: Vec<u8>,
+    overflow: bool,
+    found: Option<Usage>,
+}
+
+impl UsageScanner {
+    pub fn new(sse: bool) -> Self {
+        UsageScanner {
+            sse,
+            buf: Vec::new(),
+            overflow: false,
+            found: None,
+        }
+    }
+
+    pub fn feed(&mut self, chunk: &[u8]) {
+        if !self.sse {
+            if self.buf.len() + chunk.len() > MAX_KEPT {
+                self.overflow = true;
+                self.buf = Vec::new();
+            } else if !self.overflow {
+                self.buf.extend_from_slice(chunk);
+            }
+            return;
+        }
+        let mut rest = chunk;
+        while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+            if self.buf.is_empty() {
+                self.line(&rest[..nl]);
+            } else {
+                self.buf.extend_from_slice(&rest[..nl]);
+                let line = std::mem::take(&mut self.buf);
+                self.line(&line);
+            }
+            rest = &rest[nl + 1..];
+        }
+        if self.buf.len() + rest.len() <= MAX_KEPT {
+            self.buf.extend_from_slice(rest);
+        } else {
+            self.buf.clear();
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return;
+        };
+        if !contains(data, b"\"usage\"") {
+            return;
+        }
+        if let Ok(v) = serde_json::from_slice::<Value>(data) {
+            self.merge(&v);
+        }
+    }
+
+    fn merge(&mut self, v: &Value) {
+        for u in [&v["usage"], &v["message"]["usage"], &v["response"]["usage"]] {
+            if !u.is_object() {
+                continue;
+            }
+            let field = |a: &str, b: &str| u[a].as_u64().or_else(|| u[b].as_u64());
+            let input = field("prompt_tokens", "input_tokens");
+            let output = field("completion_tokens", "output_tokens");
+            if input.is_none() && output.is_none() {
+                continue;
+            }
+            let f = self.found.get_or_insert_with(Usage::default);
+            f.input = f.input.max(input.unwrap_or(0));
+            f.output = f.output.max(output.unwrap_or(0));
+        }
+    }
+
+    /// The usage seen, once the body ended. `None` when the response carried none.
+    pub fn finish(&mut self) -> Option<Usage> {
+        if !self.sse && !self.overflow && contains(&self.buf, b"\"usage\"") {
+            if let Ok(v) = serde_json::from_slice::<Value>(&self.buf) {
+                self.merge(&v);
+            }
+            self.buf = Vec::new();
+        }
+        self.found
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_usage_in_both_dialects() {
+        let mut s = UsageScanner::new(false);
+        s.feed(br#"{"id":"x","usage":{"prompt_tokens":12,"#);
+        s.feed(br#""completion_tokens":30,"total_tokens":42}}"#);
+        assert_eq!(
+            s.finish(),
+            Some(Usage {
+                input: 12,
+                output: 30
+            })
+        );
+        let mut s = UsageScanner::new(false);
+        s.feed(br#"{"type":"message","usage":{"input_tokens":5,"output_tokens":7}}"#);
+        assert_eq!(
+            s.finish(),
+            Some(Usage {
+                input: 5,
+                output: 7
+            })
+        );
+        let mut s = UsageScanner::new(false);
+        s.feed(b"{\"data\":[]}");
+        assert_eq!(s.finish(), None);
+    }
+
+    #[test]
+    fn sse_usage_split_across_chunks() {
+        let mut s = UsageScanner::new(true);
+        s.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n");
+        s.feed(b"data: {\"choices\":[],\"usage\":{\"prompt_");
+        s.feed(b"tokens\":9,\"completion_tokens\":4,\"total_tokens\":13}}\n\ndata: [DONE]\n\n");
+        assert_eq!(
+            s.finish(),
+            Some(Usage {
+                input: 9,
+                output: 4
+            })
+        );
+    }
+
+    #[test]
+    fn anthropic_stream_usage_accumulates() {
+        let mut s = UsageScanner::new(true);
+        s.feed(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n");
+        s.feed(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n");
+        assert_eq!(
+            s.finish(),
+            Some(Usage {
+                input: 25,
+                output: 15
+            })
+        );
+    }
+
+    #[test]
+    fn a_stream_cut_before_usage_reports_none() {
+        let mut s = UsageScanner::new(true);
+        s.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: {\"usa");
+        assert_eq!(s.finish(), None);
+    }
+}
