@@ -30,6 +30,31 @@ fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
 }
 
 impl AdminApp {
+    /// Upstream gauges are read from live server state at scrape time.
+    fn update_gauges(&self) {
+        let Some(m) = crate::metrics::get() else {
+            return;
+        };
+        let config = self.config.load();
+        let now = now_ms();
+        for u in config.upstreams.values() {
+            for s in &u.servers {
+                let labels = [u.name.as_str(), s.name.as_str()];
+                m.upstream_up
+                    .with_label_values(&labels)
+                    .set(i64::from(s.usable(now)));
+                m.upstream_in_flight
+                    .with_label_values(&labels)
+                    .set(s.state.in_flight() as i64);
+                let left = s
+                    .state
+                    .health
+                    .cooldown(now)
+                    .map_or(0.0, |(d, _)| d.as_secs_f64());
+                m.upstream_cooldown.with_label_values(&labels).set(left);
+            }
+        }
+    }
     /// `GET /admin/cooldowns`: cooling and unhealthy servers with reason and time left.
     /// `DELETE /admin/cooldowns/{server}` clears one (`DELETE /admin/cooldowns`: all).
     fn cooldowns(&self, method: &http::Method, rest: &str) -> Response<Vec<u8>> {
@@ -149,6 +174,7 @@ impl ServeHttp for AdminApp {
                 )
             }
             "/metrics" => {
+                self.update_gauges();
                 let mut buf = Vec::new();
                 let encoder = prometheus::TextEncoder::new();
                 match encoder.encode(&prometheus::gather(), &mut buf) {

@@ -54,6 +54,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
         .collect::<Result<_, _>>()?;
     let admin_listen = concrete(config.admin_listen)?;
     config.resolve();
+    crate::metrics::init();
     if config.keys.is_empty() {
         log::warn!("no client keys are configured: the gateway is open to anyone who can reach it");
     }

@@ -4,6 +4,7 @@
 use crate::app::{self, RunMode};
 use crate::config::Config;
 use crate::mock::MockUpstream;
+use crate::observe;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 
@@ -71,6 +72,10 @@ pub fn main(cli: Cli) -> i32 {
                 println!("tollgate: configuration {} OK", cli.config);
                 return 0;
             }
+            if let Err(e) = observe::init_logging(config.log.file.as_deref()) {
+                eprintln!("tollgate: cannot open log file: {e}");
+                return 1;
+            }
             app::run(
                 config,
                 RunMode {
@@ -83,6 +88,7 @@ pub fn main(cli: Cli) -> i32 {
 }
 
 fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> i32 {
+    let _ = observe::init_logging(None);
     let upstream = match MockUpstream::start_in_thread(
         "the Tollgate demo upstream",
         "127.0.0.1:0".parse().unwrap_or(listen),

@@ -22,10 +22,14 @@ use std::time::Duration;
 /// One attempt as it appears in the access log and in an all-failed error.
 #[derive(Debug, Clone)]
 pub struct AttemptRecord {
+    /// The server's name (`upstream/server`).
     pub target: String,
+    pub upstream: String,
     pub outcome: &'static str,
     /// The upstream's status, when it answered.
     pub status: Option<u16>,
+    /// Which alias of the chain the attempt belonged to (0: the requested one).
+    pub alias_index: usize,
 }
 
 /// The attempt whose response is delivered, holding its server's in-flight slot.
@@ -33,6 +37,8 @@ pub struct Winner {
     pub sent: Sent,
     pub server: Arc<Server>,
     pub upstream: Arc<Upstream>,
+    /// The model name the upstream was sent.
+    pub model: String,
     pub in_flight: InFlight,
 }
 
@@ -99,7 +105,10 @@ pub async fn run(
     let mut last: Option<Winner> = None;
     let mut last_timeout = false;
 
+    let mut alias_index = 0;
     'aliases: while let Some(current) = queue.pop_front() {
+        alias_index += 1;
+        let alias_index = alias_index - 1;
         for tier in &current.tiers {
             let order: Vec<usize> = tier.route_order().collect();
             // (route index, server address): targets this request already tried.
@@ -149,8 +158,10 @@ pub async fn run(
                             last_timeout = matches!(e, TransportError::Timeout);
                             attempts.push(AttemptRecord {
                                 target: server.name.clone(),
+                                upstream: upstream.name.clone(),
                                 outcome: e.kind(),
                                 status: None,
+                                alias_index,
                             });
                             continue;
                         }
@@ -168,10 +179,13 @@ pub async fn run(
                 };
                 attempts.push(AttemptRecord {
                     target: server.name.clone(),
+                    upstream: upstream.name.clone(),
                     outcome: class.outcome(),
                     status: Some(status),
+                    alias_index,
                 });
                 let winner = Winner {
+                    model: model.to_string(),
                     sent,
                     server: Arc::clone(&server),
                     upstream: Arc::clone(upstream),

@@ -20,6 +20,7 @@ pub mod headers;
 pub mod health;
 pub mod inspect;
 pub mod limits;
+pub mod metrics;
 pub mod mock;
 pub mod observe;
 pub mod proxy;

@@ -1,25 +1,35 @@
 //! Stage 9, `logging`: the one place that records a finished request, whichever path it
-//! ended by. Writes the access log line (key *name*, never the key). Runs after the
-//! response; it must not fail or block the request.
+//! ended by. Updates the metrics and writes the access-log line (text or JSON) with the
+//! key's *name*, never a key. Runs after the response; it must not fail or block.
 
+use crate::config::file::LogFormat;
+use crate::config::Config;
 use crate::failover::AttemptRecord;
+use crate::metrics;
 use crate::usage::Usage;
-use std::fmt::Write;
-use std::time::Instant;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::time::{Duration, Instant, SystemTime};
 
-/// Everything the access log needs, filled in as the request moves through the stages.
+/// Everything the access log and the metrics need, filled in as the request moves through
+/// the stages.
 #[derive(Debug)]
 pub struct Record {
     pub start: Instant,
+    pub wall: SystemTime,
     pub request_id: String,
     pub caller: String,
     pub client_ip: String,
     pub method: String,
     pub path: String,
+    /// The model the client asked for.
     pub model: Option<String>,
     pub stream: bool,
     pub attempts: Vec<AttemptRecord>,
+    /// The server that answered (`upstream/server`), its upstream and the model it was sent.
     pub target: Option<String>,
+    pub upstream: Option<String>,
+    pub upstream_model: Option<String>,
     pub status: u16,
     pub first_byte: Option<Instant>,
     pub bytes_in: usize,
@@ -29,12 +39,15 @@ pub struct Record {
     pub usage: Option<Usage>,
     /// The limit scope that refused the request, if one did.
     pub limited: Option<&'static str>,
+    /// Time spent waiting for the client's body and for upstreams (not the gateway's own).
+    pub waiting: Duration,
 }
 
 impl Record {
     pub fn new() -> Self {
         Record {
             start: Instant::now(),
+            wall: SystemTime::now(),
             request_id: String::new(),
             caller: "-".into(),
             client_ip: "-".into(),
@@ -44,6 +57,8 @@ impl Record {
             stream: false,
             attempts: Vec::new(),
             target: None,
+            upstream: None,
+            upstream_model: None,
             status: 0,
             first_byte: None,
             bytes_in: 0,
@@ -51,6 +66,7 @@ impl Record {
             error: None,
             usage: None,
             limited: None,
+            waiting: Duration::ZERO,
         }
     }
 }
@@ -61,42 +77,218 @@ impl Default for Record {
     }
 }
 
-/// Writes the access log line for a finished request (target `tollgate::access`).
-pub fn access_log(r: &Record) {
-    if !log::log_enabled!(target: "tollgate::access", log::Level::Info) {
+/// Records a finished request: metrics, then the access log.
+pub fn finish(r: &Record, config: &Config) {
+    record_metrics(r, config);
+    if config.log.access && log::log_enabled!(target: "tollgate::access", log::Level::Info) {
+        let line = match config.log.format {
+            LogFormat::Text => text_line(r),
+            LogFormat::Json => json_line(r),
+        };
+        log::info!(target: "tollgate::access", "{line}");
+    }
+}
+
+/// The metrics label of a client's model: a configured alias, else `other`.
+fn model_label<'a>(r: &'a Record, config: &Config) -> &'a str {
+    match r.model.as_deref() {
+        Some(m) if config.router.is_configured(m) => m,
+        Some(_) => "other",
+        None => "none",
+    }
+}
+
+fn record_metrics(r: &Record, config: &Config) {
+    let Some(m) = metrics::get() else { return };
+    let model = model_label(r, config);
+    let upstream = r.upstream.as_deref().unwrap_or("none");
+    let total = r.start.elapsed();
+    let code = r.status.to_string();
+    m.requests
+        .with_label_values(&[model, upstream, code.as_str()])
+        .inc();
+    m.duration
+        .with_label_values(&[model, upstream])
+        .observe(total.as_secs_f64());
+    if let Some(t) = r.first_byte {
+        m.ttft
+            .with_label_values(&[model, upstream])
+            .observe(t.duration_since(r.start).as_secs_f64());
+    }
+    m.overhead
+        .observe(total.saturating_sub(r.waiting).as_secs_f64());
+    for a in &r.attempts {
+        m.attempts
+            .with_label_values(&[a.upstream.as_str(), a.target.as_str(), a.outcome])
+            .inc();
+    }
+    for pair in r.attempts.windows(2) {
+        let level = if pair[1].alias_index == pair[0].alias_index {
+            "tier"
+        } else {
+            "alias"
+        };
+        m.failovers
+            .with_label_values(&[model, pair[0].outcome, level])
+            .inc();
+    }
+    if let Some(scope) = r.limited {
+        m.ratelimited.with_label_values(&[scope]).inc();
+    }
+    if let Some(reason @ ("client_disconnect" | "upstream_error" | "upstream_timeout")) = r.error {
+        m.stream_aborts.with_label_values(&[reason]).inc();
+    }
+    if r.target.is_none() || !(200..300).contains(&r.status) {
         return;
     }
-    let ms = |t: Option<Instant>| t.map(|t| t.duration_since(r.start).as_secs_f64() * 1000.0);
-    let mut attempts = String::new();
+    match r.usage {
+        Some(u) => {
+            m.tokens
+                .with_label_values(&[model, upstream, "input"])
+                .inc_by(u.input);
+            m.tokens
+                .with_label_values(&[model, upstream, "output"])
+                .inc_by(u.output);
+            let price = r
+                .upstream_model
+                .as_deref()
+                .and_then(|um| config.pricing.get(um))
+                .or_else(|| r.model.as_deref().and_then(|a| config.pricing.get(a)));
+            if let Some(p) = price {
+                let usd = (u.input as f64 * p.input + u.output as f64 * p.output) / 1_000_000.0;
+                m.cost.with_label_values(&[model, upstream]).inc_by(usd);
+            }
+        }
+        None => {
+            let reason = if r.error.is_some() {
+                "stream_cut"
+            } else {
+                "not_reported"
+            };
+            m.usage_unreported.with_label_values(&[model, reason]).inc();
+        }
+    }
+}
+
+/// A client-supplied string made safe for a space-separated line.
+fn clean(s: &str) -> String {
+    s.chars()
+        .take(128)
+        .map(|c| {
+            if c.is_whitespace() || c.is_control() || c == '"' {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+fn ms(r: &Record, t: Option<Instant>) -> Option<f64> {
+    t.map(|t| (t.duration_since(r.start).as_secs_f64() * 1e4).round() / 10.0)
+}
+
+fn attempts_text(r: &Record) -> String {
+    let mut s = String::new();
     for (i, a) in r.attempts.iter().enumerate() {
         let _ = write!(
-            attempts,
+            s,
             "{}{}={}",
             if i == 0 { "" } else { "," },
             a.target,
             a.outcome
         );
-        if let Some(s) = a.status {
-            let _ = write!(attempts, ":{s}");
+        if let Some(st) = a.status {
+            let _ = write!(s, ":{st}");
         }
     }
-    log::info!(
-        target: "tollgate::access",
-        "id={} key={} ip={} method={} path={} model={} stream={} target={} attempts={} status={} duration_ms={:.1} ttfb_ms={} bytes_in={} bytes_out={} error={}",
+    s
+}
+
+fn text_line(r: &Record) -> String {
+    let attempts = attempts_text(r);
+    let (tin, tout) = r.usage.map_or(("-".to_string(), "-".to_string()), |u| {
+        (u.input.to_string(), u.output.to_string())
+    });
+    format!(
+        "{} id={} key={} ip={} method={} path={} model={} stream={} target={} attempts={} status={} duration_ms={:.1} ttfb_ms={} tokens_in={} tokens_out={} bytes_in={} bytes_out={} error={}",
+        humantime::format_rfc3339_millis(r.wall),
         r.request_id,
         r.caller,
         r.client_ip,
         r.method,
-        r.path,
-        r.model.as_deref().unwrap_or("-"),
+        clean(&r.path),
+        r.model.as_deref().map_or_else(|| "-".to_string(), clean),
         r.stream,
         r.target.as_deref().unwrap_or("-"),
         if attempts.is_empty() { "-" } else { &attempts },
         r.status,
         r.start.elapsed().as_secs_f64() * 1000.0,
-        ms(r.first_byte).map_or("-".to_string(), |v| format!("{v:.1}")),
+        ms(r, r.first_byte).map_or("-".to_string(), |v| format!("{v:.1}")),
+        tin,
+        tout,
         r.bytes_in,
         r.bytes_out,
         r.error.unwrap_or("-"),
-    );
+    )
+}
+
+fn json_line(r: &Record) -> String {
+    let attempts: Vec<serde_json::Value> = r
+        .attempts
+        .iter()
+        .map(|a| serde_json::json!({"target": a.target, "outcome": a.outcome, "status": a.status}))
+        .collect();
+    serde_json::json!({
+        "time": humantime::format_rfc3339_millis(r.wall).to_string(),
+        "request_id": r.request_id,
+        "key": r.caller,
+        "client_ip": r.client_ip,
+        "method": r.method,
+        "path": r.path,
+        "model": r.model,
+        "stream": r.stream,
+        "target": r.target,
+        "attempts": attempts,
+        "status": r.status,
+        "duration_ms": (r.start.elapsed().as_secs_f64() * 1e4).round() / 10.0,
+        "ttfb_ms": ms(r, r.first_byte),
+        "tokens_in": r.usage.map(|u| u.input),
+        "tokens_out": r.usage.map(|u| u.output),
+        "bytes_in": r.bytes_in,
+        "bytes_out": r.bytes_out,
+        "error": r.error,
+    })
+    .to_string()
+}
+
+/// Sets up logging: `RUST_LOG` levels (default `info`), to stderr or to `file`. Access-log
+/// lines are written as they are (their own time first, or a JSON object); other lines get
+/// `[time LEVEL target]`.
+pub fn init_logging(file: Option<&str>) -> std::io::Result<()> {
+    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    b.format(|buf, record| {
+        if record.target() == "tollgate::access" {
+            writeln!(buf, "{}", record.args())
+        } else {
+            writeln!(
+                buf,
+                "[{} {} {}] {}",
+                humantime::format_rfc3339_millis(SystemTime::now()),
+                record.level(),
+                record.target(),
+                record.args()
+            )
+        }
+    });
+    if let Some(path) = file {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        b.target(env_logger::Target::Pipe(Box::new(f)));
+    }
+    // A second initialisation (tests embedding the library) keeps the first logger.
+    let _ = b.try_init();
+    Ok(())
 }

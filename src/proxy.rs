@@ -24,6 +24,7 @@ use pingora_proxy::{ProxyHttp, Session};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 /// The gateway service: the live config and one pooled upstream connector.
 pub struct Gateway {
@@ -127,7 +128,7 @@ impl ProxyHttp for Gateway {
             ctx.record.error = Some("aborted");
         }
         ctx.record.bytes_in = session.body_bytes_read();
-        observe::access_log(&ctx.record);
+        observe::finish(&ctx.record, &self.config.load());
     }
 }
 
@@ -335,7 +336,9 @@ impl Gateway {
         suffix: &str,
         dialect: Dialect,
     ) -> Result<(), Outcome> {
+        let body_started = Instant::now();
         let body = read_body(session, config.server.max_body_size.0).await?;
+        ctx.record.waiting += body_started.elapsed();
         ctx.body_unread = false;
         let facts = body::scan(&body).map_err(GatewayError::BadRequest)?;
         ctx.record.model = Some(facts.model.clone());
@@ -377,7 +380,9 @@ impl Gateway {
             rewrite: &rewrite,
         };
         let mut attempts = Vec::new();
+        let attempts_started = Instant::now();
         let result = failover::run(&plan, alias, &mut attempts).await;
+        ctx.record.waiting += attempts_started.elapsed();
         ctx.record.attempts = attempts;
         let winner = result?;
 
@@ -394,8 +399,12 @@ impl Gateway {
                 .unwrap_or_default(),
         };
         let mut relayed = Relayed::default();
+        ctx.record.upstream = Some(winner.upstream.name.clone());
+        ctx.record.upstream_model = Some(winner.model.clone());
+        let relay_started = Instant::now();
         let result = stream::relay(session, &self.connector, winner, &stamp, &mut relayed).await;
         ctx.record.target = Some(target);
+        ctx.record.waiting += relay_started.elapsed();
         ctx.record.status = relayed.status;
         ctx.record.first_byte = relayed.first_byte;
         ctx.record.bytes_out = relayed.bytes;

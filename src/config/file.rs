@@ -24,6 +24,56 @@ pub struct FileConfig {
     pub failover: FailoverSection,
     #[serde(default)]
     pub limits: LimitsSection,
+    /// USD per million tokens, by upstream model name or alias.
+    #[serde(default)]
+    pub pricing: BTreeMap<String, Price>,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// USD per million input tokens.
+    pub input: f64,
+    /// USD per million output tokens.
+    pub output: f64,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// Access log format: `text` (default) or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// Write logs to this file instead of stderr.
+    #[serde(default)]
+    pub file: Option<String>,
+    /// Write the access log at all. Default true.
+    #[serde(default = "default_true")]
+    pub access: bool,
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            format: LogFormat::Text,
+            file: None,
+            access: true,
+        }
+    }
 }
 
 /// Limits of one scope. Absent dimensions are unlimited.

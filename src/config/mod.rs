@@ -81,6 +81,8 @@ pub struct Limits {
 /// The validated runtime configuration the proxy serves from.
 pub struct Config {
     pub server: file::ServerSection,
+    pub pricing: HashMap<String, file::Price>,
+    pub log: file::LogSection,
     pub failover: Failover,
     pub limits: Limits,
     pub trusted_proxies: Vec<Cidr>,
@@ -415,6 +417,23 @@ fn build(file: FileConfig) -> Result<Config, ConfigErrors> {
             aliases.insert(alias.clone(), a);
         }
     }
+    for (model, price) in &file.pricing {
+        if !(price.input >= 0.0
+            && price.output >= 0.0
+            && price.input.is_finite()
+            && price.output.is_finite())
+        {
+            err(
+                format!("pricing.{model}"),
+                "prices must be finite and not negative".into(),
+            );
+        }
+    }
+    if let Some(f) = &file.log.file {
+        if f.trim().is_empty() {
+            err("log.file".into(), "must not be empty".into());
+        }
+    }
     let mut trusted_proxies = Vec::new();
     for (i, t) in file.server.trusted_proxies.iter().enumerate() {
         match Cidr::parse(t) {
@@ -456,6 +475,8 @@ fn build(file: FileConfig) -> Result<Config, ConfigErrors> {
         return Err(ConfigErrors(errors));
     }
     Ok(Config {
+        pricing: file.pricing.clone().into_iter().collect(),
+        log: file.log.clone(),
         failover,
         listen,
         admin_listen,

@@ -1,0 +1,102 @@
+//! Prometheus metrics, in the default registry of prometheus 0.14 (served on the admin
+//! listener at `/metrics`). Names follow Prometheus conventions: `tollgate_` prefix, base
+//! units, `_total` counters, HELP on every metric. Labels are bounded: configured aliases
+//! (anything else is `other`), upstream and server names from the config, status codes
+//! and fixed reason sets; never a key, a user or a raw client-supplied string.
+
+use prometheus::{
+    register_counter_vec, register_gauge_vec, register_histogram, register_histogram_vec,
+    register_int_counter_vec, register_int_gauge_vec, CounterVec, GaugeVec, Histogram,
+    HistogramVec, IntCounterVec, IntGaugeVec,
+};
+use std::sync::LazyLock;
+
+/// Latency buckets (seconds) from the OpenTelemetry GenAI conventions, extended for long generations.
+const LATENCY: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    30.0, 60.0, 120.0, 300.0,
+];
+/// Buckets for the gateway's own time, far below upstream latencies.
+const OVERHEAD: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+];
+
+/// Every metric of the gateway.
+pub struct Metrics {
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+    pub ttft: HistogramVec,
+    pub overhead: Histogram,
+    pub tokens: IntCounterVec,
+    pub usage_unreported: IntCounterVec,
+    pub cost: CounterVec,
+    pub attempts: IntCounterVec,
+    pub failovers: IntCounterVec,
+    pub upstream_up: IntGaugeVec,
+    pub upstream_in_flight: IntGaugeVec,
+    pub upstream_cooldown: GaugeVec,
+    pub ratelimited: IntCounterVec,
+    pub stream_aborts: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+    pub build_info: IntGaugeVec,
+}
+
+fn build() -> prometheus::Result<Metrics> {
+    let m = Metrics {
+        requests: register_int_counter_vec!("tollgate_requests_total", "Client requests answered, by model alias, upstream and status code.", &["model", "upstream", "code"])?,
+        duration: register_histogram_vec!("tollgate_request_duration_seconds", "Time from the request header to the end of the response.", &["model", "upstream"], LATENCY.to_vec())?,
+        ttft: register_histogram_vec!(
+            "tollgate_time_to_first_token_seconds",
+            "Time from the request header to the first response body byte sent to the client.",
+            &["model", "upstream"],
+            LATENCY.to_vec()
+        )?,
+        overhead: register_histogram!(
+            "tollgate_overhead_seconds",
+            "Time spent in the gateway itself: the request's duration minus waiting for the client's body and for upstreams.",
+            OVERHEAD.to_vec()
+        )?,
+        tokens: register_int_counter_vec!("tollgate_tokens_total", "Tokens reported by upstreams, by type (input or output).", &["model", "upstream", "type"])?,
+        usage_unreported: register_int_counter_vec!(
+            "tollgate_usage_unreported_total",
+            "Responses without token usage, by reason (stream_cut: the stream ended early; not_reported: the upstream sent none).",
+            &["model", "reason"]
+        )?,
+        cost: register_counter_vec!("tollgate_cost_usd_total", "Cost of reported tokens in US dollars, from the pricing table.", &["model", "upstream"])?,
+        attempts: register_int_counter_vec!("tollgate_upstream_attempts_total", "Upstream attempts by outcome.", &["upstream", "server", "outcome"])?,
+        failovers: register_int_counter_vec!(
+            "tollgate_failovers_total",
+            "Moves to another target after a failed attempt, by reason and level (tier: within the alias; alias: to a fallback alias).",
+            &["model", "reason", "level"]
+        )?,
+        upstream_up: register_int_gauge_vec!("tollgate_upstream_up", "1 when the server can take traffic (resolved, healthy, not cooling down).", &["upstream", "server"])?,
+        upstream_in_flight: register_int_gauge_vec!("tollgate_upstream_in_flight", "Requests in flight on the server, streams included.", &["upstream", "server"])?,
+        upstream_cooldown: register_gauge_vec!("tollgate_upstream_cooldown_seconds", "Seconds left in the server's cooldown (0 when not cooling).", &["upstream", "server"])?,
+        ratelimited: register_int_counter_vec!("tollgate_ratelimited_total", "Requests refused by a rate or concurrency limit, by scope.", &["scope"])?,
+        stream_aborts: register_int_counter_vec!("tollgate_stream_aborts_total", "Responses cut after they began, by reason.", &["reason"])?,
+        config_reloads: register_int_counter_vec!("tollgate_config_reloads_total", "Configuration reloads by result.", &["result"])?,
+        build_info: register_int_gauge_vec!("tollgate_build_info", "Build information; always 1.", &["version"])?,
+    };
+    m.build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+    Ok(m)
+}
+
+static METRICS: LazyLock<Option<Metrics>> = LazyLock::new(|| match build() {
+    Ok(m) => Some(m),
+    Err(e) => {
+        log::error!("metrics could not be registered: {e}");
+        None
+    }
+});
+
+/// The gateway's metrics; `None` only if registration failed (logged once).
+pub fn get() -> Option<&'static Metrics> {
+    METRICS.as_ref()
+}
+
+/// Registers every metric now, so a scrape shows them before the first request.
+pub fn init() {
+    let _ = get();
+}
