@@ -217,8 +217,9 @@ pub async fn run(
                     Class::Quota => health.cool(now, f.quota_cooldown, Reason::Quota),
                     Class::Credentials => {
                         log::error!(
-                            "upstream {} rejected the gateway's credential with status {status}: check its api_key; no traffic for {}",
+                            "upstream {} rejected the gateway's credential ({}) with status {status}: check its api_key; no traffic for {}",
                             server.name,
+                            server.api_key.as_ref().map_or_else(|| "none".to_string(), |k| crate::secret::mask(k.expose())),
                             humantime::format_duration(f.quota_cooldown)
                         );
                         health.cool(now, f.quota_cooldown, Reason::Credentials);

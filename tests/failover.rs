@@ -312,6 +312,8 @@ async fn a_401_from_an_upstream_moves_on_and_is_logged_without_the_key() {
     );
     let logs = gw.logs();
     assert!(logs.contains("first/"), "{logs}");
+    // The operator can tell which key it was from its masked form.
+    assert!(logs.contains("sk-re****7777"), "{logs}");
     assert!(!logs.contains("sk-revoked-key-77777777") && !logs.contains("sk-good-key-88888888"));
     let list = cooldowns(&gw).await;
     assert_eq!(list[0]["reason"], "credentials");
