@@ -4,6 +4,7 @@
 
 use crate::config::Config;
 use crate::health::now_ms;
+use crate::reload::Reloader;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use http::Response;
@@ -14,6 +15,8 @@ use std::sync::Arc;
 
 pub struct AdminApp {
     pub config: Arc<ArcSwap<Config>>,
+    /// `None` when there is no file to reload (the demo).
+    pub reloader: Option<Arc<Reloader>>,
 }
 
 fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -30,6 +33,48 @@ fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
 }
 
 impl AdminApp {
+    /// `POST /admin/reload`: 200 when the file was valid and is now live, 400 with every
+    /// error otherwise (the running config stays).
+    async fn reload(&self, method: &http::Method) -> Response<Vec<u8>> {
+        if method != http::Method::POST {
+            return reply(
+                405,
+                "application/json",
+                b"{\"error\":\"use POST\"}".to_vec(),
+            );
+        }
+        let Some(reloader) = self.reloader.clone() else {
+            return reply(
+                409,
+                "application/json",
+                b"{\"error\":\"no config file to reload\"}".to_vec(),
+            );
+        };
+        match tokio::task::spawn_blocking(move || reloader.reload()).await {
+            Ok(Ok(())) => reply(
+                200,
+                "application/json",
+                b"{\"status\":\"reloaded\"}".to_vec(),
+            ),
+            Ok(Err(errors)) => {
+                let list: Vec<String> = errors.0.iter().map(|e| e.to_string()).collect();
+                reply(
+                    400,
+                    "application/json",
+                    serde_json::json!({"status": "refused", "errors": list})
+                        .to_string()
+                        .into_bytes(),
+                )
+            }
+            Err(e) => reply(
+                500,
+                "application/json",
+                serde_json::json!({"error": e.to_string()})
+                    .to_string()
+                    .into_bytes(),
+            ),
+        }
+    }
     /// Upstream gauges are read from live server state at scrape time.
     fn update_gauges(&self) {
         let Some(m) = crate::metrics::get() else {
@@ -151,6 +196,9 @@ impl ServeHttp for AdminApp {
         let method = session.req_header().method.clone();
         if let Some(rest) = path.strip_prefix("/admin/cooldowns") {
             return self.cooldowns(&method, rest);
+        }
+        if path == "/admin/reload" {
+            return self.reload(&method).await;
         }
         match path.as_str() {
             "/health" => reply(200, "application/json", b"{\"status\":\"ok\"}".to_vec()),

@@ -5,6 +5,8 @@
 use crate::admin::AdminApp;
 use crate::config::Config;
 use crate::proxy::Gateway;
+use crate::reload::{HangupReload, Reloader};
+use crate::upgrade::Upgrader;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora_core::connectors::http::Connector;
@@ -19,12 +21,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// How the process was asked to run.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct RunMode {
     /// Detach and run in the background (`-d`).
     pub daemon: bool,
     /// Take the listeners over from a running instance (`-u`).
     pub upgrade: bool,
+    /// The config file, for reloads and upgrades (`None`: the embedded demo config).
+    pub config_path: Option<String>,
 }
 
 /// Gives listeners on port 0 a concrete free port, so it can be printed and reused.
@@ -96,10 +100,15 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
     }
     proxy.threads = Some(threads);
 
+    let reloader = mode
+        .config_path
+        .as_ref()
+        .map(|path| Arc::new(Reloader::new(Arc::clone(&config), path.clone())));
     let mut admin = Service::new(
         "tollgate admin".to_string(),
         AdminApp {
             config: Arc::clone(&config),
+            reloader: reloader.clone(),
         },
     );
     admin.add_tcp(&admin_listen.to_string());
@@ -111,6 +120,25 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(background_service("resolver", Resolver { config }));
+    if let (Some(reloader), Some(path)) = (reloader, &mode.config_path) {
+        server.add_service(background_service(
+            "reload on SIGHUP",
+            HangupReload(reloader),
+        ));
+        match std::env::current_exe() {
+            Ok(exe) => {
+                server.add_service(background_service(
+                    "upgrade on SIGUSR2",
+                    Upgrader {
+                        exe,
+                        config_path: path.clone(),
+                        daemon: mode.daemon,
+                    },
+                ));
+            }
+            Err(e) => log::warn!("cannot find the binary's path ({e}): SIGUSR2 upgrades are off"),
+        }
+    }
 
     log::info!("{summary}");
     println!(
@@ -122,6 +150,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
             .join(" ")
     );
     println!("tollgate: admin on http://{admin_listen}");
+    println!("tollgate: pid {}", std::process::id());
     let _ = std::io::stdout().flush();
     Ok(server)
 }

@@ -81,6 +81,11 @@ pub fn main(cli: Cli) -> i32 {
                 RunMode {
                     daemon: cli.daemon,
                     upgrade: cli.upgrade,
+                    // Absolute, since a daemon changes its working directory.
+                    config_path: Some(
+                        std::fs::canonicalize(&cli.config)
+                            .map_or(cli.config.clone(), |p| p.display().to_string()),
+                    ),
                 },
             )
         }

@@ -198,6 +198,8 @@ pub struct Server {
     pub backup: bool,
     pub max_fails: u32,
     pub fail_timeout: Duration,
+    /// The URL as configured (identity across reloads).
+    pub url: String,
     pub state: Arc<ServerState>,
 }
 
@@ -217,6 +219,7 @@ impl Server {
             backup,
             max_fails: 1,
             fail_timeout: Duration::from_secs(10),
+            url: String::new(),
             state: Arc::new(ServerState::default()),
         }
     }

@@ -10,7 +10,7 @@ use crate::auth::KeyRing;
 use crate::inspect::Rules;
 use crate::limits::Cidr;
 use crate::route::{Alias, Route, Router, Tier};
-use crate::select::{Endpoint, Server, Upstream};
+use crate::select::{Endpoint, Server, ServerState, Upstream};
 use file::FileConfig;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -103,6 +103,16 @@ impl Config {
 
     /// Validates config text. Host names are not resolved here (see [`Config::resolve`]).
     pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+        Config::parse_after(text, env, None)
+    }
+
+    /// Like [`Config::parse`], for a reload: servers that still exist (same upstream, name
+    /// and URL) keep the live state of `previous` (cooldowns, in-flight counts, health).
+    pub fn parse_after(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        previous: Option<&Config>,
+    ) -> Result<Config, ConfigErrors> {
         let mut value: serde_yaml::Value = serde_yaml::from_str(text)
             .map_err(|e| ConfigErrors::one("", format!("not valid YAML: {e}")))?;
         let mut errors = Vec::new();
@@ -115,7 +125,17 @@ impl Config {
             let path = if path == "." { String::new() } else { path };
             ConfigErrors::one(path, e.into_inner().to_string())
         })?;
-        build(file)
+        build(file, previous)
+    }
+
+    /// The live state of a server of this config, by name and URL.
+    fn server_state(&self, name: &str, url: &str) -> Option<Arc<ServerState>> {
+        let upstream = self.upstreams.get(name.split('/').next()?)?;
+        upstream
+            .servers
+            .iter()
+            .find(|s| s.name == name && s.url == url)
+            .map(|s| Arc::clone(&s.state))
     }
 
     /// Resolves every server's host name once, blocking; called at start and reload,
@@ -200,7 +220,7 @@ fn expand_str(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, S
     Ok(out)
 }
 
-fn build(file: FileConfig) -> Result<Config, ConfigErrors> {
+fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigErrors> {
     let mut errors = Vec::new();
     let mut err = |path: String, message: String| errors.push(ConfigError { path, message });
 
@@ -302,13 +322,20 @@ fn build(file: FileConfig) -> Result<Config, ConfigErrors> {
             let n = display_names.entry(base.clone()).or_insert(0);
             *n += 1;
             let short = if *n == 1 { base } else { format!("{base}#{n}") };
-            servers.push(Server::new(
+            let mut server = Server::new(
                 format!("{name}/{short}"),
                 endpoint,
                 entry.api_key.clone(),
                 entry.weight.clamp(1, 1000),
                 entry.backup,
-            ));
+            );
+            server.max_fails = entry.max_fails;
+            server.fail_timeout = entry.fail_timeout.0;
+            server.url = entry.url.clone();
+            if let Some(state) = previous.and_then(|p| p.server_state(&server.name, &server.url)) {
+                server.state = state;
+            }
+            servers.push(server);
         }
         if !u.servers.is_empty() && u.servers.iter().all(|s| s.backup) {
             err(

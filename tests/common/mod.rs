@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 pub struct Gateway {
     child: Child,
+    /// Every process id the gateway printed (an upgrade starts a new process).
+    pids: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
     pub addr: String,
     pub admin: String,
     pub dir: tempfile::TempDir,
@@ -67,10 +69,22 @@ impl Gateway {
                 admin = a.trim().to_string();
             }
         }
-        // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        // Keep draining stdout so the child never blocks on a full pipe, noting new pids.
+        let pids = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = pids.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                if let Some(pid) = line
+                    .strip_prefix("tollgate: pid ")
+                    .and_then(|p| p.trim().parse().ok())
+                {
+                    seen.lock().unwrap().push(pid);
+                }
+            }
+        });
         let gw = Gateway {
             child,
+            pids,
             addr,
             admin,
             dir,
@@ -107,10 +121,27 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// The first process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Process ids printed so far (the first, then any started by an upgrade).
+    pub fn pids(&self) -> Vec<u32> {
+        self.pids.lock().unwrap().clone()
+    }
+}
+
 impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for pid in self.pids() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
     }
 }
 

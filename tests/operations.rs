@@ -1,0 +1,310 @@
+//! Operations: config reload (admin endpoint and SIGHUP) that keeps live state and
+//! refuses bad files, and a binary upgrade plus a reload under steady load with long
+//! streams, with zero failed requests and zero truncated streams.
+
+mod common;
+
+use common::{chat, closed_port, Gateway};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use tollgate::mock::{MockUpstream, Reply};
+
+fn text(
+    dir: &std::path::Path,
+    listen: &str,
+    admin: &str,
+    grace: &str,
+    models: &str,
+    upstream: &MockUpstream,
+    streams: &MockUpstream,
+) -> String {
+    format!(
+        "server:\n  listen: [\"{listen}\"]\n  admin_listen: \"{admin}\"\n  threads: 2\n  grace_period: {grace}\n  pid_file: {d}/tollgate.pid\n  upgrade_sock: {d}/upgrade.sock\nupstreams:\n  u:\n    servers:\n      - {{url: \"{}\", name: a}}\n      - {{url: \"{}\", name: b}}\n  st:\n    servers: [{{url: \"{}\"}}]\nmodels:\n{models}",
+        upstream.url(),
+        upstream.url(),
+        streams.url(),
+        d = dir.display()
+    )
+}
+
+fn kill(pid: u32, signal: &str) {
+    assert!(std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+fn fresh_client() -> reqwest::Client {
+    // No pooled connections: a connection idle in the pool while a process hands over its
+    // listeners can be closed under a client, which no proxy can prevent.
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+async fn metric(gw: &Gateway, result: &str) -> f64 {
+    let text = reqwest::get(gw.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| {
+            l.starts_with("tollgate_config_reloads_total")
+                && l.contains(&format!("result=\"{result}\""))
+        })
+        .map_or(0.0, |l| l.rsplit(' ').next().unwrap().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_swaps_a_valid_file_keeps_cooldowns_and_refuses_a_bad_one() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = text(
+        dir.path(),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        "0s",
+        "  m:\n    routes: [{upstream: u}]\n",
+        &up,
+        &up,
+    );
+    let gw = Gateway::start(&v1);
+    let path = gw.dir.path().join("tollgate.yaml");
+    let c = fresh_client();
+    // Cool server a down with a quota error (one of the first two requests reaches it).
+    up.push([Reply::error(
+        429,
+        r#"{"error":{"code":"insufficient_quota"}}"#,
+    )]);
+    for _ in 0..2 {
+        assert_eq!(
+            c.post(gw.url("/v1/chat/completions"))
+                .json(&chat("m", false))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    let cooling = |v: &Value| v["cooldowns"].as_array().unwrap().len();
+    let before: Value = c
+        .get(gw.admin_url("/admin/cooldowns"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cooling(&before), 1);
+    assert_eq!(
+        c.post(gw.url("/v1/chat/completions"))
+            .json(&chat("n", false))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+
+    // A valid file adds alias n; the cooldown of the server that still exists survives.
+    let v2 = std::fs::read_to_string(&path).unwrap() + "  n:\n    routes: [{upstream: u}]\n";
+    std::fs::write(&path, &v2).unwrap();
+    let r = c.post(gw.admin_url("/admin/reload")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        c.post(gw.url("/v1/chat/completions"))
+            .json(&chat("n", false))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let after: Value = c
+        .get(gw.admin_url("/admin/cooldowns"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        after["cooldowns"][0]["target"],
+        before["cooldowns"][0]["target"]
+    );
+    assert_eq!(after["cooldowns"][0]["reason"], "quota");
+
+    // A bad file is refused with every error; the running config stays.
+    std::fs::write(
+        &path,
+        v2.clone() + "  bad:\n    routes: [{upstream: nowhere}]\n    colour: red\n",
+    )
+    .unwrap();
+    let r = c.post(gw.admin_url("/admin/reload")).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["errors"][0].as_str().unwrap().contains("models.bad"),
+        "{v}"
+    );
+    assert_eq!(
+        c.post(gw.url("/v1/chat/completions"))
+            .json(&chat("n", false))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(gw.logs().contains("reload of"), "{}", gw.logs());
+
+    // SIGHUP reloads too.
+    std::fs::write(&path, v2 + "  o:\n    routes: [{upstream: u}]\n").unwrap();
+    kill(gw.pid(), "-HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = c
+            .post(gw.url("/v1/chat/completions"))
+            .json(&chat("o", false))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if s == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "SIGHUP did not reload");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric(&gw, "ok").await, 2.0);
+    assert_eq!(metric(&gw, "error").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_and_a_reload_under_load_lose_no_request_and_cut_no_stream() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let stream_reply = Reply::Stream {
+        events: (0..15)
+            .map(|i| format!("data: {{\"i\":{i}}}\n\n"))
+            .chain(["data: [DONE]\n\n".to_string()])
+            .collect(),
+        gap: Duration::from_millis(100),
+        cut: false,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", closed_port());
+    let admin = format!("127.0.0.1:{}", closed_port());
+    let streams = MockUpstream::start("streams").await.unwrap();
+    streams.set_default(stream_reply);
+    let gw = Gateway::start(&text(
+        dir.path(),
+        &listen,
+        &admin,
+        "5s",
+        "  m:\n    routes: [{upstream: u}]\n  s:\n    routes: [{upstream: st}]\n",
+        &up,
+        &streams,
+    ));
+    let path = gw.dir.path().join("tollgate.yaml");
+    let url = gw.url("/v1/chat/completions");
+
+    let stop = Instant::now() + Duration::from_secs(5);
+    let mut tasks = Vec::new();
+    // Two loops of short requests.
+    for _ in 0..2 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = fresh_client();
+            let (mut ok, mut failed) = (0, Vec::new());
+            while Instant::now() < stop {
+                match c.post(&url).json(&chat("m", false)).send().await {
+                    Ok(r) => {
+                        let status = r.status();
+                        match r.text().await {
+                            Ok(t) if status == 200 && t.contains("usage") => ok += 1,
+                            Ok(t) => failed.push(format!("status {status}: {t}")),
+                            Err(e) => failed.push(e.to_string()),
+                        }
+                    }
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    // One loop of 1.5 s streams.
+    {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = fresh_client();
+            let (mut ok, mut failed) = (0, Vec::new());
+            while Instant::now() < stop {
+                let body = match c
+                    .post(&url)
+                    .json(&serde_json::json!({"model": "s", "stream": true, "messages": []}))
+                    .send()
+                    .await
+                {
+                    Ok(r) => r.text().await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match body {
+                    Ok(t) if t.ends_with("data: {\"i\":14}\n\ndata: [DONE]\n\n") => ok += 1,
+                    Ok(t) => failed.push(format!("truncated stream: {} bytes", t.len())),
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Reload: an extra alias.
+    let v2 = std::fs::read_to_string(&path).unwrap() + "  extra:\n    routes: [{upstream: u}]\n";
+    std::fs::write(&path, v2).unwrap();
+    kill(gw.pid(), "-HUP");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Binary upgrade: a new process takes the listeners over; the old one finishes its streams.
+    kill(gw.pid(), "-USR2");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.pids().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no new process after SIGUSR2:\n{}",
+            gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let mut total_ok = 0;
+    let mut failures = Vec::new();
+    for t in tasks {
+        let (ok, failed) = t.await.unwrap();
+        total_ok += ok;
+        failures.extend(failed);
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures, first: {:?}\n{}",
+        failures.len(),
+        failures.first(),
+        gw.logs()
+    );
+    assert!(total_ok > 20, "{total_ok}");
+    // The new process serves (with the reloaded file) after the old one stopped accepting.
+    let c = fresh_client();
+    let r = c
+        .post(&url)
+        .json(&chat("extra", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(gw.logs().contains("SIGUSR2: upgrading"), "{}", gw.logs());
+}
