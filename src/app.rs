@@ -85,6 +85,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
     server.bootstrap();
 
     let threads = s.threads;
+    let tls = s.tls.clone();
     let summary = summary(&config, &listen, admin_listen);
     let config = Arc::new(ArcSwap::from_pointee(config));
     let connector = Connector::new(Some(ConnectorOptions::from_server_conf(
@@ -97,6 +98,11 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
     );
     for addr in &listen {
         proxy.add_tcp(&addr.to_string());
+    }
+    for t in &tls {
+        proxy
+            .add_tls(&t.listen, &t.cert, &t.key)
+            .map_err(|e| std::io::Error::other(format!("TLS listener {}: {e}", t.listen)))?;
     }
     proxy.threads = Some(threads);
 

@@ -44,6 +44,12 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:9091")]
         admin_listen: SocketAddr,
     },
+    /// Translate an nginx config (with its includes) into a Tollgate config on stdout;
+    /// what cannot be translated is reported on stderr with file and line.
+    ImportNginx {
+        /// The nginx config file, e.g. /etc/nginx/nginx.conf.
+        file: std::path::PathBuf,
+    },
 }
 
 fn env(name: &str) -> Option<String> {
@@ -57,6 +63,23 @@ pub fn main(cli: Cli) -> i32 {
             listen,
             admin_listen,
         }) => demo(listen, admin_listen),
+        Some(Command::ImportNginx { file }) => match crate::nginx::import(&file) {
+            Ok(import) => {
+                for w in &import.warnings {
+                    eprintln!("{w}");
+                }
+                eprintln!(
+                    "tollgate: {} directive(s) not carried over as they were; check them above",
+                    import.warnings.len()
+                );
+                print!("# Imported from {} by tollgate import-nginx.\n# Check it with: tollgate -t -c FILE\n{}", file.display(), import.yaml);
+                0
+            }
+            Err(e) => {
+                eprintln!("tollgate: {e}");
+                1
+            }
+        },
         None => {
             let config = match Config::load(&cli.config, &env) {
                 Ok(c) => c,

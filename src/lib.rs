@@ -22,6 +22,7 @@ pub mod inspect;
 pub mod limits;
 pub mod metrics;
 pub mod mock;
+pub mod nginx;
 pub mod observe;
 pub mod proxy;
 pub mod reload;

@@ -200,6 +200,8 @@ pub struct Server {
     pub fail_timeout: Duration,
     /// The URL as configured (identity across reloads).
     pub url: String,
+    /// Most requests in flight (`None`: unlimited).
+    pub max_conns: Option<usize>,
     pub state: Arc<ServerState>,
 }
 
@@ -220,6 +222,7 @@ impl Server {
             max_fails: 1,
             fail_timeout: Duration::from_secs(10),
             url: String::new(),
+            max_conns: None,
             state: Arc::new(ServerState::default()),
         }
     }
@@ -228,6 +231,11 @@ impl Server {
     /// its address is known, it is not cooling down and passes its active checks.
     pub fn usable(&self, now: u64) -> bool {
         self.endpoint.addr().is_some() && !self.state.health.unavailable(now)
+    }
+
+    /// Whether the server is below its `max_conns`.
+    pub fn has_room(&self) -> bool {
+        self.max_conns.is_none_or(|m| self.state.in_flight() < m)
     }
 }
 
@@ -349,12 +357,12 @@ impl Upstream {
         let primary = |b: &Backend, _healthy: bool| {
             self.servers
                 .get(index_of(b))
-                .is_some_and(|s| !s.backup && s.usable(now) && accept(s))
+                .is_some_and(|s| !s.backup && s.usable(now) && s.has_room() && accept(s))
         };
         let backup = |b: &Backend, _healthy: bool| {
             self.servers
                 .get(index_of(b))
-                .is_some_and(|s| s.backup && s.usable(now) && accept(s))
+                .is_some_and(|s| s.backup && s.usable(now) && s.has_room() && accept(s))
         };
         // Round robin's fallback order is pseudo-random; enough steps to visit every
         // server with near certainty.
@@ -549,6 +557,14 @@ mod tests {
     fn least_conn_spreads_ties() {
         let u = upstream(Balance::LeastConn, &[(1, false), (1, false)]);
         assert_eq!(count(&u, 10), vec![5, 5]);
+    }
+
+    #[test]
+    fn a_server_at_max_conns_is_skipped() {
+        let mut u = upstream(Balance::Weighted, &[(1, false), (1, false)]);
+        Arc::get_mut(&mut u.servers[0]).unwrap().max_conns = Some(1);
+        let _busy = InFlight::new(&u.servers[0].state);
+        assert_eq!(count(&u, 6), vec![0, 6]);
     }
 
     #[test]

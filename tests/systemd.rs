@@ -6,14 +6,25 @@
 use std::process::Command;
 
 fn analyze_available() -> bool {
-    Command::new("systemd-analyze").arg("--version").output().is_ok_and(|o| o.status.success())
+    Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn unit_with_built_binary(dir: &tempfile::TempDir) -> std::path::PathBuf {
-    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/tollgate.service")).unwrap();
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/tollgate.service"
+    ))
+    .unwrap();
     assert!(unit.contains("ExecStartPre=/usr/local/bin/tollgate -t -c /etc/tollgate/tollgate.yaml"));
     let path = dir.path().join("tollgate.service");
-    std::fs::write(&path, unit.replace("/usr/local/bin/tollgate", env!("CARGO_BIN_EXE_tollgate"))).unwrap();
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/tollgate", env!("CARGO_BIN_EXE_tollgate")),
+    )
+    .unwrap();
     path
 }
 
@@ -25,15 +36,33 @@ fn the_unit_verifies_cleanly_and_scores_two_or_better() {
     }
     let dir = tempfile::tempdir().unwrap();
     let unit = unit_with_built_binary(&dir);
-    let out = Command::new("systemd-analyze").arg("verify").arg(&unit).output().unwrap();
-    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && said.trim().is_empty(), "systemd-analyze verify: {said}");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify: {said}"
+    );
 
-    let out = Command::new("systemd-analyze").args(["security", "--offline=yes"]).arg(&unit).output().unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes"])
+        .arg(&unit)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     let score: f64 = text
         .lines()
-        .find_map(|l| l.split("Overall exposure level for tollgate.service:").nth(1))
+        .find_map(|l| {
+            l.split("Overall exposure level for tollgate.service:")
+                .nth(1)
+        })
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no score in: {text}"));

@@ -203,6 +203,17 @@ pub struct ServerSection {
     /// finding the client IP. Default: none.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// TLS listeners (rustls), each with its certificate chain and key (PEM files).
+    #[serde(default)]
+    pub tls: Vec<TlsListener>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct TlsListener {
+    pub listen: String,
+    pub cert: String,
+    pub key: String,
 }
 
 impl Default for ServerSection {
@@ -218,6 +229,7 @@ impl Default for ServerSection {
             upgrade_sock: default_upgrade_sock(),
             upstream_pool_size: default_pool_size(),
             trusted_proxies: Vec::new(),
+            tls: Vec::new(),
         }
     }
 }
@@ -375,6 +387,10 @@ pub struct ServerEntry {
     /// Default 10s.
     #[serde(default = "default_fail_timeout")]
     pub fail_timeout: Seconds,
+    /// Most requests in flight on this server (nginx `max_conns`); past it the server is
+    /// skipped like a busy one. Default: unlimited.
+    #[serde(default)]
+    pub max_conns: Option<usize>,
 }
 
 fn default_max_fails() -> u32 {

@@ -226,12 +226,7 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
 
     let s = &file.server;
     let mut listen = Vec::new();
-    if s.listen.is_empty() {
-        err(
-            "server.listen".into(),
-            "at least one listener is required".into(),
-        );
-    }
+
     for (i, l) in s.listen.iter().enumerate() {
         match l.parse::<SocketAddr>() {
             Ok(a) => listen.push(a),
@@ -240,6 +235,28 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
                 format!("{l:?} is not an address like 0.0.0.0:8080"),
             ),
         }
+    }
+    for (i, t) in s.tls.iter().enumerate() {
+        if t.listen.parse::<SocketAddr>().is_err() {
+            err(
+                format!("server.tls[{i}].listen"),
+                format!("{:?} is not an address like 0.0.0.0:443", t.listen),
+            );
+        }
+        for (field, path) in [("cert", &t.cert), ("key", &t.key)] {
+            if let Err(e) = std::fs::metadata(path) {
+                err(
+                    format!("server.tls[{i}].{field}"),
+                    format!("cannot read {path}: {e}"),
+                );
+            }
+        }
+    }
+    if listen.is_empty() && s.tls.is_empty() {
+        err(
+            "server.listen".into(),
+            "no listener: give listen or tls".into(),
+        );
     }
     let admin_listen = match s.admin_listen.parse::<SocketAddr>() {
         Ok(a) => a,
@@ -332,6 +349,13 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
             server.max_fails = entry.max_fails;
             server.fail_timeout = entry.fail_timeout.0;
             server.url = entry.url.clone();
+            server.max_conns = entry.max_conns;
+            if entry.max_conns == Some(0) {
+                err(
+                    format!("{spath}.max_conns"),
+                    "must be at least 1 (leave it out for no limit)".into(),
+                );
+            }
             if let Some(state) = previous.and_then(|p| p.server_state(&server.name, &server.url)) {
                 server.state = state;
             }
