@@ -377,9 +377,9 @@ impl Translator {
                 }
                 ("main", "events") => {}
                 ("main", "worker_processes") => {
-                    match d.args.first().and_then(|a| a.parse::<u64>().ok()) {
-                        Some(n) => self.threads = Some(n),
-                        None => {} // `auto`: the default thread count fits
+                    // `auto` keeps the default thread count.
+                    if let Some(n) = d.args.first().and_then(|a| a.parse::<u64>().ok()) {
+                        self.threads = Some(n);
                     }
                 }
                 ("main", "user" | "pid" | "error_log" | "worker_rlimit_nofile" | "pcre_jit") => {
