@@ -44,6 +44,18 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:9091")]
         admin_listen: SocketAddr,
     },
+    /// Run only the mock OpenAI-compatible upstream (for benchmarks and experiments).
+    #[command(hide = true)]
+    MockUpstream {
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: SocketAddr,
+        /// Answer every request with an SSE stream of this many events...
+        #[arg(long)]
+        stream_events: Option<usize>,
+        /// ...this many milliseconds apart.
+        #[arg(long, default_value = "20")]
+        stream_gap_ms: u64,
+    },
     /// Translate an nginx config (with its includes) into a Tollgate config on stdout;
     /// what cannot be translated is reported on stderr with file and line.
     ImportNginx {
@@ -63,6 +75,11 @@ pub fn main(cli: Cli) -> i32 {
             listen,
             admin_listen,
         }) => demo(listen, admin_listen),
+        Some(Command::MockUpstream {
+            listen,
+            stream_events,
+            stream_gap_ms,
+        }) => mock_upstream(listen, stream_events, stream_gap_ms),
         Some(Command::ImportNginx { file }) => match crate::nginx::import(&file) {
             Ok(import) => {
                 for w in &import.warnings {
@@ -112,6 +129,30 @@ pub fn main(cli: Cli) -> i32 {
                 },
             )
         }
+    }
+}
+
+fn mock_upstream(listen: SocketAddr, stream_events: Option<usize>, gap_ms: u64) -> i32 {
+    let upstream = match MockUpstream::start_in_thread("the mock upstream", listen) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("tollgate: cannot start the mock upstream on {listen}: {e}");
+            return 1;
+        }
+    };
+    if let Some(n) = stream_events {
+        let event = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"token \"},\"finish_reason\":null}]}\n\n".to_string();
+        upstream.set_default(crate::mock::Reply::Stream {
+            events: std::iter::repeat_n(event, n)
+                .chain(["data: [DONE]\n\n".to_string()])
+                .collect(),
+            gap: std::time::Duration::from_millis(gap_ms),
+            cut: false,
+        });
+    }
+    println!("tollgate: mock upstream on {}", upstream.url());
+    loop {
+        std::thread::park();
     }
 }
 

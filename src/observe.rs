@@ -103,9 +103,9 @@ fn record_metrics(r: &Record, config: &Config) {
     let model = model_label(r, config);
     let upstream = r.upstream.as_deref().unwrap_or("none");
     let total = r.start.elapsed();
-    let code = r.status.to_string();
+    let mut code_buf = [0u8; 3];
     m.requests
-        .with_label_values(&[model, upstream, code.as_str()])
+        .with_label_values(&[model, upstream, status_label(r.status, &mut code_buf)])
         .inc();
     m.duration
         .with_label_values(&[model, upstream])
@@ -168,6 +168,17 @@ fn record_metrics(r: &Record, config: &Config) {
             m.usage_unreported.with_label_values(&[model, reason]).inc();
         }
     }
+}
+
+/// The status code as a label, without an allocation.
+fn status_label(status: u16, buf: &mut [u8; 3]) -> &str {
+    if !(100..1000).contains(&status) {
+        return "0";
+    }
+    buf[0] = b'0' + (status / 100) as u8;
+    buf[1] = b'0' + (status / 10 % 10) as u8;
+    buf[2] = b'0' + (status % 10) as u8;
+    std::str::from_utf8(buf).unwrap_or("0")
 }
 
 /// A client-supplied string made safe for a space-separated line.
@@ -267,6 +278,8 @@ fn json_line(r: &Record) -> String {
 /// `[time LEVEL target]`.
 pub fn init_logging(file: Option<&str>) -> std::io::Result<()> {
     let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    // No terminal colours, so nothing to strip from every line on its way to a file or journald.
+    b.write_style(env_logger::WriteStyle::Never);
     b.format(|buf, record| {
         if record.target() == "tollgate::access" {
             writeln!(buf, "{}", record.args())
@@ -291,4 +304,17 @@ pub fn init_logging(file: Option<&str>) -> std::io::Result<()> {
     // A second initialisation (tests embedding the library) keeps the first logger.
     let _ = b.try_init();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_labels_are_three_digits() {
+        let mut b = [0u8; 3];
+        assert_eq!(status_label(200, &mut b), "200");
+        assert_eq!(status_label(429, &mut b), "429");
+        assert_eq!(status_label(0, &mut b), "0");
+    }
 }

@@ -100,13 +100,35 @@ impl UsageScanner {
     /// The usage seen, once the body ended. `None` when the response carried none.
     pub fn finish(&mut self) -> Option<Usage> {
         if !self.sse && !self.overflow && contains(&self.buf, b"\"usage\"") {
-            if let Ok(v) = serde_json::from_slice::<Value>(&self.buf) {
-                self.merge(&v);
+            // Only the usage object is built; the rest of the body is skipped over.
+            if let Ok(Body { usage: Some(u) }) = serde_json::from_slice::<Body>(&self.buf) {
+                let input = u.prompt_tokens.or(u.input_tokens);
+                let output = u.completion_tokens.or(u.output_tokens);
+                if input.is_some() || output.is_some() {
+                    self.found = Some(Usage {
+                        input: input.unwrap_or(0),
+                        output: output.unwrap_or(0),
+                    });
+                }
             }
             self.buf = Vec::new();
         }
         self.found
     }
+}
+
+#[derive(serde::Deserialize)]
+struct Body {
+    #[serde(default)]
+    usage: Option<UsageFields>,
+}
+
+#[derive(serde::Deserialize)]
+struct UsageFields {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {

@@ -1,0 +1,153 @@
+//! Criterion benchmarks of the per-request hot paths: target selection, limiter checks,
+//! the body scan and model rewrite, and SSE usage parsing. Run: `cargo bench --bench hot_paths`.
+
+use bytes::Bytes;
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use std::time::Duration;
+use tollgate::config::file::{Balance, LimitSection, Provider, UpstreamSection};
+use tollgate::config::units::Seconds;
+use tollgate::health::{now_ms, Reason};
+use tollgate::inspect::Rules;
+use tollgate::limits::{key_hash, Admission, Counters, Scope};
+use tollgate::select::{Endpoint, InFlight, Server, Upstream};
+use tollgate::usage::UsageScanner;
+
+fn upstream(balance: Balance, n: usize) -> Upstream {
+    let section = UpstreamSection {
+        provider: Provider::Generic,
+        balance,
+        connect_timeout: Seconds(Duration::from_secs(1)),
+        first_byte_timeout: Seconds(Duration::from_secs(1)),
+        idle_timeout: Seconds(Duration::from_secs(1)),
+        retry_on: None,
+        health_check: None,
+        servers: vec![],
+    };
+    let servers = (0..n)
+        .map(|i| {
+            Server::new(
+                format!("s{i}"),
+                Endpoint::parse(&format!("http://10.0.0.{}:8000/v1", i + 1)).unwrap(),
+                None,
+                1 + i % 3,
+                false,
+            )
+        })
+        .collect();
+    Upstream::new("u".into(), &section, servers, Rules::default())
+}
+
+fn selection(c: &mut Criterion) {
+    let mut g = c.benchmark_group("select");
+    for (name, balance) in [
+        ("weighted", Balance::Weighted),
+        ("least_conn", Balance::LeastConn),
+    ] {
+        let u = upstream(balance, 8);
+        let _busy: Vec<InFlight> = u
+            .servers
+            .iter()
+            .take(3)
+            .map(|s| InFlight::new(&s.state))
+            .collect();
+        g.bench_function(BenchmarkId::new(name, "8 servers"), |b| {
+            b.iter(|| black_box(u.pick(|_| true).map(|s| s.weight)))
+        });
+        let cooling = upstream(balance, 8);
+        for s in cooling.servers.iter().take(4) {
+            s.state
+                .health
+                .cool(now_ms(), Duration::from_secs(3600), Reason::Quota);
+        }
+        g.bench_function(BenchmarkId::new(name, "8 servers, 4 cooling"), |b| {
+            b.iter(|| black_box(cooling.pick(|_| true).map(|s| s.weight)))
+        });
+    }
+    g.finish();
+}
+
+fn limiter(c: &mut Criterion) {
+    let counters = Counters::default();
+    let limits = LimitSection {
+        rpm: Some(u64::MAX / 2),
+        tpm: Some(u64::MAX / 2),
+        concurrency: Some(1 << 40),
+        rps: None,
+    };
+    let key = key_hash("team-a");
+    c.bench_function("limits/request+tokens+settle", |b| {
+        b.iter(|| {
+            let mut adm = Admission::default();
+            counters
+                .admit_request(Scope::Key, key, &limits, &mut adm)
+                .unwrap();
+            counters
+                .admit_tokens(Scope::Key, key, &limits, 300, &mut adm)
+                .unwrap();
+            counters.settle_tokens(&mut adm, 280);
+            black_box(counters.key_headers(key, &limits))
+        })
+    });
+}
+
+fn chat_body(size: usize) -> Bytes {
+    let filler = "lorem ipsum dolor sit amet ".repeat(size / 27 + 1);
+    let body = serde_json::json!({
+        "messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": &filler[..size.saturating_sub(150)]}],
+        "temperature": 0.2, "model": "gpt-4o", "stream": true, "max_tokens": 256
+    });
+    Bytes::from(body.to_string())
+}
+
+fn body_scan(c: &mut Criterion) {
+    let mut g = c.benchmark_group("body");
+    for (label, size) in [("1KB", 1024), ("1MB", 1 << 20)] {
+        let body = chat_body(size);
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(BenchmarkId::new("scan", label), |b| {
+            b.iter(|| black_box(tollgate::body::scan(&body).unwrap()))
+        });
+        let facts = tollgate::body::scan(&body).unwrap();
+        g.bench_function(BenchmarkId::new("rewrite_model", label), |b| {
+            b.iter(|| {
+                black_box(tollgate::body::rewrite_model(
+                    &body,
+                    &facts,
+                    "llama-3-70b-instruct",
+                ))
+            })
+        });
+    }
+    g.finish();
+}
+
+fn sse_usage(c: &mut Criterion) {
+    let events = tollgate::mock::chat_events("gpt-4o", &"token ".repeat(200), true);
+    let chunks: Vec<Bytes> = events.into_iter().map(Bytes::from).collect();
+    let total: usize = chunks.iter().map(|c| c.len()).sum();
+    let mut g = c.benchmark_group("usage");
+    g.throughput(Throughput::Bytes(total as u64));
+    g.bench_function("sse stream of 200 chunks", |b| {
+        b.iter(|| {
+            let mut s = UsageScanner::new(true);
+            for c in &chunks {
+                s.feed(c);
+            }
+            black_box(s.finish())
+        })
+    });
+    let json = Bytes::from(
+        r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hello there"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":30,"total_tokens":42}}"#,
+    );
+    g.bench_function("json body", |b| {
+        b.iter(|| {
+            let mut s = UsageScanner::new(false);
+            s.feed(&json);
+            black_box(s.finish())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, selection, limiter, body_scan, sse_usage);
+criterion_main!(benches);
