@@ -30,6 +30,12 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 cargo build --release --quiet
 BIN=target/release/tollgate
 ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+# A proxied stream holds two descriptors in the proxy (client and upstream side).
+max_streams=$(( ($(ulimit -n) - 1000) / 2 ))
+if [ "$STREAMS" -gt "$max_streams" ]; then
+  echo "note: open-file limit $(ulimit -n) allows $max_streams proxied streams; measuring $max_streams instead of $STREAMS" >&2
+  STREAMS=$max_streams
+fi
 
 work=$(mktemp -d)
 pids=()
@@ -103,7 +109,8 @@ log: {file: $work/tollgate.log}
 YAML
 RUST_LOG=info $BIN -c "$work/tollgate.yaml" >/dev/null & TG_PID=$!; pids+=($TG_PID)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ADMIN/health" >/dev/null && break; sleep 0.1; done
-NGX_PIDS=$(pgrep -f "nginx.*$work" | tr '\n' ' ')
+NGX_MASTER=$(cat "$work/nginx.pid")
+NGX_PIDS="$NGX_MASTER $(pgrep -P "$NGX_MASTER" | tr '\n' ' ')"
 
 # A ~1 KB chat completion body.
 BODY=$(python3 -c 'import json; print(json.dumps({"model":"bench","messages":[{"role":"system","content":"You are a terse assistant."},{"role":"user","content":("Summarise the following text. "+"lorem ipsum dolor sit amet "*35)[:900]}],"temperature":0.2,"max_tokens":64}))')
@@ -162,13 +169,19 @@ for t in nginx tollgate; do
     rss[$t]=$(python3 -c "print(round(($held-$base)/$STREAMS, 2))")
   else
     rss[$t]="failed"
+    echo "warning: $t could not hold $STREAMS streams: $(tail -1 "$work/hold-$t.out" 2>/dev/null)" >&2
   fi
   exec 9>&-
   wait $holder 2>/dev/null || true
 done
 
 m() { echo "${!1}" | median; }
-ratio() { python3 -c "a,b=float('$1'),float('$2'); print(f'{a/b:.2f}' if b else 'n/a')"; }
+ratio() { python3 -c "
+try:
+    a, b = float('$1'), float('$2')
+    print(f'{a/b:.2f}' if b else 'n/a')
+except ValueError:
+    print('n/a')"; }
 {
   echo "| measure | direct | nginx | Tollgate | Tollgate / nginx | Tollgate / direct |"
   echo "|---|---|---|---|---|---|"
