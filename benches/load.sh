@@ -194,7 +194,7 @@ except ValueError:
       lat50) label="p50 latency at $RATE req/s (ms)";;
       lat99) label="p99 latency at $RATE req/s (ms)";;
       ttfb) label="time to first byte of a stream (ms, median of $((30 * ROUNDS)))";;
-      cpu) label="CPU seconds per 10,000 requests (proxy process)";;
+      cpu) label="CPU seconds per 10,000 requests (the proxy; for direct, the mock upstream)";;
     esac
     echo "| $label | $d | $n | $g | $(ratio "$g" "$n") | $(ratio "$g" "$d") |"
   done
