@@ -403,6 +403,24 @@ async fn a_slow_first_byte_times_out_and_moves_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_before_any_response_moves_on() {
+    let a = MockUpstream::start("a").await.unwrap();
+    let b = MockUpstream::start("b").await.unwrap();
+    a.set_default(Reply::Close);
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  first: {{servers: [{{url: \"{}\"}}]}}\n  second: {{servers: [{{url: \"{}\"}}]}}\nmodels:\n  m:\n    routes:\n      - {{upstream: first, priority: 1}}\n      - {{upstream: second, priority: 2}}\n",
+        a.url(),
+        b.url()
+    ));
+    let r = post(&gw, "m").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-tollgate-attempts"], "2");
+    assert_eq!((a.hits(), b.hits()), (1, 1));
+    let logged = eventually(Duration::from_secs(2), || gw.logs().contains("=reset")).await;
+    assert!(logged, "{}", gw.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_failing_active_checks_gets_no_traffic_and_returns_when_healthy() {
     let a = MockUpstream::start("a").await.unwrap();
     let b = MockUpstream::start("b").await.unwrap();
