@@ -460,8 +460,8 @@ mod tests {
     use super::*;
     use crate::config::units::Seconds;
 
-    fn upstream(balance: Balance, servers: &[(usize, bool)]) -> Upstream {
-        let section = UpstreamSection {
+    fn section(balance: Balance) -> UpstreamSection {
+        UpstreamSection {
             provider: Provider::Generic,
             balance,
             connect_timeout: Seconds(Duration::from_secs(1)),
@@ -470,7 +470,10 @@ mod tests {
             retry_on: None,
             health_check: None,
             servers: vec![],
-        };
+        }
+    }
+
+    fn upstream(balance: Balance, servers: &[(usize, bool)]) -> Upstream {
         let servers = servers
             .iter()
             .enumerate()
@@ -485,7 +488,7 @@ mod tests {
                 )
             })
             .collect();
-        Upstream::new("u".into(), &section, servers, Rules::default())
+        Upstream::new("u".into(), &section(balance), servers, Rules::default())
     }
 
     fn count(u: &Upstream, n: usize) -> Vec<usize> {
@@ -523,16 +526,7 @@ mod tests {
         ];
         let u = Upstream::new(
             "u".into(),
-            &UpstreamSection {
-                provider: Provider::Generic,
-                balance: Balance::Weighted,
-                connect_timeout: Seconds(Duration::from_secs(1)),
-                first_byte_timeout: Seconds(Duration::from_secs(1)),
-                idle_timeout: Seconds(Duration::from_secs(1)),
-                retry_on: None,
-                health_check: None,
-                servers: vec![],
-            },
+            &section(Balance::Weighted),
             section_servers,
             Rules::default(),
         );
