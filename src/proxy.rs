@@ -350,7 +350,10 @@ impl Gateway {
         let estimate = limits::estimate_tokens(body.len(), facts.max_tokens);
         self.admit_model(ctx, config, caller, alias, estimate)?;
 
-        let req = session.req_header();
+        // A copy of the client's header, so the attempts can run while the client side of
+        // the session is watched for a disconnect.
+        let client_header = session.req_header().clone();
+        let req = &client_header;
         let peer = ctx
             .peer
             .map_or_else(|| "unknown".to_string(), |p| p.to_string());
@@ -381,9 +384,21 @@ impl Gateway {
         };
         let mut attempts = Vec::new();
         let attempts_started = Instant::now();
-        let result = failover::run(&plan, alias, &mut attempts).await;
+        // A client that leaves while the upstream is still thinking (no header yet) ends the
+        // attempt: dropping it closes the upstream connection, which stops the generation.
+        let result = tokio::select! {
+            r = failover::run(&plan, alias, &mut attempts) => Some(r),
+            _ = session.downstream_session.read_body_or_idle(true) => None,
+        };
         ctx.record.waiting += attempts_started.elapsed();
         ctx.record.attempts = attempts;
+        let Some(result) = result else {
+            ctx.record.error = Some(stream::StreamEnd::ClientGone.as_str());
+            return Err(Outcome::Aborted(Error::explain(
+                ErrorType::ConnectionClosed,
+                "client disconnected before the response",
+            )));
+        };
         let winner = result?;
 
         let target = winner.server.name.clone();

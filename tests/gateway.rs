@@ -440,3 +440,45 @@ async fn read_response(s: &mut tokio::net::TcpStream) -> String {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_before_the_response_header_frees_the_upstream_at_once() {
+    let up = MockUpstream::start("thinking").await.unwrap();
+    up.set_default(Reply::Delay(Duration::from_secs(4), Box::new(Reply::Model)));
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u:\n    servers: [{{url: \"{}\", name: u1}}]\nmodels:\n  m:\n    routes: [{{upstream: u}}]\n",
+        up.url()
+    ));
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    assert!(impatient
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat("m", false))
+        .send()
+        .await
+        .is_err());
+    // The upstream would answer after 4 s; the gateway lets go well before that.
+    let released = eventually(Duration::from_millis(1500), || {
+        gw.logs().contains("error=client_disconnect")
+    })
+    .await;
+    assert!(released, "{}", gw.logs());
+    let metrics = client()
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let in_flight = metrics
+        .lines()
+        .find(|l| l.starts_with("tollgate_upstream_in_flight") && l.contains("u/u1"))
+        .unwrap();
+    assert!(in_flight.ends_with(" 0"), "{in_flight}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(up.hits(), 1);
+}
