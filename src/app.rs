@@ -69,9 +69,6 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
         pid_file: s.pid_file.clone(),
         upgrade_sock: s.upgrade_sock.clone(),
         threads: s.threads,
-        // One single-threaded runtime per worker thread: no task stealing, so no cross-thread
-        // synchronisation on the request path.
-        work_stealing: false,
         grace_period_seconds: Some(s.grace_period.0.as_secs()),
         graceful_shutdown_timeout_seconds: Some(5),
         upstream_keepalive_pool_size: s.upstream_pool_size,
