@@ -21,6 +21,7 @@ fn upstream(balance: Balance, n: usize) -> Upstream {
         idle_timeout: Seconds(Duration::from_secs(1)),
         retry_on: None,
         health_check: None,
+        stream_usage: None,
         servers: vec![],
     };
     let servers = (0..n)

@@ -18,6 +18,10 @@ pub struct RequestFacts {
     /// The completion budget asked for (`max_tokens`, `max_completion_tokens` or
     /// `max_output_tokens`), used to estimate tokens before the response.
     pub max_tokens: Option<u64>,
+    /// The client sent `stream_options` (then the gateway never adds its own).
+    pub stream_options: bool,
+    /// Offset of the object's opening brace.
+    pub open: usize,
 }
 
 #[derive(Deserialize)]
@@ -32,6 +36,8 @@ struct Head<'a> {
     max_completion_tokens: Option<u64>,
     #[serde(default)]
     max_output_tokens: Option<u64>,
+    #[serde(default, borrow)]
+    stream_options: Option<&'a RawValue>,
 }
 
 /// Reads `model` and `stream` from a JSON object body. Errors are client-facing messages.
@@ -58,18 +64,37 @@ pub fn scan(body: &[u8]) -> Result<RequestFacts, String> {
             .max_completion_tokens
             .or(head.max_tokens)
             .or(head.max_output_tokens),
+        stream_options: head.stream_options.is_some(),
+        open: text.len() - text.trim_start().len(),
     })
 }
+
+/// The member the gateway adds to a streaming request so that the upstream reports usage.
+const STREAM_USAGE: &[u8] = br#""stream_options":{"include_usage":true},"#;
 
 /// The body with the model value replaced by `model`; the same bytes (no copy) when the
 /// name is unchanged.
 pub fn rewrite_model(body: &Bytes, facts: &RequestFacts, model: &str) -> Bytes {
-    if model == facts.model {
+    prepare(body, facts, model, false)
+}
+
+/// The body for one upstream: the model value replaced by `model` and, with `add_usage`,
+/// `"stream_options":{"include_usage":true}` added as the first member. Every other byte
+/// is the client's. No copy when nothing changes.
+pub fn prepare(body: &Bytes, facts: &RequestFacts, model: &str, add_usage: bool) -> Bytes {
+    let add_usage = add_usage && !facts.stream_options;
+    if model == facts.model && !add_usage {
         return body.clone();
     }
     let quoted = serde_json::to_string(model).unwrap_or_else(|_| format!("\"{model}\""));
-    let mut out = BytesMut::with_capacity(body.len() + quoted.len());
-    out.extend_from_slice(&body[..facts.model_span.start]);
+    let mut out = BytesMut::with_capacity(body.len() + quoted.len() + STREAM_USAGE.len());
+    let mut from = 0;
+    if add_usage {
+        out.extend_from_slice(&body[..=facts.open]);
+        out.extend_from_slice(STREAM_USAGE);
+        from = facts.open + 1;
+    }
+    out.extend_from_slice(&body[from..facts.model_span.start]);
     out.extend_from_slice(quoted.as_bytes());
     out.extend_from_slice(&body[facts.model_span.end..]);
     out.freeze()
@@ -100,6 +125,25 @@ mod tests {
         );
         let same = rewrite_model(&body, &f, "alias");
         assert_eq!(same.as_ptr(), body.as_ptr());
+    }
+
+    #[test]
+    fn stream_usage_is_added_as_the_first_member_unless_the_client_set_options() {
+        let body = Bytes::from_static(br#" {"model":"a","stream":true}"#);
+        let f = scan(&body).unwrap();
+        let out = prepare(&body, &f, "b", true);
+        assert_eq!(
+            &out[..],
+            br#" {"stream_options":{"include_usage":true},"model":"b","stream":true}"#
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        let own = Bytes::from_static(
+            br#"{"model":"a","stream":true,"stream_options":{"include_usage":false}}"#,
+        );
+        let f = scan(&own).unwrap();
+        assert!(f.stream_options);
+        assert_eq!(prepare(&own, &f, "a", true).as_ptr(), own.as_ptr());
     }
 
     #[test]

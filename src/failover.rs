@@ -39,6 +39,8 @@ pub struct Winner {
     pub upstream: Arc<Upstream>,
     /// The model name the upstream was sent.
     pub model: String,
+    /// The gateway added `stream_options.include_usage`: the usage chunk is not the client's.
+    pub usage_added: bool,
     pub in_flight: InFlight,
 }
 
@@ -66,7 +68,10 @@ pub struct Plan<'a> {
     pub dialect: Dialect,
     pub out: &'a Outgoing<'a>,
     pub client_model: &'a str,
-    pub rewrite: &'a (dyn Fn(&str) -> Bytes + Sync),
+    /// The body for a model name, with or without `stream_options.include_usage` added.
+    pub rewrite: &'a (dyn Fn(&str, bool) -> Bytes + Sync),
+    /// A streaming request without `stream_options` on an endpoint that supports it.
+    pub wants_usage: bool,
 }
 
 /// An upstream error status a client can act on, relayed as sent when every attempt
@@ -133,7 +138,8 @@ pub async fn run(
                 let route = &tier.routes[ri];
                 let upstream = &route.upstream;
                 let model = route.model.as_deref().unwrap_or(plan.client_model);
-                let body = (plan.rewrite)(model);
+                let usage_added = plan.wants_usage && upstream.stream_usage;
+                let body = (plan.rewrite)(model, usage_added);
                 let in_flight = InFlight::new(&server.state);
                 let header = forward::request_header(plan.out, &server, upstream, body.len())
                     .map_err(|e| {
@@ -185,6 +191,7 @@ pub async fn run(
                     alias_index,
                 });
                 let winner = Winner {
+                    usage_added,
                     model: model.to_string(),
                     sent,
                     server: Arc::clone(&server),

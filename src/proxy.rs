@@ -372,7 +372,7 @@ impl Gateway {
             request_id: &ctx.record.request_id,
             forwarded_for: &forwarded_for,
         };
-        let rewrite = |model: &str| body::rewrite_model(&body, &facts, model);
+        let rewrite = |model: &str, add_usage: bool| body::prepare(&body, &facts, model, add_usage);
         let plan = failover::Plan {
             connector: &self.connector,
             router: &config.router,
@@ -381,6 +381,9 @@ impl Gateway {
             out: &out,
             client_model: &facts.model,
             rewrite: &rewrite,
+            wants_usage: facts.stream
+                && !facts.stream_options
+                && matches!(suffix, "/chat/completions" | "/completions"),
         };
         let mut attempts = Vec::new();
         let attempts_started = Instant::now();

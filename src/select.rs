@@ -249,6 +249,8 @@ pub struct Upstream {
     pub servers: Vec<Arc<Server>>,
     /// Extra retry rules (`failover.retry_on` plus this upstream's own).
     pub rules: Rules,
+    /// Whether streaming requests get `stream_options.include_usage` added.
+    pub stream_usage: bool,
     balancer: Balancer,
     checks_active: bool,
 }
@@ -325,6 +327,10 @@ impl Upstream {
             idle_timeout: section.idle_timeout.0,
             servers,
             rules,
+            stream_usage: section.stream_usage.unwrap_or(matches!(
+                section.provider,
+                Provider::Openai | Provider::Azure
+            )),
             balancer,
             checks_active: section.health_check.is_some(),
         }
@@ -469,6 +475,7 @@ mod tests {
             idle_timeout: Seconds(Duration::from_secs(1)),
             retry_on: None,
             health_check: None,
+            stream_usage: None,
             servers: vec![],
         }
     }

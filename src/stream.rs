@@ -8,7 +8,7 @@
 use crate::failover::Winner;
 use crate::headers::{connection_nominated, is_hop_by_hop};
 use crate::usage::{Usage, UsageScanner};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use pingora_core::connectors::http::Connector;
 use pingora_core::{Error, ErrorType};
 use pingora_http::ResponseHeader;
@@ -94,6 +94,59 @@ fn is_event_stream(h: &ResponseHeader) -> bool {
         .is_some_and(|v| v.trim_start().starts_with("text/event-stream"))
 }
 
+/// Removes the usage-only event (`"choices":[]` with a `usage` object) from an SSE stream
+/// whose `include_usage` the gateway added, passing every other event on unchanged as soon
+/// as it is complete.
+#[derive(Default)]
+pub struct UsageChunkFilter {
+    pending: BytesMut,
+}
+
+impl UsageChunkFilter {
+    /// The complete events of `chunk` (and of what was pending) to pass on, if any.
+    pub fn filter(&mut self, chunk: &[u8]) -> Option<Bytes> {
+        self.pending.extend_from_slice(chunk);
+        let mut out = BytesMut::new();
+        while let Some(end) = event_end(&self.pending) {
+            let event = self.pending.split_to(end);
+            if !is_usage_only(&event) {
+                out.extend_from_slice(&event);
+            }
+        }
+        (!out.is_empty()).then(|| out.freeze())
+    }
+
+    /// Whatever is left at the end of the stream (an unterminated last event).
+    pub fn finish(&mut self) -> Option<Bytes> {
+        (!self.pending.is_empty()).then(|| self.pending.split().freeze())
+    }
+}
+
+/// The end of the first complete event (after its blank line), if there is one.
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn is_usage_only(event: &[u8]) -> bool {
+    let contains = |n: &[u8]| event.windows(n.len()).any(|w| w == n);
+    if !contains(b"\"usage\"") || !contains(b"\"choices\"") {
+        return false;
+    }
+    let text = String::from_utf8_lossy(event);
+    let data = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .collect::<String>();
+    serde_json::from_str::<serde_json::Value>(data.trim()).is_ok_and(|v| {
+        v["choices"].as_array().is_some_and(|c| c.is_empty()) && v["usage"].is_object()
+    })
+}
+
 /// The SSE event sent when the upstream fails after the stream began. SDKs raise it.
 fn sse_error_event(message: &str) -> Bytes {
     let body = serde_json::json!({
@@ -112,7 +165,10 @@ pub async fn relay(
     relayed: &mut Relayed,
 ) -> pingora_core::Result<()> {
     let Winner {
-        mut sent, upstream, ..
+        mut sent,
+        upstream,
+        usage_added,
+        ..
     } = winner;
     let mut up = sent.session;
     let Some(up_header) = up.response_header() else {
@@ -123,6 +179,8 @@ pub async fn relay(
     };
     let sse = is_event_stream(up_header);
     let mut usage = UsageScanner::new(sse);
+    // The usage chunk the gateway asked for on the client's behalf is not passed on.
+    let mut strip = (sse && usage_added).then(UsageChunkFilter::default);
     let http1 = !session.is_http2();
     let header = downstream_header(up_header, http1, stamp)?;
     relayed.status = header.status.as_u16();
@@ -162,8 +220,15 @@ pub async fn relay(
                     if relayed.first_byte.is_none() {
                         relayed.first_byte = Some(Instant::now());
                     }
-                    relayed.bytes += chunk.len();
                     usage.feed(&chunk);
+                    let chunk = match strip.as_mut() {
+                        Some(f) => match f.filter(&chunk) {
+                            Some(c) => c,
+                            None => continue,
+                        },
+                        None => chunk,
+                    };
+                    relayed.bytes += chunk.len();
                     if session
                         .write_response_body(Some(chunk), false)
                         .await
@@ -184,6 +249,10 @@ pub async fn relay(
     relayed.usage = usage.finish();
     match end {
         StreamEnd::Complete => {
+            if let Some(rest) = strip.as_mut().and_then(UsageChunkFilter::finish) {
+                relayed.bytes += rest.len();
+                session.write_response_body(Some(rest), false).await?;
+            }
             if sent.body_complete {
                 connector
                     .release_http_session(up, &sent.peer, Some(upstream.idle_timeout))
@@ -215,5 +284,41 @@ pub async fn relay(
             }
             Error::e_explain(ErrorType::ReadError, "upstream failed mid-response")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_usage_chunk_is_removed_and_everything_else_passes_whole() {
+        let mut f = UsageChunkFilter::default();
+        let mut out = Vec::new();
+        let stream: &[&[u8]] = &[
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":null}\n\nda",
+            b"ta: {\"choices\":[{\"delta\":{}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n",
+            b"\ndata: [DONE]\n\n",
+        ];
+        for c in stream {
+            if let Some(b) = f.filter(c) {
+                out.extend_from_slice(&b);
+            }
+        }
+        assert!(f.finish().is_none());
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":null}\n\ndata: {\"choices\":[{\"delta\":{}}]}\n\ndata: [DONE]\n\n"
+        );
+    }
+
+    #[test]
+    fn crlf_events_and_an_unterminated_tail_pass_through() {
+        let mut f = UsageChunkFilter::default();
+        assert_eq!(
+            f.filter(b"data: 1\r\n\r\ndata: 2").as_deref(),
+            Some(&b"data: 1\r\n\r\n"[..])
+        );
+        assert_eq!(f.finish().as_deref(), Some(&b"data: 2"[..]));
     }
 }

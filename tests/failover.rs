@@ -131,11 +131,11 @@ async fn tier_two_only_after_tier_one_is_exhausted_then_the_fallback_alias() {
     let sent: Value = serde_json::from_slice(&fb.last().unwrap().body).unwrap();
     assert_eq!(sent["model"], "small-v2");
     // Order: both tier-1 servers (either order), then tier 2, then the fallback alias.
+    // The access log is written just after the response; wait for it.
+    let has_line = |l: &str| l.contains(" id=") && l.contains("attempts=");
+    assert!(eventually(Duration::from_secs(2), || gw.logs().lines().any(has_line)).await);
     let log = gw.logs();
-    let line = log
-        .lines()
-        .find(|l| l.contains(" id=") && l.contains("attempts="))
-        .unwrap();
+    let line = log.lines().find(|l| has_line(l)).unwrap();
     let attempts = line
         .split("attempts=")
         .nth(1)

@@ -398,7 +398,12 @@ async fn json_access_logs_have_one_line_per_request_and_no_secret_anywhere() {
         .send()
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Access-log lines are written just after each response.
+    let four = common::eventually(Duration::from_secs(3), || {
+        gw.logs().lines().filter(|l| l.starts_with('{')).count() >= 4
+    })
+    .await;
+    assert!(four, "{}", gw.logs());
 
     let logs = gw.logs();
     let lines: Vec<Value> = logs
@@ -463,4 +468,75 @@ async fn json_access_logs_have_one_line_per_request_and_no_secret_anywhere() {
     for secret in [client_key, upstream_key, "sk-wrong-key-presented-0000"] {
         assert!(!logs.contains(secret), "secret in logs");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_usage_is_requested_upstream_counted_and_kept_from_the_client() {
+    let openai = MockUpstream::start("openai").await.unwrap();
+    let generic = MockUpstream::start("generic").await.unwrap();
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  oa:\n    provider: openai\n    servers: [{{url: \"{}\", api_key: sk-test-000000000000}}]\n  gen:\n    servers: [{{url: \"{}\"}}]\nmodels:\n  m:\n    routes: [{{upstream: oa}}]\n  g:\n    routes: [{{upstream: gen}}]\n",
+        openai.url(),
+        generic.url()
+    ));
+    let c = client();
+    // The client did not ask for usage: the gateway asks, counts it, and strips the chunk.
+    let text = c
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat("m", true))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sent: Value = serde_json::from_slice(&openai.last().unwrap().body).unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    assert!(!text.contains("\"choices\":[]"), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    // The client asked itself: the chunk is its to keep.
+    let own = serde_json::json!({"model": "m", "stream": true, "stream_options": {"include_usage": true}, "messages": [{"role": "user", "content": "hi"}]});
+    let text = c
+        .post(gw.url("/v1/chat/completions"))
+        .json(&own)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("\"choices\":[]"), "{text}");
+    // A generic upstream is left alone.
+    c.post(gw.url("/v1/chat/completions"))
+        .json(&chat("g", true))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sent: Value = serde_json::from_slice(&generic.last().unwrap().body).unwrap();
+    assert!(sent.get("stream_options").is_none());
+
+    let text = scrape(&gw).await;
+    assert_eq!(
+        value(
+            &text,
+            "tollgate_tokens_total",
+            &[("model", "m"), ("type", "input")]
+        ),
+        16.0
+    );
+    assert_eq!(
+        value(&text, "tollgate_usage_unreported_total", &[("model", "m")]),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "tollgate_usage_unreported_total",
+            &[("model", "g"), ("reason", "not_reported")]
+        ),
+        1.0
+    );
 }

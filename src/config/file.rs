@@ -318,6 +318,12 @@ pub struct UpstreamSection {
     /// Active HTTP health checks; off unless present.
     #[serde(default)]
     pub health_check: Option<HealthCheckSection>,
+    /// Add `stream_options.include_usage` to streaming chat and completion requests that
+    /// lack `stream_options`, so streamed tokens are counted (the extra usage chunk is
+    /// removed from what the client receives). Default: true for openai and azure, false
+    /// for others (not every server accepts the option).
+    #[serde(default)]
+    pub stream_usage: Option<bool>,
     pub servers: Vec<ServerEntry>,
 }
 
