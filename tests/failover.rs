@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{chat, client, eventually, Gateway};
+use common::{chat, client, eventually, two_tiers, Gateway};
 use futures_util::StreamExt;
 use serde_json::Value;
 use std::time::Duration;
@@ -323,11 +323,7 @@ async fn a_401_from_an_upstream_moves_on_and_is_logged_without_the_key() {
 async fn streams_fail_over_before_the_first_byte_but_never_after() {
     let a = MockUpstream::start("a").await.unwrap();
     let b = MockUpstream::start("b").await.unwrap();
-    let gw = Gateway::start(&format!(
-        "upstreams:\n  first: {{servers: [{{url: \"{}\"}}]}}\n  second: {{servers: [{{url: \"{}\"}}]}}\nmodels:\n  m:\n    routes:\n      - {{upstream: first, priority: 1}}\n      - {{upstream: second, priority: 2}}\n",
-        a.url(),
-        b.url()
-    ));
+    let gw = Gateway::start(&two_tiers(&a.url(), &b.url(), ""));
     // Before the first byte: a 429 on a stream request fails over like any other.
     a.push([Reply::error(429, OPENAI_RATE)]);
     let r = client()
@@ -389,10 +385,10 @@ async fn a_slow_first_byte_times_out_and_moves_on() {
     let a = MockUpstream::start("a").await.unwrap();
     let b = MockUpstream::start("b").await.unwrap();
     a.set_default(Reply::Hang);
-    let gw = Gateway::start(&format!(
-        "upstreams:\n  first: {{first_byte_timeout: 300ms, servers: [{{url: \"{}\"}}]}}\n  second: {{servers: [{{url: \"{}\"}}]}}\nmodels:\n  m:\n    routes:\n      - {{upstream: first, priority: 1}}\n      - {{upstream: second, priority: 2}}\n",
-        a.url(),
-        b.url()
+    let gw = Gateway::start(&two_tiers(
+        &a.url(),
+        &b.url(),
+        "first_byte_timeout: 300ms, ",
     ));
     let r = post(&gw, "m").await;
     assert_eq!(r.status(), 200);
@@ -407,11 +403,7 @@ async fn a_connection_closed_before_any_response_moves_on() {
     let a = MockUpstream::start("a").await.unwrap();
     let b = MockUpstream::start("b").await.unwrap();
     a.set_default(Reply::Close);
-    let gw = Gateway::start(&format!(
-        "upstreams:\n  first: {{servers: [{{url: \"{}\"}}]}}\n  second: {{servers: [{{url: \"{}\"}}]}}\nmodels:\n  m:\n    routes:\n      - {{upstream: first, priority: 1}}\n      - {{upstream: second, priority: 2}}\n",
-        a.url(),
-        b.url()
-    ));
+    let gw = Gateway::start(&two_tiers(&a.url(), &b.url(), ""));
     let r = post(&gw, "m").await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-tollgate-attempts"], "2");

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{chat, client, closed_port, eventually, Gateway};
+use common::{chat, client, closed_port, eventually, single, Gateway};
 use futures_util::StreamExt;
 use std::time::Duration;
 use tollgate::mock::{MockUpstream, Reply};
@@ -193,10 +193,7 @@ async fn a_one_mib_prompt_is_resent_intact_after_a_connect_failure() {
 async fn the_first_chunk_reaches_the_client_while_the_upstream_is_still_sending() {
     let up = MockUpstream::start("slow").await.unwrap();
     up.set_default(long_stream(6, 300));
-    let gw = Gateway::start(&format!(
-        "upstreams:\n  u:\n    servers: [{{url: \"{}\"}}]\nmodels:\n  m:\n    routes: [{{upstream: u}}]\n",
-        up.url()
-    ));
+    let gw = Gateway::start(&single(&up.url()));
     let mut r = client()
         .post(gw.url("/v1/chat/completions"))
         .json(&chat("m", true))
@@ -223,10 +220,7 @@ async fn the_first_chunk_reaches_the_client_while_the_upstream_is_still_sending(
 async fn a_client_disconnect_mid_stream_closes_the_upstream_connection() {
     let up = MockUpstream::start("long").await.unwrap();
     up.set_default(long_stream(50, 100));
-    let gw = Gateway::start(&format!(
-        "upstreams:\n  u:\n    servers: [{{url: \"{}\"}}]\nmodels:\n  m:\n    routes: [{{upstream: u}}]\n",
-        up.url()
-    ));
+    let gw = Gateway::start(&single(&up.url()));
     let mut r = client()
         .post(gw.url("/v1/chat/completions"))
         .json(&chat("m", true))
@@ -376,10 +370,7 @@ async fn messages_go_only_to_anthropic_upstreams_with_their_auth_style() {
 async fn expect_100_continue_is_answered_and_the_connection_stays_alive() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = MockUpstream::start("u").await.unwrap();
-    let gw = Gateway::start(&format!(
-        "upstreams:\n  u:\n    servers: [{{url: \"{}\"}}]\nmodels:\n  m:\n    routes: [{{upstream: u}}]\n",
-        up.url()
-    ));
+    let gw = Gateway::start(&single(&up.url()));
     let body = chat("m", false).to_string();
     let mut s = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
     let head = format!(

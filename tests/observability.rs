@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{chat, client, Gateway};
+use common::{chat, client, single, Gateway};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -284,10 +284,7 @@ async fn metrics_count_requests_tokens_failovers_refusals_and_follow_streams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_cut_before_its_usage_is_counted_as_such_and_aborts_by_reason() {
     let up = MockUpstream::start("u").await.unwrap();
-    let gw = Gateway::start(&format!(
-        "upstreams:\n  u:\n    servers: [{{url: \"{}\"}}]\nmodels:\n  m:\n    routes: [{{upstream: u}}]\n",
-        up.url()
-    ));
+    let gw = Gateway::start(&single(&up.url()));
     up.push([Reply::Stream {
         events: vec!["data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n".into()],
         gap: Duration::from_millis(5),

@@ -175,3 +175,16 @@ pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> boo
     }
     cond()
 }
+
+/// A config with one upstream `u` (one server at `url`) behind alias `m`.
+pub fn single(url: &str) -> String {
+    format!("upstreams:\n  u:\n    servers: [{{url: \"{url}\"}}]\nmodels:\n  m:\n    routes: [{{upstream: u}}]\n")
+}
+
+/// A config with alias `m` over two tiers: upstream `first` (priority 1, with `first_extra`
+/// settings such as `first_byte_timeout: 300ms, `) and upstream `second` (priority 2).
+pub fn two_tiers(first: &str, second: &str, first_extra: &str) -> String {
+    format!(
+        "upstreams:\n  first: {{{first_extra}servers: [{{url: \"{first}\"}}]}}\n  second: {{servers: [{{url: \"{second}\"}}]}}\nmodels:\n  m:\n    routes:\n      - {{upstream: first, priority: 1}}\n      - {{upstream: second, priority: 2}}\n"
+    )
+}
