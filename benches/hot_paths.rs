@@ -35,7 +35,7 @@ fn upstream(balance: Balance, n: usize) -> Upstream {
             )
         })
         .collect();
-    Upstream::new("u".into(), &section, servers, Rules::default())
+    Upstream::new("u".into(), &section, servers, Rules::default(), None)
 }
 
 fn selection(c: &mut Criterion) {

@@ -163,7 +163,10 @@ impl ActiveCheck {
         servers: Vec<Arc<Server>>,
         section: &crate::config::file::HealthCheckSection,
         provider: crate::config::file::Provider,
+        ca_file: Option<String>,
     ) -> Self {
+        let mut options = pingora_core::connectors::ConnectorOptions::new(8);
+        options.ca_file = ca_file;
         ActiveCheck {
             servers,
             path: section.path.clone(),
@@ -171,7 +174,7 @@ impl ActiveCheck {
             consecutive_success: section.consecutive_success.max(1),
             consecutive_failure: section.consecutive_failure.max(1),
             provider,
-            connector: Connector::new(None),
+            connector: Connector::new(Some(options)),
         }
     }
 

@@ -282,11 +282,13 @@ pub fn index_of(b: &Backend) -> usize {
 }
 
 impl Upstream {
+    /// `ca_file`: the CAs trusted for https (`server.ca_file`), for the health checks.
     pub fn new(
         name: String,
         section: &UpstreamSection,
         servers: Vec<Server>,
         rules: Rules,
+        ca_file: Option<String>,
     ) -> Self {
         let servers: Vec<Arc<Server>> = servers.into_iter().map(Arc::new).collect();
         let set: BTreeSet<Backend> = servers
@@ -300,6 +302,7 @@ impl Upstream {
                 servers.clone(),
                 hc,
                 section.provider,
+                ca_file,
             )));
         }
         let interval = section.health_check.as_ref().map(|hc| hc.interval.0);
@@ -495,7 +498,13 @@ mod tests {
                 )
             })
             .collect();
-        Upstream::new("u".into(), &section(balance), servers, Rules::default())
+        Upstream::new(
+            "u".into(),
+            &section(balance),
+            servers,
+            Rules::default(),
+            None,
+        )
     }
 
     fn count(u: &Upstream, n: usize) -> Vec<usize> {
@@ -536,6 +545,7 @@ mod tests {
             &section(Balance::Weighted),
             section_servers,
             Rules::default(),
+            None,
         );
         assert_eq!(count(&u, 10), vec![5, 5]);
     }

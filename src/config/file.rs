@@ -203,6 +203,10 @@ pub struct ServerSection {
     /// finding the client IP. Default: none.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// PEM bundle of the certificate authorities trusted for https upstreams, instead of
+    /// the system's. Default: the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<String>,
     /// TLS listeners (rustls), each with its certificate chain and key (PEM files).
     #[serde(default)]
     pub tls: Vec<TlsListener>,
@@ -230,6 +234,7 @@ impl Default for ServerSection {
             upstream_pool_size: default_pool_size(),
             trusted_proxies: Vec::new(),
             tls: Vec::new(),
+            ca_file: None,
         }
     }
 }

@@ -220,6 +220,25 @@ fn expand_str(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, S
     Ok(out)
 }
 
+/// A CA bundle must hold only certificates, at least one, all of them readable: Pingora's
+/// TLS set-up would otherwise stop the process.
+fn check_ca_file(path: &str) -> Result<(), String> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let sections = text.matches("-----BEGIN ").count();
+    let certs = CertificateDer::pem_slice_iter(text.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{path}: not a PEM certificate bundle: {e}"))?;
+    if certs.is_empty() || certs.len() != sections {
+        return Err(format!(
+            "{path}: must contain PEM certificates only (found {} of {sections} sections)",
+            certs.len()
+        ));
+    }
+    Ok(())
+}
+
 fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigErrors> {
     let mut errors = Vec::new();
     let mut err = |path: String, message: String| errors.push(ConfigError { path, message });
@@ -234,6 +253,11 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
                 format!("server.listen[{i}]"),
                 format!("{l:?} is not an address like 0.0.0.0:8080"),
             ),
+        }
+    }
+    if let Some(ca) = &s.ca_file {
+        if let Err(m) = check_ca_file(ca) {
+            err("server.ca_file".into(), m);
         }
     }
     for (i, t) in s.tls.iter().enumerate() {
@@ -398,7 +422,13 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
         }
         upstreams.insert(
             name.clone(),
-            Arc::new(Upstream::new(name.clone(), u, servers, rules)),
+            Arc::new(Upstream::new(
+                name.clone(),
+                u,
+                servers,
+                rules,
+                file.server.ca_file.clone(),
+            )),
         );
     }
 
