@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora_core::connectors::http::Connector;
 use pingora_core::connectors::ConnectorOptions;
+use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{Server, ShutdownWatch};
 use pingora_core::services::background::{background_service, BackgroundService};
@@ -101,9 +102,11 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
         proxy.add_tcp(&addr.to_string());
     }
     for t in &tls {
-        proxy
-            .add_tls(&t.listen, &t.cert, &t.key)
+        let mut settings = TlsSettings::intermediate(&t.cert, &t.key)
             .map_err(|e| std::io::Error::other(format!("TLS listener {}: {e}", t.listen)))?;
+        // HTTP/2 for clients that offer it (ALPN), HTTP/1.1 for the rest.
+        settings.enable_h2();
+        proxy.add_tls_with_settings(&t.listen, None, settings);
     }
     proxy.threads = Some(threads);
 

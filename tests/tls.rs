@@ -1,5 +1,6 @@
-//! An https upstream: rustls with SNI, the certificate checked against `server.ca_file`,
-//! pooled connections reused; an untrusted certificate is a connect failure that moves on.
+//! TLS on both sides: an https upstream (rustls with SNI, the certificate checked against
+//! `server.ca_file`, pooled connections reused; an untrusted certificate is a connect
+//! failure that moves on), and a TLS listener serving HTTP/2 and HTTP/1.1 clients (curl).
 
 mod common;
 
@@ -88,4 +89,93 @@ fn a_ca_file_that_is_not_a_certificate_bundle_is_a_config_error() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+fn curl(args: &[&str]) -> (String, String) {
+    let out = std::process::Command::new("curl")
+        .args(args)
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_listener_serves_http2_and_http1_clients_with_streaming() {
+    let (cert, key) = certificate();
+    let up = MockUpstream::start("the mock upstream").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    std::fs::write(&cert_path, &cert).unwrap();
+    std::fs::write(&key_path, &key).unwrap();
+    let port = common::closed_port();
+    let gw = Gateway::start(&format!(
+        "server:\n  listen: [\"127.0.0.1:0\"]\n  admin_listen: \"127.0.0.1:0\"\n  threads: 1\n  grace_period: 0s\n  tls:\n    - {{listen: \"127.0.0.1:{port}\", cert: {}, key: {}}}\nupstreams:\n  u:\n    servers: [{{url: \"{}\"}}]\nmodels:\n  m:\n    routes: [{{upstream: u}}]\n",
+        cert_path.display(),
+        key_path.display(),
+        up.url()
+    ));
+    let url2 = format!("https://localhost:{port}/v1/chat/completions");
+    let ca2 = cert_path.display().to_string();
+    let body = chat("m", false).to_string();
+    let stream_body = chat("m", true).to_string();
+    let results = tokio::task::spawn_blocking(move || {
+        let h2 = curl(&[
+            "-sS",
+            "-v",
+            "--http2",
+            "--cacert",
+            &ca2,
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &body,
+            &url2,
+        ]);
+        let h2_stream = curl(&[
+            "-sSN",
+            "--http2",
+            "--cacert",
+            &ca2,
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &stream_body,
+            &url2,
+        ]);
+        let h1 = curl(&[
+            "-sS",
+            "-v",
+            "--http1.1",
+            "--cacert",
+            &ca2,
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &body,
+            &url2,
+        ]);
+        (h2, h2_stream, h1)
+    })
+    .await
+    .unwrap();
+    let ((h2_out, h2_err), (stream_out, _), (h1_out, h1_err)) = results;
+    assert!(h2_err.contains("< HTTP/2 200"), "{h2_err}");
+    assert!(h2_out.contains("Hello from the mock upstream"), "{h2_out}");
+    assert!(
+        stream_out.trim_end().ends_with("data: [DONE]"),
+        "{stream_out}"
+    );
+    assert!(stream_out.matches("data: ").count() > 5, "{stream_out}");
+    assert!(h1_err.contains("< HTTP/1.1 200"), "{h1_err}");
+    assert!(h1_out.contains("Hello from the mock upstream"));
+    assert_eq!(up.hits(), 3);
+    drop(gw);
 }
