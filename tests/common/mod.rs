@@ -137,10 +137,17 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        for pid in self.pids() {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
+        // Processes started by an upgrade; only ones that still run this binary (a pid
+        // can be reused once its process is gone).
+        let own = self.child.id();
+        for pid in self.pids().into_iter().filter(|p| *p != own) {
+            let running_us = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("tollgate"));
+            if running_us {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
         }
     }
 }
