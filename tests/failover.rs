@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{chat, client, eventually, two_tiers, Gateway};
+use common::{chat, client, eventually, send_chat, two_tiers, Gateway};
 use futures_util::StreamExt;
 use serde_json::Value;
 use std::time::Duration;
@@ -326,12 +326,7 @@ async fn streams_fail_over_before_the_first_byte_but_never_after() {
     let gw = Gateway::start(&two_tiers(&a.url(), &b.url(), ""));
     // Before the first byte: a 429 on a stream request fails over like any other.
     a.push([Reply::error(429, OPENAI_RATE)]);
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat("m", true))
-        .send()
-        .await
-        .unwrap();
+    let r = send_chat(&gw, "m", true).await;
     assert_eq!(r.status(), 200);
     let text = r.text().await.unwrap();
     assert!(text.trim_end().ends_with("data: [DONE]"));
@@ -349,12 +344,7 @@ async fn streams_fail_over_before_the_first_byte_but_never_after() {
         gap: Duration::from_millis(50),
         cut: true,
     }]);
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat("m", true))
-        .send()
-        .await
-        .unwrap();
+    let r = send_chat(&gw, "m", true).await;
     assert_eq!(r.status(), 200);
     let mut body = Vec::new();
     let mut stream = r.bytes_stream();

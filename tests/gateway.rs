@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{chat, client, closed_port, eventually, single, Gateway};
+use common::{chat, client, closed_port, eventually, send_chat, single, Gateway};
 use futures_util::StreamExt;
 use std::time::Duration;
 use tollgate::mock::{MockUpstream, Reply};
@@ -194,12 +194,7 @@ async fn the_first_chunk_reaches_the_client_while_the_upstream_is_still_sending(
     let up = MockUpstream::start("slow").await.unwrap();
     up.set_default(long_stream(6, 300));
     let gw = Gateway::start(&single(&up.url()));
-    let mut r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat("m", true))
-        .send()
-        .await
-        .unwrap();
+    let mut r = send_chat(&gw, "m", true).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "text/event-stream");
     assert_eq!(r.headers()["transfer-encoding"], "chunked");
@@ -221,12 +216,7 @@ async fn a_client_disconnect_mid_stream_closes_the_upstream_connection() {
     let up = MockUpstream::start("long").await.unwrap();
     up.set_default(long_stream(50, 100));
     let gw = Gateway::start(&single(&up.url()));
-    let mut r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat("m", true))
-        .send()
-        .await
-        .unwrap();
+    let mut r = send_chat(&gw, "m", true).await;
     r.chunk().await.unwrap().unwrap();
     assert_eq!(up.open_streams(), 1);
     drop(r);
@@ -353,12 +343,7 @@ async fn messages_go_only_to_anthropic_upstreams_with_their_auth_style() {
     assert_eq!(got.headers["anthropic-version"], "2023-06-01");
     assert!(got.headers.get("authorization").is_none());
     // OpenAI endpoints take the lowest tier as usual.
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat("claude", false))
-        .send()
-        .await
-        .unwrap();
+    let r = send_chat(&gw, "claude", false).await;
     assert_eq!(r.status(), 200);
     assert_eq!(
         openai.last().unwrap().headers["authorization"],

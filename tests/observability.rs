@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{chat, client, single, Gateway};
+use common::{chat, client, send_chat, single, Gateway};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -290,12 +290,7 @@ async fn a_stream_cut_before_its_usage_is_counted_as_such_and_aborts_by_reason()
         gap: Duration::from_millis(5),
         cut: true,
     }]);
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat("m", true))
-        .send()
-        .await
-        .unwrap();
+    let r = send_chat(&gw, "m", true).await;
     let _ = r.bytes().await;
     up.set_default(Reply::Stream {
         events: (0..50)
@@ -304,12 +299,7 @@ async fn a_stream_cut_before_its_usage_is_counted_as_such_and_aborts_by_reason()
         gap: Duration::from_millis(100),
         cut: false,
     });
-    let mut r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat("m", true))
-        .send()
-        .await
-        .unwrap();
+    let mut r = send_chat(&gw, "m", true).await;
     r.chunk().await.unwrap();
     drop(r);
     let mut text = String::new();

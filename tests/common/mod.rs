@@ -195,3 +195,13 @@ pub fn two_tiers(first: &str, second: &str, first_extra: &str) -> String {
         "upstreams:\n  first: {{{first_extra}servers: [{{url: \"{first}\"}}]}}\n  second: {{servers: [{{url: \"{second}\"}}]}}\nmodels:\n  m:\n    routes:\n      - {{upstream: first, priority: 1}}\n      - {{upstream: second, priority: 2}}\n"
     )
 }
+
+/// Posts a chat completion for `model` to the gateway (no client key).
+pub async fn send_chat(gw: &Gateway, model: &str, stream: bool) -> reqwest::Response {
+    client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat(model, stream))
+        .send()
+        .await
+        .expect("request to the gateway")
+}
