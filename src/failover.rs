@@ -106,52 +106,77 @@ pub async fn run(
         });
     }
     let chain: Vec<Arc<Alias>> = queue.iter().cloned().collect();
-    let mut context_switched = false;
     let mut last: Option<Winner> = None;
     let mut last_timeout = false;
 
-    let mut alias_index = 0;
-    'aliases: while let Some(current) = queue.pop_front() {
-        alias_index += 1;
-        let alias_index = alias_index - 1;
-        for tier in &current.tiers {
-            let order: Vec<usize> = tier.route_order().collect();
-            // (route index, server address): targets this request already tried.
-            let mut tried: Vec<(usize, usize)> = Vec::new();
-            loop {
-                if attempts.len() >= plan.failover.max_attempts {
-                    break 'aliases;
-                }
-                let Some((ri, server)) = order.iter().find_map(|&ri| {
-                    let route = &tier.routes[ri];
-                    if !route_serves(route, plan.dialect) {
-                        return None;
+    // When every target is cooling down, the ones cooling for a transient failure are tried
+    // anyway rather than failing the request outright: a single server's one bad answer
+    // must not take a model offline for the whole cooldown (nginx likewise never marks the
+    // only server of a group unavailable). Quota and credential cooldowns always hold.
+    for last_resort in [false, true] {
+        if last_resort {
+            if !attempts.is_empty() {
+                break;
+            }
+            log::info!(
+            "request {}: every target of model `{}` is cooling down; trying those with a transient cooldown",
+            plan.out.request_id,
+            plan.client_model
+        );
+            queue = chain.iter().cloned().collect();
+        }
+        let mut context_switched = false;
+        let mut alias_index = 0;
+        'aliases: while let Some(current) = queue.pop_front() {
+            alias_index += 1;
+            let alias_index = alias_index - 1;
+            for tier in &current.tiers {
+                let order: Vec<usize> = tier.route_order().collect();
+                // (route index, server address): targets this request already tried.
+                let mut tried: Vec<(usize, usize)> = Vec::new();
+                loop {
+                    if attempts.len() >= plan.failover.max_attempts {
+                        break 'aliases;
                     }
-                    route
-                        .upstream
-                        .pick(|s| !tried.contains(&(ri, Arc::as_ptr(s) as usize)))
-                        .map(|s| (ri, Arc::clone(s)))
-                }) else {
-                    break;
-                };
-                tried.push((ri, Arc::as_ptr(&server) as usize));
-                let route = &tier.routes[ri];
-                let upstream = &route.upstream;
-                let model = route.model.as_deref().unwrap_or(plan.client_model);
-                let usage_added = plan.wants_usage && upstream.stream_usage;
-                let body = (plan.rewrite)(model, usage_added);
-                let in_flight = InFlight::new(&server.state);
-                let header = forward::request_header(plan.out, &server, upstream, body.len())
-                    .map_err(|e| {
+                    let Some((ri, server)) = order.iter().find_map(|&ri| {
+                        let route = &tier.routes[ri];
+                        if !route_serves(route, plan.dialect) {
+                            return None;
+                        }
+                        route
+                            .upstream
+                            .pick_with(last_resort, |s| {
+                                !tried.contains(&(ri, Arc::as_ptr(s) as usize))
+                            })
+                            .map(|s| (ri, Arc::clone(s)))
+                    }) else {
+                        break;
+                    };
+                    tried.push((ri, Arc::as_ptr(&server) as usize));
+                    let route = &tier.routes[ri];
+                    let upstream = &route.upstream;
+                    let model = route.model.as_deref().unwrap_or(plan.client_model);
+                    let usage_added = plan.wants_usage && upstream.stream_usage;
+                    let body = (plan.rewrite)(model, usage_added);
+                    let in_flight = InFlight::new(&server.state);
+                    let header = forward::request_header(plan.out, &server, upstream, body.len())
+                        .map_err(|e| {
                         GatewayError::BadRequest(format!(
                             "Request cannot be forwarded: {}",
                             e.etype().as_str()
                         ))
                     })?;
-                let health = &server.state.health;
+                    let health = &server.state.health;
 
-                let mut sent =
-                    match forward::send(plan.connector, &server, upstream, &header, &body).await {
+                    let mut sent = match forward::send(
+                        plan.connector,
+                        &server,
+                        upstream,
+                        &header,
+                        &body,
+                    )
+                    .await
+                    {
                         Ok(sent) => sent,
                         Err(e) => {
                             log::warn!(
@@ -172,74 +197,75 @@ pub async fn run(
                             continue;
                         }
                     };
-                last_timeout = false;
-                health.record_success();
-                let status = sent.status();
-                let class = if status < 400 {
-                    Class::Deliver
-                } else {
-                    sent.read_prefix(plan.failover.error_body_limit, upstream.idle_timeout)
-                        .await;
-                    let headers = sent.headers().cloned().unwrap_or_default();
-                    inspect::classify(status, &headers, &sent.prefix_bytes(), &upstream.rules)
-                };
-                attempts.push(AttemptRecord {
-                    target: server.name.clone(),
-                    upstream: upstream.name.clone(),
-                    outcome: class.outcome(),
-                    status: Some(status),
-                    alias_index,
-                });
-                let winner = Winner {
-                    usage_added,
-                    model: model.to_string(),
-                    sent,
-                    server: Arc::clone(&server),
-                    upstream: Arc::clone(upstream),
-                    in_flight,
-                };
-                let now = now_ms();
-                let f = plan.failover;
-                match class {
-                    Class::Deliver => return Ok(winner),
-                    Class::ContextLength => {
-                        if context_switched || current.context_fallbacks.is_empty() {
-                            return Ok(winner);
+                    last_timeout = false;
+                    health.record_success();
+                    let status = sent.status();
+                    let class = if status < 400 {
+                        Class::Deliver
+                    } else {
+                        sent.read_prefix(plan.failover.error_body_limit, upstream.idle_timeout)
+                            .await;
+                        let headers = sent.headers().cloned().unwrap_or_default();
+                        inspect::classify(status, &headers, &sent.prefix_bytes(), &upstream.rules)
+                    };
+                    attempts.push(AttemptRecord {
+                        target: server.name.clone(),
+                        upstream: upstream.name.clone(),
+                        outcome: class.outcome(),
+                        status: Some(status),
+                        alias_index,
+                    });
+                    let winner = Winner {
+                        usage_added,
+                        model: model.to_string(),
+                        sent,
+                        server: Arc::clone(&server),
+                        upstream: Arc::clone(upstream),
+                        in_flight,
+                    };
+                    let now = now_ms();
+                    let f = plan.failover;
+                    match class {
+                        Class::Deliver => return Ok(winner),
+                        Class::ContextLength => {
+                            if context_switched || current.context_fallbacks.is_empty() {
+                                return Ok(winner);
+                            }
+                            context_switched = true;
+                            queue.clear();
+                            queue.extend(
+                                current
+                                    .context_fallbacks
+                                    .iter()
+                                    .filter_map(|a| plan.router.resolve(a).cloned()),
+                            );
+                            last = Some(winner);
+                            continue 'aliases;
                         }
-                        context_switched = true;
-                        queue.clear();
-                        queue.extend(
-                            current
-                                .context_fallbacks
-                                .iter()
-                                .filter_map(|a| plan.router.resolve(a).cloned()),
-                        );
-                        last = Some(winner);
-                        continue 'aliases;
-                    }
-                    Class::Transient { hint } => {
-                        let d = hint.unwrap_or(f.cooldown).min(f.max_cooldown);
-                        health.cool(now, d, Reason::Transient);
-                    }
-                    Class::Quota => health.cool(now, f.quota_cooldown, Reason::Quota),
-                    Class::Credentials => {
-                        log::error!(
+                        Class::Transient { hint } => {
+                            let d = hint.unwrap_or(f.cooldown).min(f.max_cooldown);
+                            health.cool(now, d, Reason::Transient);
+                        }
+                        Class::Quota => health.cool(now, f.quota_cooldown, Reason::Quota),
+                        Class::Credentials => {
+                            log::error!(
                             "upstream {} rejected the gateway's credential ({}) with status {status}: check its api_key; no traffic for {}",
                             server.name,
                             server.api_key.as_ref().map_or_else(|| "none".to_string(), |k| crate::secret::mask(k.expose())),
                             humantime::format_duration(f.quota_cooldown)
                         );
-                        health.cool(now, f.quota_cooldown, Reason::Credentials);
+                            health.cool(now, f.quota_cooldown, Reason::Credentials);
+                        }
+                        Class::Skip => {}
                     }
-                    Class::Skip => {}
+                    log::info!(
+                        "request {}: {} answered {status} ({}), trying the next target",
+                        plan.out.request_id,
+                        server.name,
+                        class.outcome()
+                    );
+                    last = Some(winner);
                 }
-                log::info!(
-                    "request {}: {} answered {status} ({}), trying the next target",
-                    plan.out.request_id,
-                    server.name,
-                    class.outcome()
-                );
-                last = Some(winner);
             }
         }
     }

@@ -83,6 +83,18 @@ impl Health {
         !self.active_ok.load(Ordering::Relaxed) || now < self.cooling_until.load(Ordering::Relaxed)
     }
 
+    /// Like [`Health::unavailable`], but a cooldown for a transient failure or for
+    /// unreachability does not count: used when nothing else is left (see `failover`).
+    pub fn unavailable_unless_last_resort(&self, now: u64) -> bool {
+        if !self.active_ok.load(Ordering::Relaxed) {
+            return true;
+        }
+        matches!(
+            self.cooldown(now),
+            Some((_, Reason::Quota | Reason::Credentials))
+        )
+    }
+
     /// Cools the server down for `duration` from `now`. A longer cooldown already in
     /// place is kept (a quota cooldown is not shortened by a later rate limit).
     pub fn cool(&self, now: u64, duration: Duration, reason: Reason) {
@@ -288,6 +300,18 @@ mod tests {
         let never = Health::default();
         never.record_failure(1, 0, t);
         assert!(!never.unavailable(1));
+    }
+
+    #[test]
+    fn a_last_resort_ignores_transient_cooldowns_only() {
+        let h = Health::default();
+        h.cool(0, Duration::from_secs(30), Reason::Transient);
+        assert!(h.unavailable(10) && !h.unavailable_unless_last_resort(10));
+        h.cool(0, Duration::from_secs(3600), Reason::Quota);
+        assert!(h.unavailable_unless_last_resort(10));
+        let down = Health::default();
+        down.set_active_ok(false);
+        assert!(down.unavailable_unless_last_resort(10));
     }
 
     #[test]

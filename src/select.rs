@@ -233,6 +233,12 @@ impl Server {
         self.endpoint.addr().is_some() && !self.state.health.unavailable(now)
     }
 
+    /// Whether the server may be tried when no other target is left: cooldowns for
+    /// transient failures and unreachability are ignored, quota and credential ones are not.
+    pub fn usable_as_last_resort(&self, now: u64) -> bool {
+        self.endpoint.addr().is_some() && !self.state.health.unavailable_unless_last_resort(now)
+    }
+
     /// Whether the server is below its `max_conns`.
     pub fn has_room(&self) -> bool {
         self.max_conns.is_none_or(|m| self.state.in_flight() < m)
@@ -360,18 +366,35 @@ impl Upstream {
     /// request (not tried yet, not cooling down). Primaries first; backups only when no
     /// primary is accepted.
     pub fn pick(&self, accept: impl Fn(&Arc<Server>) -> bool) -> Option<&Arc<Server>> {
+        self.pick_with(false, accept)
+    }
+
+    /// [`Upstream::pick`]; with `last_resort`, servers cooling down for transient failures
+    /// or unreachability are accepted too (never those out of quota or with a rejected key).
+    pub fn pick_with(
+        &self,
+        last_resort: bool,
+        accept: impl Fn(&Arc<Server>) -> bool,
+    ) -> Option<&Arc<Server>> {
         let now = now_ms();
+        let usable = |s: &Server| {
+            if last_resort {
+                s.usable_as_last_resort(now)
+            } else {
+                s.usable(now)
+            }
+        };
         // Health comes from each server's own state (cooldowns and active checks), which
         // outlives the selectors; the load balancer's own flag is not consulted.
         let primary = |b: &Backend, _healthy: bool| {
             self.servers
                 .get(index_of(b))
-                .is_some_and(|s| !s.backup && s.usable(now) && s.has_room() && accept(s))
+                .is_some_and(|s| !s.backup && usable(s) && s.has_room() && accept(s))
         };
         let backup = |b: &Backend, _healthy: bool| {
             self.servers
                 .get(index_of(b))
-                .is_some_and(|s| s.backup && s.usable(now) && s.has_room() && accept(s))
+                .is_some_and(|s| s.backup && usable(s) && s.has_room() && accept(s))
         };
         // Round robin's fallback order is pseudo-random; enough steps to visit every
         // server with near certainty.

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{chat, client, eventually, send_chat, two_tiers, Gateway};
+use common::{chat, client, eventually, send_chat, single, two_tiers, Gateway};
 use futures_util::StreamExt;
 use serde_json::Value;
 use std::time::Duration;
@@ -470,4 +470,42 @@ async fn a_server_failing_active_checks_gets_no_traffic_and_returns_when_healthy
         assert_eq!(post(&gw, "m").await.status(), 200);
     }
     assert!(chat_hits(&a) >= 4, "a={}", chat_hits(&a));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_server_is_tried_again_after_a_transient_failure_but_not_after_quota() {
+    let up = MockUpstream::start("only").await.unwrap();
+    let gw = Gateway::start(&single(&up.url()));
+    // One 500 cools the only server down; the next request still reaches it.
+    up.push([Reply::error(500, "{\"error\":{\"message\":\"boom\"}}")]);
+    assert_eq!(send_chat(&gw, "m", false).await.status(), 503);
+    assert_eq!(cooldowns(&gw).await[0]["reason"], "transient");
+    assert_eq!(send_chat(&gw, "m", false).await.status(), 200);
+    assert_eq!(up.hits(), 2);
+    // Out of quota: the cooldown holds and the client hears when to come back.
+    up.push([Reply::error(429, OPENAI_QUOTA)]);
+    client()
+        .delete(gw.admin_url("/admin/cooldowns"))
+        .send()
+        .await
+        .unwrap();
+    let r = send_chat(&gw, "m", false).await;
+    assert_eq!(
+        r.status(),
+        429,
+        "the upstream's quota error is relayed as is"
+    );
+    let r = send_chat(&gw, "m", false).await;
+    assert_eq!(r.status(), 503);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry > 3500, "{retry}");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "no_target"
+    );
+    assert_eq!(up.hits(), 3);
 }
