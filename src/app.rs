@@ -172,7 +172,7 @@ fn summary(config: &Config, listen: &[SocketAddr], admin: SocketAddr) -> String 
         .map(|u| format!("{} ({} servers)", u.name, u.servers.len()))
         .collect();
     let mut aliases = config.router.alias_names().join(", ");
-    if config.router.resolve("\u{0}").is_some() {
+    if config.router.has_catch_all() {
         aliases.push_str(if aliases.is_empty() { "*" } else { ", *" });
     }
     format!(

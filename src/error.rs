@@ -40,6 +40,11 @@ pub enum GatewayError {
     RateLimited { message: String, retry_after: u64 },
 }
 
+/// A wait as whole seconds for `retry-after`: rounded up, at least 1.
+pub fn retry_after_secs(d: std::time::Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+}
+
 impl GatewayError {
     pub fn status(&self) -> u16 {
         match self {

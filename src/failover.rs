@@ -17,7 +17,6 @@ use pingora_core::connectors::http::Connector;
 use std::collections::VecDeque;
 use std::fmt::Write;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// One attempt as it appears in the access log and in an all-failed error.
 #[derive(Debug, Clone)]
@@ -291,7 +290,7 @@ fn retry_after(chain: &[Arc<Alias>]) -> Option<u64> {
         .flat_map(|r| r.upstream.servers.iter())
         .filter_map(|s| s.state.health.cooldown(now).map(|(d, _)| d))
         .min()
-        .map(|d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0))
+        .map(crate::error::retry_after_secs)
 }
 
 fn describe(e: &TransportError) -> String {

@@ -318,8 +318,7 @@ fn refusal(scope: Scope, dimension: Dimension, limit: u64, left: Duration) -> Re
         scope,
         dimension,
         limit,
-        retry_after: left.as_secs().max(1)
-            + u64::from(left.subsec_nanos() > 0 && left.as_secs() >= 1),
+        retry_after: crate::error::retry_after_secs(left),
         model: None,
     }
 }

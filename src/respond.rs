@@ -13,16 +13,9 @@ pub async fn json(
     body: Bytes,
     request_id: &str,
 ) -> pingora_core::Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(4))?;
-    resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-    resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-    resp.insert_header("x-request-id", request_id)?;
-    session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await
+    write_json(session, status, body, request_id, &[]).await
 }
 
-/// Writes a gateway error. When the request body was not read to the end the client
-/// connection cannot be reused, so it is closed after the answer.
 /// What a gateway error response carries besides the error.
 pub struct Refusal<'a> {
     pub request_id: &'a str,
@@ -33,6 +26,9 @@ pub struct Refusal<'a> {
     pub headers: &'a [(&'static str, String)],
 }
 
+/// Writes a gateway error with its `retry-after`, `x-tollgate-attempts` and the extra
+/// headers. When the request body was not read to the end the client connection cannot be
+/// reused, so it is closed after the answer.
 pub async fn error(
     session: &mut Session,
     e: &GatewayError,
@@ -41,19 +37,29 @@ pub async fn error(
     if r.body_unread {
         session.set_keepalive(None);
     }
-    let (request_id, attempts) = (r.request_id, r.attempts);
-    let body = e.body();
-    let mut resp = ResponseHeader::build(e.status(), Some(6))?;
+    let mut extra: Vec<(&'static str, String)> = Vec::with_capacity(r.headers.len() + 2);
+    if let Some(secs) = e.retry_after() {
+        extra.push(("retry-after", secs.max(1).to_string()));
+    }
+    if r.attempts > 0 {
+        extra.push(("x-tollgate-attempts", r.attempts.to_string()));
+    }
+    extra.extend(r.headers.iter().map(|(n, v)| (*n, v.clone())));
+    write_json(session, e.status(), e.body(), r.request_id, &extra).await
+}
+
+async fn write_json(
+    session: &mut Session,
+    status: u16,
+    body: Bytes,
+    request_id: &str,
+    extra: &[(&'static str, String)],
+) -> pingora_core::Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(3 + extra.len()))?;
     resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
     resp.insert_header("x-request-id", request_id)?;
-    if let Some(secs) = e.retry_after() {
-        resp.insert_header(http::header::RETRY_AFTER, secs.max(1))?;
-    }
-    if attempts > 0 {
-        resp.insert_header("x-tollgate-attempts", attempts)?;
-    }
-    for (name, value) in r.headers {
+    for (name, value) in extra {
         resp.insert_header(*name, value.as_str())?;
     }
     session.write_response_header(Box::new(resp), false).await?;

@@ -92,6 +92,11 @@ impl Router {
         self.aliases.values().chain(self.catch_all.iter())
     }
 
+    /// Whether a `*` alias passes unknown models through.
+    pub fn has_catch_all(&self) -> bool {
+        self.catch_all.is_some()
+    }
+
     pub fn is_configured(&self, model: &str) -> bool {
         self.aliases.contains_key(model)
     }
