@@ -9,9 +9,10 @@ use crate::reload::{HangupReload, Reloader};
 use crate::upgrade::Upgrader;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use pingora_core::connectors::http::Connector;
 use pingora_core::connectors::ConnectorOptions;
+use pingora_core::connectors::TransportConnector;
 use pingora_core::listeners::tls::TlsSettings;
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{Server, ShutdownWatch};
 use pingora_core::services::background::{background_service, BackgroundService};
@@ -90,7 +91,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
     let tls = s.tls.clone();
     let summary = summary(&config, &listen, admin_listen);
     let config = Arc::new(ArcSwap::from_pointee(config));
-    let connector = Connector::new(Some(ConnectorOptions::from_server_conf(
+    let connector = TransportConnector::new(Some(ConnectorOptions::from_server_conf(
         &server.configuration,
     )));
     let mut proxy = pingora_proxy::http_proxy_service_with_name(
@@ -99,14 +100,18 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
         "tollgate proxy",
     );
     for addr in &listen {
-        proxy.add_tcp(&addr.to_string());
+        proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(client_buffers()));
     }
     for t in &tls {
         let mut settings = TlsSettings::intermediate(&t.cert, &t.key)
             .map_err(|e| std::io::Error::other(format!("TLS listener {}: {e}", t.listen)))?;
         // HTTP/2 for clients that offer it (ALPN), HTTP/1.1 for the rest.
         settings.enable_h2();
-        proxy.add_tls_with_settings(&t.listen, None, settings);
+        proxy.add_listener(
+            ListenerConfig::tcp(t.listen.clone())
+                .tls(settings)
+                .l4_buffer(client_buffers()),
+        );
     }
     proxy.threads = Some(threads);
 
@@ -209,4 +214,13 @@ impl BackgroundService for Resolver {
             }
         }
     }
+}
+
+/// Socket buffers of client connections. Pingora's default puts a 64 KiB read buffer in
+/// front of every accepted socket and keeps it for the connection's life, which is most
+/// of what an idle stream costs. The gateway's own reads are already sized (the request
+/// header buffer, then exactly the remaining body), so reads go straight to the socket;
+/// writes keep a small buffer so a response header and its first chunk leave together.
+fn client_buffers() -> L4BufferSettings {
+    L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE)
 }

@@ -13,7 +13,7 @@ use crate::inspect::{self, Class};
 use crate::route::{Alias, Route, Router};
 use crate::select::{InFlight, Server, Upstream};
 use bytes::Bytes;
-use pingora_core::connectors::http::Connector;
+use pingora_core::connectors::TransportConnector;
 use std::collections::VecDeque;
 use std::fmt::Write;
 use std::sync::Arc;
@@ -61,7 +61,7 @@ fn route_serves(route: &Route, dialect: Dialect) -> bool {
 
 /// Everything one request's attempt loop reads.
 pub struct Plan<'a> {
-    pub connector: &'a Connector,
+    pub connector: &'a TransportConnector,
     pub router: &'a Router,
     pub failover: &'a Failover,
     pub dialect: Dialect,
@@ -158,21 +158,16 @@ pub async fn run(
                     let usage_added = plan.wants_usage && upstream.stream_usage;
                     let body = (plan.rewrite)(model, usage_added);
                     let in_flight = InFlight::new(&server.state);
-                    let header = forward::request_header(plan.out, &server, upstream, body.len())
-                        .map_err(|e| {
-                        GatewayError::BadRequest(format!(
-                            "Request cannot be forwarded: {}",
-                            e.etype().as_str()
-                        ))
-                    })?;
+                    let head = forward::request_head(plan.out, &server, upstream, body.len());
                     let health = &server.state.health;
 
                     let mut sent = match forward::send(
                         plan.connector,
                         &server,
                         upstream,
-                        &header,
+                        &head,
                         &body,
+                        plan.out.client.method == http::Method::HEAD,
                     )
                     .await
                     {
@@ -204,8 +199,12 @@ pub async fn run(
                     } else {
                         sent.read_prefix(plan.failover.error_body_limit, upstream.idle_timeout)
                             .await;
-                        let headers = sent.headers().cloned().unwrap_or_default();
-                        inspect::classify(status, &headers, &sent.prefix_bytes(), &upstream.rules)
+                        inspect::classify(
+                            status,
+                            sent.headers(),
+                            &sent.prefix_bytes(),
+                            &upstream.rules,
+                        )
                     };
                     attempts.push(AttemptRecord {
                         target: server.name.clone(),

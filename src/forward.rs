@@ -5,12 +5,12 @@
 //! retrying: it reports what happened and `inspect` judges it.
 
 use crate::config::file::Provider;
+use crate::h1::{self, Conn, Head};
 use crate::headers::{connection_nominated, is_hop_by_hop};
 use crate::select::{Server, Upstream};
 use bytes::Bytes;
-use pingora_core::connectors::http::Connector;
-use pingora_core::protocols::http::client::HttpSession;
-use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::connectors::TransportConnector;
+use pingora_core::upstreams::peer::Peer;
 use pingora_http::RequestHeader;
 use std::time::Duration;
 
@@ -45,11 +45,10 @@ pub struct Outgoing<'a> {
 
 /// A response header received from the target; the body is still unread.
 pub struct Sent {
-    pub session: HttpSession,
-    pub peer: HttpPeer,
-    /// False when the upstream answered before taking the whole body: the connection
-    /// must not be pooled.
-    pub body_complete: bool,
+    pub conn: Conn,
+    pub head: Head,
+    /// The connection pool's key for the target.
+    pub pool_key: u64,
     /// Body chunks already read (an error body read to classify it), relayed first.
     pub prefix: Vec<Bytes>,
     /// The whole response body is in `prefix`.
@@ -58,22 +57,19 @@ pub struct Sent {
 
 impl Sent {
     pub fn status(&self) -> u16 {
-        self.session
-            .response_header()
-            .map_or(0, |h| h.status.as_u16())
+        self.head.status.as_u16()
     }
 
-    pub fn headers(&self) -> Option<&http::HeaderMap> {
-        self.session.response_header().map(|h| &h.headers)
+    pub fn headers(&self) -> &http::HeaderMap {
+        &self.head.headers
     }
 
     /// Reads up to `limit` bytes of the response body into `prefix`, so that `inspect` can
     /// classify an error. Stops early at the end of the body or on an error.
     pub async fn read_prefix(&mut self, limit: usize, idle: Duration) {
-        self.session.set_read_timeout(Some(idle));
         let mut total = 0;
         while total < limit {
-            match self.session.read_response_body().await {
+            match self.conn.read_body(idle).await {
                 Ok(Some(chunk)) => {
                     total += chunk.len();
                     self.prefix.push(chunk);
@@ -85,7 +81,6 @@ impl Sent {
                 Err(_) => {
                     // Nothing more can be read; what was read is what the client gets.
                     self.ended = true;
-                    self.body_complete = false;
                     return;
                 }
             }
@@ -126,76 +121,87 @@ impl TransportError {
     }
 }
 
-/// Builds the upstream request header for one target.
-pub fn request_header(
+/// The upstream request line and header fields for one target, ready for the wire
+/// (ending in the blank line). Client fields pass through as received, minus hop-by-hop
+/// ones and those in `NOT_FORWARDED`; the gateway sets `Host`, the length, the request id,
+/// `X-Forwarded-For` and the target's credential.
+pub fn request_head(
     out: &Outgoing,
     server: &Server,
     upstream: &Upstream,
     body_len: usize,
-) -> pingora_core::Result<RequestHeader> {
+) -> Vec<u8> {
     let ep = &server.endpoint;
-    let mut path = String::with_capacity(ep.base_path.len() + out.suffix.len() + 32);
-    path.push_str(&ep.base_path);
-    path.push_str(out.suffix);
-    let client_query = out.client.uri.query();
-    match (&ep.query, client_query) {
-        (Some(a), Some(b)) => {
-            path.push('?');
-            path.push_str(a);
-            path.push('&');
-            path.push_str(b);
-        }
-        (Some(q), None) => {
-            path.push('?');
-            path.push_str(q);
-        }
-        (None, Some(q)) => {
-            path.push('?');
-            path.push_str(q);
-        }
-        (None, None) => {}
+    let mut w = Vec::with_capacity(512 + out.client.headers.len() * 48);
+    w.extend_from_slice(out.client.method.as_str().as_bytes());
+    w.push(b' ');
+    w.extend_from_slice(ep.base_path.as_bytes());
+    w.extend_from_slice(out.suffix.as_bytes());
+    let queries = ep
+        .query
+        .as_deref()
+        .into_iter()
+        .chain(out.client.uri.query());
+    for (i, q) in queries.enumerate() {
+        w.push(if i == 0 { b'?' } else { b'&' });
+        w.extend_from_slice(q.as_bytes());
     }
-    let mut req = RequestHeader::build(
-        out.client.method.clone(),
-        path.as_bytes(),
-        Some(out.client.headers.len() + 6),
-    )?;
+    w.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut field = |name: &[u8], value: &[u8]| {
+        w.extend_from_slice(name);
+        w.extend_from_slice(b": ");
+        w.extend_from_slice(value);
+        w.extend_from_slice(b"\r\n");
+    };
+    field(b"host", ep.authority().as_bytes());
     let nominated = connection_nominated(&out.client.headers);
     for (name, value) in out.client.headers.iter() {
-        if is_hop_by_hop(name, &nominated) || NOT_FORWARDED.contains(&name.as_str()) {
+        let n = name.as_str();
+        if is_hop_by_hop(name, &nominated) || NOT_FORWARDED.contains(&n) {
             continue;
         }
-        req.append_header(name.clone(), value.clone())?;
+        field(n.as_bytes(), value.as_bytes());
     }
-    req.insert_header(http::header::HOST, ep.authority())?;
-    req.insert_header(http::header::CONTENT_LENGTH, body_len)?;
-    req.insert_header("x-request-id", out.request_id)?;
-    req.insert_header("x-forwarded-for", out.forwarded_for)?;
-    set_credential(&mut req, server, upstream.provider)?;
-    Ok(req)
+    field(b"content-length", body_len.to_string().as_bytes());
+    field(b"x-request-id", out.request_id.as_bytes());
+    field(b"x-forwarded-for", out.forwarded_for.as_bytes());
+    for (name, value) in credential(server, upstream.provider, &out.client.headers) {
+        field(name.as_bytes(), value.as_bytes());
+    }
+    w.extend_from_slice(b"\r\n");
+    w
 }
 
-/// Sets the server's credential in its provider's style (and `anthropic-version` for
-/// Anthropic when the client sent none).
+/// The server's credential in its provider's style, and `anthropic-version` for
+/// Anthropic when the request carries none.
+pub fn credential(
+    server: &Server,
+    provider: Provider,
+    request: &http::HeaderMap,
+) -> Vec<(&'static str, String)> {
+    let mut fields = Vec::with_capacity(2);
+    if let Some(key) = &server.api_key {
+        let key = key.expose();
+        fields.push(match provider {
+            Provider::Openai | Provider::Generic => ("authorization", format!("Bearer {key}")),
+            Provider::Anthropic => ("x-api-key", key.to_string()),
+            Provider::Azure => ("api-key", key.to_string()),
+        });
+    }
+    if provider == Provider::Anthropic && !request.contains_key("anthropic-version") {
+        fields.push(("anthropic-version", ANTHROPIC_VERSION.to_string()));
+    }
+    fields
+}
+
+/// Sets the server's credential on a request built with Pingora's types (health checks).
 pub fn set_credential(
     req: &mut RequestHeader,
     server: &Server,
     provider: Provider,
 ) -> pingora_core::Result<()> {
-    if let Some(key) = &server.api_key {
-        match provider {
-            Provider::Openai | Provider::Generic => {
-                req.insert_header(
-                    http::header::AUTHORIZATION,
-                    format!("Bearer {}", key.expose()),
-                )?;
-            }
-            Provider::Anthropic => req.insert_header("x-api-key", key.expose())?,
-            Provider::Azure => req.insert_header("api-key", key.expose())?,
-        }
-    }
-    if provider == Provider::Anthropic && req.headers.get("anthropic-version").is_none() {
-        req.insert_header("anthropic-version", ANTHROPIC_VERSION)?;
+    for (name, value) in credential(server, provider, &req.headers) {
+        req.insert_header(name, value)?;
     }
     Ok(())
 }
@@ -208,11 +214,12 @@ const EARLY_ANSWER_WAIT: Duration = Duration::from_secs(1);
 /// to be dead before anything was received is replaced by a fresh one (the upstream may
 /// close idle connections at any time); other failures are returned.
 pub async fn send(
-    connector: &Connector,
+    connector: &TransportConnector,
     server: &Server,
     upstream: &Upstream,
-    header: &RequestHeader,
+    head: &[u8],
     body: &Bytes,
+    head_request: bool,
 ) -> Result<Sent, TransportError> {
     let peer = server
         .endpoint
@@ -222,25 +229,24 @@ pub async fn send(
     // is the server's.
     let mut stale_retries = 3;
     loop {
-        let (session, reused) = connector
-            .get_http_session(&peer)
+        let (stream, reused) = connector
+            .get_stream(&peer)
             .await
             .map_err(|e| TransportError::Connect(e.to_string()))?;
-        match exchange(session, header, body, upstream).await {
-            Ok((session, body_complete)) => {
+        let mut conn = Conn::new(stream);
+        match exchange(&mut conn, head, body, upstream, head_request).await {
+            Ok(head) => {
                 return Ok(Sent {
-                    session,
-                    peer,
-                    body_complete,
+                    conn,
+                    head,
+                    pool_key: peer.reuse_hash(),
                     prefix: Vec::new(),
                     ended: false,
                 })
             }
-            Err(Failure {
-                error,
-                received_nothing,
-            }) => {
-                if reused && received_nothing && stale_retries > 0 {
+            Err(error) => {
+                let stale = !matches!(error, TransportError::Timeout) && !conn.received_anything();
+                if reused && stale && stale_retries > 0 {
                     stale_retries -= 1;
                     continue;
                 }
@@ -250,55 +256,25 @@ pub async fn send(
     }
 }
 
-struct Failure {
-    error: TransportError,
-    received_nothing: bool,
-}
-
 async fn exchange(
-    mut session: HttpSession,
-    header: &RequestHeader,
+    conn: &mut Conn,
+    head: &[u8],
     body: &Bytes,
     upstream: &Upstream,
-) -> Result<(HttpSession, bool), Failure> {
-    let broken = |e: Box<pingora_core::Error>| Failure {
-        error: TransportError::Broken(e.to_string()),
-        received_nothing: true,
-    };
-    session.set_write_timeout(Some(upstream.idle_timeout));
-    let written = async {
-        session
-            .write_request_header(Box::new(header.clone()))
-            .await?;
-        if !body.is_empty() {
-            session.write_request_body(body.clone(), true).await?;
-        }
-        session.finish_request_body().await
-    }
-    .await;
-    let body_complete = written.is_ok();
-    let wait = if body_complete {
+    head_request: bool,
+) -> Result<Head, TransportError> {
+    let written = conn.send(head, body, upstream.idle_timeout).await;
+    let wait = if written.is_ok() {
         upstream.first_byte_timeout
     } else {
         EARLY_ANSWER_WAIT.min(upstream.first_byte_timeout)
     };
-    session.set_read_timeout(Some(wait));
-    match session.read_response_header().await {
-        Ok(()) => Ok((session, body_complete)),
-        Err(e) => {
-            if let Err(write_error) = written {
-                return Err(broken(write_error));
-            }
-            let timed_out = matches!(e.etype(), pingora_core::ErrorType::ReadTimedout);
-            Err(Failure {
-                error: if timed_out {
-                    TransportError::Timeout
-                } else {
-                    TransportError::Broken(e.to_string())
-                },
-                // A timeout is not a dead pooled connection: the request reached a server.
-                received_nothing: !timed_out,
-            })
-        }
+    match conn.read_head(wait, head_request).await {
+        Ok(head) => Ok(head),
+        Err(e) => Err(match (written, e) {
+            (Err(write_error), _) => TransportError::Broken(write_error.to_string()),
+            (Ok(()), h1::Error::Timeout) => TransportError::Timeout,
+            (Ok(()), e) => TransportError::Broken(e.to_string()),
+        }),
     }
 }

@@ -16,6 +16,7 @@ pub mod config;
 pub mod error;
 pub mod failover;
 pub mod forward;
+pub mod h1;
 pub mod headers;
 pub mod health;
 pub mod inspect;

@@ -17,7 +17,7 @@ use crate::stream::{self, Relayed, Stamp};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use pingora_core::connectors::http::Connector;
+use pingora_core::connectors::TransportConnector;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorType};
 use pingora_proxy::{ProxyHttp, Session};
@@ -29,13 +29,13 @@ use std::time::Instant;
 /// The gateway service: the live config and one pooled upstream connector.
 pub struct Gateway {
     pub config: Arc<ArcSwap<Config>>,
-    connector: Connector,
+    connector: TransportConnector,
     /// Limit counters; they outlive config reloads.
     counters: Counters,
 }
 
 impl Gateway {
-    pub fn new(config: Arc<ArcSwap<Config>>, connector: Connector) -> Self {
+    pub fn new(config: Arc<ArcSwap<Config>>, connector: TransportConnector) -> Self {
         Gateway {
             config,
             connector,

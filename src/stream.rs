@@ -6,10 +6,11 @@
 //! error, so the client cannot mistake a cut stream for a complete one.
 
 use crate::failover::Winner;
+use crate::h1::Head;
 use crate::headers::{connection_nominated, is_hop_by_hop};
 use crate::usage::{Usage, UsageScanner};
 use bytes::{Bytes, BytesMut};
-use pingora_core::connectors::http::Connector;
+use pingora_core::connectors::TransportConnector;
 use pingora_core::{Error, ErrorType};
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
@@ -57,7 +58,7 @@ pub struct Stamp<'a> {
 
 /// The client's response header, derived from the upstream's.
 pub fn downstream_header(
-    up: &ResponseHeader,
+    up: &Head,
     http1_client: bool,
     stamp: &Stamp,
 ) -> pingora_core::Result<ResponseHeader> {
@@ -87,7 +88,7 @@ pub fn downstream_header(
     Ok(resp)
 }
 
-fn is_event_stream(h: &ResponseHeader) -> bool {
+fn is_event_stream(h: &Head) -> bool {
     h.headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -159,7 +160,7 @@ fn sse_error_event(message: &str) -> Bytes {
 /// which case the connection to the client is not reused.
 pub async fn relay(
     session: &mut Session,
-    connector: &Connector,
+    connector: &TransportConnector,
     winner: Winner,
     stamp: &Stamp<'_>,
     relayed: &mut Relayed,
@@ -170,13 +171,7 @@ pub async fn relay(
         usage_added,
         ..
     } = winner;
-    let mut up = sent.session;
-    let Some(up_header) = up.response_header() else {
-        return Error::e_explain(
-            ErrorType::InternalError,
-            "response header missing after read",
-        );
-    };
+    let up_header = &sent.head;
     let sse = is_event_stream(up_header);
     let mut usage = UsageScanner::new(sse);
     // The usage chunk the gateway asked for on the client's behalf is not passed on.
@@ -198,21 +193,20 @@ pub async fn relay(
             .is_err()
         {
             relayed.end = Some(StreamEnd::ClientGone);
-            up.shutdown().await;
             return Error::e_explain(
                 ErrorType::ConnectionClosed,
                 "client disconnected mid-response",
             );
         }
     }
-    up.set_read_timeout(Some(upstream.idle_timeout));
+    let mut up = sent.conn;
     let end = if sent.ended {
         StreamEnd::Complete
     } else {
         loop {
             let read = tokio::select! {
                 biased;
-                chunk = up.read_response_body() => chunk,
+                chunk = up.read_body(upstream.idle_timeout) => chunk,
                 _ = session.downstream_session.read_body_or_idle(true) => break StreamEnd::ClientGone,
             };
             match read {
@@ -238,9 +232,7 @@ pub async fn relay(
                     }
                 }
                 Ok(None) => break StreamEnd::Complete,
-                Err(e) if e.etype() == &ErrorType::ReadTimedout => {
-                    break StreamEnd::UpstreamTimeout
-                }
+                Err(crate::h1::Error::Timeout) => break StreamEnd::UpstreamTimeout,
                 Err(_) => break StreamEnd::UpstreamError,
             }
         }
@@ -253,25 +245,21 @@ pub async fn relay(
                 relayed.bytes += rest.len();
                 session.write_response_body(Some(rest), false).await?;
             }
-            if sent.body_complete {
-                connector
-                    .release_http_session(up, &sent.peer, Some(upstream.idle_timeout))
-                    .await;
-            } else {
-                up.shutdown().await;
+            if let Some(stream) = up.into_reusable() {
+                connector.release_stream(stream, sent.pool_key, Some(upstream.idle_timeout));
             }
             Ok(())
         }
         StreamEnd::ClientGone => {
             // Dropping the upstream connection is what stops the generation (and its cost).
-            up.shutdown().await;
+            drop(up);
             Error::e_explain(
                 ErrorType::ConnectionClosed,
                 "client disconnected mid-response",
             )
         }
         StreamEnd::UpstreamError | StreamEnd::UpstreamTimeout => {
-            up.shutdown().await;
+            drop(up);
             if sse {
                 let msg = if end == StreamEnd::UpstreamTimeout {
                     "The upstream stopped sending in the middle of the stream (idle timeout)."

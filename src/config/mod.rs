@@ -359,6 +359,17 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
                     format!("required for provider {:?}", u.provider).to_lowercase(),
                 );
             }
+            if entry.api_key.as_ref().is_some_and(|k| {
+                k.expose()
+                    .bytes()
+                    .any(|b| b.is_ascii_control() || b == b' ')
+            }) {
+                // The key goes into a header field as is.
+                err(
+                    format!("{spath}.api_key"),
+                    "must not contain spaces or control characters".into(),
+                );
+            }
             let base = entry.name.clone().unwrap_or_else(|| endpoint.authority());
             let n = display_names.entry(base.clone()).or_insert(0);
             *n += 1;

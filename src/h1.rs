@@ -1,0 +1,588 @@
+//! The upstream side of HTTP/1.1, shaped for the one exchange the gateway makes: a
+//! request whose body is already in memory, then a response read as it arrives.
+//!
+//! Pingora's HTTP/1 client writes the request header and the body in separate writes and
+//! reads every response body through a fixed 64 KiB buffer that lives as long as the
+//! exchange. Here the request leaves in one write, and the read buffer follows the
+//! traffic: one page while a stream idles between tokens, growing to 64 KiB only while a
+//! large body keeps filling it. Connections still come from, and go back to, Pingora's
+//! `TransportConnector`, which keeps doing connect, TLS and idle-pool upkeep.
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use pingora_core::protocols::Stream;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Smallest read: one page, what an idle stream holds.
+const MIN_READ: usize = 4 * 1024;
+/// Largest read, reached only while reads keep filling the buffer.
+const MAX_READ: usize = 64 * 1024;
+/// A response header larger than this is refused.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields accepted in one response.
+const MAX_FIELDS: usize = 128;
+/// A chunk-size line (with extensions) or trailer line longer than this is refused.
+const MAX_LINE: usize = 4 * 1024;
+/// Bodies up to this size are copied behind the request header so both leave in one
+/// write; larger ones are written after it (the copy would cost more than the syscall).
+const COALESCE_LIMIT: usize = 64 * 1024;
+
+/// Why an exchange failed.
+#[derive(Debug)]
+pub enum Error {
+    Timeout,
+    /// The connection ended before the message did.
+    Closed,
+    Io(std::io::Error),
+    /// The upstream sent something that is not HTTP/1.x.
+    Malformed(&'static str),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Timeout => f.write_str("timed out"),
+            Error::Closed => f.write_str("connection closed early"),
+            Error::Io(e) => write!(f, "{e}"),
+            Error::Malformed(what) => write!(f, "malformed response: {what}"),
+        }
+    }
+}
+
+/// A response's status line and fields.
+#[derive(Debug)]
+pub struct Head {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+}
+
+/// How the rest of the response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// This many body bytes are still to come.
+    Length(u64),
+    Chunked(Chunk),
+    UntilClose,
+    Done,
+}
+
+/// Where a chunked body's parser stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    Size,
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    Trailers,
+}
+
+/// One upstream connection carrying one exchange.
+pub struct Conn {
+    stream: Stream,
+    /// Bytes received and not yet handed out.
+    buf: BytesMut,
+    read_size: usize,
+    framing: Framing,
+    /// The request went out whole (a connection cut mid-request is never reused).
+    request_complete: bool,
+    /// The response allows another exchange on this connection.
+    persistent: bool,
+    /// Whether any response byte has arrived (a pooled connection that fails before one
+    /// did was closed by the server while idle, and the request can go on a fresh one).
+    received: bool,
+}
+
+impl Conn {
+    pub fn new(stream: Stream) -> Self {
+        Conn {
+            stream,
+            buf: BytesMut::new(),
+            read_size: MIN_READ,
+            framing: Framing::Done,
+            request_complete: false,
+            persistent: false,
+            received: false,
+        }
+    }
+
+    pub fn received_anything(&self) -> bool {
+        self.received
+    }
+
+    /// Writes the request: `head` (request line and fields, ending in the blank line)
+    /// and `body`, in one write when the body is small.
+    pub async fn send(&mut self, head: &[u8], body: &[u8], wait: Duration) -> Result<(), Error> {
+        let write = async {
+            if body.len() <= COALESCE_LIMIT {
+                let mut wire = Vec::with_capacity(head.len() + body.len());
+                wire.extend_from_slice(head);
+                wire.extend_from_slice(body);
+                self.stream.write_all(&wire).await?;
+            } else {
+                self.stream.write_all(head).await?;
+                self.stream.write_all(body).await?;
+            }
+            self.stream.flush().await
+        };
+        match tokio::time::timeout(wait, write).await {
+            Ok(Ok(())) => {
+                self.request_complete = true;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(Error::Io(e)),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    /// Reads the response header (skipping interim 1xx responses). `head_request`: the
+    /// request was HEAD, so the response has no body whatever its fields say.
+    pub async fn read_head(&mut self, wait: Duration, head_request: bool) -> Result<Head, Error> {
+        loop {
+            if let Some((head, len, persistent)) = parse_head(&self.buf)? {
+                let _ = self.buf.split_to(len);
+                if head.status.is_informational() {
+                    continue;
+                }
+                self.framing = framing(&head, head_request)?;
+                self.persistent = persistent && self.framing != Framing::UntilClose;
+                return Ok(head);
+            }
+            if self.buf.len() >= MAX_HEAD {
+                return Err(Error::Malformed("response header too large"));
+            }
+            if self.fill(usize::MAX, wait).await? == 0 {
+                return Err(Error::Closed);
+            }
+        }
+    }
+
+    /// The next piece of the response body, `None` at its end. `idle` bounds the wait
+    /// for each read, not the whole body.
+    pub async fn read_body(&mut self, idle: Duration) -> Result<Option<Bytes>, Error> {
+        loop {
+            match self.framing {
+                Framing::Done => return Ok(None),
+                Framing::Length(0) => self.framing = Framing::Done,
+                Framing::Length(left) => {
+                    if self.buf.is_empty() && self.fill(clamp(left), idle).await? == 0 {
+                        return Err(Error::Closed);
+                    }
+                    let take = clamp(left).min(self.buf.len());
+                    self.framing = Framing::Length(left - take as u64);
+                    return Ok(Some(self.buf.split_to(take).freeze()));
+                }
+                Framing::UntilClose => {
+                    if self.buf.is_empty() && self.fill(usize::MAX, idle).await? == 0 {
+                        self.framing = Framing::Done;
+                        return Ok(None);
+                    }
+                    return Ok(Some(self.buf.split().freeze()));
+                }
+                Framing::Chunked(state) => {
+                    if let Some(data) = self.step_chunked(state)? {
+                        return Ok(Some(data));
+                    }
+                    if matches!(self.framing, Framing::Chunked(_))
+                        && self.fill(usize::MAX, idle).await? == 0
+                    {
+                        return Err(Error::Closed);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Advances the chunked parser over what is buffered. Returns data when some is
+    /// ready; `None` when more input is needed or the body ended (`framing` says which).
+    fn step_chunked(&mut self, mut state: Chunk) -> Result<Option<Bytes>, Error> {
+        loop {
+            match state {
+                Chunk::Size => {
+                    let Some(line) = take_line(&mut self.buf)? else {
+                        break;
+                    };
+                    let size = chunk_size(&line)?;
+                    state = if size == 0 {
+                        Chunk::Trailers
+                    } else {
+                        Chunk::Data(size)
+                    };
+                }
+                Chunk::Data(left) => {
+                    if self.buf.is_empty() {
+                        break;
+                    }
+                    let take = clamp(left).min(self.buf.len());
+                    let rest = left - take as u64;
+                    self.framing = Framing::Chunked(if rest == 0 {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(rest)
+                    });
+                    return Ok(Some(self.buf.split_to(take).freeze()));
+                }
+                Chunk::DataEnd => {
+                    let Some(line) = take_line(&mut self.buf)? else {
+                        break;
+                    };
+                    if !line.is_empty() {
+                        return Err(Error::Malformed("chunk data longer than its size"));
+                    }
+                    state = Chunk::Size;
+                }
+                Chunk::Trailers => {
+                    let Some(line) = take_line(&mut self.buf)? else {
+                        break;
+                    };
+                    if line.is_empty() {
+                        self.framing = Framing::Done;
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+        self.framing = Framing::Chunked(state);
+        Ok(None)
+    }
+
+    /// Reads once, at most `limit` bytes, into the buffer. Returns 0 at end of stream.
+    async fn fill(&mut self, limit: usize, wait: Duration) -> Result<usize, Error> {
+        let want = self.read_size.min(limit).max(1);
+        self.buf.reserve(want);
+        let mut limited = (&mut self.stream).take(want as u64);
+        let n = match tokio::time::timeout(wait, limited.read_buf(&mut self.buf)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Err(Error::Io(e)),
+            Err(_) => return Err(Error::Timeout),
+        };
+        if n > 0 {
+            self.received = true;
+        }
+        // Grow while reads fill the buffer; shrink back when traffic thins out.
+        if n == want && want == self.read_size {
+            self.read_size = (self.read_size * 2).min(MAX_READ);
+        } else if n < self.read_size / 4 {
+            self.read_size = (self.read_size / 2).max(MIN_READ);
+        }
+        Ok(n)
+    }
+
+    /// The connection, when it can carry another request: the whole exchange was read,
+    /// nothing extra arrived, and neither side asked to close.
+    pub fn into_reusable(self) -> Option<Stream> {
+        let done = self.framing == Framing::Done && self.buf.is_empty();
+        (self.request_complete && self.persistent && done).then_some(self.stream)
+    }
+}
+
+fn clamp(left: u64) -> usize {
+    usize::try_from(left).unwrap_or(usize::MAX)
+}
+
+/// Parses a complete response header at the start of `buf`: the head and its length.
+/// The third value says whether the connection may carry another exchange afterwards.
+fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize, bool)>, Error> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    let mut resp = httparse::Response::new(&mut fields);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Error::Malformed("too many header fields"))
+        }
+        Err(_) => return Err(Error::Malformed("invalid status line or header field")),
+    };
+    let status = resp
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or(Error::Malformed("invalid status code"))?;
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    for f in resp.headers.iter() {
+        let name = HeaderName::from_bytes(f.name.as_bytes())
+            .map_err(|_| Error::Malformed("invalid header name"))?;
+        let value = HeaderValue::from_bytes(f.value)
+            .map_err(|_| Error::Malformed("invalid header value"))?;
+        headers.append(name, value);
+    }
+    // HTTP/1.0 closes after each response unless it says otherwise; 1.1 the other way round.
+    let persistent = if resp.version == Some(0) {
+        has_token(&headers, http::header::CONNECTION, "keep-alive")
+    } else {
+        !has_token(&headers, http::header::CONNECTION, "close")
+    };
+    Ok(Some((Head { status, headers }, len, persistent)))
+}
+
+/// How the body of a response is delimited (RFC 9112, section 6.3).
+fn framing(head: &Head, head_request: bool) -> Result<Framing, Error> {
+    let status = head.status.as_u16();
+    if head_request || status == 204 || status == 304 {
+        return Ok(Framing::Done);
+    }
+    if head.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        let chunked_last = head
+            .headers
+            .get_all(http::header::TRANSFER_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .rfind(|c| !c.is_empty())
+            .is_some_and(|c| c.eq_ignore_ascii_case("chunked"));
+        return Ok(if chunked_last {
+            Framing::Chunked(Chunk::Size)
+        } else {
+            Framing::UntilClose
+        });
+    }
+    let mut length = None;
+    for v in head.headers.get_all(http::header::CONTENT_LENGTH) {
+        let n = std::str::from_utf8(v.as_bytes())
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .ok_or(Error::Malformed("invalid content-length"))?;
+        if length.is_some_and(|l| l != n) {
+            return Err(Error::Malformed("conflicting content-length fields"));
+        }
+        length = Some(n);
+    }
+    Ok(length.map_or(Framing::UntilClose, Framing::Length))
+}
+
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Takes one CRLF- (or LF-) terminated line off the front of `buf`, without its end.
+fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, Error> {
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(i) => {
+            let mut line = buf.split_to(i + 1);
+            line.truncate(i);
+            if line.last() == Some(&b'\r') {
+                line.truncate(i - 1);
+            }
+            Ok(Some(line))
+        }
+        None if buf.len() > MAX_LINE => Err(Error::Malformed("line too long in chunked body")),
+        None => Ok(None),
+    }
+}
+
+/// The size on a chunk-size line (extensions after `;` ignored).
+fn chunk_size(line: &[u8]) -> Result<u64, Error> {
+    let hex = line.split(|&b| b == b';').next().unwrap_or_default();
+    let hex = std::str::from_utf8(hex)
+        .map(str::trim)
+        .map_err(|_| Error::Malformed("invalid chunk size"))?;
+    if hex.is_empty() || hex.len() > 15 {
+        return Err(Error::Malformed("invalid chunk size"));
+    }
+    u64::from_str_radix(hex, 16).map_err(|_| Error::Malformed("invalid chunk size"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    /// A connection to a loopback server that answers with `parts`, written one at a
+    /// time with a pause between them (so the reader sees them split), then closes.
+    async fn answered_with(parts: &[&'static [u8]]) -> Conn {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let parts = parts.to_vec();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            // Take the request first: closing with unread input would be a reset.
+            let mut request = [0u8; 1024];
+            let _ = s.read(&mut request).await;
+            for p in parts {
+                s.write_all(p).await.unwrap();
+                s.flush().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut conn = Conn::new(Box::new(pingora_core::protocols::l4::stream::Stream::from(
+            tcp,
+        )));
+        conn.send(
+            b"POST /v1/x HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\n",
+            b"{}",
+            WAIT,
+        )
+        .await
+        .unwrap();
+        conn
+    }
+
+    async fn body_of(conn: &mut Conn) -> Result<Vec<u8>, Error> {
+        let mut out = Vec::new();
+        while let Some(chunk) = conn.read_body(WAIT).await? {
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_split_anywhere_is_decoded_and_the_connection_is_reusable() {
+        let mut conn = answered_with(&[
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r",
+            b"\nhel",
+            b"lo\r\n6\r\n world\r",
+            b"\n0\r\nx-trailer: t\r\n",
+            b"\r\n",
+        ])
+        .await;
+        let head = conn.read_head(WAIT, false).await.unwrap();
+        assert_eq!(head.status, 200);
+        assert_eq!(body_of(&mut conn).await.unwrap(), b"hello world");
+        assert!(conn.into_reusable().is_some());
+    }
+
+    #[tokio::test]
+    async fn interim_responses_are_skipped_and_a_length_body_ends_at_its_length() {
+        let mut conn = answered_with(&[
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 429 Too Many Requests\r\ncontent-length: 5\r\n\r\nab",
+            b"cde",
+        ])
+        .await;
+        let head = conn.read_head(WAIT, false).await.unwrap();
+        assert_eq!(head.status, 429);
+        assert_eq!(head.headers["content-length"], "5");
+        assert_eq!(body_of(&mut conn).await.unwrap(), b"abcde");
+        assert!(conn.into_reusable().is_some());
+    }
+
+    #[tokio::test]
+    async fn bytes_past_the_body_make_the_connection_unusable() {
+        let mut conn =
+            answered_with(&[b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA"]).await;
+        conn.read_head(WAIT, false).await.unwrap();
+        assert_eq!(body_of(&mut conn).await.unwrap(), b"ok");
+        assert!(conn.into_reusable().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_body_without_length_runs_to_the_close_and_is_not_reused() {
+        let mut conn = answered_with(&[b"HTTP/1.1 200 OK\r\n\r\nall ", b"of it"]).await;
+        conn.read_head(WAIT, false).await.unwrap();
+        assert_eq!(body_of(&mut conn).await.unwrap(), b"all of it");
+        assert!(conn.into_reusable().is_none());
+    }
+
+    #[tokio::test]
+    async fn connection_close_and_plain_http_1_0_are_not_reused() {
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"[..],
+            &b"HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n"[..],
+        ] {
+            let mut conn = answered_with(&[answer]).await;
+            conn.read_head(WAIT, false).await.unwrap();
+            assert!(conn.read_body(WAIT).await.unwrap().is_none());
+            assert!(conn.into_reusable().is_none());
+        }
+        let mut conn = answered_with(&[
+            b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n",
+        ])
+        .await;
+        conn.read_head(WAIT, false).await.unwrap();
+        assert!(conn.read_body(WAIT).await.unwrap().is_none());
+        assert!(conn.into_reusable().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_cut_body_is_an_error_not_an_end() {
+        let mut conn =
+            answered_with(&[b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel"])
+                .await;
+        conn.read_head(WAIT, false).await.unwrap();
+        assert!(matches!(body_of(&mut conn).await, Err(Error::Closed)));
+        let mut conn = answered_with(&[b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nhel"]).await;
+        conn.read_head(WAIT, false).await.unwrap();
+        assert!(matches!(body_of(&mut conn).await, Err(Error::Closed)));
+    }
+
+    #[tokio::test]
+    async fn malformed_responses_are_refused() {
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"[..],
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nabc"[..],
+            &b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n"[..],
+            &b"SSH-2.0-OpenSSH\r\n\r\n"[..],
+        ] {
+            let mut conn = answered_with(&[answer]).await;
+            let result = match conn.read_head(WAIT, false).await {
+                Ok(_) => body_of(&mut conn).await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            assert!(
+                matches!(result, Err(Error::Malformed(_))),
+                "{:?} gave {result:?}",
+                String::from_utf8_lossy(answer)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn no_header_in_time_is_a_timeout_and_nothing_received() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { listener.accept().await.unwrap() });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut conn = Conn::new(Box::new(pingora_core::protocols::l4::stream::Stream::from(
+            tcp,
+        )));
+        let result = conn.read_head(Duration::from_millis(50), false).await;
+        assert!(matches!(result, Err(Error::Timeout)));
+        assert!(!conn.received_anything());
+        drop(server);
+    }
+
+    #[tokio::test]
+    async fn the_read_size_grows_with_a_bulk_body_and_shrinks_when_it_thins() {
+        static BIG: [u8; 300_000] = [b'x'; 300_000];
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n493e0\r\n")
+                .await
+                .unwrap();
+            s.write_all(&BIG).await.unwrap();
+            s.write_all(b"\r\n").await.unwrap();
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                s.write_all(b"2\r\nab\r\n").await.unwrap();
+            }
+            s.write_all(b"0\r\n\r\n").await.unwrap();
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut conn = Conn::new(Box::new(pingora_core::protocols::l4::stream::Stream::from(
+            tcp,
+        )));
+        conn.read_head(WAIT, false).await.unwrap();
+        let mut total = 0;
+        let mut largest = 0;
+        while total < BIG.len() {
+            total += conn.read_body(WAIT).await.unwrap().unwrap().len();
+            largest = largest.max(conn.read_size);
+        }
+        assert_eq!(largest, MAX_READ);
+        assert_eq!(body_of(&mut conn).await.unwrap(), b"ababababab");
+        assert!(conn.read_size < MAX_READ, "read size {}", conn.read_size);
+    }
+}
