@@ -167,7 +167,7 @@ pub async fn run(
                         upstream,
                         &head,
                         &body,
-                        plan.out.client.method == http::Method::HEAD,
+                        plan.out.method == http::Method::HEAD,
                     )
                     .await
                     {

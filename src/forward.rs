@@ -12,6 +12,7 @@ use bytes::Bytes;
 use pingora_core::connectors::TransportConnector;
 use pingora_core::upstreams::peer::Peer;
 use pingora_http::RequestHeader;
+use std::io::Write;
 use std::time::Duration;
 
 /// Client headers that never reach an upstream, besides hop-by-hop ones: the client's
@@ -34,13 +35,57 @@ const NOT_FORWARDED: &[&str] = &[
 /// `anthropic-version` sent when the client did not send one.
 const ANTHROPIC_VERSION: &str = "2023-06-01";
 
-/// Everything about the client request an attempt needs; built once per request.
+/// Everything about the client request an attempt needs; built once per request, so
+/// the attempts do not hold the client session (which is watched for a disconnect).
 pub struct Outgoing<'a> {
-    pub client: &'a RequestHeader,
+    pub method: http::Method,
+    /// The client's query string, if any.
+    pub query: Option<String>,
+    /// The client's header fields that pass to every upstream, as wire lines.
+    pub fields: Vec<u8>,
+    /// The client sent `anthropic-version` (kept rather than the default).
+    pub anthropic_version: bool,
     /// The client path after `/v1`, e.g. `/chat/completions`.
     pub suffix: &'a str,
     pub request_id: &'a str,
     pub forwarded_for: &'a str,
+}
+
+impl<'a> Outgoing<'a> {
+    /// Client fields pass through as received, minus hop-by-hop ones and those in
+    /// `NOT_FORWARDED`.
+    pub fn new(
+        client: &RequestHeader,
+        suffix: &'a str,
+        request_id: &'a str,
+        forwarded_for: &'a str,
+    ) -> Self {
+        let nominated = connection_nominated(&client.headers);
+        let mut fields = Vec::with_capacity(client.headers.len() * 48);
+        for (name, value) in client.headers.iter() {
+            let n = name.as_str();
+            if is_hop_by_hop(name, &nominated) || NOT_FORWARDED.contains(&n) {
+                continue;
+            }
+            push_field(&mut fields, n.as_bytes(), value.as_bytes());
+        }
+        Outgoing {
+            method: client.method.clone(),
+            query: client.uri.query().map(str::to_string),
+            fields,
+            anthropic_version: client.headers.contains_key("anthropic-version"),
+            suffix,
+            request_id,
+            forwarded_for,
+        }
+    }
+}
+
+fn push_field(w: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    w.extend_from_slice(name);
+    w.extend_from_slice(b": ");
+    w.extend_from_slice(value);
+    w.extend_from_slice(b"\r\n");
 }
 
 /// A response header received from the target; the body is still unread.
@@ -122,9 +167,8 @@ impl TransportError {
 }
 
 /// The upstream request line and header fields for one target, ready for the wire
-/// (ending in the blank line). Client fields pass through as received, minus hop-by-hop
-/// ones and those in `NOT_FORWARDED`; the gateway sets `Host`, the length, the request id,
-/// `X-Forwarded-For` and the target's credential.
+/// (ending in the blank line): the client's fields, and the `Host`, length, request id,
+/// `X-Forwarded-For` and credential the gateway sets.
 pub fn request_head(
     out: &Outgoing,
     server: &Server,
@@ -132,41 +176,25 @@ pub fn request_head(
     body_len: usize,
 ) -> Vec<u8> {
     let ep = &server.endpoint;
-    let mut w = Vec::with_capacity(512 + out.client.headers.len() * 48);
-    w.extend_from_slice(out.client.method.as_str().as_bytes());
+    let mut w = Vec::with_capacity(out.fields.len() + 384);
+    w.extend_from_slice(out.method.as_str().as_bytes());
     w.push(b' ');
     w.extend_from_slice(ep.base_path.as_bytes());
     w.extend_from_slice(out.suffix.as_bytes());
-    let queries = ep
-        .query
-        .as_deref()
-        .into_iter()
-        .chain(out.client.uri.query());
+    let queries = ep.query.as_deref().into_iter().chain(out.query.as_deref());
     for (i, q) in queries.enumerate() {
         w.push(if i == 0 { b'?' } else { b'&' });
         w.extend_from_slice(q.as_bytes());
     }
     w.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut field = |name: &[u8], value: &[u8]| {
-        w.extend_from_slice(name);
-        w.extend_from_slice(b": ");
-        w.extend_from_slice(value);
-        w.extend_from_slice(b"\r\n");
-    };
-    field(b"host", ep.authority().as_bytes());
-    let nominated = connection_nominated(&out.client.headers);
-    for (name, value) in out.client.headers.iter() {
-        let n = name.as_str();
-        if is_hop_by_hop(name, &nominated) || NOT_FORWARDED.contains(&n) {
-            continue;
-        }
-        field(n.as_bytes(), value.as_bytes());
-    }
-    field(b"content-length", body_len.to_string().as_bytes());
-    field(b"x-request-id", out.request_id.as_bytes());
-    field(b"x-forwarded-for", out.forwarded_for.as_bytes());
-    for (name, value) in credential(server, upstream.provider, &out.client.headers) {
-        field(name.as_bytes(), value.as_bytes());
+    push_field(&mut w, b"host", ep.authority().as_bytes());
+    w.extend_from_slice(&out.fields);
+    // Writing into a Vec cannot fail.
+    let _ = write!(w, "content-length: {body_len}\r\n");
+    push_field(&mut w, b"x-request-id", out.request_id.as_bytes());
+    push_field(&mut w, b"x-forwarded-for", out.forwarded_for.as_bytes());
+    for (name, value) in credential(server, upstream.provider, out.anthropic_version) {
+        push_field(&mut w, name.as_bytes(), value.as_bytes());
     }
     w.extend_from_slice(b"\r\n");
     w
@@ -177,7 +205,7 @@ pub fn request_head(
 pub fn credential(
     server: &Server,
     provider: Provider,
-    request: &http::HeaderMap,
+    has_version: bool,
 ) -> Vec<(&'static str, String)> {
     let mut fields = Vec::with_capacity(2);
     if let Some(key) = &server.api_key {
@@ -188,7 +216,7 @@ pub fn credential(
             Provider::Azure => ("api-key", key.to_string()),
         });
     }
-    if provider == Provider::Anthropic && !request.contains_key("anthropic-version") {
+    if provider == Provider::Anthropic && !has_version {
         fields.push(("anthropic-version", ANTHROPIC_VERSION.to_string()));
     }
     fields
@@ -200,7 +228,8 @@ pub fn set_credential(
     server: &Server,
     provider: Provider,
 ) -> pingora_core::Result<()> {
-    for (name, value) in credential(server, provider, &req.headers) {
+    let has_version = req.headers.contains_key("anthropic-version");
+    for (name, value) in credential(server, provider, has_version) {
         req.insert_header(name, value)?;
     }
     Ok(())
@@ -229,10 +258,17 @@ pub async fn send(
     // is the server's.
     let mut stale_retries = 3;
     loop {
-        let (stream, reused) = connector
-            .get_stream(&peer)
-            .await
-            .map_err(|e| TransportError::Connect(e.to_string()))?;
+        // Connecting is an 8 KiB future (TLS included); boxed, it is only paid for when
+        // the pool has no connection, instead of being carried and moved by every request.
+        let (stream, reused) = match connector.reused_stream(&peer).await {
+            Some(stream) => (stream, true),
+            None => {
+                let stream = Box::pin(connector.new_stream(&peer))
+                    .await
+                    .map_err(|e| TransportError::Connect(e.to_string()))?;
+                (stream, false)
+            }
+        };
         let mut conn = Conn::new(stream);
         match exchange(&mut conn, head, body, upstream, head_request).await {
             Ok(head) => {

@@ -300,11 +300,14 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize, bool)>, Error> {
         .code
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or(Error::Malformed("invalid status code"))?;
+    // One copy of the header block; every value is a slice of it, not an allocation.
+    let block = Bytes::copy_from_slice(&buf[..len]);
     let mut headers = HeaderMap::with_capacity(resp.headers.len());
     for f in resp.headers.iter() {
         let name = HeaderName::from_bytes(f.name.as_bytes())
             .map_err(|_| Error::Malformed("invalid header name"))?;
-        let value = HeaderValue::from_bytes(f.value)
+        let start = f.value.as_ptr() as usize - buf.as_ptr() as usize;
+        let value = HeaderValue::from_maybe_shared(block.slice(start..start + f.value.len()))
             .map_err(|_| Error::Malformed("invalid header value"))?;
         headers.append(name, value);
     }

@@ -8,6 +8,7 @@
 //! from the config of the request.
 
 use crate::config::file::LimitSection;
+use http::{HeaderName, HeaderValue};
 use pingora_limits::inflight::{Guard, Inflight};
 use pingora_limits::rate::{Rate, RateComponents};
 use std::collections::hash_map::DefaultHasher;
@@ -104,17 +105,30 @@ pub struct Budget {
 
 impl KeyHeaders {
     /// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`.
-    pub fn pairs(&self) -> Vec<(&'static str, String)> {
+    pub fn pairs(&self) -> Vec<(HeaderName, HeaderValue)> {
+        const NAMES: [[HeaderName; 3]; 2] = [
+            [
+                HeaderName::from_static("x-ratelimit-limit-requests"),
+                HeaderName::from_static("x-ratelimit-remaining-requests"),
+                HeaderName::from_static("x-ratelimit-reset-requests"),
+            ],
+            [
+                HeaderName::from_static("x-ratelimit-limit-tokens"),
+                HeaderName::from_static("x-ratelimit-remaining-tokens"),
+                HeaderName::from_static("x-ratelimit-reset-tokens"),
+            ],
+        ];
         let mut out = Vec::with_capacity(6);
-        if let Some(b) = self.requests {
-            out.push(("x-ratelimit-limit-requests", b.limit.to_string()));
-            out.push(("x-ratelimit-remaining-requests", b.remaining.to_string()));
-            out.push(("x-ratelimit-reset-requests", openai_duration(b.reset)));
-        }
-        if let Some(b) = self.tokens {
-            out.push(("x-ratelimit-limit-tokens", b.limit.to_string()));
-            out.push(("x-ratelimit-remaining-tokens", b.remaining.to_string()));
-            out.push(("x-ratelimit-reset-tokens", openai_duration(b.reset)));
+        for (budget, [limit, remaining, reset]) in
+            [self.requests, self.tokens].into_iter().zip(NAMES)
+        {
+            if let Some(b) = budget {
+                out.push((limit, HeaderValue::from(b.limit)));
+                out.push((remaining, HeaderValue::from(b.remaining)));
+                if let Ok(v) = HeaderValue::from_str(&openai_duration(b.reset)) {
+                    out.push((reset, v));
+                }
+            }
         }
         out
     }

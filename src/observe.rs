@@ -182,66 +182,92 @@ fn status_label(status: u16, buf: &mut [u8; 3]) -> &str {
 }
 
 /// A client-supplied string made safe for a space-separated line.
-fn clean(s: &str) -> String {
-    s.chars()
-        .take(128)
-        .map(|c| {
-            if c.is_whitespace() || c.is_control() || c == '"' {
-                '_'
-            } else {
-                c
-            }
-        })
-        .collect()
+/// Writes `s` (at most 128 characters) with whitespace, controls and quotes as `_`, so a
+/// value cannot split or forge fields of a text line.
+fn push_clean(out: &mut String, s: &str) {
+    for c in s.chars().take(128) {
+        out.push(if c.is_whitespace() || c.is_control() || c == '"' {
+            '_'
+        } else {
+            c
+        });
+    }
 }
 
 fn ms(r: &Record, t: Option<Instant>) -> Option<f64> {
     t.map(|t| (t.duration_since(r.start).as_secs_f64() * 1e4).round() / 10.0)
 }
 
-fn attempts_text(r: &Record) -> String {
-    let mut s = String::new();
-    for (i, a) in r.attempts.iter().enumerate() {
-        let _ = write!(
-            s,
-            "{}{}={}",
-            if i == 0 { "" } else { "," },
-            a.target,
-            a.outcome
-        );
-        if let Some(st) = a.status {
-            let _ = write!(s, ":{st}");
-        }
-    }
-    s
+/// A duration in milliseconds with one decimal, without float formatting.
+fn push_ms(out: &mut String, d: std::time::Duration) {
+    let tenths = (d.as_micros() + 50) / 100;
+    let _ = write!(out, "{}.{}", tenths / 10, tenths % 10);
 }
 
+fn push_or_dash(out: &mut String, v: Option<impl std::fmt::Display>) {
+    match v {
+        Some(v) => {
+            let _ = write!(out, "{v}");
+        }
+        None => out.push('-'),
+    }
+}
+
+/// One text access-log line, written into a single buffer.
 fn text_line(r: &Record) -> String {
-    let attempts = attempts_text(r);
-    let (tin, tout) = r.usage.map_or(("-".to_string(), "-".to_string()), |u| {
-        (u.input.to_string(), u.output.to_string())
-    });
-    format!(
-        "{} id={} key={} ip={} method={} path={} model={} stream={} target={} attempts={} status={} duration_ms={:.1} ttfb_ms={} tokens_in={} tokens_out={} bytes_in={} bytes_out={} error={}",
+    let mut s = String::with_capacity(384);
+    let _ = write!(
+        s,
+        "{} id={} key={} ip={} method={} path=",
         humantime::format_rfc3339_millis(r.wall),
         r.request_id,
         r.caller,
         r.client_ip,
-        r.method,
-        clean(&r.path),
-        r.model.as_deref().map_or_else(|| "-".to_string(), clean),
+        r.method
+    );
+    push_clean(&mut s, &r.path);
+    s.push_str(" model=");
+    match r.model.as_deref() {
+        Some(m) => push_clean(&mut s, m),
+        None => s.push('-'),
+    }
+    let _ = write!(
+        s,
+        " stream={} target={} attempts=",
         r.stream,
-        r.target.as_deref().unwrap_or("-"),
-        if attempts.is_empty() { "-" } else { &attempts },
-        r.status,
-        r.start.elapsed().as_secs_f64() * 1000.0,
-        ms(r, r.first_byte).map_or("-".to_string(), |v| format!("{v:.1}")),
-        tin,
-        tout,
+        r.target.as_deref().unwrap_or("-")
+    );
+    if r.attempts.is_empty() {
+        s.push('-');
+    }
+    for (i, a) in r.attempts.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let _ = write!(s, "{}={}", a.target, a.outcome);
+        if let Some(st) = a.status {
+            let _ = write!(s, ":{st}");
+        }
+    }
+    let _ = write!(s, " status={} duration_ms=", r.status);
+    push_ms(&mut s, r.start.elapsed());
+    s.push_str(" ttfb_ms=");
+    match r.first_byte {
+        Some(t) => push_ms(&mut s, t.duration_since(r.start)),
+        None => s.push('-'),
+    }
+    s.push_str(" tokens_in=");
+    push_or_dash(&mut s, r.usage.map(|u| u.input));
+    s.push_str(" tokens_out=");
+    push_or_dash(&mut s, r.usage.map(|u| u.output));
+    let _ = write!(
+        s,
+        " bytes_in={} bytes_out={} error={}",
         r.bytes_in,
         r.bytes_out,
-        r.error.unwrap_or("-"),
-    )
+        r.error.unwrap_or("-")
+    );
+    s
 }
 
 fn json_line(r: &Record) -> String {
@@ -278,8 +304,8 @@ fn json_line(r: &Record) -> String {
 /// `[time LEVEL target]`.
 pub fn init_logging(file: Option<&str>) -> std::io::Result<()> {
     let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
-    // No terminal colours, so nothing to strip from every line on its way to a file or journald.
-    b.write_style(env_logger::WriteStyle::Never);
+    // env_logger is built without its colour feature: lines go out as formatted, with no
+    // ANSI-stripping copy of every line on its way to a file or journald.
     b.format(|buf, record| {
         if record.target() == "tollgate::access" {
             writeln!(buf, "{}", record.args())

@@ -350,10 +350,7 @@ impl Gateway {
         let estimate = limits::estimate_tokens(body.len(), facts.max_tokens);
         self.admit_model(ctx, config, caller, alias, estimate)?;
 
-        // A copy of the client's header, so the attempts can run while the client side of
-        // the session is watched for a disconnect.
-        let client_header = session.req_header().clone();
-        let req = &client_header;
+        let req = session.req_header();
         let peer = ctx
             .peer
             .map_or_else(|| "unknown".to_string(), |p| p.to_string());
@@ -366,12 +363,7 @@ impl Gateway {
             Some(prior) => format!("{prior}, {client_ip}"),
             None => client_ip.to_string(),
         };
-        let out = Outgoing {
-            client: req,
-            suffix,
-            request_id: &ctx.record.request_id,
-            forwarded_for: &forwarded_for,
-        };
+        let out = Outgoing::new(req, suffix, &ctx.record.request_id, &forwarded_for);
         let rewrite = |model: &str, add_usage: bool| body::prepare(&body, &facts, model, add_usage);
         let plan = failover::Plan {
             connector: &self.connector,

@@ -2,7 +2,9 @@
 //! list. Each writes a complete response with a length so keep-alive survives.
 
 use crate::error::GatewayError;
+use crate::headers::{X_REQUEST_ID, X_TOLLGATE_ATTEMPTS};
 use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
@@ -23,7 +25,7 @@ pub struct Refusal<'a> {
     pub body_unread: bool,
     pub attempts: usize,
     /// Extra headers (the key's `x-ratelimit-*`).
-    pub headers: &'a [(&'static str, String)],
+    pub headers: &'a [(HeaderName, HeaderValue)],
 }
 
 /// Writes a gateway error with its `retry-after`, `x-tollgate-attempts` and the extra
@@ -37,14 +39,14 @@ pub async fn error(
     if r.body_unread {
         session.set_keepalive(None);
     }
-    let mut extra: Vec<(&'static str, String)> = Vec::with_capacity(r.headers.len() + 2);
+    let mut extra = Vec::with_capacity(r.headers.len() + 2);
     if let Some(secs) = e.retry_after() {
-        extra.push(("retry-after", secs.max(1).to_string()));
+        extra.push((http::header::RETRY_AFTER, HeaderValue::from(secs.max(1))));
     }
     if r.attempts > 0 {
-        extra.push(("x-tollgate-attempts", r.attempts.to_string()));
+        extra.push((X_TOLLGATE_ATTEMPTS, HeaderValue::from(r.attempts)));
     }
-    extra.extend(r.headers.iter().map(|(n, v)| (*n, v.clone())));
+    extra.extend(r.headers.iter().cloned());
     write_json(session, e.status(), e.body(), r.request_id, &extra).await
 }
 
@@ -53,14 +55,14 @@ async fn write_json(
     status: u16,
     body: Bytes,
     request_id: &str,
-    extra: &[(&'static str, String)],
+    extra: &[(HeaderName, HeaderValue)],
 ) -> pingora_core::Result<()> {
     let mut resp = ResponseHeader::build(status, Some(3 + extra.len()))?;
     resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-    resp.insert_header("x-request-id", request_id)?;
+    resp.insert_header(X_REQUEST_ID, request_id)?;
     for (name, value) in extra {
-        resp.insert_header(*name, value.as_str())?;
+        resp.insert_header(name.clone(), value.clone())?;
     }
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await

@@ -7,9 +7,14 @@
 
 use crate::failover::Winner;
 use crate::h1::Head;
-use crate::headers::{connection_nominated, is_hop_by_hop};
+use crate::headers::{
+    connection_nominated, HOP_BY_HOP_NAMES, X_REQUEST_ID, X_TOLLGATE_ATTEMPTS, X_TOLLGATE_UPSTREAM,
+    X_UPSTREAM_REQUEST_ID,
+};
 use crate::usage::{Usage, UsageScanner};
 use bytes::{Bytes, BytesMut};
+use http::HeaderName;
+use http::HeaderValue;
 use pingora_core::connectors::TransportConnector;
 use pingora_core::{Error, ErrorType};
 use pingora_http::ResponseHeader;
@@ -53,39 +58,50 @@ pub struct Stamp<'a> {
     pub target: &'a str,
     pub attempts: usize,
     /// Headers that replace the upstream's (the key's `x-ratelimit-*`).
-    pub headers: &'a [(&'static str, String)],
+    pub headers: &'a [(HeaderName, HeaderValue)],
 }
 
-/// The client's response header, derived from the upstream's.
-pub fn downstream_header(
-    up: &Head,
-    http1_client: bool,
-    stamp: &Stamp,
-) -> pingora_core::Result<ResponseHeader> {
-    let mut resp = ResponseHeader::build(up.status, Some(up.headers.len() + 4))?;
-    let nominated = connection_nominated(&up.headers);
-    for (name, value) in up.headers.iter() {
-        if is_hop_by_hop(name, &nominated) {
-            continue;
-        }
-        if name.as_str() == "x-request-id" {
-            resp.append_header("x-upstream-request-id", value.clone())?;
-            continue;
-        }
-        resp.append_header(name.clone(), value.clone())?;
+/// The client's response header, derived from the upstream's: its field map is taken
+/// over (hop-by-hop fields removed) rather than copied field by field, and handed to
+/// Pingora without a case map, so no field is re-parsed or re-allocated.
+pub fn downstream_header(up: Head, http1_client: bool, stamp: &Stamp) -> ResponseHeader {
+    let Head {
+        status,
+        mut headers,
+    } = up;
+    headers.reserve(4 + stamp.headers.len());
+    for name in connection_nominated(&headers) {
+        headers.remove(name.as_str());
     }
-    resp.insert_header("x-request-id", stamp.request_id)?;
-    resp.insert_header("x-tollgate-upstream", stamp.target)?;
-    resp.insert_header("x-tollgate-attempts", stamp.attempts)?;
+    for name in HOP_BY_HOP_NAMES {
+        headers.remove(name);
+    }
+    if let Some(upstream_id) = headers.remove(X_REQUEST_ID) {
+        headers.insert(X_UPSTREAM_REQUEST_ID, upstream_id);
+    }
+    let mut set = |name: HeaderName, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(name, v);
+        }
+    };
+    set(X_REQUEST_ID, stamp.request_id);
+    set(X_TOLLGATE_UPSTREAM, stamp.target);
+    headers.insert(X_TOLLGATE_ATTEMPTS, HeaderValue::from(stamp.attempts));
     for (name, value) in stamp.headers {
-        resp.insert_header(*name, value.as_str())?;
+        headers.insert(name.clone(), value.clone());
     }
-    if http1_client && !up.headers.contains_key(http::header::CONTENT_LENGTH) {
+    if http1_client && !headers.contains_key(http::header::CONTENT_LENGTH) {
         // Without a length or chunked framing the client would read until close, which
         // loses keep-alive and hides truncation.
-        resp.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+        headers.insert(
+            http::header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
     }
-    Ok(resp)
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = status;
+    parts.headers = headers;
+    ResponseHeader::from(parts)
 }
 
 fn is_event_stream(h: &Head) -> bool {
@@ -171,13 +187,12 @@ pub async fn relay(
         usage_added,
         ..
     } = winner;
-    let up_header = &sent.head;
-    let sse = is_event_stream(up_header);
+    let sse = is_event_stream(&sent.head);
     let mut usage = UsageScanner::new(sse);
     // The usage chunk the gateway asked for on the client's behalf is not passed on.
     let mut strip = (sse && usage_added).then(UsageChunkFilter::default);
     let http1 = !session.is_http2();
-    let header = downstream_header(up_header, http1, stamp)?;
+    let header = downstream_header(sent.head, http1, stamp);
     relayed.status = header.status.as_u16();
     session
         .write_response_header(Box::new(header), false)

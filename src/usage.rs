@@ -99,17 +99,9 @@ impl UsageScanner {
 
     /// The usage seen, once the body ended. `None` when the response carried none.
     pub fn finish(&mut self) -> Option<Usage> {
-        if !self.sse && !self.overflow && contains(&self.buf, b"\"usage\"") {
-            // Only the usage object is built; the rest of the body is skipped over.
-            if let Ok(Body { usage: Some(u) }) = serde_json::from_slice::<Body>(&self.buf) {
-                let input = u.prompt_tokens.or(u.input_tokens);
-                let output = u.completion_tokens.or(u.output_tokens);
-                if input.is_some() || output.is_some() {
-                    self.found = Some(Usage {
-                        input: input.unwrap_or(0),
-                        output: output.unwrap_or(0),
-                    });
-                }
+        if !self.sse && !self.overflow {
+            if let Some(u) = json_usage(&self.buf) {
+                self.found = Some(u);
             }
             self.buf = Vec::new();
         }
@@ -117,10 +109,35 @@ impl UsageScanner {
     }
 }
 
-#[derive(serde::Deserialize)]
-struct Body {
-    #[serde(default)]
-    usage: Option<UsageFields>,
+/// The usage of a JSON response body. Only the `usage` object is parsed, found from the
+/// end because every provider writes it after the (much longer) content. A quote inside a
+/// JSON string is always escaped, so `"usage"` followed by a colon is a member name.
+fn json_usage(body: &[u8]) -> Option<Usage> {
+    const NAME: &[u8] = b"\"usage\"";
+    let mut end = body.len();
+    while let Some(at) = body[..end].windows(NAME.len()).rposition(|w| w == NAME) {
+        end = at;
+        let rest = body[at + NAME.len()..].trim_ascii_start();
+        let Some(value) = rest.strip_prefix(b":") else {
+            continue;
+        };
+        if !value.trim_ascii_start().starts_with(b"{") {
+            // `"usage": null`: the response says it has none.
+            return None;
+        }
+        let mut de = serde_json::Deserializer::from_slice(value);
+        let u = <UsageFields as serde::Deserialize>::deserialize(&mut de).ok()?;
+        let input = u.prompt_tokens.or(u.input_tokens);
+        let output = u.completion_tokens.or(u.output_tokens);
+        if input.is_none() && output.is_none() {
+            return None;
+        }
+        return Some(Usage {
+            input: input.unwrap_or(0),
+            output: output.unwrap_or(0),
+        });
+    }
+    None
 }
 
 #[derive(serde::Deserialize)]
@@ -162,6 +179,19 @@ mod tests {
         );
         let mut s = UsageScanner::new(false);
         s.feed(b"{\"data\":[]}");
+        assert_eq!(s.finish(), None);
+        // A quoted "usage" inside content is not the member; the real one comes later.
+        let mut s = UsageScanner::new(false);
+        s.feed(br#"{"content":"say \"usage\": {\"prompt_tokens\": 99}","usage" : {"input_tokens":3,"output_tokens":4},"user":null}"#);
+        assert_eq!(
+            s.finish(),
+            Some(Usage {
+                input: 3,
+                output: 4
+            })
+        );
+        let mut s = UsageScanner::new(false);
+        s.feed(br#"{"usage":null,"choices":[]}"#);
         assert_eq!(s.finish(), None);
     }
 
