@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# CPU cost per request that does not depend on what else the machine is doing: the
+# user-space instructions the proxy process executes per request, counted by valgrind's
+# callgrind (the same binary and load give the same count to a few parts per million).
+# Tollgate (auth, rate limits, metrics and the access log on) and nginx (same setup as
+# benches/load.sh) each proxy N non-streaming ~1 KB chat completions to the mock
+# upstream, after a warm-up whose counts are discarded. Kernel time (the TCP stack) is
+# not counted: benches/load.sh measures whole CPU time.
+#
+#   benches/instructions.sh            # N=4000 requests, 8 concurrent
+#   N=10000 benches/instructions.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${N:-4000}
+WARMUP=${WARMUP:-500}
+OUT=${OUT:-}
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+need=()
+for tool in nginx:nginx hey:hey curl:curl valgrind:valgrind callgrind_control:valgrind; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${tool%%:*}" ] || need+=("${tool##*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+cargo build --release --quiet
+BIN=target/release/tollgate
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.3
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+MOCK=$(free_port); NGX=$(free_port); TG=$(free_port); ADMIN=$(free_port)
+KEY=tg-bench-key-0123456789
+$BIN mock-upstream --listen 127.0.0.1:$MOCK >/dev/null & pids+=($!)
+
+mkdir -p "$work/nginx"
+cat > "$work/nginx.conf" <<NGINX
+worker_processes 1;
+master_process off;
+daemon off;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+events { worker_connections 10000; }
+http {
+    access_log $work/nginx-access.log;
+    client_body_temp_path $work/nginx; proxy_temp_path $work/nginx; fastcgi_temp_path $work/nginx;
+    uwsgi_temp_path $work/nginx; scgi_temp_path $work/nginx;
+    upstream mock { least_conn; server 127.0.0.1:$MOCK; keepalive 64; }
+    server {
+        listen 127.0.0.1:$NGX;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_buffering off;
+        location /v1/ { proxy_pass http://mock; }
+    }
+}
+NGINX
+
+cat > "$work/tollgate.yaml" <<YAML
+server:
+  listen: ["127.0.0.1:$TG"]
+  admin_listen: "127.0.0.1:$ADMIN"
+  threads: 1
+  grace_period: 0s
+  pid_file: $work/tollgate.pid
+  upgrade_sock: $work/tollgate.sock
+keys:
+  - {name: bench, key: $KEY, limits: {rpm: 100000000, tpm: 100000000000, concurrency: 100000}}
+limits:
+  global: {concurrency: 100000}
+  per_ip: {rpm: 100000000}
+upstreams:
+  mock: {balance: least_conn, servers: [{url: "http://127.0.0.1:$MOCK/v1"}]}
+models:
+  bench: {routes: [{upstream: mock}]}
+log: {file: $work/tollgate.log}
+YAML
+
+python3 -c 'import json; print(json.dumps({"model":"bench","messages":[{"role":"system","content":"You are a terse assistant."},{"role":"user","content":("Summarise the following text. "+"lorem ipsum dolor sit amet "*35)[:900]}],"temperature":0.2,"max_tokens":64}), end="")' > "$work/body.json"
+
+# count NAME URL PID: warm up, zero the counters, send N requests, dump; prints instructions/request.
+count() {
+  local name=$1 url=$2 pid=$3
+  for _ in $(seq 100); do curl -s -o /dev/null "$url" && break; sleep 0.3; done
+  local post=(-m POST -H "Authorization: Bearer $KEY" -T application/json -D "$work/body.json")
+  hey -n "$WARMUP" -c 8 "${post[@]}" "$url" >/dev/null
+  callgrind_control -z "$pid" >/dev/null 2>&1
+  hey -n "$N" -c 8 "${post[@]}" "$url" > "$work/hey-$name.txt"
+  callgrind_control -d "$pid" >/dev/null 2>&1
+  sleep 1
+  if ! grep -q "\[200\].*$N responses" "$work/hey-$name.txt"; then
+    echo "warning: $name did not answer all $N requests with 200:" >&2
+    grep -A3 "Status code" "$work/hey-$name.txt" >&2 || true
+  fi
+  local f total
+  f=$(ls -t "$work/cg-$name".out* | head -1)
+  total=$(awk '/^(summary|totals):/ {print $2; exit}' "$f")
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  echo $((total / N))
+}
+
+RUST_LOG=info valgrind --tool=callgrind --callgrind-out-file="$work/cg-tollgate.out" \
+  $BIN -c "$work/tollgate.yaml" >/dev/null 2>"$work/vg-tollgate.err" &
+tg=$(count tollgate "http://127.0.0.1:$TG/v1/chat/completions" $!)
+valgrind --tool=callgrind --callgrind-out-file="$work/cg-nginx.out" \
+  "$NGINX" -c "$work/nginx.conf" -p "$work" 2>"$work/vg-nginx.err" &
+ngx=$(count nginx "http://127.0.0.1:$NGX/v1/chat/completions" $!)
+
+table=$(cat <<TABLE
+| user-space instructions per request | nginx | Tollgate | Tollgate / nginx |
+|---|---|---|---|
+| non-streaming 1 KB chat completion ($N requests, 8 concurrent) | $ngx | $tg | $(python3 -c "print(round($tg/$ngx, 2))") |
+
+callgrind, $(valgrind --version); nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///'); $(date -u +%F).
+TABLE
+)
+echo "$table"
+if [ -n "$OUT" ]; then echo "$table" > "$OUT"; fi
