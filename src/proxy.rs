@@ -21,6 +21,7 @@ use pingora_core::connectors::TransportConnector;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorType};
 use pingora_proxy::{ProxyHttp, Session};
+use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -351,18 +352,22 @@ impl Gateway {
         self.admit_model(ctx, config, caller, alias, estimate)?;
 
         let req = session.req_header();
-        let peer = ctx
-            .peer
-            .map_or_else(|| "unknown".to_string(), |p| p.to_string());
-        let client_ip = peer.as_str();
-        let forwarded_for = match req
+        // The TCP peer is appended to any X-Forwarded-For the client sent.
+        let mut forwarded_for = String::with_capacity(64);
+        if let Some(prior) = req
             .headers
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok())
         {
-            Some(prior) => format!("{prior}, {client_ip}"),
-            None => client_ip.to_string(),
-        };
+            forwarded_for.push_str(prior);
+            forwarded_for.push_str(", ");
+        }
+        match ctx.peer {
+            Some(ip) => {
+                let _ = write!(forwarded_for, "{ip}");
+            }
+            None => forwarded_for.push_str("unknown"),
+        }
         let out = Outgoing::new(req, suffix, &ctx.record.request_id, &forwarded_for);
         let rewrite = |model: &str, add_usage: bool| body::prepare(&body, &facts, model, add_usage);
         let plan = failover::Plan {

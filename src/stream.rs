@@ -73,7 +73,13 @@ pub fn downstream_header(up: Head, http1_client: bool, stamp: &Stamp) -> Respons
     for name in connection_nominated(&headers) {
         headers.remove(name.as_str());
     }
-    for name in HOP_BY_HOP_NAMES {
+    // Most responses carry one or two hop-by-hop fields: look them up once, remove those.
+    let hop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| HOP_BY_HOP_NAMES.contains(k))
+        .cloned()
+        .collect();
+    for name in hop {
         headers.remove(name);
     }
     if let Some(upstream_id) = headers.remove(X_REQUEST_ID) {
