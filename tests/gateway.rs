@@ -458,3 +458,30 @@ async fn a_client_leaving_before_the_response_header_frees_the_upstream_at_once(
     assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(up.hits(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_reused_and_one_closed_while_pooled_is_replaced() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let gw = Gateway::start(&single(&up.url()));
+    for stream in [false, true, false, true, false] {
+        let r = send_chat(&gw, "m", stream).await;
+        assert_eq!(r.status(), 200);
+        assert!(!r.bytes().await.unwrap().is_empty());
+    }
+    assert_eq!(up.hits(), 5);
+    assert_eq!(
+        up.connections(),
+        1,
+        "JSON and SSE responses both leave the connection reusable"
+    );
+
+    // The pooled connection dies when the next request arrives on it (as when the upstream
+    // closed it while idle): the request goes again on a new connection to the same server,
+    // not to another target, and the client sees one attempt.
+    up.push([Reply::Close]);
+    let r = send_chat(&gw, "m", false).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-tollgate-attempts"], "1");
+    assert_eq!(up.hits(), 7);
+    assert_eq!(up.connections(), 2);
+}
