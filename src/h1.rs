@@ -113,23 +113,30 @@ impl Conn {
     /// Writes the request: `head` (request line and fields, ending in the blank line)
     /// and `body`, in one write when the body is small.
     pub async fn send(&mut self, head: &[u8], body: &[u8], wait: Duration) -> Result<(), Error> {
-        let write = async {
-            if body.len() <= COALESCE_LIMIT {
-                let mut wire = Vec::with_capacity(head.len() + body.len());
-                wire.extend_from_slice(head);
-                wire.extend_from_slice(body);
-                self.stream.write_all(&wire).await?;
-            } else {
-                self.stream.write_all(head).await?;
-                self.stream.write_all(body).await?;
+        if body.len() <= COALESCE_LIMIT {
+            let mut wire = Vec::with_capacity(head.len() + body.len());
+            wire.extend_from_slice(head);
+            wire.extend_from_slice(body);
+            self.write(&wire, wait).await?;
+        } else {
+            self.write(head, wait).await?;
+            // `wait` bounds each piece, so a large body on a slow link is not cut off
+            // while it is still moving.
+            for piece in body.chunks(COALESCE_LIMIT) {
+                self.write(piece, wait).await?;
             }
+        }
+        self.request_complete = true;
+        Ok(())
+    }
+
+    async fn write(&mut self, bytes: &[u8], wait: Duration) -> Result<(), Error> {
+        let write = async {
+            self.stream.write_all(bytes).await?;
             self.stream.flush().await
         };
         match tokio::time::timeout(wait, write).await {
-            Ok(Ok(())) => {
-                self.request_complete = true;
-                Ok(())
-            }
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(Error::Io(e)),
             Err(_) => Err(Error::Timeout),
         }
@@ -144,8 +151,15 @@ impl Conn {
                 if head.status.is_informational() {
                     continue;
                 }
+                let mut head = head;
                 self.framing = framing(&head, head_request)?;
-                self.persistent = persistent && self.framing != Framing::UntilClose;
+                // Transfer-Encoding overrides Content-Length; a response with both is
+                // suspect (response splitting), so the length goes and so does the
+                // connection.
+                let both = head.headers.contains_key(http::header::TRANSFER_ENCODING)
+                    && head.headers.remove(http::header::CONTENT_LENGTH).is_some();
+                self.persistent =
+                    persistent && !both && self.framing != Framing::UntilClose;
                 return Ok(head);
             }
             if self.buf.len() >= MAX_HEAD {
@@ -505,6 +519,18 @@ mod tests {
         conn.read_head(WAIT, false).await.unwrap();
         assert!(conn.read_body(WAIT).await.unwrap().is_none());
         assert!(conn.into_reusable().is_some());
+    }
+
+    #[tokio::test]
+    async fn transfer_encoding_beats_content_length_and_the_connection_is_not_reused() {
+        let mut conn = answered_with(&[
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        ])
+        .await;
+        let head = conn.read_head(WAIT, false).await.unwrap();
+        assert!(!head.headers.contains_key("content-length"));
+        assert_eq!(body_of(&mut conn).await.unwrap(), b"ok");
+        assert!(conn.into_reusable().is_none());
     }
 
     #[tokio::test]

@@ -197,6 +197,10 @@ pub async fn relay(
     let mut usage = UsageScanner::new(sse);
     // The usage chunk the gateway asked for on the client's behalf is not passed on.
     let mut strip = (sse && usage_added).then(UsageChunkFilter::default);
+    if strip.is_some() {
+        // The client gets fewer bytes than the upstream sent.
+        sent.head.headers.remove(http::header::CONTENT_LENGTH);
+    }
     let http1 = !session.is_http2();
     let header = downstream_header(sent.head, http1, stamp);
     relayed.status = header.status.as_u16();
