@@ -4,7 +4,7 @@
 //! Pingora's HTTP/1 client writes the request header and the body in separate writes and
 //! reads every response body through a fixed 64 KiB buffer that lives as long as the
 //! exchange. Here the request leaves in one write, and the read buffer follows the
-//! traffic: one page while a stream idles between tokens, growing to 64 KiB only while a
+//! traffic: 2 KiB while a stream idles between tokens, growing to 64 KiB only while a
 //! large body keeps filling it. Connections still come from, and go back to, Pingora's
 //! `TransportConnector`, which keeps doing connect, TLS and idle-pool upkeep.
 
@@ -14,8 +14,9 @@ use pingora_core::protocols::Stream;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Smallest read: one page, what an idle stream holds.
-const MIN_READ: usize = 4 * 1024;
+/// Smallest read, and what an idle stream holds: room for a provider's response header
+/// (about 1 KiB) or a few SSE events (a few hundred bytes each).
+const MIN_READ: usize = 2 * 1024;
 /// Largest read, reached only while reads keep filling the buffer.
 const MAX_READ: usize = 64 * 1024;
 /// A response header larger than this is refused.

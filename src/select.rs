@@ -31,6 +31,8 @@ pub struct Endpoint {
     pub base_path: String,
     /// Query string from the URL (Azure's `api-version=...`), appended to every request.
     pub query: Option<String>,
+    /// `Host` header value, computed once.
+    authority: String,
     addr: ArcSwapOption<SocketAddr>,
 }
 
@@ -85,28 +87,30 @@ impl Endpoint {
             .parse::<std::net::IpAddr>()
             .ok()
             .map(|ip| Arc::new(SocketAddr::new(ip, port)));
+        let bracketed = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.clone()
+        };
+        let authority = if port == default_port {
+            bracketed
+        } else {
+            format!("{bracketed}:{port}")
+        };
         Ok(Endpoint {
             tls,
             host,
             port,
             base_path: path.trim_end_matches('/').to_string(),
             query,
+            authority,
             addr: ArcSwapOption::new(addr),
         })
     }
 
     /// `host:port` as written in a `Host` header (port omitted when it is the default).
-    pub fn authority(&self) -> String {
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
-        if self.port == if self.tls { 443 } else { 80 } {
-            host
-        } else {
-            format!("{host}:{}", self.port)
-        }
+    pub fn authority(&self) -> &str {
+        &self.authority
     }
 
     pub fn addr(&self) -> Option<SocketAddr> {

@@ -370,7 +370,10 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
                     "must not contain spaces or control characters".into(),
                 );
             }
-            let base = entry.name.clone().unwrap_or_else(|| endpoint.authority());
+            let base = entry
+                .name
+                .clone()
+                .unwrap_or_else(|| endpoint.authority().to_string());
             let n = display_names.entry(base.clone()).or_insert(0);
             *n += 1;
             let short = if *n == 1 { base } else { format!("{base}#{n}") };
