@@ -82,6 +82,12 @@ impl AdminApp {
         };
         let config = self.config.load();
         let now = now_ms();
+        // Start from the servers of the live config: one removed by a reload disappears.
+        // (The admin listener has one thread and this runs without yielding, so no scrape
+        // sees the series half rebuilt.)
+        m.upstream_up.reset();
+        m.upstream_in_flight.reset();
+        m.upstream_cooldown.reset();
         for u in config.upstreams.values() {
             for s in &u.servers {
                 let labels = [u.name.as_str(), s.name.as_str()];

@@ -159,8 +159,7 @@ impl Conn {
                 // connection.
                 let both = head.headers.contains_key(http::header::TRANSFER_ENCODING)
                     && head.headers.remove(http::header::CONTENT_LENGTH).is_some();
-                self.persistent =
-                    persistent && !both && self.framing != Framing::UntilClose;
+                self.persistent = persistent && !both && self.framing != Framing::UntilClose;
                 return Ok(head);
             }
             if self.buf.len() >= MAX_HEAD {

@@ -18,6 +18,7 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use pingora_core::connectors::TransportConnector;
+use pingora_core::modules::http::HttpModules;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorType};
 use pingora_proxy::{ProxyHttp, Session};
@@ -70,6 +71,11 @@ const FORWARDED: &[&str] = &[
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
+
+    /// No downstream modules. Pingora adds a (disabled) compression module by default,
+    /// which still builds a context and runs its filters on every request and body chunk;
+    /// the gateway never re-encodes a body.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx::default()

@@ -308,3 +308,46 @@ async fn an_upgrade_and_a_reload_under_load_lose_no_request_and_cut_no_stream() 
     assert_eq!(r.status(), 200);
     assert!(gw.logs().contains("SIGUSR2: upgrading"), "{}", gw.logs());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_removed_by_a_reload_leaves_the_upstream_metrics() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let gone = format!(
+        "  gone:\n    servers: [{{url: \"{}\", name: old}}]\n",
+        up.url()
+    );
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u:\n    servers: [{{url: \"{}\", name: kept}}]\n{gone}models:\n  m:\n    routes: [{{upstream: u}}]\n",
+        up.url()
+    ));
+    let scrape = || async {
+        reqwest::get(gw.admin_url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let before = scrape().await;
+    assert!(
+        before.contains("tollgate_upstream_up{server=\"gone/old\",upstream=\"gone\"} 1"),
+        "{before}"
+    );
+    assert!(before.contains("upstream=\"u\""), "{before}");
+
+    let path = gw.dir.path().join("tollgate.yaml");
+    let v2 = std::fs::read_to_string(&path).unwrap().replace(&gone, "");
+    std::fs::write(&path, v2).unwrap();
+    let r = reqwest::Client::new()
+        .post(gw.admin_url("/admin/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let after = scrape().await;
+    assert!(!after.contains("upstream=\"gone\""), "{after}");
+    assert!(
+        after.contains("tollgate_upstream_up{server=\"u/kept\",upstream=\"u\"} 1"),
+        "{after}"
+    );
+}

@@ -137,6 +137,10 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            // A failing test shows what the gateway said (the test output is captured).
+            eprintln!("--- gateway output ---\n{}--- end ---", self.logs());
+        }
         // Processes started by an upgrade; only ones that still run this binary (a pid
         // can be reused once its process is gone).
         let own = self.child.id();
