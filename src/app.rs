@@ -4,6 +4,7 @@
 
 use crate::admin::AdminApp;
 use crate::config::Config;
+use crate::pool::{Connections, Pool, Sweeper};
 use crate::proxy::Gateway;
 use crate::reload::{HangupReload, Reloader};
 use crate::upgrade::Upgrader;
@@ -89,14 +90,18 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
 
     let threads = s.threads;
     let tls = s.tls.clone();
+    let pool_size = s.upstream_pool_size;
     let summary = summary(&config, &listen, admin_listen);
     let config = Arc::new(ArcSwap::from_pointee(config));
-    let connector = TransportConnector::new(Some(ConnectorOptions::from_server_conf(
-        &server.configuration,
-    )));
+    let connections = Arc::new(Connections {
+        connector: TransportConnector::new(Some(ConnectorOptions::from_server_conf(
+            &server.configuration,
+        ))),
+        pool: Pool::new(pool_size),
+    });
     let mut proxy = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,
-        Gateway::new(Arc::clone(&config), connector),
+        Gateway::new(Arc::clone(&config), Arc::clone(&connections)),
         "tollgate proxy",
     );
     for addr in &listen {
@@ -135,6 +140,10 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(background_service("resolver", Resolver { config }));
+    server.add_service(background_service(
+        "idle upstream connections",
+        Sweeper(connections),
+    ));
     if let (Some(reloader), Some(path)) = (reloader, &mode.config_path) {
         server.add_service(background_service(
             "reload on SIGHUP",

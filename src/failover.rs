@@ -10,10 +10,10 @@ use crate::error::GatewayError;
 use crate::forward::{self, Outgoing, Sent, TransportError};
 use crate::health::{now_ms, Reason};
 use crate::inspect::{self, Class};
+use crate::pool::Connections;
 use crate::route::{Alias, Route, Router};
 use crate::select::{InFlight, Server, Upstream};
 use bytes::Bytes;
-use pingora_core::connectors::TransportConnector;
 use std::collections::VecDeque;
 use std::fmt::Write;
 use std::sync::Arc;
@@ -61,7 +61,7 @@ fn route_serves(route: &Route, dialect: Dialect) -> bool {
 
 /// Everything one request's attempt loop reads.
 pub struct Plan<'a> {
-    pub connector: &'a TransportConnector,
+    pub connections: &'a Connections,
     pub router: &'a Router,
     pub failover: &'a Failover,
     pub dialect: Dialect,
@@ -162,7 +162,7 @@ pub async fn run(
                     let health = &server.state.health;
 
                     let mut sent = match forward::send(
-                        plan.connector,
+                        plan.connections,
                         &server,
                         upstream,
                         &head,

@@ -7,9 +7,9 @@
 use crate::config::file::Provider;
 use crate::h1::{self, Conn, Head};
 use crate::headers::{connection_nominated, is_hop_by_hop};
+use crate::pool::Connections;
 use crate::select::{Server, Upstream};
 use bytes::Bytes;
-use pingora_core::connectors::TransportConnector;
 use pingora_core::upstreams::peer::Peer;
 use pingora_http::RequestHeader;
 use std::io::Write;
@@ -243,7 +243,7 @@ const EARLY_ANSWER_WAIT: Duration = Duration::from_secs(1);
 /// to be dead before anything was received is replaced by a fresh one (the upstream may
 /// close idle connections at any time); other failures are returned.
 pub async fn send(
-    connector: &TransportConnector,
+    connections: &Connections,
     server: &Server,
     upstream: &Upstream,
     head: &[u8],
@@ -258,12 +258,13 @@ pub async fn send(
     // is the server's.
     let mut stale_retries = 3;
     loop {
+        let pool_key = peer.reuse_hash();
         // Connecting is an 8 KiB future (TLS included); boxed, it is only paid for when
         // the pool has no connection, instead of being carried and moved by every request.
-        let (stream, reused) = match connector.reused_stream(&peer).await {
+        let (stream, reused) = match connections.pool.take(pool_key) {
             Some(stream) => (stream, true),
             None => {
-                let stream = Box::pin(connector.new_stream(&peer))
+                let stream = Box::pin(connections.connector.new_stream(&peer))
                     .await
                     .map_err(|e| TransportError::Connect(e.to_string()))?;
                 (stream, false)
@@ -275,7 +276,7 @@ pub async fn send(
                 return Ok(Sent {
                     conn,
                     head,
-                    pool_key: peer.reuse_hash(),
+                    pool_key,
                     prefix: Vec::new(),
                     ended: false,
                 })

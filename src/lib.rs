@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod mock;
 pub mod nginx;
 pub mod observe;
+pub mod pool;
 pub mod proxy;
 pub mod reload;
 pub mod respond;

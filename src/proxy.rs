@@ -11,13 +11,13 @@ use crate::failover::{self, Dialect};
 use crate::forward::Outgoing;
 use crate::limits::{self, key_hash, Admission, Counters, Refusal, Scope};
 use crate::observe::{self, Record};
+use crate::pool::Connections;
 use crate::respond;
 use crate::route::Alias;
 use crate::stream::{self, Relayed, Stamp};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use pingora_core::connectors::TransportConnector;
 use pingora_core::modules::http::HttpModules;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorType};
@@ -28,19 +28,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-/// The gateway service: the live config and one pooled upstream connector.
+/// The gateway service: the live config and where upstream connections come from.
 pub struct Gateway {
     pub config: Arc<ArcSwap<Config>>,
-    connector: TransportConnector,
+    connections: Arc<Connections>,
     /// Limit counters; they outlive config reloads.
     counters: Counters,
 }
 
 impl Gateway {
-    pub fn new(config: Arc<ArcSwap<Config>>, connector: TransportConnector) -> Self {
+    pub fn new(config: Arc<ArcSwap<Config>>, connections: Arc<Connections>) -> Self {
         Gateway {
             config,
-            connector,
+            connections,
             counters: Counters::default(),
         }
     }
@@ -377,7 +377,7 @@ impl Gateway {
         let out = Outgoing::new(req, suffix, &ctx.record.request_id, &forwarded_for);
         let rewrite = |model: &str, add_usage: bool| body::prepare(&body, &facts, model, add_usage);
         let plan = failover::Plan {
-            connector: &self.connector,
+            connections: &self.connections,
             router: &config.router,
             failover: &config.failover,
             dialect,
@@ -423,7 +423,7 @@ impl Gateway {
         ctx.record.upstream = Some(winner.upstream.name.clone());
         ctx.record.upstream_model = Some(winner.model.clone());
         let relay_started = Instant::now();
-        let result = stream::relay(session, &self.connector, winner, &stamp, &mut relayed).await;
+        let result = stream::relay(session, &self.connections, winner, &stamp, &mut relayed).await;
         ctx.record.target = Some(target);
         ctx.record.waiting += relay_started.elapsed();
         ctx.record.status = relayed.status;

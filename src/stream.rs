@@ -11,11 +11,11 @@ use crate::headers::{
     connection_nominated, HOP_BY_HOP_NAMES, X_REQUEST_ID, X_TOLLGATE_ATTEMPTS, X_TOLLGATE_UPSTREAM,
     X_UPSTREAM_REQUEST_ID,
 };
+use crate::pool::Connections;
 use crate::usage::{Usage, UsageScanner};
 use bytes::{Bytes, BytesMut};
 use http::HeaderName;
 use http::HeaderValue;
-use pingora_core::connectors::TransportConnector;
 use pingora_core::{Error, ErrorType};
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
@@ -182,7 +182,7 @@ fn sse_error_event(message: &str) -> Bytes {
 /// which case the connection to the client is not reused.
 pub async fn relay(
     session: &mut Session,
-    connector: &TransportConnector,
+    connections: &Connections,
     winner: Winner,
     stamp: &Stamp<'_>,
     relayed: &mut Relayed,
@@ -271,7 +271,9 @@ pub async fn relay(
                 session.write_response_body(Some(rest), false).await?;
             }
             if let Some(stream) = up.into_reusable() {
-                connector.release_stream(stream, sent.pool_key, Some(upstream.idle_timeout));
+                connections
+                    .pool
+                    .put(sent.pool_key, stream, upstream.idle_timeout);
             }
             Ok(())
         }
