@@ -15,15 +15,9 @@ N=${N:-4000}
 WARMUP=${WARMUP:-500}
 OUT=${OUT:-}
 
-as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
-need=()
-for tool in nginx:nginx hey:hey curl:curl valgrind:valgrind callgrind_control:valgrind; do
-  command -v "${tool%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${tool%%:*}" ] || need+=("${tool##*:}")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
-fi
+# shellcheck source=benches/common.sh
+. benches/common.sh
+need_tools nginx:nginx hey:hey curl:curl valgrind:valgrind callgrind_control:valgrind
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 cargo build --release --quiet
 BIN=target/release/tollgate
@@ -37,7 +31,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 MOCK=$(free_port); NGX=$(free_port); TG=$(free_port); ADMIN=$(free_port)
 KEY=tg-bench-key-0123456789
 $BIN mock-upstream --listen 127.0.0.1:$MOCK >/dev/null & pids+=($!)
@@ -65,27 +58,16 @@ http {
 }
 NGINX
 
-cat > "$work/tollgate.yaml" <<YAML
-server:
-  listen: ["127.0.0.1:$TG"]
-  admin_listen: "127.0.0.1:$ADMIN"
-  threads: 1
-  grace_period: 0s
-  pid_file: $work/tollgate.pid
-  upgrade_sock: $work/tollgate.sock
-keys:
-  - {name: bench, key: $KEY, limits: {rpm: 100000000, tpm: 100000000000, concurrency: 100000}}
-limits:
-  global: {concurrency: 100000}
-  per_ip: {rpm: 100000000}
+{
+  tollgate_features "$work" "$TG" "$ADMIN" "$KEY"
+  cat <<YAML
 upstreams:
   mock: {balance: least_conn, servers: [{url: "http://127.0.0.1:$MOCK/v1"}]}
 models:
   bench: {routes: [{upstream: mock}]}
-log: {file: $work/tollgate.log}
 YAML
-
-python3 -c 'import json; print(json.dumps({"model":"bench","messages":[{"role":"system","content":"You are a terse assistant."},{"role":"user","content":("Summarise the following text. "+"lorem ipsum dolor sit amet "*35)[:900]}],"temperature":0.2,"max_tokens":64}), end="")' > "$work/body.json"
+} > "$work/tollgate.yaml"
+write_body "$work/body.json"
 
 # count NAME URL PID: warm up, zero the counters, send N requests, dump; prints instructions/request.
 count() {

@@ -17,15 +17,9 @@ RATE=${RATE:-500}          # requests per second for the fixed-rate latency run
 CONNS=${CONNS:-32}         # connections for the throughput run
 OUT=${OUT:-benches/results.md}
 
-as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
-need=()
-for tool in nginx:nginx wrk:wrk hey:hey curl:curl; do
-  command -v "${tool%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${tool%%:*}" ] || need+=("${tool##*:}")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+# shellcheck source=benches/common.sh
+. benches/common.sh
+need_tools nginx:nginx wrk:wrk hey:hey curl:curl
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 cargo build --release --quiet
 BIN=target/release/tollgate
@@ -47,7 +41,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 MOCK=$(free_port); IDLE=$(free_port); TTFB=$(free_port); NGX=$(free_port); TG=$(free_port); ADMIN=$(free_port)
 KEY=tg-bench-key-0123456789
 
@@ -84,19 +77,9 @@ http {
 NGINX
 "$NGINX" -c "$work/nginx.conf" -p "$work" 2>/dev/null
 
-cat > "$work/tollgate.yaml" <<YAML
-server:
-  listen: ["127.0.0.1:$TG"]
-  admin_listen: "127.0.0.1:$ADMIN"
-  threads: 1
-  grace_period: 0s
-  pid_file: $work/tollgate.pid
-  upgrade_sock: $work/tollgate.sock
-keys:
-  - {name: bench, key: $KEY, limits: {rpm: 100000000, tpm: 100000000000, concurrency: 100000}}
-limits:
-  global: {concurrency: 100000}
-  per_ip: {rpm: 100000000}
+{
+  tollgate_features "$work" "$TG" "$ADMIN" "$KEY"
+  cat <<YAML
 upstreams:
   mock: {balance: least_conn, servers: [{url: "http://127.0.0.1:$MOCK/v1"}]}
   idle: {balance: least_conn, idle_timeout: 900s, servers: [{url: "http://127.0.0.1:$IDLE/v1"}]}
@@ -105,16 +88,15 @@ models:
   bench: {routes: [{upstream: mock}]}
   idle: {routes: [{upstream: idle}]}
   ttfb: {routes: [{upstream: ttfb}]}
-log: {file: $work/tollgate.log}
 YAML
+} > "$work/tollgate.yaml"
 RUST_LOG=info $BIN -c "$work/tollgate.yaml" >/dev/null & TG_PID=$!; pids+=($TG_PID)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ADMIN/health" >/dev/null && break; sleep 0.1; done
 NGX_MASTER=$(cat "$work/nginx.pid")
 NGX_PIDS="$NGX_MASTER $(pgrep -P "$NGX_MASTER" | tr '\n' ' ')"
 
 # A ~1 KB chat completion body.
-BODY=$(python3 -c 'import json; print(json.dumps({"model":"bench","messages":[{"role":"system","content":"You are a terse assistant."},{"role":"user","content":("Summarise the following text. "+"lorem ipsum dolor sit amet "*35)[:900]}],"temperature":0.2,"max_tokens":64}))')
-echo -n "$BODY" > "$work/body.json"
+write_body "$work/body.json"
 cat > "$work/post.lua" <<LUA
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
