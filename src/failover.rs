@@ -224,9 +224,13 @@ pub async fn run(
                     let now = now_ms();
                     let f = plan.failover;
                     match class {
-                        Class::Deliver => return Ok(winner),
+                        Class::Deliver => {
+                            recycle(plan.connections, last.take());
+                            return Ok(winner);
+                        }
                         Class::ContextLength => {
                             if context_switched || current.context_fallbacks.is_empty() {
+                                recycle(plan.connections, last.take());
                                 return Ok(winner);
                             }
                             context_switched = true;
@@ -237,7 +241,7 @@ pub async fn run(
                                     .iter()
                                     .filter_map(|a| plan.router.resolve(a).cloned()),
                             );
-                            last = Some(winner);
+                            recycle(plan.connections, last.replace(winner));
                             continue 'aliases;
                         }
                         Class::Transient { hint } => {
@@ -262,14 +266,15 @@ pub async fn run(
                         server.name,
                         class.outcome()
                     );
-                    last = Some(winner);
+                    recycle(plan.connections, last.replace(winner));
                 }
             }
         }
     }
 
-    if let Some(w) = last.filter(|w| client_meaningful(w.sent.status())) {
-        return Ok(w);
+    match last {
+        Some(w) if client_meaningful(w.sent.status()) => return Ok(w),
+        other => recycle(plan.connections, other),
     }
     Err(all_failed(
         plan.client_model,
@@ -277,6 +282,18 @@ pub async fn run(
         last_timeout,
         retry_after(&chain),
     ))
+}
+
+/// Gives the connection of an attempt that will not be delivered back to the pool, when
+/// its error answer was read to the end (the answer itself is no longer needed).
+fn recycle(connections: &Connections, attempt: Option<Winner>) {
+    if let Some(Winner { sent, upstream, .. }) = attempt {
+        if let Some(stream) = sent.conn.into_reusable() {
+            connections
+                .pool
+                .put(sent.pool_key, stream, upstream.idle_timeout);
+        }
+    }
 }
 
 /// Seconds until the first cooling server of the chain comes back, if any is cooling.

@@ -509,3 +509,28 @@ async fn a_single_server_is_tried_again_after_a_transient_failure_but_not_after_
     );
     assert_eq!(up.hits(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_carried_an_error_answer_is_reused_after_the_failover() {
+    let a = MockUpstream::start("a").await.unwrap();
+    let b = MockUpstream::start("b").await.unwrap();
+    let gw = Gateway::start(&two_tiers(&a.url(), &b.url(), ""));
+    a.push([Reply::error(429, OPENAI_RATE)]);
+    let r = post(&gw, "m").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!((a.hits(), b.hits()), (1, 1));
+    client()
+        .delete(gw.admin_url("/admin/cooldowns"))
+        .send()
+        .await
+        .unwrap();
+    // a is first again; the connection that brought its 429 (read to the end) is reused.
+    let r = post(&gw, "m").await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["x-tollgate-upstream"]
+        .to_str()
+        .unwrap()
+        .starts_with("first/"));
+    assert_eq!(a.hits(), 2);
+    assert_eq!(a.connections(), 1);
+}
