@@ -74,7 +74,6 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
         threads: s.threads,
         grace_period_seconds: Some(s.grace_period.0.as_secs()),
         graceful_shutdown_timeout_seconds: Some(5),
-        upstream_keepalive_pool_size: s.upstream_pool_size,
         ca_file: s.ca_file.clone(),
         ..ServerConf::default()
     };

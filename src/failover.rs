@@ -288,11 +288,7 @@ pub async fn run(
 /// its error answer was read to the end (the answer itself is no longer needed).
 fn recycle(connections: &Connections, attempt: Option<Winner>) {
     if let Some(Winner { sent, upstream, .. }) = attempt {
-        if let Some(stream) = sent.conn.into_reusable() {
-            connections
-                .pool
-                .put(sent.pool_key, stream, upstream.idle_timeout);
-        }
+        connections.give_back(sent.conn, sent.pool_key, upstream.idle_timeout);
     }
 }
 

@@ -119,12 +119,9 @@ impl Sent {
                     total += chunk.len();
                     self.prefix.push(chunk);
                 }
-                Ok(None) => {
-                    self.ended = true;
-                    return;
-                }
-                Err(_) => {
-                    // Nothing more can be read; what was read is what the client gets.
+                // At the end, or on an error nothing more can be read: what was read is
+                // what the client gets.
+                Ok(None) | Err(_) => {
                     self.ended = true;
                     return;
                 }
@@ -193,33 +190,41 @@ pub fn request_head(
     let _ = write!(w, "content-length: {body_len}\r\n");
     push_field(&mut w, b"x-request-id", out.request_id.as_bytes());
     push_field(&mut w, b"x-forwarded-for", out.forwarded_for.as_bytes());
-    for (name, value) in credential(server, upstream.provider, out.anthropic_version) {
-        push_field(&mut w, name.as_bytes(), value.as_bytes());
+    for (name, prefix, value) in credential(server, upstream.provider, out.anthropic_version)
+        .into_iter()
+        .flatten()
+    {
+        w.extend_from_slice(name.as_bytes());
+        w.extend_from_slice(b": ");
+        w.extend_from_slice(prefix.as_bytes());
+        w.extend_from_slice(value.as_bytes());
+        w.extend_from_slice(b"\r\n");
     }
     w.extend_from_slice(b"\r\n");
     w
 }
 
+/// One credential field: its name, and its value as a fixed prefix and the secret.
+pub type CredentialField<'a> = (&'static str, &'static str, &'a str);
+
 /// The server's credential in its provider's style, and `anthropic-version` for
-/// Anthropic when the request carries none.
+/// Anthropic when the request carries none. Borrowed, so nothing is allocated per attempt.
 pub fn credential(
     server: &Server,
     provider: Provider,
     has_version: bool,
-) -> Vec<(&'static str, String)> {
-    let mut fields = Vec::with_capacity(2);
-    if let Some(key) = &server.api_key {
-        let key = key.expose();
-        fields.push(match provider {
-            Provider::Openai | Provider::Generic => ("authorization", format!("Bearer {key}")),
-            Provider::Anthropic => ("x-api-key", key.to_string()),
-            Provider::Azure => ("api-key", key.to_string()),
-        });
-    }
-    if provider == Provider::Anthropic && !has_version {
-        fields.push(("anthropic-version", ANTHROPIC_VERSION.to_string()));
-    }
-    fields
+) -> [Option<CredentialField<'_>>; 2] {
+    let key = server.api_key.as_ref().map(|key| match provider {
+        Provider::Openai | Provider::Generic => ("authorization", "Bearer ", key.expose()),
+        Provider::Anthropic => ("x-api-key", "", key.expose()),
+        Provider::Azure => ("api-key", "", key.expose()),
+    });
+    let version = (provider == Provider::Anthropic && !has_version).then_some((
+        "anthropic-version",
+        "",
+        ANTHROPIC_VERSION,
+    ));
+    [key, version]
 }
 
 /// Sets the server's credential on a request built with Pingora's types (health checks).
@@ -229,8 +234,11 @@ pub fn set_credential(
     provider: Provider,
 ) -> pingora_core::Result<()> {
     let has_version = req.headers.contains_key("anthropic-version");
-    for (name, value) in credential(server, provider, has_version) {
-        req.insert_header(name, value)?;
+    for (name, prefix, value) in credential(server, provider, has_version)
+        .into_iter()
+        .flatten()
+    {
+        req.insert_header(name, format!("{prefix}{value}"))?;
     }
     Ok(())
 }

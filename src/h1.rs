@@ -147,12 +147,11 @@ impl Conn {
     /// request was HEAD, so the response has no body whatever its fields say.
     pub async fn read_head(&mut self, wait: Duration, head_request: bool) -> Result<Head, Error> {
         loop {
-            if let Some((head, len, persistent)) = parse_head(&self.buf)? {
+            if let Some((mut head, len, persistent)) = parse_head(&self.buf)? {
                 let _ = self.buf.split_to(len);
                 if head.status.is_informational() {
                     continue;
                 }
-                let mut head = head;
                 self.framing = framing(&head, head_request)?;
                 // Transfer-Encoding overrides Content-Length; a response with both is
                 // suspect (response splitting), so the length goes and so does the

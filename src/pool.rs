@@ -9,6 +9,7 @@
 //! nothing lingers without traffic either. New connections (connect, TLS) still come from
 //! Pingora's `TransportConnector`.
 
+use crate::h1::Conn;
 use pingora_core::connectors::TransportConnector;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
@@ -28,6 +29,15 @@ pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
 pub struct Connections {
     pub connector: TransportConnector,
     pub pool: Pool,
+}
+
+impl Connections {
+    /// Takes back the connection of a finished exchange, if it can carry another one.
+    pub fn give_back(&self, conn: Conn, target: u64, max_idle: Duration) {
+        if let Some(stream) = conn.into_reusable() {
+            self.pool.put(target, stream, max_idle);
+        }
+    }
 }
 
 /// Sweeps the idle pool every `SWEEP_EVERY`.
@@ -271,6 +281,9 @@ mod tests {
         );
         assert_eq!(pool.take(2).unwrap().id(), c_id);
         assert_eq!(pool.take(2).unwrap().id(), b_id);
-        assert_eq!(Pool::new(0).len(), 0);
+        let none = Pool::new(0);
+        let (d, _d) = pair(&listener).await;
+        none.put(1, d, LONG);
+        assert!(none.is_empty(), "a pool of size 0 keeps nothing");
     }
 }

@@ -270,11 +270,7 @@ pub async fn relay(
                 relayed.bytes += rest.len();
                 session.write_response_body(Some(rest), false).await?;
             }
-            if let Some(stream) = up.into_reusable() {
-                connections
-                    .pool
-                    .put(sent.pool_key, stream, upstream.idle_timeout);
-            }
+            connections.give_back(up, sent.pool_key, upstream.idle_timeout);
             Ok(())
         }
         StreamEnd::ClientGone => {
