@@ -196,7 +196,7 @@ pub struct ServerSection {
     /// Default `/tmp/tollgate_upgrade.sock`.
     #[serde(default = "default_upgrade_sock")]
     pub upgrade_sock: String,
-    /// Idle upstream connections kept for reuse, per process. Default 128.
+    /// Idle upstream connections kept for reuse, all servers together. Default 128.
     #[serde(default = "default_pool_size")]
     pub upstream_pool_size: usize,
     /// Peers (addresses or CIDR ranges) whose `X-Forwarded-For` is believed when
@@ -314,7 +314,8 @@ pub struct UpstreamSection {
     /// Time from the end of the request to the response header. Default 60s.
     #[serde(default = "default_first_byte_timeout")]
     pub first_byte_timeout: Seconds,
-    /// Longest gap between two response body chunks. Default 300s.
+    /// Longest gap between two response body chunks (and longest wait on one piece of a
+    /// request body write); also how long an idle connection is kept. Default 300s.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: Seconds,
     /// Extends `failover.retry_on` for this upstream.
