@@ -390,29 +390,34 @@ impl Upstream {
         };
         // Health comes from each server's own state (cooldowns and active checks), which
         // outlives the selectors; the load balancer's own flag is not consulted.
-        let primary = |b: &Backend, _healthy: bool| {
+        let eligible = |b: &Backend, backup: bool| {
             self.servers
                 .get(index_of(b))
-                .is_some_and(|s| !s.backup && usable(s) && s.has_room() && accept(s))
-        };
-        let backup = |b: &Backend, _healthy: bool| {
-            self.servers
-                .get(index_of(b))
-                .is_some_and(|s| s.backup && usable(s) && s.has_room() && accept(s))
+                .is_some_and(|s| s.backup == backup && usable(s) && s.has_room() && accept(s))
         };
         // Round robin's fallback order is pseudo-random; enough steps to visit every
         // server with near certainty.
         let steps = 16 + self.servers.len() * 8;
         let chosen = match &self.balancer {
-            Balancer::Weighted(lb) => lb
-                .select_with(b"", steps, primary)
-                .or_else(|| lb.select_with(b"", steps, backup)),
-            Balancer::LeastConn(lb) => lb
-                .select_with(b"", steps, primary)
-                .or_else(|| lb.select_with(b"", steps, backup)),
+            Balancer::Weighted(lb) => primary_then_backup(lb, steps, eligible),
+            Balancer::LeastConn(lb) => primary_then_backup(lb, steps, eligible),
         }?;
         self.servers.get(index_of(&chosen))
     }
+}
+
+/// The first eligible primary in the balancer's order, else the first eligible backup.
+fn primary_then_backup<S>(
+    lb: &LoadBalancer<S>,
+    steps: usize,
+    eligible: impl Fn(&Backend, bool) -> bool,
+) -> Option<Backend>
+where
+    S: BackendSelection + 'static,
+    S::Iter: BackendIter,
+{
+    lb.select_with(b"", steps, |b, _healthy| eligible(b, false))
+        .or_else(|| lb.select_with(b"", steps, |b, _healthy| eligible(b, true)))
 }
 
 /// Static discovery never waits, so its update completes on the first poll.
