@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{chat, client, eventually, send_chat, single, two_tiers, Gateway};
+use common::{admin_json, chat, client, eventually, send_chat, single, two_tiers, Gateway};
 use futures_util::StreamExt;
 use serde_json::Value;
 use std::time::Duration;
@@ -23,14 +23,7 @@ fn two_servers(a: &MockUpstream, b: &MockUpstream, extra: &str) -> String {
 }
 
 async fn cooldowns(gw: &Gateway) -> Vec<Value> {
-    let v: Value = client()
-        .get(gw.admin_url("/admin/cooldowns"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = admin_json(&client(), gw, "/admin/cooldowns").await;
     v["cooldowns"].as_array().cloned().unwrap_or_default()
 }
 

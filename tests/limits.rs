@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{chat, client, eventually, Gateway};
+use common::{chat, chat_status, client, eventually, Gateway};
 use serde_json::Value;
 use std::time::Duration;
 use tollgate::mock::{MockUpstream, Reply};
@@ -283,13 +283,5 @@ async fn a_model_limit_applies_to_every_caller_of_the_alias() {
                 .contains("model `m`"));
         }
     }
-    assert_eq!(
-        c.post(gw.url("/v1/chat/completions"))
-            .json(&chat("n", false))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(chat_status(&c, &gw, "n").await, 200);
 }

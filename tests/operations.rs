@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{chat, closed_port, Gateway};
+use common::{admin_json, chat, chat_status, closed_port, Gateway};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 use tollgate::mock::{MockUpstream, Reply};
@@ -82,58 +82,20 @@ async fn a_reload_swaps_a_valid_file_keeps_cooldowns_and_refuses_a_bad_one() {
         r#"{"error":{"code":"insufficient_quota"}}"#,
     )]);
     for _ in 0..2 {
-        assert_eq!(
-            c.post(gw.url("/v1/chat/completions"))
-                .json(&chat("m", false))
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
+        assert_eq!(chat_status(&c, &gw, "m").await, 200);
     }
     let cooling = |v: &Value| v["cooldowns"].as_array().unwrap().len();
-    let before: Value = c
-        .get(gw.admin_url("/admin/cooldowns"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let before: Value = admin_json(&c, &gw, "/admin/cooldowns").await;
     assert_eq!(cooling(&before), 1);
-    assert_eq!(
-        c.post(gw.url("/v1/chat/completions"))
-            .json(&chat("n", false))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    assert_eq!(chat_status(&c, &gw, "n").await, 404);
 
     // A valid file adds alias n; the cooldown of the server that still exists survives.
     let v2 = std::fs::read_to_string(&path).unwrap() + "  n:\n    routes: [{upstream: u}]\n";
     std::fs::write(&path, &v2).unwrap();
     let r = c.post(gw.admin_url("/admin/reload")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(
-        c.post(gw.url("/v1/chat/completions"))
-            .json(&chat("n", false))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    let after: Value = c
-        .get(gw.admin_url("/admin/cooldowns"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(chat_status(&c, &gw, "n").await, 200);
+    let after: Value = admin_json(&c, &gw, "/admin/cooldowns").await;
     assert_eq!(
         after["cooldowns"][0]["target"],
         before["cooldowns"][0]["target"]
@@ -153,15 +115,7 @@ async fn a_reload_swaps_a_valid_file_keeps_cooldowns_and_refuses_a_bad_one() {
         v["errors"][0].as_str().unwrap().contains("models.bad"),
         "{v}"
     );
-    assert_eq!(
-        c.post(gw.url("/v1/chat/completions"))
-            .json(&chat("n", false))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(chat_status(&c, &gw, "n").await, 200);
     assert!(gw.logs().contains("reload of"), "{}", gw.logs());
 
     // SIGHUP reloads too.
@@ -169,13 +123,7 @@ async fn a_reload_swaps_a_valid_file_keeps_cooldowns_and_refuses_a_bad_one() {
     kill(gw.pid(), "-HUP");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let s = c
-            .post(gw.url("/v1/chat/completions"))
-            .json(&chat("o", false))
-            .send()
-            .await
-            .unwrap()
-            .status();
+        let s = chat_status(&c, &gw, "o").await;
         if s == 200 {
             break;
         }

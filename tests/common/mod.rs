@@ -209,3 +209,24 @@ pub async fn send_chat(gw: &Gateway, model: &str, stream: bool) -> reqwest::Resp
         .await
         .expect("request to the gateway")
 }
+
+/// The status of a non-streaming chat completion for `model` sent with `c`.
+pub async fn chat_status(c: &reqwest::Client, gw: &Gateway, model: &str) -> reqwest::StatusCode {
+    c.post(gw.url("/v1/chat/completions"))
+        .json(&chat(model, false))
+        .send()
+        .await
+        .expect("request to the gateway")
+        .status()
+}
+
+/// The JSON answer of a GET on the admin listener.
+pub async fn admin_json(c: &reqwest::Client, gw: &Gateway, path: &str) -> serde_json::Value {
+    c.get(gw.admin_url(path))
+        .send()
+        .await
+        .expect("request to the admin listener")
+        .json()
+        .await
+        .expect("a JSON answer")
+}
