@@ -5,7 +5,6 @@ use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::time::Duration;
 use tollgate::config::file::{Balance, LimitSection, Provider, UpstreamSection};
-use tollgate::config::units::Seconds;
 use tollgate::health::{now_ms, Reason};
 use tollgate::inspect::Rules;
 use tollgate::limits::{key_hash, Admission, Counters, Scope};
@@ -13,17 +12,7 @@ use tollgate::select::{Endpoint, InFlight, Server, Upstream};
 use tollgate::usage::UsageScanner;
 
 fn upstream(balance: Balance, n: usize) -> Upstream {
-    let section = UpstreamSection {
-        provider: Provider::Generic,
-        balance,
-        connect_timeout: Seconds(Duration::from_secs(1)),
-        first_byte_timeout: Seconds(Duration::from_secs(1)),
-        idle_timeout: Seconds(Duration::from_secs(1)),
-        retry_on: None,
-        health_check: None,
-        stream_usage: None,
-        servers: vec![],
-    };
+    let section = UpstreamSection::new(Provider::Generic, balance);
     let servers = (0..n)
         .map(|i| {
             Server::new(

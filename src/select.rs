@@ -499,20 +499,9 @@ impl BackendIter for LeastConnIter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::units::Seconds;
 
     fn section(balance: Balance) -> UpstreamSection {
-        UpstreamSection {
-            provider: Provider::Generic,
-            balance,
-            connect_timeout: Seconds(Duration::from_secs(1)),
-            first_byte_timeout: Seconds(Duration::from_secs(1)),
-            idle_timeout: Seconds(Duration::from_secs(1)),
-            retry_on: None,
-            health_check: None,
-            stream_usage: None,
-            servers: vec![],
-        }
+        UpstreamSection::new(Provider::Generic, balance)
     }
 
     fn upstream(balance: Balance, servers: &[(usize, bool)]) -> Upstream {

@@ -333,6 +333,24 @@ pub struct UpstreamSection {
     pub servers: Vec<ServerEntry>,
 }
 
+impl UpstreamSection {
+    /// A section of the given provider and balancing method with every default and no
+    /// servers (for building upstreams in code).
+    pub fn new(provider: Provider, balance: Balance) -> Self {
+        UpstreamSection {
+            provider,
+            balance,
+            connect_timeout: default_connect_timeout(),
+            first_byte_timeout: default_first_byte_timeout(),
+            idle_timeout: default_idle_timeout(),
+            retry_on: None,
+            health_check: None,
+            stream_usage: None,
+            servers: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheckSection {
