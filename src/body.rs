@@ -31,14 +31,19 @@ struct Head<'a> {
     #[serde(default)]
     stream: Option<bool>,
     #[serde(default)]
-    max_tokens: Option<u64>,
+    max_tokens: Option<serde_json::Number>,
     #[serde(default)]
-    max_completion_tokens: Option<u64>,
+    max_completion_tokens: Option<serde_json::Number>,
     #[serde(default)]
-    max_output_tokens: Option<u64>,
+    max_output_tokens: Option<serde_json::Number>,
     #[serde(default, borrow)]
     stream_options: Option<&'a RawValue>,
 }
+
+/// The largest completion budget a request may ask for (the largest 32-bit signed
+/// integer, which is what providers accept); more is a client error, not a number to
+/// count against a limit.
+pub const MAX_COMPLETION_TOKENS: u64 = i32::MAX as u64;
 
 /// Reads `model` and `stream` from a JSON object body. Errors are client-facing messages.
 pub fn scan(body: &[u8]) -> Result<RequestFacts, String> {
@@ -54,16 +59,28 @@ pub fn scan(body: &[u8]) -> Result<RequestFacts, String> {
         .ok_or_else(|| "You must provide a model parameter.".to_string())?;
     let model: String = serde_json::from_str(raw.get())
         .map_err(|_| "The model parameter must be a string.".to_string())?;
+    let mut max_tokens = None;
+    for (name, value) in [
+        ("max_completion_tokens", &head.max_completion_tokens),
+        ("max_tokens", &head.max_tokens),
+        ("max_output_tokens", &head.max_output_tokens),
+    ] {
+        let Some(value) = value else { continue };
+        let n = value
+            .as_u64()
+            .filter(|n| *n <= MAX_COMPLETION_TOKENS)
+            .ok_or_else(|| {
+                format!("{name} must be a non-negative integer of at most {MAX_COMPLETION_TOKENS}.")
+            })?;
+        max_tokens = max_tokens.or(Some(n));
+    }
     // RawValue borrows from `text`, so its position is the value's offset in the body.
     let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
     Ok(RequestFacts {
         model,
         model_span: start..start + raw.get().len(),
         stream: head.stream.unwrap_or(false),
-        max_tokens: head
-            .max_completion_tokens
-            .or(head.max_tokens)
-            .or(head.max_output_tokens),
+        max_tokens,
         stream_options: head.stream_options.is_some(),
         open: text.len() - text.trim_start().len(),
     })

@@ -247,7 +247,7 @@ impl Counters {
         }
         if let Some(limit) = limits.concurrency {
             let (guard, now) = c.inflight.incr(key, 1);
-            if now > limit as isize {
+            if now > count(limit) {
                 drop(guard);
                 self.roll_back(adm);
                 return Err(refusal(
@@ -276,7 +276,14 @@ impl Counters {
             return Ok(());
         };
         let rate = &self.scopes[scope.index()].tpm;
-        let n = tokens as isize;
+        // A request that alone exceeds the limit is refused before it touches a counter: a
+        // client number never reaches the sketch unbounded (it would wrap the counter).
+        if tokens > limit {
+            self.roll_back(adm);
+            let (_, left) = rate.rate_with(&key, estimate);
+            return Err(refusal(scope, Dimension::Tpm, limit, left));
+        }
+        let n = count(tokens);
         rate.observe(&key, n);
         let (est, left) = rate.rate_with(&key, estimate);
         if est > limit as f64 {
@@ -290,8 +297,9 @@ impl Counters {
 
     /// Replaces every token estimate of `adm` by the real usage.
     pub fn settle_tokens(&self, adm: &mut Admission, actual: u64) {
+        let actual = count(actual);
         for (scope, key, charged) in adm.charges.drain(..) {
-            let delta = actual as isize - charged;
+            let delta = actual.saturating_sub(charged);
             if delta != 0 {
                 self.scopes[scope.index()].tpm.observe(&key, delta);
             }
@@ -339,8 +347,18 @@ fn refusal(scope: Scope, dimension: Dimension, limit: u64, left: Duration) -> Re
 
 /// Estimated tokens of a request before it is sent: a quarter of the prompt bytes (about
 /// four bytes a token for English text and JSON) plus the completion budget it asks for.
+/// Saturates instead of wrapping, whatever the client asked for.
 pub fn estimate_tokens(body_len: usize, max_tokens: Option<u64>) -> u64 {
-    body_len as u64 / 4 + max_tokens.unwrap_or(0)
+    (body_len as u64 / 4).saturating_add(max_tokens.unwrap_or(0))
+}
+
+/// The largest limit the config accepts and the largest amount one request adds to a
+/// counter (about 10^12): far above any real rate, far below where a sum of them wraps.
+pub const MAX_COUNT: u64 = 1 << 40;
+
+/// A number of requests or tokens as a counter increment, capped at [`MAX_COUNT`].
+fn count(n: u64) -> isize {
+    isize::try_from(n.min(MAX_COUNT)).unwrap_or(isize::MAX)
 }
 
 /// An address range of trusted proxies: `10.0.0.0/8`, `::1`, `192.168.1.7`.
@@ -517,6 +535,34 @@ mod tests {
         assert!(c
             .admit_request(Scope::Key, 7, &limits, &mut Admission::default())
             .is_ok());
+    }
+
+    #[test]
+    fn an_estimate_over_the_limit_is_refused_without_touching_the_counter() {
+        let c = Counters::default();
+        let limits = LimitSection {
+            tpm: Some(1000),
+            ..Default::default()
+        };
+        for huge in [u64::MAX, i64::MAX as u64, 1 << 40, 1001] {
+            let r = c
+                .admit_tokens(Scope::Key, 3, &limits, huge, &mut Admission::default())
+                .unwrap_err();
+            assert_eq!(r.dimension, Dimension::Tpm);
+        }
+        assert_eq!(estimate_tokens(usize::MAX, Some(u64::MAX)), u64::MAX);
+        // The window is untouched: 1000 tokens fit, one more does not.
+        let mut adm = Admission::default();
+        c.admit_tokens(Scope::Key, 3, &limits, 1000, &mut adm)
+            .unwrap();
+        assert!(c
+            .admit_tokens(Scope::Key, 3, &limits, 1, &mut Admission::default())
+            .is_err());
+        // Settling with an absurd reported usage saturates instead of wrapping negative.
+        c.settle_tokens(&mut adm, u64::MAX);
+        assert!(c
+            .admit_tokens(Scope::Key, 3, &limits, 1, &mut Admission::default())
+            .is_err());
     }
 
     #[test]

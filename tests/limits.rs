@@ -285,3 +285,59 @@ async fn a_model_limit_applies_to_every_caller_of_the_alias() {
     }
     assert_eq!(chat_status(&c, &gw, "n").await, 200);
 }
+
+/// Regression: `max_tokens` near 2^63 or 2^64 wrapped the token estimate into a negative
+/// counter increment, which switched the tpm limit off for the key and the global scope
+/// until the window rolled over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_max_tokens_cannot_switch_the_token_limit_off() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let gw = Gateway::start(&config(
+        &up,
+        "  - {name: a, key: tg-key-a-00000000, limits: {tpm: 1000}}\n",
+        "limits:\n  global: {tpm: 5000}\n",
+    ));
+    let c = client();
+    let post = |max_tokens: Value| {
+        c.post(gw.url("/v1/chat/completions"))
+            .bearer_auth("tg-key-a-00000000")
+            .json(&serde_json::json!({
+                "model": "m",
+                "max_tokens": max_tokens,
+                "messages": [{"role": "user", "content": "hi"}],
+            }))
+            .send()
+    };
+    for bad in [
+        serde_json::json!(9223372036854775807u64),
+        serde_json::json!(18446744073709551615u64),
+        serde_json::json!(-1),
+        serde_json::json!(1.5),
+    ] {
+        let r = post(bad.clone()).await.unwrap();
+        assert_eq!(r.status(), 400, "max_tokens {bad}");
+        let v: Value = r.json().await.unwrap();
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("max_tokens must be a non-negative integer"),
+            "{v}"
+        );
+    }
+    // A sane number larger than the limit: refused as a whole, nothing counted.
+    let r = post(serde_json::json!(2_000_000_000u64)).await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(up.hits(), 0);
+
+    // The limit still holds: 990 reported tokens leave no room for the next request.
+    up.push([Reply::error(
+        200,
+        r#"{"choices":[],"usage":{"prompt_tokens":900,"completion_tokens":90,"total_tokens":990}}"#,
+    )]);
+    let r = post(serde_json::json!(1)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap();
+    assert_eq!(post(serde_json::json!(1)).await.unwrap().status(), 429);
+    assert_eq!(up.hits(), 1);
+}

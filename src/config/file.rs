@@ -210,6 +210,23 @@ pub struct ServerSection {
     /// TLS listeners (rustls), each with its certificate chain and key (PEM files).
     #[serde(default)]
     pub tls: Vec<TlsListener>,
+    /// Longest time a client may take to send a whole request header, counted from the
+    /// connection's start (or, between keep-alive requests, from the next request's first
+    /// byte). Past it the connection gets 408 and is closed. Default 10s.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout: Seconds,
+    /// Longest pause while a request body is being read; past it the request gets 408 and
+    /// its connection is closed. Default 60s.
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout: Seconds,
+    /// Client connections open at once, all listeners together; a connection over the
+    /// cap is closed at once and logged. Default: half the process's open-file limit
+    /// (a proxied request also holds an upstream connection), at least 64.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// Client connections open at once from one IP address (the TCP peer). Default: no cap.
+    #[serde(default)]
+    pub max_connections_per_ip: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -235,6 +252,10 @@ impl Default for ServerSection {
             trusted_proxies: Vec::new(),
             tls: Vec::new(),
             ca_file: None,
+            header_timeout: default_header_timeout(),
+            body_timeout: default_body_timeout(),
+            max_connections: None,
+            max_connections_per_ip: None,
         }
     }
 }
@@ -250,6 +271,12 @@ fn default_threads() -> usize {
 }
 fn default_max_body_size() -> ByteSize {
     ByteSize(32 << 20)
+}
+fn default_header_timeout() -> Seconds {
+    Seconds(Duration::from_secs(10))
+}
+fn default_body_timeout() -> Seconds {
+    Seconds(Duration::from_secs(60))
 }
 fn default_keepalive_timeout() -> Seconds {
     Seconds(Duration::from_secs(60))

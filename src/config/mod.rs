@@ -16,6 +16,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
+use units::Seconds;
 
 /// One problem in a config file, with the path of the offending field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -239,6 +241,20 @@ fn check_ca_file(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// More worker threads than this is a typo, not a machine.
+const MAX_THREADS: usize = 1024;
+
+/// A timeout must be positive (zero would fail every request) and at most a day.
+fn check_timeout(t: Seconds) -> Result<(), String> {
+    if t.0.is_zero() {
+        return Err("must be longer than 0s".into());
+    }
+    if t.0 > Duration::from_secs(86_400) {
+        return Err("must be at most 24h".into());
+    }
+    Ok(())
+}
+
 fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigErrors> {
     let mut errors = Vec::new();
     let mut err = |path: String, message: String| errors.push(ConfigError { path, message });
@@ -292,8 +308,58 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
             SocketAddr::from(([127, 0, 0, 1], 9091))
         }
     };
-    if s.threads == 0 {
-        err("server.threads".into(), "must be at least 1".into());
+    if s.threads == 0 || s.threads > MAX_THREADS {
+        err(
+            "server.threads".into(),
+            format!("must be between 1 and {MAX_THREADS}"),
+        );
+    }
+    for (field, t) in [
+        ("header_timeout", s.header_timeout),
+        ("body_timeout", s.body_timeout),
+        ("keepalive_timeout", s.keepalive_timeout),
+    ] {
+        if let Err(m) = check_timeout(t) {
+            err(format!("server.{field}"), m);
+        }
+    }
+    for (field, n) in [
+        ("max_connections", s.max_connections),
+        ("max_connections_per_ip", s.max_connections_per_ip),
+    ] {
+        if n == Some(0) {
+            err(format!("server.{field}"), "must be at least 1".into());
+        }
+    }
+    let mut limit_sections = vec![
+        ("limits.global".to_string(), &file.limits.global),
+        ("limits.per_ip".to_string(), &file.limits.per_ip),
+    ];
+    limit_sections.extend(
+        file.keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (format!("keys[{i}].limits"), &k.limits)),
+    );
+    limit_sections.extend(
+        file.models
+            .iter()
+            .map(|(alias, m)| (format!("models.{alias}.limits"), &m.limits)),
+    );
+    for (path, l) in limit_sections {
+        for (field, v) in [
+            ("rps", l.rps),
+            ("rpm", l.rpm),
+            ("tpm", l.tpm),
+            ("concurrency", l.concurrency),
+        ] {
+            if v.is_some_and(|v| v > crate::limits::MAX_COUNT) {
+                err(
+                    format!("{path}.{field}"),
+                    format!("must be at most {}", crate::limits::MAX_COUNT),
+                );
+            }
+        }
     }
     if s.max_body_size.0 == 0 {
         err(
@@ -331,6 +397,22 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
                 format!("{path}.servers"),
                 "at least one server is required".into(),
             );
+        }
+        let mut timeouts = vec![
+            ("connect_timeout", u.connect_timeout),
+            ("first_byte_timeout", u.first_byte_timeout),
+            ("idle_timeout", u.idle_timeout),
+        ];
+        if let Some(h) = &u.health_check {
+            timeouts.extend([
+                ("health_check.interval", h.interval),
+                ("health_check.timeout", h.timeout),
+            ]);
+        }
+        for (field, t) in timeouts {
+            if let Err(m) = check_timeout(t) {
+                err(format!("{path}.{field}"), m);
+            }
         }
         let mut servers = Vec::new();
         let mut display_names: HashMap<String, usize> = HashMap::new();
