@@ -3,6 +3,7 @@
 //! printed so that scripts and tests can find it.
 
 use crate::admin::AdminApp;
+use crate::client_conn::{default_max_connections, ClientListener, ConnectionCounts};
 use crate::config::Config;
 use crate::pool::{Connections, Pool, Sweeper};
 use crate::proxy::Gateway;
@@ -98,10 +99,19 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
         ))),
         pool: Pool::new(pool_size),
     });
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Gateway::new(Arc::clone(&config), Arc::clone(&connections)),
-        "tollgate proxy",
+    let default_max = default_max_connections();
+    let max_connections = config.load().server.max_connections.unwrap_or(default_max);
+    let mut proxy = Service::new(
+        "tollgate proxy".to_string(),
+        ClientListener {
+            proxy: Arc::new(pingora_proxy::http_proxy(
+                &server.configuration,
+                Gateway::new(Arc::clone(&config), Arc::clone(&connections)),
+            )),
+            config: Arc::clone(&config),
+            counts: Arc::new(ConnectionCounts::default()),
+            default_max,
+        },
     );
     for addr in &listen {
         proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(client_buffers()));
@@ -163,7 +173,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
         }
     }
 
-    log::info!("{summary}");
+    log::info!("{summary}; at most {max_connections} client connections");
     println!(
         "tollgate: listening on {}",
         listen

@@ -13,6 +13,8 @@ pub enum GatewayError {
     BodyTooLarge { limit: u64 },
     #[error("{0}")]
     BadRequest(String),
+    #[error("The request body was not received in time: nothing arrived for {secs}s.")]
+    RequestTimeout { secs: u64 },
     #[error("The model `{0}` does not exist or you do not have access to it.")]
     ModelNotFound(String),
     #[error("The model `{model}` has no upstream that serves {path}.")]
@@ -51,6 +53,7 @@ impl GatewayError {
             GatewayError::Unauthorized => 401,
             GatewayError::BodyTooLarge { .. } => 413,
             GatewayError::BadRequest(_) => 400,
+            GatewayError::RequestTimeout { .. } => 408,
             GatewayError::ModelNotFound(_) | GatewayError::NotFound(_) => 404,
             GatewayError::NoRouteForEndpoint { .. } => 400,
             GatewayError::MethodNotAllowed(_) => 405,
@@ -67,6 +70,7 @@ impl GatewayError {
             GatewayError::Unauthorized => "unauthorized",
             GatewayError::BodyTooLarge { .. } => "body_too_large",
             GatewayError::BadRequest(_) => "bad_request",
+            GatewayError::RequestTimeout { .. } => "request_timeout",
             GatewayError::ModelNotFound(_) => "model_not_found",
             GatewayError::NoRouteForEndpoint { .. } => "no_route",
             GatewayError::NotFound(_) => "not_found",

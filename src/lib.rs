@@ -12,6 +12,7 @@ pub mod app;
 pub mod auth;
 pub mod body;
 pub mod cli;
+pub mod client_conn;
 pub mod config;
 pub mod error;
 pub mod failover;

@@ -223,8 +223,7 @@ pub struct Admission {
 }
 
 impl Counters {
-    /// Counts one request against `limits` of `scope` (rps, rpm, concurrency), or refuses
-    /// it. A refused request is not counted anywhere (earlier scopes are rolled back).
+    /// Counts one request against `limits` of `scope` (rps, rpm), or refuses it. A refused request is not counted anywhere (earlier scopes are rolled back).
     pub fn admit_request(
         &self,
         scope: Scope,
@@ -245,6 +244,19 @@ impl Counters {
             }
             adm.counted.push((scope, dim, key));
         }
+        Ok(())
+    }
+
+    /// Takes a concurrency slot of `scope`, or refuses (rolling back what `adm` counted).
+    /// Taken once the request body is in, so a client stalling its upload holds no slot.
+    pub fn admit_concurrency(
+        &self,
+        scope: Scope,
+        key: u64,
+        limits: &LimitSection,
+        adm: &mut Admission,
+    ) -> Result<(), Refusal> {
+        let c = &self.scopes[scope.index()];
         if let Some(limit) = limits.concurrency {
             let (guard, now) = c.inflight.incr(key, 1);
             if now > count(limit) {
@@ -525,15 +537,17 @@ mod tests {
         };
         let mut one = Admission::default();
         let mut two = Admission::default();
-        c.admit_request(Scope::Key, 7, &limits, &mut one).unwrap();
-        c.admit_request(Scope::Key, 7, &limits, &mut two).unwrap();
+        c.admit_concurrency(Scope::Key, 7, &limits, &mut one)
+            .unwrap();
+        c.admit_concurrency(Scope::Key, 7, &limits, &mut two)
+            .unwrap();
         let r = c
-            .admit_request(Scope::Key, 7, &limits, &mut Admission::default())
+            .admit_concurrency(Scope::Key, 7, &limits, &mut Admission::default())
             .unwrap_err();
         assert_eq!(r.dimension, Dimension::Concurrency);
         drop(one);
         assert!(c
-            .admit_request(Scope::Key, 7, &limits, &mut Admission::default())
+            .admit_concurrency(Scope::Key, 7, &limits, &mut Admission::default())
             .is_ok());
     }
 

@@ -6,8 +6,9 @@
 
 use prometheus::{
     register_counter_vec, register_gauge_vec, register_histogram, register_histogram_vec,
-    register_int_counter_vec, register_int_gauge_vec, CounterVec, GaugeVec, Histogram,
-    HistogramVec, IntCounterVec, IntGaugeVec,
+    register_int_counter, register_int_counter_vec, register_int_gauge, register_int_gauge_vec,
+    CounterVec, GaugeVec, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec,
 };
 use std::sync::LazyLock;
 
@@ -39,6 +40,10 @@ pub struct Metrics {
     pub stream_aborts: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
+    pub client_connections: IntGauge,
+    pub client_connections_refused: IntCounterVec,
+    pub client_timeouts: IntCounterVec,
+    pub sse_filter_bypassed: IntCounter,
 }
 
 fn build() -> prometheus::Result<Metrics> {
@@ -76,6 +81,21 @@ fn build() -> prometheus::Result<Metrics> {
         stream_aborts: register_int_counter_vec!("tollgate_stream_aborts_total", "Responses cut after they began, by reason.", &["reason"])?,
         config_reloads: register_int_counter_vec!("tollgate_config_reloads_total", "Configuration reloads by result.", &["result"])?,
         build_info: register_int_gauge_vec!("tollgate_build_info", "Build information; always 1.", &["version"])?,
+        client_connections: register_int_gauge!("tollgate_client_connections", "Client connections open now, all listeners together.")?,
+        client_connections_refused: register_int_counter_vec!(
+            "tollgate_client_connections_refused_total",
+            "Client connections closed on arrival, by reason (max_connections, max_connections_per_ip).",
+            &["reason"]
+        )?,
+        client_timeouts: register_int_counter_vec!(
+            "tollgate_client_timeouts_total",
+            "Client connections closed because the client was too slow, by phase (header: header_timeout; body: body_timeout).",
+            &["phase"]
+        )?,
+        sse_filter_bypassed: register_int_counter!(
+            "tollgate_sse_filter_bypassed_total",
+            "Streams whose usage-chunk filter met an event over its size cap and passed the rest through unfiltered."
+        )?,
     };
     m.build_info
         .with_label_values(&[env!("CARGO_PKG_VERSION")])

@@ -26,7 +26,7 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The gateway service: the live config and where upstream connections come from.
 pub struct Gateway {
@@ -106,6 +106,9 @@ impl ProxyHttp for Gateway {
                     headers: &extra,
                 };
                 respond::error(session, &e, &r).await?;
+                if ctx.body_unread && !matches!(e, GatewayError::RequestTimeout { .. }) {
+                    linger(session).await;
+                }
                 Ok(true)
             }
             Err(Outcome::Aborted(e)) => Err(e),
@@ -190,7 +193,16 @@ fn begin(session: &mut Session, ctx: &mut RequestCtx, config: &Config) {
         r.client_ip = limits::client_ip(peer, xff, &config.trusted_proxies).to_string();
     }
     ctx.body_unread = !session.is_body_empty();
-    session.set_keepalive(Some(config.server.keepalive_timeout.0.as_secs()));
+    // Pingora turns keep-alive off when the request says so, and when it carries both
+    // Transfer-Encoding and Content-Length (RFC 9112 6.1: a proxy in front may have
+    // framed it by the length); only a connection that may be kept gets the timeout.
+    if session.get_keepalive().is_some() {
+        session.set_keepalive(Some(config.server.keepalive_timeout.0.as_secs()));
+    }
+    // Pingora times each body read with this: the longest pause within a body.
+    session
+        .downstream_session
+        .set_read_timeout(Some(config.server.body_timeout.0));
 }
 
 /// A request id unique across processes: a per-process random seed and a counter.
@@ -301,7 +313,8 @@ impl Gateway {
         result.map_err(|r| refused(ctx, r))
     }
 
-    /// Model request limits and token limits of every scope, once the body is known.
+    /// Model request limits, then the concurrency and token limits of every scope, once
+    /// the body is in (a client stalling its upload holds no slot).
     fn admit_model(
         &self,
         ctx: &mut RequestCtx,
@@ -314,8 +327,19 @@ impl Gateway {
         let adm = &mut ctx.admission;
         let model_key = key_hash(&alias.name);
         let ip_key = key_hash(&ctx.record.client_ip);
+        let key_limits = match caller {
+            Caller::Key(info) => Some((key_hash(&info.name), &info.limits)),
+            Caller::Anonymous => None,
+        };
         let mut result = c
             .admit_request(Scope::Model, model_key, &alias.limits, adm)
+            .and_then(|()| c.admit_concurrency(Scope::Global, 0, &config.limits.global, adm))
+            .and_then(|()| c.admit_concurrency(Scope::Ip, ip_key, &config.limits.per_ip, adm))
+            .and_then(|()| match key_limits {
+                Some((key, limits)) => c.admit_concurrency(Scope::Key, key, limits, adm),
+                None => Ok(()),
+            })
+            .and_then(|()| c.admit_concurrency(Scope::Model, model_key, &alias.limits, adm))
             .and_then(|()| c.admit_tokens(Scope::Global, 0, &config.limits.global, tokens, adm))
             .and_then(|()| c.admit_tokens(Scope::Ip, ip_key, &config.limits.per_ip, tokens, adm))
             .and_then(|()| c.admit_tokens(Scope::Model, model_key, &alias.limits, tokens, adm))
@@ -344,7 +368,8 @@ impl Gateway {
         dialect: Dialect,
     ) -> Result<(), Outcome> {
         let body_started = Instant::now();
-        let body = read_body(session, config.server.max_body_size.0).await?;
+        let s = &config.server;
+        let body = read_body(session, s.max_body_size.0, s.body_timeout.0).await?;
         ctx.record.waiting += body_started.elapsed();
         ctx.body_unread = false;
         let facts = body::scan(&body).map_err(GatewayError::BadRequest)?;
@@ -441,15 +466,66 @@ impl Gateway {
     }
 }
 
+/// How long, and how much, the gateway keeps reading a body it answered early.
+const LINGER_TIME: Duration = Duration::from_secs(10);
+const LINGER_BYTES: usize = 64 << 20;
+
+/// After an answer sent before the request body was read (413, 401, 429, ...), reads and
+/// discards what the client is still sending, for a bounded time and size, the way
+/// nginx's lingering close does. Closing at once would reset the connection while the
+/// client writes, and most clients (Python's, so the OpenAI SDK) send the whole body
+/// before reading: they would see a broken pipe instead of the answer, and retry.
+async fn linger(session: &mut Session) {
+    let expects_continue = session
+        .req_header()
+        .headers
+        .contains_key(http::header::EXPECT);
+    if expects_continue && session.body_bytes_read() == 0 {
+        // It was told no (no 100 Continue): it sends no body.
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + LINGER_TIME;
+    let mut drained = 0;
+    while drained <= LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, session.read_request_body()).await {
+            Ok(Ok(Some(chunk))) => drained += chunk.len(),
+            _ => return,
+        }
+    }
+}
+
+/// Pingora's error for chunked framing it cannot parse.
+const INVALID_CHUNK: ErrorType = ErrorType::new("InvalidChunk");
+
+/// What a failed body read means for the client: a stall past `server.body_timeout`
+/// (408) and broken chunked framing (400) are answered; a connection that broke is not.
+fn body_error(e: Box<Error>, timeout: std::time::Duration) -> Outcome {
+    match &e.etype {
+        ErrorType::ReadTimedout => {
+            if let Some(m) = crate::metrics::get() {
+                m.client_timeouts.with_label_values(&["body"]).inc();
+            }
+            Outcome::Refused(GatewayError::RequestTimeout {
+                secs: timeout.as_secs(),
+            })
+        }
+        t if *t == INVALID_CHUNK => Outcome::Refused(GatewayError::BadRequest(
+            "The request body's chunked framing is malformed.".into(),
+        )),
+        _ => Outcome::Aborted(e),
+    }
+}
+
 /// Reads the whole request body, refusing more than `limit` bytes. Answers
 /// `Expect: 100-continue` first (after authentication), since clients otherwise wait
 /// before sending large bodies.
-async fn read_body(session: &mut Session, limit: u64) -> Result<Bytes, Outcome> {
+async fn read_body(session: &mut Session, limit: u64, gap: Duration) -> Result<Bytes, Outcome> {
     let too_large = || GatewayError::BodyTooLarge { limit };
-    let declared = session
-        .req_header()
-        .headers
+    let headers = &session.req_header().headers;
+    // With Transfer-Encoding the length is not the framing (RFC 9112 6.1).
+    let declared = headers
         .get(http::header::CONTENT_LENGTH)
+        .filter(|_| !headers.contains_key(http::header::TRANSFER_ENCODING))
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
@@ -468,7 +544,11 @@ async fn read_body(session: &mut Session, limit: u64) -> Result<Bytes, Outcome> 
         session.set_close_on_response_before_downstream_finish(true);
     }
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(16 * 1024).min(limit) as usize);
-    while let Some(chunk) = session.read_request_body().await? {
+    while let Some(chunk) = session
+        .read_request_body()
+        .await
+        .map_err(|e| body_error(e, gap))?
+    {
         if (buf.len() + chunk.len()) as u64 > limit {
             return Err(too_large().into());
         }

@@ -27,9 +27,19 @@ impl Gateway {
     }
 
     pub fn start_with_env(body: &str, env: &[(&str, &str)]) -> Gateway {
+        Self::start_full("", body, env)
+    }
+
+    /// Starts the gateway with `server` (indented lines such as `  header_timeout: 1s\n`)
+    /// added to the test's server section.
+    pub fn start_with_server(server: &str, body: &str) -> Gateway {
+        Self::start_full(server, body, &[])
+    }
+
+    fn start_full(server_extra: &str, body: &str, env: &[(&str, &str)]) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let server = format!(
-            "server:\n  listen: [\"127.0.0.1:0\"]\n  admin_listen: \"127.0.0.1:0\"\n  threads: 1\n  grace_period: 0s\n  pid_file: {d}/tollgate.pid\n  upgrade_sock: {d}/upgrade.sock\n",
+            "server:\n  listen: [\"127.0.0.1:0\"]\n  admin_listen: \"127.0.0.1:0\"\n  threads: 1\n  grace_period: 0s\n  pid_file: {d}/tollgate.pid\n  upgrade_sock: {d}/upgrade.sock\n{server_extra}",
             d = dir.path().display()
         );
         let text = if body.contains("server:") {

@@ -1,0 +1,581 @@
+//! Stage 0, before any request: client connections. Caps how many are open (in all and
+//! per client IP) and how long a client may take to send a request header. Pingora reads
+//! a request header with a timeout per read only, so a client that sends one byte every
+//! few seconds, or half a header and then nothing, would hold its connection (and a file
+//! descriptor) forever; thousands of them starve everyone else.
+//!
+//! The deadline lives in a thin wrapper around the connection's stream that watches the
+//! bytes read for the blank line that ends a header; Pingora's own parsing is untouched.
+//! Nothing here looks at a request's content.
+
+use crate::config::Config;
+use crate::proxy::Gateway;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora_core::apps::{HttpServerApp, ServerApp};
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::raw_connect::ProxyDigest;
+use pingora_core::protocols::tls::TlsRef;
+use pingora_core::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType, ALPN,
+};
+use pingora_core::server::ShutdownWatch;
+use pingora_proxy::HttpProxy;
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// The proxy service's application: admits a connection, then serves its HTTP/1.1
+/// requests one after the other with a header deadline each (HTTP/2 connections go to
+/// Pingora as they are; their streams have their own flow control).
+pub struct ClientListener {
+    pub proxy: Arc<HttpProxy<Gateway>>,
+    pub config: Arc<ArcSwap<Config>>,
+    pub counts: Arc<ConnectionCounts>,
+    /// `server.max_connections` when the config leaves it unset.
+    pub default_max: usize,
+}
+
+#[async_trait]
+impl ServerApp for ClientListener {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let config = self.config.load_full();
+        let s = &config.server;
+        let peer = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let caps = Caps {
+            total: s.max_connections.unwrap_or(self.default_max),
+            per_ip: s.max_connections_per_ip,
+        };
+        // Dropping the stream on refusal closes it at once, before anything is read.
+        let _slot = self.counts.open(peer, caps)?;
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+        }
+        let header_timeout = s.header_timeout.0;
+        let keepalive = s.keepalive_timeout.0.as_secs();
+        drop(config);
+
+        let watched: Stream = Box::new(HeaderDeadline::new(stream, header_timeout));
+        let mut session = ServerSession::new_http1(watched);
+        session.set_keepalive(if *shutdown.borrow() {
+            None
+        } else {
+            Some(keepalive)
+        });
+        let mut reused = self.proxy.process_new_http(session, shutdown).await;
+        while let Some((stream, settings)) = reused.map(|r| r.consume()) {
+            let Ok(mut watched) = stream.into_any().downcast::<HeaderDeadline<Stream>>() else {
+                return None;
+            };
+            watched.next_request();
+            let mut session = ServerSession::new_http1(watched);
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
+            reused = self.proxy.process_new_http(session, shutdown).await;
+        }
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.proxy.http_cleanup().await;
+    }
+}
+
+/// The caps a new connection is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct Caps {
+    pub total: usize,
+    pub per_ip: Option<usize>,
+}
+
+/// Open client connections, in all and per IP. Shared by every listener.
+#[derive(Default)]
+pub struct ConnectionCounts {
+    total: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// When the last "cap reached" line was logged (seconds on the process clock), and how
+    /// many connections were refused since.
+    last_warning: AtomicU64,
+    refused_since: AtomicU64,
+}
+
+/// A connection's place in the counts; given back when dropped.
+pub struct Slot {
+    counts: Arc<ConnectionCounts>,
+    ip: Option<IpAddr>,
+}
+
+/// How often at most the gateway says that a cap refuses connections.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+impl ConnectionCounts {
+    /// Counts a new connection from `ip`, or refuses it (logged, at most every 10 s).
+    pub fn open(self: &Arc<Self>, ip: Option<IpAddr>, caps: Caps) -> Option<Slot> {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= caps.total {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            self.refused("max_connections", caps.total, "server.max_connections");
+            return None;
+        }
+        let mut slot = Slot {
+            counts: Arc::clone(self),
+            ip: None,
+        };
+        if let (Some(ip), Ok(mut map)) = (ip, self.per_ip.lock()) {
+            let n = map.entry(ip).or_insert(0);
+            if let Some(cap) = caps.per_ip.filter(|cap| *n >= *cap) {
+                if *n == 0 {
+                    map.remove(&ip);
+                }
+                drop(map);
+                drop(slot);
+                self.refused(
+                    "max_connections_per_ip",
+                    cap,
+                    "server.max_connections_per_ip",
+                );
+                return None;
+            }
+            *n += 1;
+            slot.ip = Some(ip);
+        }
+        if let Some(m) = crate::metrics::get() {
+            m.client_connections.inc();
+        }
+        Some(slot)
+    }
+
+    /// Client connections open now.
+    pub fn total(&self) -> usize {
+        self.total.load(Ordering::Acquire)
+    }
+
+    fn refused(&self, reason: &str, cap: usize, setting: &str) {
+        if let Some(m) = crate::metrics::get() {
+            m.client_connections_refused
+                .with_label_values(&[reason])
+                .inc();
+        }
+        let refused = self.refused_since.fetch_add(1, Ordering::AcqRel) + 1;
+        let now = process_secs();
+        let last = self.last_warning.load(Ordering::Acquire);
+        let due = last == 0 || now >= last + WARN_EVERY.as_secs();
+        if due
+            && self
+                .last_warning
+                .compare_exchange(last, now.max(1), Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.refused_since.store(0, Ordering::Release);
+            log::warn!(
+                "client connections: the cap of {cap} ({setting}) is reached; new connections are closed on arrival ({refused} since the last message)"
+            );
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.counts.total.fetch_sub(1, Ordering::AcqRel);
+        if let Some(m) = crate::metrics::get() {
+            m.client_connections.dec();
+        }
+        if let Some(ip) = self.ip {
+            if let Ok(mut map) = self.counts.per_ip.lock() {
+                if let Some(n) = map.get_mut(&ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        map.remove(&ip);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whole seconds since the process first asked.
+fn process_secs() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs()
+}
+
+/// The default connection cap: half the open-file limit (a proxied request holds an
+/// upstream connection too), keeping 64 descriptors for everything else, at least 64.
+pub fn default_max_connections() -> usize {
+    use nix::sys::resource::{getrlimit, Resource};
+    let soft = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+    let soft = usize::try_from(soft).unwrap_or(usize::MAX);
+    (soft.saturating_sub(64) / 2).max(64)
+}
+
+/// The answer to a client that took too long to send its header. Written straight to the
+/// socket: no request exists yet to answer through Pingora.
+const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: 124\r\nconnection: close\r\n\r\n{\"error\":{\"message\":\"The request header was not received in time.\",\"type\":\"invalid_request_error\",\"code\":\"request_timeout\"}}";
+
+/// Where a connection is in reading a request header.
+enum Phase {
+    /// Between keep-alive requests: the keep-alive timeout applies (Pingora's), and the
+    /// header deadline starts with the next request's first byte.
+    Idle,
+    /// Reading a header before `deadline`. `seen`: some of it arrived; `line_start`: the
+    /// last byte ended a line, so a line break now ends the header.
+    Header {
+        deadline: Pin<Box<Sleep>>,
+        seen: bool,
+        line_start: bool,
+    },
+    /// The header is in; reads pass through untimed (body reads have Pingora's timeout).
+    Done,
+}
+
+/// A client stream with a deadline on each request header.
+pub struct HeaderDeadline<T> {
+    inner: T,
+    timeout: Duration,
+    phase: Phase,
+}
+
+impl<T> HeaderDeadline<T> {
+    /// A new connection: its first header must arrive within `timeout` from now.
+    pub fn new(inner: T, timeout: Duration) -> Self {
+        HeaderDeadline {
+            inner,
+            timeout,
+            phase: Phase::Header {
+                deadline: Box::pin(tokio::time::sleep(timeout)),
+                seen: false,
+                line_start: false,
+            },
+        }
+    }
+
+    /// The previous request is answered; the next header's deadline starts with its first byte.
+    pub fn next_request(&mut self) {
+        self.phase = Phase::Idle;
+    }
+
+    /// Whether the connection has a header deadline running.
+    pub fn reading_header(&self) -> bool {
+        matches!(self.phase, Phase::Header { .. })
+    }
+
+    /// Follows the bytes just read: starts the deadline on a request's first byte and
+    /// ends it at the blank line after the header (`\r\n\r\n`, or bare `\n\n`).
+    fn saw(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        if matches!(self.phase, Phase::Idle) {
+            self.phase = Phase::Header {
+                deadline: Box::pin(tokio::time::sleep_until(Instant::now() + self.timeout)),
+                seen: false,
+                line_start: false,
+            };
+        }
+        let Phase::Header {
+            seen, line_start, ..
+        } = &mut self.phase
+        else {
+            return;
+        };
+        *seen = true;
+        for &b in bytes {
+            if b == b'\n' {
+                if *line_start {
+                    self.phase = Phase::Done;
+                    return;
+                }
+                *line_start = true;
+            } else if b != b'\r' {
+                *line_start = false;
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeaderDeadline<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if !matches!(this.phase, Phase::Done) {
+                    let new = &buf.filled()[before..];
+                    this.saw(new);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                let Phase::Header { deadline, seen, .. } = &mut this.phase else {
+                    return Poll::Pending;
+                };
+                if deadline.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                if *seen {
+                    // Best effort: the socket's send buffer is empty while a header is
+                    // read, so this small answer goes out whole or not at all.
+                    let _ = Pin::new(&mut this.inner).poll_write(cx, REQUEST_TIMEOUT);
+                    let _ = Pin::new(&mut this.inner).poll_flush(cx);
+                }
+                if let Some(m) = crate::metrics::get() {
+                    m.client_timeouts.with_label_values(&["header"]).inc();
+                }
+                this.phase = Phase::Done;
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client did not send a whole request header within server.header_timeout",
+                )))
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for HeaderDeadline<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl<T> std::fmt::Debug for HeaderDeadline<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeaderDeadline")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+// Pingora's transport traits, all answered by the wrapped stream.
+
+#[async_trait]
+impl Shutdown for HeaderDeadline<Stream> {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await;
+    }
+}
+
+impl UniqueID for HeaderDeadline<Stream> {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for HeaderDeadline<Stream> {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<pingora_core::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for HeaderDeadline<Stream> {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for HeaderDeadline<Stream> {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest);
+    }
+}
+
+impl GetSocketDigest for HeaderDeadline<Stream> {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest);
+    }
+}
+
+#[async_trait]
+impl Peek for HeaderDeadline<Stream> {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_header_sent_a_byte_at_a_time_is_cut_at_the_deadline_with_408() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut watched = HeaderDeadline::new(server, Duration::from_secs(10));
+        let drip = async {
+            for b in b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n" {
+                client.write_all(&[*b]).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            // Then nothing: the header never ends.
+            let mut answer = vec![0; 512];
+            let n = client.read(&mut answer).await.unwrap();
+            String::from_utf8_lossy(&answer[..n]).into_owned()
+        };
+        let started = Instant::now();
+        let read_all = async {
+            let mut buf = [0u8; 64];
+            loop {
+                match watched.read(&mut buf).await {
+                    Ok(0) => return (Ok(()), started.elapsed()),
+                    Ok(_) => {}
+                    Err(e) => return (Err(e), started.elapsed()),
+                }
+            }
+        };
+        let (answer, (read, elapsed)) = tokio::join!(drip, read_all);
+        assert_eq!(read.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert_eq!(elapsed, Duration::from_secs(10));
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+        let body = answer.split("\r\n\r\n").nth(1).unwrap();
+        assert_eq!(body.len(), 124);
+        serde_json::from_str::<serde_json::Value>(body).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_whole_header_ends_the_deadline_and_keep_alive_waits_for_the_first_byte() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut watched = HeaderDeadline::new(server, Duration::from_secs(10));
+        let mut buf = [0u8; 256];
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(watched.read(&mut buf).await.unwrap(), 27);
+        assert!(!watched.reading_header());
+        // A body read much later is not the header's business.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        client.write_all(b"body").await.unwrap();
+        assert_eq!(watched.read(&mut buf).await.unwrap(), 4);
+
+        // Between requests no deadline runs until the next request begins.
+        watched.next_request();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        client.write_all(b"GET / HT").await.unwrap();
+        assert_eq!(watched.read(&mut buf).await.unwrap(), 8);
+        assert!(watched.reading_header());
+        let started = Instant::now();
+        let err = watched.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_closed_without_an_answer() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut watched = HeaderDeadline::new(server, Duration::from_secs(10));
+        let mut buf = [0u8; 16];
+        let err = watched.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        drop(watched);
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        assert!(answer.is_empty());
+    }
+
+    #[test]
+    fn bare_line_feeds_end_a_header_too() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut w = HeaderDeadline::new(tokio::io::empty(), Duration::from_secs(1));
+            w.saw(b"GET / HTTP/1.1\nhost: x\n");
+            assert!(w.reading_header());
+            w.saw(b"\n");
+            assert!(!w.reading_header());
+        });
+    }
+
+    #[test]
+    fn caps_count_in_all_and_per_ip_and_slots_give_back() {
+        let counts = Arc::new(ConnectionCounts::default());
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let caps = Caps {
+            total: 3,
+            per_ip: Some(2),
+        };
+        let a1 = counts.open(Some(a), caps).unwrap();
+        let _a2 = counts.open(Some(a), caps).unwrap();
+        assert!(counts.open(Some(a), caps).is_none());
+        let b1 = counts.open(Some(b), caps).unwrap();
+        assert!(counts.open(Some(b), caps).is_none(), "total cap");
+        assert_eq!(counts.total(), 3);
+        drop(a1);
+        let _a3 = counts.open(Some(a), caps).unwrap();
+        drop(b1);
+        assert_eq!(counts.total(), 2);
+        assert_eq!(counts.per_ip.lock().unwrap().get(&b), None);
+    }
+}

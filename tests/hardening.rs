@@ -1,0 +1,388 @@
+//! Hardening: what an adversarial client tried against the real binary, one regression
+//! test per hole, named after what broke. Raw sockets where a polite client would hide
+//! the behaviour; assertions on what the client saw, what the upstream received and what
+//! the gateway holds (file descriptors).
+
+mod common;
+
+use common::{chat, chat_status, client, eventually, single, Gateway};
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tollgate::mock::MockUpstream;
+
+/// Open file descriptors of a process.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Reads until the gateway closes the connection (or `within` passes); what arrived.
+async fn read_until_closed(s: &mut TcpStream, within: Duration) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(within, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    out
+}
+
+/// Whether the gateway closed `s` (end of stream or reset, after any answer) within `within`.
+async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    tokio::time::timeout(within, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Sends `GET /health` on `s` and checks the answer, so the connection is surely counted.
+async fn health_on(s: &mut TcpStream) {
+    s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+}
+
+/// Waits until the gateway counts no client connection (`tollgate_client_connections`).
+async fn wait_for_no_connections(c: &reqwest::Client, gw: &Gateway) {
+    for _ in 0..100 {
+        let metrics = c
+            .get(gw.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics
+            .lines()
+            .any(|l| l == "tollgate_client_connections 0")
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("client connections stay open");
+}
+
+/// Regression: a client sending its header one byte at a time was never cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_sent_a_byte_at_a_time_gets_408_at_header_timeout() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let gw = Gateway::start_with_server("  header_timeout: 1s\n", &single(&up.url()));
+    let s = TcpStream::connect(&gw.addr).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let started = Instant::now();
+    let drip = tokio::spawn(async move {
+        let head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nx-padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+        for b in head {
+            if wr.write_all(&[*b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    // Others are served meanwhile.
+    assert_eq!(chat_status(&client(), &gw, "m").await, 200);
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(8), rd.read_to_end(&mut answer)).await;
+    let elapsed = started.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer:?}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    assert!(elapsed < Duration::from_secs(6), "closed after {elapsed:?}");
+    drip.abort();
+    assert_eq!(up.hits(), 1, "only the normal request reached the upstream");
+}
+
+/// Regression: idle connections and half headers were kept until the fd limit ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_half_sent_connections_are_closed_and_their_fds_given_back() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let gw = Gateway::start_with_server("  header_timeout: 3s\n", &single(&up.url()));
+    let pid = gw.pid();
+    assert!(eventually(Duration::from_secs(5), || fds(pid) > 0).await);
+    let baseline = fds(pid);
+    let mut conns = Vec::new();
+    for i in 0..100 {
+        let mut s = TcpStream::connect(&gw.addr).await.unwrap();
+        if i % 2 == 0 {
+            s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost:")
+                .await
+                .unwrap();
+        }
+        conns.push(s);
+    }
+    assert!(
+        eventually(Duration::from_millis(2500), || fds(pid) >= baseline + 100).await,
+        "the gateway holds them: {} fds, baseline {baseline}",
+        fds(pid)
+    );
+    assert!(
+        eventually(Duration::from_secs(8), || fds(pid) <= baseline + 2).await,
+        "still {} fds, baseline {baseline}",
+        fds(pid)
+    );
+    for s in &mut conns {
+        assert!(closed_within(s, Duration::from_secs(2)).await);
+    }
+    assert_eq!(chat_status(&client(), &gw, "m").await, 200);
+}
+
+/// Regression: a body that stalls half way was never cut off, and held the key's
+/// concurrency slot all the while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_body_gets_408_at_body_timeout_and_holds_no_concurrency_slot() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let gw = Gateway::start_with_server(
+        "  body_timeout: 1s\n",
+        &format!(
+            "keys:\n  - {{name: a, key: tg-key-a-00000000, limits: {{concurrency: 1}}}}\n{}",
+            single(&up.url())
+        ),
+    );
+    let mut s = TcpStream::connect(&gw.addr).await.unwrap();
+    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer tg-key-a-00000000\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\":")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    // The same key is served while the upload stalls.
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth("tg-key-a-00000000")
+        .json(&chat("m", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let answer = read_until_closed(&mut s, Duration::from_secs(8)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer:?}");
+    assert!(answer.contains("nothing arrived for 1s"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(6));
+    assert_eq!(up.hits(), 1);
+}
+
+/// The per-IP cap: connections over it are closed on arrival, logged, and the IP can
+/// connect again once one of its connections ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_per_ip_cap_are_closed_on_arrival() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let gw = Gateway::start_with_server("  max_connections_per_ip: 2\n", &single(&up.url()));
+    let c = client();
+    // The harness's readiness probe may still be counted for a moment.
+    wait_for_no_connections(&c, &gw).await;
+    let mut a = TcpStream::connect(&gw.addr).await.unwrap();
+    let mut b = TcpStream::connect(&gw.addr).await.unwrap();
+    health_on(&mut a).await;
+    health_on(&mut b).await;
+    let mut third = TcpStream::connect(&gw.addr).await.unwrap();
+    assert!(closed_within(&mut third, Duration::from_secs(2)).await);
+    assert!(!closed_within(&mut b, Duration::from_millis(300)).await);
+    drop(a);
+    drop(b);
+    let mut ok = false;
+    for _ in 0..50 {
+        if c.get(gw.url("/health")).send().await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "the IP can connect again");
+    let logs = gw.logs();
+    assert!(
+        logs.contains("the cap of 2 (server.max_connections_per_ip) is reached"),
+        "{logs}"
+    );
+    let metrics = c
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "tollgate_client_connections_refused_total{reason=\"max_connections_per_ip\"}"
+        ),
+        "{metrics}"
+    );
+}
+
+/// The total cap closes what is over it, whoever it comes from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_max_connections_are_closed_on_arrival() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let gw = Gateway::start_with_server("  max_connections: 3\n", &single(&up.url()));
+    wait_for_no_connections(&client(), &gw).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(&gw.addr).await.unwrap();
+        health_on(&mut s).await;
+        held.push(s);
+    }
+    let mut over = TcpStream::connect(&gw.addr).await.unwrap();
+    assert!(closed_within(&mut over, Duration::from_secs(2)).await);
+    held.clear();
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            std::net::TcpStream::connect(&gw.addr)
+                .and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+                    s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")?;
+                    let mut out = Vec::new();
+                    s.read_to_end(&mut out)?;
+                    Ok(out.starts_with(b"HTTP/1.1 200"))
+                })
+                .unwrap_or(false)
+        })
+        .await
+    );
+    assert!(gw
+        .logs()
+        .contains("the cap of 3 (server.max_connections) is reached"));
+}
+
+/// Sends `head` and `body_len` bytes of body on a blocking socket (the way Python's
+/// clients do: the whole body first), then reads the answer to the end.
+fn upload_then_read(addr: &str, head: &str, body_len: usize) -> std::io::Result<String> {
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(15)))?;
+    s.set_write_timeout(Some(Duration::from_secs(15)))?;
+    s.write_all(head.as_bytes())?;
+    let piece = vec![b' '; 64 * 1024];
+    let mut left = body_len;
+    while left > 0 {
+        let n = left.min(piece.len());
+        s.write_all(&piece[..n])?;
+        left -= n;
+    }
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Regression: a client still uploading got a reset instead of the 413 (or 401) the
+/// gateway answered early, and the OpenAI SDK retried the whole upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_413_or_401_reaches_a_client_that_is_still_uploading() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let gw = Gateway::start_with_server(
+        "  max_body_size: 1MiB\n",
+        &format!(
+            "keys:\n  - {{name: a, key: tg-key-a-00000000}}\n{}",
+            single(&up.url())
+        ),
+    );
+    let len = 8 << 20;
+    for (key, status) in [("tg-key-a-00000000", "413"), ("wrong-key-00000000", "401")] {
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {len}\r\n\r\n"
+        );
+        let addr = gw.addr.clone();
+        let answer = tokio::task::spawn_blocking(move || upload_then_read(&addr, &head, len))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{status}: the upload failed: {e}"));
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{answer:?}"
+        );
+    }
+    // Chunked, so the size is only found while reading.
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer tg-key-a-00000000\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+    let addr = gw.addr.clone();
+    let answer = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect(&addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(15)))?;
+        s.write_all(head.as_bytes())?;
+        let chunk = format!("10000\r\n{}\r\n", " ".repeat(0x10000));
+        for _ in 0..48 {
+            s.write_all(chunk.as_bytes())?;
+        }
+        s.write_all(b"0\r\n\r\n")?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out)?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer:?}");
+    assert_eq!(up.hits(), 0);
+}
+
+/// Regression: a request with both Transfer-Encoding and Content-Length kept its
+/// connection open (RFC 9112 6.1: chunked wins, and the connection closes after).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_encoding_with_content_length_is_read_as_chunked_and_closes() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let gw = Gateway::start(&single(&up.url()));
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        body.len()
+    );
+    let mut s = TcpStream::connect(&gw.addr).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let answer = read_until_closed(&mut s, Duration::from_secs(5)).await;
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(answer.starts_with("http/1.1 200 "), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    let got = up.last().unwrap();
+    assert_eq!(&got.body[..], body.as_bytes());
+}
+
+/// Regression: a malformed chunked body was answered 500 and counted as a server error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_chunked_body_is_a_400_not_a_server_error() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let gw = Gateway::start(&single(&up.url()));
+    let mut s = TcpStream::connect(&gw.addr).await.unwrap();
+    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut s, Duration::from_secs(5)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(answer.contains("chunked framing"), "{answer}");
+    assert_eq!(up.hits(), 0);
+    let c = client();
+    let metrics = c
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let requests: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("tollgate_requests_total{"))
+        .collect();
+    assert!(
+        requests.iter().any(|l| l.contains("code=\"400\"")),
+        "{requests:?}"
+    );
+    assert!(
+        !requests.iter().any(|l| l.contains("code=\"5")),
+        "{requests:?}"
+    );
+}
