@@ -119,21 +119,52 @@ fn is_event_stream(h: &Head) -> bool {
 
 /// Removes the usage-only event (`"choices":[]` with a `usage` object) from an SSE stream
 /// whose `include_usage` the gateway added, passing every other event on unchanged as soon
-/// as it is complete.
+/// as it is complete. Each byte is searched once; an event that grows past
+/// [`MAX_EVENT`] without ending turns the filter off for the rest of the stream (what is
+/// held and everything after passes through as it is), so a stream that never ends an
+/// event is neither held back nor buffered without bound.
 #[derive(Default)]
 pub struct UsageChunkFilter {
     pending: BytesMut,
+    /// How much of `pending` was already searched for an event end.
+    searched: usize,
+    /// Past the cap: pass everything through.
+    bypass: bool,
 }
+
+/// The largest SSE event the usage filter holds while waiting for its end.
+pub const MAX_EVENT: usize = 1 << 20;
 
 impl UsageChunkFilter {
     /// The complete events of `chunk` (and of what was pending) to pass on, if any.
-    pub fn filter(&mut self, chunk: &[u8]) -> Option<Bytes> {
-        self.pending.extend_from_slice(chunk);
+    pub fn filter(&mut self, chunk: Bytes) -> Option<Bytes> {
+        if self.bypass {
+            return (!chunk.is_empty()).then_some(chunk);
+        }
+        self.pending.extend_from_slice(&chunk);
         let mut out = BytesMut::new();
-        while let Some(end) = event_end(&self.pending) {
-            let event = self.pending.split_to(end);
+        loop {
+            // An end marker may straddle the previous search's edge: look 3 bytes back.
+            let from = self.searched.saturating_sub(3);
+            let Some(end) = event_end(&self.pending[from..]) else {
+                self.searched = self.pending.len();
+                break;
+            };
+            let event = self.pending.split_to(from + end);
+            self.searched = 0;
             if !is_usage_only(&event) {
                 out.extend_from_slice(&event);
+            }
+        }
+        if self.pending.len() > MAX_EVENT {
+            self.bypass = true;
+            out.extend_from_slice(&self.pending.split());
+            self.pending = BytesMut::new();
+            log::warn!(
+                "an SSE event grew past {MAX_EVENT} bytes without ending: the usage filter passes the rest of this stream through unfiltered"
+            );
+            if let Some(m) = crate::metrics::get() {
+                m.sse_filter_bypassed.inc();
             }
         }
         (!out.is_empty()).then(|| out.freeze())
@@ -241,7 +272,7 @@ pub async fn relay(
                     }
                     usage.feed(&chunk);
                     let chunk = match strip.as_mut() {
-                        Some(f) => match f.filter(&chunk) {
+                        Some(f) => match f.filter(chunk) {
                             Some(c) => c,
                             None => continue,
                         },
@@ -312,7 +343,7 @@ mod tests {
             b"\ndata: [DONE]\n\n",
         ];
         for c in stream {
-            if let Some(b) = f.filter(c) {
+            if let Some(b) = f.filter(Bytes::from_static(c)) {
                 out.extend_from_slice(&b);
             }
         }
@@ -327,9 +358,49 @@ mod tests {
     fn crlf_events_and_an_unterminated_tail_pass_through() {
         let mut f = UsageChunkFilter::default();
         assert_eq!(
-            f.filter(b"data: 1\r\n\r\ndata: 2").as_deref(),
+            f.filter(Bytes::from_static(b"data: 1\r\n\r\ndata: 2"))
+                .as_deref(),
             Some(&b"data: 1\r\n\r\n"[..])
         );
         assert_eq!(f.finish().as_deref(), Some(&b"data: 2"[..]));
+    }
+
+    #[test]
+    fn an_event_that_never_ends_is_passed_through_past_the_cap() {
+        let mut f = UsageChunkFilter::default();
+        let mut sent = b"data: {\"choices\":[]}\n\ndata: ".to_vec();
+        let mut out = Vec::new();
+        let mut take = |b: Option<Bytes>| {
+            if let Some(b) = b {
+                out.extend_from_slice(&b);
+            }
+        };
+        take(f.filter(Bytes::from(sent.clone())));
+        let piece = vec![b'x'; 1024];
+        for _ in 0..3 * 1024 {
+            sent.extend_from_slice(&piece);
+            take(f.filter(Bytes::from(piece.clone())));
+        }
+        take(f.finish());
+        assert_eq!(out, sent);
+        assert!(f.bypass);
+        assert!(
+            f.pending.capacity() < MAX_EVENT,
+            "nothing held past the cap"
+        );
+    }
+
+    #[test]
+    fn an_end_marker_split_across_chunks_is_found() {
+        for split in 1..4 {
+            let mut f = UsageChunkFilter::default();
+            let text = b"data: 1\r\n\r\n";
+            let at = text.len() - split;
+            assert_eq!(f.filter(Bytes::copy_from_slice(&text[..at])), None);
+            assert_eq!(
+                f.filter(Bytes::copy_from_slice(&text[at..])).as_deref(),
+                Some(&text[..])
+            );
+        }
     }
 }

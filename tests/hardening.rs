@@ -386,3 +386,53 @@ async fn a_malformed_chunked_body_is_a_400_not_a_server_error() {
         "{requests:?}"
     );
 }
+
+/// Regression: with `stream_usage` on, an SSE event that never ended was held (and
+/// rescanned on every chunk) without bound, and the client got nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sse_event_that_never_ends_is_passed_through_not_held() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u:\n    stream_usage: true\n    servers: [{{url: \"{}\"}}]\nmodels:\n  m:\n    routes: [{{upstream: u}}]\n",
+        up.url()
+    ));
+    let piece = "x".repeat(64 * 1024);
+    let mut events = vec![format!("data: {piece}")];
+    events.extend(std::iter::repeat_n(piece, 31));
+    up.push([tollgate::mock::Reply::Stream {
+        events,
+        gap: Duration::from_millis(5),
+        cut: true,
+    }]);
+    let c = client();
+    let mut r = c
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat("m", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut got = 0;
+    while let Ok(Some(chunk)) = r.chunk().await {
+        got += chunk.len();
+    }
+    assert!(got >= 2 << 20, "the client got {got} bytes");
+    let metrics = c
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tollgate_sse_filter_bypassed_total 1"),
+        "{metrics}"
+    );
+    assert!(up
+        .last()
+        .unwrap()
+        .body
+        .windows(13)
+        .any(|w| w == b"include_usage"));
+}
