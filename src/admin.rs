@@ -11,6 +11,7 @@ use http::Response;
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use prometheus::Encoder;
+use sha2::Digest;
 use std::sync::Arc;
 
 pub struct AdminApp {
@@ -195,11 +196,74 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Why an `/admin/*` request is refused before it is served, if it is: a missing or
+/// wrong master key (401), or, for a request that changes state, signs of a browser
+/// sending it on behalf of another site (403): an `Origin` that is not the admin
+/// listener's own, `Sec-Fetch-Site: cross-site`, or a body type other than JSON (the
+/// types a web form can send without asking).
+fn refuse(
+    req: &pingora_http::RequestHeader,
+    master_key: Option<&crate::secret::Secret>,
+) -> Option<Response<Vec<u8>>> {
+    let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(master) = master_key {
+        let presented = header("authorization")
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        let (a, b) = (
+            sha2::Sha256::digest(presented.as_bytes()),
+            sha2::Sha256::digest(master.expose().as_bytes()),
+        );
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(&a[..], &b[..])) {
+            return Some(reply(
+                401,
+                "application/json",
+                b"{\"error\":\"the admin API needs Authorization: Bearer with admin.master_key\"}"
+                    .to_vec(),
+            ));
+        }
+    }
+    if matches!(
+        req.method,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+    ) {
+        return None;
+    }
+    let own_origin = |origin: &str| {
+        let host = header("host").unwrap_or_default();
+        !host.is_empty()
+            && (origin == format!("http://{host}") || origin == format!("https://{host}"))
+    };
+    let foreign_origin = header("origin").is_some_and(|o| !own_origin(o));
+    let cross_site = header("sec-fetch-site").is_some_and(|v| v == "cross-site");
+    let not_json = header("content-type").is_some_and(|t| {
+        !t.split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .eq_ignore_ascii_case("application/json")
+    });
+    (foreign_origin || cross_site || not_json).then(|| {
+        reply(
+            403,
+            "application/json",
+            b"{\"error\":\"refused: a state-changing admin request must not come from another site's page and must send JSON or no body\"}"
+                .to_vec(),
+        )
+    })
+}
+
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
         let method = session.req_header().method.clone();
+        if path.starts_with("/admin/") {
+            let config = self.config.load();
+            if let Some(r) = refuse(session.req_header(), config.admin.master_key.as_ref()) {
+                return r;
+            }
+        }
         if let Some(rest) = path.strip_prefix("/admin/cooldowns") {
             return self.cooldowns(&method, rest);
         }

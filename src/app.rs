@@ -63,6 +63,9 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
     let admin_listen = concrete(config.admin_listen)?;
     config.resolve();
     crate::metrics::init();
+    for w in config.warnings() {
+        log::warn!("{w}");
+    }
     if config.keys.is_empty() {
         log::warn!("no client keys are configured: the gateway is open to anyone who can reach it");
     }

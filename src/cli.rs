@@ -108,6 +108,9 @@ pub fn main(cli: Cli) -> i32 {
                     return 1;
                 }
             };
+            for w in config.warnings() {
+                eprintln!("tollgate: warning: {w}");
+            }
             if cli.test {
                 println!("tollgate: configuration {} OK", cli.config);
                 return 0;

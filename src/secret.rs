@@ -22,6 +22,18 @@ impl Secret {
     }
 }
 
+/// A URL as it may be printed: anything between `://` and the last `@` (user and
+/// password, even one holding `/` or `@`) becomes `***`.
+pub fn mask_userinfo(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    match url[start..].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]),
+        None => url.to_string(),
+    }
+}
+
 impl<'de> serde::Deserialize<'de> for Secret {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         String::deserialize(d).map(Secret)
@@ -68,5 +80,16 @@ mod tests {
     fn mask_keeps_only_the_ends() {
         assert_eq!(mask("sk-abcdefghijklmnopcdef"), "sk-ab****cdef");
         assert_eq!(mask("short"), "****");
+    }
+
+    #[test]
+    fn credentials_in_a_url_are_masked() {
+        assert_eq!(
+            mask_userinfo("http://user:pass@host:8000/v1"),
+            "http://***@host:8000/v1"
+        );
+        assert_eq!(mask_userinfo("https://u:p/a@ss@h/v1"), "https://***@h/v1");
+        assert_eq!(mask_userinfo("http://host/v1"), "http://host/v1");
+        assert_eq!(mask_userinfo("host@x"), "host@x");
     }
 }

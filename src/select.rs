@@ -39,13 +39,15 @@ pub struct Endpoint {
 impl Endpoint {
     /// Parses `http(s)://host[:port][/path][?query]`.
     pub fn parse(url: &str) -> Result<Endpoint, String> {
+        // Error messages show the URL without any credentials in it.
+        let shown = crate::secret::mask_userinfo(url);
         let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
             (true, r)
         } else if let Some(r) = url.strip_prefix("http://") {
             (false, r)
         } else {
             return Err(format!(
-                "{url:?}: only http:// and https:// URLs are supported"
+                "{shown:?}: only http:// and https:// URLs are supported"
             ));
         };
         let (rest, query) = match rest.split_once('?') {
@@ -58,16 +60,16 @@ impl Endpoint {
         };
         if authority.contains('@') {
             return Err(format!(
-                "{url:?}: credentials in the URL are not supported; use api_key"
+                "{shown:?}: credentials in the URL are not supported; use api_key"
             ));
         }
         let default_port = if tls { 443 } else { 80 };
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
             let (h, after) = v6
                 .split_once(']')
-                .ok_or_else(|| format!("{url:?}: unterminated IPv6 address"))?;
+                .ok_or_else(|| format!("{shown:?}: unterminated IPv6 address"))?;
             let port = match after.strip_prefix(':') {
-                Some(p) => p.parse().map_err(|_| format!("{url:?}: invalid port"))?,
+                Some(p) => p.parse().map_err(|_| format!("{shown:?}: invalid port"))?,
                 None => default_port,
             };
             (h.to_string(), port)
@@ -75,13 +77,13 @@ impl Endpoint {
             match authority.rsplit_once(':') {
                 Some((h, p)) => (
                     h.to_string(),
-                    p.parse().map_err(|_| format!("{url:?}: invalid port"))?,
+                    p.parse().map_err(|_| format!("{shown:?}: invalid port"))?,
                 ),
                 None => (authority.to_string(), default_port),
             }
         };
         if host.is_empty() {
-            return Err(format!("{url:?}: missing host"));
+            return Err(format!("{shown:?}: missing host"));
         }
         let addr = host
             .parse::<std::net::IpAddr>()

@@ -101,3 +101,102 @@ fn shipped_example_configs_are_valid() {
     }
     assert!(checked >= 2);
 }
+
+fn check(text: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, "c.yaml", text);
+    let out = tollgate().args(["-t", "-c", &path]).output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+const MODELS: &str = "models:\n  m:\n    routes: [{upstream: u}]\n";
+
+/// Regression: the password of an upstream URL was printed by `-t` (and by reloads).
+#[test]
+fn check_masks_credentials_in_an_upstream_url() {
+    let (ok, out) = check(&format!(
+        "upstreams:\n  u:\n    servers: [{{url: \"http://admin:hunter2-do-not-print@127.0.0.1:1/v1\"}}]\n{MODELS}"
+    ));
+    assert!(!ok);
+    assert!(!out.contains("hunter2"), "{out}");
+    assert!(!out.contains("admin:"), "{out}");
+    assert!(out.contains("http://***@127.0.0.1:1/v1"), "{out}");
+}
+
+/// Regression: one unknown field hid every other error of the file.
+#[test]
+fn check_lists_unknown_fields_together_with_the_other_errors() {
+    let (ok, out) = check(&format!(
+        "server:\n  colour: red\n  threads: 100000\nupstreams:\n  u:\n    conect_timeout: 1s\n    first_byte_timeout: 0s\n    servers: [{{url: \"http://127.0.0.1:1/v1\", weight: 0}}]\n{MODELS}"
+    ));
+    assert!(!ok);
+    for want in [
+        "server: unknown field `colour`",
+        "upstreams.u: unknown field `conect_timeout`",
+        "server.threads: must be between 1 and 1024",
+        "upstreams.u.first_byte_timeout: must be longer than 0s",
+        "upstreams.u.servers[0].weight: must be between 1 and 1000",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+}
+
+/// Regression: a bad global `failover.retry_on` was reported under an upstream's path.
+#[test]
+fn a_bad_global_retry_rule_is_reported_once_under_its_own_path() {
+    let (ok, out) = check(&format!(
+        "failover:\n  retry_on: {{status: [\"abc\"]}}\nupstreams:\n  u:\n    servers: [{{url: \"http://127.0.0.1:1/v1\"}}]\n{MODELS}"
+    ));
+    assert!(!ok);
+    assert!(out.contains("failover.retry_on:"), "{out}");
+    assert!(!out.contains("upstreams.u.retry_on"), "{out}");
+}
+
+/// Regression: `-t -c /dev/zero` grew without bound, and deep nesting took seconds.
+#[test]
+fn oversized_and_deeply_nested_files_are_refused_at_once() {
+    let started = std::time::Instant::now();
+    let out = tollgate().args(["-t", "-c", "/dev/zero"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("larger than 16 MiB"));
+    let deep = format!("a: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+    let (ok, out) = check(&deep);
+    assert!(!ok);
+    assert!(out.contains("nested deeper than 64 levels"), "{out}");
+    let wide: String = (0..3000)
+        .map(|i| format!("{}k{i}:\n", " ".repeat(i)))
+        .collect();
+    let (ok, out) = check(&wide);
+    assert!(!ok);
+    assert!(out.contains("indented more than 256 columns"), "{out}");
+    // Generous: the point is seconds (before) against milliseconds.
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}
+
+/// An admin listener off loopback without a master key is allowed, with a warning.
+#[test]
+fn check_warns_about_an_open_admin_listener_off_loopback() {
+    let base =
+        format!("upstreams:\n  u:\n    servers: [{{url: \"http://127.0.0.1:1/v1\"}}]\n{MODELS}");
+    let (ok, out) = check(&format!(
+        "server:\n  admin_listen: \"0.0.0.0:9091\"\n{base}"
+    ));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("warning: server.admin_listen 0.0.0.0:9091 is not a loopback address and admin.master_key is not set"),
+        "{out}"
+    );
+    let (ok, out) = check(&format!(
+        "server:\n  admin_listen: \"0.0.0.0:9091\"\nadmin:\n  master_key: \"adm-key-0000000000\"\n{base}"
+    ));
+    assert!(ok, "{out}");
+    assert!(!out.contains("warning"), "{out}");
+    assert!(!out.contains("adm-key"), "{out}");
+}

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{admin_json, chat, chat_status, closed_port, Gateway};
+use common::{admin_json, chat, chat_status, client, closed_port, Gateway};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 use tollgate::mock::{MockUpstream, Reply};
@@ -298,4 +298,101 @@ async fn a_server_removed_by_a_reload_leaves_the_upstream_metrics() {
         after.contains("tollgate_upstream_up{server=\"u/kept\",upstream=\"u\"} 1"),
         "{after}"
     );
+}
+
+/// Regression: a web page could make the operator's browser reload the config or clear
+/// cooldowns (a cross-site POST/DELETE to the admin listener was served).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_changes_from_another_sites_page_are_refused() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let gw = Gateway::start(&common::single(&up.url()));
+    let c = client();
+    let r = c
+        .post(gw.admin_url("/admin/reload"))
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = c
+        .delete(gw.admin_url("/admin/cooldowns"))
+        .header("content-type", "text/plain")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = c
+        .post(gw.admin_url("/admin/reload"))
+        .header("sec-fetch-site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let metrics = c
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics.contains("tollgate_config_reloads_total{result="),
+        "no reload ran: {metrics}"
+    );
+    // The admin listener's own page, and tools that send no Origin, are served.
+    let r = c
+        .post(gw.admin_url("/admin/reload"))
+        .header("origin", format!("http://{}", gw.admin))
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c.post(gw.admin_url("/admin/reload")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// With `admin.master_key`, `/admin/*` needs it; probes and scrapers still get in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_master_key_guards_the_admin_api_but_not_probes() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let gw = Gateway::start_with_env(
+        &format!(
+            "admin:\n  master_key: \"${{TG_ADMIN_KEY}}\"\n{}",
+            common::single(&up.url())
+        ),
+        &[("TG_ADMIN_KEY", "adm-key-do-not-print-01")],
+    );
+    let c = client();
+    for path in ["/admin/cooldowns"] {
+        assert_eq!(
+            c.get(gw.admin_url(path)).send().await.unwrap().status(),
+            401
+        );
+        let r = c
+            .get(gw.admin_url(path))
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        let r = c
+            .get(gw.admin_url(path))
+            .bearer_auth("adm-key-do-not-print-01")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let r = c.post(gw.admin_url("/admin/reload")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    for path in ["/health", "/ready", "/metrics"] {
+        assert_eq!(
+            c.get(gw.admin_url(path)).send().await.unwrap().status(),
+            200
+        );
+    }
+    assert!(!gw.logs().contains("adm-key-do-not-print"));
 }

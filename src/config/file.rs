@@ -1,5 +1,6 @@
-//! The config file schema, exactly as users write it. Every struct denies unknown fields
-//! and names its defaults; nothing here resolves references or touches the network: that
+//! The config file schema, exactly as users write it. Every struct names its defaults;
+//! a field no struct knows is an error (collected by `Config::parse`, all of them with
+//! their paths, alongside every other error); nothing here resolves references or touches the network: that
 //! is `config::build`'s job.
 
 use super::units::{ByteSize, Seconds};
@@ -9,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 #[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+
 pub struct FileConfig {
     #[serde(default)]
     pub server: ServerSection,
@@ -29,10 +30,23 @@ pub struct FileConfig {
     pub pricing: BTreeMap<String, Price>,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub admin: AdminSection,
+}
+
+/// The admin listener's access.
+#[derive(Debug, Deserialize, Default, Clone)]
+
+pub struct AdminSection {
+    /// When set, `/admin/*` requires `Authorization: Bearer MASTER_KEY` (`/health`,
+    /// `/ready` and `/metrics` stay open for probes and scrapers). Default: unset, which
+    /// is only safe while `admin_listen` is a loopback address.
+    #[serde(default)]
+    pub master_key: Option<crate::secret::Secret>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq)]
-#[serde(deny_unknown_fields)]
+
 pub struct Price {
     /// USD per million input tokens.
     pub input: f64,
@@ -41,7 +55,7 @@ pub struct Price {
 }
 
 #[derive(Debug, Deserialize, Clone)]
-#[serde(deny_unknown_fields)]
+
 pub struct LogSection {
     /// Access log format: `text` (default) or `json`.
     #[serde(default)]
@@ -78,7 +92,7 @@ impl Default for LogSection {
 
 /// Limits of one scope. Absent dimensions are unlimited.
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+
 pub struct LimitSection {
     /// Requests per second.
     #[serde(default)]
@@ -95,7 +109,7 @@ pub struct LimitSection {
 }
 
 #[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+
 pub struct LimitsSection {
     /// Limits over all traffic.
     #[serde(default)]
@@ -106,7 +120,7 @@ pub struct LimitsSection {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+
 pub struct FailoverSection {
     /// Attempts per client request, all tiers and fallback aliases together. Default 4.
     #[serde(default = "default_max_attempts")]
@@ -158,7 +172,7 @@ fn default_error_body_limit() -> ByteSize {
 }
 
 #[derive(Debug, Deserialize, Default, Clone)]
-#[serde(deny_unknown_fields)]
+
 pub struct RetryOnSection {
     /// Exact codes (`"429"`) or classes (`"5xx"`).
     #[serde(default)]
@@ -169,7 +183,7 @@ pub struct RetryOnSection {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+
 pub struct ServerSection {
     /// Proxy listeners. Default `["0.0.0.0:8080"]`. Port 0 picks a free port, printed at start.
     #[serde(default = "default_listen")]
@@ -230,7 +244,7 @@ pub struct ServerSection {
 }
 
 #[derive(Debug, Deserialize, Clone)]
-#[serde(deny_unknown_fields)]
+
 pub struct TlsListener {
     pub listen: String,
     pub cert: String,
@@ -295,7 +309,7 @@ fn default_pool_size() -> usize {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+
 pub struct KeySection {
     /// A name for logs and metrics; the key itself is never printed.
     pub name: String,
@@ -329,7 +343,7 @@ pub enum Balance {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+
 pub struct UpstreamSection {
     #[serde(default)]
     pub provider: Provider,
@@ -379,7 +393,7 @@ impl UpstreamSection {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+
 pub struct HealthCheckSection {
     /// Path after the server URL. Default `/models`.
     #[serde(default = "default_health_path")]
@@ -422,7 +436,7 @@ fn default_idle_timeout() -> Seconds {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+
 pub struct ServerEntry {
     /// Base URL, e.g. `https://api.openai.com/v1`. The client's path after `/v1` is appended.
     pub url: String,
@@ -462,7 +476,7 @@ fn default_weight() -> usize {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+
 pub struct ModelSection {
     pub routes: Vec<RouteSection>,
     /// Aliases tried in order when every tier of this one is exhausted (L2 failover).
@@ -478,7 +492,7 @@ pub struct ModelSection {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+
 pub struct RouteSection {
     pub upstream: String,
     /// Model name sent upstream. Default: the alias (or, for `*`, the client's model).

@@ -93,12 +93,25 @@ pub struct Config {
     pub keys: KeyRing,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub router: Router,
+    pub admin: file::AdminSection,
 }
 
 impl Config {
+    /// What is allowed but risky, for `-t` and the start log.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.admin_listen.ip().is_loopback() && self.admin.master_key.is_none() {
+            out.push(format!(
+                "server.admin_listen {} is not a loopback address and admin.master_key is not set: anyone who can reach it can reload the configuration and clear cooldowns",
+                self.admin_listen
+            ));
+        }
+        out
+    }
+
     /// Reads, expands and validates `path`. `env` looks up `${VAR}` references.
     pub fn load(path: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path)
+        let text = read_capped(path)
             .map_err(|e| ConfigErrors::one("", format!("cannot read {path}: {e}")))?;
         Config::parse(&text, env)
     }
@@ -115,6 +128,13 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
         previous: Option<&Config>,
     ) -> Result<Config, ConfigErrors> {
+        if text.len() as u64 > MAX_CONFIG_SIZE {
+            return Err(ConfigErrors::one(
+                "",
+                format!("larger than {} MiB", MAX_CONFIG_SIZE >> 20),
+            ));
+        }
+        check_nesting(text).map_err(|m| ConfigErrors::one("", m))?;
         let mut value: serde_yaml::Value = serde_yaml::from_str(text)
             .map_err(|e| ConfigErrors::one("", format!("not valid YAML: {e}")))?;
         let mut errors = Vec::new();
@@ -122,12 +142,29 @@ impl Config {
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
-        let file: FileConfig = serde_path_to_error::deserialize(value).map_err(|e| {
-            let path = e.path().to_string();
-            let path = if path == "." { String::new() } else { path };
-            ConfigErrors::one(path, e.into_inner().to_string())
-        })?;
-        build(file, previous)
+        let mut unknown = Vec::new();
+        let mut note = |path: serde_ignored::Path| {
+            let (parent, field) = split_field(&path);
+            unknown.push(ConfigError {
+                path: parent,
+                message: format!("unknown field `{field}`"),
+            });
+        };
+        let file: FileConfig =
+            serde_path_to_error::deserialize(serde_ignored::Deserializer::new(value, &mut note))
+                .map_err(|e| {
+                    let path = e.path().to_string();
+                    let path = if path == "." { String::new() } else { path };
+                    ConfigErrors::one(path, e.into_inner().to_string())
+                })?;
+        match build(file, previous) {
+            Ok(config) if unknown.is_empty() => Ok(config),
+            Ok(_) => Err(ConfigErrors(unknown)),
+            Err(ConfigErrors(rest)) => {
+                unknown.extend(rest);
+                Err(ConfigErrors(unknown))
+            }
+        }
     }
 
     /// The live state of a server of this config, by name and URL.
@@ -239,6 +276,100 @@ fn check_ca_file(path: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The largest config file read: far above any real one, far below a memory problem
+/// (`-c /dev/zero` must not read forever).
+pub const MAX_CONFIG_SIZE: u64 = 16 << 20;
+
+/// Deepest nesting of `[`/`{` and widest indentation accepted: YAML parsing time grows
+/// with the square of the nesting, and real configs nest fewer than ten levels.
+const MAX_FLOW_DEPTH: usize = 64;
+const MAX_INDENT: usize = 256;
+
+fn read_capped(path: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_CONFIG_SIZE + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_CONFIG_SIZE {
+        return Err(std::io::Error::other(format!(
+            "larger than {} MiB",
+            MAX_CONFIG_SIZE >> 20
+        )));
+    }
+    Ok(text)
+}
+
+/// Refuses text nested deeper than a config ever is, before the YAML parser sees it.
+/// Brackets inside quotes are not counted.
+fn check_nesting(text: &str) -> Result<(), String> {
+    let (mut depth, mut quote) = (0usize, None::<char>);
+    for line in text.lines() {
+        let indent = line.len() - line.trim_start_matches([' ', '\t']).len();
+        if indent > MAX_INDENT && quote.is_none() {
+            return Err(format!("indented more than {MAX_INDENT} columns"));
+        }
+        for c in line.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') => break,
+                (None, '[' | '{') => {
+                    depth += 1;
+                    if depth > MAX_FLOW_DEPTH {
+                        return Err(format!("nested deeper than {MAX_FLOW_DEPTH} levels"));
+                    }
+                }
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        // A quote left open at the end of a plain scalar line is an apostrophe.
+        if quote == Some('\'') {
+            quote = None;
+        }
+    }
+    Ok(())
+}
+
+/// The path of an unknown field's parent, written like every other config path
+/// (`upstreams.local.servers[0]`), and the field's name.
+fn split_field(path: &serde_ignored::Path) -> (String, String) {
+    fn write(p: &serde_ignored::Path, out: &mut String) {
+        use serde_ignored::Path;
+        match p {
+            Path::Root => {}
+            Path::Seq { parent, index } => {
+                write(parent, out);
+                out.push_str(&format!("[{index}]"));
+            }
+            Path::Map { parent, key } => {
+                write(parent, out);
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Path::Some { parent }
+            | Path::NewtypeStruct { parent }
+            | Path::NewtypeVariant { parent } => write(parent, out),
+        }
+    }
+    match path {
+        serde_ignored::Path::Map { parent, key } => {
+            let mut out = String::new();
+            write(parent, &mut out);
+            (out, key.clone())
+        }
+        other => {
+            let mut out = String::new();
+            write(other, &mut out);
+            (out, String::new())
+        }
+    }
 }
 
 /// More worker threads than this is a typo, not a machine.
@@ -487,15 +618,14 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
                 "every server is a backup; at least one must not be".into(),
             );
         }
-        let rules = match Rules::from_sections(
+        // A bad global rule is reported once, under failover.retry_on.
+        if let Some(Err(m)) = u.retry_on.as_ref().map(|r| Rules::from_sections([r])) {
+            err(format!("{path}.retry_on"), m);
+        }
+        let rules = Rules::from_sections(
             std::iter::once(&file.failover.retry_on).chain(u.retry_on.as_ref()),
-        ) {
-            Ok(r) => r,
-            Err(m) => {
-                err(format!("{path}.retry_on"), m);
-                Rules::default()
-            }
-        };
+        )
+        .unwrap_or_default();
         if let Some(hc) = &u.health_check {
             if !hc.path.starts_with('/') {
                 err(
@@ -670,6 +800,7 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
         upstreams,
         router: Router::new(aliases, catch_all),
         server: file.server,
+        admin: file.admin,
     })
 }
 
