@@ -697,7 +697,9 @@ impl Translator {
     fn finish(mut self) -> String {
         let mut root = Mapping::new();
         let mut server = Mapping::new();
-        if !self.listen.is_empty() {
+        // A TLS-only site stays TLS-only: without `listen: []` Tollgate's default plain
+        // listener (0.0.0.0:8080) would open too, and client keys would cross it in clear.
+        if !self.listen.is_empty() || !self.tls.is_empty() {
             server.insert(
                 "listen".into(),
                 Value::Sequence(self.listen.iter().cloned().map(Value::from).collect()),

@@ -257,3 +257,21 @@ fn a_broken_file_is_an_error_with_its_line() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nginx.conf:4: missing ; after server"));
 }
+
+/// Regression: a site whose only listener is `listen 443 ssl` was imported without
+/// `server.listen`, so Tollgate's default plain listener opened as well.
+#[test]
+fn a_tls_only_site_opens_no_plain_listener() {
+    let i = import(
+        "tls_only",
+        |d| {
+            std::fs::create_dir_all(d.join("certs")).unwrap();
+            std::fs::write(d.join("certs/llm.crt"), "certificate placeholder\n").unwrap();
+            std::fs::write(d.join("certs/llm.key"), "key placeholder\n").unwrap();
+        },
+        &[],
+    );
+    let c = &i.config;
+    assert_eq!(c["server"]["listen"], serde_yaml::Value::Sequence(vec![]));
+    assert_eq!(c["server"]["tls"][0]["listen"], "0.0.0.0:443");
+}
