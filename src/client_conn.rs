@@ -27,7 +27,7 @@ use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -72,6 +72,8 @@ impl ServerApp for ClientListener {
 
         let watched: Stream = Box::new(HeaderDeadline::new(stream, header_timeout));
         let mut session = ServerSession::new_http1(watched);
+        // Pipelined requests are answered in order, one after the other (RFC 9112 9.3.2).
+        session.set_pipelining_enabled(true);
         session.set_keepalive(if *shutdown.borrow() {
             None
         } else {
@@ -84,6 +86,7 @@ impl ServerApp for ClientListener {
             };
             watched.next_request();
             let mut session = ServerSession::new_http1(watched);
+            session.set_pipelining_enabled(true);
             if let Some(settings) = settings {
                 settings.apply_to_session(&mut session);
             }
@@ -94,6 +97,16 @@ impl ServerApp for ClientListener {
 
     async fn cleanup(&self) {
         self.proxy.http_cleanup().await;
+    }
+}
+
+/// Tells the connection's header deadline that `session`'s header is in.
+pub fn header_in(session: &ServerSession) {
+    if let Some(watched) = session
+        .stream()
+        .and_then(|s| s.as_any().downcast_ref::<HeaderDeadline<Stream>>())
+    {
+        watched.mark_header_in();
     }
 }
 
@@ -251,6 +264,9 @@ pub struct HeaderDeadline<T> {
     inner: T,
     timeout: Duration,
     phase: Phase,
+    /// Set by the proxy once it has the request header: a pipelined header is parsed
+    /// from bytes read earlier, so the wrapper never sees it go by.
+    header_in: AtomicBool,
 }
 
 impl<T> HeaderDeadline<T> {
@@ -264,12 +280,19 @@ impl<T> HeaderDeadline<T> {
                 seen: false,
                 line_start: false,
             },
+            header_in: AtomicBool::new(false),
         }
+    }
+
+    /// The request's header is parsed: what is read next is its body.
+    pub fn mark_header_in(&self) {
+        self.header_in.store(true, Ordering::Release);
     }
 
     /// The previous request is answered; the next header's deadline starts with its first byte.
     pub fn next_request(&mut self) {
         self.phase = Phase::Idle;
+        *self.header_in.get_mut() = false;
     }
 
     /// Whether the connection has a header deadline running.
@@ -318,6 +341,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeaderDeadline<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if !matches!(this.phase, Phase::Done) && *this.header_in.get_mut() {
+            this.phase = Phase::Done;
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {

@@ -171,6 +171,7 @@ impl From<Box<Error>> for Outcome {
 }
 
 fn begin(session: &mut Session, ctx: &mut RequestCtx, config: &Config) {
+    crate::client_conn::header_in(&session.downstream_session);
     let req = session.req_header();
     let r = &mut ctx.record;
     r.method = req.method.as_str().to_string();

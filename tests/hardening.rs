@@ -436,3 +436,85 @@ async fn an_sse_event_that_never_ends_is_passed_through_not_held() {
         .windows(13)
         .any(|w| w == b"include_usage"));
 }
+
+/// Counts the HTTP responses in `bytes` (each starts with a status line).
+fn responses(bytes: &[u8]) -> Vec<u16> {
+    let text = String::from_utf8_lossy(bytes);
+    text.match_indices("HTTP/1.1 ")
+        .filter_map(|(i, _)| text[i + 9..i + 12].parse().ok())
+        .collect()
+}
+
+/// Regression: of three pipelined requests only the first was answered. They are now
+/// answered in order; a pipelined request's body is not mistaken for a header (a body
+/// arriving slower than header_timeout is fine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let gw = Gateway::start_with_server("  header_timeout: 1s\n", &single(&up.url()));
+    let body =
+        |n: u32| format!(r#"{{"model":"m","messages":[{{"role":"user","content":"n{n}"}}]}}"#);
+    let req = |n: u32| {
+        let b = body(n);
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{b}",
+            b.len()
+        )
+    };
+    let mut s = TcpStream::connect(&gw.addr).await.unwrap();
+    s.write_all(
+        format!(
+            "{}{}{}",
+            req(1),
+            req(2),
+            "GET /health HTTP/1.1\r\nhost: x\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    while responses(&got).len() < 3 {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("three answers")
+            .unwrap();
+        assert!(n > 0, "closed after {:?}", responses(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(responses(&got), [200, 200, 200]);
+    let text = String::from_utf8_lossy(&got);
+    let (one, two) = (text.find("You said: n1"), text.find("You said: n2"));
+    assert!(one.is_some() && one < two, "{text}");
+    let bodies: Vec<String> = up
+        .received()
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect();
+    assert_eq!(bodies, [body(1), body(2)]);
+
+    // The next request's header rides along with this one; its body comes slowly.
+    let b3 = body(3);
+    let head3 = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        b3.len()
+    );
+    s.write_all(format!("{}{head3}{}", req(4), &b3[..5]).as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(&b3.as_bytes()[5..10]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.write_all(&b3.as_bytes()[10..]).await.unwrap();
+    let mut got = Vec::new();
+    while responses(&got).len() < 2 {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("two answers")
+            .unwrap();
+        assert!(n > 0, "closed after {:?}", responses(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(responses(&got), [200, 200]);
+}
