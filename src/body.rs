@@ -185,3 +185,51 @@ mod tests {
         assert!(scan(b"{\"model\":\"a\",\"stream\":\"yes\"}").is_err());
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any body: facts or a client-facing message, never a panic.
+        #[test]
+        fn any_bytes_scan_or_are_refused(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = scan(&body);
+        }
+
+        /// For any object, the model is found, and the rewritten body is the same JSON
+        /// with only the model (and the optional stream_options) changed.
+        #[test]
+        fn rewriting_changes_only_the_model(
+            model in "\\PC{0,24}",
+            new_model in "\\PC{0,24}",
+            extra in proptest::collection::btree_map("[a-z_]{1,10}", any::<i32>(), 0..6),
+            stream in any::<bool>(),
+            add_usage in any::<bool>(),
+        ) {
+            let mut obj = serde_json::Map::new();
+            for (k, v) in &extra {
+                if k != "model" && k != "stream" && !k.starts_with("max_") && k != "stream_options" {
+                    obj.insert(k.clone(), serde_json::json!(v));
+                }
+            }
+            obj.insert("model".into(), serde_json::json!(model));
+            obj.insert("stream".into(), serde_json::json!(stream));
+            let body = Bytes::from(serde_json::Value::Object(obj.clone()).to_string());
+            let facts = scan(&body).unwrap();
+            prop_assert_eq!(&facts.model, &model);
+            prop_assert_eq!(facts.stream, stream);
+            let out = prepare(&body, &facts, &new_model, add_usage);
+            let got: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            let mut want = obj;
+            want.insert("model".into(), serde_json::json!(new_model));
+            if add_usage {
+                want.insert("stream_options".into(), serde_json::json!({"include_usage": true}));
+            }
+            prop_assert_eq!(got, serde_json::Value::Object(want));
+        }
+    }
+}

@@ -605,3 +605,46 @@ mod tests {
         assert_eq!(counts.per_ip.lock().unwrap().get(&b), None);
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// However a request is cut into reads, the header deadline ends exactly with the
+        /// read that completes the header, and never sooner.
+        #[test]
+        fn the_deadline_ends_exactly_at_the_end_of_the_header(
+            fields in proptest::collection::vec(("[a-z-]{1,10}", "[ -~]{0,20}"), 0..6),
+            lf_only in any::<bool>(),
+            body in proptest::collection::vec(any::<u8>(), 0..64),
+            cuts in proptest::collection::vec(any::<usize>(), 0..6),
+        ) {
+            let nl = if lf_only { "\n" } else { "\r\n" };
+            let mut head = format!("POST /v1/chat/completions HTTP/1.1{nl}");
+            for (n, v) in &fields {
+                head.push_str(&format!("{n}: {v}{nl}"));
+            }
+            head.push_str(nl);
+            let end = head.len();
+            let mut wire = head.into_bytes();
+            wire.extend_from_slice(&body);
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
+            cuts.sort_unstable();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+            rt.block_on(async {
+                let mut w = HeaderDeadline::new(tokio::io::empty(), Duration::from_secs(10));
+                let mut from = 0;
+                for c in cuts.into_iter().chain([wire.len()]) {
+                    w.saw(&wire[from..c]);
+                    prop_assert_eq!(w.reading_header(), c < end, "after {} of {} bytes", c, end);
+                    from = c;
+                }
+                Ok(())
+            })?;
+        }
+    }
+}

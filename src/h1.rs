@@ -417,16 +417,19 @@ mod tests {
     /// A connection to a loopback server that answers with `parts`, written one at a
     /// time with a pause between them (so the reader sees them split), then closes.
     async fn answered_with(parts: &[&'static [u8]]) -> Conn {
+        answered_with_owned(parts.iter().map(|p| p.to_vec()).collect()).await
+    }
+
+    pub(super) async fn answered_with_owned(parts: Vec<Vec<u8>>) -> Conn {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let parts = parts.to_vec();
         tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
             // Take the request first: closing with unread input would be a reset.
             let mut request = [0u8; 1024];
             let _ = s.read(&mut request).await;
             for p in parts {
-                s.write_all(p).await.unwrap();
+                s.write_all(&p).await.unwrap();
                 s.flush().await.unwrap();
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -445,7 +448,7 @@ mod tests {
         conn
     }
 
-    async fn body_of(conn: &mut Conn) -> Result<Vec<u8>, Error> {
+    pub(super) async fn body_of(conn: &mut Conn) -> Result<Vec<u8>, Error> {
         let mut out = Vec::new();
         while let Some(chunk) = conn.read_body(WAIT).await? {
             out.extend_from_slice(&chunk);
@@ -612,5 +615,83 @@ mod tests {
         assert_eq!(largest, MAX_READ);
         assert_eq!(body_of(&mut conn).await.unwrap(), b"ababababab");
         assert!(conn.read_size < MAX_READ, "read size {}", conn.read_size);
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use super::tests::{answered_with_owned, body_of};
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any bytes: a head, "not yet", or an error; never a panic.
+        #[test]
+        fn any_bytes_parse_or_are_refused(buf in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = parse_head(&buf);
+        }
+
+        /// A well-formed head parses with every field; each strict prefix is "not yet".
+        #[test]
+        fn a_head_parses_whole_and_waits_on_any_prefix(
+            status in 200u16..600,
+            fields in proptest::collection::vec(("[a-z][a-z0-9-]{0,12}", "[!-~]([ -~]{0,30}[!-~])?"), 0..8),
+        ) {
+            let mut text = format!("HTTP/1.1 {status} X\r\n");
+            for (n, v) in &fields {
+                text.push_str(&format!("{n}: {v}\r\n"));
+            }
+            text.push_str("\r\n");
+            let bytes = text.as_bytes();
+            let (head, len, _) = parse_head(bytes).unwrap().unwrap();
+            prop_assert_eq!(len, bytes.len());
+            prop_assert_eq!(head.status.as_u16(), status);
+            prop_assert_eq!(head.headers.len(), fields.len());
+            for (n, v) in &fields {
+                prop_assert!(head.headers.get_all(n.as_str()).iter().any(|x| x.as_bytes() == v.as_bytes()));
+            }
+            for cut in 0..bytes.len() {
+                prop_assert!(matches!(parse_head(&bytes[..cut]), Ok(None)), "prefix {}", cut);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// A chunked body cut anywhere on the wire decodes to the same bytes.
+        #[test]
+        fn a_chunked_body_decodes_however_it_is_cut(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..200), 0..5),
+            cuts in proptest::collection::vec(any::<usize>(), 0..4),
+        ) {
+            let mut wire = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+            for c in &chunks {
+                wire.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+                wire.extend_from_slice(c);
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire.extend_from_slice(b"0\r\n\r\n");
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c % wire.len()).collect();
+            cuts.sort_unstable();
+            cuts.dedup();
+            let mut parts = Vec::new();
+            let mut from = 0;
+            for c in cuts.into_iter().chain([wire.len()]) {
+                if c > from {
+                    parts.push(wire[from..c].to_vec());
+                    from = c;
+                }
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let body = rt.block_on(async {
+                let mut conn = answered_with_owned(parts).await;
+                conn.read_head(Duration::from_secs(5), false).await.unwrap();
+                body_of(&mut conn).await
+            });
+            prop_assert_eq!(body.unwrap(), chunks.concat());
+        }
     }
 }

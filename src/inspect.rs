@@ -501,3 +501,41 @@ mod tests {
         assert_eq!(parse_go_duration("3d"), None);
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any status, hint headers and body: a class, never a panic; a 2xx is never
+        /// classified as a failure to retry.
+        #[test]
+        fn any_answer_is_classified(
+            status in 100u16..600,
+            body in proptest::collection::vec(any::<u8>(), 0..400),
+            retry_after in "\\PC{0,12}",
+            reset in "[0-9a-z.]{0,10}",
+        ) {
+            let mut headers = HeaderMap::new();
+            if let Ok(v) = http::HeaderValue::from_str(&retry_after) {
+                headers.insert(http::header::RETRY_AFTER, v);
+            }
+            if let Ok(v) = http::HeaderValue::from_str(&reset) {
+                headers.insert("x-ratelimit-reset-requests", v);
+            }
+            let class = classify(status, &headers, &body, &Rules::default());
+            if (200..300).contains(&status) {
+                prop_assert_eq!(class.outcome(), classify(200, &HeaderMap::new(), b"", &Rules::default()).outcome());
+            }
+            let _ = retry_hint(&headers, &String::from_utf8_lossy(&body).to_lowercase());
+        }
+
+        #[test]
+        fn any_go_duration_parses_or_not(s in "[0-9.hmsun]{0,12}") {
+            let _ = parse_go_duration(&s);
+        }
+    }
+}

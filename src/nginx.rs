@@ -140,12 +140,23 @@ fn tokenize(text: &str, file: &Path) -> Result<Vec<Token>, ImportError> {
     Ok(tokens)
 }
 
+/// Blocks nested deeper than this are refused (real configs nest three or four levels;
+/// the parser recurses once per level).
+const MAX_BLOCK_DEPTH: usize = 32;
+
 fn parse_block(
     tokens: &[Token],
     pos: &mut usize,
     file: &Path,
-    nested: bool,
+    depth: usize,
 ) -> Result<Vec<Directive>, ImportError> {
+    let nested = depth > 0;
+    if depth > MAX_BLOCK_DEPTH {
+        return Err(ImportError(format!(
+            "{}: blocks nested deeper than {MAX_BLOCK_DEPTH} levels",
+            file.display()
+        )));
+    }
     let mut out = Vec::new();
     while *pos < tokens.len() {
         match &tokens[*pos] {
@@ -188,7 +199,7 @@ fn parse_block(
                         }
                         Some(Token::Open(_)) => {
                             *pos += 1;
-                            let block = parse_block(tokens, pos, file, true)?;
+                            let block = parse_block(tokens, pos, file, depth + 1)?;
                             out.push(Directive {
                                 name,
                                 args,
@@ -241,7 +252,7 @@ fn parse_file_depth(path: &Path, depth: usize) -> Result<Vec<Directive>, ImportE
         .map_err(|e| ImportError(format!("cannot read {}: {e}", path.display())))?;
     let tokens = tokenize(&text, path)?;
     let mut pos = 0;
-    let tree = parse_block(&tokens, &mut pos, path, false)?;
+    let tree = parse_block(&tokens, &mut pos, path, 0)?;
     expand_includes(tree, path, depth)
 }
 
@@ -961,5 +972,54 @@ mod tests {
         assert_eq!(listen_addr("127.0.0.1:8080"), "127.0.0.1:8080");
         assert_eq!(listen_addr("[::]:80"), "[::]:80");
         assert!(wildcard("*.conf", "a.conf") && !wildcard("*.conf", "a.conf.bak"));
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse(text: &str) -> Result<Vec<Directive>, ImportError> {
+        let file = Path::new("nginx.conf");
+        let tokens = tokenize(text, file)?;
+        let mut pos = 0;
+        parse_block(&tokens, &mut pos, file, 0)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any text: directives or an error with a line, never a panic.
+        #[test]
+        fn any_text_parses_or_is_an_error(text in "[a-z0-9 {};#\"'\\\\$\n\t]{0,300}") {
+            let _ = parse(&text);
+        }
+
+        /// Directives written out come back as they were.
+        #[test]
+        fn written_directives_parse_back(
+            dirs in proptest::collection::vec(("[a-z_]{1,12}", proptest::collection::vec("[a-z0-9./:_-]{1,16}", 0..4)), 1..8)
+        ) {
+            let text: String = dirs
+                .iter()
+                .map(|(n, args)| format!("{n} {};\n", args.join(" ")))
+                .collect();
+            let parsed = parse(&text).unwrap();
+            prop_assert_eq!(parsed.len(), dirs.len());
+            for (d, (n, args)) in parsed.iter().zip(&dirs) {
+                prop_assert_eq!(&d.name, n);
+                prop_assert_eq!(&d.args, args);
+            }
+        }
+    }
+
+    /// Regression: the block parser recursed once per level without a bound, so a
+    /// deeply nested file overflowed the stack.
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let text = format!("{}{}", "a {".repeat(100_000), "}".repeat(100_000));
+        let e = parse(&text).unwrap_err();
+        assert!(e.0.contains("nested deeper than 32"), "{}", e.0);
     }
 }

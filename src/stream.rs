@@ -404,3 +404,74 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// However the stream is cut, the client gets every event but the usage-only one,
+        /// byte for byte and in order.
+        #[test]
+        fn the_filter_removes_exactly_the_usage_event(
+            texts in proptest::collection::vec("[a-z ]{0,20}", 0..6),
+            crlf in any::<bool>(),
+            usage_at in any::<proptest::sample::Index>(),
+            cuts in proptest::collection::vec(any::<usize>(), 0..10),
+        ) {
+            let nl = if crlf { "\r\n" } else { "\n" };
+            let mut events: Vec<String> = texts
+                .iter()
+                .map(|t| format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{t}\"}}}}],\"usage\":null}}{nl}{nl}"))
+                .collect();
+            events.push(format!("data: [DONE]{nl}{nl}"));
+            let usage = format!("data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":1,\"completion_tokens\":2}}}}{nl}{nl}");
+            let at = usage_at.index(events.len());
+            let want: String = events.concat();
+            events.insert(at, usage);
+            let wire = events.concat().into_bytes();
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut f = UsageChunkFilter::default();
+            let mut out = Vec::new();
+            let mut from = 0;
+            for c in cuts.into_iter().chain([wire.len()]) {
+                if let Some(b) = f.filter(Bytes::copy_from_slice(&wire[from..c])) {
+                    out.extend_from_slice(&b);
+                }
+                from = c;
+            }
+            if let Some(b) = f.finish() {
+                out.extend_from_slice(&b);
+            }
+            prop_assert_eq!(String::from_utf8(out).unwrap(), want);
+        }
+
+        /// Bytes without a usage event pass through whole, however they are cut.
+        #[test]
+        fn other_bytes_pass_through_whole(
+            wire in proptest::collection::vec(any::<u8>(), 0..512),
+            cuts in proptest::collection::vec(any::<usize>(), 0..6),
+        ) {
+            prop_assume!(!wire.windows(7).any(|w| w == b"\"usage\""));
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut f = UsageChunkFilter::default();
+            let mut out = Vec::new();
+            let mut from = 0;
+            for c in cuts.into_iter().chain([wire.len()]) {
+                if let Some(b) = f.filter(Bytes::copy_from_slice(&wire[from..c])) {
+                    out.extend_from_slice(&b);
+                }
+                from = c;
+            }
+            if let Some(b) = f.finish() {
+                out.extend_from_slice(&b);
+            }
+            prop_assert_eq!(out, wire);
+        }
+    }
+}

@@ -231,3 +231,62 @@ mod tests {
         assert_eq!(s.finish(), None);
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn scan_in_pieces(sse: bool, body: &[u8], cuts: &[usize]) -> Option<Usage> {
+        let mut s = UsageScanner::new(sse);
+        let mut at = 0;
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (body.len() + 1)).collect();
+        cuts.sort_unstable();
+        for c in cuts {
+            s.feed(&body[at..c]);
+            at = c;
+        }
+        s.feed(&body[at..]);
+        s.finish()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// However a stream is cut into chunks, the usage found is the same.
+        #[test]
+        fn usage_does_not_depend_on_chunking(
+            texts in proptest::collection::vec("[a-z ]{0,20}", 0..6),
+            input in 0u64..1_000_000,
+            output in 0u64..1_000_000,
+            crlf in any::<bool>(),
+            cuts in proptest::collection::vec(any::<usize>(), 0..8),
+        ) {
+            let nl = if crlf { "\r\n" } else { "\n" };
+            let mut body = String::new();
+            for t in &texts {
+                body.push_str(&format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{t}\"}}}}],\"usage\":null}}{nl}{nl}"));
+            }
+            body.push_str(&format!("data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":{input},\"completion_tokens\":{output}}}}}{nl}{nl}data: [DONE]{nl}{nl}"));
+            let got = scan_in_pieces(true, body.as_bytes(), &cuts);
+            prop_assert_eq!(got, Some(Usage { input, output }));
+        }
+
+        /// Any bytes, as SSE or JSON: a usage or none, never a panic.
+        #[test]
+        fn any_bytes_never_panic(
+            body in proptest::collection::vec(any::<u8>(), 0..512),
+            cuts in proptest::collection::vec(any::<usize>(), 0..4),
+            sse in any::<bool>(),
+        ) {
+            let _ = scan_in_pieces(sse, &body, &cuts);
+        }
+
+        /// Absurd numbers from an upstream saturate instead of wrapping.
+        #[test]
+        fn totals_saturate(input in any::<u64>(), output in any::<u64>()) {
+            let u = Usage { input, output };
+            prop_assert!(u.total() >= input.max(output));
+        }
+    }
+}

@@ -904,3 +904,34 @@ models:
         assert_eq!(alias.tiers[1].priority, 2);
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any text: a config or errors, never a panic.
+        #[test]
+        fn any_text_is_a_config_or_errors(text in "[a-z_:{}\\[\\], \n\"'0-9.$-]{0,300}") {
+            let _ = Config::parse(&text, &|_| None);
+        }
+
+        /// Any value in any known field: a config or errors with paths.
+        #[test]
+        fn any_value_in_a_known_field_is_handled(
+            field in prop::sample::select(vec!["threads", "max_body_size", "header_timeout", "body_timeout", "keepalive_timeout", "max_connections", "listen", "admin_listen"]),
+            value in "\\PC{0,20}",
+        ) {
+            let text = format!(
+                "server:\n  {field}: {}\nupstreams:\n  u:\n    servers: [{{url: \"http://127.0.0.1:1\"}}]\nmodels:\n  m:\n    routes: [{{upstream: u}}]\n",
+                serde_json::to_string(&value).unwrap()
+            );
+            if let Err(errors) = Config::parse(&text, &|_| None) {
+                prop_assert!(!errors.0.is_empty());
+            }
+        }
+    }
+}
