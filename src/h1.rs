@@ -148,6 +148,10 @@ impl Conn {
     pub async fn read_head(&mut self, wait: Duration, head_request: bool) -> Result<Head, Error> {
         loop {
             if let Some((mut head, len, persistent)) = parse_head(&self.buf)? {
+                // One large read can bring a whole oversized head at once.
+                if len > MAX_HEAD {
+                    return Err(Error::Malformed("response header too large"));
+                }
                 let _ = self.buf.split_to(len);
                 if head.status.is_informational() {
                     continue;
