@@ -44,6 +44,8 @@ async fn evil(act: Act) -> SocketAddr {
                     }
                     Act::WriteThenReset(b) => {
                         let _ = s.write_all(&b).await;
+                        // A zero linger never blocks on drop: it is the reset itself.
+                        #[allow(deprecated)]
                         let _ = s.set_linger(Some(Duration::ZERO));
                     }
                     Act::WriteThenHang(b) => {
