@@ -248,10 +248,13 @@ enum Phase {
     /// Between keep-alive requests: the keep-alive timeout applies (Pingora's), and the
     /// header deadline starts with the next request's first byte.
     Idle,
-    /// Reading a header before `deadline`. `seen`: some of it arrived; `line_start`: the
-    /// last byte ended a line, so a line break now ends the header.
+    /// Reading a header that began at `started`. The timer is made only when a read has
+    /// to wait (most headers arrive in one read and never need it). `seen`: some of the
+    /// header arrived; `line_start`: the last byte ended a line, so a line break now ends
+    /// the header.
     Header {
-        deadline: Pin<Box<Sleep>>,
+        started: Instant,
+        timer: Option<Pin<Box<Sleep>>>,
         seen: bool,
         line_start: bool,
     },
@@ -276,7 +279,8 @@ impl<T> HeaderDeadline<T> {
             inner,
             timeout,
             phase: Phase::Header {
-                deadline: Box::pin(tokio::time::sleep(timeout)),
+                started: Instant::now(),
+                timer: None,
                 seen: false,
                 line_start: false,
             },
@@ -301,14 +305,16 @@ impl<T> HeaderDeadline<T> {
     }
 
     /// Follows the bytes just read: starts the deadline on a request's first byte and
-    /// ends it at the blank line after the header (`\r\n\r\n`, or bare `\n\n`).
+    /// ends it at the blank line after the header (`\r\n\r\n`, or bare `\n\n`). Jumps
+    /// from line feed to line feed (memchr); a line of only `\r` is a blank line.
     fn saw(&mut self, bytes: &[u8]) {
         if bytes.is_empty() {
             return;
         }
         if matches!(self.phase, Phase::Idle) {
             self.phase = Phase::Header {
-                deadline: Box::pin(tokio::time::sleep_until(Instant::now() + self.timeout)),
+                started: Instant::now(),
+                timer: None,
                 seen: false,
                 line_start: false,
             };
@@ -320,16 +326,18 @@ impl<T> HeaderDeadline<T> {
             return;
         };
         *seen = true;
-        for &b in bytes {
-            if b == b'\n' {
-                if *line_start {
-                    self.phase = Phase::Done;
-                    return;
-                }
-                *line_start = true;
-            } else if b != b'\r' {
-                *line_start = false;
+        let blank = |line: &[u8]| line.iter().all(|&b| b == b'\r');
+        let mut rest = bytes;
+        while let Some(i) = memchr::memchr(b'\n', rest) {
+            if *line_start && blank(&rest[..i]) {
+                self.phase = Phase::Done;
+                return;
             }
+            *line_start = true;
+            rest = &rest[i + 1..];
+        }
+        if !blank(rest) {
+            *line_start = false;
         }
     }
 }
@@ -355,10 +363,19 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeaderDeadline<T> {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
-                let Phase::Header { deadline, seen, .. } = &mut this.phase else {
+                let Phase::Header {
+                    started,
+                    timer,
+                    seen,
+                    ..
+                } = &mut this.phase
+                else {
                     return Poll::Pending;
                 };
-                if deadline.as_mut().poll(cx).is_pending() {
+                let deadline = *started + this.timeout;
+                let timer =
+                    timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if timer.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
                 if *seen {

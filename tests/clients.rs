@@ -128,3 +128,33 @@ async fn curl_uploads_a_large_body_and_streams() {
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     assert!(text.matches("data: ").count() > 5);
 }
+
+/// Regression: the OpenAI SDK (httpx) sends the whole body before reading, so a 413
+/// answered early reached it as a broken pipe, and it retried the upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_gets_the_413_for_a_large_prompt_and_does_not_retry() {
+    let up = MockUpstream::start("the mock upstream").await.unwrap();
+    let gw = Gateway::start_with_server("  max_body_size: 1MiB\n", &demo_like(&up));
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/sdk_large_body.py"
+    );
+    let base = gw.url("/v1");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .args([script, &base, "tg-sdk-key-12345678"])
+            .output()
+            .expect("run python (see scripts/bootstrap)")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("status 413"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(up.hits(), 0);
+    let answered = gw.logs().matches("status=413").count();
+    assert_eq!(answered, 1, "the SDK retried:\n{}", gw.logs());
+}
