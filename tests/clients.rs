@@ -129,8 +129,11 @@ async fn curl_uploads_a_large_body_and_streams() {
     assert!(text.matches("data: ").count() > 5);
 }
 
-/// Regression: the OpenAI SDK (httpx) sends the whole body before reading, so a 413
-/// answered early reached it as a broken pipe, and it retried the upload.
+/// The OpenAI SDK sends the whole body before reading: a prompt over `max_body_size` must
+/// reach it as the 413, once, not as a connection error it would retry. (The SDK's
+/// httpx also reads an answer after a failed write, so this passes even without the
+/// gateway's lingering read; `hardening::an_early_413_or_401_reaches_a_client_that_is_still_uploading`
+/// is the client that does not.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_sdk_gets_the_413_for_a_large_prompt_and_does_not_retry() {
     let up = MockUpstream::start("the mock upstream").await.unwrap();

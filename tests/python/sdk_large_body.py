@@ -7,7 +7,7 @@ import openai
 client = openai.OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=2, timeout=30)
 try:
     client.chat.completions.create(
-        model="demo", messages=[{"role": "user", "content": "x" * (3 << 20)}]
+        model="demo", messages=[{"role": "user", "content": "x" * (12 << 20)}]
     )
 except openai.APIStatusError as e:
     print(f"status {e.status_code}")
