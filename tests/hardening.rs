@@ -518,3 +518,32 @@ async fn pipelined_requests_are_answered_in_order() {
     }
     assert_eq!(responses(&got), [200, 200]);
 }
+
+/// A request header far over Pingora's 1 MiB is refused with 400 and costs nothing after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_request_header_is_refused_and_normal_requests_go_on() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let gw = Gateway::start(&single(&up.url()));
+    let mut s = TcpStream::connect(&gw.addr).await.unwrap();
+    let (mut rd, mut wr) = s.split();
+    let send = async {
+        let _ = wr
+            .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+            .await;
+        let line = format!("x-filler: {}\r\n", "a".repeat(8000));
+        for _ in 0..400 {
+            if wr.write_all(line.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+    };
+    let mut answer = Vec::new();
+    let read = async {
+        let _ = tokio::time::timeout(Duration::from_secs(5), rd.read_to_end(&mut answer)).await;
+    };
+    tokio::join!(send, read);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    assert_eq!(chat_status(&client(), &gw, "m").await, 200);
+    assert_eq!(up.hits(), 1);
+}
