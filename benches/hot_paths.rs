@@ -1,6 +1,9 @@
 //! Criterion benchmarks of the per-request hot paths: target selection, limiter checks,
 //! the body scan and model rewrite, and SSE usage parsing. Run: `cargo bench --bench hot_paths`.
 
+// Set-up failures should stop a benchmark loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::time::Duration;

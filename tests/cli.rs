@@ -1,5 +1,8 @@
 //! The command line: `-t` on good and bad configs, and every shipped example config.
 
+// Helpers outside #[test] functions stop the test loudly on a failed step.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::process::Command;
 
 fn tollgate() -> Command {

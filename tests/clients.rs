@@ -2,6 +2,9 @@
 //! The Python interpreter is `$TOLLGATE_PYTHON` (set by scripts/bootstrap to a venv
 //! with `openai`), else `python3`.
 
+// Helpers outside #[test] functions stop the test loudly on a failed step.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use common::Gateway;

@@ -1,6 +1,9 @@
 //! Quota-aware failover end to end: mock upstreams script error answers from the
 //! reference shapes; assertions on per-server hit counts and on what the client saw.
 
+// Helpers outside #[test] functions stop the test loudly on a failed step.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use common::{admin_json, chat, client, eventually, send_chat, single, two_tiers, Gateway};

@@ -1,6 +1,9 @@
 //! The gateway core end to end: the real binary in front of mock upstreams on loopback,
 //! asserting on what the upstreams received as well as on what the client saw.
 
+// Helpers outside #[test] functions stop the test loudly on a failed step.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use common::{chat, client, closed_port, eventually, send_chat, single, Gateway};

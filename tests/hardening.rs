@@ -3,6 +3,9 @@
 //! the behaviour; assertions on what the client saw, what the upstream received and what
 //! the gateway holds (file descriptors).
 
+// Helpers outside #[test] functions stop the test loudly on a failed step.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use common::{chat, chat_status, client, eventually, single, Gateway};

@@ -1,6 +1,9 @@
 //! Rate limits end to end: requests, tokens and concurrency per key, IP and model, with
 //! the 429s and `x-ratelimit-*` headers a client sees, and what reached the upstream.
 
+// Helpers outside #[test] functions stop the test loudly on a failed step.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use common::{chat, chat_status, client, eventually, Gateway};

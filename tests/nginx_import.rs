@@ -1,6 +1,9 @@
 //! `tollgate import-nginx` on realistic configs: the resulting config (which must pass
 //! `tollgate -t`) and the warnings, each with its file and line.
 
+// Helpers outside #[test] functions stop the test loudly on a failed step.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use serde_yaml::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;

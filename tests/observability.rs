@@ -2,6 +2,9 @@
 //! counts, gauges following in-flight streams, the `other` model label, promtool, and
 //! access-log lines with no secret anywhere in the gateway's output.
 
+// Helpers outside #[test] functions stop the test loudly on a failed step.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use common::{chat, client, send_chat, single, Gateway};

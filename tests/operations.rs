@@ -2,6 +2,9 @@
 //! refuses bad files, and a binary upgrade plus a reload under steady load with long
 //! streams, with zero failed requests and zero truncated streams.
 
+// Helpers outside #[test] functions stop the test loudly on a failed step.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use common::{admin_json, chat, chat_status, client, closed_port, Gateway};

@@ -2,6 +2,9 @@
 //! `server.ca_file`, pooled connections reused; an untrusted certificate is a connect
 //! failure that moves on), and a TLS listener serving HTTP/2 and HTTP/1.1 clients (curl).
 
+// Helpers outside #[test] functions stop the test loudly on a failed step.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use common::{chat, client, Gateway};

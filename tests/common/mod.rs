@@ -3,6 +3,8 @@
 //! `tollgate::mock::MockUpstream`, real HTTP servers on loopback in the test's runtime.
 
 #![allow(dead_code)]
+// Test harness: a failed set-up step should stop the test loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
