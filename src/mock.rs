@@ -59,6 +59,10 @@ impl Reply {
     }
 }
 
+/// How many of the latest requests a mock keeps for [`MockUpstream::received`]; the
+/// hit counter counts them all.
+pub const KEPT_REQUESTS: usize = 4096;
+
 /// What the upstream received, for assertions.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -72,7 +76,8 @@ struct State {
     name: String,
     script: Mutex<VecDeque<Reply>>,
     default: Mutex<Reply>,
-    received: Mutex<Vec<Received>>,
+    /// The latest requests, at most [`KEPT_REQUESTS`] (the demo and benchmarks run for long).
+    received: Mutex<VecDeque<Received>>,
     hits: AtomicUsize,
     connections: AtomicUsize,
     open_streams: AtomicUsize,
@@ -142,7 +147,7 @@ impl MockUpstream {
             name: name.to_string(),
             script: Mutex::new(VecDeque::new()),
             default: Mutex::new(Reply::Model),
-            received: Mutex::new(Vec::new()),
+            received: Mutex::new(VecDeque::new()),
             hits: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             open_streams: AtomicUsize::new(0),
@@ -246,11 +251,11 @@ impl MockUpstream {
     }
 
     pub fn received(&self) -> Vec<Received> {
-        lock(&self.state.received).clone()
+        lock(&self.state.received).iter().cloned().collect()
     }
 
     pub fn last(&self) -> Option<Received> {
-        lock(&self.state.received).last().cloned()
+        lock(&self.state.received).back().cloned()
     }
 }
 
@@ -265,15 +270,21 @@ async fn handle(
         .map_err(std::io::Error::other)?
         .to_bytes();
     state.hits.fetch_add(1, Ordering::Relaxed);
-    lock(&state.received).push(Received {
-        method: parts.method.to_string(),
-        path: parts
-            .uri
-            .path_and_query()
-            .map_or_else(String::new, |p| p.to_string()),
-        headers: parts.headers.clone(),
-        body: body.clone(),
-    });
+    {
+        let mut kept = lock(&state.received);
+        if kept.len() == KEPT_REQUESTS {
+            kept.pop_front();
+        }
+        kept.push_back(Received {
+            method: parts.method.to_string(),
+            path: parts
+                .uri
+                .path_and_query()
+                .map_or_else(String::new, |p| p.to_string()),
+            headers: parts.headers.clone(),
+            body: body.clone(),
+        });
+    }
     let reply = lock(&state.script)
         .pop_front()
         .unwrap_or_else(|| lock(&state.default).clone());
@@ -504,5 +515,32 @@ fn last_user_text(req: &Value) -> String {
     match &req["prompt"] {
         Value::String(s) => s.clone(),
         _ => req["input"].as_str().unwrap_or_default().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_the_latest_requests_are_kept_but_every_hit_counts() {
+        let up = MockUpstream::start("u").await.unwrap();
+        let c = reqwest::Client::new();
+        let url = format!("{}/embeddings", up.url());
+        for i in 0..KEPT_REQUESTS + 5 {
+            let r = c
+                .post(&url)
+                .body(format!("{{\"model\":\"m\",\"input\":\"{i}\"}}"))
+                .send()
+                .await
+                .unwrap();
+            r.bytes().await.unwrap();
+        }
+        assert_eq!(up.hits(), KEPT_REQUESTS + 5);
+        let kept = up.received();
+        assert_eq!(kept.len(), KEPT_REQUESTS);
+        assert!(String::from_utf8_lossy(&kept[0].body).contains("\"5\""));
+        let last = format!("\"{}\"", KEPT_REQUESTS + 4);
+        assert!(String::from_utf8_lossy(&up.last().unwrap().body).contains(&last));
     }
 }
