@@ -57,6 +57,9 @@ pub struct RequestCtx {
     peer: Option<IpAddr>,
     /// What this request holds against the limits; released when the context drops.
     admission: Admission,
+    /// The config the request started with, kept to the end so that a reload in the
+    /// middle of a request never mixes two configs (the access log and metrics included).
+    config: Option<Arc<Config>>,
 }
 
 /// The LLM endpoints forwarded through the attempt loop, after `/v1`.
@@ -87,6 +90,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> pingora_core::Result<bool> {
         let config = self.config.load_full();
+        ctx.config = Some(Arc::clone(&config));
         begin(session, ctx, &config);
         match self.handle(session, ctx, &config).await {
             Ok(()) => Ok(true),
@@ -138,7 +142,9 @@ impl ProxyHttp for Gateway {
             ctx.record.error = Some("aborted");
         }
         ctx.record.bytes_in = session.body_bytes_read();
-        observe::finish(&ctx.record, &self.config.load());
+        // A request Pingora refused before request_filter has no config yet: the live one.
+        let config = ctx.config.take().unwrap_or_else(|| self.config.load_full());
+        observe::finish(&ctx.record, &config);
     }
 }
 

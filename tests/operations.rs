@@ -399,3 +399,65 @@ async fn the_admin_master_key_guards_the_admin_api_but_not_probes() {
     }
     assert!(!gw.logs().contains("adm-key-do-not-print"));
 }
+
+/// Regression: the access log of a request read the config again at its end, so a reload
+/// in the middle of a request could log it under another config's settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_is_logged_with_the_config_it_started_with() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let gw = Gateway::start(&common::single(&up.url()));
+    up.push([Reply::Stream {
+        events: (0..40)
+            .map(|i| format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{i}\"}}}}]}}\n\n"))
+            .chain(["data: [DONE]\n\n".to_string()])
+            .collect(),
+        gap: Duration::from_millis(100),
+        cut: false,
+    }]);
+    let c = client();
+    let mut r = c
+        .post(gw.url("/v1/chat/completions"))
+        .header("x-request-id", "started-before-the-reload")
+        .json(&chat("m", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The first event is here: the request is under way. Reload to JSON access logs.
+    r.chunk().await.unwrap();
+    let path = gw.dir.path().join("tollgate.yaml");
+    let text = std::fs::read_to_string(&path).unwrap() + "log: {format: json}\n";
+    std::fs::write(&path, text).unwrap();
+    let reload = c.post(gw.admin_url("/admin/reload")).send().await.unwrap();
+    assert_eq!(reload.status(), 200);
+    while r.chunk().await.unwrap().is_some() {}
+    let after = c
+        .post(gw.url("/v1/chat/completions"))
+        .header("x-request-id", "started-after-the-reload")
+        .json(&chat("m", false))
+        .send()
+        .await
+        .unwrap();
+    after.text().await.unwrap();
+    // The access log is written just after the answer.
+    let written = || {
+        gw.logs()
+            .contains("\"request_id\":\"started-after-the-reload\"")
+    };
+    assert!(common::eventually(Duration::from_secs(5), written).await);
+    let logs = gw.logs();
+    let line = |id: &str| {
+        logs.lines()
+            .find(|l| l.contains(id))
+            .unwrap_or_else(|| panic!("no access log line for {id}:\n{logs}"))
+            .to_string()
+    };
+    assert!(
+        line("started-before-the-reload").contains("id=started-before-the-reload"),
+        "{logs}"
+    );
+    assert!(
+        line("started-after-the-reload").contains("\"request_id\":\"started-after-the-reload\""),
+        "{logs}"
+    );
+}
