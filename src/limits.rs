@@ -11,8 +11,6 @@ use crate::config::file::LimitSection;
 use http::{HeaderName, HeaderValue};
 use pingora_limits::inflight::{Guard, Inflight};
 use pingora_limits::rate::{Rate, RateComponents};
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -205,11 +203,13 @@ impl Default for Counters {
     }
 }
 
-/// A fixed hash of a scope key, so one sketch serves every key of a scope.
+/// A fixed hash of a scope key, so one sketch serves every key of a scope: 64-bit FNV-1a,
+/// the same in every process and Rust version (std's `DefaultHasher` promises neither,
+/// and counters shared between instances must agree on their keys).
 pub fn key_hash(key: &str) -> u64 {
-    let mut h = DefaultHasher::new();
-    key.hash(&mut h);
-    h.finish()
+    key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// What one request holds against the limits: concurrency slots (released on drop, so
@@ -549,6 +549,14 @@ mod tests {
         assert!(c
             .admit_concurrency(Scope::Key, 7, &limits, &mut Admission::default())
             .is_ok());
+    }
+
+    #[test]
+    fn key_hashes_are_stable_fnv1a() {
+        // Published FNV-1a 64 test vectors.
+        assert_eq!(key_hash(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(key_hash("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(key_hash("foobar"), 0x8594_4171_f739_67e8);
     }
 
     #[test]
