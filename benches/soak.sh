@@ -81,7 +81,7 @@ sleep 2
 echo "short requests:    $(grep -E '^\s+\[[0-9]+\]' "$work/hey-short.txt" | tr -s ' ' | tr '\n' ' ')"
 echo "failover requests: $(grep -E '^\s+\[[0-9]+\]' "$work/hey-failover.txt" | tr -s ' ' | tr '\n' ' ')"
 echo "streams:           $(cat "$work/streams.txt")"
-echo "reloads:           $(grep -c 'reloaded' "$work/tollgate.err" || true) of $reloads"
+echo "reloads:           $(grep -c 'reloaded' "$work/tollgate.log" "$work/tollgate.err" | awk -F: '{s+=$2} END {print s}') of $reloads"
 [ -n "$OUT" ] && cp "$csv" "$OUT"
 python3 - "$csv" <<'PY'
 import csv, sys
