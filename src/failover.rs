@@ -7,7 +7,7 @@
 
 use crate::config::Failover;
 use crate::error::GatewayError;
-use crate::forward::{self, Outgoing, Sent, TransportError};
+use crate::forward::{self, Outgoing, Sent, TransportError, TransportFailure};
 use crate::health::{now_ms, Reason};
 use crate::inspect::{self, Class};
 use crate::pool::Connections;
@@ -24,11 +24,30 @@ pub struct AttemptRecord {
     /// The server's name (`upstream/server`).
     pub target: String,
     pub upstream: String,
-    pub outcome: &'static str,
+    pub outcome: AttemptOutcome,
     /// The upstream's status, when it answered.
     pub status: Option<u16>,
     /// Which alias of the chain the attempt belonged to (0: the requested one).
     pub alias_index: usize,
+}
+
+/// How one attempt ended; named only where it is logged or counted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AttemptOutcome {
+    /// The upstream answered; how its answer was classified.
+    Answered(Class),
+    /// No answer: the connection failed.
+    Failed(TransportFailure),
+}
+
+impl AttemptOutcome {
+    /// The name in the access log and the `outcome` metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Answered(class) => class.outcome(),
+            AttemptOutcome::Failed(f) => f.as_str(),
+        }
+    }
 }
 
 /// The attempt whose response is delivered, holding its server's in-flight slot.
@@ -184,7 +203,7 @@ pub async fn run(
                             attempts.push(AttemptRecord {
                                 target: server.name.clone(),
                                 upstream: upstream.name.clone(),
-                                outcome: e.kind(),
+                                outcome: AttemptOutcome::Failed(e.failure()),
                                 status: None,
                                 alias_index,
                             });
@@ -209,7 +228,7 @@ pub async fn run(
                     attempts.push(AttemptRecord {
                         target: server.name.clone(),
                         upstream: upstream.name.clone(),
-                        outcome: class.outcome(),
+                        outcome: AttemptOutcome::Answered(class),
                         status: Some(status),
                         alias_index,
                     });
@@ -333,10 +352,10 @@ fn all_failed(
         let sep = if i == 0 { "" } else { ";" };
         match a.status {
             Some(s) => {
-                let _ = write!(message, "{sep} {} ({} {s})", a.target, a.outcome);
+                let _ = write!(message, "{sep} {} ({} {s})", a.target, a.outcome.as_str());
             }
             None => {
-                let _ = write!(message, "{sep} {} ({})", a.target, a.outcome);
+                let _ = write!(message, "{sep} {} ({})", a.target, a.outcome.as_str());
             }
         }
     }

@@ -151,15 +151,40 @@ pub enum TransportError {
     Broken(String),
 }
 
+/// What kind of transport failure an attempt met, without its details.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportFailure {
+    Unresolved,
+    Connect,
+    Timeout,
+    Reset,
+}
+
+impl TransportFailure {
+    /// Low-cardinality outcome name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportFailure::Unresolved => "unresolved",
+            TransportFailure::Connect => "connect_error",
+            TransportFailure::Timeout => "timeout",
+            TransportFailure::Reset => "reset",
+        }
+    }
+}
+
 impl TransportError {
+    pub fn failure(&self) -> TransportFailure {
+        match self {
+            TransportError::Unresolved => TransportFailure::Unresolved,
+            TransportError::Connect(_) => TransportFailure::Connect,
+            TransportError::Timeout => TransportFailure::Timeout,
+            TransportError::Broken(_) => TransportFailure::Reset,
+        }
+    }
+
     /// Low-cardinality outcome name for logs and metrics.
     pub fn kind(&self) -> &'static str {
-        match self {
-            TransportError::Unresolved => "unresolved",
-            TransportError::Connect(_) => "connect_error",
-            TransportError::Timeout => "timeout",
-            TransportError::Broken(_) => "reset",
-        }
+        self.failure().as_str()
     }
 }
 

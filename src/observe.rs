@@ -6,10 +6,32 @@ use crate::config::file::LogFormat;
 use crate::config::Config;
 use crate::failover::AttemptRecord;
 use crate::metrics;
+use crate::stream::StreamEnd;
 use crate::usage::Usage;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::time::{Duration, Instant, SystemTime};
+
+/// Why a request did not end normally. Named (`as_str`) only in the access log and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The gateway answered with one of its own errors (`GatewayError::kind`).
+    Refused(&'static str),
+    /// The response began and was cut (never `StreamEnd::Complete`).
+    Stream(StreamEnd),
+    /// The connection ended with an error outside the gateway's stages.
+    Aborted,
+}
+
+impl Failure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failure::Refused(kind) => kind,
+            Failure::Stream(end) => end.as_str(),
+            Failure::Aborted => "aborted",
+        }
+    }
+}
 
 /// Everything the access log and the metrics need, filled in as the request moves through
 /// the stages.
@@ -34,7 +56,8 @@ pub struct Record {
     pub first_byte: Option<Instant>,
     pub bytes_in: usize,
     pub bytes_out: usize,
-    pub error: Option<&'static str>,
+    /// Why the request did not end normally, if it did not.
+    pub error: Option<Failure>,
     /// Token usage reported by the upstream, when it reported any.
     pub usage: Option<Usage>,
     /// The limit scope that refused the request, if one did.
@@ -119,7 +142,7 @@ fn record_metrics(r: &Record, config: &Config) {
         .observe(total.saturating_sub(r.waiting).as_secs_f64());
     for a in &r.attempts {
         m.attempts
-            .with_label_values(&[a.upstream.as_str(), a.target.as_str(), a.outcome])
+            .with_label_values(&[a.upstream.as_str(), a.target.as_str(), a.outcome.as_str()])
             .inc();
     }
     for pair in r.attempts.windows(2) {
@@ -129,14 +152,14 @@ fn record_metrics(r: &Record, config: &Config) {
             "alias"
         };
         m.failovers
-            .with_label_values(&[model, pair[0].outcome, level])
+            .with_label_values(&[model, pair[0].outcome.as_str(), level])
             .inc();
     }
     if let Some(scope) = r.limited {
         m.ratelimited.with_label_values(&[scope]).inc();
     }
-    if let Some(reason @ ("client_disconnect" | "upstream_error" | "upstream_timeout")) = r.error {
-        m.stream_aborts.with_label_values(&[reason]).inc();
+    if let Some(Failure::Stream(end)) = r.error {
+        m.stream_aborts.with_label_values(&[end.as_str()]).inc();
     }
     if r.target.is_none() || !(200..300).contains(&r.status) {
         return;
@@ -244,7 +267,7 @@ fn text_line(r: &Record) -> String {
         if i > 0 {
             s.push(',');
         }
-        let _ = write!(s, "{}={}", a.target, a.outcome);
+        let _ = write!(s, "{}={}", a.target, a.outcome.as_str());
         if let Some(st) = a.status {
             let _ = write!(s, ":{st}");
         }
@@ -265,7 +288,7 @@ fn text_line(r: &Record) -> String {
         " bytes_in={} bytes_out={} error={}",
         r.bytes_in,
         r.bytes_out,
-        r.error.unwrap_or("-")
+        r.error.map_or("-", Failure::as_str)
     );
     s
 }
@@ -274,7 +297,7 @@ fn json_line(r: &Record) -> String {
     let attempts: Vec<serde_json::Value> = r
         .attempts
         .iter()
-        .map(|a| serde_json::json!({"target": a.target, "outcome": a.outcome, "status": a.status}))
+        .map(|a| serde_json::json!({"target": a.target, "outcome": a.outcome.as_str(), "status": a.status}))
         .collect();
     serde_json::json!({
         "time": humantime::format_rfc3339_millis(r.wall).to_string(),
@@ -294,7 +317,7 @@ fn json_line(r: &Record) -> String {
         "tokens_out": r.usage.map(|u| u.output),
         "bytes_in": r.bytes_in,
         "bytes_out": r.bytes_out,
-        "error": r.error,
+        "error": r.error.map(Failure::as_str),
     })
     .to_string()
 }

@@ -10,7 +10,7 @@ use crate::error::GatewayError;
 use crate::failover::{self, Dialect};
 use crate::forward::Outgoing;
 use crate::limits::{self, key_hash, Admission, Counters, Refusal, Scope};
-use crate::observe::{self, Record};
+use crate::observe::{self, Failure, Record};
 use crate::pool::Connections;
 use crate::respond;
 use crate::route::Alias;
@@ -96,7 +96,7 @@ impl ProxyHttp for Gateway {
             Ok(()) => Ok(true),
             Err(Outcome::Refused(e)) => {
                 ctx.record.status = e.status();
-                ctx.record.error = Some(e.kind());
+                ctx.record.error = Some(Failure::Refused(e.kind()));
                 let extra = ctx
                     .admission
                     .key_headers
@@ -139,7 +139,7 @@ impl ProxyHttp for Gateway {
             ctx.record.status = session.response_written().map_or(0, |r| r.status.as_u16());
         }
         if e.is_some() && ctx.record.error.is_none() {
-            ctx.record.error = Some("aborted");
+            ctx.record.error = Some(Failure::Aborted);
         }
         ctx.record.bytes_in = session.body_bytes_read();
         // A request Pingora refused before request_filter has no config yet: the live one.
@@ -431,7 +431,7 @@ impl Gateway {
         ctx.record.waiting += attempts_started.elapsed();
         ctx.record.attempts = attempts;
         let Some(result) = result else {
-            ctx.record.error = Some(stream::StreamEnd::ClientGone.as_str());
+            ctx.record.error = Some(Failure::Stream(stream::StreamEnd::ClientGone));
             return Err(Outcome::Aborted(Error::explain(
                 ErrorType::ConnectionClosed,
                 "client disconnected before the response",
@@ -467,7 +467,7 @@ impl Gateway {
             ctx.record.usage = Some(usage);
         }
         if let Some(end) = relayed.end.filter(|e| *e != stream::StreamEnd::Complete) {
-            ctx.record.error = Some(end.as_str());
+            ctx.record.error = Some(Failure::Stream(end));
         }
         result.map_err(Outcome::Aborted)
     }
