@@ -232,8 +232,18 @@ fn process_secs() -> u64 {
 
 /// The default connection cap: half the open-file limit (a proxied request holds an
 /// upstream connection too), keeping 64 descriptors for everything else, at least 64.
+/// The soft limit is raised to the hard one first (as Go's runtime does): the usual
+/// soft default of 1024 is a leftover of `select(2)`, not a resource decision.
 pub fn default_max_connections() -> usize {
-    use nix::sys::resource::{getrlimit, Resource};
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let want = hard.min(1 << 20);
+        if soft < want {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
+                log::warn!("cannot raise the open-file limit from {soft} to {want}: {e}");
+            }
+        }
+    }
     let soft = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
     let soft = usize::try_from(soft).unwrap_or(usize::MAX);
     (soft.saturating_sub(64) / 2).max(64)

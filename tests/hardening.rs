@@ -550,3 +550,54 @@ async fn an_oversized_request_header_is_refused_and_normal_requests_go_on() {
     assert_eq!(chat_status(&client(), &gw, "m").await, 200);
     assert_eq!(up.hits(), 1);
 }
+
+/// A shell's soft open-file limit (often 1024) would cap the gateway far below what the
+/// machine allows: it is raised to the hard limit at start, and the default connection
+/// cap follows from that.
+#[test]
+fn the_open_file_limit_is_raised_to_the_hard_limit_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("t.yaml");
+    std::fs::write(
+        &conf,
+        format!(
+            "server:\n  listen: [\"127.0.0.1:0\"]\n  admin_listen: \"127.0.0.1:0\"\n  pid_file: {d}/p.pid\n  upgrade_sock: {d}/u.sock\n{}",
+            single("http://127.0.0.1:1"),
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -Sn 256 && exec {} -c {}",
+            env!("CARGO_BIN_EXE_tollgate"),
+            conf.display()
+        ))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    let mut pid = None;
+    while std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0 {
+        if let Some(p) = line.strip_prefix("tollgate: pid ") {
+            pid = p.trim().parse::<u32>().ok();
+            break;
+        }
+        line.clear();
+    }
+    let pid = pid.expect("the gateway printed its pid");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<&str> = files.split_whitespace().skip(3).take(2).collect();
+    let hard: u64 = numbers[1].parse().unwrap_or(u64::MAX);
+    let soft: u64 = numbers[0].parse().unwrap_or(u64::MAX);
+    assert_eq!(soft, hard.min(1 << 20), "{files}");
+}
