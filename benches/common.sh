@@ -18,6 +18,21 @@ need_tools() {
   fi
 }
 
+# with_workdir: sets $work to a new temporary folder and $pids to an empty list; at exit
+# every process in $pids (and an nginx that wrote $work/nginx.pid) is stopped and the
+# folder removed.
+with_workdir() {
+  work=$(mktemp -d)
+  pids=()
+  trap _cleanup_workdir EXIT
+}
+_cleanup_workdir() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+  sleep 0.3
+  rm -rf "$work"
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # write_body FILE: a ~1 KB non-streaming chat completion for model `bench`.

@@ -22,14 +22,7 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 cargo build --release --quiet
 BIN=target/release/tollgate
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.3
-  rm -rf "$work"
-}
-trap cleanup EXIT
+with_workdir
 
 MOCK=$(free_port); NGX=$(free_port); TG=$(free_port); ADMIN=$(free_port)
 KEY=tg-bench-key-0123456789

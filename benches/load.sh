@@ -31,15 +31,7 @@ if [ "$STREAMS" -gt "$max_streams" ]; then
   STREAMS=$max_streams
 fi
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
-  sleep 0.3
-  rm -rf "$work"
-}
-trap cleanup EXIT
+with_workdir
 
 MOCK=$(free_port); IDLE=$(free_port); TTFB=$(free_port); NGX=$(free_port); TG=$(free_port); ADMIN=$(free_port)
 KEY=tg-bench-key-0123456789

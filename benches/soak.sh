@@ -21,14 +21,7 @@ need_tools hey:hey curl:curl
 cargo build --release --quiet
 BIN=target/release/tollgate
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.3
-  rm -rf "$work"
-}
-trap cleanup EXIT
+with_workdir
 
 MOCK=$(free_port); TG=$(free_port); ADMIN=$(free_port); DEAD=$(free_port)
 KEY=tg-bench-key-0123456789

@@ -223,7 +223,8 @@ pub struct Admission {
 }
 
 impl Counters {
-    /// Counts one request against `limits` of `scope` (rps, rpm), or refuses it. A refused request is not counted anywhere (earlier scopes are rolled back).
+    /// Counts one request against `limits` of `scope` (rps, rpm), or refuses it. A
+    /// refused request is not counted anywhere (earlier scopes are rolled back).
     pub fn admit_request(
         &self,
         scope: Scope,

@@ -410,6 +410,25 @@ mod props {
     use super::*;
     use proptest::prelude::*;
 
+    /// What the filter passes on when `wire` arrives cut at `cuts` (taken modulo its length).
+    fn filter_in_pieces(wire: &[u8], cuts: &[usize]) -> Vec<u8> {
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
+        cuts.sort_unstable();
+        let mut f = UsageChunkFilter::default();
+        let mut out = Vec::new();
+        let mut from = 0;
+        for c in cuts.into_iter().chain([wire.len()]) {
+            if let Some(b) = f.filter(Bytes::copy_from_slice(&wire[from..c])) {
+                out.extend_from_slice(&b);
+            }
+            from = c;
+        }
+        if let Some(b) = f.finish() {
+            out.extend_from_slice(&b);
+        }
+        out
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
 
@@ -433,20 +452,7 @@ mod props {
             let want: String = events.concat();
             events.insert(at, usage);
             let wire = events.concat().into_bytes();
-            let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
-            cuts.sort_unstable();
-            let mut f = UsageChunkFilter::default();
-            let mut out = Vec::new();
-            let mut from = 0;
-            for c in cuts.into_iter().chain([wire.len()]) {
-                if let Some(b) = f.filter(Bytes::copy_from_slice(&wire[from..c])) {
-                    out.extend_from_slice(&b);
-                }
-                from = c;
-            }
-            if let Some(b) = f.finish() {
-                out.extend_from_slice(&b);
-            }
+            let out = filter_in_pieces(&wire, &cuts);
             prop_assert_eq!(String::from_utf8(out).unwrap(), want);
         }
 
@@ -457,20 +463,7 @@ mod props {
             cuts in proptest::collection::vec(any::<usize>(), 0..6),
         ) {
             prop_assume!(!wire.windows(7).any(|w| w == b"\"usage\""));
-            let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
-            cuts.sort_unstable();
-            let mut f = UsageChunkFilter::default();
-            let mut out = Vec::new();
-            let mut from = 0;
-            for c in cuts.into_iter().chain([wire.len()]) {
-                if let Some(b) = f.filter(Bytes::copy_from_slice(&wire[from..c])) {
-                    out.extend_from_slice(&b);
-                }
-                from = c;
-            }
-            if let Some(b) = f.finish() {
-                out.extend_from_slice(&b);
-            }
+            let out = filter_in_pieces(&wire, &cuts);
             prop_assert_eq!(out, wire);
         }
     }

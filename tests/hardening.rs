@@ -64,14 +64,7 @@ async fn health_on(s: &mut TcpStream) {
 /// Waits until the gateway counts no client connection (`tollgate_client_connections`).
 async fn wait_for_no_connections(c: &reqwest::Client, gw: &Gateway) {
     for _ in 0..100 {
-        let metrics = c
-            .get(gw.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = common::metrics_text(c, gw).await;
         if metrics
             .lines()
             .any(|l| l == "tollgate_client_connections 0")
@@ -213,14 +206,7 @@ async fn connections_over_the_per_ip_cap_are_closed_on_arrival() {
         logs.contains("the cap of 2 (server.max_connections_per_ip) is reached"),
         "{logs}"
     );
-    let metrics = c
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics_text(&c, &gw).await;
     assert!(
         metrics.contains(
             "tollgate_client_connections_refused_total{reason=\"max_connections_per_ip\"}"
@@ -368,14 +354,7 @@ async fn a_malformed_chunked_body_is_a_400_not_a_server_error() {
     assert!(answer.contains("chunked framing"), "{answer}");
     assert_eq!(up.hits(), 0);
     let c = client();
-    let metrics = c
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics_text(&c, &gw).await;
     let requests: Vec<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("tollgate_requests_total{"))
@@ -420,14 +399,7 @@ async fn an_sse_event_that_never_ends_is_passed_through_not_held() {
         got += chunk.len();
     }
     assert!(got >= 2 << 20, "the client got {got} bytes");
-    let metrics = c
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics_text(&c, &gw).await;
     assert!(
         metrics.contains("tollgate_sse_filter_bypassed_total 1"),
         "{metrics}"

@@ -332,14 +332,7 @@ async fn admin_changes_from_another_sites_page_are_refused() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
-    let metrics = c
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics_text(&c, &gw).await;
     assert!(
         !metrics.contains("tollgate_config_reloads_total{result="),
         "no reload ran: {metrics}"

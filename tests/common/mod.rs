@@ -242,3 +242,14 @@ pub async fn admin_json(c: &reqwest::Client, gw: &Gateway, path: &str) -> serde_
         .await
         .expect("a JSON answer")
 }
+
+/// The admin listener's `/metrics` text.
+pub async fn metrics_text(c: &reqwest::Client, gw: &Gateway) -> String {
+    c.get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
