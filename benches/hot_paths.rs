@@ -115,7 +115,7 @@ fn body_scan(c: &mut Criterion) {
 }
 
 fn sse_usage(c: &mut Criterion) {
-    let events = tollgate::mock::chat_events("gpt-4o", &"token ".repeat(200), true);
+    let events = tollgate::demo::mock::chat_events("gpt-4o", &"token ".repeat(200), true);
     let chunks: Vec<Bytes> = events.into_iter().map(Bytes::from).collect();
     let total: usize = chunks.iter().map(|c| c.len()).sum();
     let mut g = c.benchmark_group("usage");

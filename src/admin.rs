@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::health::now_ms;
-use crate::reload::Reloader;
+use crate::ops::reload::Reloader;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use http::Response;
@@ -78,7 +78,7 @@ impl AdminApp {
     }
     /// Upstream gauges are read from live server state at scrape time.
     fn update_gauges(&self) {
-        let Some(m) = crate::metrics::get() else {
+        let Some(m) = crate::observe::metrics::get() else {
             return;
         };
         let config = self.config.load();

@@ -5,10 +5,10 @@
 use crate::admin::AdminApp;
 use crate::client_conn::{default_max_connections, ClientListener, ConnectionCounts};
 use crate::config::Config;
-use crate::pool::{Connections, Pool, Sweeper};
+use crate::ops::reload::{HangupReload, Reloader};
+use crate::ops::upgrade::Upgrader;
 use crate::proxy::Gateway;
-use crate::reload::{HangupReload, Reloader};
-use crate::upgrade::Upgrader;
+use crate::transport::pool::{Connections, Pool, Sweeper};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora_core::connectors::ConnectorOptions;
@@ -62,7 +62,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
         .collect::<Result<_, _>>()?;
     let admin_listen = concrete(config.admin_listen)?;
     config.resolve();
-    crate::metrics::init();
+    crate::observe::metrics::init();
     for w in config.warnings() {
         log::warn!("{w}");
     }

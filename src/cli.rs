@@ -3,7 +3,7 @@
 
 use crate::app::{self, RunMode};
 use crate::config::Config;
-use crate::mock::MockUpstream;
+use crate::demo::mock::MockUpstream;
 use crate::observe;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -80,7 +80,7 @@ pub fn main(cli: Cli) -> i32 {
             stream_events,
             stream_gap_ms,
         }) => mock_upstream(listen, stream_events, stream_gap_ms),
-        Some(Command::ImportNginx { file }) => match crate::nginx::import(&file) {
+        Some(Command::ImportNginx { file }) => match crate::import::nginx::import(&file) {
             Ok(import) => {
                 for w in &import.warnings {
                     eprintln!("{w}");
@@ -145,7 +145,7 @@ fn mock_upstream(listen: SocketAddr, stream_events: Option<usize>, gap_ms: u64) 
     };
     if let Some(n) = stream_events {
         let event = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"token \"},\"finish_reason\":null}]}\n\n".to_string();
-        upstream.set_default(crate::mock::Reply::Stream {
+        upstream.set_default(crate::demo::mock::Reply::Stream {
             events: std::iter::repeat_n(event, n)
                 .chain(["data: [DONE]\n\n".to_string()])
                 .collect(),

@@ -167,7 +167,7 @@ impl ConnectionCounts {
             *n += 1;
             slot.ip = Some(ip);
         }
-        if let Some(m) = crate::metrics::get() {
+        if let Some(m) = crate::observe::metrics::get() {
             m.client_connections.inc();
         }
         Some(slot)
@@ -179,7 +179,7 @@ impl ConnectionCounts {
     }
 
     fn refused(&self, reason: &str, cap: usize, setting: &str) {
-        if let Some(m) = crate::metrics::get() {
+        if let Some(m) = crate::observe::metrics::get() {
             m.client_connections_refused
                 .with_label_values(&[reason])
                 .inc();
@@ -205,7 +205,7 @@ impl ConnectionCounts {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.counts.total.fetch_sub(1, Ordering::AcqRel);
-        if let Some(m) = crate::metrics::get() {
+        if let Some(m) = crate::observe::metrics::get() {
             m.client_connections.dec();
         }
         if let Some(ip) = self.ip {
@@ -394,7 +394,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeaderDeadline<T> {
                     let _ = Pin::new(&mut this.inner).poll_write(cx, REQUEST_TIMEOUT);
                     let _ = Pin::new(&mut this.inner).poll_flush(cx);
                 }
-                if let Some(m) = crate::metrics::get() {
+                if let Some(m) = crate::observe::metrics::get() {
                     m.client_timeouts.with_label_values(&["header"]).inc();
                 }
                 this.phase = Phase::Done;

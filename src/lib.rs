@@ -1,11 +1,14 @@
 //! Tollgate: an LLM API gateway on Cloudflare Pingora.
 //!
-//! The modules follow a request: `auth` (who is calling), `body` (model and stream from
-//! the body), `route` (alias to tiers of targets), `select` (a server by the upstream's
-//! balancing method), `failover` (the attempt loop), `forward` (one attempt), `inspect`
-//! (judging it), `stream` (relaying the response), `observe` (the access log). `proxy`
-//! is the Pingora hook dispatcher; `config`, `admin`, `app` and `cli` run the process;
-//! `mock` is the demo's and the tests' upstream.
+//! The modules follow a request: `client_conn` (connection caps and the header
+//! deadline), `auth` (who is calling), `limits`, `body` (model and stream from the
+//! body), `route` (alias to tiers of targets), `select` (a server by the upstream's
+//! balancing method), `failover` (the attempt loop), `forward` (one attempt, over
+//! `transport`), `inspect` (judging it), `stream` (relaying the response), `observe`
+//! (the access log and metrics). `proxy` is the Pingora hook dispatcher; `config`,
+//! `admin`, `app`, `ops` (reload, upgrade) and `cli` run the process; `import` holds the
+//! nginx importer; `demo` the embedded mock upstream (the demo's, tests' and
+//! benchmarks').
 
 pub mod admin;
 pub mod app;
@@ -14,25 +17,21 @@ pub mod body;
 pub mod cli;
 pub mod client_conn;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod failover;
 pub mod forward;
-pub mod h1;
-pub mod headers;
 pub mod health;
+pub mod import;
 pub mod inspect;
 pub mod limits;
-pub mod metrics;
-pub mod mock;
-pub mod nginx;
 pub mod observe;
-pub mod pool;
+pub mod ops;
 pub mod proxy;
-pub mod reload;
 pub mod respond;
 pub mod route;
 pub mod secret;
 pub mod select;
 pub mod stream;
-pub mod upgrade;
+pub mod transport;
 pub mod usage;

@@ -11,10 +11,10 @@ use crate::failover::{self, Dialect};
 use crate::forward::Outgoing;
 use crate::limits::{self, key_hash, Admission, Counters, Refusal, Scope};
 use crate::observe::{self, Failure, Record};
-use crate::pool::Connections;
 use crate::respond;
 use crate::route::Alias;
 use crate::stream::{self, Relayed, Stamp};
+use crate::transport::pool::Connections;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -509,7 +509,7 @@ const INVALID_CHUNK: ErrorType = ErrorType::new("InvalidChunk");
 fn body_error(e: Box<Error>, timeout: std::time::Duration) -> Outcome {
     match &e.etype {
         ErrorType::ReadTimedout => {
-            if let Some(m) = crate::metrics::get() {
+            if let Some(m) = crate::observe::metrics::get() {
                 m.client_timeouts.with_label_values(&["body"]).inc();
             }
             Outcome::Refused(GatewayError::RequestTimeout {

@@ -2,7 +2,7 @@
 //! list. Each writes a complete response with a length so keep-alive survives.
 
 use crate::error::GatewayError;
-use crate::headers::{X_REQUEST_ID, X_TOLLGATE_ATTEMPTS};
+use crate::transport::headers::{X_REQUEST_ID, X_TOLLGATE_ATTEMPTS};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use pingora_http::ResponseHeader;

@@ -6,12 +6,12 @@
 //! error, so the client cannot mistake a cut stream for a complete one.
 
 use crate::failover::Winner;
-use crate::h1::Head;
-use crate::headers::{
+use crate::transport::h1::Head;
+use crate::transport::headers::{
     connection_nominated, HOP_BY_HOP_NAMES, X_REQUEST_ID, X_TOLLGATE_ATTEMPTS, X_TOLLGATE_UPSTREAM,
     X_UPSTREAM_REQUEST_ID,
 };
-use crate::pool::Connections;
+use crate::transport::pool::Connections;
 use crate::usage::{Usage, UsageScanner};
 use bytes::{Bytes, BytesMut};
 use http::HeaderName;
@@ -163,7 +163,7 @@ impl UsageChunkFilter {
             log::warn!(
                 "an SSE event grew past {MAX_EVENT} bytes without ending: the usage filter passes the rest of this stream through unfiltered"
             );
-            if let Some(m) = crate::metrics::get() {
+            if let Some(m) = crate::observe::metrics::get() {
                 m.sse_filter_bypassed.inc();
             }
         }
@@ -288,7 +288,7 @@ pub async fn relay(
                     }
                 }
                 Ok(None) => break StreamEnd::Complete,
-                Err(crate::h1::Error::Timeout) => break StreamEnd::UpstreamTimeout,
+                Err(crate::transport::h1::Error::Timeout) => break StreamEnd::UpstreamTimeout,
                 Err(_) => break StreamEnd::UpstreamError,
             }
         }

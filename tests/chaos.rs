@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tollgate::mock::MockUpstream;
+use tollgate::demo::mock::MockUpstream;
 
 /// What an evil upstream does after reading a request.
 #[derive(Clone)]

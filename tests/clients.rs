@@ -9,7 +9,7 @@ mod common;
 
 use common::Gateway;
 use std::process::Command;
-use tollgate::mock::MockUpstream;
+use tollgate::demo::mock::MockUpstream;
 
 fn python() -> String {
     std::env::var("TOLLGATE_PYTHON").unwrap_or_else(|_| {

@@ -10,7 +10,7 @@ use common::{admin_json, chat, client, eventually, send_chat, single, two_tiers,
 use futures_util::StreamExt;
 use serde_json::Value;
 use std::time::Duration;
-use tollgate::mock::{MockUpstream, Reply};
+use tollgate::demo::mock::{MockUpstream, Reply};
 
 const OPENAI_QUOTA: &str = r#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#;
 const OPENAI_RATE: &str = r#"{"error":{"message":"Rate limit reached for gpt-4o on tokens per min (TPM). Please try again in 2s.","type":"tokens","param":null,"code":"rate_limit_exceeded"}}"#;

@@ -9,7 +9,7 @@ mod common;
 use common::{chat, client, closed_port, eventually, send_chat, single, Gateway};
 use futures_util::StreamExt;
 use std::time::Duration;
-use tollgate::mock::{MockUpstream, Reply};
+use tollgate::demo::mock::{MockUpstream, Reply};
 
 fn long_stream(events: usize, gap_ms: u64) -> Reply {
     Reply::Stream {

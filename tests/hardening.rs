@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tollgate::mock::MockUpstream;
+use tollgate::demo::mock::MockUpstream;
 
 /// Open file descriptors of a process.
 fn fds(pid: u32) -> usize {
@@ -381,7 +381,7 @@ async fn an_sse_event_that_never_ends_is_passed_through_not_held() {
     let piece = "x".repeat(64 * 1024);
     let mut events = vec![format!("data: {piece}")];
     events.extend(std::iter::repeat_n(piece, 31));
-    up.push([tollgate::mock::Reply::Stream {
+    up.push([tollgate::demo::mock::Reply::Stream {
         events,
         gap: Duration::from_millis(5),
         cut: true,

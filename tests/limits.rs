@@ -9,7 +9,7 @@ mod common;
 use common::{chat, chat_status, client, eventually, Gateway};
 use serde_json::Value;
 use std::time::Duration;
-use tollgate::mock::{MockUpstream, Reply};
+use tollgate::demo::mock::{MockUpstream, Reply};
 
 fn config(up: &MockUpstream, keys: &str, extra: &str) -> String {
     format!(

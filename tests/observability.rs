@@ -11,7 +11,7 @@ use common::{chat, client, send_chat, single, Gateway};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tollgate::mock::{MockUpstream, Reply};
+use tollgate::demo::mock::{MockUpstream, Reply};
 
 /// Parses the Prometheus text format into (name, labels) -> value.
 fn samples(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {

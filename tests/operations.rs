@@ -10,7 +10,7 @@ mod common;
 use common::{admin_json, chat, chat_status, client, closed_port, Gateway};
 use serde_json::Value;
 use std::time::{Duration, Instant};
-use tollgate::mock::{MockUpstream, Reply};
+use tollgate::demo::mock::{MockUpstream, Reply};
 
 fn text(
     dir: &std::path::Path,

@@ -8,7 +8,7 @@
 mod common;
 
 use common::{chat, client, Gateway};
-use tollgate::mock::MockUpstream;
+use tollgate::demo::mock::MockUpstream;
 
 fn certificate() -> (String, String) {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();

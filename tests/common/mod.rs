@@ -1,6 +1,6 @@
 //! Test harness: starts the real `tollgate` binary on 127.0.0.1:0 with a config written
 //! for the test, waits until it answers, and stops it when dropped. Mock upstreams are
-//! `tollgate::mock::MockUpstream`, real HTTP servers on loopback in the test's runtime.
+//! `tollgate::demo::mock::MockUpstream`, real HTTP servers on loopback in the test's runtime.
 
 #![allow(dead_code)]
 // Test harness: a failed set-up step should stop the test loudly.

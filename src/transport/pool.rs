@@ -9,7 +9,7 @@
 //! nothing lingers without traffic either. New connections (connect, TLS) still come from
 //! Pingora's `TransportConnector`.
 
-use crate::h1::Conn;
+use crate::transport::h1::Conn;
 use pingora_core::connectors::TransportConnector;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;

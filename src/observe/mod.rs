@@ -1,11 +1,14 @@
 //! Stage 9, `logging`: the one place that records a finished request, whichever path it
 //! ended by. Updates the metrics and writes the access-log line (text or JSON) with the
 //! key's *name*, never a key. Runs after the response; it must not fail or block.
+//! `metrics` holds the Prometheus metrics it (and the connection stage) update.
 
 use crate::config::file::LogFormat;
 use crate::config::Config;
 use crate::failover::AttemptRecord;
-use crate::metrics;
+
+pub mod metrics;
+
 use crate::stream::StreamEnd;
 use crate::usage::Usage;
 use std::fmt::Write as _;

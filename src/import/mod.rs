@@ -1,0 +1,3 @@
+//! Importers of other proxies' configurations: `tollgate import-nginx FILE`.
+
+pub mod nginx;
