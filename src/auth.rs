@@ -9,6 +9,24 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
+/// Where client keys are looked up. The config's keys (`KeyRing`, reloaded with the
+/// file) are the one implementation today; a store of keys managed at run time (a
+/// database) plugs in here, consulted with the config the request started with.
+pub trait KeyStore: Send + Sync {
+    /// The caller for a presented key (`None` when the request carried none), or `None`
+    /// when the key is not valid.
+    fn authenticate(&self, config_keys: &KeyRing, presented: Option<&str>) -> Option<Caller>;
+}
+
+/// The keys of the config file only.
+pub struct ConfigKeys;
+
+impl KeyStore for ConfigKeys {
+    fn authenticate(&self, config_keys: &KeyRing, presented: Option<&str>) -> Option<Caller> {
+        config_keys.authenticate(presented)
+    }
+}
+
 /// The configured client keys, stored only as digests.
 #[derive(Default)]
 pub struct KeyRing {

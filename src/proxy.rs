@@ -3,7 +3,7 @@
 //! (see `failover`), because Pingora's own retry can neither read an error body nor
 //! replay a body over 64 KiB. `logging` always runs and is where a request is recorded.
 
-use crate::auth::{presented_key, Caller};
+use crate::auth::{presented_key, Caller, ConfigKeys, KeyStore};
 use crate::body;
 use crate::config::Config;
 use crate::error::GatewayError;
@@ -34,6 +34,8 @@ pub struct Gateway {
     connections: Arc<Connections>,
     /// Limit counters; they outlive config reloads.
     counters: Counters,
+    /// Where client keys are looked up.
+    keys: Box<dyn KeyStore>,
 }
 
 impl Gateway {
@@ -42,6 +44,7 @@ impl Gateway {
             config,
             connections,
             counters: Counters::default(),
+            keys: Box::new(ConfigKeys),
         }
     }
 }
@@ -256,9 +259,9 @@ impl Gateway {
                 .map(|v| v.as_bytes()),
             req.headers.get("x-api-key").map(|v| v.as_bytes()),
         );
-        let caller = config
+        let caller = self
             .keys
-            .authenticate(key)
+            .authenticate(&config.keys, key)
             .ok_or(GatewayError::Unauthorized)?;
         ctx.record.caller = caller.name().to_string();
 
