@@ -372,3 +372,163 @@ fn all_failed(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The attempt loop on its own, against real mock upstreams on loopback: which
+    //! targets it tries in which order, what it records, and what it cools down.
+    use super::*;
+    use crate::config::Config;
+    use crate::demo::mock::{MockUpstream, Reply};
+    use crate::transport::pool::Pool;
+    use pingora_core::connectors::TransportConnector;
+    use pingora_http::RequestHeader;
+    use std::time::Duration;
+
+    async fn attempt(
+        config: &Config,
+        model: &str,
+    ) -> (Result<Winner, GatewayError>, Vec<AttemptRecord>) {
+        let connections = Connections {
+            connector: TransportConnector::new(None),
+            pool: Pool::new(8),
+        };
+        let req = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
+        let out = Outgoing::new(&req, "/chat/completions", "test-request", "127.0.0.1");
+        let body = Bytes::from(format!(r#"{{"model":"{model}","messages":[]}}"#));
+        let rewrite = |_: &str, _: bool| body.clone();
+        let plan = Plan {
+            connections: &connections,
+            router: &config.router,
+            failover: &config.failover,
+            dialect: Dialect::OpenAi,
+            out: &out,
+            client_model: model,
+            rewrite: &rewrite,
+            wants_usage: false,
+        };
+        let alias = config.router.resolve(model).unwrap().clone();
+        let mut attempts = Vec::new();
+        let result = run(&plan, &alias, &mut attempts).await;
+        (result, attempts)
+    }
+
+    fn config(text: &str) -> Config {
+        let c = Config::parse(text, &|_| None).unwrap();
+        c.resolve();
+        c
+    }
+
+    fn outcomes(attempts: &[AttemptRecord]) -> Vec<(String, &'static str)> {
+        attempts
+            .iter()
+            .map(|a| (a.upstream.clone(), a.outcome.as_str()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_rate_limited_tier_is_cooled_for_its_hint_and_the_next_tier_answers() {
+        let a = MockUpstream::start("a").await.unwrap();
+        let b = MockUpstream::start("b").await.unwrap();
+        a.set_default(Reply::Status {
+            status: 429,
+            headers: vec![("retry-after".into(), "7".into())],
+            body: r#"{"error":{"message":"slow down","type":"rate_limit_exceeded"}}"#.into(),
+        });
+        let c = config(&format!(
+            "upstreams:\n  a: {{servers: [{{url: \"{}\"}}]}}\n  b: {{servers: [{{url: \"{}\"}}]}}\nmodels:\n  m:\n    routes:\n      - {{upstream: a, priority: 1}}\n      - {{upstream: b, priority: 2}}\n",
+            a.url(),
+            b.url()
+        ));
+        let (result, attempts) = attempt(&c, "m").await;
+        let winner = result.unwrap();
+        assert_eq!(winner.upstream.name, "b");
+        assert_eq!(winner.sent.status(), 200);
+        assert_eq!(
+            outcomes(&attempts),
+            [("a".to_string(), "transient"), ("b".to_string(), "ok")]
+        );
+        assert_eq!(attempts[0].status, Some(429));
+        let server_a = &c.upstreams["a"].servers[0];
+        let (left, reason) = server_a
+            .state
+            .health
+            .cooldown(crate::health::now_ms())
+            .unwrap();
+        assert_eq!(reason, crate::health::Reason::Transient);
+        assert!(
+            left > Duration::from_secs(6) && left <= Duration::from_secs(7),
+            "{left:?}"
+        );
+        assert_eq!((a.hits(), b.hits()), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn attempts_stop_at_max_attempts_and_the_last_error_says_so() {
+        let ups: Vec<MockUpstream> = futures_util::future::join_all(
+            (0..5).map(|i| async move { MockUpstream::start(&format!("s{i}")).await.unwrap() }),
+        )
+        .await;
+        for u in &ups {
+            u.set_default(Reply::error(503, r#"{"error":{"message":"overloaded"}}"#));
+        }
+        let servers: Vec<String> = ups
+            .iter()
+            .map(|u| format!("{{url: \"{}\"}}", u.url()))
+            .collect();
+        let c = config(&format!(
+            "failover: {{max_attempts: 3}}\nupstreams:\n  u: {{servers: [{}]}}\nmodels:\n  m:\n    routes: [{{upstream: u}}]\n",
+            servers.join(", ")
+        ));
+        let (result, attempts) = attempt(&c, "m").await;
+        let Err(e) = result else {
+            panic!("every server answered 503")
+        };
+        assert_eq!(e.status(), 503);
+        let message = e.to_string();
+        assert!(
+            message.starts_with("All 3 upstream attempts for model `m` failed"),
+            "{message}"
+        );
+        assert_eq!(message.matches("(transient 503)").count(), 3, "{message}");
+        assert_eq!(attempts.len(), 3);
+        assert!(attempts.iter().all(|a| a.outcome.as_str() == "transient"));
+        assert_eq!(ups.iter().map(MockUpstream::hits).sum::<usize>(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_quota_failure_cools_for_the_quota_cooldown_and_a_refused_connection_is_a_transport_failure(
+    ) {
+        let quota = MockUpstream::start("q").await.unwrap();
+        let ok = MockUpstream::start("ok").await.unwrap();
+        quota.set_default(Reply::error(
+            429,
+            r#"{"error":{"message":"You exceeded your current quota","code":"insufficient_quota"}}"#,
+        ));
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed_port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let c = config(&format!(
+            "failover: {{quota_cooldown: 1h}}\nupstreams:\n  dead: {{servers: [{{url: \"http://127.0.0.1:{closed_port}\"}}]}}\n  q: {{servers: [{{url: \"{}\"}}]}}\n  ok: {{servers: [{{url: \"{}\"}}]}}\nmodels:\n  m:\n    routes:\n      - {{upstream: dead, priority: 1}}\n      - {{upstream: q, priority: 2}}\n      - {{upstream: ok, priority: 3}}\n",
+            quota.url(),
+            ok.url()
+        ));
+        let (result, attempts) = attempt(&c, "m").await;
+        assert_eq!(result.unwrap().upstream.name, "ok");
+        assert_eq!(
+            outcomes(&attempts),
+            [
+                ("dead".to_string(), "connect_error"),
+                ("q".to_string(), "quota"),
+                ("ok".to_string(), "ok")
+            ]
+        );
+        let (left, reason) = c.upstreams["q"].servers[0]
+            .state
+            .health
+            .cooldown(crate::health::now_ms())
+            .unwrap();
+        assert_eq!(reason, crate::health::Reason::Quota);
+        assert!(left > Duration::from_secs(3500), "{left:?}");
+    }
+}
