@@ -386,10 +386,48 @@ fn check_timeout(t: Seconds) -> Result<(), String> {
     Ok(())
 }
 
+/// Every check of the file, section by section; the runtime config when all pass.
 fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigErrors> {
     let mut errors = Vec::new();
-    let mut err = |path: String, message: String| errors.push(ConfigError { path, message });
+    let (listen, admin_listen, trusted_proxies) = build_server(&file, &mut errors);
+    check_limits(&file, &mut errors);
+    check_keys(&file, &mut errors);
+    let upstreams = build_upstreams(&file, previous, &mut errors);
+    let (aliases, catch_all) = build_models(&file, &upstreams, &mut errors);
+    check_pricing_and_log(&file, &mut errors);
+    let failover = build_failover(&file, &mut errors);
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    Ok(Config {
+        pricing: file.pricing.clone().into_iter().collect(),
+        log: file.log.clone(),
+        failover,
+        listen,
+        admin_listen,
+        keys: KeyRing::new(
+            file.keys
+                .iter()
+                .map(|k| (k.name.as_str(), &k.key, k.limits)),
+        ),
+        limits: Limits {
+            global: file.limits.global,
+            per_ip: file.limits.per_ip,
+        },
+        trusted_proxies,
+        upstreams,
+        router: Router::new(aliases, catch_all),
+        server: file.server,
+        admin: file.admin,
+    })
+}
 
+/// `server`: listeners, admin listener, threads, timeouts, caps, body size, trusted proxies.
+fn build_server(
+    file: &FileConfig,
+    errors: &mut Vec<ConfigError>,
+) -> (Vec<SocketAddr>, SocketAddr, Vec<Cidr>) {
+    let mut err = |path: String, message: String| errors.push(ConfigError { path, message });
     let s = &file.server;
     let mut listen = Vec::new();
 
@@ -462,6 +500,26 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
             err(format!("server.{field}"), "must be at least 1".into());
         }
     }
+    if s.max_body_size.0 == 0 {
+        err(
+            "server.max_body_size".into(),
+            "must be larger than 0".into(),
+        );
+    }
+
+    let mut trusted_proxies = Vec::new();
+    for (i, t) in file.server.trusted_proxies.iter().enumerate() {
+        match Cidr::parse(t) {
+            Ok(c) => trusted_proxies.push(c),
+            Err(m) => err(format!("server.trusted_proxies[{i}]"), m),
+        }
+    }
+    (listen, admin_listen, trusted_proxies)
+}
+
+/// Limit values of every scope: at most [`crate::limits::MAX_COUNT`].
+fn check_limits(file: &FileConfig, errors: &mut Vec<ConfigError>) {
+    let mut err = |path: String, message: String| errors.push(ConfigError { path, message });
     let mut limit_sections = vec![
         ("limits.global".to_string(), &file.limits.global),
         ("limits.per_ip".to_string(), &file.limits.per_ip),
@@ -492,13 +550,11 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
             }
         }
     }
-    if s.max_body_size.0 == 0 {
-        err(
-            "server.max_body_size".into(),
-            "must be larger than 0".into(),
-        );
-    }
+}
 
+/// `keys`: names and keys present and unique.
+fn check_keys(file: &FileConfig, errors: &mut Vec<ConfigError>) {
+    let mut err = |path: String, message: String| errors.push(ConfigError { path, message });
     let mut seen_names = HashSet::new();
     let mut seen_keys = HashSet::new();
     for (i, k) in file.keys.iter().enumerate() {
@@ -519,7 +575,16 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
             );
         }
     }
+}
 
+/// `upstreams`: servers, timeouts, credentials, retry rules and health checks; servers
+/// that exist in `previous` keep their live state.
+fn build_upstreams(
+    file: &FileConfig,
+    previous: Option<&Config>,
+    errors: &mut Vec<ConfigError>,
+) -> BTreeMap<String, Arc<Upstream>> {
+    let mut err = |path: String, message: String| errors.push(ConfigError { path, message });
     let mut upstreams = BTreeMap::new();
     for (name, u) in &file.upstreams {
         let path = format!("upstreams.{name}");
@@ -658,6 +723,16 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
         );
     }
 
+    upstreams
+}
+
+/// `models`: routes to known upstreams, tiers, fallbacks.
+fn build_models(
+    file: &FileConfig,
+    upstreams: &BTreeMap<String, Arc<Upstream>>,
+    errors: &mut Vec<ConfigError>,
+) -> (HashMap<String, Arc<Alias>>, Option<Arc<Alias>>) {
+    let mut err = |path: String, message: String| errors.push(ConfigError { path, message });
     let mut aliases = HashMap::new();
     let mut catch_all = None;
     for (alias, m) in &file.models {
@@ -724,6 +799,19 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
             aliases.insert(alias.clone(), a);
         }
     }
+    if file.models.is_empty() {
+        err(
+            "models".into(),
+            "at least one model alias is required".into(),
+        );
+    }
+
+    (aliases, catch_all)
+}
+
+/// `pricing` and `log`.
+fn check_pricing_and_log(file: &FileConfig, errors: &mut Vec<ConfigError>) {
+    let mut err = |path: String, message: String| errors.push(ConfigError { path, message });
     for (model, price) in &file.pricing {
         if !(price.input >= 0.0
             && price.output >= 0.0
@@ -741,13 +829,11 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
             err("log.file".into(), "must not be empty".into());
         }
     }
-    let mut trusted_proxies = Vec::new();
-    for (i, t) in file.server.trusted_proxies.iter().enumerate() {
-        match Cidr::parse(t) {
-            Ok(c) => trusted_proxies.push(c),
-            Err(m) => err(format!("server.trusted_proxies[{i}]"), m),
-        }
-    }
+}
+
+/// `failover`: attempts, cooldowns and the global retry rules.
+fn build_failover(file: &FileConfig, errors: &mut Vec<ConfigError>) -> Failover {
+    let mut err = |path: String, message: String| errors.push(ConfigError { path, message });
     let f = &file.failover;
     if f.max_attempts == 0 || f.max_attempts > 20 {
         err(
@@ -764,44 +850,13 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
     if let Err(m) = Rules::from_sections([&f.retry_on]) {
         err("failover.retry_on".into(), m);
     }
-    let failover = Failover {
+    Failover {
         max_attempts: f.max_attempts,
         cooldown: f.cooldown.0,
         max_cooldown: f.max_cooldown.0,
         quota_cooldown: f.quota_cooldown.0,
         error_body_limit: f.error_body_limit.0.clamp(1024, 16 << 20) as usize,
-    };
-    if file.models.is_empty() {
-        err(
-            "models".into(),
-            "at least one model alias is required".into(),
-        );
     }
-
-    if !errors.is_empty() {
-        return Err(ConfigErrors(errors));
-    }
-    Ok(Config {
-        pricing: file.pricing.clone().into_iter().collect(),
-        log: file.log.clone(),
-        failover,
-        listen,
-        admin_listen,
-        keys: KeyRing::new(
-            file.keys
-                .iter()
-                .map(|k| (k.name.as_str(), &k.key, k.limits)),
-        ),
-        limits: Limits {
-            global: file.limits.global,
-            per_ip: file.limits.per_ip,
-        },
-        trusted_proxies,
-        upstreams,
-        router: Router::new(aliases, catch_all),
-        server: file.server,
-        admin: file.admin,
-    })
 }
 
 #[cfg(test)]
