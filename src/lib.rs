@@ -22,6 +22,7 @@ pub mod error;
 pub mod failover;
 pub mod forward;
 pub mod health;
+pub mod health_check;
 pub mod import;
 pub mod inspect;
 pub mod limits;

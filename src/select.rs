@@ -6,7 +6,8 @@
 //! by the config loader and the resolver service.
 
 use crate::config::file::{Balance, Provider, UpstreamSection};
-use crate::health::{now_ms, ActiveCheck, Health};
+use crate::health::{now_ms, Health};
+use crate::health_check::ActiveCheck;
 use crate::inspect::Rules;
 use crate::secret::Secret;
 use arc_swap::ArcSwapOption;
