@@ -3,7 +3,9 @@
 //! printed so that scripts and tests can find it.
 
 use crate::admin::AdminApp;
-use crate::client_conn::{default_max_connections, ClientListener, ConnectionCounts};
+use crate::client_conn::{
+    default_max_connections, raise_open_file_limit, ClientListener, ConnectionCounts,
+};
 use crate::config::Config;
 use crate::ops::reload::{HangupReload, Reloader};
 use crate::ops::upgrade::Upgrader;
@@ -102,6 +104,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
         ))),
         pool: Pool::new(pool_size),
     });
+    raise_open_file_limit();
     let default_max = default_max_connections();
     let max_connections = config.load().server.max_connections.unwrap_or(default_max);
     let mut proxy = Service::new(

@@ -145,16 +145,17 @@ impl ConnectionCounts {
             self.refused("max_connections", caps.total, "server.max_connections");
             return None;
         }
+        if let Some(m) = crate::observe::metrics::get() {
+            m.client_connections.inc();
+        }
+        // From here on the slot is counted: dropping it undoes exactly what was counted.
         let mut slot = Slot {
             counts: Arc::clone(self),
             ip: None,
         };
         if let (Some(ip), Ok(mut map)) = (ip, self.per_ip.lock()) {
-            let n = map.entry(ip).or_insert(0);
-            if let Some(cap) = caps.per_ip.filter(|cap| *n >= *cap) {
-                if *n == 0 {
-                    map.remove(&ip);
-                }
+            let open = map.get(&ip).copied().unwrap_or(0);
+            if let Some(cap) = caps.per_ip.filter(|cap| open >= *cap) {
                 drop(map);
                 drop(slot);
                 self.refused(
@@ -164,11 +165,8 @@ impl ConnectionCounts {
                 );
                 return None;
             }
-            *n += 1;
+            map.insert(ip, open + 1);
             slot.ip = Some(ip);
-        }
-        if let Some(m) = crate::observe::metrics::get() {
-            m.client_connections.inc();
         }
         Some(slot)
     }
@@ -230,11 +228,9 @@ fn process_secs() -> u64 {
         .as_secs()
 }
 
-/// The default connection cap: half the open-file limit (a proxied request holds an
-/// upstream connection too), keeping 64 descriptors for everything else, at least 64.
-/// The soft limit is raised to the hard one first (as Go's runtime does): the usual
-/// soft default of 1024 is a leftover of `select(2)`, not a resource decision.
-pub fn default_max_connections() -> usize {
+/// Raises the soft open-file limit to the hard one (at most 2^20), as Go's runtime does:
+/// the usual soft default of 1024 is a leftover of `select(2)`, not a resource decision.
+pub fn raise_open_file_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         let want = hard.min(1 << 20);
@@ -244,6 +240,12 @@ pub fn default_max_connections() -> usize {
             }
         }
     }
+}
+
+/// The default connection cap: half the open-file limit (a proxied request holds an
+/// upstream connection too), keeping 64 descriptors for everything else, at least 64.
+pub fn default_max_connections() -> usize {
+    use nix::sys::resource::{getrlimit, Resource};
     let soft = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
     let soft = usize::try_from(soft).unwrap_or(usize::MAX);
     (soft.saturating_sub(64) / 2).max(64)
@@ -251,7 +253,14 @@ pub fn default_max_connections() -> usize {
 
 /// The answer to a client that took too long to send its header. Written straight to the
 /// socket: no request exists yet to answer through Pingora.
-const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: 124\r\nconnection: close\r\n\r\n{\"error\":{\"message\":\"The request header was not received in time.\",\"type\":\"invalid_request_error\",\"code\":\"request_timeout\"}}";
+const REQUEST_TIMEOUT_BODY: &str = r#"{"error":{"message":"The request header was not received in time.","type":"invalid_request_error","code":"request_timeout"}}"#;
+static REQUEST_TIMEOUT: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+    format!(
+        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{REQUEST_TIMEOUT_BODY}",
+        REQUEST_TIMEOUT_BODY.len()
+    )
+    .into_bytes()
+});
 
 /// Where a connection is in reading a request header.
 enum Phase {
@@ -391,7 +400,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeaderDeadline<T> {
                 if *seen {
                     // Best effort: the socket's send buffer is empty while a header is
                     // read, so this small answer goes out whole or not at all.
-                    let _ = Pin::new(&mut this.inner).poll_write(cx, REQUEST_TIMEOUT);
+                    let _ = Pin::new(&mut this.inner).poll_write(cx, &REQUEST_TIMEOUT);
                     let _ = Pin::new(&mut this.inner).poll_flush(cx);
                 }
                 if let Some(m) = crate::observe::metrics::get() {

@@ -359,11 +359,9 @@ impl Gateway {
                 }
                 r
             });
-        if let Caller::Key(info) = caller {
-            let key = key_hash(&info.name);
-            result =
-                result.and_then(|()| c.admit_tokens(Scope::Key, key, &info.limits, tokens, adm));
-            adm.key_headers = c.key_headers(key, &info.limits);
+        if let Some((key, limits)) = key_limits {
+            result = result.and_then(|()| c.admit_tokens(Scope::Key, key, limits, tokens, adm));
+            adm.key_headers = c.key_headers(key, limits);
         }
         result.map_err(|r| refused(ctx, r))
     }
@@ -486,11 +484,7 @@ const LINGER_BYTES: usize = 64 << 20;
 /// client writes, and most clients (Python's, so the OpenAI SDK) send the whole body
 /// before reading: they would see a broken pipe instead of the answer, and retry.
 async fn linger(session: &mut Session) {
-    let expects_continue = session
-        .req_header()
-        .headers
-        .contains_key(http::header::EXPECT);
-    if expects_continue && session.body_bytes_read() == 0 {
+    if expects_continue(session) && session.body_bytes_read() == 0 {
         // It was told no (no 100 Continue): it sends no body.
         return;
     }
@@ -504,12 +498,21 @@ async fn linger(session: &mut Session) {
     }
 }
 
+/// Whether the client waits for `100 Continue` before sending its body.
+fn expects_continue(session: &Session) -> bool {
+    session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
 /// Pingora's error for chunked framing it cannot parse.
 const INVALID_CHUNK: ErrorType = ErrorType::new("InvalidChunk");
 
 /// What a failed body read means for the client: a stall past `server.body_timeout`
 /// (408) and broken chunked framing (400) are answered; a connection that broke is not.
-fn body_error(e: Box<Error>, timeout: std::time::Duration) -> Outcome {
+fn body_error(e: Box<Error>, timeout: Duration) -> Outcome {
     match &e.etype {
         ErrorType::ReadTimedout => {
             if let Some(m) = crate::observe::metrics::get() {
@@ -531,22 +534,17 @@ fn body_error(e: Box<Error>, timeout: std::time::Duration) -> Outcome {
 /// before sending large bodies.
 async fn read_body(session: &mut Session, limit: u64, gap: Duration) -> Result<Bytes, Outcome> {
     let too_large = || GatewayError::BodyTooLarge { limit };
-    let headers = &session.req_header().headers;
-    // With Transfer-Encoding the length is not the framing (RFC 9112 6.1).
-    let declared = headers
+    // With Transfer-Encoding too, Pingora has already dropped the length (RFC 9112 6.1).
+    let declared = session
+        .req_header()
+        .headers
         .get(http::header::CONTENT_LENGTH)
-        .filter(|_| !headers.contains_key(http::header::TRANSFER_ENCODING))
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large().into());
     }
-    let expects_continue = session
-        .req_header()
-        .headers
-        .get(http::header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if expects_continue {
+    if expects_continue(session) {
         // Writing 100 makes Pingora treat the response as started early and close the
         // client connection at the end, unless this is turned off around it.
         session.set_close_on_response_before_downstream_finish(false);

@@ -62,9 +62,9 @@ async fn health_on(s: &mut TcpStream) {
 }
 
 /// Waits until the gateway counts no client connection (`tollgate_client_connections`).
-async fn wait_for_no_connections(c: &reqwest::Client, gw: &Gateway) {
+async fn wait_for_no_connections(gw: &Gateway) {
     for _ in 0..100 {
-        let metrics = common::metrics_text(c, gw).await;
+        let metrics = common::scrape(gw).await;
         if metrics
             .lines()
             .any(|l| l == "tollgate_client_connections 0")
@@ -182,7 +182,7 @@ async fn connections_over_the_per_ip_cap_are_closed_on_arrival() {
     let gw = Gateway::start_with_server("  max_connections_per_ip: 2\n", &single(&up.url()));
     let c = client();
     // The harness's readiness probe may still be counted for a moment.
-    wait_for_no_connections(&c, &gw).await;
+    wait_for_no_connections(&gw).await;
     let mut a = TcpStream::connect(&gw.addr).await.unwrap();
     let mut b = TcpStream::connect(&gw.addr).await.unwrap();
     health_on(&mut a).await;
@@ -190,6 +190,9 @@ async fn connections_over_the_per_ip_cap_are_closed_on_arrival() {
     let mut third = TcpStream::connect(&gw.addr).await.unwrap();
     assert!(closed_within(&mut third, Duration::from_secs(2)).await);
     assert!(!closed_within(&mut b, Duration::from_millis(300)).await);
+    // A refused connection never counts as open (the gauge once dropped by one for each).
+    let open = common::scrape(&gw).await;
+    assert!(open.lines().any(|l| l == "tollgate_client_connections 2"), "{open}");
     drop(a);
     drop(b);
     let mut ok = false;
@@ -206,7 +209,7 @@ async fn connections_over_the_per_ip_cap_are_closed_on_arrival() {
         logs.contains("the cap of 2 (server.max_connections_per_ip) is reached"),
         "{logs}"
     );
-    let metrics = common::metrics_text(&c, &gw).await;
+    let metrics = common::scrape(&gw).await;
     assert!(
         metrics.contains(
             "tollgate_client_connections_refused_total{reason=\"max_connections_per_ip\"}"
@@ -220,7 +223,7 @@ async fn connections_over_the_per_ip_cap_are_closed_on_arrival() {
 async fn connections_over_max_connections_are_closed_on_arrival() {
     let up = MockUpstream::start("u").await.unwrap();
     let gw = Gateway::start_with_server("  max_connections: 3\n", &single(&up.url()));
-    wait_for_no_connections(&client(), &gw).await;
+    wait_for_no_connections(&gw).await;
     let mut held = Vec::new();
     for _ in 0..3 {
         let mut s = TcpStream::connect(&gw.addr).await.unwrap();
@@ -353,8 +356,7 @@ async fn a_malformed_chunked_body_is_a_400_not_a_server_error() {
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
     assert!(answer.contains("chunked framing"), "{answer}");
     assert_eq!(up.hits(), 0);
-    let c = client();
-    let metrics = common::metrics_text(&c, &gw).await;
+    let metrics = common::scrape(&gw).await;
     let requests: Vec<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("tollgate_requests_total{"))
@@ -399,7 +401,7 @@ async fn an_sse_event_that_never_ends_is_passed_through_not_held() {
         got += chunk.len();
     }
     assert!(got >= 2 << 20, "the client got {got} bytes");
-    let metrics = common::metrics_text(&c, &gw).await;
+    let metrics = common::scrape(&gw).await;
     assert!(
         metrics.contains("tollgate_sse_filter_bypassed_total 1"),
         "{metrics}"

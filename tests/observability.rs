@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{chat, client, send_chat, single, Gateway};
+use common::{chat, client, scrape, send_chat, single, Gateway};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -49,17 +49,6 @@ fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .map(|(_, _, v)| v)
         .sum()
-}
-
-async fn scrape(gw: &Gateway) -> String {
-    client()
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -332,7 +332,7 @@ async fn admin_changes_from_another_sites_page_are_refused() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
-    let metrics = common::metrics_text(&c, &gw).await;
+    let metrics = common::scrape(&gw).await;
     assert!(
         !metrics.contains("tollgate_config_reloads_total{result="),
         "no reload ran: {metrics}"

@@ -244,8 +244,9 @@ pub async fn admin_json(c: &reqwest::Client, gw: &Gateway, path: &str) -> serde_
 }
 
 /// The admin listener's `/metrics` text.
-pub async fn metrics_text(c: &reqwest::Client, gw: &Gateway) -> String {
-    c.get(gw.admin_url("/metrics"))
+pub async fn scrape(gw: &Gateway) -> String {
+    client()
+        .get(gw.admin_url("/metrics"))
         .send()
         .await
         .unwrap()
