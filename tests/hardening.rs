@@ -192,7 +192,10 @@ async fn connections_over_the_per_ip_cap_are_closed_on_arrival() {
     assert!(!closed_within(&mut b, Duration::from_millis(300)).await);
     // A refused connection never counts as open (the gauge once dropped by one for each).
     let open = common::scrape(&gw).await;
-    assert!(open.lines().any(|l| l == "tollgate_client_connections 2"), "{open}");
+    assert!(
+        open.lines().any(|l| l == "tollgate_client_connections 2"),
+        "{open}"
+    );
     drop(a);
     drop(b);
     let mut ok = false;
