@@ -6,10 +6,15 @@ use crate::admin::AdminApp;
 use crate::client_conn::{
     default_max_connections, raise_open_file_limit, ClientListener, ConnectionCounts,
 };
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::keys::Directory;
 use crate::ops::reload::{HangupReload, Reloader};
 use crate::ops::upgrade::Upgrader;
 use crate::proxy::Gateway;
+use crate::secret::mask_userinfo;
+use crate::store::usage::{UsageQueue, Writer};
+use crate::store::Store;
 use crate::transport::pool::{Connections, Pool, Sweeper};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -45,10 +50,22 @@ fn concrete(addr: SocketAddr) -> std::io::Result<SocketAddr> {
     std::net::TcpListener::bind(addr)?.local_addr()
 }
 
-/// Builds every service and runs until the process is told to stop. Never returns.
+/// Builds every service and runs until the process is told to stop, then writes the
+/// usage rows still queued. Never returns.
 pub fn run(config: Config, mode: RunMode) -> ! {
     match start(config, mode) {
-        Ok(server) => server.run_forever(),
+        Ok((server, usage, store)) => {
+            server.run(pingora_core::server::RunArgs::default());
+            match usage.flush_blocking(&store) {
+                Ok(n) if n > 0 => log::info!("store: {n} usage rows written at exit"),
+                Ok(_) => {}
+                Err(e) => log::error!(
+                    "store: {} usage rows could not be written at exit: {e}",
+                    usage.depth()
+                ),
+            }
+            std::process::exit(0)
+        }
         Err(e) => {
             eprintln!("tollgate: {e}");
             std::process::exit(1);
@@ -56,7 +73,31 @@ pub fn run(config: Config, mode: RunMode) -> ! {
     }
 }
 
-fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
+/// Opens the store (creating and migrating it) and loads keys, teams and the current
+/// periods' spend into a directory.
+fn open_store(config: &Config) -> std::io::Result<Arc<Directory>> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let now = clock.now_ms();
+    let config_budgets = config.keys.budgets();
+    let loaded = crate::store::prepare(&config.store.url, move |pool| {
+        crate::keys::load(pool, now, Default::default(), config_budgets)
+    })
+    .map_err(|e| {
+        std::io::Error::other(format!("store {}: {e}", mask_userinfo(&config.store.url)))
+    })?;
+    let directory = Directory::new(Store::new(&config.store.url), clock);
+    let (keys, teams) = (loaded.keys.len(), loaded.teams.len());
+    directory.install(loaded);
+    log::info!(
+        "store {}: {keys} keys, {teams} teams",
+        mask_userinfo(&config.store.url)
+    );
+    Ok(Arc::new(directory))
+}
+
+type Started = (Server, Arc<UsageQueue>, Store);
+
+fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
     let listen: Vec<SocketAddr> = config
         .listen
         .iter()
@@ -68,9 +109,22 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
     for w in config.warnings() {
         log::warn!("{w}");
     }
-    if config.keys.is_empty() {
-        log::warn!("no client keys are configured: the gateway is open to anyone who can reach it");
+    let directory = open_store(&config)?;
+    if config.keys.is_empty() && directory.snapshot().active == 0 {
+        log::warn!("no client keys are configured or stored: the gateway is open to anyone who can reach it");
     }
+    if config.admin.master_key.is_none() {
+        log::warn!("admin.master_key is not set: the keys, teams and spend API (/admin/keys, /admin/teams, /admin/spend) is off");
+    }
+    let usage = UsageQueue::new(config.store.queue_size);
+    let flush_interval = config.store.flush_interval.0;
+    let (alerts, delivery) = match config.alerts.webhook.clone() {
+        Some(w) => {
+            let (a, d) = crate::keys::alerts::channel(w);
+            (Some(Arc::new(a)), Some(d))
+        }
+        None => (None, None),
+    };
 
     let s = &config.server;
     let conf = ServerConf {
@@ -112,7 +166,13 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
         ClientListener {
             proxy: Arc::new(pingora_proxy::http_proxy(
                 &server.configuration,
-                Gateway::new(Arc::clone(&config), Arc::clone(&connections)),
+                Gateway::new(
+                    Arc::clone(&config),
+                    Arc::clone(&connections),
+                    Arc::clone(&directory),
+                    Arc::clone(&usage),
+                    alerts,
+                ),
             )),
             config: Arc::clone(&config),
             counts: Arc::new(ConnectionCounts::default()),
@@ -144,6 +204,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
         AdminApp {
             config: Arc::clone(&config),
             reloader: reloader.clone(),
+            keys: Arc::clone(&directory),
         },
     );
     admin.add_tcp(&admin_listen.to_string());
@@ -159,6 +220,18 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
         "idle upstream connections",
         Sweeper(connections),
     ));
+    let store = directory.store.clone();
+    server.add_service(background_service(
+        "usage writer",
+        Writer {
+            queue: Arc::clone(&usage),
+            store: store.clone(),
+            interval: flush_interval,
+        },
+    ));
+    if let Some(d) = delivery {
+        server.add_service(background_service("budget alerts", d));
+    }
     if let (Some(reloader), Some(path)) = (reloader, &mode.config_path) {
         server.add_service(background_service(
             "reload on SIGHUP",
@@ -191,7 +264,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Server> {
     println!("tollgate: admin on http://{admin_listen}");
     println!("tollgate: pid {}", std::process::id());
     let _ = std::io::stdout().flush();
-    Ok(server)
+    Ok((server, usage, store))
 }
 
 fn summary(config: &Config, listen: &[SocketAddr], admin: SocketAddr) -> String {
@@ -205,7 +278,7 @@ fn summary(config: &Config, listen: &[SocketAddr], admin: SocketAddr) -> String 
         aliases.push_str(if aliases.is_empty() { "*" } else { ", *" });
     }
     format!(
-        "starting: proxy on {listen:?}, admin on {admin}, {} client keys, upstreams: {}; models: {}",
+        "starting: proxy on {listen:?}, admin on {admin}, {} config keys, upstreams: {}; models: {}",
         config.keys.len(),
         upstreams.join(", "),
         aliases

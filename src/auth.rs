@@ -1,29 +1,56 @@
-//! Stage 1, `request_filter`: who is calling. Maps the presented client key to a key
-//! name by SHA-256 digest, confirmed with a constant-time comparison. It never logs or
-//! returns the key itself, and it does no I/O.
+//! Stage 1, `request_filter`: who is calling. Maps the presented client key to a config
+//! key or a stored key by SHA-256 digest, confirmed with a constant-time comparison. It
+//! never logs or returns the key itself, and it does no I/O.
 
 use crate::config::file::LimitSection;
+use crate::keys::budget::BudgetSpec;
+use crate::keys::{Directory, Rejected, StoredKey, StoredTeam};
 use crate::secret::Secret;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
-/// Where client keys are looked up. The config's keys (`KeyRing`, reloaded with the
-/// file) are the one implementation today; a store of keys managed at run time (a
-/// database) plugs in here, consulted with the config the request started with.
+/// Where client keys are looked up: the config's keys (`KeyRing`, reloaded with the
+/// file), then the keys managed at run time (`keys::Directory`).
 pub trait KeyStore: Send + Sync {
-    /// The caller for a presented key (`None` when the request carried none), or `None`
-    /// when the key is not valid.
-    fn authenticate(&self, config_keys: &KeyRing, presented: Option<&str>) -> Option<Caller>;
+    /// The caller for a presented key (`None` when the request carried none), or why
+    /// it is refused.
+    fn authenticate(
+        &self,
+        config_keys: &KeyRing,
+        presented: Option<&str>,
+    ) -> Result<Caller, Rejected>;
 }
 
 /// The keys of the config file only.
 pub struct ConfigKeys;
 
 impl KeyStore for ConfigKeys {
-    fn authenticate(&self, config_keys: &KeyRing, presented: Option<&str>) -> Option<Caller> {
-        config_keys.authenticate(presented)
+    fn authenticate(
+        &self,
+        config_keys: &KeyRing,
+        presented: Option<&str>,
+    ) -> Result<Caller, Rejected> {
+        config_keys.authenticate(presented).ok_or(Rejected::Unknown)
+    }
+}
+
+impl KeyStore for Directory {
+    fn authenticate(
+        &self,
+        config_keys: &KeyRing,
+        presented: Option<&str>,
+    ) -> Result<Caller, Rejected> {
+        let snapshot = self.snapshot();
+        if config_keys.is_empty() && snapshot.active == 0 {
+            return Ok(Caller::Anonymous);
+        }
+        let presented = presented.ok_or(Rejected::Unknown)?;
+        if let Some(c) = config_keys.authenticate(Some(presented)) {
+            return Ok(c);
+        }
+        snapshot.find(presented, self.now()).map(Caller::Stored)
     }
 }
 
@@ -33,43 +60,99 @@ pub struct KeyRing {
     by_digest: HashMap<[u8; 32], Arc<KeyInfo>>,
 }
 
-/// What the gateway knows about a client key: its name and its limits.
-#[derive(Debug, PartialEq, Eq)]
+/// What the gateway knows about a config-file key.
+#[derive(Debug, PartialEq)]
 pub struct KeyInfo {
     pub name: String,
     pub limits: LimitSection,
+    /// Aliases it may call (`None`: all).
+    pub models: Option<Vec<String>>,
+    pub budget: Option<BudgetSpec>,
 }
 
 /// The outcome of authentication for one request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Caller {
-    /// No keys are configured: the gateway is open.
+    /// No keys are configured or stored: the gateway is open.
     Anonymous,
-    /// A configured key.
+    /// A key of the config file.
     Key(Arc<KeyInfo>),
+    /// A key managed through the admin API.
+    Stored(Arc<StoredKey>),
 }
 
-impl Caller {
-    /// The name used in logs and metrics labels; never the key.
-    pub fn name(&self) -> &str {
-        match self {
-            Caller::Anonymous => "-",
-            Caller::Key(k) => &k.name,
+impl PartialEq for Caller {
+    fn eq(&self, other: &Caller) -> bool {
+        match (self, other) {
+            (Caller::Anonymous, Caller::Anonymous) => true,
+            (Caller::Key(a), Caller::Key(b)) => a == b,
+            (Caller::Stored(a), Caller::Stored(b)) => a.rec.id == b.rec.id,
+            _ => false,
         }
     }
 }
 
+impl Caller {
+    /// The name used in logs; never the key.
+    pub fn name(&self) -> &str {
+        match self {
+            Caller::Anonymous => "-",
+            Caller::Key(k) => &k.name,
+            Caller::Stored(k) => &k.rec.name,
+        }
+    }
+
+    /// The id usage rows and spend are kept under: a stored key's id, `config:NAME`
+    /// for a config key, `-` for anonymous callers.
+    pub fn id(&self) -> String {
+        match self {
+            Caller::Anonymous => "-".into(),
+            Caller::Key(k) => crate::keys::owner_id("config", &k.name),
+            Caller::Stored(k) => k.rec.id.clone(),
+        }
+    }
+
+    pub fn team(&self) -> Option<&Arc<StoredTeam>> {
+        match self {
+            Caller::Stored(k) => k.team.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// Whether the key, and its team, may call `model`.
+    pub fn may_use(&self, model: &str) -> bool {
+        let allows =
+            |list: &Option<Vec<String>>| list.as_ref().is_none_or(|l| l.iter().any(|m| m == model));
+        match self {
+            Caller::Anonymous => true,
+            Caller::Key(k) => allows(&k.models),
+            Caller::Stored(k) => {
+                allows(&k.rec.models) && k.team.as_ref().is_none_or(|t| allows(&t.rec.models))
+            }
+        }
+    }
+
+    /// The key scope's counter key and limits.
+    pub fn key_limits(&self) -> Option<(u64, &LimitSection)> {
+        match self {
+            Caller::Anonymous => None,
+            Caller::Key(k) => Some((crate::limits::key_hash(&k.name), &k.limits)),
+            Caller::Stored(k) => Some((crate::limits::key_hash(&k.rec.id), &k.rec.limits)),
+        }
+    }
+
+    /// The team scope's counter key and limits.
+    pub fn team_limits(&self) -> Option<(u64, &LimitSection)> {
+        self.team()
+            .map(|t| (crate::limits::key_hash(&t.rec.id), &t.rec.limits))
+    }
+}
+
 impl KeyRing {
-    pub fn new<'a>(keys: impl IntoIterator<Item = (&'a str, &'a Secret, LimitSection)>) -> Self {
+    pub fn new<'a>(keys: impl IntoIterator<Item = (&'a Secret, KeyInfo)>) -> Self {
         let by_digest = keys
             .into_iter()
-            .map(|(name, key, limits)| {
-                let info = KeyInfo {
-                    name: name.to_string(),
-                    limits,
-                };
-                (digest(key.expose()), Arc::new(info))
-            })
+            .map(|(key, info)| (digest(key.expose()), Arc::new(info)))
             .collect();
         KeyRing { by_digest }
     }
@@ -80,6 +163,19 @@ impl KeyRing {
 
     pub fn len(&self) -> usize {
         self.by_digest.len()
+    }
+
+    /// Every config key.
+    pub fn infos(&self) -> impl Iterator<Item = &KeyInfo> {
+        self.by_digest.values().map(|k| &**k)
+    }
+
+    /// The config keys that carry a budget.
+    pub fn budgets(&self) -> Vec<(String, BudgetSpec)> {
+        self.by_digest
+            .values()
+            .filter_map(|k| k.budget.clone().map(|b| (k.name.clone(), b)))
+            .collect()
     }
 
     /// Authenticates a presented key (`None` when the request carried none).
@@ -123,7 +219,13 @@ mod tests {
     #[test]
     fn only_configured_keys_authenticate() {
         let k = Secret::new("tg-team-a-0123456789");
-        let ring = KeyRing::new([("team-a", &k, LimitSection::default())]);
+        let info = KeyInfo {
+            name: "team-a".into(),
+            limits: LimitSection::default(),
+            models: None,
+            budget: None,
+        };
+        let ring = KeyRing::new([(&k, info)]);
         let caller = ring.authenticate(Some("tg-team-a-0123456789")).unwrap();
         assert_eq!(caller.name(), "team-a");
         assert_eq!(ring.authenticate(Some("tg-team-a-012345678")), None);

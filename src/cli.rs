@@ -112,6 +112,16 @@ pub fn main(cli: Cli) -> i32 {
                 eprintln!("tollgate: warning: {w}");
             }
             if cli.test {
+                match crate::store::Store::check(&config.store.url) {
+                    Ok(state) => println!("tollgate: store {state}"),
+                    Err(e) => {
+                        eprintln!(
+                            "tollgate: configuration {} has errors:\n  store.url: {e}",
+                            cli.config
+                        );
+                        return 1;
+                    }
+                }
                 println!("tollgate: configuration {} OK", cli.config);
                 return 0;
             }
@@ -172,7 +182,14 @@ fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> i32 {
         }
     };
     let upstream_url = upstream.url();
+    // A fresh database for each demo run, in the temporary directory.
+    let db = std::env::temp_dir().join(format!("tollgate-demo-{}.db", std::process::id()));
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    let store_url = format!("sqlite://{}", db.display());
     let lookup = |name: &str| match name {
+        "TOLLGATE_DEMO_STORE" => Some(store_url.clone()),
         "TOLLGATE_DEMO_UPSTREAM" => Some(upstream_url.clone()),
         "TOLLGATE_DEMO_LISTEN" => Some(listen.to_string()),
         "TOLLGATE_DEMO_ADMIN" => Some(admin_listen.to_string()),
@@ -186,6 +203,10 @@ fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> i32 {
         }
     };
     println!("tollgate demo: mock upstream at {upstream_url}");
+    println!("tollgate demo: database {}", db.display());
+    println!(
+        "tollgate demo: admin API at http://{admin_listen}/admin/ with master key demo-master-key"
+    );
     println!("tollgate demo: try");
     println!(
         "  curl -s http://{listen}/v1/chat/completions -H 'Authorization: Bearer demo-key' \\\n    -H 'content-type: application/json' -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
@@ -193,5 +214,7 @@ fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> i32 {
     println!(
         "  curl -sN http://{listen}/v1/chat/completions -H 'Authorization: Bearer demo-key' \\\n    -H 'content-type: application/json' -d '{{\"model\":\"demo\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
     );
+    println!("  curl -s http://{admin_listen}/admin/keys -H 'Authorization: Bearer demo-master-key' \\\n    -H 'content-type: application/json' -d '{{\"name\":\"alice\",\"budget\":{{\"max_usd\":1,\"period\":\"daily\"}}}}'");
+    println!("  curl -s 'http://{admin_listen}/admin/spend?group_by=key' -H 'Authorization: Bearer demo-master-key'");
     app::run(config, RunMode::default())
 }

@@ -7,8 +7,21 @@ use thiserror::Error;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum GatewayError {
-    #[error("Invalid or missing API key. Pass it as 'Authorization: Bearer KEY'.")]
-    Unauthorized,
+    #[error("{}", .0.message())]
+    Unauthorized(crate::keys::Rejected),
+    #[error("This API key may not use the model `{0}`.")]
+    ModelNotAllowed(String),
+    #[error("{message}")]
+    BudgetExceeded {
+        message: String,
+        /// `key` or `team`.
+        scope: &'static str,
+        max_micro: i64,
+        /// RFC 3339, `None` for a total budget.
+        resets_at: Option<String>,
+    },
+    #[error("The model `{0}` has no price, and this key's budget is enforced: set its price in `pricing`, or `budgets.unpriced: allow`.")]
+    Unpriced(String),
     #[error("Request body is larger than the limit of {limit} bytes.")]
     BodyTooLarge { limit: u64 },
     #[error("{0}")]
@@ -50,7 +63,9 @@ pub fn retry_after_secs(d: std::time::Duration) -> u64 {
 impl GatewayError {
     pub fn status(&self) -> u16 {
         match self {
-            GatewayError::Unauthorized => 401,
+            GatewayError::Unauthorized(_) => 401,
+            GatewayError::ModelNotAllowed(_) | GatewayError::Unpriced(_) => 403,
+            GatewayError::BudgetExceeded { .. } => 402,
             GatewayError::BodyTooLarge { .. } => 413,
             GatewayError::BadRequest(_) => 400,
             GatewayError::RequestTimeout { .. } => 408,
@@ -67,7 +82,10 @@ impl GatewayError {
     /// A fixed, low-cardinality name for logs and metric labels.
     pub fn kind(&self) -> &'static str {
         match self {
-            GatewayError::Unauthorized => "unauthorized",
+            GatewayError::Unauthorized(_) => "unauthorized",
+            GatewayError::ModelNotAllowed(_) => "model_not_allowed",
+            GatewayError::BudgetExceeded { .. } => "budget_exceeded",
+            GatewayError::Unpriced(_) => "unpriced_model",
             GatewayError::BodyTooLarge { .. } => "body_too_large",
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::RequestTimeout { .. } => "request_timeout",
@@ -96,7 +114,8 @@ impl GatewayError {
     /// OpenAI's `error.type`.
     fn error_type(&self) -> &'static str {
         match self {
-            GatewayError::Unauthorized => "invalid_request_error",
+            GatewayError::Unauthorized(_) => "invalid_request_error",
+            GatewayError::BudgetExceeded { .. } => "insufficient_quota",
             GatewayError::UpstreamUnavailable { .. }
             | GatewayError::UpstreamTimeout { .. }
             | GatewayError::NoTarget { .. } => "api_error",
@@ -108,7 +127,7 @@ impl GatewayError {
     /// OpenAI's `error.code`.
     fn code(&self) -> &'static str {
         match self {
-            GatewayError::Unauthorized => "invalid_api_key",
+            GatewayError::Unauthorized(_) => "invalid_api_key",
             GatewayError::ModelNotFound(_) => "model_not_found",
             other => other.kind(),
         }
@@ -116,7 +135,7 @@ impl GatewayError {
 
     /// `{"error":{"message","type","param","code"}}`
     pub fn body(&self) -> Bytes {
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "error": {
                 "message": self.to_string(),
                 "type": self.error_type(),
@@ -124,6 +143,17 @@ impl GatewayError {
                 "code": self.code(),
             }
         });
+        if let GatewayError::BudgetExceeded {
+            scope,
+            max_micro,
+            resets_at,
+            ..
+        } = self
+        {
+            body["error"]["scope"] = (*scope).into();
+            body["error"]["max_usd"] = crate::pricing::usd(*max_micro).into();
+            body["error"]["resets_at"] = resets_at.clone().into();
+        }
         Bytes::from(body.to_string())
     }
 }

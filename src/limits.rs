@@ -21,6 +21,7 @@ pub enum Scope {
     Ip,
     Key,
     Model,
+    Team,
 }
 
 impl Scope {
@@ -30,6 +31,7 @@ impl Scope {
             Scope::Ip => "ip",
             Scope::Key => "key",
             Scope::Model => "model",
+            Scope::Team => "team",
         }
     }
 
@@ -78,6 +80,7 @@ impl Refusal {
             (Scope::Key, _) => "the limit of this API key".to_string(),
             (Scope::Model, Some(m)) => format!("the limit of model `{m}`"),
             (Scope::Model, None) => "the model's limit".to_string(),
+            (Scope::Team, _) => "the limit of this key's team".to_string(),
         };
         format!(
             "Rate limit reached: {whose} is {}. Please try again in {}s.",
@@ -186,7 +189,7 @@ fn estimate(c: RateComponents) -> (f64, Duration) {
 
 /// All limit counters of the process.
 pub struct Counters {
-    scopes: [ScopeCounters; 4],
+    scopes: [ScopeCounters; 5],
 }
 
 impl Default for Counters {
@@ -197,6 +200,7 @@ impl Default for Counters {
                 ScopeCounters::new(64),
                 ScopeCounters::new(16384),
                 ScopeCounters::new(16384),
+                ScopeCounters::new(4096),
                 ScopeCounters::new(4096),
             ],
         }

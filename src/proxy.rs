@@ -3,16 +3,19 @@
 //! (see `failover`), because Pingora's own retry can neither read an error body nor
 //! replay a body over 64 KiB. `logging` always runs and is where a request is recorded.
 
-use crate::auth::{presented_key, Caller, ConfigKeys, KeyStore};
+use crate::auth::{presented_key, Caller, KeyStore};
 use crate::body;
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::failover::{self, Dialect};
 use crate::forward::Outgoing;
+use crate::keys::budget::{Exceeded, Hold};
+use crate::keys::Directory;
 use crate::limits::{self, key_hash, Admission, Counters, Refusal, Scope};
 use crate::observe::{self, Failure, Record};
 use crate::respond;
 use crate::route::Alias;
+use crate::store::usage::{UsageQueue, UsageRow};
 use crate::stream::{self, Relayed, Stamp};
 use crate::transport::pool::Connections;
 use arc_swap::ArcSwap;
@@ -34,17 +37,29 @@ pub struct Gateway {
     connections: Arc<Connections>,
     /// Limit counters; they outlive config reloads.
     counters: Counters,
-    /// Where client keys are looked up.
-    keys: Box<dyn KeyStore>,
+    /// Stored keys and teams, and every budget.
+    keys: Arc<Directory>,
+    /// Usage rows on their way to the store.
+    usage: Arc<UsageQueue>,
+    /// Budget alerts on their way to the webhook.
+    alerts: Option<Arc<crate::keys::alerts::Alerts>>,
 }
 
 impl Gateway {
-    pub fn new(config: Arc<ArcSwap<Config>>, connections: Arc<Connections>) -> Self {
+    pub fn new(
+        config: Arc<ArcSwap<Config>>,
+        connections: Arc<Connections>,
+        keys: Arc<Directory>,
+        usage: Arc<UsageQueue>,
+        alerts: Option<Arc<crate::keys::alerts::Alerts>>,
+    ) -> Self {
         Gateway {
             config,
             connections,
             counters: Counters::default(),
-            keys: Box::new(ConfigKeys),
+            keys,
+            usage,
+            alerts,
         }
     }
 }
@@ -63,6 +78,9 @@ pub struct RequestCtx {
     /// The config the request started with, kept to the end so that a reload in the
     /// middle of a request never mixes two configs (the access log and metrics included).
     config: Option<Arc<Config>>,
+    /// What this request reserved against its budgets; released when the context drops
+    /// unless settled.
+    hold: Option<Hold>,
 }
 
 /// The LLM endpoints forwarded through the attempt loop, after `/v1`.
@@ -148,6 +166,9 @@ impl ProxyHttp for Gateway {
         // A request Pingora refused before request_filter has no config yet: the live one.
         let config = ctx.config.take().unwrap_or_else(|| self.config.load_full());
         observe::finish(&ctx.record, &config);
+        if let Some(row) = usage_row(&ctx.record, self.keys.now()) {
+            self.usage.push(row);
+        }
     }
 }
 
@@ -262,16 +283,39 @@ impl Gateway {
         let caller = self
             .keys
             .authenticate(&config.keys, key)
-            .ok_or(GatewayError::Unauthorized)?;
+            .map_err(GatewayError::Unauthorized)?;
         ctx.record.caller = caller.name().to_string();
+        if !matches!(caller, Caller::Anonymous) {
+            ctx.record.key_id = Some(caller.id());
+            ctx.record.team = caller.team().map(|t| t.rec.id.clone());
+        }
+        if suffix == "/key/info" {
+            if method != http::Method::GET {
+                return Err(GatewayError::MethodNotAllowed(method.to_string()).into());
+            }
+            let body = crate::admin::keys::key_info(&caller, &self.keys, config);
+            ctx.record.status = 200;
+            respond::json(
+                session,
+                200,
+                Bytes::from(body.to_string()),
+                &ctx.record.request_id,
+            )
+            .await?;
+            return Ok(());
+        }
 
         if suffix == "/models" || suffix.starts_with("/models/") {
             if method != http::Method::GET {
                 return Err(GatewayError::MethodNotAllowed(method.to_string()).into());
             }
             let body = match suffix.strip_prefix("/models/") {
-                None => respond::model_list(&config.router.alias_names()),
-                Some(id) if config.router.is_configured(id) => {
+                None => {
+                    let mut names = config.router.alias_names();
+                    names.retain(|n| caller.may_use(n));
+                    respond::model_list(&names)
+                }
+                Some(id) if config.router.is_configured(id) && caller.may_use(id) => {
                     Bytes::from(respond::model_object(id).to_string())
                 }
                 Some(id) => return Err(GatewayError::ModelNotFound(id.to_string()).into()),
@@ -315,10 +359,12 @@ impl Gateway {
                     adm,
                 )
             });
-        if let Caller::Key(info) = caller {
-            let key = key_hash(&info.name);
-            result = result.and_then(|()| c.admit_request(Scope::Key, key, &info.limits, adm));
-            adm.key_headers = c.key_headers(key, &info.limits);
+        if let Some((key, limits)) = caller.key_limits() {
+            result = result.and_then(|()| c.admit_request(Scope::Key, key, limits, adm));
+            adm.key_headers = c.key_headers(key, limits);
+        }
+        if let Some((team, limits)) = caller.team_limits() {
+            result = result.and_then(|()| c.admit_request(Scope::Team, team, limits, adm));
         }
         result.map_err(|r| refused(ctx, r))
     }
@@ -337,16 +383,18 @@ impl Gateway {
         let adm = &mut ctx.admission;
         let model_key = key_hash(&alias.name);
         let ip_key = key_hash(&ctx.record.client_ip);
-        let key_limits = match caller {
-            Caller::Key(info) => Some((key_hash(&info.name), &info.limits)),
-            Caller::Anonymous => None,
-        };
+        let key_limits = caller.key_limits();
+        let team_limits = caller.team_limits();
         let mut result = c
             .admit_request(Scope::Model, model_key, &alias.limits, adm)
             .and_then(|()| c.admit_concurrency(Scope::Global, 0, &config.limits.global, adm))
             .and_then(|()| c.admit_concurrency(Scope::Ip, ip_key, &config.limits.per_ip, adm))
             .and_then(|()| match key_limits {
                 Some((key, limits)) => c.admit_concurrency(Scope::Key, key, limits, adm),
+                None => Ok(()),
+            })
+            .and_then(|()| match team_limits {
+                Some((team, limits)) => c.admit_concurrency(Scope::Team, team, limits, adm),
                 None => Ok(()),
             })
             .and_then(|()| c.admit_concurrency(Scope::Model, model_key, &alias.limits, adm))
@@ -363,7 +411,69 @@ impl Gateway {
             result = result.and_then(|()| c.admit_tokens(Scope::Key, key, limits, tokens, adm));
             adm.key_headers = c.key_headers(key, limits);
         }
+        if let Some((team, limits)) = team_limits {
+            result = result.and_then(|()| c.admit_tokens(Scope::Team, team, limits, tokens, adm));
+        }
         result.map_err(|r| refused(ctx, r))
+    }
+
+    /// Reserves the request's most possible cost against the key's and the team's
+    /// budgets: the estimated input plus `max_tokens` (or `budgets.default_max_tokens`),
+    /// at the dearest price among the routes it may take.
+    fn reserve(
+        &self,
+        config: &Config,
+        caller: &Caller,
+        alias: &Alias,
+        client_model: &str,
+        body_len: usize,
+        max_tokens: Option<u64>,
+    ) -> Result<Option<Hold>, GatewayError> {
+        let config_budget;
+        let mut budgets = Vec::with_capacity(2);
+        match caller {
+            Caller::Anonymous => {}
+            Caller::Key(k) => {
+                if let Some(spec) = &k.budget {
+                    config_budget = self.keys.config_budget(&k.name, spec);
+                    budgets.push(&config_budget);
+                }
+            }
+            Caller::Stored(k) => {
+                budgets.extend(k.budget.as_ref());
+                budgets.extend(k.team.as_ref().and_then(|t| t.budget.as_ref()));
+            }
+        }
+        if budgets.is_empty() {
+            return Ok(None);
+        }
+        let now = self.keys.now();
+        let input = (body_len as u64).div_ceil(4);
+        let output = max_tokens.unwrap_or(config.budgets.default_max_tokens);
+        let amount = match dearest_price(config, alias, client_model) {
+            Some(p) => p.most(input, output),
+            None => {
+                let enforced = budgets
+                    .iter()
+                    .any(|b| b.figures(now).spec.mode == crate::keys::budget::Mode::Enforce);
+                if enforced && config.budgets.unpriced == crate::config::file::Unpriced::Refuse {
+                    return Err(GatewayError::Unpriced(client_model.to_string()));
+                }
+                0
+            }
+        };
+        match Hold::reserve(&budgets, amount, now) {
+            Ok(hold) => Ok(Some(hold)),
+            Err(e) => {
+                if let Some(m) = crate::observe::metrics::get() {
+                    m.budget_refusals.with_label_values(&[e.owner.scope]).inc();
+                }
+                if let Some(a) = &self.alerts {
+                    a.refused(&e);
+                }
+                Err(budget_exceeded(&e))
+            }
+        }
     }
 
     async fn forward(
@@ -387,8 +497,19 @@ impl Gateway {
             .router
             .resolve(&facts.model)
             .ok_or_else(|| GatewayError::ModelNotFound(facts.model.clone()))?;
+        if !caller.may_use(&facts.model) {
+            return Err(GatewayError::ModelNotAllowed(facts.model.clone()).into());
+        }
         let estimate = limits::estimate_tokens(body.len(), facts.max_tokens);
         self.admit_model(ctx, config, caller, alias, estimate)?;
+        ctx.hold = self.reserve(
+            config,
+            caller,
+            alias,
+            &facts.model,
+            body.len(),
+            facts.max_tokens,
+        )?;
 
         let req = session.req_header();
         // The TCP peer is appended to any X-Forwarded-For the client sent.
@@ -462,16 +583,128 @@ impl Gateway {
         ctx.record.status = relayed.status;
         ctx.record.first_byte = relayed.first_byte;
         ctx.record.bytes_out = relayed.bytes;
+        let price = config.pricing.for_route(
+            ctx.record.upstream_model.as_deref().unwrap_or_default(),
+            &alias.name,
+        );
         if let Some(usage) = relayed.usage {
             self.counters
                 .settle_tokens(&mut ctx.admission, usage.total());
             ctx.record.usage = Some(usage);
+            ctx.record.cost_micro = price.map(|p| p.cost(&usage));
+            if price.is_none() {
+                if let Some(m) = crate::observe::metrics::get() {
+                    m.unpriced.inc();
+                }
+            }
+        }
+        if let Some(hold) = ctx.hold.take() {
+            // An answer that reported no usage is charged what was reserved for it: the
+            // most it could have cost. An error answer costs nothing.
+            let cost = match (ctx.record.cost_micro, (200..300).contains(&relayed.status)) {
+                (Some(c), _) => c,
+                (None, true) if ctx.record.usage.is_none() => {
+                    ctx.record.cost_micro = Some(hold.reserved());
+                    hold.reserved()
+                }
+                _ => 0,
+            };
+            let alerts = hold.settle(cost, self.keys.now());
+            if let Some(a) = &self.alerts {
+                for alert in alerts {
+                    a.send(alert);
+                }
+            }
         }
         if let Some(end) = relayed.end.filter(|e| *e != stream::StreamEnd::Complete) {
             ctx.record.error = Some(Failure::Stream(end));
         }
         result.map_err(Outcome::Aborted)
     }
+}
+
+/// The 402 of a budget with no room.
+fn budget_exceeded(e: &Exceeded) -> GatewayError {
+    let whose = if e.owner.scope == "team" {
+        format!("the budget of team `{}`", e.owner.name)
+    } else {
+        "this key's budget".to_string()
+    };
+    let per = match e.period {
+        crate::keys::budget::Period::Daily => "per day",
+        crate::keys::budget::Period::Weekly => "per week",
+        crate::keys::budget::Period::Monthly => "per month",
+        crate::keys::budget::Period::Total => "in total",
+    };
+    let resets_at = e.resets_at.map(crate::clock::rfc3339);
+    let when = resets_at.as_ref().map_or_else(
+        || " It does not reset.".to_string(),
+        |t| format!(" It resets at {t}."),
+    );
+    GatewayError::BudgetExceeded {
+        message: format!(
+            "Budget exceeded: {whose} is ${:.2} {per} and ${:.2} is spent or reserved; this request does not fit.{when}",
+            crate::pricing::usd(e.max_micro),
+            crate::pricing::usd(e.spent_micro),
+        ),
+        scope: e.owner.scope,
+        max_micro: e.max_micro,
+        resets_at,
+    }
+}
+
+/// The highest input and output prices among the routes of `alias` and its fallbacks
+/// (`None` when one of them has no price).
+fn dearest_price(
+    config: &Config,
+    alias: &Alias,
+    client_model: &str,
+) -> Option<crate::pricing::Price> {
+    let mut aliases = vec![alias];
+    for name in alias.fallbacks.iter().chain(&alias.context_fallbacks) {
+        aliases.extend(config.router.resolve(name).map(|a| &**a));
+    }
+    let mut dearest = crate::pricing::Price {
+        input: 0,
+        output: 0,
+        cached_input: 0,
+    };
+    for a in aliases {
+        for route in a.tiers.iter().flat_map(|t| &t.routes) {
+            let model = route.model.as_deref().unwrap_or(client_model);
+            let p = config.pricing.for_route(model, &a.name)?;
+            dearest.input = dearest.input.max(p.input);
+            dearest.output = dearest.output.max(p.output);
+            dearest.cached_input = dearest.cached_input.max(p.cached_input);
+        }
+    }
+    Some(dearest)
+}
+
+/// The usage row of a request that reached an upstream.
+fn usage_row(r: &Record, now: i64) -> Option<UsageRow> {
+    if r.attempts.is_empty() {
+        return None;
+    }
+    let usage = r.usage.unwrap_or_default();
+    Some(UsageRow {
+        request_id: r.request_id.clone(),
+        ts: now,
+        key_id: r.key_id.clone().unwrap_or_else(|| "-".into()),
+        key_name: r.caller.clone(),
+        team_id: r.team.clone(),
+        model: r.model.clone().unwrap_or_default(),
+        upstream: r.upstream.clone(),
+        upstream_model: r.upstream_model.clone(),
+        status: r.status,
+        stream: r.stream,
+        input_tokens: usage.input,
+        output_tokens: usage.output,
+        cached_tokens: usage.cached,
+        cost_micro: r.cost_micro.unwrap_or(0),
+        priced: r.cost_micro.is_some() || r.usage.is_none(),
+        cache: None,
+    })
 }
 
 /// How long, and how much, the gateway keeps reading a body it answered early.

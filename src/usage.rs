@@ -4,13 +4,19 @@
 //! Anthropic's `message_start`/`message_delta`, the Responses API's `response.completed`).
 //! Only lines or bodies that mention `"usage"` are parsed; memory is bounded.
 
+use serde::Deserialize;
 use serde_json::Value;
 
 /// Tokens of one response.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
+    /// Every input token, cached ones included (Anthropic's cache reads and writes are
+    /// added to its `input_tokens`, so both dialects mean the same).
     pub input: u64,
     pub output: u64,
+    /// Input tokens read from the provider's prompt cache (OpenAI
+    /// `prompt_tokens_details.cached_tokens`, Anthropic `cache_read_input_tokens`).
+    pub cached: u64,
 }
 
 impl Usage {
@@ -85,15 +91,16 @@ impl UsageScanner {
             if !u.is_object() {
                 continue;
             }
-            let field = |a: &str, b: &str| u[a].as_u64().or_else(|| u[b].as_u64());
-            let input = field("prompt_tokens", "input_tokens");
-            let output = field("completion_tokens", "output_tokens");
-            if input.is_none() && output.is_none() {
+            let Ok(fields) = UsageFields::deserialize(u) else {
                 continue;
-            }
+            };
+            let Some(n) = fields.normalise() else {
+                continue;
+            };
             let f = self.found.get_or_insert_with(Usage::default);
-            f.input = f.input.max(input.unwrap_or(0));
-            f.output = f.output.max(output.unwrap_or(0));
+            f.input = f.input.max(n.input);
+            f.output = f.output.max(n.output);
+            f.cached = f.cached.max(n.cached);
         }
     }
 
@@ -126,26 +133,74 @@ fn json_usage(body: &[u8]) -> Option<Usage> {
             return None;
         }
         let mut de = serde_json::Deserializer::from_slice(value);
-        let u = <UsageFields as serde::Deserialize>::deserialize(&mut de).ok()?;
-        let input = u.prompt_tokens.or(u.input_tokens);
-        let output = u.completion_tokens.or(u.output_tokens);
-        if input.is_none() && output.is_none() {
-            return None;
-        }
-        return Some(Usage {
-            input: input.unwrap_or(0),
-            output: output.unwrap_or(0),
-        });
+        let u = UsageFields::deserialize(&mut de).ok()?;
+        return u.normalise();
     }
     None
 }
 
+/// The usage members of both dialects (unknown members are ignored).
 #[derive(serde::Deserialize)]
 struct UsageFields {
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
+    prompt_tokens_details: Option<Details>,
+    input_tokens_details: Option<Details>,
+    cache_read_input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+}
+
+#[derive(serde::Deserialize)]
+struct Details {
+    cached_tokens: Option<u64>,
+}
+
+impl UsageFields {
+    /// One meaning for both dialects: OpenAI's prompt tokens include the cached ones;
+    /// Anthropic's `input_tokens` exclude cache reads and writes, which are added.
+    fn normalise(&self) -> Option<Usage> {
+        let output = self.completion_tokens.or(self.output_tokens);
+        if let Some(prompt) = self.prompt_tokens {
+            let details = self
+                .prompt_tokens_details
+                .as_ref()
+                .or(self.input_tokens_details.as_ref());
+            let cached = details.and_then(|d| d.cached_tokens).unwrap_or(0);
+            return Some(Usage {
+                input: prompt,
+                output: output.unwrap_or(0),
+                cached: cached.min(prompt),
+            });
+        }
+        let input = self.input_tokens;
+        if input.is_none() && output.is_none() {
+            return None;
+        }
+        let read = self.cache_read_input_tokens.unwrap_or(0);
+        let written = self.cache_creation_input_tokens.unwrap_or(0);
+        // The Responses API says `input_tokens` with `input_tokens_details` (cached
+        // included, as OpenAI does); Anthropic says cache reads apart.
+        let (input, cached) = match self.input_tokens_details.as_ref() {
+            Some(d) if self.cache_read_input_tokens.is_none() => {
+                let input = input.unwrap_or(0);
+                (input, d.cached_tokens.unwrap_or(0).min(input))
+            }
+            _ => (
+                input
+                    .unwrap_or(0)
+                    .saturating_add(read)
+                    .saturating_add(written),
+                read,
+            ),
+        };
+        Some(Usage {
+            input,
+            output: output.unwrap_or(0),
+            cached,
+        })
+    }
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
@@ -165,7 +220,8 @@ mod tests {
             s.finish(),
             Some(Usage {
                 input: 12,
-                output: 30
+                output: 30,
+                cached: 0
             })
         );
         let mut s = UsageScanner::new(false);
@@ -174,7 +230,8 @@ mod tests {
             s.finish(),
             Some(Usage {
                 input: 5,
-                output: 7
+                output: 7,
+                cached: 0
             })
         );
         let mut s = UsageScanner::new(false);
@@ -187,12 +244,49 @@ mod tests {
             s.finish(),
             Some(Usage {
                 input: 3,
-                output: 4
+                output: 4,
+                cached: 0
             })
         );
         let mut s = UsageScanner::new(false);
         s.feed(br#"{"usage":null,"choices":[]}"#);
         assert_eq!(s.finish(), None);
+    }
+
+    #[test]
+    fn cached_tokens_mean_the_same_in_both_dialects() {
+        let mut s = UsageScanner::new(false);
+        s.feed(br#"{"usage":{"prompt_tokens":100,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":60}}}"#);
+        assert_eq!(
+            s.finish(),
+            Some(Usage {
+                input: 100,
+                output: 5,
+                cached: 60
+            })
+        );
+        // Anthropic counts cache reads and writes apart from input_tokens.
+        let mut s = UsageScanner::new(false);
+        s.feed(br#"{"usage":{"input_tokens":10,"cache_read_input_tokens":60,"cache_creation_input_tokens":30,"output_tokens":5}}"#);
+        assert_eq!(
+            s.finish(),
+            Some(Usage {
+                input: 100,
+                output: 5,
+                cached: 60
+            })
+        );
+        let mut s = UsageScanner::new(true);
+        s.feed(b"data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,\"cache_read_input_tokens\":60,\"output_tokens\":1}}}\n\n");
+        s.feed(b"data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":7}}\n\n");
+        assert_eq!(
+            s.finish(),
+            Some(Usage {
+                input: 70,
+                output: 7,
+                cached: 60
+            })
+        );
     }
 
     #[test]
@@ -205,7 +299,8 @@ mod tests {
             s.finish(),
             Some(Usage {
                 input: 9,
-                output: 4
+                output: 4,
+                cached: 0
             })
         );
     }
@@ -219,7 +314,8 @@ mod tests {
             s.finish(),
             Some(Usage {
                 input: 25,
-                output: 15
+                output: 15,
+                cached: 0
             })
         );
     }
@@ -269,7 +365,7 @@ mod props {
             }
             body.push_str(&format!("data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":{input},\"completion_tokens\":{output}}}}}{nl}{nl}data: [DONE]{nl}{nl}"));
             let got = scan_in_pieces(true, body.as_bytes(), &cuts);
-            prop_assert_eq!(got, Some(Usage { input, output }));
+            prop_assert_eq!(got, Some(Usage { input, output, cached: 0 }));
         }
 
         /// Any bytes, as SSE or JSON: a usage or none, never a panic.
@@ -285,7 +381,7 @@ mod props {
         /// Absurd numbers from an upstream saturate instead of wrapping.
         #[test]
         fn totals_saturate(input in any::<u64>(), output in any::<u64>()) {
-            let u = Usage { input, output };
+            let u = Usage { input, output, cached: 0 };
             prop_assert!(u.total() >= input.max(output));
         }
     }

@@ -91,6 +91,10 @@ fn shipped_example_configs_are_valid() {
                 ("TOLLGATE_DEMO_UPSTREAM", "http://127.0.0.1:1/v1"),
                 ("TOLLGATE_DEMO_LISTEN", "127.0.0.1:0"),
                 ("TOLLGATE_DEMO_ADMIN", "127.0.0.1:0"),
+                (
+                    "TOLLGATE_DEMO_STORE",
+                    "sqlite:///tmp/tollgate-cli-test-never-created.db",
+                ),
             ])
             .output()
             .unwrap();

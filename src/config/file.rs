@@ -32,6 +32,128 @@ pub struct FileConfig {
     pub log: LogSection,
     #[serde(default)]
     pub admin: AdminSection,
+    /// Where keys, teams, usage and the audit log are kept.
+    #[serde(default)]
+    pub store: StoreSection,
+    /// How budgets reserve and what they do with unpriced models.
+    #[serde(default)]
+    pub budgets: BudgetsSection,
+    /// Where budget alerts go.
+    #[serde(default)]
+    pub alerts: AlertsSection,
+}
+
+/// The database.
+#[derive(Debug, Deserialize, Clone)]
+pub struct StoreSection {
+    /// `sqlite:///path/to/file.db`. Default `sqlite:///var/lib/tollgate/tollgate.db`.
+    #[serde(default = "default_store_url")]
+    pub url: String,
+    /// How often queued usage rows are written. Default 1s.
+    #[serde(default = "default_flush_interval")]
+    pub flush_interval: Seconds,
+    /// Usage rows kept waiting while the database is slow or down; past this they are
+    /// dropped and counted. Default 100000.
+    #[serde(default = "default_queue_size")]
+    pub queue_size: usize,
+}
+
+pub const DEFAULT_STORE_URL: &str = "sqlite:///var/lib/tollgate/tollgate.db";
+
+fn default_store_url() -> String {
+    DEFAULT_STORE_URL.to_string()
+}
+
+fn default_flush_interval() -> Seconds {
+    Seconds(Duration::from_secs(1))
+}
+
+fn default_queue_size() -> usize {
+    100_000
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            url: default_store_url(),
+            flush_interval: default_flush_interval(),
+            queue_size: default_queue_size(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Clone)]
+pub struct BudgetsSection {
+    /// Output tokens reserved for a request that sets no `max_tokens`. Default 4096.
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: u64,
+    /// A model with no price under an enforced budget: `refuse` (default) or `allow`
+    /// (counted as zero, and in `tollgate_unpriced_requests_total`).
+    #[serde(default)]
+    pub unpriced: Unpriced,
+}
+
+fn default_max_tokens() -> u64 {
+    4096
+}
+
+impl Default for BudgetsSection {
+    fn default() -> Self {
+        BudgetsSection {
+            default_max_tokens: default_max_tokens(),
+            unpriced: Unpriced::Refuse,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Unpriced {
+    #[default]
+    Refuse,
+    Allow,
+}
+
+/// A budget as written in the config or sent to the admin API.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSection {
+    /// The cap in US dollars.
+    pub max_usd: f64,
+    /// `daily`, `weekly` (from Monday), `monthly` (calendar periods in UTC) or `total`.
+    pub period: crate::keys::budget::Period,
+    /// `enforce` (default: refuse what does not fit) or `track` (count and alert only).
+    #[serde(default)]
+    pub mode: crate::keys::budget::Mode,
+    /// Fractions of `max_usd` at which an alert is sent. Default [0.8, 1.0].
+    #[serde(default = "default_alert_at")]
+    pub alert_at: Vec<f64>,
+}
+
+pub fn default_alert_at() -> Vec<f64> {
+    vec![0.8, 1.0]
+}
+
+#[derive(Debug, Deserialize, Clone, Default)]
+pub struct AlertsSection {
+    #[serde(default)]
+    pub webhook: Option<WebhookSection>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+pub struct WebhookSection {
+    /// `http://` or `https://` URL receiving a JSON POST per alert.
+    pub url: Secret,
+    /// Extra request headers (an authorization token, say); values are secrets.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Secret>,
+    /// Per delivery attempt. Default 5s.
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout: Seconds,
+}
+
+fn default_webhook_timeout() -> Seconds {
+    Seconds(Duration::from_secs(5))
 }
 
 /// The admin listener's access.
@@ -52,6 +174,10 @@ pub struct Price {
     pub input: f64,
     /// USD per million output tokens.
     pub output: f64,
+    /// USD per million input tokens read from the provider's prompt cache. Default: the
+    /// input price.
+    #[serde(default)]
+    pub cached_input: Option<f64>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -91,20 +217,19 @@ impl Default for LogSection {
 }
 
 /// Limits of one scope. Absent dimensions are unlimited.
-#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
-
+#[derive(Debug, Deserialize, serde::Serialize, Default, Clone, Copy, PartialEq, Eq)]
 pub struct LimitSection {
     /// Requests per second.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rps: Option<u64>,
     /// Requests per minute.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpm: Option<u64>,
     /// Tokens (input + output) per minute.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm: Option<u64>,
     /// Requests in flight, streams included until they end.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<u64>,
 }
 
@@ -316,6 +441,11 @@ pub struct KeySection {
     pub key: Secret,
     #[serde(default)]
     pub limits: LimitSection,
+    /// Aliases this key may call. Absent: all.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    #[serde(default)]
+    pub budget: Option<BudgetSection>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]

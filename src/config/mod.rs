@@ -83,7 +83,10 @@ pub struct Limits {
 /// The validated runtime configuration the proxy serves from.
 pub struct Config {
     pub server: file::ServerSection,
-    pub pricing: HashMap<String, file::Price>,
+    pub pricing: crate::pricing::Pricing,
+    pub store: file::StoreSection,
+    pub budgets: file::BudgetsSection,
+    pub alerts: file::AlertsSection,
     pub log: file::LogSection,
     pub failover: Failover,
     pub limits: Limits,
@@ -399,17 +402,37 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
+    let pricing = crate::pricing::Pricing::new(
+        file.pricing
+            .iter()
+            .map(|(m, p)| {
+                let price = crate::pricing::Price::from_usd(p.input, p.output, p.cached_input);
+                (m.clone(), price)
+            })
+            .collect(),
+        true,
+    );
     Ok(Config {
-        pricing: file.pricing.clone().into_iter().collect(),
+        pricing,
         log: file.log.clone(),
         failover,
         listen,
         admin_listen,
-        keys: KeyRing::new(
-            file.keys
-                .iter()
-                .map(|k| (k.name.as_str(), &k.key, k.limits)),
-        ),
+        keys: KeyRing::new(file.keys.iter().map(|k| {
+            let info = crate::auth::KeyInfo {
+                name: k.name.clone(),
+                limits: k.limits,
+                models: k.models.clone(),
+                budget: k
+                    .budget
+                    .as_ref()
+                    .and_then(|b| crate::keys::budget::BudgetSpec::from_section(b).ok()),
+            };
+            (&k.key, info)
+        })),
+        store: file.store.clone(),
+        budgets: file.budgets.clone(),
+        alerts: file.alerts.clone(),
         limits: Limits {
             global: file.limits.global,
             per_ip: file.limits.per_ip,
@@ -564,6 +587,20 @@ fn check_keys(file: &FileConfig, errors: &mut Vec<ConfigError>) {
             err(
                 format!("keys[{i}].name"),
                 format!("duplicate key name {:?}", k.name),
+            );
+        }
+        if let Some(b) = &k.budget {
+            if let Err((field, message)) = crate::keys::budget::BudgetSpec::from_section(b) {
+                err(format!("keys[{i}].budget.{field}"), message);
+            }
+        }
+        if k.models
+            .as_ref()
+            .is_some_and(|m| m.iter().any(|m| m.trim().is_empty()))
+        {
+            err(
+                format!("keys[{i}].models"),
+                "names must not be empty".into(),
             );
         }
         if k.key.is_empty() {
@@ -813,20 +850,54 @@ fn build_models(
 fn check_pricing_and_log(file: &FileConfig, errors: &mut Vec<ConfigError>) {
     let mut err = |path: String, message: String| errors.push(ConfigError { path, message });
     for (model, price) in &file.pricing {
-        if !(price.input >= 0.0
-            && price.output >= 0.0
-            && price.input.is_finite()
-            && price.output.is_finite())
-        {
+        let ok = |v: f64| v.is_finite() && (0.0..=crate::pricing::MAX_USD_PER_MTOK).contains(&v);
+        if !(ok(price.input) && ok(price.output) && price.cached_input.is_none_or(ok)) {
             err(
                 format!("pricing.{model}"),
-                "prices must be finite and not negative".into(),
+                format!(
+                    "prices must be numbers of USD per million tokens from 0 to {}",
+                    crate::pricing::MAX_USD_PER_MTOK
+                ),
             );
         }
     }
     if let Some(f) = &file.log.file {
         if f.trim().is_empty() {
             err("log.file".into(), "must not be empty".into());
+        }
+    }
+    if let Err(e) = crate::store::location(&file.store.url) {
+        err(
+            "store.url".into(),
+            e.0.trim_start_matches("store.url: ").to_string(),
+        );
+    }
+    let flush = file.store.flush_interval.0;
+    if flush.is_zero() || flush > Duration::from_secs(3600) {
+        err(
+            "store.flush_interval".into(),
+            "must be longer than 0s and at most 1h".into(),
+        );
+    }
+    if !(1..=10_000_000).contains(&file.store.queue_size) {
+        err(
+            "store.queue_size".into(),
+            "must be from 1 to 10000000".into(),
+        );
+    }
+    if file.budgets.default_max_tokens > crate::limits::MAX_COUNT {
+        err(
+            "budgets.default_max_tokens".into(),
+            format!("must be at most {}", crate::limits::MAX_COUNT),
+        );
+    }
+    if let Some(w) = &file.alerts.webhook {
+        let u = w.url.expose();
+        if !u.starts_with("http://") {
+            err(
+                "alerts.webhook.url".into(),
+                "must be an http:// URL (put a local relay in front of an https receiver)".into(),
+            );
         }
     }
 }

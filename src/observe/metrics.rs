@@ -44,6 +44,12 @@ pub struct Metrics {
     pub client_connections_refused: IntCounterVec,
     pub client_timeouts: IntCounterVec,
     pub sse_filter_bypassed: IntCounter,
+    pub store_queue: IntGauge,
+    pub usage_rows: IntCounterVec,
+    pub store_flush: Histogram,
+    pub budget_refusals: IntCounterVec,
+    pub unpriced: IntCounter,
+    pub alerts: IntCounterVec,
 }
 
 fn build() -> prometheus::Result<Metrics> {
@@ -96,6 +102,12 @@ fn build() -> prometheus::Result<Metrics> {
             "tollgate_sse_filter_bypassed_total",
             "Streams whose usage-chunk filter met an event over its size cap and passed the rest through unfiltered."
         )?,
+        store_queue: register_int_gauge!("tollgate_store_queue_rows", "Usage rows waiting to be written to the store.")?,
+        usage_rows: register_int_counter_vec!("tollgate_usage_rows_total", "Usage rows by fate: written to the store, or dropped because the queue was full.", &["result"])?,
+        store_flush: register_histogram!("tollgate_store_flush_duration_seconds", "Time to write one batch of usage rows.", LATENCY.to_vec())?,
+        budget_refusals: register_int_counter_vec!("tollgate_budget_refusals_total", "Requests refused because a budget had no room, by scope (key or team).", &["scope"])?,
+        unpriced: register_int_counter!("tollgate_unpriced_requests_total", "Answers from a model with no price, counted as zero cost (budgets.unpriced: allow).")?,
+        alerts: register_int_counter_vec!("tollgate_budget_alerts_total", "Budget alerts by result (sent or failed).", &["result"])?,
     };
     m.build_info
         .with_label_values(&[env!("CARGO_PKG_VERSION")])

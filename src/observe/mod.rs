@@ -65,6 +65,11 @@ pub struct Record {
     pub usage: Option<Usage>,
     /// The limit scope that refused the request, if one did.
     pub limited: Option<&'static str>,
+    /// The caller's key id (`config:NAME` for a config key) and team id.
+    pub key_id: Option<String>,
+    pub team: Option<String>,
+    /// What the answer cost, micro-USD (`None`: no usage, or no price).
+    pub cost_micro: Option<i64>,
     /// Time spent waiting for the client's body and for upstreams (not the gateway's own).
     pub waiting: Duration,
 }
@@ -92,6 +97,9 @@ impl Record {
             error: None,
             usage: None,
             limited: None,
+            key_id: None,
+            team: None,
+            cost_micro: None,
             waiting: Duration::ZERO,
         }
     }
@@ -175,14 +183,15 @@ fn record_metrics(r: &Record, config: &Config) {
             m.tokens
                 .with_label_values(&[model, upstream, "output"])
                 .inc_by(u.output);
-            let price = r
-                .upstream_model
-                .as_deref()
-                .and_then(|um| config.pricing.get(um))
-                .or_else(|| r.model.as_deref().and_then(|a| config.pricing.get(a)));
-            if let Some(p) = price {
-                let usd = (u.input as f64 * p.input + u.output as f64 * p.output) / 1_000_000.0;
-                m.cost.with_label_values(&[model, upstream]).inc_by(usd);
+            if u.cached > 0 {
+                m.tokens
+                    .with_label_values(&[model, upstream, "cached_input"])
+                    .inc_by(u.cached);
+            }
+            if let Some(micro) = r.cost_micro {
+                m.cost
+                    .with_label_values(&[model, upstream])
+                    .inc_by(crate::pricing::usd(micro));
             }
         }
         None => {
@@ -244,10 +253,12 @@ fn text_line(r: &Record) -> String {
     let mut s = String::with_capacity(384);
     let _ = write!(
         s,
-        "{} id={} key={} ip={} method={} path=",
+        "{} id={} key={} key_id={} team={} ip={} method={} path=",
         humantime::format_rfc3339_millis(r.wall),
         r.request_id,
         r.caller,
+        r.key_id.as_deref().unwrap_or("-"),
+        r.team.as_deref().unwrap_or("-"),
         r.client_ip,
         r.method
     );
@@ -286,6 +297,13 @@ fn text_line(r: &Record) -> String {
     push_or_dash(&mut s, r.usage.map(|u| u.input));
     s.push_str(" tokens_out=");
     push_or_dash(&mut s, r.usage.map(|u| u.output));
+    s.push_str(" cost_usd=");
+    match r.cost_micro {
+        Some(c) => {
+            let _ = write!(s, "{}.{:06}", c / 1_000_000, c % 1_000_000);
+        }
+        None => s.push('-'),
+    }
     let _ = write!(
         s,
         " bytes_in={} bytes_out={} error={}",
@@ -306,6 +324,8 @@ fn json_line(r: &Record) -> String {
         "time": humantime::format_rfc3339_millis(r.wall).to_string(),
         "request_id": r.request_id,
         "key": r.caller,
+        "key_id": r.key_id,
+        "team": r.team,
         "client_ip": r.client_ip,
         "method": r.method,
         "path": r.path,
@@ -318,6 +338,8 @@ fn json_line(r: &Record) -> String {
         "ttfb_ms": ms(r, r.first_byte),
         "tokens_in": r.usage.map(|u| u.input),
         "tokens_out": r.usage.map(|u| u.output),
+        "tokens_cached": r.usage.map(|u| u.cached),
+        "cost_usd": r.cost_micro.map(crate::pricing::usd),
         "bytes_in": r.bytes_in,
         "bytes_out": r.bytes_out,
         "error": r.error.map(Failure::as_str),

@@ -44,11 +44,19 @@ impl Gateway {
             "server:\n  listen: [\"127.0.0.1:0\"]\n  admin_listen: \"127.0.0.1:0\"\n  threads: 1\n  grace_period: 0s\n  pid_file: {d}/tollgate.pid\n  upgrade_sock: {d}/upgrade.sock\n{server_extra}",
             d = dir.path().display()
         );
-        let text = if body.contains("server:") {
+        let mut text = if body.contains("server:") {
             body.to_string()
         } else {
             format!("{server}{body}")
         };
+        // Each gateway gets its own database in its temporary directory.
+        if !text.contains("\nstore:") && !text.starts_with("store:") {
+            // First, so that a test appending to the file still extends its last section.
+            text = format!(
+                "store:\n  url: sqlite://{}/tollgate.db\n{text}",
+                dir.path().display()
+            );
+        }
         let path = dir.path().join("tollgate.yaml");
         std::fs::write(&path, text).expect("write config");
         let stderr_path = dir.path().join("stderr.log");

@@ -1,6 +1,9 @@
 //! The admin listener (loopback by default), separate from the proxy path: `/health`
 //! (the process is up), `/ready` (every alias has at least one usable target) and
-//! `/metrics` (Prometheus text format, the default registry of prometheus 0.14).
+//! `/metrics` (Prometheus text format, the default registry of prometheus 0.14); with
+//! `admin.master_key`, the keys, teams and spend API of `keys`.
+
+pub mod keys;
 
 use crate::config::Config;
 use crate::health::now_ms;
@@ -18,6 +21,37 @@ pub struct AdminApp {
     pub config: Arc<ArcSwap<Config>>,
     /// `None` when there is no file to reload (the demo).
     pub reloader: Option<Arc<Reloader>>,
+    pub keys: Arc<crate::keys::Directory>,
+}
+
+/// The largest admin request body read.
+const MAX_ADMIN_BODY: usize = 1 << 20;
+
+/// Reads an admin request's body, at most [`MAX_ADMIN_BODY`].
+async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Response<Vec<u8>>> {
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_ADMIN_BODY {
+                    return Err(reply(
+                        413,
+                        "application/json",
+                        b"{\"error\":{\"message\":\"the body is larger than 1 MiB\",\"type\":\"invalid_request_error\",\"param\":null,\"code\":\"body_too_large\"}}".to_vec(),
+                    ));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(_) => {
+                return Err(reply(
+                    400,
+                    "application/json",
+                    b"{\"error\":{\"message\":\"the body could not be read\",\"type\":\"invalid_request_error\",\"param\":null,\"code\":\"bad_body\"}}".to_vec(),
+                ))
+            }
+        }
+    }
 }
 
 fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -263,6 +297,34 @@ impl ServeHttp for AdminApp {
             if let Some(r) = refuse(session.req_header(), config.admin.master_key.as_ref()) {
                 return r;
             }
+        }
+        if let Some(rest) = path.strip_prefix("/admin").filter(|r| keys::serves(r)) {
+            let config = self.config.load_full();
+            if config.admin.master_key.is_none() {
+                return reply(
+                    404,
+                    "application/json",
+                    b"{\"error\":{\"message\":\"the keys API is off: set admin.master_key\",\"type\":\"invalid_request_error\",\"param\":null,\"code\":\"not_found\"}}".to_vec(),
+                );
+            }
+            let rest = rest.to_string();
+            let query = session
+                .req_header()
+                .uri
+                .query()
+                .unwrap_or_default()
+                .to_string();
+            let body = match read_body(session).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let call = keys::Call {
+                method: &method,
+                path: &rest,
+                query: &query,
+                body: &body,
+            };
+            return keys::handle(&self.keys, &config, call).await;
         }
         if let Some(rest) = path.strip_prefix("/admin/cooldowns") {
             return self.cooldowns(&method, rest);

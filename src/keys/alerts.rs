@@ -1,0 +1,169 @@
+//! Budget alerts: a JSON POST to `alerts.webhook.url` when a budget crosses one of its
+//! `alert_at` fractions (once per period) and when a request is refused for budget.
+//! Delivered by a background task with a timeout per attempt and three attempts with
+//! backoff, so a slow receiver never delays a request; the queue is bounded and every
+//! outcome is counted in `tollgate_budget_alerts_total{result}`.
+
+use super::budget::{Alert, Exceeded};
+use crate::config::file::WebhookSection;
+use crate::secret::Secret;
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// Alerts waiting for delivery, at most.
+const QUEUE: usize = 1024;
+const ATTEMPTS: u32 = 3;
+
+pub struct Alerts {
+    tx: mpsc::Sender<serde_json::Value>,
+}
+
+/// The task that delivers what `Alerts` queues.
+pub struct Delivery {
+    rx: tokio::sync::Mutex<mpsc::Receiver<serde_json::Value>>,
+    webhook: WebhookSection,
+}
+
+pub fn channel(webhook: WebhookSection) -> (Alerts, Delivery) {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    (
+        Alerts { tx },
+        Delivery {
+            rx: tokio::sync::Mutex::new(rx),
+            webhook,
+        },
+    )
+}
+
+fn count(result: &str) {
+    if let Some(m) = crate::observe::metrics::get() {
+        m.alerts.with_label_values(&[result]).inc();
+    }
+}
+
+impl Alerts {
+    fn queue(&self, event: serde_json::Value) {
+        if self.tx.try_send(event).is_err() {
+            count("failed");
+            log::warn!("alerts: the delivery queue is full; an alert was dropped");
+        }
+    }
+
+    /// A budget crossed a fraction of its cap.
+    pub fn send(&self, a: Alert) {
+        self.queue(serde_json::json!({
+            "event": "budget_threshold",
+            "scope": a.owner.scope,
+            "id": a.owner.id,
+            "name": a.owner.name,
+            "fraction": a.fraction,
+            "spend_usd": crate::pricing::usd(a.spent_micro),
+            "max_usd": crate::pricing::usd(a.max_micro),
+            "period": a.period.as_str(),
+            "period_start": crate::clock::rfc3339(a.period_start),
+        }));
+    }
+
+    /// A request was refused for budget.
+    pub fn refused(&self, e: &Exceeded) {
+        self.queue(serde_json::json!({
+            "event": "budget_exceeded",
+            "scope": e.owner.scope,
+            "id": e.owner.id,
+            "name": e.owner.name,
+            "spend_usd": crate::pricing::usd(e.spent_micro),
+            "max_usd": crate::pricing::usd(e.max_micro),
+            "period": e.period.as_str(),
+            "resets_at": e.resets_at.map(crate::clock::rfc3339),
+        }));
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Delivery {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut rx = self.rx.lock().await;
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.changed() => return,
+                e = rx.recv() => match e { Some(e) => e, None => return },
+            };
+            let body = event.to_string();
+            let mut delivered = false;
+            for attempt in 0..ATTEMPTS {
+                if attempt > 0 {
+                    tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+                }
+                match tokio::time::timeout(self.webhook.timeout.0, post(&self.webhook, &body)).await
+                {
+                    Ok(Ok(status)) if (200..300).contains(&status) => {
+                        delivered = true;
+                        break;
+                    }
+                    Ok(Ok(status)) => log::warn!("alerts: the webhook answered {status}"),
+                    Ok(Err(e)) => log::warn!("alerts: cannot reach the webhook: {e}"),
+                    Err(_) => log::warn!("alerts: the webhook did not answer in time"),
+                }
+            }
+            count(if delivered { "sent" } else { "failed" });
+        }
+    }
+}
+
+/// One POST over HTTP/1.1 (`http://` URLs); the status code.
+async fn post(w: &WebhookSection, body: &str) -> std::io::Result<u16> {
+    let url = w.url.expose();
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        std::io::Error::other(
+            "only http:// webhook URLs are delivered (put a local relay in front for https)",
+        )
+    })?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let host_port = if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    let mut stream = tokio::net::TcpStream::connect(host_port).await?;
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nhost: {authority}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nuser-agent: tollgate\r\nconnection: close\r\n",
+        body.len()
+    );
+    for (name, value) in &w.headers {
+        if valid_header(name, value) {
+            req.push_str(name);
+            req.push_str(": ");
+            req.push_str(value.expose());
+            req.push_str("\r\n");
+        }
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    stream.write_all(req.as_bytes()).await?;
+    let mut head = Vec::with_capacity(256);
+    let mut buf = [0u8; 256];
+    while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 8192 {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other("the webhook's answer is not HTTP"))
+}
+
+fn valid_header(name: &str, value: &Secret) -> bool {
+    http::HeaderName::from_bytes(name.as_bytes()).is_ok()
+        && http::HeaderValue::from_str(value.expose()).is_ok()
+}

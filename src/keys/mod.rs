@@ -1,0 +1,602 @@
+//! Keys and teams managed at run time: their records in the store, and the in-memory
+//! directory the request path reads (no I/O, one atomic load). Every change made through
+//! the admin API is written to the store first, then the directory is rebuilt from it, so
+//! memory never holds what the database does not.
+//!
+//! A key's secret is `tg-<id>-<32 hex digits>`; only its SHA-256 digest is stored (with
+//! a short prefix to show). Budgets (`budget`) live here too: one live [`Budget`] per key,
+//! team or budgeted config key, kept across rebuilds and config reloads.
+
+pub mod alerts;
+pub mod budget;
+
+use crate::clock::Clock;
+use crate::config::file::LimitSection;
+use crate::store::{Store, StoreError};
+use arc_swap::ArcSwap;
+use budget::{Budget, BudgetSpec, Mode, Owner, Period};
+use sha2::{Digest, Sha256};
+use sqlx::any::AnyRow;
+use sqlx::{AnyPool, Row};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use subtle::ConstantTimeEq;
+
+/// A stored key, as in the database (the digests never leave this module's users).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyRecord {
+    pub id: String,
+    pub name: String,
+    pub team_id: Option<String>,
+    pub digest: String,
+    pub prefix: String,
+    /// The secret before the last rotation, valid until `old_valid_until`.
+    pub old_digest: Option<String>,
+    pub old_valid_until: Option<i64>,
+    pub models: Option<Vec<String>>,
+    pub limits: LimitSection,
+    pub budget: Option<BudgetSpec>,
+    pub expires_at: Option<i64>,
+    pub metadata: serde_json::Value,
+    pub blocked: bool,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub spend_reset_at: i64,
+    pub deleted_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TeamRecord {
+    pub id: String,
+    pub name: String,
+    pub models: Option<Vec<String>>,
+    pub limits: LimitSection,
+    pub budget: Option<BudgetSpec>,
+    pub metadata: serde_json::Value,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub spend_reset_at: i64,
+    pub deleted_at: Option<i64>,
+}
+
+/// A stored key with what it needs on the request path.
+#[derive(Debug)]
+pub struct StoredKey {
+    pub rec: KeyRecord,
+    pub team: Option<Arc<StoredTeam>>,
+    pub budget: Option<Arc<Budget>>,
+}
+
+#[derive(Debug)]
+pub struct StoredTeam {
+    pub rec: TeamRecord,
+    pub budget: Option<Arc<Budget>>,
+}
+
+/// Why a presented key was not accepted: the 401 says which, never the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejected {
+    Unknown,
+    Expired,
+    Blocked,
+    Deleted,
+    /// A secret replaced by a rotation whose grace period is over.
+    Rotated,
+}
+
+impl Rejected {
+    pub fn message(self) -> &'static str {
+        match self {
+            Rejected::Unknown => {
+                "Invalid or missing API key. Pass it as 'Authorization: Bearer KEY'."
+            }
+            Rejected::Expired => "This API key has expired.",
+            Rejected::Blocked => "This API key is blocked.",
+            Rejected::Deleted => "This API key was deleted.",
+            Rejected::Rotated => {
+                "This API key was rotated: the secret presented is no longer valid."
+            }
+        }
+    }
+}
+
+struct Entry {
+    key: Arc<StoredKey>,
+    /// The secret from before a rotation.
+    previous: bool,
+}
+
+/// What the request path reads: every stored key by digest, every team.
+#[derive(Default)]
+pub struct Snapshot {
+    by_digest: HashMap<[u8; 32], Entry>,
+    pub keys: BTreeMap<String, Arc<StoredKey>>,
+    pub teams: BTreeMap<String, Arc<StoredTeam>>,
+    /// Keys not deleted.
+    pub active: usize,
+}
+
+impl Snapshot {
+    /// The key holding `presented`, or why it is refused.
+    pub fn find(&self, presented: &str, now: i64) -> Result<Arc<StoredKey>, Rejected> {
+        let d = digest(presented);
+        let (stored, entry) = self.by_digest.get_key_value(&d).ok_or(Rejected::Unknown)?;
+        if !bool::from(stored.ct_eq(&d)) {
+            return Err(Rejected::Unknown);
+        }
+        let k = &entry.key;
+        if k.rec.deleted_at.is_some() {
+            return Err(Rejected::Deleted);
+        }
+        if entry.previous && k.rec.old_valid_until.is_none_or(|t| now >= t) {
+            return Err(Rejected::Rotated);
+        }
+        if k.rec.blocked {
+            return Err(Rejected::Blocked);
+        }
+        if k.rec.expires_at.is_some_and(|t| now >= t) {
+            return Err(Rejected::Expired);
+        }
+        if k.team.as_ref().is_some_and(|t| t.rec.deleted_at.is_some()) {
+            return Err(Rejected::Blocked);
+        }
+        Ok(Arc::clone(k))
+    }
+
+    /// A team by id or name (not deleted).
+    pub fn team(&self, id_or_name: &str) -> Option<&Arc<StoredTeam>> {
+        self.teams
+            .get(id_or_name)
+            .or_else(|| self.teams.values().find(|t| t.rec.name == id_or_name))
+            .filter(|t| t.rec.deleted_at.is_none())
+    }
+}
+
+pub fn digest(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+        s.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+    }
+    s
+}
+
+fn unhex(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if s.len() != 64 {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Random hex digits from the operating system's source.
+pub fn random_hex(bytes: usize) -> Result<String, StoreError> {
+    let mut buf = vec![0u8; bytes];
+    getrandom::getrandom(&mut buf)
+        .map_err(|e| StoreError(format!("no randomness from the system: {e}")))?;
+    Ok(hex(&buf))
+}
+
+/// A new secret for key `id`: the secret, its digest (hex) and the prefix to show.
+pub fn new_secret(id: &str) -> Result<(String, String, String), StoreError> {
+    let secret = format!("tg-{id}-{}", random_hex(16)?);
+    let prefix = format!("{}...", &secret[..secret.len().min(id.len() + 7)]);
+    Ok((secret.clone(), hex(&digest(&secret)), prefix))
+}
+
+/// A budget as the database keeps it: integers of micro-USD.
+pub fn budget_to_db(b: &BudgetSpec) -> String {
+    serde_json::json!({
+        "max_micro_usd": b.max_micro,
+        "period": b.period.as_str(),
+        "mode": b.mode.as_str(),
+        "alert_at": b.alert_at,
+    })
+    .to_string()
+}
+
+fn budget_from_db(s: &str) -> Option<BudgetSpec> {
+    let v: serde_json::Value = serde_json::from_str(s).ok()?;
+    Some(BudgetSpec {
+        max_micro: v["max_micro_usd"].as_i64()?,
+        period: serde_json::from_value::<Period>(v["period"].clone()).ok()?,
+        mode: serde_json::from_value::<Mode>(v["mode"].clone()).unwrap_or_default(),
+        alert_at: serde_json::from_value(v["alert_at"].clone()).unwrap_or_default(),
+    })
+}
+
+fn json_col<T: serde::de::DeserializeOwned>(
+    row: &AnyRow,
+    col: &str,
+) -> Result<Option<T>, StoreError> {
+    let text: Option<String> = row.try_get(col)?;
+    text.map(|t| serde_json::from_str(&t).map_err(|e| StoreError(format!("column {col}: {e}"))))
+        .transpose()
+}
+
+fn key_from_row(row: &AnyRow) -> Result<KeyRecord, StoreError> {
+    let budget: Option<String> = row.try_get("budget")?;
+    Ok(KeyRecord {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        team_id: row.try_get("team_id")?,
+        digest: row.try_get("digest")?,
+        prefix: row.try_get("prefix")?,
+        old_digest: row.try_get("old_digest")?,
+        old_valid_until: row.try_get("old_valid_until")?,
+        models: json_col(row, "models")?,
+        limits: json_col(row, "limits")?.unwrap_or_default(),
+        budget: budget.as_deref().and_then(budget_from_db),
+        expires_at: row.try_get("expires_at")?,
+        metadata: json_col(row, "metadata")?.unwrap_or(serde_json::Value::Null),
+        blocked: row.try_get::<i64, _>("blocked")? != 0,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        spend_reset_at: row.try_get("spend_reset_at")?,
+        deleted_at: row.try_get("deleted_at")?,
+    })
+}
+
+fn team_from_row(row: &AnyRow) -> Result<TeamRecord, StoreError> {
+    let budget: Option<String> = row.try_get("budget")?;
+    Ok(TeamRecord {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        models: json_col(row, "models")?,
+        limits: json_col(row, "limits")?.unwrap_or_default(),
+        budget: budget.as_deref().and_then(budget_from_db),
+        metadata: json_col(row, "metadata")?.unwrap_or(serde_json::Value::Null),
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        spend_reset_at: row.try_get("spend_reset_at")?,
+        deleted_at: row.try_get("deleted_at")?,
+    })
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+/// Writes a key record (insert or replace).
+pub async fn save_key(pool: &AnyPool, k: &KeyRecord) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO keys (id, name, team_id, digest, prefix, old_digest, old_valid_until, models, limits, budget, expires_at, metadata, blocked, created_at, updated_at, spend_reset_at, deleted_at)
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)
+         ON CONFLICT (id) DO UPDATE SET name=$2, team_id=$3, digest=$4, prefix=$5, old_digest=$6, old_valid_until=$7, models=$8, limits=$9, budget=$10, expires_at=$11, metadata=$12, blocked=$13, updated_at=$15, spend_reset_at=$16, deleted_at=$17",
+    )
+    .bind(k.id.clone())
+    .bind(k.name.clone())
+    .bind(k.team_id.clone())
+    .bind(k.digest.clone())
+    .bind(k.prefix.clone())
+    .bind(k.old_digest.clone())
+    .bind(k.old_valid_until)
+    .bind(k.models.as_ref().map(to_json))
+    .bind(to_json(&k.limits))
+    .bind(k.budget.as_ref().map(budget_to_db))
+    .bind(k.expires_at)
+    .bind(to_json(&k.metadata))
+    .bind(i64::from(k.blocked))
+    .bind(k.created_at)
+    .bind(k.updated_at)
+    .bind(k.spend_reset_at)
+    .bind(k.deleted_at)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub async fn save_team(pool: &AnyPool, t: &TeamRecord) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO teams (id, name, models, limits, budget, metadata, created_at, updated_at, spend_reset_at, deleted_at)
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)
+         ON CONFLICT (id) DO UPDATE SET name=$2, models=$3, limits=$4, budget=$5, metadata=$6, updated_at=$8, spend_reset_at=$9, deleted_at=$10",
+    )
+    .bind(t.id.clone())
+    .bind(t.name.clone())
+    .bind(t.models.as_ref().map(to_json))
+    .bind(to_json(&t.limits))
+    .bind(t.budget.as_ref().map(budget_to_db))
+    .bind(to_json(&t.metadata))
+    .bind(t.created_at)
+    .bind(t.updated_at)
+    .bind(t.spend_reset_at)
+    .bind(t.deleted_at)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// An audit row: who changed what, before and after (secrets and digests never).
+pub async fn audit(
+    pool: &AnyPool,
+    ts: i64,
+    actor: &str,
+    action: &str,
+    object: (&str, &str),
+    before: Option<serde_json::Value>,
+    after: Option<serde_json::Value>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO audit (ts, actor, action, object_type, object_id, before_json, after_json) VALUES ($1,$2,$3,$4,$5,$6,$7)",
+    )
+    .bind(ts)
+    .bind(actor.to_string())
+    .bind(action.to_string())
+    .bind(object.0.to_string())
+    .bind(object.1.to_string())
+    .bind(before.map(|v| v.to_string()))
+    .bind(after.map(|v| v.to_string()))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Everything the directory is built from: records, and the spend already counted in
+/// the current period of each budget not yet live in memory.
+pub struct Loaded {
+    pub keys: Vec<KeyRecord>,
+    pub teams: Vec<TeamRecord>,
+    pub spent: HashMap<String, i64>,
+}
+
+/// Budget owner names: `key:ID`, `team:ID`, `config:NAME`.
+pub fn owner_id(scope: &str, id: &str) -> String {
+    format!("{scope}:{id}")
+}
+
+/// Reads every key and team, and sums the current period's spend of the budgets in
+/// `wanted` that `live` does not hold yet.
+pub async fn load(
+    pool: AnyPool,
+    now: i64,
+    live: HashSet<String>,
+    config_budgets: Vec<(String, BudgetSpec)>,
+) -> Result<Loaded, StoreError> {
+    let keys = sqlx::query("SELECT * FROM keys")
+        .fetch_all(&pool)
+        .await?
+        .iter()
+        .map(key_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let teams = sqlx::query("SELECT * FROM teams")
+        .fetch_all(&pool)
+        .await?
+        .iter()
+        .map(team_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut spent = HashMap::new();
+    let sum = |column: &'static str, owner: String, id: String, from: i64| {
+        let pool = pool.clone();
+        async move {
+            let sql = format!(
+                "SELECT COALESCE(SUM(cost_micro_usd), 0) AS s FROM usage WHERE {column} = $1 AND ts >= $2"
+            );
+            let row = sqlx::query(&sql)
+                .bind(id)
+                .bind(from)
+                .fetch_one(&pool)
+                .await?;
+            Ok::<_, StoreError>((owner, row.try_get::<i64, _>("s")?))
+        }
+    };
+    let mut wanted = Vec::new();
+    for k in keys.iter().filter(|k| k.deleted_at.is_none()) {
+        if let Some(b) = &k.budget {
+            let owner = owner_id("key", &k.id);
+            if !live.contains(&owner) {
+                let from = Budget::counts_from(b, k.spend_reset_at, now);
+                wanted.push(("key_id", owner, k.id.clone(), from));
+            }
+        }
+    }
+    for t in teams.iter().filter(|t| t.deleted_at.is_none()) {
+        if let Some(b) = &t.budget {
+            let owner = owner_id("team", &t.id);
+            if !live.contains(&owner) {
+                let from = Budget::counts_from(b, t.spend_reset_at, now);
+                wanted.push(("team_id", owner, t.id.clone(), from));
+            }
+        }
+    }
+    for (name, b) in config_budgets {
+        let owner = owner_id("config", &name);
+        if !live.contains(&owner) {
+            let from = Budget::counts_from(&b, 0, now);
+            wanted.push(("key_id", owner.clone(), owner, from));
+        }
+    }
+    for (column, owner, id, from) in wanted {
+        let (owner, s) = sum(column, owner, id, from).await?;
+        spent.insert(owner, s);
+    }
+    Ok(Loaded { keys, teams, spent })
+}
+
+/// The live directory of stored keys and teams, and every budget's live figures.
+pub struct Directory {
+    pub store: Store,
+    pub clock: Arc<dyn Clock>,
+    snapshot: ArcSwap<Snapshot>,
+    budgets: Mutex<HashMap<String, Arc<Budget>>>,
+    /// Spend read from the store for config keys' budgets not made yet.
+    config_spend: Mutex<HashMap<String, i64>>,
+    /// Admin writes one at a time, so a rebuild never races another change.
+    pub writes: tokio::sync::Mutex<()>,
+}
+
+impl Directory {
+    pub fn new(store: Store, clock: Arc<dyn Clock>) -> Directory {
+        Directory {
+            store,
+            clock,
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            budgets: Mutex::new(HashMap::new()),
+            config_spend: Mutex::new(HashMap::new()),
+            writes: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn now(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.snapshot.load()
+    }
+
+    fn budgets(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Budget>>> {
+        self.budgets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The owners whose budgets are live in memory.
+    pub fn live_budgets(&self) -> HashSet<String> {
+        self.budgets().keys().cloned().collect()
+    }
+
+    /// The live budget of `owner`, made (with `spent` already counted) or respecified.
+    fn budget(
+        &self,
+        owner: Owner,
+        key: String,
+        spec: &BudgetSpec,
+        spent: Option<i64>,
+        reset_at: i64,
+    ) -> Arc<Budget> {
+        let now = self.now();
+        let mut budgets = self.budgets();
+        if let Some(b) = budgets.get(&key) {
+            if b.figures(now).spec != *spec {
+                b.respec(spec.clone(), now);
+            }
+            return Arc::clone(b);
+        }
+        let b = Arc::new(Budget::new(
+            owner,
+            spec.clone(),
+            spent.unwrap_or(0),
+            reset_at,
+            now,
+        ));
+        budgets.insert(key, Arc::clone(&b));
+        b
+    }
+
+    /// Installs what `load` read.
+    pub fn install(&self, loaded: Loaded) {
+        let mut teams = BTreeMap::new();
+        for t in loaded.teams {
+            let budget = t
+                .budget
+                .as_ref()
+                .filter(|_| t.deleted_at.is_none())
+                .map(|spec| {
+                    let owner = Owner {
+                        scope: "team",
+                        id: t.id.clone(),
+                        name: t.name.clone(),
+                    };
+                    let key = owner_id("team", &t.id);
+                    let spent = loaded.spent.get(&key).copied();
+                    self.budget(owner, key, spec, spent, t.spend_reset_at)
+                });
+            teams.insert(t.id.clone(), Arc::new(StoredTeam { rec: t, budget }));
+        }
+        let mut snapshot = Snapshot::default();
+        for k in loaded.keys {
+            let budget = k
+                .budget
+                .as_ref()
+                .filter(|_| k.deleted_at.is_none())
+                .map(|spec| {
+                    let owner = Owner {
+                        scope: "key",
+                        id: k.id.clone(),
+                        name: k.name.clone(),
+                    };
+                    let key = owner_id("key", &k.id);
+                    let spent = loaded.spent.get(&key).copied();
+                    self.budget(owner, key, spec, spent, k.spend_reset_at)
+                });
+            let team = k.team_id.as_ref().and_then(|t| teams.get(t)).cloned();
+            let digests = [
+                unhex(&k.digest).map(|d| (d, false)),
+                k.old_digest.as_deref().and_then(unhex).map(|d| (d, true)),
+            ];
+            if k.deleted_at.is_none() {
+                snapshot.active += 1;
+            }
+            let key = Arc::new(StoredKey {
+                rec: k,
+                team,
+                budget,
+            });
+            for (d, previous) in digests.into_iter().flatten() {
+                snapshot.by_digest.insert(
+                    d,
+                    Entry {
+                        key: Arc::clone(&key),
+                        previous,
+                    },
+                );
+            }
+            snapshot.keys.insert(key.rec.id.clone(), key);
+        }
+        snapshot.teams = teams;
+        // Config-key budgets read at the same time.
+        for (owner, spent) in &loaded.spent {
+            if owner.starts_with("config:") {
+                self.pending_config_spend().insert(owner.clone(), *spent);
+            }
+        }
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
+    fn pending_config_spend(&self) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
+        self.config_spend.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The live budget of config key `name`.
+    pub fn config_budget(&self, name: &str, spec: &BudgetSpec) -> Arc<Budget> {
+        let key = owner_id("config", name);
+        let spent = self.pending_config_spend().remove(&key);
+        self.budget(
+            Owner {
+                scope: "key",
+                id: key.clone(),
+                name: name.to_string(),
+            },
+            key,
+            spec,
+            spent,
+            0,
+        )
+    }
+
+    /// The live budget of `owner` if there is one (reset_spend).
+    pub fn live_budget(&self, owner: &str) -> Option<Arc<Budget>> {
+        self.budgets().get(owner).cloned()
+    }
+
+    /// Reloads the directory from the store (after an admin change).
+    pub async fn refresh(
+        &self,
+        config_budgets: Vec<(String, BudgetSpec)>,
+    ) -> Result<(), StoreError> {
+        let now = self.now();
+        let live = self.live_budgets();
+        let loaded = self
+            .store
+            .run(move |pool| load(pool, now, live, config_budgets))
+            .await?;
+        self.install(loaded);
+        Ok(())
+    }
+}

@@ -1,0 +1,201 @@
+//! What a request cost, computed once (budgets, usage rows and metrics all take this
+//! figure). Prices are USD per million tokens in the config and the shipped table; they
+//! are held and summed as integers: micro-USD per million tokens, and a request's cost
+//! in micro-USD, rounded up, so that many small requests never add up to less than they
+//! cost.
+
+use crate::usage::Usage;
+use std::collections::HashMap;
+
+/// Micro-USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Price {
+    pub input: u64,
+    pub output: u64,
+    /// Input tokens read from the provider's prompt cache.
+    pub cached_input: u64,
+}
+
+/// USD per million tokens to micro-USD per million tokens (the config checks the value
+/// is finite, not negative and at most [`MAX_USD_PER_MTOK`]).
+pub fn micro_per_mtok(usd: f64) -> u64 {
+    (usd * 1e6).round().clamp(0.0, MAX_USD_PER_MTOK * 1e6) as u64
+}
+
+/// The largest price the config accepts, USD per million tokens.
+pub const MAX_USD_PER_MTOK: f64 = 1e6;
+
+impl Price {
+    pub fn from_usd(input: f64, output: f64, cached_input: Option<f64>) -> Price {
+        Price {
+            input: micro_per_mtok(input),
+            output: micro_per_mtok(output),
+            cached_input: micro_per_mtok(cached_input.unwrap_or(input)),
+        }
+    }
+
+    /// The cost of `usage`, micro-USD, rounded up. Cached input tokens are part of
+    /// `usage.input` and are charged at the cached price instead of the input price.
+    pub fn cost(&self, usage: &Usage) -> i64 {
+        let cached = usage.cached.min(usage.input);
+        let pico = u128::from(usage.input - cached) * u128::from(self.input)
+            + u128::from(cached) * u128::from(self.cached_input)
+            + u128::from(usage.output) * u128::from(self.output);
+        i64::try_from(pico.div_ceil(1_000_000)).unwrap_or(i64::MAX)
+    }
+
+    /// The most `input` and `output` tokens can cost, micro-USD (budget reservations).
+    pub fn most(&self, input: u64, output: u64) -> i64 {
+        self.cost(&Usage {
+            input,
+            output,
+            cached: 0,
+        })
+    }
+}
+
+/// The prices in force: the config's `pricing` over the shipped table.
+#[derive(Debug, Default, Clone)]
+pub struct Pricing {
+    configured: HashMap<String, Price>,
+    shipped: bool,
+}
+
+impl Pricing {
+    pub fn new(configured: HashMap<String, Price>, use_shipped: bool) -> Pricing {
+        Pricing {
+            configured,
+            shipped: use_shipped,
+        }
+    }
+
+    /// The price of an upstream model or alias: the config's entry of that exact name;
+    /// else the shipped table's, where a dated or versioned name (`gpt-4o-2024-08-06`)
+    /// takes its family's price.
+    pub fn get(&self, model: &str) -> Option<Price> {
+        if let Some(p) = self.configured.get(model) {
+            return Some(*p);
+        }
+        if !self.shipped {
+            return None;
+        }
+        shipped(model)
+    }
+
+    /// The price of an attempt: its upstream model's, else its alias's.
+    pub fn for_route(&self, upstream_model: &str, alias: &str) -> Option<Price> {
+        self.get(upstream_model).or_else(|| self.get(alias))
+    }
+}
+
+/// The table's date, shown in the README and `/admin/pricing`.
+pub const SHIPPED_AS_OF: &str = "2025-11-01";
+
+/// Published list prices, USD per million tokens: (model, input, cached input, output).
+const SHIPPED: &[(&str, f64, f64, f64)] = &[
+    // OpenAI
+    ("gpt-5", 1.25, 0.125, 10.0),
+    ("gpt-5-mini", 0.25, 0.025, 2.0),
+    ("gpt-5-nano", 0.05, 0.005, 0.40),
+    ("gpt-4.1", 2.0, 0.50, 8.0),
+    ("gpt-4.1-mini", 0.40, 0.10, 1.60),
+    ("gpt-4.1-nano", 0.10, 0.025, 0.40),
+    ("gpt-4o", 2.50, 1.25, 10.0),
+    ("gpt-4o-mini", 0.15, 0.075, 0.60),
+    ("o3", 2.0, 0.50, 8.0),
+    ("o4-mini", 1.10, 0.275, 4.40),
+    ("text-embedding-3-small", 0.02, 0.02, 0.0),
+    ("text-embedding-3-large", 0.13, 0.13, 0.0),
+    // Anthropic
+    ("claude-opus-4-1", 15.0, 1.50, 75.0),
+    ("claude-opus-4", 15.0, 1.50, 75.0),
+    ("claude-sonnet-4-5", 3.0, 0.30, 15.0),
+    ("claude-sonnet-4", 3.0, 0.30, 15.0),
+    ("claude-haiku-4-5", 1.0, 0.10, 5.0),
+    ("claude-3-5-haiku", 0.80, 0.08, 4.0),
+    // Google
+    ("gemini-2.5-pro", 1.25, 0.125, 10.0),
+    ("gemini-2.5-flash", 0.30, 0.03, 2.50),
+    ("gemini-2.5-flash-lite", 0.10, 0.01, 0.40),
+    // DeepSeek
+    ("deepseek-chat", 0.28, 0.028, 0.42),
+    ("deepseek-reasoner", 0.28, 0.028, 0.42),
+    // Mistral
+    ("mistral-large-latest", 2.0, 2.0, 6.0),
+    ("mistral-medium-latest", 0.40, 0.40, 2.0),
+    ("mistral-small-latest", 0.10, 0.10, 0.30),
+];
+
+/// The shipped price of `model`: an exact entry, else the longest entry `E` such that
+/// the model is `E-<digit>...` (a date or version suffix; `gpt-4o-mini` is not `gpt-4o`).
+fn shipped(model: &str) -> Option<Price> {
+    let mut best: Option<(usize, Price)> = None;
+    for &(name, input, cached, output) in SHIPPED {
+        let fits = model == name
+            || model
+                .strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
+        if fits && best.is_none_or(|(len, _)| name.len() > len) {
+            best = Some((name.len(), Price::from_usd(input, output, Some(cached))));
+        }
+    }
+    best.map(|(_, p)| p)
+}
+
+/// Micro-USD as dollars, for display (JSON `*_usd` fields); never summed.
+pub fn usd(micro: i64) -> f64 {
+    micro as f64 / 1e6
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn costs_are_integers_rounded_up() {
+        let p = Price::from_usd(0.15, 0.60, Some(0.075));
+        // 1000 input, 200 output: 150 + 120 micro-USD.
+        let u = Usage {
+            input: 1000,
+            output: 200,
+            cached: 0,
+        };
+        assert_eq!(p.cost(&u), 270);
+        // Half the input from the cache: 500 x 0.15 + 500 x 0.075 = 75 + 37.5 -> rounded up.
+        let u = Usage {
+            input: 1000,
+            output: 200,
+            cached: 500,
+        };
+        assert_eq!(p.cost(&u), 233);
+        // One token of a cheap model still costs a (rounded-up) micro-dollar.
+        let one = Usage {
+            input: 1,
+            output: 0,
+            cached: 0,
+        };
+        assert_eq!(p.cost(&one), 1);
+        assert_eq!(p.cost(&Usage::default()), 0);
+    }
+
+    #[test]
+    fn shipped_names_match_families_not_neighbours() {
+        let pricing = Pricing::new(HashMap::new(), true);
+        let mini = pricing.get("gpt-4o-mini").unwrap();
+        assert_eq!(mini.input, 150_000);
+        assert_eq!(pricing.get("gpt-4o-mini-2024-07-18"), Some(mini));
+        assert_eq!(pricing.get("gpt-4o-2024-08-06").unwrap().input, 2_500_000);
+        assert_eq!(
+            pricing.get("claude-sonnet-4-5-20250929").unwrap().output,
+            15_000_000
+        );
+        assert_eq!(pricing.get("gpt-4ox"), None);
+        assert_eq!(pricing.get("llama-3-8b"), None);
+        let mut own = HashMap::new();
+        own.insert("gpt-4o".to_string(), Price::from_usd(1.0, 2.0, None));
+        let pricing = Pricing::new(own, true);
+        assert_eq!(pricing.get("gpt-4o").unwrap().cached_input, 1_000_000);
+        assert_eq!(Pricing::new(HashMap::new(), false).get("gpt-4o"), None);
+    }
+}

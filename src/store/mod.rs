@@ -1,0 +1,373 @@
+//! The durable record: keys, teams, usage rows and the audit log, in an embedded SQLite
+//! database by default (`store.url`), through sqlx's driver-neutral pool so that
+//! PostgreSQL plugs in behind the same queries. The request path never waits on it: keys
+//! and budgets are loaded into memory (see `keys`), usage rows are queued and written in
+//! batches in the background (see `usage`).
+//!
+//! Database work runs on the store's own small runtime, so no Pingora service runtime
+//! owns a database connection and a slow database never occupies a proxy thread.
+
+pub mod usage;
+
+use crate::secret::mask_userinfo;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// The schema, one migration per version, applied in order in one transaction each.
+/// A database at a version this binary does not know refuses to start (a newer binary
+/// wrote it).
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "CREATE TABLE teams (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        models TEXT,
+        limits TEXT NOT NULL,
+        budget TEXT,
+        metadata TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        spend_reset_at BIGINT NOT NULL DEFAULT 0,
+        deleted_at BIGINT
+    );
+    CREATE TABLE keys (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        team_id TEXT,
+        digest TEXT NOT NULL UNIQUE,
+        prefix TEXT NOT NULL,
+        old_digest TEXT,
+        old_valid_until BIGINT,
+        models TEXT,
+        limits TEXT NOT NULL,
+        budget TEXT,
+        expires_at BIGINT,
+        metadata TEXT NOT NULL,
+        blocked BIGINT NOT NULL DEFAULT 0,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        spend_reset_at BIGINT NOT NULL DEFAULT 0,
+        deleted_at BIGINT
+    );
+    CREATE INDEX keys_team ON keys (team_id);
+    CREATE TABLE usage (
+        request_id TEXT NOT NULL,
+        ts BIGINT NOT NULL,
+        day TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        key_name TEXT NOT NULL,
+        team_id TEXT,
+        model TEXT NOT NULL,
+        upstream TEXT,
+        upstream_model TEXT,
+        status BIGINT NOT NULL,
+        stream BIGINT NOT NULL,
+        input_tokens BIGINT NOT NULL,
+        output_tokens BIGINT NOT NULL,
+        cached_tokens BIGINT NOT NULL,
+        cost_micro_usd BIGINT NOT NULL,
+        priced BIGINT NOT NULL,
+        cache TEXT
+    );
+    CREATE INDEX usage_ts ON usage (ts);
+    CREATE INDEX usage_key_ts ON usage (key_id, ts);
+    CREATE INDEX usage_team_ts ON usage (team_id, ts);
+    CREATE TABLE audit (
+        ts BIGINT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        object_type TEXT NOT NULL,
+        object_id TEXT NOT NULL,
+        before_json TEXT,
+        after_json TEXT
+    );
+    CREATE INDEX audit_ts ON audit (ts);",
+)];
+
+/// The schema version this binary writes.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// A store failure, with any password in the URL masked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreError(pub String);
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError(mask_userinfo(&e.to_string()))
+    }
+}
+
+/// The database. Connections are made lazily on the store's own runtime, which is
+/// started on first use: after Pingora has forked into the background (`-d`), since a
+/// fork keeps no thread. Start-up work (migrations, loading keys) goes through
+/// [`prepare`] on a throwaway runtime before that.
+#[derive(Clone)]
+pub struct Store {
+    url: String,
+    live: Arc<OnceLock<Result<(AnyPool, tokio::runtime::Handle), StoreError>>>,
+}
+
+/// The runtime of all store work: two threads, kept for the life of the process.
+fn runtime() -> Result<tokio::runtime::Handle, StoreError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tollgate-store")
+        .enable_all()
+        .build()
+        .map_err(|e| StoreError(format!("cannot start the store's runtime: {e}")))?;
+    let handle = rt.handle().clone();
+    // The runtime lives as long as the process: it parks a thread that never exits.
+    std::thread::Builder::new()
+        .name("tollgate-store-rt".into())
+        .spawn(move || rt.block_on(std::future::pending::<()>()))
+        .map_err(|e| StoreError(format!("cannot start the store's runtime: {e}")))?;
+    Ok(handle)
+}
+
+/// What a `store.url` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location(pub std::path::PathBuf);
+
+/// Parses `store.url`: `sqlite:///absolute/path.db` or `sqlite://relative/path.db`.
+pub fn location(url: &str) -> Result<Location, StoreError> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let path = path.split('?').next().unwrap_or_default();
+        if path.is_empty() {
+            return Err(StoreError("store.url: sqlite:// needs a file path".into()));
+        }
+        return Ok(Location(path.into()));
+    }
+    Err(StoreError(format!(
+        "store.url: {} is not a supported database URL (sqlite:///path/to/file.db)",
+        mask_userinfo(url)
+    )))
+}
+
+fn connect_url(loc: &Location, mode: &str) -> String {
+    format!("sqlite://{}?mode={mode}", loc.0.display())
+}
+
+fn pool_options() -> AnyPoolOptions {
+    sqlx::any::install_default_drivers();
+    AnyPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(5))
+}
+
+/// Start-up: creates the file and its directory when missing, migrates the schema and
+/// runs `load` on the database, all on a throwaway runtime that is gone when this
+/// returns.
+pub fn prepare<T, F>(url: &str, load: impl FnOnce(AnyPool) -> F) -> Result<T, StoreError>
+where
+    F: Future<Output = Result<T, StoreError>>,
+{
+    let loc = location(url)?;
+    if let Some(dir) = loc.0.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError(format!("store.url: cannot create {}: {e}", dir.display())))?;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StoreError(format!("cannot start a runtime: {e}")))?;
+    rt.block_on(async {
+        let pool = pool_options().connect(&connect_url(&loc, "rwc")).await?;
+        // Readers do not block the writer, and a crash loses no committed row.
+        sqlx::query("PRAGMA journal_mode=WAL")
+            .execute(&pool)
+            .await?;
+        migrate(&pool).await?;
+        let loaded = load(pool.clone()).await;
+        pool.close().await;
+        loaded
+    })
+}
+
+impl Store {
+    /// The store at `url`, connected on first use (see [`prepare`] for start-up).
+    pub fn new(url: &str) -> Store {
+        Store {
+            url: url.to_string(),
+            live: Arc::new(OnceLock::new()),
+        }
+    }
+
+    fn live(&self) -> Result<(AnyPool, tokio::runtime::Handle), StoreError> {
+        self.live
+            .get_or_init(|| {
+                let loc = location(&self.url)?;
+                let rt = runtime()?;
+                let _in_runtime = rt.enter();
+                // SQLite takes one writer at a time: two connections let an admin read
+                // run beside a flush; one stays open so the process's files are steady.
+                let pool = pool_options()
+                    .max_connections(2)
+                    .min_connections(1)
+                    .connect_lazy(&connect_url(&loc, "rw"))?;
+                Ok((pool, rt))
+            })
+            .clone()
+    }
+
+    /// `tollgate -t`: the store is reachable and its schema version is known, without
+    /// creating anything. A file not there yet is fine: it is created at start.
+    pub fn check(url: &str) -> Result<String, StoreError> {
+        let loc = location(url)?;
+        let path = &loc.0;
+        if !path.exists() {
+            let mut dir = path.parent().map(std::path::Path::to_path_buf);
+            while let Some(d) = dir
+                .as_ref()
+                .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+            {
+                dir = d.parent().map(std::path::Path::to_path_buf);
+            }
+            return Ok(format!(
+                "{} will be created at start (under {})",
+                path.display(),
+                dir.map_or_else(|| ".".into(), |d| d.display().to_string())
+            ));
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError(format!("cannot start a runtime: {e}")))?;
+        let version = rt.block_on(async {
+            let pool = pool_options()
+                .max_connections(1)
+                .connect(&connect_url(&loc, "ro"))
+                .await?;
+            let v = schema_version(&pool).await;
+            pool.close().await;
+            v
+        })?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError(format!(
+                "store.url: {} has schema version {version}, newer than this binary's {SCHEMA_VERSION}",
+                path.display()
+            )));
+        }
+        Ok(format!("{} at schema version {version}", path.display()))
+    }
+
+    /// Runs database work on the store's runtime and waits for it from any runtime.
+    pub async fn run<T, F>(&self, work: impl FnOnce(AnyPool) -> F) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (pool, rt) = self.live()?;
+        rt.spawn(work(pool))
+            .await
+            .map_err(|e| StoreError(format!("store task failed: {e}")))?
+    }
+
+    /// Runs database work from outside any runtime (the final flush at exit).
+    pub fn run_blocking<T, F>(&self, work: impl FnOnce(AnyPool) -> F) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (pool, rt) = self.live()?;
+        block_on(&rt, work(pool))?
+    }
+
+    pub fn url(&self) -> String {
+        mask_userinfo(&self.url)
+    }
+
+    /// Connects now rather than on the first write.
+    pub async fn connect(&self) -> Result<(), StoreError> {
+        self.run(|pool| async move {
+            sqlx::query("SELECT 1").execute(&pool).await?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// Waits for `fut` on the store's runtime from a thread outside it.
+fn block_on<T: Send + 'static>(
+    rt: &tokio::runtime::Handle,
+    fut: impl Future<Output = T> + Send + 'static,
+) -> Result<T, StoreError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    rt.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv()
+        .map_err(|_| StoreError("store task failed".into()))
+}
+
+async fn schema_version(pool: &AnyPool) -> Result<i64, StoreError> {
+    let exists = sqlx::query(
+        "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name = 'tollgate_schema'",
+    )
+    .fetch_one(pool)
+    .await?
+    .try_get::<i64, _>("n")?;
+    if exists == 0 {
+        return Ok(0);
+    }
+    let row: AnyRow = sqlx::query("SELECT COALESCE(MAX(version), 0) AS v FROM tollgate_schema")
+        .fetch_one(pool)
+        .await?;
+    Ok(row.try_get::<i64, _>("v")?)
+}
+
+async fn migrate(pool: &AnyPool) -> Result<(), StoreError> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS tollgate_schema (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+    )
+    .execute(pool)
+    .await?;
+    let current = schema_version(pool).await?;
+    if current > SCHEMA_VERSION {
+        return Err(StoreError(format!(
+            "the database has schema version {current}, newer than this binary's {SCHEMA_VERSION}; run a newer tollgate"
+        )));
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        let mut tx = pool.begin().await?;
+        for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            sqlx::query(statement).execute(&mut *tx).await?;
+        }
+        sqlx::query("INSERT INTO tollgate_schema (version, applied_at) VALUES ($1, $2)")
+            .bind(*version)
+            .bind(crate::clock::Clock::now_ms(&crate::clock::SystemClock))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        log::info!("store: schema migrated to version {version}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prepares_migrates_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/t.db");
+        let url = format!("sqlite://{}", path.display());
+        assert!(Store::check(&url).unwrap().contains("will be created"));
+        let v = prepare(&url, |pool| async move { schema_version(&pool).await }).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        assert!(Store::check(&url).unwrap().contains("schema version 1"));
+        // Migrating again is a no-op; the live store reads what start-up wrote.
+        prepare(&url, |_| async { Ok(()) }).unwrap();
+        let store = Store::new(&url);
+        let v = store
+            .run_blocking(|pool| async move { schema_version(&pool).await })
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let e = location("postgres://u:pw@h/db").unwrap_err().0;
+        assert!(e.contains("***@h") && !e.contains("pw"), "{e}");
+    }
+}

@@ -1,0 +1,273 @@
+//! Usage rows: one per LLM request, queued in memory on the request path (no I/O, one
+//! short lock) and written in batches by a background task every `store.flush_interval`,
+//! at reload, and once more when the process exits. When the database is slow or down,
+//! rows wait in the queue up to `store.queue_size`; what arrives past that is dropped,
+//! counted (`tollgate_usage_rows_dropped_total`) and logged. A `kill -9` loses what is
+//! queued: at most one flush interval of rows.
+
+use super::{Store, StoreError};
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What one request used and cost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    pub request_id: String,
+    /// Milliseconds since the epoch, UTC.
+    pub ts: i64,
+    pub key_id: String,
+    pub key_name: String,
+    pub team_id: Option<String>,
+    pub model: String,
+    pub upstream: Option<String>,
+    pub upstream_model: Option<String>,
+    pub status: u16,
+    pub stream: bool,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_tokens: u64,
+    pub cost_micro: i64,
+    /// Whether a price was known (an unpriced answer counts zero).
+    pub priced: bool,
+    /// `hit`, `miss` or `bypass` for a cached alias.
+    pub cache: Option<&'static str>,
+}
+
+/// Rows waiting to be written.
+pub struct UsageQueue {
+    rows: Mutex<VecDeque<UsageRow>>,
+    bound: usize,
+    dropped: AtomicU64,
+    /// Wakes the writer early (reload, shutdown).
+    wake: tokio::sync::Notify,
+}
+
+/// Rows per INSERT statement (SQLite allows 32766 parameters; 17 per row).
+const BATCH: usize = 200;
+
+impl UsageQueue {
+    pub fn new(bound: usize) -> Arc<UsageQueue> {
+        Arc::new(UsageQueue {
+            rows: Mutex::new(VecDeque::new()),
+            bound: bound.max(1),
+            dropped: AtomicU64::new(0),
+            wake: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<UsageRow>> {
+        self.rows.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a row; past the bound it is dropped and counted.
+    pub fn push(&self, row: UsageRow) {
+        let depth = {
+            let mut q = self.lock();
+            if q.len() >= self.bound {
+                drop(q);
+                self.dropped_rows(1);
+                return;
+            }
+            q.push_back(row);
+            q.len()
+        };
+        if let Some(m) = crate::observe::metrics::get() {
+            m.store_queue.set(depth as i64);
+        }
+    }
+
+    fn dropped_rows(&self, n: u64) {
+        let before = self.dropped.fetch_add(n, Ordering::Relaxed);
+        if let Some(m) = crate::observe::metrics::get() {
+            m.usage_rows.with_label_values(&["dropped"]).inc_by(n);
+        }
+        // One line per power of two dropped: loud at first, never a flood.
+        if (before + n).is_power_of_two() || before == 0 {
+            log::error!(
+                "store: the usage queue is full ({} rows): {} usage rows dropped so far",
+                self.bound,
+                before + n
+            );
+        }
+    }
+
+    pub fn depth(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Asks the writer to flush now.
+    pub fn flush_soon(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Writes everything queued; on failure the rows go back to the front of the queue
+    /// (as many as fit) for the next attempt.
+    pub async fn flush(&self, store: &Store) -> Result<usize, StoreError> {
+        let rows: Vec<UsageRow> = self.lock().drain(..).collect();
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let started = Instant::now();
+        let batch = rows.clone();
+        let result = store
+            .run(|pool| async move { insert(&pool, &batch).await })
+            .await;
+        self.after(rows, started, result)
+    }
+
+    /// [`flush`] from outside any runtime: the last write before the process exits.
+    pub fn flush_blocking(&self, store: &Store) -> Result<usize, StoreError> {
+        let rows: Vec<UsageRow> = self.lock().drain(..).collect();
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let started = Instant::now();
+        let batch = rows.clone();
+        let result = store.run_blocking(|pool| async move { insert(&pool, &batch).await });
+        self.after(rows, started, result)
+    }
+
+    fn after(
+        &self,
+        rows: Vec<UsageRow>,
+        started: Instant,
+        result: Result<(), StoreError>,
+    ) -> Result<usize, StoreError> {
+        let n = rows.len();
+        let m = crate::observe::metrics::get();
+        if let Some(m) = m {
+            m.store_flush.observe(started.elapsed().as_secs_f64());
+        }
+        match result {
+            Ok(()) => {
+                if let Some(m) = m {
+                    m.usage_rows
+                        .with_label_values(&["written"])
+                        .inc_by(n as u64);
+                    m.store_queue.set(self.depth() as i64);
+                }
+                Ok(n)
+            }
+            Err(e) => {
+                let mut q = self.lock();
+                let room = self.bound.saturating_sub(q.len());
+                let keep = n.min(room);
+                for row in rows.into_iter().take(keep).rev() {
+                    q.push_front(row);
+                }
+                let depth = q.len();
+                drop(q);
+                if keep < n {
+                    self.dropped_rows((n - keep) as u64);
+                }
+                if let Some(m) = m {
+                    m.store_queue.set(depth as i64);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+async fn insert(pool: &sqlx::AnyPool, rows: &[UsageRow]) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    for chunk in rows.chunks(BATCH) {
+        let mut sql = String::from(
+            "INSERT INTO usage (request_id, ts, day, key_id, key_name, team_id, model, upstream, upstream_model, status, stream, input_tokens, output_tokens, cached_tokens, cost_micro_usd, priced, cache) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push('(');
+            for j in 0..17 {
+                if j > 0 {
+                    sql.push(',');
+                }
+                sql.push('$');
+                sql.push_str(&(i * 17 + j + 1).to_string());
+            }
+            sql.push(')');
+        }
+        let mut q = sqlx::query(&sql);
+        for r in chunk {
+            q = q
+                .bind(r.request_id.clone())
+                .bind(r.ts)
+                .bind(crate::clock::day(r.ts))
+                .bind(r.key_id.clone())
+                .bind(r.key_name.clone())
+                .bind(r.team_id.clone())
+                .bind(r.model.clone())
+                .bind(r.upstream.clone())
+                .bind(r.upstream_model.clone())
+                .bind(i64::from(r.status))
+                .bind(i64::from(r.stream))
+                .bind(sat(r.input_tokens))
+                .bind(sat(r.output_tokens))
+                .bind(sat(r.cached_tokens))
+                .bind(r.cost_micro)
+                .bind(i64::from(r.priced))
+                .bind(r.cache.map(str::to_string));
+        }
+        q.execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+fn sat(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The background writer: flushes every `interval`, and when woken.
+pub struct Writer {
+    pub queue: Arc<UsageQueue>,
+    pub store: Store,
+    pub interval: Duration,
+}
+
+#[async_trait]
+impl BackgroundService for Writer {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut failing = false;
+        let mut stopping = false;
+        if let Err(e) = self.store.connect().await {
+            log::error!("store: cannot connect ({e}); usage rows wait in the queue");
+            failing = true;
+        }
+        loop {
+            let wait = if stopping {
+                Duration::from_millis(100)
+            } else {
+                self.interval
+            };
+            tokio::select! {
+                _ = shutdown.changed(), if !stopping => stopping = true,
+                _ = self.queue.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+            match self.queue.flush(&self.store).await {
+                Ok(_) if failing => {
+                    failing = false;
+                    log::info!("store: usage rows are written again");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if !failing {
+                        log::error!(
+                            "store: cannot write usage rows ({e}); {} rows wait in the queue",
+                            self.queue.depth()
+                        );
+                    }
+                    failing = true;
+                }
+            }
+        }
+    }
+}
