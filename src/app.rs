@@ -110,7 +110,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
         log::warn!("{w}");
     }
     let directory = open_store(&config)?;
-    if config.keys.is_empty() && directory.snapshot().active == 0 {
+    if config.keys.is_empty() && directory.snapshot().keys.is_empty() {
         log::warn!("no client keys are configured or stored: the gateway is open to anyone who can reach it");
     }
     if config.admin.master_key.is_none() {

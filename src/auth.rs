@@ -43,12 +43,16 @@ impl KeyStore for Directory {
         presented: Option<&str>,
     ) -> Result<Caller, Rejected> {
         let snapshot = self.snapshot();
-        if config_keys.is_empty() && snapshot.active == 0 {
+        // Open only while no key was ever configured or stored: deleting the last stored
+        // key must not open the gateway.
+        if config_keys.is_empty() && snapshot.keys.is_empty() {
             return Ok(Caller::Anonymous);
         }
         let presented = presented.ok_or(Rejected::Unknown)?;
-        if let Some(c) = config_keys.authenticate(Some(presented)) {
-            return Ok(c);
+        if !config_keys.is_empty() {
+            if let Some(c) = config_keys.authenticate(Some(presented)) {
+                return Ok(c);
+            }
         }
         snapshot.find(presented, self.now()).map(Caller::Stored)
     }

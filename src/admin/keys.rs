@@ -722,8 +722,10 @@ async fn rotate_key(dir: &Directory, config: &Config, id: &str, body: &[u8]) -> 
     let now = dir.now();
     let mut k = find_key(&dir.snapshot(), id)?.rec.clone();
     let (secret, digest, prefix) = keys::new_secret(&k.id)?;
-    k.old_digest = (grace > 0).then(|| k.digest.clone());
-    k.old_valid_until = (grace > 0).then_some(now + grace);
+    // The old digest is kept (valid for the grace period, if any) so that a client
+    // still sending it is told the key was rotated rather than that it never existed.
+    k.old_digest = Some(k.digest.clone());
+    k.old_valid_until = Some(now + grace);
     k.digest = digest;
     k.prefix = prefix;
     k.updated_at = now;

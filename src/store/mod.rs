@@ -202,11 +202,12 @@ impl Store {
                 let loc = location(&self.url)?;
                 let rt = runtime()?;
                 let _in_runtime = rt.enter();
-                // SQLite takes one writer at a time: two connections let an admin read
-                // run beside a flush; one stays open so the process's files are steady.
+                // SQLite takes one writer at a time; one connection, kept open, also
+                // keeps the process's open files steady.
                 let pool = pool_options()
-                    .max_connections(2)
+                    .max_connections(1)
                     .min_connections(1)
+                    .idle_timeout(None)
                     .connect_lazy(&connect_url(&loc, "rw"))?;
                 Ok((pool, rt))
             })
