@@ -73,6 +73,29 @@ async fn chat_with(gw: &Gateway, key: &str, body: &Value) -> (u16, Value) {
     )
 }
 
+/// The key's budget spend in micro-dollars once it reaches `expected` (an answer's cost
+/// is settled just after its last byte), or what it is after 2 s.
+async fn settled_spend(gw: &Gateway, key: &str, expected: i64) -> i64 {
+    let mut spent = 0;
+    for _ in 0..200 {
+        let info: Value = client()
+            .get(gw.url("/v1/key/info"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        spent = (info["budgets"][0]["spend_usd"].as_f64().unwrap() * 1e6).round() as i64;
+        if spent == expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    spent
+}
+
 fn msg(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hello"}]})
 }
@@ -421,7 +444,7 @@ async fn a_budget_refuses_with_402_naming_scope_and_reset_time() {
         .json()
         .await
         .unwrap();
-    assert_eq!(info["budgets"][0]["spend_usd"].as_f64().unwrap(), 90e-6);
+    assert_eq!(settled_spend(&gw, &key, 90).await, 90);
     assert_eq!(info["budgets"][0]["resets_at"], next_month.as_str());
     // reset_spend makes room again.
     let (s, _) = admin
@@ -487,16 +510,7 @@ async fn concurrent_requests_cannot_overspend_a_budget() {
     assert!(admitted >= 1);
     assert_eq!(admitted + refused, 50, "{statuses:?}");
     assert_eq!(up.hits(), admitted);
-    let info: Value = client()
-        .get(gw.url("/v1/key/info"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let spent = (info["budgets"][0]["spend_usd"].as_f64().unwrap() * 1e6).round() as i64;
+    let spent = settled_spend(&gw, &key, admitted as i64 * 120).await;
     assert_eq!(spent, admitted as i64 * 120);
     assert!(spent <= max_micro);
 }
@@ -668,20 +682,7 @@ async fn a_restart_keeps_keys_and_spend_and_kill_9_loses_at_most_one_flush_inter
     drop(gw);
     let gw = Gateway::start(&persistent(&up.url(), &db, "200ms"));
     assert_eq!(chat_with(&gw, &key, &msg("m")).await.0, 200);
-    let info: Value = client()
-        .get(gw.url("/v1/key/info"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        info["budgets"][0]["spend_usd"].as_f64().unwrap(),
-        150e-6,
-        "{info}"
-    );
+    assert_eq!(settled_spend(&gw, &key, 150).await, 150);
     let usage = |gw: &Gateway| {
         let url = gw.admin_url(&format!("/admin/usage?key={id}"));
         async move {

@@ -45,6 +45,7 @@ pub struct UsageQueue {
     dropped: AtomicU64,
     /// Wakes the writer early (reload, shutdown).
     wake: tokio::sync::Notify,
+    flushing: tokio::sync::Mutex<()>,
 }
 
 /// Rows per INSERT statement (SQLite allows 32766 parameters; 17 per row).
@@ -57,6 +58,7 @@ impl UsageQueue {
             bound: bound.max(1),
             dropped: AtomicU64::new(0),
             wake: tokio::sync::Notify::new(),
+            flushing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -106,29 +108,30 @@ impl UsageQueue {
     }
 
     /// Writes everything queued; on failure the rows go back to the front of the queue
-    /// (as many as fit) for the next attempt.
-    pub async fn flush(&self, store: &Store) -> Result<usize, StoreError> {
-        let rows: Vec<UsageRow> = self.lock().drain(..).collect();
-        if rows.is_empty() {
-            return Ok(0);
-        }
-        let started = Instant::now();
-        let batch = rows.clone();
-        let result = store
-            .run(|pool| async move { insert(&pool, &batch).await })
-            .await;
-        self.after(rows, started, result)
+    /// (as many as fit) for the next attempt. The work runs on the store's runtime, one
+    /// flush at a time, so a flush whose caller went away (a runtime shutting down)
+    /// still finishes before the next one, the last at exit included, begins.
+    pub async fn flush(self: &Arc<Self>, store: &Store) -> Result<usize, StoreError> {
+        let q = Arc::clone(self);
+        store
+            .run(move |pool| async move { q.write_queued(&pool).await })
+            .await
     }
 
     /// [`flush`] from outside any runtime: the last write before the process exits.
-    pub fn flush_blocking(&self, store: &Store) -> Result<usize, StoreError> {
+    pub fn flush_blocking(self: &Arc<Self>, store: &Store) -> Result<usize, StoreError> {
+        let q = Arc::clone(self);
+        store.run_blocking(move |pool| async move { q.write_queued(&pool).await })
+    }
+
+    async fn write_queued(&self, pool: &sqlx::AnyPool) -> Result<usize, StoreError> {
+        let _one_at_a_time = self.flushing.lock().await;
         let rows: Vec<UsageRow> = self.lock().drain(..).collect();
         if rows.is_empty() {
             return Ok(0);
         }
         let started = Instant::now();
-        let batch = rows.clone();
-        let result = store.run_blocking(|pool| async move { insert(&pool, &batch).await });
+        let result = insert(pool, &rows).await;
         self.after(rows, started, result)
     }
 
