@@ -62,6 +62,27 @@ pub enum Command {
         /// The nginx config file, e.g. /etc/nginx/nginx.conf.
         file: std::path::PathBuf,
     },
+    /// Manage client keys through the admin API (master key from TOLLGATE_MASTER_KEY).
+    Keys {
+        #[command(flatten)]
+        target: crate::admin::cli::Target,
+        #[command(subcommand)]
+        command: crate::admin::cli::KeysCommand,
+    },
+    /// Manage teams through the admin API.
+    Teams {
+        #[command(flatten)]
+        target: crate::admin::cli::Target,
+        #[command(subcommand)]
+        command: crate::admin::cli::TeamsCommand,
+    },
+    /// Spend grouped by key, team, model, upstream or day.
+    Spend {
+        #[command(flatten)]
+        target: crate::admin::cli::Target,
+        #[command(flatten)]
+        args: crate::admin::cli::SpendArgs,
+    },
 }
 
 fn env(name: &str) -> Option<String> {
@@ -80,6 +101,9 @@ pub fn main(cli: Cli) -> i32 {
             stream_events,
             stream_gap_ms,
         }) => mock_upstream(listen, stream_events, stream_gap_ms),
+        Some(Command::Keys { target, command }) => crate::admin::cli::keys(&target, command),
+        Some(Command::Teams { target, command }) => crate::admin::cli::teams(&target, command),
+        Some(Command::Spend { target, args }) => crate::admin::cli::spend(&target, &args),
         Some(Command::ImportNginx { file }) => match crate::import::nginx::import(&file) {
             Ok(import) => {
                 for w in &import.warnings {

@@ -825,3 +825,136 @@ async fn budget_alerts_reach_a_webhook() {
     assert_eq!(hook.hits(), 2);
     assert!(!gw.logs().contains("hook-secret-9"));
 }
+
+fn cli(gw: &Gateway, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .args(["--admin", &format!("http://{}", gw.admin)])
+        .env("TOLLGATE_MASTER_KEY", MASTER)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_cli_manages_keys_teams_and_spend() {
+    let up = MockUpstream::start("up").await.unwrap();
+    up.set_default(reply_with_usage(20, 10));
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&config(
+        &up.url(),
+        &format!(
+            "{PRICING}store:\n  url: sqlite://{}/t.db\n  flush_interval: 50ms\n",
+            dir.path().display()
+        ),
+    ));
+    let (ok, out, err) = cli(&gw, &["teams", "create", "--name", "ops", "--rpm", "100"]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("ID "), "{out}");
+    let (ok, out, err) = cli(
+        &gw,
+        &[
+            "keys",
+            "create",
+            "--name",
+            "deploy",
+            "--team",
+            "ops",
+            "--budget-usd",
+            "5",
+            "--budget-period",
+            "daily",
+        ],
+    );
+    assert!(ok, "{err}");
+    let secret = out
+        .lines()
+        .find_map(|l| l.strip_prefix("secret (shown once, store it now): "))
+        .unwrap()
+        .to_string();
+    let id = secret.split('-').nth(1).unwrap().to_string();
+    assert_eq!(chat_with(&gw, &secret, &msg("m")).await.0, 200);
+    let (ok, out, _) = cli(&gw, &["keys", "list"]);
+    assert!(ok);
+    let header = out.lines().next().unwrap();
+    assert!(
+        header.starts_with("ID ") && header.contains("NAME") && header.contains("SPEND_USD"),
+        "{out}"
+    );
+    let row = out.lines().find(|l| l.contains("deploy")).unwrap();
+    assert!(row.contains("ops") && row.contains("daily"), "{row}");
+    assert!(!out.contains(&secret));
+    let (ok, _, err) = cli(&gw, &["keys", "block", &id]);
+    assert!(ok, "{err}");
+    assert_eq!(chat_with(&gw, &secret, &msg("m")).await.0, 401);
+    let (ok, _, _) = cli(&gw, &["keys", "unblock", &id]);
+    assert!(ok);
+    assert_eq!(chat_with(&gw, &secret, &msg("m")).await.0, 200);
+    // Spend, once the rows are written: two answers of 30 micro-dollars.
+    let mut v = Value::Null;
+    for _ in 0..100 {
+        let (ok, out, err) = cli(
+            &gw,
+            &["spend", "--group-by", "team", "--since", "1d", "--json"],
+        );
+        assert!(ok, "{err}");
+        v = serde_json::from_str(&out).unwrap();
+        if v["data"][0]["requests"] == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(v["data"][0]["team_name"], "ops", "{v}");
+    assert_eq!(v["data"][0]["spend_micro_usd"], 60);
+    // Errors are said, with a failing exit code.
+    let (ok, _, err) = cli(&gw, &["keys", "show", "nope"]);
+    assert!(!ok);
+    assert!(err.contains("404"), "{err}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["keys", "list", "--admin", &format!("http://{}", gw.admin)])
+        .env_remove("TOLLGATE_MASTER_KEY")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TOLLGATE_MASTER_KEY"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_sees_402_as_an_error_it_does_not_retry() {
+    let up = MockUpstream::start("up").await.unwrap();
+    let gw = Gateway::start(&config(&up.url(), PRICING));
+    // A budget of zero dollars: nothing fits.
+    let (_, key) = Admin::new(&gw)
+        .create_key(json!({"name": "sdk", "budget": {"max_usd": 0, "period": "total"}}))
+        .await;
+    let python = std::env::var("TOLLGATE_PYTHON").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/target/pyenv/bin/python").to_string()
+    });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/sdk_budget.py");
+    let base = gw.url("/v1");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .args([script, &base, &key])
+            .output()
+            .expect("run python (see scripts/bootstrap)")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // One request reached the gateway: the SDK did not retry; none reached the upstream.
+    let m = scrape(&gw).await;
+    assert!(
+        m.contains("tollgate_requests_total{code=\"402\",model=\"m\",upstream=\"none\"} 1"),
+        "{m}"
+    );
+    assert_eq!(up.hits(), 0);
+}

@@ -40,6 +40,10 @@ fn the_unit_verifies_cleanly_and_scores_two_or_better() {
     );
     let dir = tempfile::tempdir().unwrap();
     let unit = unit_with_built_binary(&dir);
+    // The default store's directory is the unit's state directory.
+    let text = std::fs::read_to_string(&unit).unwrap();
+    assert!(text.contains("StateDirectory=tollgate\n"), "{text}");
+    assert!(tollgate::config::file::DEFAULT_STORE_URL.starts_with("sqlite:///var/lib/tollgate/"));
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(&unit)

@@ -3,6 +3,7 @@
 //! `/metrics` (Prometheus text format, the default registry of prometheus 0.14); with
 //! `admin.master_key`, the keys, teams and spend API of `keys`.
 
+pub mod cli;
 pub mod keys;
 
 use crate::config::Config;

@@ -1,0 +1,519 @@
+//! `tollgate keys ...`, `tollgate teams ...` and `tollgate spend ...`: the admin API from
+//! the command line, for operators who run the gateway under systemd. Each command is one
+//! HTTP request to the admin listener (`--admin`, default `http://127.0.0.1:9091`) with
+//! the master key from `TOLLGATE_MASTER_KEY`; answers print as aligned tables, or as the
+//! API's JSON with `--json`.
+
+use clap::{Args, Subcommand};
+use serde_json::{json, Map, Value};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+#[derive(Args, Debug, Clone)]
+pub struct Target {
+    /// The admin listener.
+    #[arg(long, default_value = "http://127.0.0.1:9091", global = true)]
+    pub admin: String,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// Fields shared by create and update.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Fields {
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Team id or name.
+    #[arg(long)]
+    pub team: Option<String>,
+    /// Allowed aliases, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub models: Option<Vec<String>>,
+    #[arg(long)]
+    pub rps: Option<u64>,
+    #[arg(long)]
+    pub rpm: Option<u64>,
+    #[arg(long)]
+    pub tpm: Option<u64>,
+    #[arg(long)]
+    pub concurrency: Option<u64>,
+    /// Budget in US dollars.
+    #[arg(long)]
+    pub budget_usd: Option<f64>,
+    /// daily, weekly, monthly or total.
+    #[arg(long, default_value = "monthly")]
+    pub budget_period: String,
+    /// enforce or track.
+    #[arg(long, default_value = "enforce")]
+    pub budget_mode: String,
+    /// Key expiry: an RFC 3339 time.
+    #[arg(long)]
+    pub expires_at: Option<String>,
+    /// Key expiry: a duration from now, such as 30d.
+    #[arg(long)]
+    pub expires_in: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Create a key; its secret is printed this once.
+    Create(Fields),
+    /// List keys (config keys included, marked read-only).
+    List {
+        #[arg(long)]
+        team: Option<String>,
+        #[arg(long)]
+        search: Option<String>,
+    },
+    Show {
+        id: String,
+    },
+    /// Change fields of a key.
+    Update {
+        id: String,
+        #[command(flatten)]
+        fields: Fields,
+    },
+    /// A new secret; with --grace the old one works that much longer.
+    Rotate {
+        id: String,
+        #[arg(long)]
+        grace: Option<String>,
+    },
+    Block {
+        id: String,
+    },
+    Unblock {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+    /// Forget the spend counted against the key's budget.
+    ResetSpend {
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TeamsCommand {
+    Create(Fields),
+    List,
+    Show {
+        id: String,
+    },
+    Update {
+        id: String,
+        #[command(flatten)]
+        fields: Fields,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct SpendArgs {
+    /// key, team, model, upstream or day.
+    #[arg(long, default_value = "key")]
+    pub group_by: String,
+    /// A duration back from now (30d) or a date.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// A date or RFC 3339 time (exclusive; a date includes its day).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Print CSV (for finance) instead of a table.
+    #[arg(long)]
+    pub csv: bool,
+}
+
+fn body(f: &Fields) -> Value {
+    let mut m = Map::new();
+    if let Some(v) = &f.name {
+        m.insert("name".into(), v.clone().into());
+    }
+    if let Some(v) = &f.team {
+        m.insert("team".into(), v.clone().into());
+    }
+    if let Some(v) = &f.models {
+        m.insert("models".into(), json!(v));
+    }
+    let mut limits = Map::new();
+    for (k, v) in [
+        ("rps", f.rps),
+        ("rpm", f.rpm),
+        ("tpm", f.tpm),
+        ("concurrency", f.concurrency),
+    ] {
+        if let Some(v) = v {
+            limits.insert(k.into(), v.into());
+        }
+    }
+    if !limits.is_empty() {
+        m.insert("limits".into(), Value::Object(limits));
+    }
+    if let Some(usd) = f.budget_usd {
+        m.insert(
+            "budget".into(),
+            json!({"max_usd": usd, "period": f.budget_period, "mode": f.budget_mode}),
+        );
+    }
+    if let Some(v) = &f.expires_at {
+        m.insert("expires_at".into(), v.clone().into());
+    }
+    if let Some(v) = &f.expires_in {
+        m.insert("expires_in".into(), v.clone().into());
+    }
+    Value::Object(m)
+}
+
+/// One request to the admin API: the status and the body.
+fn call(
+    target: &Target,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<(u16, String), String> {
+    let master = std::env::var("TOLLGATE_MASTER_KEY")
+        .map_err(|_| "set TOLLGATE_MASTER_KEY to the gateway's admin.master_key".to_string())?;
+    let rest = target
+        .admin
+        .strip_prefix("http://")
+        .ok_or("--admin must be an http:// URL (the admin listener)")?;
+    let authority = rest.trim_end_matches('/');
+    let mut stream = TcpStream::connect(authority)
+        .map_err(|e| format!("cannot reach the admin listener at {}: {e}", target.admin))?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let payload = body.map(Value::to_string).unwrap_or_default();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {authority}\r\nauthorization: Bearer {master}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        payload.len()
+    );
+    if body.is_some() {
+        req.push_str("content-type: application/json\r\n");
+    }
+    req.push_str("\r\n");
+    req.push_str(&payload);
+    stream
+        .write_all(req.as_bytes())
+        .map_err(|e| format!("cannot send to the admin listener: {e}"))?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .map_err(|e| format!("cannot read the admin listener's answer: {e}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or("the admin listener's answer is not HTTP")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or("the admin listener's answer is not HTTP")?;
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase().starts_with("transfer-encoding:")
+            && l.to_ascii_lowercase().contains("chunked")
+    });
+    let body = if chunked {
+        unchunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+fn unchunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a.iter().map(cell).collect::<Vec<_>>().join(","),
+        Value::Object(o) if o.is_empty() => "-".into(),
+        Value::Object(o) => o
+            .iter()
+            .map(|(k, v)| format!("{k}={}", cell(v)))
+            .collect::<Vec<_>>()
+            .join(" "),
+        other => other.to_string(),
+    }
+}
+
+/// Rows as an aligned table with the given columns (`a.b` reads a nested field).
+fn table(rows: &[Value], columns: &[(&str, &str)]) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            columns
+                .iter()
+                .map(|(_, path)| cell(path.split('.').fold(r, |v, p| &v[p])))
+                .collect()
+        })
+        .collect();
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, (h, _))| {
+            cells
+                .iter()
+                .map(|r| r[i].chars().count())
+                .chain([h.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |items: Vec<String>| {
+        items
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = line(columns.iter().map(|(h, _)| h.to_string()).collect());
+    out.push('\n');
+    for r in cells {
+        out.push_str(&line(r));
+        out.push('\n');
+    }
+    out
+}
+
+const KEY_COLUMNS: &[(&str, &str)] = &[
+    ("ID", "id"),
+    ("NAME", "name"),
+    ("TEAM", "team.name"),
+    ("SOURCE", "source"),
+    ("MODELS", "models"),
+    ("BUDGET_USD", "budget.max_usd"),
+    ("SPEND_USD", "budget.spend_usd"),
+    ("PERIOD", "budget.period"),
+    ("EXPIRES", "expires_at"),
+    ("BLOCKED", "blocked"),
+];
+
+const TEAM_COLUMNS: &[(&str, &str)] = &[
+    ("ID", "id"),
+    ("NAME", "name"),
+    ("KEYS", "keys"),
+    ("MODELS", "models"),
+    ("BUDGET_USD", "budget.max_usd"),
+    ("SPEND_USD", "budget.spend_usd"),
+    ("PERIOD", "budget.period"),
+];
+
+/// Prints an answer; the exit code.
+fn show(target: &Target, result: Result<(u16, String), String>, columns: &[(&str, &str)]) -> i32 {
+    let (status, text) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            return 1;
+        }
+    };
+    let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
+    if !(200..300).contains(&status) {
+        let message = v["error"]["message"]
+            .as_str()
+            .map_or(text.clone(), str::to_string);
+        eprintln!("tollgate: {status}: {message}");
+        return 1;
+    }
+    if target.json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or(text));
+        return 0;
+    }
+    let rows = match v["data"].as_array() {
+        Some(list) => list.clone(),
+        None => vec![v.clone()],
+    };
+    print!("{}", table(&rows, columns));
+    if let Some(secret) = v["key"].as_str() {
+        println!("\nsecret (shown once, store it now): {secret}");
+    }
+    0
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub fn keys(target: &Target, cmd: KeysCommand) -> i32 {
+    let r = match &cmd {
+        KeysCommand::Create(f) => call(target, "POST", "/admin/keys", Some(&body(f))),
+        KeysCommand::List { team, search } => {
+            let mut q = Vec::new();
+            if let Some(t) = team {
+                q.push(format!("team={}", enc(t)));
+            }
+            if let Some(s) = search {
+                q.push(format!("search={}", enc(s)));
+            }
+            call(target, "GET", &format!("/admin/keys?{}", q.join("&")), None)
+        }
+        KeysCommand::Show { id } => call(target, "GET", &format!("/admin/keys/{}", enc(id)), None),
+        KeysCommand::Update { id, fields } => call(
+            target,
+            "PATCH",
+            &format!("/admin/keys/{}", enc(id)),
+            Some(&body(fields)),
+        ),
+        KeysCommand::Rotate { id, grace } => {
+            let b = json!({"grace_period": grace});
+            call(
+                target,
+                "POST",
+                &format!("/admin/keys/{}/rotate", enc(id)),
+                Some(&b),
+            )
+        }
+        KeysCommand::Block { id } => call(
+            target,
+            "PATCH",
+            &format!("/admin/keys/{}", enc(id)),
+            Some(&json!({"blocked": true})),
+        ),
+        KeysCommand::Unblock { id } => call(
+            target,
+            "PATCH",
+            &format!("/admin/keys/{}", enc(id)),
+            Some(&json!({"blocked": false})),
+        ),
+        KeysCommand::Delete { id } => {
+            call(target, "DELETE", &format!("/admin/keys/{}", enc(id)), None)
+        }
+        KeysCommand::ResetSpend { id } => call(
+            target,
+            "POST",
+            &format!("/admin/keys/{}/reset_spend", enc(id)),
+            None,
+        ),
+    };
+    show(target, r, KEY_COLUMNS)
+}
+
+pub fn teams(target: &Target, cmd: TeamsCommand) -> i32 {
+    let r = match &cmd {
+        TeamsCommand::Create(f) => call(target, "POST", "/admin/teams", Some(&body(f))),
+        TeamsCommand::List => call(target, "GET", "/admin/teams", None),
+        TeamsCommand::Show { id } => {
+            call(target, "GET", &format!("/admin/teams/{}", enc(id)), None)
+        }
+        TeamsCommand::Update { id, fields } => call(
+            target,
+            "PATCH",
+            &format!("/admin/teams/{}", enc(id)),
+            Some(&body(fields)),
+        ),
+        TeamsCommand::Delete { id } => {
+            call(target, "DELETE", &format!("/admin/teams/{}", enc(id)), None)
+        }
+    };
+    show(target, r, TEAM_COLUMNS)
+}
+
+pub fn spend(target: &Target, args: &SpendArgs) -> i32 {
+    let mut q = vec![format!("group_by={}", enc(&args.group_by))];
+    if let Some(since) = &args.since {
+        let from = match humantime::parse_duration(since) {
+            Ok(d) => {
+                let now = std::time::SystemTime::now();
+                let t = now.checked_sub(d).unwrap_or(std::time::UNIX_EPOCH);
+                humantime::format_rfc3339_seconds(t).to_string()
+            }
+            Err(_) => since.clone(),
+        };
+        q.push(format!("from={}", enc(&from)));
+    }
+    if let Some(until) = &args.until {
+        q.push(format!("to={}", enc(until)));
+    }
+    if args.csv {
+        q.push("format=csv".into());
+        return match call(
+            target,
+            "GET",
+            &format!("/admin/spend?{}", q.join("&")),
+            None,
+        ) {
+            Ok((200, text)) => {
+                print!("{text}");
+                0
+            }
+            other => show(target, other, &[]),
+        };
+    }
+    let group = match args.group_by.as_str() {
+        "key" => ("KEY", "key_name"),
+        "team" => ("TEAM", "team_name"),
+        "model" => ("MODEL", "model"),
+        "upstream" => ("UPSTREAM", "upstream"),
+        _ => ("DAY", "day"),
+    };
+    let columns = [
+        group,
+        ("REQUESTS", "requests"),
+        ("INPUT", "input_tokens"),
+        ("OUTPUT", "output_tokens"),
+        ("CACHED", "cached_tokens"),
+        ("SPEND_USD", "spend_usd"),
+    ];
+    show(
+        target,
+        call(
+            target,
+            "GET",
+            &format!("/admin/spend?{}", q.join("&")),
+            None,
+        ),
+        &columns,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_and_read_nested_fields() {
+        let rows = vec![
+            json!({"id": "a1", "team": {"name": "research"}, "blocked": false}),
+            json!({"id": "b22222", "team": null, "blocked": true}),
+        ];
+        let t = table(
+            &rows,
+            &[("ID", "id"), ("TEAM", "team.name"), ("BLOCKED", "blocked")],
+        );
+        assert_eq!(
+            t,
+            "ID      TEAM      BLOCKED\na1      research  false\nb22222  -         true\n"
+        );
+        assert_eq!(unchunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
+        assert_eq!(enc("config:a b"), "config:a%20b");
+    }
+}
