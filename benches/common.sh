@@ -58,5 +58,7 @@ limits:
   global: {concurrency: 100000}
   per_ip: {rpm: 100000000}
 log: {file: $1/tollgate.log}
+store: {url: "sqlite://$1/tollgate.db"}
+admin: {master_key: bench-master-key}
 YAML
 }

@@ -62,11 +62,11 @@ YAML
 } > "$work/tollgate.yaml"
 write_body "$work/body.json"
 
-# count NAME URL PID: warm up, zero the counters, send N requests, dump; prints instructions/request.
+# count NAME URL PID [KEY]: warm up, zero the counters, send N requests, dump; prints instructions/request.
 count() {
-  local name=$1 url=$2 pid=$3
+  local name=$1 url=$2 pid=$3 key=${4:-$KEY}
   for _ in $(seq 100); do curl -s -o /dev/null "$url" && break; sleep 0.3; done
-  local post=(-m POST -H "Authorization: Bearer $KEY" -T application/json -D "$work/body.json")
+  local post=(-m POST -H "Authorization: Bearer $key" -T application/json -D "$work/body.json")
   hey -n "$WARMUP" -c 8 "${post[@]}" "$url" >/dev/null
   callgrind_control -z "$pid" >/dev/null 2>&1
   hey -n "$N" -c 8 "${post[@]}" "$url" > "$work/hey-$name.txt"
@@ -87,6 +87,21 @@ count() {
 RUST_LOG=info valgrind --tool=callgrind --callgrind-out-file="$work/cg-tollgate.out" \
   $BIN -c "$work/tollgate.yaml" >/dev/null 2>"$work/vg-tollgate.err" &
 tg=$(count tollgate "http://127.0.0.1:$TG/v1/chat/completions" $!)
+
+# The same with a key from the store, in a team, under an enforced budget (priced model).
+rm -f "$work"/tollgate.db*
+{ cat "$work/tollgate.yaml"; echo "pricing: {bench: {input: 0.01, output: 0.01}}"; } > "$work/tollgate-stored.yaml"
+RUST_LOG=info valgrind --tool=callgrind --callgrind-out-file="$work/cg-stored.out" \
+  $BIN -c "$work/tollgate-stored.yaml" >/dev/null 2>"$work/vg-stored.err" &
+stored_pid=$!
+admin() {
+  curl -s -H 'Authorization: Bearer bench-master-key' -H 'content-type: application/json' "$@"
+}
+for _ in $(seq 100); do admin -o /dev/null "http://127.0.0.1:$ADMIN/admin/teams" && break; sleep 0.3; done
+admin -o /dev/null -d '{"name":"bench-team","budget":{"max_usd":1000000,"period":"monthly"}}' "http://127.0.0.1:$ADMIN/admin/teams"
+STORED=$(admin -d '{"name":"stored","team":"bench-team","limits":{"rpm":100000000},"budget":{"max_usd":1000000,"period":"daily"}}' \
+  "http://127.0.0.1:$ADMIN/admin/keys" | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+st=$(count stored "http://127.0.0.1:$TG/v1/chat/completions" $stored_pid "$STORED")
 valgrind --tool=callgrind --callgrind-out-file="$work/cg-nginx.out" \
   "$NGINX" -c "$work/nginx.conf" -p "$work" 2>"$work/vg-nginx.err" &
 ngx=$(count nginx "http://127.0.0.1:$NGX/v1/chat/completions" $!)
@@ -95,6 +110,10 @@ table=$(cat <<TABLE
 | user-space instructions per request | nginx | Tollgate | Tollgate / nginx |
 |---|---|---|---|
 | non-streaming 1 KB chat completion ($N requests, 8 concurrent) | $ngx | $tg | $(python3 -c "print(round($tg/$ngx, 2))") |
+
+| Tollgate, user-space instructions per request | config key, no budget | stored key in a team, two enforced budgets, usage rows to SQLite | stored / config |
+|---|---|---|---|
+| same requests | $tg | $st | $(python3 -c "print(round($st/$tg, 3))") |
 
 callgrind, $(valgrind --version); nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///'); $(date -u +%F).
 TABLE

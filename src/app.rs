@@ -195,10 +195,17 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
     }
     proxy.threads = Some(threads);
 
-    let reloader = mode
-        .config_path
-        .as_ref()
-        .map(|path| Arc::new(Reloader::new(Arc::clone(&config), path.clone())));
+    let reloader = mode.config_path.as_ref().map(|path| {
+        let (usage, directory) = (Arc::clone(&usage), Arc::clone(&directory));
+        let after = move |new: &Config| {
+            usage.flush_soon();
+            // A budget the reload gave a config key starts from its spend so far.
+            if let Err(e) = directory.refresh_blocking(new.keys.budgets()) {
+                log::error!("reload: cannot re-read keys and spend from the store: {e}");
+            }
+        };
+        Arc::new(Reloader::new(Arc::clone(&config), path.clone()).with_after(Box::new(after)))
+    });
     let mut admin = Service::new(
         "tollgate admin".to_string(),
         AdminApp {
@@ -221,6 +228,13 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
         Sweeper(connections),
     ));
     let store = directory.store.clone();
+    if !mode.daemon {
+        // Connected before serving, so the process's open files are steady from the first
+        // request (a daemon connects after its fork, in the writer).
+        if let Err(e) = store.connect_blocking() {
+            log::error!("store: cannot connect ({e}); usage rows wait in the queue");
+        }
+    }
     server.add_service(background_service(
         "usage writer",
         Writer {

@@ -143,6 +143,17 @@ fn shipped(model: &str) -> Option<Price> {
     best.map(|(_, p)| p)
 }
 
+/// Micro-USD as a dollar amount for messages: `$12.50`, `$0.0001`, never rounded to zero.
+pub fn dollars(micro: i64) -> String {
+    let sign = if micro < 0 { "-" } else { "" };
+    let m = micro.unsigned_abs();
+    let mut frac = format!("{:06}", m % 1_000_000);
+    while frac.len() > 2 && frac.ends_with('0') {
+        frac.pop();
+    }
+    format!("{sign}${}.{frac}", m / 1_000_000)
+}
+
 /// Micro-USD as dollars, for display (JSON `*_usd` fields); never summed.
 pub fn usd(micro: i64) -> f64 {
     micro as f64 / 1e6
@@ -177,6 +188,14 @@ mod tests {
         };
         assert_eq!(p.cost(&one), 1);
         assert_eq!(p.cost(&Usage::default()), 0);
+    }
+
+    #[test]
+    fn dollars_read_well_at_any_size() {
+        assert_eq!(dollars(12_500_000), "$12.50");
+        assert_eq!(dollars(100), "$0.0001");
+        assert_eq!(dollars(0), "$0.00");
+        assert_eq!(dollars(1_234_567), "$1.234567");
     }
 
     #[test]

@@ -643,9 +643,9 @@ fn budget_exceeded(e: &Exceeded) -> GatewayError {
     );
     GatewayError::BudgetExceeded {
         message: format!(
-            "Budget exceeded: {whose} is ${:.2} {per} and ${:.2} is spent or reserved; this request does not fit.{when}",
-            crate::pricing::usd(e.max_micro),
-            crate::pricing::usd(e.spent_micro),
+            "Budget exceeded: {whose} is {} {per} and {} is spent; with what is reserved for requests in flight, this request does not fit.{when}",
+            crate::pricing::dollars(e.max_micro),
+            crate::pricing::dollars(e.spent_micro),
         ),
         scope: e.owner.scope,
         max_micro: e.max_micro,

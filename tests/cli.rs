@@ -207,3 +207,54 @@ fn check_warns_about_an_open_admin_listener_off_loopback() {
     assert!(!out.contains("warning"), "{out}");
     assert!(!out.contains("adm-key"), "{out}");
 }
+
+#[test]
+fn the_config_check_reports_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state/t.db");
+    let path = dir.path().join("t.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "store: {{url: \"sqlite://{}\"}}\nupstreams:\n  u: {{servers: [{{url: \"http://127.0.0.1:1/v1\"}}]}}\nmodels:\n  m: {{routes: [{{upstream: u}}]}}\n",
+            db.display()
+        ),
+    )
+    .unwrap();
+    let out = tollgate().arg("-t").arg("-c").arg(&path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("will be created at start"), "{text}");
+    assert!(!db.exists(), "-t must not create the database");
+    // A database written by a newer version is refused.
+    std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use sqlx::Connection;
+        let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=rwc", db.display()))
+            .await
+            .unwrap();
+        sqlx::query(
+            "CREATE TABLE tollgate_schema (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        )
+        .execute(&mut c)
+        .await
+        .unwrap();
+        sqlx::query("INSERT INTO tollgate_schema VALUES (99, 0)")
+            .execute(&mut c)
+            .await
+            .unwrap();
+    });
+    let out = tollgate().arg("-t").arg("-c").arg(&path).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("schema version 99, newer"), "{err}");
+    // A bad URL is a config error with its path.
+    std::fs::write(&path, "store: {url: \"mysql://u:pw@h/db\"}\n").unwrap();
+    let out = tollgate().arg("-t").arg("-c").arg(&path).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("store.url:") && !err.contains("pw"), "{err}");
+}

@@ -958,3 +958,54 @@ async fn the_openai_sdk_sees_402_as_an_error_it_does_not_retry() {
     );
     assert_eq!(up.hits(), 0);
 }
+
+#[tokio::test]
+async fn a_team_budget_binds_every_key_of_the_team() {
+    let up = MockUpstream::start("up").await.unwrap();
+    up.set_default(reply_with_usage(20, 10));
+    let gw = Gateway::start(&config(&up.url(), PRICING));
+    let admin = Admin::new(&gw);
+    let body =
+        json!({"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hello"}]});
+    let reserve = serde_json::to_vec(&body).unwrap().len().div_ceil(4) as i64 + 10;
+    // The team has room for two answers of 30 micro-dollars; each key for many more.
+    let team_max = 30 + reserve;
+    let (s, v) = admin
+        .call("POST", "/admin/teams", Some(json!({"name": "lab", "budget": {"max_usd": team_max as f64 / 1e6, "period": "weekly"}})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let mut keys = Vec::new();
+    for name in ["x", "y"] {
+        let (_, k) = admin
+            .create_key(
+                json!({"name": name, "team": "lab", "budget": {"max_usd": 1.0, "period": "daily"}}),
+            )
+            .await;
+        keys.push(k);
+    }
+    assert_eq!(chat_with(&gw, &keys[0], &body).await.0, 200);
+    assert_eq!(chat_with(&gw, &keys[1], &body).await.0, 200);
+    let (s, v) = chat_with(&gw, &keys[0], &body).await;
+    assert_eq!(s, 402, "{v}");
+    assert_eq!(v["error"]["scope"], "team");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("team `lab`"),
+        "{v}"
+    );
+    // A week from Monday: the reset is the next Monday, midnight UTC.
+    let now = chrono::Utc::now().date_naive();
+    let days = 7 - i64::from(chrono::Datelike::weekday(&now).num_days_from_monday());
+    let monday = now + chrono::Duration::days(days);
+    assert_eq!(v["error"]["resets_at"], format!("{monday}T00:00:00Z"));
+    // The key's own budget was untouched by the team's refusal.
+    let (_, team) = admin.call("GET", "/admin/teams/lab", None).await;
+    assert_eq!(team["budget"]["reserved_usd"], 0.0);
+    let m = scrape(&gw).await;
+    assert!(
+        m.contains("tollgate_budget_refusals_total{scope=\"team\"} 1"),
+        "{m}"
+    );
+}

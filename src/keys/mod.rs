@@ -585,6 +585,20 @@ impl Directory {
         self.budgets().get(owner).cloned()
     }
 
+    /// [`refresh`](Self::refresh) from a thread outside any runtime (a config reload).
+    pub fn refresh_blocking(
+        &self,
+        config_budgets: Vec<(String, BudgetSpec)>,
+    ) -> Result<(), StoreError> {
+        let now = self.now();
+        let live = self.live_budgets();
+        let loaded = self
+            .store
+            .run_blocking(move |pool| load(pool, now, live, config_budgets))?;
+        self.install(loaded);
+        Ok(())
+    }
+
     /// Reloads the directory from the store (after an admin change).
     pub async fn refresh(
         &self,

@@ -12,12 +12,16 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use std::sync::{Arc, Mutex};
 
+/// Runs after a successful reload, with the new config, on a blocking thread.
+pub type AfterReload = Box<dyn Fn(&Config) + Send + Sync>;
+
 /// Reloads the config file into the live config.
 pub struct Reloader {
     pub config: Arc<ArcSwap<Config>>,
     pub path: String,
     /// One reload at a time.
     lock: Mutex<()>,
+    after: Option<AfterReload>,
 }
 
 impl Reloader {
@@ -26,7 +30,14 @@ impl Reloader {
             config,
             path,
             lock: Mutex::new(()),
+            after: None,
         }
+    }
+
+    /// What else a reload does (write queued usage rows, re-read budget spend).
+    pub fn with_after(mut self, after: AfterReload) -> Self {
+        self.after = Some(after);
+        self
     }
 
     /// Reads, validates and swaps in the config file. On error the running config stays.
@@ -51,11 +62,18 @@ impl Reloader {
                 {
                     log::warn!("reload: listeners and threads are fixed at start; the change applies at the next upgrade or restart");
                 }
+                if new.store.url != old.store.url {
+                    log::warn!("reload: store.url is fixed at start; the change applies at the next upgrade or restart");
+                }
                 new.resolve();
-                self.config.store(Arc::new(new));
+                let new = Arc::new(new);
+                self.config.store(Arc::clone(&new));
                 log::info!("configuration {} reloaded", self.path);
                 if let Some(m) = m {
                     m.config_reloads.with_label_values(&["ok"]).inc();
+                }
+                if let Some(after) = &self.after {
+                    after(&new);
                 }
                 Ok(())
             }

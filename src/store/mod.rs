@@ -281,13 +281,16 @@ impl Store {
         mask_userinfo(&self.url)
     }
 
-    /// Connects now rather than on the first write.
+    /// Connects now rather than on the first write (and reads, so that SQLite opens its
+    /// journal files too).
     pub async fn connect(&self) -> Result<(), StoreError> {
-        self.run(|pool| async move {
-            sqlx::query("SELECT 1").execute(&pool).await?;
-            Ok(())
-        })
-        .await
+        self.run(|pool| async move { schema_version(&pool).await.map(drop) })
+            .await
+    }
+
+    /// [`connect`](Self::connect) from outside any runtime. Not before a fork (`-d`).
+    pub fn connect_blocking(&self) -> Result<(), StoreError> {
+        self.run_blocking(|pool| async move { schema_version(&pool).await.map(drop) })
     }
 }
 
