@@ -88,7 +88,9 @@ RUST_LOG=info valgrind --tool=callgrind --callgrind-out-file="$work/cg-tollgate.
   $BIN -c "$work/tollgate.yaml" >/dev/null 2>"$work/vg-tollgate.err" &
 tg=$(count tollgate "http://127.0.0.1:$TG/v1/chat/completions" $!)
 
-# The same with a key from the store, in a team, under an enforced budget (priced model).
+# The same with a key from the store, in a team, under an enforced budget (priced model),
+# once the first process has let go of the ports.
+for _ in $(seq 300); do curl -s -o /dev/null "http://127.0.0.1:$ADMIN/health" || break; sleep 0.1; done
 rm -f "$work"/tollgate.db*
 { cat "$work/tollgate.yaml"; echo "pricing: {bench: {input: 0.01, output: 0.01}}"; } > "$work/tollgate-stored.yaml"
 RUST_LOG=info valgrind --tool=callgrind --callgrind-out-file="$work/cg-stored.out" \

@@ -468,7 +468,7 @@ impl Gateway {
                 if let Some(m) = crate::observe::metrics::get() {
                     m.budget_refusals.with_label_values(&[e.owner.scope]).inc();
                 }
-                if let Some(a) = &self.alerts {
+                if let Some(a) = self.alerts.as_ref().filter(|_| e.first) {
                     a.refused(&e);
                 }
                 Err(budget_exceeded(&e))

@@ -820,9 +820,16 @@ async fn budget_alerts_reach_a_webhook() {
     assert_eq!(got[0].headers["authorization"], "Bearer hook-secret-9");
     let second: Value = serde_json::from_slice(&got[1].body).unwrap();
     assert_eq!(second["fraction"], 0.8);
-    // Once per period: more spend below the next fraction sends nothing.
+    // Refusals: one alert per period, however many requests are refused.
+    for _ in 0..3 {
+        assert_eq!(chat_with(&gw, &key, &body).await.0, 402);
+    }
+    assert!(eventually(Duration::from_secs(5), || hook.hits() == 3).await);
+    let refused: Value = serde_json::from_slice(&hook.received()[2].body).unwrap();
+    assert_eq!(refused["event"], "budget_exceeded");
+    assert_eq!(refused["scope"], "key");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(hook.hits(), 2);
+    assert_eq!(hook.hits(), 3);
     assert!(!gw.logs().contains("hook-secret-9"));
 }
 

@@ -186,6 +186,9 @@ struct State {
     reserved: i64,
     /// How many of `alert_at` were crossed in this period.
     alerted: usize,
+    /// Whether a refusal was alerted in this period (one alert per period, not one per
+    /// refused request).
+    refusal_alerted: bool,
     /// Spend before this time does not count (`reset_spend`).
     reset_at: i64,
 }
@@ -210,6 +213,8 @@ pub struct Exceeded {
     pub period: Period,
     /// When the period ends (`None` for `total`).
     pub resets_at: Option<i64>,
+    /// The first refusal of this budget in its period (the one that is alerted).
+    pub first: bool,
 }
 
 /// A budget's figures now, for `/v1/key/info` and the admin API.
@@ -234,6 +239,7 @@ impl Budget {
                 spent,
                 reserved: 0,
                 alerted,
+                refusal_alerted: false,
                 reset_at,
             }),
         }
@@ -248,6 +254,7 @@ impl Budget {
             s.period_start = start;
             s.spent = 0;
             s.alerted = 0;
+            s.refusal_alerted = false;
         }
         s
     }
@@ -266,6 +273,7 @@ impl Budget {
         let mut s = self.lock(now);
         s.spent = 0;
         s.alerted = 0;
+        s.refusal_alerted = false;
         s.reset_at = now;
     }
 
@@ -292,7 +300,10 @@ impl Budget {
         }
         let total = s.spent.saturating_add(s.reserved).saturating_add(amount);
         if total > s.spec.max_micro {
+            let first = !s.refusal_alerted;
+            s.refusal_alerted = true;
             return Err(Exceeded {
+                first,
                 owner: self.owner.clone(),
                 max_micro: s.spec.max_micro,
                 spent_micro: s.spent,
@@ -465,6 +476,9 @@ mod tests {
         // The eleventh does not fit next to ten reserved.
         let e = Hold::reserve(&[&b], 100, now).map(|_| ()).unwrap_err();
         assert_eq!(e.resets_at, Some(t("2027-01-01")));
+        assert!(e.first);
+        let again = Hold::reserve(&[&b], 100, now).map(|_| ()).unwrap_err();
+        assert!(!again.first, "one refusal alert per period");
         // Settling for less frees room; dropping unsettled releases.
         let mut holds = holds.into_iter();
         let alerts = holds.next().unwrap().settle(40, now);

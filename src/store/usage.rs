@@ -48,9 +48,6 @@ pub struct UsageQueue {
     flushing: tokio::sync::Mutex<()>,
 }
 
-/// Rows per INSERT statement (SQLite allows 32766 parameters; 17 per row).
-const BATCH: usize = 200;
-
 impl UsageQueue {
     pub fn new(bound: usize) -> Arc<UsageQueue> {
         Arc::new(UsageQueue {
@@ -177,51 +174,65 @@ impl UsageQueue {
     }
 }
 
+const COLUMNS: &str = "request_id, ts, day, key_id, key_name, team_id, model, upstream, upstream_model, status, stream, input_tokens, output_tokens, cached_tokens, cost_micro_usd, priced, cache";
+
+/// Rows per multi-row INSERT. Every statement has a fixed text, so each is parsed once and
+/// then reused from the connection's statement cache; positional `?` parameters spare
+/// SQLite a lookup by name per parameter (with `$N` names that lookup is linear, and it
+/// cost more than writing the rows).
+const BATCH: usize = 32;
+
+fn insert_sql(rows: usize) -> String {
+    let one = format!("({})", vec!["?"; 17].join(","));
+    format!(
+        "INSERT INTO usage ({COLUMNS}) VALUES {}",
+        vec![one; rows].join(",")
+    )
+}
+
 async fn insert(pool: &sqlx::AnyPool, rows: &[UsageRow]) -> Result<(), StoreError> {
+    static SQL: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    let (batch_sql, one_sql) = SQL.get_or_init(|| (insert_sql(BATCH), insert_sql(1)));
     let mut tx = pool.begin().await?;
-    for chunk in rows.chunks(BATCH) {
-        let mut sql = String::from(
-            "INSERT INTO usage (request_id, ts, day, key_id, key_name, team_id, model, upstream, upstream_model, status, stream, input_tokens, output_tokens, cached_tokens, cost_micro_usd, priced, cache) VALUES ",
-        );
-        for i in 0..chunk.len() {
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push('(');
-            for j in 0..17 {
-                if j > 0 {
-                    sql.push(',');
-                }
-                sql.push('$');
-                sql.push_str(&(i * 17 + j + 1).to_string());
-            }
-            sql.push(')');
-        }
-        let mut q = sqlx::query(&sql);
-        for r in chunk {
-            q = q
-                .bind(r.request_id.clone())
-                .bind(r.ts)
-                .bind(crate::clock::day(r.ts))
-                .bind(r.key_id.clone())
-                .bind(r.key_name.clone())
-                .bind(r.team_id.clone())
-                .bind(r.model.clone())
-                .bind(r.upstream.clone())
-                .bind(r.upstream_model.clone())
-                .bind(i64::from(r.status))
-                .bind(i64::from(r.stream))
-                .bind(sat(r.input_tokens))
-                .bind(sat(r.output_tokens))
-                .bind(sat(r.cached_tokens))
-                .bind(r.cost_micro)
-                .bind(i64::from(r.priced))
-                .bind(r.cache.map(str::to_string));
-        }
-        q.execute(&mut *tx).await?;
+    let mut chunks = rows.chunks_exact(BATCH);
+    for chunk in chunks.by_ref() {
+        bind_rows(sqlx::query(batch_sql), chunk)
+            .execute(&mut *tx)
+            .await?;
+    }
+    for row in chunks.remainder() {
+        bind_rows(sqlx::query(one_sql), std::slice::from_ref(row))
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
     Ok(())
+}
+
+type Query<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+fn bind_rows<'q>(mut q: Query<'q>, rows: &[UsageRow]) -> Query<'q> {
+    for r in rows {
+        q = q
+            .bind(r.request_id.clone())
+            .bind(r.ts)
+            .bind(crate::clock::day(r.ts))
+            .bind(r.key_id.clone())
+            .bind(r.key_name.clone())
+            .bind(r.team_id.clone())
+            .bind(r.model.clone())
+            .bind(r.upstream.clone())
+            .bind(r.upstream_model.clone())
+            .bind(i64::from(r.status))
+            .bind(i64::from(r.stream))
+            .bind(sat(r.input_tokens))
+            .bind(sat(r.output_tokens))
+            .bind(sat(r.cached_tokens))
+            .bind(r.cost_micro)
+            .bind(i64::from(r.priced))
+            .bind(r.cache.map(str::to_string));
+    }
+    q
 }
 
 fn sat(n: u64) -> i64 {
