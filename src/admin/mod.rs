@@ -55,6 +55,12 @@ async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Response<Vec<
     }
 }
 
+/// An OpenAI-shaped error answer.
+fn error_reply(status: u16, kind: &str, code: &str, message: &str) -> Response<Vec<u8>> {
+    let body = serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
+    reply(status, "application/json", body.to_string().into_bytes())
+}
+
 fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     let mut r = Response::new(body);
     *r.status_mut() =
@@ -250,11 +256,11 @@ fn refuse(
             sha2::Sha256::digest(master.expose().as_bytes()),
         );
         if !bool::from(subtle::ConstantTimeEq::ct_eq(&a[..], &b[..])) {
-            return Some(reply(
+            return Some(error_reply(
                 401,
-                "application/json",
-                b"{\"error\":\"the admin API needs Authorization: Bearer with admin.master_key\"}"
-                    .to_vec(),
+                "authentication_error",
+                "invalid_master_key",
+                "The admin API needs 'Authorization: Bearer MASTER_KEY' with admin.master_key.",
             ));
         }
     }
@@ -279,11 +285,11 @@ fn refuse(
             .eq_ignore_ascii_case("application/json")
     });
     (foreign_origin || cross_site || not_json).then(|| {
-        reply(
+        error_reply(
             403,
-            "application/json",
-            b"{\"error\":\"refused: a state-changing admin request must not come from another site's page and must send JSON or no body\"}"
-                .to_vec(),
+            "invalid_request_error",
+            "cross_site_refused",
+            "Refused: a state-changing admin request must not come from another site's page and must send JSON or no body.",
         )
     })
 }
