@@ -8,10 +8,10 @@ use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::time::Duration;
 use tollgate::config::file::{Balance, LimitSection, Provider, UpstreamSection};
-use tollgate::health::{now_ms, Reason};
 use tollgate::inspect::Rules;
 use tollgate::limits::{key_hash, Admission, Counters, Scope};
-use tollgate::select::{Endpoint, InFlight, Server, Upstream};
+use tollgate::upstream::health::{now_ms, Reason};
+use tollgate::upstream::{Endpoint, InFlight, Server, Upstream};
 use tollgate::usage::UsageScanner;
 
 fn upstream(balance: Balance, n: usize) -> Upstream {

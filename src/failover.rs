@@ -8,11 +8,11 @@
 use crate::config::Failover;
 use crate::error::GatewayError;
 use crate::forward::{self, Outgoing, Sent, TransportError, TransportFailure};
-use crate::health::{now_ms, Reason};
 use crate::inspect::{self, Class};
 use crate::route::{Alias, Route, Router};
-use crate::select::{InFlight, Server, Upstream};
 use crate::transport::pool::Connections;
+use crate::upstream::health::{now_ms, Reason};
+use crate::upstream::{InFlight, Server, Upstream};
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::fmt::Write;
@@ -453,9 +453,9 @@ mod tests {
         let (left, reason) = server_a
             .state
             .health
-            .cooldown(crate::health::now_ms())
+            .cooldown(crate::upstream::health::now_ms())
             .unwrap();
-        assert_eq!(reason, crate::health::Reason::Transient);
+        assert_eq!(reason, crate::upstream::health::Reason::Transient);
         assert!(
             left > Duration::from_secs(6) && left <= Duration::from_secs(7),
             "{left:?}"
@@ -526,9 +526,9 @@ mod tests {
         let (left, reason) = c.upstreams["q"].servers[0]
             .state
             .health
-            .cooldown(crate::health::now_ms())
+            .cooldown(crate::upstream::health::now_ms())
             .unwrap();
-        assert_eq!(reason, crate::health::Reason::Quota);
+        assert_eq!(reason, crate::upstream::health::Reason::Quota);
         assert!(left > Duration::from_secs(3500), "{left:?}");
     }
 }

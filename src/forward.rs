@@ -5,10 +5,10 @@
 //! retrying: it reports what happened and `inspect` judges it.
 
 use crate::config::file::Provider;
-use crate::select::{Server, Upstream};
 use crate::transport::h1::{self, Conn, Head};
 use crate::transport::headers::{connection_nominated, is_hop_by_hop};
 use crate::transport::pool::Connections;
+use crate::upstream::{Server, Upstream};
 use bytes::Bytes;
 use pingora_core::upstreams::peer::Peer;
 use pingora_http::RequestHeader;

@@ -2,7 +2,7 @@
 //! (routes of one priority, lowest first); `*` is the catch-all that passes the client's
 //! model through. This stage only names candidates; picking a server is `select`'s job.
 
-use crate::select::Upstream;
+use crate::upstream::Upstream;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -56,7 +56,7 @@ pub struct Alias {
 impl Alias {
     /// True when at least one server of any tier can take a request now.
     pub fn has_usable_target(&self) -> bool {
-        let now = crate::health::now_ms();
+        let now = crate::upstream::health::now_ms();
         self.tiers.iter().any(|t| {
             t.routes
                 .iter()

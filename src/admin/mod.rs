@@ -7,8 +7,8 @@ pub mod cli;
 pub mod keys;
 
 use crate::config::Config;
-use crate::health::now_ms;
 use crate::ops::reload::Reloader;
+use crate::upstream::health::now_ms;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use http::Response;

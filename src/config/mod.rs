@@ -10,7 +10,7 @@ use crate::auth::KeyRing;
 use crate::inspect::Rules;
 use crate::limits::Cidr;
 use crate::route::{Alias, Route, Router, Tier};
-use crate::select::{Endpoint, Server, ServerState, Upstream};
+use crate::upstream::{Endpoint, Server, ServerState, Upstream};
 use file::FileConfig;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;

@@ -3,7 +3,7 @@
 //! the server's passive `Health` (`health.rs`), which is all that selection reads; nothing
 //! here runs on the request path.
 
-use crate::select::Server;
+use crate::upstream::Server;
 use async_trait::async_trait;
 use pingora_core::connectors::http::Connector;
 use pingora_core::{Error, ErrorType};
@@ -47,7 +47,7 @@ impl ActiveCheck {
     }
 
     fn server(&self, target: &Backend) -> Option<&Arc<Server>> {
-        self.servers.get(crate::select::index_of(target))
+        self.servers.get(crate::upstream::index_of(target))
     }
 }
 

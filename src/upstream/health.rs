@@ -1,6 +1,6 @@
 //! Whether a server may take traffic now: passive health (cooldowns set by `inspect`'s
 //! verdicts and nginx-style `max_fails`/`fail_timeout` for connection failures) and the
-//! verdict of its active check (`health_check.rs` runs those and writes it here). All
+//! verdict of its active check (`check.rs` runs those and writes it here). All
 //! state is atomics read on the request path without locks; time comes from one process
 //! clock in milliseconds, passed in explicitly so the logic is tested without sleeping.
 

@@ -1,17 +1,24 @@
-//! Stage 5: picking one server of an upstream for an attempt, with pingora-load-balancing.
-//! `weighted` is its weighted round robin; `least_conn` is our own `BackendSelection`
-//! (Pingora has none) reading in-flight counters that live outside the selector, because
-//! selectors are rebuilt on every `update()`. Backup servers are only offered when no
-//! primary is usable. This stage does no I/O on the request path: host names are resolved
-//! by the config loader and the resolver service.
+//! Upstreams and their servers: endpoints, in-flight counts, passive health (`health`),
+//! active checks (`check`), and stage 5, picking one server for an attempt with
+//! pingora-load-balancing. `weighted` is its weighted round robin; `least_conn` is our own
+//! `BackendSelection` (`balance`; Pingora has none) reading in-flight counters that live
+//! outside the selector, because selectors are rebuilt on every `update()`. Backup servers
+//! are only offered when no primary is usable. Nothing here does I/O on the request path:
+//! host names are resolved by the config loader and the resolver service.
+
+pub mod balance;
+pub mod check;
+pub mod health;
+
+use balance::LeastConn;
 
 use crate::config::file::{Balance, Provider, UpstreamSection};
-use crate::health::{now_ms, Health};
-use crate::health_check::ActiveCheck;
 use crate::inspect::Rules;
 use crate::secret::Secret;
 use arc_swap::ArcSwapOption;
+use check::ActiveCheck;
 use futures_util::FutureExt;
+use health::{now_ms, Health};
 use pingora_core::services::background::GenBackgroundService;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_load_balancing::discovery::Static;
@@ -234,7 +241,7 @@ impl Server {
         }
     }
 
-    /// Whether the server can take an attempt at `now` (see [`crate::health::now_ms`]):
+    /// Whether the server can take an attempt at `now` (see [`crate::upstream::health::now_ms`]):
     /// its address is known, it is not cooling down and passes its active checks.
     pub fn usable(&self, now: u64) -> bool {
         self.endpoint.addr().is_some() && !self.state.health.unavailable(now)
@@ -432,73 +439,6 @@ fn settle(update: impl std::future::Future<Output = pingora_core::Result<()>>) {
     }
 }
 
-/// Least-connections selection: the server with the fewest requests in flight relative to
-/// its weight; ties go round robin so equal servers share evenly.
-pub struct LeastConn {
-    backends: Box<[Backend]>,
-    load: Arc<[Arc<ServerState>]>,
-    rotor: AtomicUsize,
-}
-
-impl BackendSelection for LeastConn {
-    type Iter = LeastConnIter;
-    type Config = Arc<[Arc<ServerState>]>;
-
-    fn build_with_config(backends: &BTreeSet<Backend>, load: &Self::Config) -> Self {
-        LeastConn {
-            backends: backends.iter().cloned().collect(),
-            load: Arc::clone(load),
-            rotor: AtomicUsize::new(0),
-        }
-    }
-
-    fn build(backends: &BTreeSet<Backend>) -> Self {
-        LeastConn {
-            backends: backends.iter().cloned().collect(),
-            load: Arc::from(Vec::new()),
-            rotor: AtomicUsize::new(0),
-        }
-    }
-
-    fn iter(self: &Arc<Self>, _key: &[u8]) -> LeastConnIter {
-        let n = self.backends.len();
-        let start = self.rotor.fetch_add(1, Ordering::Relaxed);
-        let in_flight = |i: usize| {
-            self.load
-                .get(index_of(&self.backends[i]))
-                .map_or(0, |s| s.in_flight())
-        };
-        let mut order: Vec<(usize, usize)> = (0..n)
-            .map(|k| (start + k) % n.max(1))
-            .map(|i| (i, in_flight(i)))
-            .collect();
-        // Compare in_flight/weight without division: a/wa < b/wb  <=>  a*wb < b*wa.
-        // The sort is stable, so the rotated order breaks ties.
-        order.sort_by(|&(a, la), &(b, lb)| {
-            (la * self.backends[b].weight).cmp(&(lb * self.backends[a].weight))
-        });
-        LeastConnIter {
-            order: order.into_iter().map(|(i, _)| i).collect(),
-            pos: 0,
-            selection: Arc::clone(self),
-        }
-    }
-}
-
-pub struct LeastConnIter {
-    order: Vec<usize>,
-    pos: usize,
-    selection: Arc<LeastConn>,
-}
-
-impl BackendIter for LeastConnIter {
-    fn next(&mut self) -> Option<&Backend> {
-        let i = *self.order.get(self.pos)?;
-        self.pos += 1;
-        self.selection.backends.get(i)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -608,7 +548,7 @@ mod tests {
         u.servers[0].state.health.cool(
             now_ms(),
             Duration::from_secs(60),
-            crate::health::Reason::Quota,
+            crate::upstream::health::Reason::Quota,
         );
         assert_eq!(count(&u, 10), vec![0, 10]);
     }
