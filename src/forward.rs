@@ -4,7 +4,6 @@
 //! for the response header under the upstream's timeouts. It decides nothing about
 //! retrying: it reports what happened and `inspect` judges it.
 
-use crate::config::file::Provider;
 use crate::transport::h1::{self, Conn, Head};
 use crate::transport::headers::{connection_nominated, is_hop_by_hop};
 use crate::transport::pool::Connections;
@@ -31,9 +30,6 @@ const NOT_FORWARDED: &[&str] = &[
     "openai-project",
     "cookie",
 ];
-
-/// `anthropic-version` sent when the client did not send one.
-const ANTHROPIC_VERSION: &str = "2023-06-01";
 
 /// Everything about the client request an attempt needs; built once per request, so
 /// the attempts do not hold the client session (which is watched for a disconnect).
@@ -215,9 +211,13 @@ pub fn request_head(
     let _ = write!(w, "content-length: {body_len}\r\n");
     push_field(&mut w, b"x-request-id", out.request_id.as_bytes());
     push_field(&mut w, b"x-forwarded-for", out.forwarded_for.as_bytes());
-    for (name, prefix, value) in credential(server, upstream.provider, out.anthropic_version)
-        .into_iter()
-        .flatten()
+    for (name, prefix, value) in crate::provider::credential(
+        server.api_key.as_ref(),
+        upstream.provider,
+        out.anthropic_version,
+    )
+    .into_iter()
+    .flatten()
     {
         w.extend_from_slice(name.as_bytes());
         w.extend_from_slice(b": ");
@@ -227,45 +227,6 @@ pub fn request_head(
     }
     w.extend_from_slice(b"\r\n");
     w
-}
-
-/// One credential field: its name, and its value as a fixed prefix and the secret.
-pub type CredentialField<'a> = (&'static str, &'static str, &'a str);
-
-/// The server's credential in its provider's style, and `anthropic-version` for
-/// Anthropic when the request carries none. Borrowed, so nothing is allocated per attempt.
-pub fn credential(
-    server: &Server,
-    provider: Provider,
-    has_version: bool,
-) -> [Option<CredentialField<'_>>; 2] {
-    let key = server.api_key.as_ref().map(|key| match provider {
-        Provider::Openai | Provider::Generic => ("authorization", "Bearer ", key.expose()),
-        Provider::Anthropic => ("x-api-key", "", key.expose()),
-        Provider::Azure => ("api-key", "", key.expose()),
-    });
-    let version = (provider == Provider::Anthropic && !has_version).then_some((
-        "anthropic-version",
-        "",
-        ANTHROPIC_VERSION,
-    ));
-    [key, version]
-}
-
-/// Sets the server's credential on a request built with Pingora's types (health checks).
-pub fn set_credential(
-    req: &mut RequestHeader,
-    server: &Server,
-    provider: Provider,
-) -> pingora_core::Result<()> {
-    let has_version = req.headers.contains_key("anthropic-version");
-    for (name, prefix, value) in credential(server, provider, has_version)
-        .into_iter()
-        .flatten()
-    {
-        req.insert_header(name, format!("{prefix}{value}"))?;
-    }
-    Ok(())
 }
 
 /// How long to wait for a response header after a body write failed: an upstream that

@@ -29,6 +29,7 @@ pub mod limits;
 pub mod observe;
 pub mod ops;
 pub mod pricing;
+pub mod provider;
 pub mod proxy;
 pub mod respond;
 pub mod route;

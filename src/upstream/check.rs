@@ -73,7 +73,7 @@ impl HealthCheck for ActiveCheck {
         let path = format!("{}{}", server.endpoint.base_path, self.path);
         let mut req = RequestHeader::build("GET", path.as_bytes(), Some(3))?;
         req.insert_header(http::header::HOST, server.endpoint.authority())?;
-        crate::forward::set_credential(&mut req, server, self.provider)?;
+        crate::provider::set_credential(&mut req, server.api_key.as_ref(), self.provider)?;
         let (mut session, _) = self.connector.get_http_session(&peer).await?;
         session.set_write_timeout(Some(self.timeout));
         session.set_read_timeout(Some(self.timeout));
