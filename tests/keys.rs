@@ -78,15 +78,7 @@ async fn chat_with(gw: &Gateway, key: &str, body: &Value) -> (u16, Value) {
 async fn settled_spend(gw: &Gateway, key: &str, expected: i64) -> i64 {
     let mut spent = 0;
     for _ in 0..200 {
-        let info: Value = client()
-            .get(gw.url("/v1/key/info"))
-            .bearer_auth(key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let info: Value = get_as(gw, "/v1/key/info", key).await;
         spent = (info["budgets"][0]["spend_usd"].as_f64().unwrap() * 1e6).round() as i64;
         if spent == expected {
             break;
@@ -94,6 +86,19 @@ async fn settled_spend(gw: &Gateway, key: &str, expected: i64) -> i64 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     spent
+}
+
+/// A GET on the proxy listener with a client key, as JSON.
+async fn get_as(gw: &Gateway, path: &str, key: &str) -> Value {
+    client()
+        .get(gw.url(path))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 fn msg(model: &str) -> Value {
@@ -163,15 +168,7 @@ async fn keys_are_created_used_rotated_blocked_expired_and_deleted() {
     assert_eq!(v["error"]["code"], "model_not_allowed");
     assert_eq!(up.hits(), hits);
     // /v1/models lists only what the key may call.
-    let models: Value = client()
-        .get(gw.url("/v1/models"))
-        .bearer_auth(&secret)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = get_as(&gw, "/v1/models", &secret).await;
     let ids: Vec<&str> = models["data"]
         .as_array()
         .unwrap()
@@ -365,15 +362,7 @@ async fn config_keys_are_listed_read_only_and_teams_bound_their_keys() {
     let team_path = format!("/admin/teams/{}", team["id"].as_str().unwrap());
     assert_eq!(admin.call("DELETE", &team_path, None).await.0, 409);
     // /v1/key/info shows the key's own view.
-    let info: Value = client()
-        .get(gw.url("/v1/key/info"))
-        .bearer_auth(&a)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = get_as(&gw, "/v1/key/info", &a).await;
     assert_eq!(
         (info["id"].as_str(), info["name"].as_str()),
         (Some(a_id.as_str()), Some("a"))
@@ -435,15 +424,7 @@ async fn a_budget_refuses_with_402_naming_scope_and_reset_time() {
         .unwrap()
         .contains(&next_month));
     // The key's own view agrees: 90 micro-dollars spent.
-    let info: Value = client()
-        .get(gw.url("/v1/key/info"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = get_as(&gw, "/v1/key/info", &key).await;
     assert_eq!(settled_spend(&gw, &key, 90).await, 90);
     assert_eq!(info["budgets"][0]["resets_at"], next_month.as_str());
     // reset_spend makes room again.

@@ -598,6 +598,56 @@ where
     Ok(())
 }
 
+/// Writes a key and its audit row (`before`, `after`), then rebuilds the directory.
+async fn commit_key(
+    dir: &Directory,
+    config: &Config,
+    k: KeyRecord,
+    action: &'static str,
+    now: i64,
+    (before, after): (Option<Value>, Option<Value>),
+) -> Result<(), ApiError> {
+    commit(dir, config, move |pool| async move {
+        keys::save_key(&pool, &k).await?;
+        keys::audit(
+            &pool,
+            now,
+            "master_key",
+            action,
+            ("key", &k.id),
+            before,
+            after,
+        )
+        .await
+    })
+    .await
+}
+
+/// Writes a team and its audit row, then rebuilds the directory.
+async fn commit_team(
+    dir: &Directory,
+    config: &Config,
+    t: TeamRecord,
+    action: &'static str,
+    now: i64,
+    (before, after): (Option<Value>, Option<Value>),
+) -> Result<(), ApiError> {
+    commit(dir, config, move |pool| async move {
+        keys::save_team(&pool, &t).await?;
+        keys::audit(
+            &pool,
+            now,
+            "master_key",
+            action,
+            ("team", &t.id),
+            before,
+            after,
+        )
+        .await
+    })
+    .await
+}
+
 async fn create_key(dir: &Directory, config: &Config, body: &[u8]) -> Answer {
     let body = object(body)?;
     let _one_at_a_time = dir.writes.lock().await;
@@ -625,20 +675,7 @@ async fn create_key(dir: &Directory, config: &Config, body: &[u8]) -> Answer {
     };
     apply_key(&mut k, &body, &dir.snapshot(), now, true)?;
     let after = key_audit(&k);
-    commit(dir, config, move |pool| async move {
-        keys::save_key(&pool, &k).await?;
-        keys::audit(
-            &pool,
-            now,
-            "master_key",
-            "key.create",
-            ("key", &k.id),
-            None,
-            Some(after),
-        )
-        .await
-    })
-    .await?;
+    commit_key(dir, config, k, "key.create", now, (None, Some(after))).await?;
     let snap = dir.snapshot();
     let mut v = key_view(find_key(&snap, &id)?, now);
     v["key"] = secret.into();
@@ -657,19 +694,14 @@ async fn update_key(dir: &Directory, config: &Config, id: &str, body: &[u8]) -> 
     k.updated_at = now;
     let after = key_audit(&k);
     let key_id = k.id.clone();
-    commit(dir, config, move |pool| async move {
-        keys::save_key(&pool, &k).await?;
-        keys::audit(
-            &pool,
-            now,
-            "master_key",
-            "key.update",
-            ("key", &k.id),
-            Some(before),
-            Some(after),
-        )
-        .await
-    })
+    commit_key(
+        dir,
+        config,
+        k,
+        "key.update",
+        now,
+        (Some(before), Some(after)),
+    )
     .await?;
     let snap = dir.snapshot();
     ok(200, key_view(find_key(&snap, &key_id)?, now))
@@ -684,20 +716,7 @@ async fn delete_key(dir: &Directory, config: &Config, id: &str) -> Answer {
     k.deleted_at = Some(now);
     k.updated_at = now;
     let key_id = k.id.clone();
-    commit(dir, config, move |pool| async move {
-        keys::save_key(&pool, &k).await?;
-        keys::audit(
-            &pool,
-            now,
-            "master_key",
-            "key.delete",
-            ("key", &k.id),
-            Some(before),
-            None,
-        )
-        .await
-    })
-    .await?;
+    commit_key(dir, config, k, "key.delete", now, (Some(before), None)).await?;
     log::info!("admin: key {key_id} deleted");
     ok(200, json!({"id": key_id, "deleted": true}))
 }
@@ -731,20 +750,7 @@ async fn rotate_key(dir: &Directory, config: &Config, id: &str, body: &[u8]) -> 
     k.updated_at = now;
     let key_id = k.id.clone();
     let note = json!({"grace_period_ms": grace});
-    commit(dir, config, move |pool| async move {
-        keys::save_key(&pool, &k).await?;
-        keys::audit(
-            &pool,
-            now,
-            "master_key",
-            "key.rotate",
-            ("key", &k.id),
-            None,
-            Some(note),
-        )
-        .await
-    })
-    .await?;
+    commit_key(dir, config, k, "key.rotate", now, (None, Some(note))).await?;
     let snap = dir.snapshot();
     let mut v = key_view(find_key(&snap, &key_id)?, now);
     v["key"] = secret.into();
@@ -760,20 +766,7 @@ async fn reset_key(dir: &Directory, config: &Config, id: &str) -> Answer {
     k.spend_reset_at = now;
     k.updated_at = now;
     let key_id = k.id.clone();
-    commit(dir, config, move |pool| async move {
-        keys::save_key(&pool, &k).await?;
-        keys::audit(
-            &pool,
-            now,
-            "master_key",
-            "key.reset_spend",
-            ("key", &k.id),
-            None,
-            None,
-        )
-        .await
-    })
-    .await?;
+    commit_key(dir, config, k, "key.reset_spend", now, (None, None)).await?;
     if let Some(b) = dir.live_budget(&keys::owner_id("key", &key_id)) {
         b.reset(now);
     }
@@ -845,20 +838,7 @@ async fn create_team(dir: &Directory, config: &Config, body: &[u8]) -> Answer {
     apply_team(&mut t, &body, true)?;
     unique_team_name(&dir.snapshot(), &t.name, None)?;
     let after = team_audit(&t);
-    commit(dir, config, move |pool| async move {
-        keys::save_team(&pool, &t).await?;
-        keys::audit(
-            &pool,
-            now,
-            "master_key",
-            "team.create",
-            ("team", &t.id),
-            None,
-            Some(after),
-        )
-        .await
-    })
-    .await?;
+    commit_team(dir, config, t, "team.create", now, (None, Some(after))).await?;
     let snap = dir.snapshot();
     ok(201, team_view(find_team(&snap, &id)?, 0, now))
 }
@@ -874,19 +854,14 @@ async fn update_team(dir: &Directory, config: &Config, id: &str, body: &[u8]) ->
     t.updated_at = now;
     let after = team_audit(&t);
     let team_id = t.id.clone();
-    commit(dir, config, move |pool| async move {
-        keys::save_team(&pool, &t).await?;
-        keys::audit(
-            &pool,
-            now,
-            "master_key",
-            "team.update",
-            ("team", &t.id),
-            Some(before),
-            Some(after),
-        )
-        .await
-    })
+    commit_team(
+        dir,
+        config,
+        t,
+        "team.update",
+        now,
+        (Some(before), Some(after)),
+    )
     .await?;
     let snap = dir.snapshot();
     ok(
@@ -915,20 +890,7 @@ async fn delete_team(dir: &Directory, config: &Config, id: &str) -> Answer {
     t.deleted_at = Some(now);
     t.updated_at = now;
     let team_id = t.id.clone();
-    commit(dir, config, move |pool| async move {
-        keys::save_team(&pool, &t).await?;
-        keys::audit(
-            &pool,
-            now,
-            "master_key",
-            "team.delete",
-            ("team", &t.id),
-            Some(before),
-            None,
-        )
-        .await
-    })
-    .await?;
+    commit_team(dir, config, t, "team.delete", now, (Some(before), None)).await?;
     ok(200, json!({"id": team_id, "deleted": true}))
 }
 
@@ -939,20 +901,7 @@ async fn reset_team(dir: &Directory, config: &Config, id: &str) -> Answer {
     t.spend_reset_at = now;
     t.updated_at = now;
     let team_id = t.id.clone();
-    commit(dir, config, move |pool| async move {
-        keys::save_team(&pool, &t).await?;
-        keys::audit(
-            &pool,
-            now,
-            "master_key",
-            "team.reset_spend",
-            ("team", &t.id),
-            None,
-            None,
-        )
-        .await
-    })
-    .await?;
+    commit_team(dir, config, t, "team.reset_spend", now, (None, None)).await?;
     if let Some(b) = dir.live_budget(&keys::owner_id("team", &team_id)) {
         b.reset(now);
     }

@@ -489,42 +489,55 @@ impl Directory {
         b
     }
 
+    /// The live budget of a key or team record (none when it has none or is deleted).
+    #[allow(clippy::too_many_arguments)]
+    fn live_for(
+        &self,
+        scope: &'static str,
+        id: &str,
+        name: &str,
+        spec: Option<&BudgetSpec>,
+        deleted_at: Option<i64>,
+        reset_at: i64,
+        spent: &HashMap<String, i64>,
+    ) -> Option<Arc<Budget>> {
+        let spec = spec.filter(|_| deleted_at.is_none())?;
+        let owner = Owner {
+            scope,
+            id: id.to_string(),
+            name: name.to_string(),
+        };
+        let key = owner_id(scope, id);
+        let already = spent.get(&key).copied();
+        Some(self.budget(owner, key, spec, already, reset_at))
+    }
+
     /// Installs what `load` read.
     pub fn install(&self, loaded: Loaded) {
         let mut teams = BTreeMap::new();
         for t in loaded.teams {
-            let budget = t
-                .budget
-                .as_ref()
-                .filter(|_| t.deleted_at.is_none())
-                .map(|spec| {
-                    let owner = Owner {
-                        scope: "team",
-                        id: t.id.clone(),
-                        name: t.name.clone(),
-                    };
-                    let key = owner_id("team", &t.id);
-                    let spent = loaded.spent.get(&key).copied();
-                    self.budget(owner, key, spec, spent, t.spend_reset_at)
-                });
+            let budget = self.live_for(
+                "team",
+                &t.id,
+                &t.name,
+                t.budget.as_ref(),
+                t.deleted_at,
+                t.spend_reset_at,
+                &loaded.spent,
+            );
             teams.insert(t.id.clone(), Arc::new(StoredTeam { rec: t, budget }));
         }
         let mut snapshot = Snapshot::default();
         for k in loaded.keys {
-            let budget = k
-                .budget
-                .as_ref()
-                .filter(|_| k.deleted_at.is_none())
-                .map(|spec| {
-                    let owner = Owner {
-                        scope: "key",
-                        id: k.id.clone(),
-                        name: k.name.clone(),
-                    };
-                    let key = owner_id("key", &k.id);
-                    let spent = loaded.spent.get(&key).copied();
-                    self.budget(owner, key, spec, spent, k.spend_reset_at)
-                });
+            let budget = self.live_for(
+                "key",
+                &k.id,
+                &k.name,
+                k.budget.as_ref(),
+                k.deleted_at,
+                k.spend_reset_at,
+                &loaded.spent,
+            );
             let team = k.team_id.as_ref().and_then(|t| teams.get(t)).cloned();
             let digests = [
                 unhex(&k.digest).map(|d| (d, false)),
