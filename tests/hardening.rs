@@ -538,7 +538,7 @@ fn the_open_file_limit_is_raised_to_the_hard_limit_at_start() {
     std::fs::write(
         &conf,
         format!(
-            "server:\n  listen: [\"127.0.0.1:0\"]\n  admin_listen: \"127.0.0.1:0\"\n  pid_file: {d}/p.pid\n  upgrade_sock: {d}/u.sock\n{}",
+            "store:\n  url: sqlite://{d}/t.db\nserver:\n  listen: [\"127.0.0.1:0\"]\n  admin_listen: \"127.0.0.1:0\"\n  pid_file: {d}/p.pid\n  upgrade_sock: {d}/u.sock\n{}",
             single("http://127.0.0.1:1"),
             d = dir.path().display()
         ),
