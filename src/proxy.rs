@@ -166,7 +166,8 @@ impl ProxyHttp for Gateway {
         // A request Pingora refused before request_filter has no config yet: the live one.
         let config = ctx.config.take().unwrap_or_else(|| self.config.load_full());
         observe::finish(&ctx.record, &config);
-        if let Some(row) = usage_row(&ctx.record, self.keys.now()) {
+        // The record's last use: its strings move into the row.
+        if let Some(row) = usage_row(&mut ctx.record, self.keys.now()) {
             self.usage.push(row);
         }
     }
@@ -293,7 +294,7 @@ impl Gateway {
             if method != http::Method::GET {
                 return Err(GatewayError::MethodNotAllowed(method.to_string()).into());
             }
-            let body = crate::admin::keys::key_info(&caller, &self.keys, config);
+            let body = crate::admin::keys::key_info(&caller, &self.keys);
             ctx.record.status = 200;
             respond::json(
                 session,
@@ -681,21 +682,22 @@ fn dearest_price(
     Some(dearest)
 }
 
-/// The usage row of a request that reached an upstream.
-fn usage_row(r: &Record, now: i64) -> Option<UsageRow> {
+/// The usage row of a request that reached an upstream, taking the record's strings.
+fn usage_row(r: &mut Record, now: i64) -> Option<UsageRow> {
     if r.attempts.is_empty() {
         return None;
     }
     let usage = r.usage.unwrap_or_default();
+    let take = std::mem::take::<String>;
     Some(UsageRow {
-        request_id: r.request_id.clone(),
+        request_id: take(&mut r.request_id),
         ts: now,
-        key_id: r.key_id.clone().unwrap_or_else(|| "-".into()),
-        key_name: r.caller.clone(),
-        team_id: r.team.clone(),
-        model: r.model.clone().unwrap_or_default(),
-        upstream: r.upstream.clone(),
-        upstream_model: r.upstream_model.clone(),
+        key_id: r.key_id.take().unwrap_or_else(|| "-".into()),
+        key_name: take(&mut r.caller),
+        team_id: r.team.take(),
+        model: r.model.take().unwrap_or_default(),
+        upstream: r.upstream.take(),
+        upstream_model: r.upstream_model.take(),
         status: r.status,
         stream: r.stream,
         input_tokens: usage.input,

@@ -233,7 +233,7 @@ fn team_audit(r: &TeamRecord) -> Value {
 }
 
 /// `GET /v1/key/info`: the calling key's own view.
-pub fn key_info(caller: &Caller, dir: &Directory, _config: &Config) -> Value {
+pub fn key_info(caller: &Caller, dir: &Directory) -> Value {
     let now = dir.now();
     let budget = |scope: &str, spec: &BudgetSpec, live: &Arc<Budget>| {
         let f = live.figures(now);

@@ -112,8 +112,6 @@ pub struct Snapshot {
     by_digest: HashMap<[u8; 32], Entry>,
     pub keys: BTreeMap<String, Arc<StoredKey>>,
     pub teams: BTreeMap<String, Arc<StoredTeam>>,
-    /// Keys not deleted.
-    pub active: usize,
 }
 
 impl Snapshot {
@@ -543,9 +541,6 @@ impl Directory {
                 unhex(&k.digest).map(|d| (d, false)),
                 k.old_digest.as_deref().and_then(unhex).map(|d| (d, true)),
             ];
-            if k.deleted_at.is_none() {
-                snapshot.active += 1;
-            }
             let key = Arc::new(StoredKey {
                 rec: k,
                 team,

@@ -277,10 +277,6 @@ impl Store {
         block_on(&rt, work(pool))?
     }
 
-    pub fn url(&self) -> String {
-        mask_userinfo(&self.url)
-    }
-
     /// Connects now rather than on the first write (and reads, so that SQLite opens its
     /// journal files too).
     pub async fn connect(&self) -> Result<(), StoreError> {
@@ -371,7 +367,7 @@ mod tests {
             .run_blocking(|pool| async move { schema_version(&pool).await })
             .unwrap();
         assert_eq!(v, SCHEMA_VERSION);
-        let e = location("postgres://u:pw@h/db").unwrap_err().0;
+        let e = location("mysql://u:pw@h/db").unwrap_err().0;
         assert!(e.contains("***@h") && !e.contains("pw"), "{e}");
     }
 }
