@@ -6,11 +6,16 @@
 
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use futures_util::FutureExt;
+use std::sync::Arc;
 use std::time::Duration;
-use tollgate::config::file::{Balance, LimitSection, Provider, UpstreamSection};
+use tollgate::clock::monotonic_ms as now_ms;
+use tollgate::config::file::{Balance, Provider, UpstreamSection};
 use tollgate::inspect::Rules;
-use tollgate::limits::{key_hash, Admission, Counters, Scope};
-use tollgate::upstream::health::{now_ms, Reason};
+use tollgate::limits::{
+    key_hash, Admission, Charge, CounterBackend, Dimension, LocalCounters, Scope,
+};
+use tollgate::upstream::health::Reason;
 use tollgate::upstream::{Endpoint, InFlight, Server, Upstream};
 use tollgate::usage::UsageScanner;
 
@@ -60,25 +65,28 @@ fn selection(c: &mut Criterion) {
 }
 
 fn limiter(c: &mut Criterion) {
-    let counters = Counters::default();
-    let limits = LimitSection {
-        rpm: Some(u64::MAX / 2),
-        tpm: Some(u64::MAX / 2),
-        concurrency: Some(1 << 40),
-        rps: None,
-    };
+    let counters: Arc<dyn CounterBackend> = Arc::new(LocalCounters::default());
     let key = key_hash("team-a");
-    c.bench_function("limits/request+tokens+settle", |b| {
+    let charge = |dimension, limit, amount| Charge {
+        scope: Scope::Key,
+        key,
+        dimension,
+        limit,
+        amount,
+    };
+    let request = [charge(Dimension::Rpm, u64::MAX / 2, 1)];
+    let model = [
+        charge(Dimension::Concurrency, 1 << 40, 1),
+        charge(Dimension::Tpm, u64::MAX / 2, 300),
+    ];
+    // The in-process backend never waits: each stage's future is ready at once.
+    c.bench_function("limits/request+slot+tokens+settle", |b| {
         b.iter(|| {
-            let mut adm = Admission::default();
-            counters
-                .admit_request(Scope::Key, key, &limits, &mut adm)
-                .unwrap();
-            counters
-                .admit_tokens(Scope::Key, key, &limits, 300, &mut adm)
-                .unwrap();
-            counters.settle_tokens(&mut adm, 280);
-            black_box(counters.key_headers(key, &limits))
+            let mut adm = Admission::new(Arc::clone(&counters));
+            adm.admit(&request).now_or_never().unwrap().unwrap();
+            adm.admit(&model).now_or_never().unwrap().unwrap();
+            adm.settle_tokens(280);
+            black_box(counters.room(Scope::Key, key, Dimension::Tpm, u64::MAX / 2))
         })
     });
 }

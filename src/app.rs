@@ -1,6 +1,6 @@
 //! Assembling the Pingora server: the proxy service, the admin service and the background
-//! services, from a validated config. Listeners on port 0 get a free port, which is
-//! printed so that scripts and tests can find it.
+//! services, from a validated config. Listeners on port 0 are bound before the server
+//! starts (`ops::listeners`); their ports are printed so that scripts and tests find them.
 
 use crate::admin::AdminApp;
 use crate::client_conn::{
@@ -9,9 +9,11 @@ use crate::client_conn::{
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::keys::Directory;
+use crate::limits::LocalCounters;
+use crate::ops::listeners::Prebound;
 use crate::ops::reload::{HangupReload, Reloader};
 use crate::ops::upgrade::Upgrader;
-use crate::proxy::Gateway;
+use crate::proxy::{Gateway, Shared};
 use crate::secret::mask_userinfo;
 use crate::store::usage::{UsageQueue, Writer};
 use crate::store::Store;
@@ -40,14 +42,6 @@ pub struct RunMode {
     pub upgrade: bool,
     /// The config file, for reloads and upgrades (`None`: the embedded demo config).
     pub config_path: Option<String>,
-}
-
-/// Gives listeners on port 0 a concrete free port, so it can be printed and reused.
-fn concrete(addr: SocketAddr) -> std::io::Result<SocketAddr> {
-    if addr.port() != 0 {
-        return Ok(addr);
-    }
-    std::net::TcpListener::bind(addr)?.local_addr()
 }
 
 /// Builds every service and runs until the process is told to stop, then writes the
@@ -98,12 +92,16 @@ fn open_store(config: &Config) -> std::io::Result<Arc<Directory>> {
 type Started = (Server, Arc<UsageQueue>, Store);
 
 fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
+    // Listeners on port 0 are bound now, so their ports are known and stay ours; an
+    // upgrade takes the old process's sockets instead.
+    let (mut proxy_sockets, mut admin_sockets) = (Prebound::default(), Prebound::default());
+    let bind = |p: &mut Prebound, a: SocketAddr| if mode.upgrade { Ok(a) } else { p.bind(a) };
     let listen: Vec<SocketAddr> = config
         .listen
         .iter()
-        .map(|a| concrete(*a))
+        .map(|a| bind(&mut proxy_sockets, *a))
         .collect::<Result<_, _>>()?;
-    let admin_listen = concrete(config.admin_listen)?;
+    let admin_listen = bind(&mut admin_sockets, config.admin_listen)?;
     config.resolve();
     crate::observe::metrics::init();
     for w in config.warnings() {
@@ -153,8 +151,8 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
     let summary = summary(&config, &listen, admin_listen);
     let config = Arc::new(ArcSwap::from_pointee(config));
     let connections = Arc::new(Connections {
-        connector: TransportConnector::new(Some(ConnectorOptions::from_server_conf(
-            &server.configuration,
+        dialer: Box::new(TransportConnector::new(Some(
+            ConnectorOptions::from_server_conf(&server.configuration),
         ))),
         pool: Pool::new(pool_size),
     });
@@ -168,10 +166,13 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
                 &server.configuration,
                 Gateway::new(
                     Arc::clone(&config),
-                    Arc::clone(&connections),
-                    Arc::clone(&directory),
-                    Arc::clone(&usage),
-                    alerts,
+                    Shared {
+                        connections: Arc::clone(&connections),
+                        counters: Arc::new(LocalCounters::default()),
+                        keys: Arc::clone(&directory),
+                        usage: Arc::clone(&usage),
+                        alerts,
+                    },
                 ),
             )),
             config: Arc::clone(&config),
@@ -220,8 +221,8 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
     for upstream in config.load().upstreams.values() {
         upstream.add_health_service(&mut server);
     }
-    server.add_service(proxy);
-    server.add_service(admin);
+    server.add_service(proxy_sockets.serve(proxy));
+    server.add_service(admin_sockets.serve(admin));
     server.add_service(background_service("resolver", Resolver { config }));
     server.add_service(background_service(
         "idle upstream connections",

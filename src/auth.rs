@@ -2,9 +2,9 @@
 //! key or a stored key by SHA-256 digest, confirmed with a constant-time comparison. It
 //! never logs or returns the key itself, and it does no I/O.
 
-use crate::config::file::LimitSection;
 use crate::keys::budget::BudgetSpec;
 use crate::keys::{Directory, Rejected, StoredKey, StoredTeam};
+use crate::limits::Limits;
 use crate::secret::Secret;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -68,7 +68,7 @@ pub struct KeyRing {
 #[derive(Debug, PartialEq)]
 pub struct KeyInfo {
     pub name: String,
-    pub limits: LimitSection,
+    pub limits: Limits,
     /// Aliases it may call (`None`: all).
     pub models: Option<Vec<String>>,
     pub budget: Option<BudgetSpec>,
@@ -137,7 +137,7 @@ impl Caller {
     }
 
     /// The key scope's counter key and limits.
-    pub fn key_limits(&self) -> Option<(u64, &LimitSection)> {
+    pub fn key_limits(&self) -> Option<(u64, &Limits)> {
         match self {
             Caller::Anonymous => None,
             Caller::Key(k) => Some((crate::limits::key_hash(&k.name), &k.limits)),
@@ -146,7 +146,7 @@ impl Caller {
     }
 
     /// The team scope's counter key and limits.
-    pub fn team_limits(&self) -> Option<(u64, &LimitSection)> {
+    pub fn team_limits(&self) -> Option<(u64, &Limits)> {
         self.team()
             .map(|t| (crate::limits::key_hash(&t.rec.id), &t.rec.limits))
     }
@@ -225,7 +225,7 @@ mod tests {
         let k = Secret::new("tg-team-a-0123456789");
         let info = KeyInfo {
             name: "team-a".into(),
-            limits: LimitSection::default(),
+            limits: Limits::default(),
             models: None,
             budget: None,
         };

@@ -1,8 +1,21 @@
-//! Wall-clock time for what depends on the calendar: budget periods, key expiry, usage
-//! timestamps. One trait, so tests move time by hand (`ManualClock`) instead of sleeping.
-//! (Cooldowns and health use the monotonic `health::now_ms`, passed in explicitly.)
+//! Time, in two kinds. Wall-clock time for what depends on the calendar (budget periods,
+//! key expiry, usage timestamps): the [`Clock`] trait, so tests move it by hand
+//! (`ManualClock`). Monotonic time for cooldowns, health and the attempt loop:
+//! [`monotonic_ms`], read from tokio's clock, so tests run with paused time
+//! (`#[tokio::test(start_paused = true)]`, `tokio::time::advance`) and never sleep.
 
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::OnceLock;
+
+/// Milliseconds on the process's monotonic clock (never 0). Outside a runtime with paused
+/// time this is the system's monotonic clock; under paused time it moves only with
+/// `tokio::time::advance` or the runtime's auto-advance, together with every timeout.
+pub fn monotonic_ms() -> u64 {
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    let start = *START.get_or_init(std::time::Instant::now);
+    let now = tokio::time::Instant::now().into_std();
+    now.saturating_duration_since(start).as_millis() as u64 + 1
+}
 
 /// Milliseconds since the Unix epoch, UTC.
 pub trait Clock: Send + Sync {

@@ -5,13 +5,15 @@
 //! response or moves on, within `failover.max_attempts`. Nothing here writes to the
 //! client, so no retry can ever follow a byte the client has seen.
 
+use crate::clock::monotonic_ms as now_ms;
 use crate::config::Failover;
 use crate::error::GatewayError;
 use crate::forward::{self, Outgoing, Sent, TransportError, TransportFailure};
 use crate::inspect::{self, Class};
+use crate::provider::Dialect;
 use crate::route::{Alias, Route, Router};
 use crate::transport::pool::Connections;
-use crate::upstream::health::{now_ms, Reason};
+use crate::upstream::health::Reason;
 use crate::upstream::{InFlight, Server, Upstream};
 use bytes::Bytes;
 use std::collections::VecDeque;
@@ -62,20 +64,8 @@ pub struct Winner {
     pub in_flight: InFlight,
 }
 
-/// What kind of endpoint the request is for: Anthropic's `/v1/messages` can only go to
-/// upstreams of provider `anthropic`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dialect {
-    OpenAi,
-    Anthropic,
-}
-
 fn route_serves(route: &Route, dialect: Dialect) -> bool {
-    use crate::config::file::Provider;
-    match dialect {
-        Dialect::OpenAi => true,
-        Dialect::Anthropic => route.upstream.provider == Provider::Anthropic,
-    }
+    dialect.served_by(route.upstream.provider)
 }
 
 /// Everything one request's attempt loop reads.
@@ -390,15 +380,23 @@ mod tests {
         model: &str,
     ) -> (Result<Winner, GatewayError>, Vec<AttemptRecord>) {
         let connections = Connections {
-            connector: TransportConnector::new(None),
+            dialer: Box::new(TransportConnector::new(None)),
             pool: Pool::new(8),
         };
+        attempt_over(&connections, config, model).await
+    }
+
+    async fn attempt_over(
+        connections: &Connections,
+        config: &Config,
+        model: &str,
+    ) -> (Result<Winner, GatewayError>, Vec<AttemptRecord>) {
         let req = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
         let out = Outgoing::new(&req, "/chat/completions", "test-request", "127.0.0.1");
         let body = Bytes::from(format!(r#"{{"model":"{model}","messages":[]}}"#));
         let rewrite = |_: &str, _: bool| body.clone();
         let plan = Plan {
-            connections: &connections,
+            connections,
             router: &config.router,
             failover: &config.failover,
             dialect: Dialect::OpenAi,
@@ -450,11 +448,7 @@ mod tests {
         );
         assert_eq!(attempts[0].status, Some(429));
         let server_a = &c.upstreams["a"].servers[0];
-        let (left, reason) = server_a
-            .state
-            .health
-            .cooldown(crate::upstream::health::now_ms())
-            .unwrap();
+        let (left, reason) = server_a.state.health.cooldown(now_ms()).unwrap();
         assert_eq!(reason, crate::upstream::health::Reason::Transient);
         assert!(
             left > Duration::from_secs(6) && left <= Duration::from_secs(7),
@@ -526,9 +520,137 @@ mod tests {
         let (left, reason) = c.upstreams["q"].servers[0]
             .state
             .health
-            .cooldown(crate::upstream::health::now_ms())
+            .cooldown(now_ms())
             .unwrap();
         assert_eq!(reason, crate::upstream::health::Reason::Quota);
         assert!(left > Duration::from_secs(3500), "{left:?}");
+    }
+
+    /// Upstreams scripted in memory, reached through the dialer: each address answers
+    /// every request with its raw HTTP response after its delay, timed by tokio's clock,
+    /// so that tests run with paused time and never wait for real.
+    #[derive(Default)]
+    struct Scripted {
+        scripts: std::sync::Mutex<std::collections::HashMap<String, (Duration, &'static str)>>,
+        hits: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    }
+
+    impl Scripted {
+        fn answer(&self, addr: &str, delay: Duration, response: &'static str) {
+            let mut scripts = self.scripts.lock().unwrap();
+            scripts.insert(addr.to_string(), (delay, response));
+        }
+
+        fn hits(&self, addr: &str) -> usize {
+            self.hits.lock().unwrap().get(addr).copied().unwrap_or(0)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl crate::transport::pool::Dialer for std::sync::Arc<Scripted> {
+        async fn dial(
+            &self,
+            peer: &pingora_core::upstreams::peer::HttpPeer,
+        ) -> pingora_core::Result<pingora_core::protocols::Stream> {
+            use pingora_core::upstreams::peer::Peer;
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let addr = peer.address().to_string();
+            if !self.scripts.lock().unwrap().contains_key(&addr) {
+                return pingora_core::Error::e_explain(
+                    pingora_core::ErrorType::ConnectRefused,
+                    "nothing scripted",
+                );
+            }
+            let (client, mut server) = tokio::io::duplex(1 << 16);
+            let me = std::sync::Arc::clone(self);
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Ok(n) = server.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    // Each test request is one JSON object: its last byte ends it.
+                    if seen.ends_with(b"}") {
+                        seen.clear();
+                        *me.hits.lock().unwrap().entry(addr.clone()).or_default() += 1;
+                        // The script as it is now: a pooled connection follows changes.
+                        let (delay, response) = me.scripts.lock().unwrap()[&addr];
+                        tokio::time::sleep(delay).await;
+                        if server.write_all(response.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+            Ok(Box::new(client))
+        }
+    }
+
+    const OK: &str =
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+    const SLOW_DOWN: &str = "HTTP/1.1 429 Too Many Requests\r\nretry-after: 7\r\ncontent-type: application/json\r\ncontent-length: 33\r\n\r\n{\"error\":{\"message\":\"slow down\"}}";
+
+    fn scripted() -> (std::sync::Arc<Scripted>, Connections) {
+        let s = std::sync::Arc::new(Scripted::default());
+        let connections = Connections {
+            dialer: Box::new(std::sync::Arc::clone(&s)),
+            pool: Pool::new(8),
+        };
+        (s, connections)
+    }
+
+    fn two_tiers(extra: &str) -> Config {
+        config(&format!(
+            "upstreams:\n  a: {{{extra}servers: [{{url: \"http://127.0.0.11:80\"}}]}}\n  b: {{servers: [{{url: \"http://127.0.0.12:80\"}}]}}\nmodels:\n  m:\n    routes:\n      - {{upstream: a, priority: 1}}\n      - {{upstream: b, priority: 2}}\n"
+        ))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_first_byte_times_out_after_first_byte_timeout_and_the_next_tier_answers() {
+        let (up, connections) = scripted();
+        up.answer("127.0.0.11:80", Duration::from_secs(600), OK);
+        up.answer("127.0.0.12:80", Duration::from_millis(250), OK);
+        let c = two_tiers("first_byte_timeout: 20s, ");
+        let started = tokio::time::Instant::now();
+        let (result, attempts) = attempt_over(&connections, &c, "m").await;
+        assert_eq!(result.unwrap().upstream.name, "b");
+        assert_eq!(
+            outcomes(&attempts),
+            [("a".to_string(), "timeout"), ("b".to_string(), "ok")]
+        );
+        // 20 s waiting for a, 250 ms for b, on the paused clock: nothing else waited.
+        assert_eq!(started.elapsed(), Duration::from_millis(20_250));
+        assert_eq!((up.hits("127.0.0.11:80"), up.hits("127.0.0.12:80")), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cooled_tier_is_skipped_until_its_hint_has_passed_then_tried_again() {
+        let (up, connections) = scripted();
+        up.answer("127.0.0.11:80", Duration::ZERO, SLOW_DOWN);
+        up.answer("127.0.0.12:80", Duration::ZERO, OK);
+        let c = two_tiers("");
+        let (result, attempts) = attempt_over(&connections, &c, "m").await;
+        assert_eq!(result.unwrap().upstream.name, "b");
+        assert_eq!(attempts.len(), 2);
+
+        // Within its 7 s hint, a is not asked again.
+        tokio::time::advance(Duration::from_millis(6_900)).await;
+        let (result, attempts) = attempt_over(&connections, &c, "m").await;
+        assert_eq!(result.unwrap().upstream.name, "b");
+        assert_eq!(outcomes(&attempts), [("b".to_string(), "ok")]);
+        assert_eq!(up.hits("127.0.0.11:80"), 1);
+
+        // Once it has passed, a is first again.
+        tokio::time::advance(Duration::from_millis(200)).await;
+        up.answer("127.0.0.11:80", Duration::ZERO, OK);
+        let (result, attempts) = attempt_over(&connections, &c, "m").await;
+        assert_eq!(result.unwrap().upstream.name, "a");
+        assert_eq!(outcomes(&attempts), [("a".to_string(), "ok")]);
+        assert_eq!((up.hits("127.0.0.11:80"), up.hits("127.0.0.12:80")), (2, 2));
     }
 }

@@ -47,6 +47,28 @@ pub struct Outgoing<'a> {
     pub forwarded_for: &'a str,
 }
 
+/// The `X-Forwarded-For` sent upstream: the client's own value, if any, with the TCP
+/// peer appended.
+pub fn forwarded_for(req: &RequestHeader, peer: Option<std::net::IpAddr>) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(64);
+    if let Some(prior) = req
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
+        out.push_str(prior);
+        out.push_str(", ");
+    }
+    match peer {
+        Some(ip) => {
+            let _ = write!(out, "{ip}");
+        }
+        None => out.push_str("unknown"),
+    }
+    out
+}
+
 impl<'a> Outgoing<'a> {
     /// Client fields pass through as received, minus hop-by-hop ones and those in
     /// `NOT_FORWARDED`.
@@ -253,12 +275,15 @@ pub async fn send(
     let mut stale_retries = 3;
     loop {
         let pool_key = peer.reuse_hash();
-        // Connecting is an 8 KiB future (TLS included); boxed, it is only paid for when
-        // the pool has no connection, instead of being carried and moved by every request.
+        // Connecting is an 8 KiB future (TLS included); boxed by the dialer, it is only paid
+        // for when the pool has no connection, instead of being carried and moved by every
+        // request.
         let (stream, reused) = match connections.pool.take(pool_key) {
             Some(stream) => (stream, true),
             None => {
-                let stream = Box::pin(connections.connector.new_stream(&peer))
+                let stream = connections
+                    .dialer
+                    .dial(&peer)
                     .await
                     .map_err(|e| TransportError::Connect(e.to_string()))?;
                 (stream, false)

@@ -1,14 +1,16 @@
 //! Tollgate: an LLM API gateway on Cloudflare Pingora.
 //!
 //! The modules follow a request: `client_conn` (connection caps and the header
-//! deadline), `auth` (who is calling), `limits`, `body` (model and stream from the
-//! body), `route` (alias to tiers of targets), `select` (a server by the upstream's
-//! balancing method), `failover` (the attempt loop), `forward` (one attempt, over
-//! `transport`), `inspect` (judging it), `stream` (relaying the response), `observe`
-//! (the access log and metrics). `proxy` is the Pingora hook dispatcher; `config`,
-//! `admin`, `app`, `ops` (reload, upgrade) and `cli` run the process; `import` holds the
-//! nginx importer; `demo` the embedded mock upstream (the demo's, tests' and
-//! benchmarks').
+//! deadline), `proxy` (the Pingora hooks: per-request context, endpoint dispatch, body
+//! intake, the LLM pipeline), `auth` (who is calling), `limits` (two admission stages over
+//! a counter backend), `keys` (stored keys, teams, budget reservations), `body` (model and
+//! stream from the body), `route` (alias to tiers of targets), `upstream` (servers, their
+//! health, balancers), `failover` (the attempt loop), `forward` (one attempt, over
+//! `transport`), `inspect` (judging it), `stream` (relaying the response), `observe` (the
+//! access log, metrics and usage rows). `provider` holds what differs per provider;
+//! `config`, `admin`, `store`, `app`, `ops` (reload, upgrade, listeners) and `cli` run the
+//! process; `import` holds the nginx importer; `demo` the embedded mock upstream (the
+//! demo's, tests' and benchmarks').
 
 pub mod admin;
 pub mod app;

@@ -1,10 +1,28 @@
-//! What differs per provider on the way out: the credential header's name and form, and
-//! the `anthropic-version` Anthropic needs. Used by attempts (`forward`) and active
-//! health checks (`upstream::check`) alike.
+//! What differs per provider: which need an API key, the credential header's name and
+//! form, the `anthropic-version` Anthropic needs, whether streams report usage only when
+//! asked (`stream_options.include_usage`), and which endpoints each serves. Used by the
+//! config checks, attempts (`forward`), active health checks (`upstream::check`) and the
+//! attempt loop alike. (Error shapes are the same across OpenAI-compatible providers, so
+//! `inspect` classifies every upstream's errors with one set of presets.)
 
 use crate::config::file::Provider;
 use crate::secret::Secret;
 use pingora_http::RequestHeader;
+
+/// Whether servers of `provider` must have an `api_key` (the hosted APIs do; a generic
+/// OpenAI-compatible fleet may not).
+pub fn needs_api_key(provider: Provider) -> bool {
+    matches!(
+        provider,
+        Provider::Openai | Provider::Anthropic | Provider::Azure
+    )
+}
+
+/// Whether streams from `provider` carry a usage chunk only when the request asks with
+/// `stream_options.include_usage` (the default of `upstreams.NAME.stream_usage`).
+pub fn asks_for_stream_usage(provider: Provider) -> bool {
+    matches!(provider, Provider::Openai | Provider::Azure)
+}
 
 /// `anthropic-version` sent when the client did not send one.
 const ANTHROPIC_VERSION: &str = "2023-06-01";
@@ -46,4 +64,31 @@ pub fn set_credential(
         req.insert_header(name, format!("{prefix}{value}"))?;
     }
     Ok(())
+}
+
+/// What kind of endpoint a request is for. Anthropic's `/v1/messages` can only go to
+/// upstreams of provider `anthropic`; the OpenAI-shaped endpoints go to any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    OpenAi,
+    Anthropic,
+}
+
+impl Dialect {
+    /// The dialect of an endpoint, by its path after `/v1`.
+    pub fn of(suffix: &str) -> Dialect {
+        if suffix == "/messages" {
+            Dialect::Anthropic
+        } else {
+            Dialect::OpenAi
+        }
+    }
+
+    /// Whether an upstream of `provider` takes requests of this dialect.
+    pub fn served_by(self, provider: Provider) -> bool {
+        match self {
+            Dialect::OpenAi => true,
+            Dialect::Anthropic => provider == Provider::Anthropic,
+        }
+    }
 }

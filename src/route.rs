@@ -50,13 +50,13 @@ pub struct Alias {
     pub fallbacks: Vec<String>,
     /// Aliases tried when an upstream says the prompt exceeds the context length.
     pub context_fallbacks: Vec<String>,
-    pub limits: crate::config::file::LimitSection,
+    pub limits: crate::limits::Limits,
 }
 
 impl Alias {
     /// True when at least one server of any tier can take a request now.
     pub fn has_usable_target(&self) -> bool {
-        let now = crate::upstream::health::now_ms();
+        let now = crate::clock::monotonic_ms();
         self.tiers.iter().any(|t| {
             t.routes
                 .iter()

@@ -6,10 +6,11 @@
 use super::reply;
 use crate::auth::Caller;
 use crate::clock::{parse_time, rfc3339};
-use crate::config::file::{BudgetSection, LimitSection};
+use crate::config::file::BudgetSection;
 use crate::config::Config;
 use crate::keys::budget::{Budget, BudgetSpec};
 use crate::keys::{self, Directory, KeyRecord, Snapshot, StoredKey, StoredTeam, TeamRecord};
+use crate::limits::Limits;
 use crate::pricing::usd;
 use crate::store::StoreError;
 use http::Response;
@@ -351,9 +352,9 @@ struct ApiLimits {
     concurrency: Option<u64>,
 }
 
-fn limits_field(v: &Value) -> Result<LimitSection, ApiError> {
+fn limits_field(v: &Value) -> Result<Limits, ApiError> {
     if v.is_null() {
-        return Ok(LimitSection::default());
+        return Ok(Limits::default());
     }
     let l: ApiLimits = typed("limits", v)?;
     for (name, value) in [
@@ -369,7 +370,7 @@ fn limits_field(v: &Value) -> Result<LimitSection, ApiError> {
             ));
         }
     }
-    Ok(LimitSection {
+    Ok(Limits {
         rps: l.rps,
         rpm: l.rpm,
         tpm: l.tpm,
@@ -663,7 +664,7 @@ async fn create_key(dir: &Directory, config: &Config, body: &[u8]) -> Answer {
         old_digest: None,
         old_valid_until: None,
         models: None,
-        limits: LimitSection::default(),
+        limits: Limits::default(),
         budget: None,
         expires_at: None,
         metadata: json!({}),
@@ -827,7 +828,7 @@ async fn create_team(dir: &Directory, config: &Config, body: &[u8]) -> Answer {
         id: id.clone(),
         name: String::new(),
         models: None,
-        limits: LimitSection::default(),
+        limits: Limits::default(),
         budget: None,
         metadata: json!({}),
         created_at: now,

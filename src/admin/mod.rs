@@ -6,9 +6,9 @@
 pub mod cli;
 pub mod keys;
 
+use crate::clock::monotonic_ms as now_ms;
 use crate::config::Config;
 use crate::ops::reload::Reloader;
-use crate::upstream::health::now_ms;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use http::Response;

@@ -4,6 +4,7 @@
 //! is `config::build`'s job.
 
 use super::units::{ByteSize, Seconds};
+use crate::limits::Limits;
 use crate::secret::Secret;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -216,32 +217,15 @@ impl Default for LogSection {
     }
 }
 
-/// Limits of one scope. Absent dimensions are unlimited.
-#[derive(Debug, Deserialize, serde::Serialize, Default, Clone, Copy, PartialEq, Eq)]
-pub struct LimitSection {
-    /// Requests per second.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rps: Option<u64>,
-    /// Requests per minute.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rpm: Option<u64>,
-    /// Tokens (input + output) per minute.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tpm: Option<u64>,
-    /// Requests in flight, streams included until they end.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub concurrency: Option<u64>,
-}
-
 #[derive(Debug, Deserialize, Default)]
 
 pub struct LimitsSection {
     /// Limits over all traffic.
     #[serde(default)]
-    pub global: LimitSection,
+    pub global: Limits,
     /// Limits per client IP address.
     #[serde(default)]
-    pub per_ip: LimitSection,
+    pub per_ip: Limits,
 }
 
 #[derive(Debug, Deserialize)]
@@ -440,7 +424,7 @@ pub struct KeySection {
     pub name: String,
     pub key: Secret,
     #[serde(default)]
-    pub limits: LimitSection,
+    pub limits: Limits,
     /// Aliases this key may call. Absent: all.
     #[serde(default)]
     pub models: Option<Vec<String>>,
@@ -618,7 +602,7 @@ pub struct ModelSection {
     pub context_fallbacks: Vec<String>,
     /// Limits over all requests for this alias.
     #[serde(default)]
-    pub limits: LimitSection,
+    pub limits: Limits,
 }
 
 #[derive(Debug, Deserialize)]

@@ -76,8 +76,8 @@ pub struct Failover {
 /// Limits of the global and per-IP scopes (key and model limits live on keys and aliases).
 #[derive(Debug, Clone, Default)]
 pub struct Limits {
-    pub global: file::LimitSection,
-    pub per_ip: file::LimitSection,
+    pub global: crate::limits::Limits,
+    pub per_ip: crate::limits::Limits,
 }
 
 /// The validated runtime configuration the proxy serves from.
@@ -664,10 +664,7 @@ fn build_upstreams(
                     "must be between 1 and 1000".into(),
                 );
             }
-            let needs_key = matches!(
-                u.provider,
-                file::Provider::Openai | file::Provider::Anthropic | file::Provider::Azure
-            );
+            let needs_key = crate::provider::needs_api_key(u.provider);
             if needs_key && entry.api_key.as_ref().is_none_or(|k| k.is_empty()) {
                 err(
                     format!("{spath}.api_key"),

@@ -9,9 +9,10 @@
 
 pub mod alerts;
 pub mod budget;
+pub mod reserve;
 
 use crate::clock::Clock;
-use crate::config::file::LimitSection;
+use crate::limits::Limits;
 use crate::store::{Store, StoreError};
 use arc_swap::ArcSwap;
 use budget::{Budget, BudgetSpec, Mode, Owner, Period};
@@ -34,7 +35,7 @@ pub struct KeyRecord {
     pub old_digest: Option<String>,
     pub old_valid_until: Option<i64>,
     pub models: Option<Vec<String>>,
-    pub limits: LimitSection,
+    pub limits: Limits,
     pub budget: Option<BudgetSpec>,
     pub expires_at: Option<i64>,
     pub metadata: serde_json::Value,
@@ -50,7 +51,7 @@ pub struct TeamRecord {
     pub id: String,
     pub name: String,
     pub models: Option<Vec<String>>,
-    pub limits: LimitSection,
+    pub limits: Limits,
     pub budget: Option<BudgetSpec>,
     pub metadata: serde_json::Value,
     pub created_at: i64,

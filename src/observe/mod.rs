@@ -380,6 +380,33 @@ pub fn init_logging(file: Option<&str>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The usage row of a request that reached an upstream, taking the record's strings.
+pub fn usage_row(r: &mut Record, now: i64) -> Option<crate::store::usage::UsageRow> {
+    if r.attempts.is_empty() {
+        return None;
+    }
+    let usage = r.usage.unwrap_or_default();
+    let take = std::mem::take::<String>;
+    Some(crate::store::usage::UsageRow {
+        request_id: take(&mut r.request_id),
+        ts: now,
+        key_id: r.key_id.take().unwrap_or_else(|| "-".into()),
+        key_name: take(&mut r.caller),
+        team_id: r.team.take(),
+        model: r.model.take().unwrap_or_default(),
+        upstream: r.upstream.take(),
+        upstream_model: r.upstream_model.take(),
+        status: r.status,
+        stream: r.stream,
+        input_tokens: usage.input,
+        output_tokens: usage.output,
+        cached_tokens: usage.cached,
+        cost_micro: r.cost_micro.unwrap_or(0),
+        priced: r.cost_micro.is_some() || r.usage.is_none(),
+        cache: None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,7 @@ use pingora_core::connectors::TransportConnector;
 use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
+use pingora_core::upstreams::peer::HttpPeer;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Mutex;
@@ -24,10 +25,25 @@ use tokio::io::{AsyncRead, ReadBuf};
 /// How often idle connections are swept.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
-/// Where upstream connections come from: the idle pool first, else a new one from
-/// Pingora's connector.
+/// Opens new upstream connections. The gateway dials with Pingora's connector (TCP and
+/// TLS); the attempt loop's tests dial scripted in-memory upstreams, so it runs under
+/// paused time.
+#[async_trait::async_trait]
+pub trait Dialer: Send + Sync {
+    async fn dial(&self, peer: &HttpPeer) -> pingora_core::Result<Stream>;
+}
+
+#[async_trait::async_trait]
+impl Dialer for TransportConnector {
+    async fn dial(&self, peer: &HttpPeer) -> pingora_core::Result<Stream> {
+        self.new_stream(peer).await
+    }
+}
+
+/// Where upstream connections come from: the idle pool first, else a new one from the
+/// dialer.
 pub struct Connections {
-    pub connector: TransportConnector,
+    pub dialer: Box<dyn Dialer>,
     pub pool: Pool,
 }
 

@@ -2,17 +2,10 @@
 //! verdicts and nginx-style `max_fails`/`fail_timeout` for connection failures) and the
 //! verdict of its active check (`check.rs` runs those and writes it here). All
 //! state is atomics read on the request path without locks; time comes from one process
-//! clock in milliseconds, passed in explicitly so the logic is tested without sleeping.
+//! clock in milliseconds (`clock::monotonic_ms`), passed in explicitly so the logic is tested without sleeping.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
-
-/// Milliseconds on a monotonic process clock (never 0).
-pub fn now_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
-}
+use std::time::Duration;
 
 /// Why a server is cooling down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,13 +12,14 @@ pub mod health;
 
 use balance::LeastConn;
 
+use crate::clock::monotonic_ms as now_ms;
 use crate::config::file::{Balance, Provider, UpstreamSection};
 use crate::inspect::Rules;
 use crate::secret::Secret;
 use arc_swap::ArcSwapOption;
 use check::ActiveCheck;
 use futures_util::FutureExt;
-use health::{now_ms, Health};
+use health::Health;
 use pingora_core::services::background::GenBackgroundService;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_load_balancing::discovery::Static;
@@ -241,7 +242,7 @@ impl Server {
         }
     }
 
-    /// Whether the server can take an attempt at `now` (see [`crate::upstream::health::now_ms`]):
+    /// Whether the server can take an attempt at `now` (see [`crate::clock::monotonic_ms`]):
     /// its address is known, it is not cooling down and passes its active checks.
     pub fn usable(&self, now: u64) -> bool {
         self.endpoint.addr().is_some() && !self.state.health.unavailable(now)
@@ -350,10 +351,9 @@ impl Upstream {
             idle_timeout: section.idle_timeout.0,
             servers,
             rules,
-            stream_usage: section.stream_usage.unwrap_or(matches!(
-                section.provider,
-                Provider::Openai | Provider::Azure
-            )),
+            stream_usage: section
+                .stream_usage
+                .unwrap_or_else(|| crate::provider::asks_for_stream_usage(section.provider)),
             balancer,
             checks_active: section.health_check.is_some(),
         }

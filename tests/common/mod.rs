@@ -117,9 +117,9 @@ impl Gateway {
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if std::net::TcpStream::connect(&self.addr).is_ok()
-                && std::net::TcpStream::connect(&self.admin).is_ok()
-            {
+            // Listeners on port 0 are bound before the server runs: wait for the admin
+            // listener to answer (a request to the proxy would be in the access log).
+            if answers(&self.admin) && std::net::TcpStream::connect(&self.addr).is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -194,6 +194,22 @@ impl Drop for Gateway {
             }
         }
     }
+}
+
+/// Whether an HTTP server at `addr` answers `GET /health` within a second.
+fn answers(addr: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    if s.write_all(b"GET /health HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut first = [0u8; 5];
+    s.read_exact(&mut first).is_ok() && &first == b"HTTP/"
 }
 
 /// A loopback port with nothing listening on it (connections are refused).

@@ -1,0 +1,481 @@
+//! Stage 2, `request_filter`: rate and concurrency limits, before any upstream work.
+//! Scopes: global, client IP, client key, team, model alias. Dimensions: requests per
+//! second and per minute, tokens per minute, requests in flight. A request is admitted in
+//! two stages: its request rates before the body is read ([`admit_request`]); the model's
+//! rates, every scope's in-flight slot and token estimate once the body is in
+//! ([`admit_model`]), so a client stalling its upload holds no slot. Each stage is one
+//! all-or-nothing call to a [`CounterBackend`]; the limits come from the config of the
+//! request, the counters from the service (they outlive reloads).
+
+mod backend;
+mod client_ip;
+mod headers;
+mod local;
+
+pub use backend::CounterBackend;
+pub use client_ip::{client_ip, Cidr};
+pub use headers::{openai_duration, KeyHeaders, Room};
+pub use local::LocalCounters;
+
+use crate::auth::Caller;
+use crate::config::Config;
+use crate::route::Alias;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Limits of one scope, as the config file, the admin API and the store write them.
+/// Absent dimensions are unlimited.
+#[derive(Debug, Deserialize, Serialize, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Requests per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rps: Option<u64>,
+    /// Requests per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u64>,
+    /// Tokens (input + output) per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<u64>,
+    /// Requests in flight, streams included until they end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u64>,
+}
+
+/// Where a limit applies. Its name is the metrics label and appears in refusals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Global,
+    Ip,
+    Key,
+    Model,
+    Team,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Global => "global",
+            Scope::Ip => "ip",
+            Scope::Key => "key",
+            Scope::Model => "model",
+            Scope::Team => "team",
+        }
+    }
+}
+
+/// A measured dimension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dimension {
+    Rps,
+    Rpm,
+    Tpm,
+    Concurrency,
+}
+
+impl Dimension {
+    pub fn describe(self, limit: u64) -> String {
+        match self {
+            Dimension::Rps => format!("{limit} requests per second"),
+            Dimension::Rpm => format!("{limit} requests per minute"),
+            Dimension::Tpm => format!("{limit} tokens per minute"),
+            Dimension::Concurrency => format!("{limit} requests in flight"),
+        }
+    }
+}
+
+/// A refused request: which limit, and when to come back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub scope: Scope,
+    pub dimension: Dimension,
+    pub limit: u64,
+    /// Seconds until the window frees some room (at least 1).
+    pub retry_after: u64,
+    /// The model alias, for a model-scope refusal.
+    pub model: Option<String>,
+}
+
+impl Refusal {
+    pub fn message(&self) -> String {
+        let whose = match (self.scope, &self.model) {
+            (Scope::Global, _) => "the gateway's global limit".to_string(),
+            (Scope::Ip, _) => "the limit per client IP".to_string(),
+            (Scope::Key, _) => "the limit of this API key".to_string(),
+            (Scope::Model, Some(m)) => format!("the limit of model `{m}`"),
+            (Scope::Model, None) => "the model's limit".to_string(),
+            (Scope::Team, _) => "the limit of this key's team".to_string(),
+        };
+        format!(
+            "Rate limit reached: {whose} is {}. Please try again in {}s.",
+            self.dimension.describe(self.limit),
+            self.retry_after
+        )
+    }
+}
+
+/// One limit a request is checked and counted against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Charge {
+    pub scope: Scope,
+    /// The scope's key ([`key_hash`] of the key id, team id, IP or alias; 0 for global).
+    pub key: u64,
+    pub dimension: Dimension,
+    pub limit: u64,
+    /// 1 for a request or a slot; the token estimate for `Tpm`, settled later.
+    pub amount: u64,
+}
+
+impl Charge {
+    /// The refusal of this charge, with the time until its window frees room.
+    pub fn refusal(&self, left: Duration) -> Refusal {
+        Refusal {
+            scope: self.scope,
+            dimension: self.dimension,
+            limit: self.limit,
+            retry_after: crate::error::retry_after_secs(left),
+            model: None,
+        }
+    }
+}
+
+impl Limits {
+    fn requests(&self, scope: Scope, key: u64, out: &mut Vec<Charge>) {
+        for (dimension, limit) in [(Dimension::Rps, self.rps), (Dimension::Rpm, self.rpm)] {
+            if let Some(limit) = limit {
+                out.push(Charge {
+                    scope,
+                    key,
+                    dimension,
+                    limit,
+                    amount: 1,
+                });
+            }
+        }
+    }
+
+    fn slot(&self, scope: Scope, key: u64, out: &mut Vec<Charge>) {
+        if let Some(limit) = self.concurrency {
+            let dimension = Dimension::Concurrency;
+            out.push(Charge {
+                scope,
+                key,
+                dimension,
+                limit,
+                amount: 1,
+            });
+        }
+    }
+
+    fn tokens(&self, scope: Scope, key: u64, tokens: u64, out: &mut Vec<Charge>) {
+        if let Some(limit) = self.tpm {
+            let dimension = Dimension::Tpm;
+            out.push(Charge {
+                scope,
+                key,
+                dimension,
+                limit,
+                amount: tokens,
+            });
+        }
+    }
+}
+
+/// What one request holds against the limits: its in-flight slots (given back when the
+/// admission drops, so by any path the request ends) and its token estimates (settled
+/// with real usage).
+#[derive(Default)]
+pub struct Admission {
+    backend: Option<Arc<dyn CounterBackend>>,
+    held: Vec<Charge>,
+    pub key_headers: Option<KeyHeaders>,
+}
+
+impl Admission {
+    pub fn new(backend: Arc<dyn CounterBackend>) -> Self {
+        Admission {
+            backend: Some(backend),
+            held: Vec::new(),
+            key_headers: None,
+        }
+    }
+
+    /// Checks and counts `charges` all-or-nothing. A refusal also takes back what earlier
+    /// stages of this request counted: a refused request counts nowhere.
+    pub async fn admit(&mut self, charges: &[Charge]) -> Result<(), Refusal> {
+        let Some(backend) = &self.backend else {
+            return Ok(());
+        };
+        if charges.is_empty() {
+            return Ok(());
+        }
+        match backend.reserve(charges).await {
+            Ok(()) => {
+                self.held.extend_from_slice(charges);
+                Ok(())
+            }
+            Err(r) => {
+                backend.undo(&self.held);
+                self.held.clear();
+                Err(r)
+            }
+        }
+    }
+
+    /// Replaces every token estimate by the tokens the request used.
+    pub fn settle_tokens(&mut self, actual: u64) {
+        let Some(backend) = &self.backend else { return };
+        self.held.retain(|c| {
+            if c.dimension == Dimension::Tpm {
+                backend.settle(c, actual);
+                return false;
+            }
+            true
+        });
+    }
+
+    /// The key scope's rooms, for the `x-ratelimit-*` headers.
+    fn note_key_headers(&mut self, key: u64, limits: &Limits) {
+        let Some(backend) = &self.backend else { return };
+        let room = |d, l| backend.room(Scope::Key, key, d, l);
+        let h = KeyHeaders {
+            requests: limits.rpm.map(|l| room(Dimension::Rpm, l)),
+            tokens: limits.tpm.map(|l| room(Dimension::Tpm, l)),
+        };
+        self.key_headers = (h.requests.is_some() || h.tokens.is_some()).then_some(h);
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Some(backend) = &self.backend {
+            if self
+                .held
+                .iter()
+                .any(|c| c.dimension == Dimension::Concurrency)
+            {
+                backend.release(&self.held);
+            }
+        }
+    }
+}
+
+/// Stage one, before the body is read: the request rates of the global, IP, key and team
+/// scopes.
+pub async fn admit_request(
+    adm: &mut Admission,
+    config: &Config,
+    caller: &Caller,
+    client_ip: &str,
+) -> Result<(), Refusal> {
+    let mut charges = Vec::with_capacity(8);
+    config
+        .limits
+        .global
+        .requests(Scope::Global, 0, &mut charges);
+    let ip = key_hash(client_ip);
+    config.limits.per_ip.requests(Scope::Ip, ip, &mut charges);
+    let key = caller.key_limits();
+    if let Some((k, limits)) = key {
+        limits.requests(Scope::Key, k, &mut charges);
+    }
+    if let Some((team, limits)) = caller.team_limits() {
+        limits.requests(Scope::Team, team, &mut charges);
+    }
+    let result = adm.admit(&charges).await;
+    if let Some((k, limits)) = key {
+        adm.note_key_headers(k, limits);
+    }
+    result
+}
+
+/// Stage two, once the body is in: the model's request rates, then the in-flight slot of
+/// every scope, then the token estimate of every scope.
+pub async fn admit_model(
+    adm: &mut Admission,
+    config: &Config,
+    caller: &Caller,
+    client_ip: &str,
+    alias: &Alias,
+    tokens: u64,
+) -> Result<(), Refusal> {
+    let (global, per_ip) = (&config.limits.global, &config.limits.per_ip);
+    let (model, ip) = (key_hash(&alias.name), key_hash(client_ip));
+    let key = caller.key_limits();
+    let team = caller.team_limits();
+    let mut charges = Vec::with_capacity(12);
+    let c = &mut charges;
+    alias.limits.requests(Scope::Model, model, c);
+    global.slot(Scope::Global, 0, c);
+    per_ip.slot(Scope::Ip, ip, c);
+    if let Some((k, limits)) = key {
+        limits.slot(Scope::Key, k, c);
+    }
+    if let Some((t, limits)) = team {
+        limits.slot(Scope::Team, t, c);
+    }
+    alias.limits.slot(Scope::Model, model, c);
+    global.tokens(Scope::Global, 0, tokens, c);
+    per_ip.tokens(Scope::Ip, ip, tokens, c);
+    alias.limits.tokens(Scope::Model, model, tokens, c);
+    if let Some((k, limits)) = key {
+        limits.tokens(Scope::Key, k, tokens, c);
+    }
+    if let Some((t, limits)) = team {
+        limits.tokens(Scope::Team, t, tokens, c);
+    }
+    let result = adm.admit(&charges).await.map_err(|mut r| {
+        if r.scope == Scope::Model {
+            r.model = Some(alias.name.clone());
+        }
+        r
+    });
+    if let Some((k, limits)) = key {
+        adm.note_key_headers(k, limits);
+    }
+    result
+}
+
+/// A fixed hash of a scope key, so one sketch serves every key of a scope: 64-bit FNV-1a,
+/// the same in every process and Rust version (std's `DefaultHasher` promises neither,
+/// and counters shared between instances must agree on their keys).
+pub fn key_hash(key: &str) -> u64 {
+    key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Estimated tokens of a request before it is sent: a quarter of the prompt bytes (about
+/// four bytes a token for English text and JSON) plus the completion budget it asks for.
+/// Saturates instead of wrapping, whatever the client asked for.
+pub fn estimate_tokens(body_len: usize, max_tokens: Option<u64>) -> u64 {
+    (body_len as u64 / 4).saturating_add(max_tokens.unwrap_or(0))
+}
+
+/// The largest limit the config accepts and the largest amount one request adds to a
+/// counter (about 10^12): far above any real rate, far below where a sum of them wraps.
+pub const MAX_COUNT: u64 = 1 << 40;
+
+/// A number of requests or tokens as a counter increment, capped at [`MAX_COUNT`].
+pub(crate) fn count(n: u64) -> isize {
+    isize::try_from(n.min(MAX_COUNT)).unwrap_or(isize::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local() -> (Arc<LocalCounters>, Arc<dyn CounterBackend>) {
+        let c = Arc::new(LocalCounters::default());
+        let b: Arc<dyn CounterBackend> = c.clone();
+        (c, b)
+    }
+
+    fn charge(scope: Scope, key: u64, dimension: Dimension, limit: u64, amount: u64) -> Charge {
+        Charge {
+            scope,
+            key,
+            dimension,
+            limit,
+            amount,
+        }
+    }
+
+    fn rpm(key: u64, limit: u64) -> Charge {
+        charge(Scope::Key, key, Dimension::Rpm, limit, 1)
+    }
+
+    #[tokio::test]
+    async fn a_burst_over_rpm_is_refused_and_keys_are_independent() {
+        let (c, b) = local();
+        let (a, other) = (key_hash("a"), key_hash("b"));
+        let mut passed = 0;
+        let mut refused = None;
+        for _ in 0..100 {
+            match Admission::new(b.clone()).admit(&[rpm(a, 60)]).await {
+                Ok(()) => passed += 1,
+                Err(r) => refused = Some(r),
+            }
+        }
+        assert_eq!(passed, 60);
+        let r = refused.unwrap();
+        assert_eq!(
+            (r.scope, r.dimension, r.limit),
+            (Scope::Key, Dimension::Rpm, 60)
+        );
+        assert!((1..=60).contains(&r.retry_after));
+        assert!(Admission::new(b).admit(&[rpm(other, 60)]).await.is_ok());
+        assert_eq!(c.room(Scope::Key, a, Dimension::Rpm, 60).remaining, 0);
+    }
+
+    #[tokio::test]
+    async fn a_refusal_rolls_back_what_earlier_charges_and_stages_counted() {
+        let (c, b) = local();
+        let mut adm = Admission::new(b);
+        adm.admit(&[rpm(1, 1000)]).await.unwrap();
+        let closed = charge(Scope::Ip, 2, Dimension::Rpm, 0, 1);
+        let r = adm.admit(&[rpm(3, 1000), closed]).await.unwrap_err();
+        assert_eq!(r.scope, Scope::Ip);
+        assert_eq!(c.room(Scope::Key, 1, Dimension::Rpm, 1000).remaining, 1000);
+        assert_eq!(c.room(Scope::Key, 3, Dimension::Rpm, 1000).remaining, 1000);
+    }
+
+    #[tokio::test]
+    async fn concurrency_slots_are_released_when_the_admission_drops() {
+        let (_, b) = local();
+        let slot = charge(Scope::Key, 7, Dimension::Concurrency, 2, 1);
+        let mut one = Admission::new(b.clone());
+        let mut two = Admission::new(b.clone());
+        one.admit(&[slot]).await.unwrap();
+        two.admit(&[slot]).await.unwrap();
+        let r = Admission::new(b.clone()).admit(&[slot]).await.unwrap_err();
+        assert_eq!(r.dimension, Dimension::Concurrency);
+        drop(one);
+        assert!(Admission::new(b).admit(&[slot]).await.is_ok());
+    }
+
+    #[test]
+    fn key_hashes_are_stable_fnv1a() {
+        // Published FNV-1a 64 test vectors.
+        assert_eq!(key_hash(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(key_hash("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(key_hash("foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[tokio::test]
+    async fn an_estimate_over_the_limit_is_refused_without_touching_the_counter() {
+        let (_, b) = local();
+        let tpm = |n| charge(Scope::Key, 3, Dimension::Tpm, 1000, n);
+        for huge in [u64::MAX, i64::MAX as u64, 1 << 40, 1001] {
+            let r = Admission::new(b.clone())
+                .admit(&[tpm(huge)])
+                .await
+                .unwrap_err();
+            assert_eq!(r.dimension, Dimension::Tpm);
+        }
+        assert_eq!(estimate_tokens(usize::MAX, Some(u64::MAX)), u64::MAX);
+        // The window is untouched: 1000 tokens fit, one more does not.
+        let mut adm = Admission::new(b.clone());
+        adm.admit(&[tpm(1000)]).await.unwrap();
+        assert!(Admission::new(b.clone()).admit(&[tpm(1)]).await.is_err());
+        // Settling with an absurd reported usage saturates instead of wrapping negative.
+        adm.settle_tokens(u64::MAX);
+        assert!(Admission::new(b).admit(&[tpm(1)]).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn token_estimates_are_settled_with_real_usage() {
+        let (c, b) = local();
+        let tpm = |n| charge(Scope::Key, 3, Dimension::Tpm, 1000, n);
+        let mut adm = Admission::new(b.clone());
+        adm.admit(&[tpm(100)]).await.unwrap();
+        adm.settle_tokens(900);
+        assert_eq!(c.room(Scope::Key, 3, Dimension::Tpm, 1000).remaining, 100);
+        let r = Admission::new(b.clone())
+            .admit(&[tpm(101)])
+            .await
+            .unwrap_err();
+        assert_eq!(r.dimension, Dimension::Tpm);
+        assert!(Admission::new(b).admit(&[tpm(100)]).await.is_ok());
+    }
+}

@@ -1,0 +1,95 @@
+//! Per-request state, from `request_filter` to `logging`: the config the request started
+//! with, what it holds against limits and budgets (given back when the context drops), and
+//! the record the access log, metrics and usage row are written from.
+
+use crate::config::Config;
+use crate::keys::budget::Hold;
+use crate::limits::{self, Admission, CounterBackend};
+use crate::observe::Record;
+use pingora_proxy::Session;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// Per-request state.
+pub struct RequestCtx {
+    pub record: Record,
+    /// Whether the client's request body is still unread (the connection then closes
+    /// after an early answer).
+    pub(super) body_unread: bool,
+    /// The TCP peer (the client, or the proxy in front of it).
+    pub(super) peer: Option<IpAddr>,
+    /// What this request holds against the limits; released when the context drops.
+    pub(super) admission: Admission,
+    /// The config the request started with, kept to the end so that a reload in the
+    /// middle of a request never mixes two configs (the access log and metrics included).
+    pub(super) config: Option<Arc<Config>>,
+    /// What this request reserved against its budgets; released when the context drops
+    /// unless settled.
+    pub(super) hold: Option<Hold>,
+}
+
+impl RequestCtx {
+    pub(super) fn new(counters: Arc<dyn CounterBackend>) -> Self {
+        RequestCtx {
+            record: Record::default(),
+            body_unread: false,
+            peer: None,
+            admission: Admission::new(counters),
+            config: None,
+            hold: None,
+        }
+    }
+
+    /// Takes what the request header says: its id, the client's address, whether a body
+    /// follows; and sets the connection's timeouts from `config`, which the request keeps.
+    pub(super) fn begin(&mut self, session: &mut Session, config: Arc<Config>) {
+        crate::client_conn::header_in(&session.downstream_session);
+        let req = session.req_header();
+        let r = &mut self.record;
+        r.method = req.method.as_str().to_string();
+        r.path = req.uri.path().to_string();
+        r.request_id = req
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+            .map_or_else(new_request_id, str::to_string);
+        self.peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        if let Some(peer) = self.peer {
+            let xff = req
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok());
+            r.client_ip = limits::client_ip(peer, xff, &config.trusted_proxies).to_string();
+        }
+        self.body_unread = !session.is_body_empty();
+        // Pingora turns keep-alive off when the request says so, and when it carries both
+        // Transfer-Encoding and Content-Length (RFC 9112 6.1: a proxy in front may have
+        // framed it by the length); only a connection that may be kept gets the timeout.
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(config.server.keepalive_timeout.0.as_secs()));
+        }
+        // Pingora times each body read with this: the longest pause within a body.
+        session
+            .downstream_session
+            .set_read_timeout(Some(config.server.body_timeout.0));
+        self.config = Some(config);
+    }
+}
+
+/// A request id unique across processes: a per-process random seed and a counter.
+fn new_request_id() -> String {
+    static SEED: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        t ^ (u64::from(std::process::id()) << 40)
+    });
+    format!("{seed:016x}{:08x}", COUNTER.fetch_add(1, Ordering::Relaxed))
+}

@@ -1,0 +1,113 @@
+//! Which endpoint a request is for, and who is calling: `/health`; then, under `/v1`,
+//! authentication (stage 1), the gateway's own answers (`/key/info`, `/models`), and the
+//! LLM endpoints, which go through the first limits stage and on to the pipeline.
+
+use super::{Gateway, Outcome, RequestCtx};
+use crate::auth::{presented_key, Caller, KeyStore};
+use crate::config::Config;
+use crate::error::GatewayError;
+use crate::limits::{self, Refusal};
+use crate::provider::Dialect;
+use crate::respond;
+use bytes::Bytes;
+use pingora_proxy::Session;
+
+/// The LLM endpoints forwarded through the attempt loop, after `/v1`.
+const FORWARDED: &[&str] = &[
+    "/chat/completions",
+    "/completions",
+    "/embeddings",
+    "/responses",
+    "/messages",
+];
+
+impl Gateway {
+    pub(super) async fn dispatch(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        config: &Config,
+    ) -> Result<(), Outcome> {
+        let req = session.req_header();
+        let path = req.uri.path().to_string();
+        let method = req.method.clone();
+        if path == "/health" || path == "/healthz" {
+            let body = Bytes::from_static(b"{\"status\":\"ok\"}");
+            return answer(session, ctx, body).await;
+        }
+        let Some(suffix) = path.strip_prefix("/v1") else {
+            return Err(GatewayError::NotFound(path).into());
+        };
+
+        let key = presented_key(
+            req.headers
+                .get(http::header::AUTHORIZATION)
+                .map(|v| v.as_bytes()),
+            req.headers.get("x-api-key").map(|v| v.as_bytes()),
+        );
+        let caller = self
+            .keys
+            .authenticate(&config.keys, key)
+            .map_err(GatewayError::Unauthorized)?;
+        ctx.record.caller = caller.name().to_string();
+        if !matches!(caller, Caller::Anonymous) {
+            ctx.record.key_id = Some(caller.id());
+            ctx.record.team = caller.team().map(|t| t.rec.id.clone());
+        }
+        let get_only = || {
+            if method == http::Method::GET {
+                Ok(())
+            } else {
+                Err(GatewayError::MethodNotAllowed(method.to_string()))
+            }
+        };
+        if suffix == "/key/info" {
+            get_only()?;
+            let body = crate::admin::keys::key_info(&caller, &self.keys);
+            return answer(session, ctx, Bytes::from(body.to_string())).await;
+        }
+        if suffix == "/models" || suffix.starts_with("/models/") {
+            get_only()?;
+            let body = match suffix.strip_prefix("/models/") {
+                None => {
+                    let mut names = config.router.alias_names();
+                    names.retain(|n| caller.may_use(n));
+                    respond::model_list(&names)
+                }
+                Some(id) if config.router.is_configured(id) && caller.may_use(id) => {
+                    Bytes::from(respond::model_object(id).to_string())
+                }
+                Some(id) => return Err(GatewayError::ModelNotFound(id.to_string()).into()),
+            };
+            return answer(session, ctx, body).await;
+        }
+        if !FORWARDED.contains(&suffix) {
+            return Err(GatewayError::NotFound(path).into());
+        }
+        if method != http::Method::POST {
+            return Err(GatewayError::MethodNotAllowed(method.to_string()).into());
+        }
+        let dialect = Dialect::of(suffix);
+        let admitted =
+            limits::admit_request(&mut ctx.admission, config, &caller, &ctx.record.client_ip).await;
+        admitted.map_err(|r| refused(ctx, r))?;
+        self.pipeline(session, ctx, config, &caller, suffix, dialect)
+            .await
+    }
+}
+
+/// A 200 the gateway answers itself.
+async fn answer(session: &mut Session, ctx: &mut RequestCtx, body: Bytes) -> Result<(), Outcome> {
+    ctx.record.status = 200;
+    respond::json(session, 200, body, &ctx.record.request_id).await?;
+    Ok(())
+}
+
+/// Records a limit refusal and turns it into the client's 429.
+pub(super) fn refused(ctx: &mut RequestCtx, r: Refusal) -> GatewayError {
+    ctx.record.limited = Some(r.scope.as_str());
+    GatewayError::RateLimited {
+        message: r.message(),
+        retry_after: r.retry_after,
+    }
+}

@@ -1,0 +1,168 @@
+//! The Pingora `ProxyHttp` implementation: a thin dispatcher. Each hook calls one stage;
+//! the LLM endpoints are answered entirely inside `request_filter` by the pipeline
+//! (`pipeline`, around the attempt loop in `failover`), because Pingora's own retry can
+//! neither read an error body nor replay a body over 64 KiB. `logging` always runs and is
+//! where a request is recorded.
+//!
+//! `context` holds the per-request state, `dispatch` picks the endpoint, `intake` reads
+//! the request body, `pipeline` runs the LLM stages one call each.
+
+mod context;
+mod dispatch;
+mod intake;
+mod pipeline;
+
+pub use context::RequestCtx;
+
+use crate::config::Config;
+use crate::error::GatewayError;
+use crate::keys::alerts::Alerts;
+use crate::keys::Directory;
+use crate::limits::CounterBackend;
+use crate::observe::{self, Failure};
+use crate::respond;
+use crate::store::usage::UsageQueue;
+use crate::transport::pool::Connections;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora_core::modules::http::HttpModules;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::{Error, ErrorType};
+use pingora_proxy::{ProxyHttp, Session};
+use std::sync::Arc;
+
+/// The gateway service: the live config and the state every request shares.
+pub struct Gateway {
+    pub config: Arc<ArcSwap<Config>>,
+    connections: Arc<Connections>,
+    /// Limit counters; they outlive config reloads.
+    counters: Arc<dyn CounterBackend>,
+    /// Stored keys and teams, and every budget.
+    keys: Arc<Directory>,
+    /// Usage rows on their way to the store.
+    usage: Arc<UsageQueue>,
+    /// Budget alerts on their way to the webhook.
+    alerts: Option<Arc<Alerts>>,
+}
+
+/// What the gateway's shared state is made of, for [`Gateway::new`].
+pub struct Shared {
+    pub connections: Arc<Connections>,
+    pub counters: Arc<dyn CounterBackend>,
+    pub keys: Arc<Directory>,
+    pub usage: Arc<UsageQueue>,
+    pub alerts: Option<Arc<Alerts>>,
+}
+
+impl Gateway {
+    pub fn new(config: Arc<ArcSwap<Config>>, shared: Shared) -> Self {
+        Gateway {
+            config,
+            connections: shared.connections,
+            counters: shared.counters,
+            keys: shared.keys,
+            usage: shared.usage,
+            alerts: shared.alerts,
+        }
+    }
+}
+
+/// How a request that was not answered normally ends.
+enum Outcome {
+    /// Answer the client with this error.
+    Refused(GatewayError),
+    /// The response already started (or the client left): end the request with an error.
+    Aborted(Box<Error>),
+}
+
+impl From<GatewayError> for Outcome {
+    fn from(e: GatewayError) -> Self {
+        Outcome::Refused(e)
+    }
+}
+
+impl From<Box<Error>> for Outcome {
+    fn from(e: Box<Error>) -> Self {
+        Outcome::Aborted(e)
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    /// No downstream modules. Pingora adds a (disabled) compression module by default,
+    /// which still builds a context and runs its filters on every request and body chunk;
+    /// the gateway never re-encodes a body.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new(Arc::clone(&self.counters))
+    }
+
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora_core::Result<bool> {
+        let config = self.config.load_full();
+        ctx.begin(session, Arc::clone(&config));
+        match self.dispatch(session, ctx, &config).await {
+            Ok(()) => Ok(true),
+            Err(Outcome::Refused(e)) => {
+                ctx.record.status = e.status();
+                ctx.record.error = Some(Failure::Refused(e.kind()));
+                let extra = ctx
+                    .admission
+                    .key_headers
+                    .as_ref()
+                    .map(|h| h.pairs())
+                    .unwrap_or_default();
+                let r = respond::Refusal {
+                    request_id: &ctx.record.request_id,
+                    body_unread: ctx.body_unread,
+                    attempts: ctx.record.attempts.len(),
+                    headers: &extra,
+                };
+                respond::error(session, &e, &r).await?;
+                if ctx.body_unread && !matches!(e, GatewayError::RequestTimeout { .. }) {
+                    intake::linger(session).await;
+                }
+                Ok(true)
+            }
+            Err(Outcome::Aborted(e)) => Err(e),
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> pingora_core::Result<Box<HttpPeer>> {
+        // Every request is answered in request_filter; reaching Pingora's own proxy path
+        // would be a bug, and it must not silently proxy somewhere.
+        Error::e_explain(ErrorType::InternalError, "no native proxy path")
+    }
+
+    async fn logging(
+        &self,
+        session: &mut Session,
+        e: Option<&pingora_core::Error>,
+        ctx: &mut RequestCtx,
+    ) {
+        if ctx.record.status == 0 {
+            ctx.record.status = session.response_written().map_or(0, |r| r.status.as_u16());
+        }
+        if e.is_some() && ctx.record.error.is_none() {
+            ctx.record.error = Some(Failure::Aborted);
+        }
+        ctx.record.bytes_in = session.body_bytes_read();
+        // A request Pingora refused before request_filter has no config yet: the live one.
+        let config = ctx.config.take().unwrap_or_else(|| self.config.load_full());
+        observe::finish(&ctx.record, &config);
+        // The record's last use: its strings move into the row.
+        if let Some(row) = observe::usage_row(&mut ctx.record, self.keys.now()) {
+            self.usage.push(row);
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! The LLM pipeline, one call per stage: read the body (`intake`), find the model and
+//! stream flag (`body`), resolve the alias (`route`), check the caller may use it
+//! (`auth`), the second limits stage (`limits`), reserve against budgets
+//! (`keys::reserve`), run the attempt loop (`failover`) while watching for the client
+//! leaving, relay the answer (`stream`), and account for what it used.
+
+use super::dispatch::refused;
+use super::{intake, Gateway, Outcome, RequestCtx};
+use crate::auth::Caller;
+use crate::body;
+use crate::config::Config;
+use crate::error::GatewayError;
+use crate::failover;
+use crate::forward::{self, Outgoing};
+use crate::keys::reserve::{self, Ask};
+use crate::limits;
+use crate::observe::Failure;
+use crate::provider::Dialect;
+use crate::route::Alias;
+use crate::stream::{self, Relayed, Stamp};
+use pingora_core::{Error, ErrorType};
+use pingora_proxy::Session;
+use std::time::Instant;
+
+impl Gateway {
+    pub(super) async fn pipeline(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        config: &Config,
+        caller: &Caller,
+        suffix: &str,
+        dialect: Dialect,
+    ) -> Result<(), Outcome> {
+        let body_started = Instant::now();
+        let s = &config.server;
+        let body = intake::read_body(session, s.max_body_size.0, s.body_timeout.0).await?;
+        ctx.record.waiting += body_started.elapsed();
+        ctx.body_unread = false;
+        let facts = body::scan(&body).map_err(GatewayError::BadRequest)?;
+        ctx.record.model = Some(facts.model.clone());
+        ctx.record.stream = facts.stream;
+        let alias = config
+            .router
+            .resolve(&facts.model)
+            .ok_or_else(|| GatewayError::ModelNotFound(facts.model.clone()))?;
+        if !caller.may_use(&facts.model) {
+            return Err(GatewayError::ModelNotAllowed(facts.model.clone()).into());
+        }
+        let estimate = limits::estimate_tokens(body.len(), facts.max_tokens);
+        let ip = &ctx.record.client_ip;
+        let admitted =
+            limits::admit_model(&mut ctx.admission, config, caller, ip, alias, estimate).await;
+        admitted.map_err(|r| refused(ctx, r))?;
+        let ask = Ask {
+            client_model: &facts.model,
+            body_len: body.len(),
+            max_tokens: facts.max_tokens,
+        };
+        let alerts = self.alerts.as_deref();
+        ctx.hold = reserve::reserve(&self.keys, alerts, config, caller, alias, &ask)?;
+
+        let req = session.req_header();
+        let forwarded_for = forward::forwarded_for(req, ctx.peer);
+        let out = Outgoing::new(req, suffix, &ctx.record.request_id, &forwarded_for);
+        let rewrite = |model: &str, add_usage: bool| body::prepare(&body, &facts, model, add_usage);
+        let plan = failover::Plan {
+            connections: &self.connections,
+            router: &config.router,
+            failover: &config.failover,
+            dialect,
+            out: &out,
+            client_model: &facts.model,
+            rewrite: &rewrite,
+            wants_usage: facts.stream
+                && !facts.stream_options
+                && matches!(suffix, "/chat/completions" | "/completions"),
+        };
+        let mut attempts = Vec::new();
+        let attempts_started = Instant::now();
+        // A client that leaves while the upstream is still thinking (no header yet) ends the
+        // attempt: dropping it closes the upstream connection, which stops the generation.
+        let result = tokio::select! {
+            r = failover::run(&plan, alias, &mut attempts) => Some(r),
+            _ = session.downstream_session.read_body_or_idle(true) => None,
+        };
+        ctx.record.waiting += attempts_started.elapsed();
+        ctx.record.attempts = attempts;
+        let Some(result) = result else {
+            ctx.record.error = Some(Failure::Stream(stream::StreamEnd::ClientGone));
+            return Err(Outcome::Aborted(Error::explain(
+                ErrorType::ConnectionClosed,
+                "client disconnected before the response",
+            )));
+        };
+        let winner = result?;
+
+        let target = winner.server.name.clone();
+        let stamp = Stamp {
+            request_id: &ctx.record.request_id,
+            target: &target,
+            attempts: ctx.record.attempts.len(),
+            headers: &ctx
+                .admission
+                .key_headers
+                .as_ref()
+                .map(|h| h.pairs())
+                .unwrap_or_default(),
+        };
+        let mut relayed = Relayed::default();
+        ctx.record.upstream = Some(winner.upstream.name.clone());
+        ctx.record.upstream_model = Some(winner.model.clone());
+        let relay_started = Instant::now();
+        let result = stream::relay(session, &self.connections, winner, &stamp, &mut relayed).await;
+        ctx.record.target = Some(target);
+        ctx.record.waiting += relay_started.elapsed();
+        self.account(ctx, config, alias, &relayed);
+        result.map_err(Outcome::Aborted)
+    }
+
+    /// The last stage: what the answer used and cost, settled against the token limits and
+    /// budgets it reserved.
+    fn account(&self, ctx: &mut RequestCtx, config: &Config, alias: &Alias, relayed: &Relayed) {
+        ctx.record.status = relayed.status;
+        ctx.record.first_byte = relayed.first_byte;
+        ctx.record.bytes_out = relayed.bytes;
+        let price = config.pricing.for_route(
+            ctx.record.upstream_model.as_deref().unwrap_or_default(),
+            &alias.name,
+        );
+        if let Some(usage) = relayed.usage {
+            ctx.admission.settle_tokens(usage.total());
+            ctx.record.usage = Some(usage);
+            ctx.record.cost_micro = price.map(|p| p.cost(&usage));
+            if price.is_none() {
+                if let Some(m) = crate::observe::metrics::get() {
+                    m.unpriced.inc();
+                }
+            }
+        }
+        if let Some(hold) = ctx.hold.take() {
+            // An answer that reported no usage is charged what was reserved for it: the
+            // most it could have cost. An error answer costs nothing.
+            let cost = match (ctx.record.cost_micro, (200..300).contains(&relayed.status)) {
+                (Some(c), _) => c,
+                (None, true) if ctx.record.usage.is_none() => {
+                    ctx.record.cost_micro = Some(hold.reserved());
+                    hold.reserved()
+                }
+                _ => 0,
+            };
+            let alerts = hold.settle(cost, self.keys.now());
+            if let Some(a) = &self.alerts {
+                for alert in alerts {
+                    a.send(alert);
+                }
+            }
+        }
+        if let Some(end) = relayed.end.filter(|e| *e != stream::StreamEnd::Complete) {
+            ctx.record.error = Some(Failure::Stream(end));
+        }
+    }
+}
