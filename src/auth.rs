@@ -23,19 +23,6 @@ pub trait KeyStore: Send + Sync {
     ) -> Result<Caller, Rejected>;
 }
 
-/// The keys of the config file only.
-pub struct ConfigKeys;
-
-impl KeyStore for ConfigKeys {
-    fn authenticate(
-        &self,
-        config_keys: &KeyRing,
-        presented: Option<&str>,
-    ) -> Result<Caller, Rejected> {
-        config_keys.authenticate(presented).ok_or(Rejected::Unknown)
-    }
-}
-
 impl KeyStore for Directory {
     fn authenticate(
         &self,

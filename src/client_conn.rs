@@ -172,6 +172,7 @@ impl ConnectionCounts {
     }
 
     /// Client connections open now.
+    #[cfg(test)]
     pub fn total(&self) -> usize {
         self.total.load(Ordering::Acquire)
     }
@@ -319,6 +320,7 @@ impl<T> HeaderDeadline<T> {
     }
 
     /// Whether the connection has a header deadline running.
+    #[cfg(test)]
     pub fn reading_header(&self) -> bool {
         matches!(self.phase, Phase::Header { .. })
     }

@@ -61,7 +61,8 @@ pub struct Winner {
     pub model: String,
     /// The gateway added `stream_options.include_usage`: the usage chunk is not the client's.
     pub usage_added: bool,
-    pub in_flight: InFlight,
+    /// Held, not read: the server's in-flight count ends when the winner is dropped.
+    pub _in_flight: InFlight,
 }
 
 fn route_serves(route: &Route, dialect: Dialect) -> bool {
@@ -228,7 +229,7 @@ pub async fn run(
                         sent,
                         server: Arc::clone(&server),
                         upstream: Arc::clone(upstream),
-                        in_flight,
+                        _in_flight: in_flight,
                     };
                     let now = now_ms();
                     let f = plan.failover;

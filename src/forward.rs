@@ -199,11 +199,6 @@ impl TransportError {
             TransportError::Broken(_) => TransportFailure::Reset,
         }
     }
-
-    /// Low-cardinality outcome name for logs and metrics.
-    pub fn kind(&self) -> &'static str {
-        self.failure().as_str()
-    }
 }
 
 /// The upstream request line and header fields for one target, ready for the wire

@@ -88,10 +88,7 @@ impl Pricing {
     }
 }
 
-/// The table's date, shown in the README and `/admin/pricing`.
-pub const SHIPPED_AS_OF: &str = "2025-11-01";
-
-/// Published list prices, USD per million tokens: (model, input, cached input, output).
+/// Published list prices as of 2025-11-01 (the date the README gives), USD per million tokens: (model, input, cached input, output).
 const SHIPPED: &[(&str, f64, f64, f64)] = &[
     // OpenAI
     ("gpt-5", 1.25, 0.125, 10.0),

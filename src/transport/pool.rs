@@ -193,10 +193,12 @@ impl Pool {
     }
 
     /// Idle connections held, in all.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.lock().total
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
