@@ -10,11 +10,13 @@ use futures_util::FutureExt;
 use std::sync::Arc;
 use std::time::Duration;
 use tollgate::clock::monotonic_ms as now_ms;
-use tollgate::config::file::{Balance, Provider, UpstreamSection};
+use tollgate::config::file::{Balance, Provider, Strategy, UpstreamSection};
 use tollgate::inspect::Rules;
 use tollgate::limits::{
     key_hash, Admission, Charge, CounterBackend, Dimension, LocalCounters, Scope,
 };
+use tollgate::pricing::Pricing;
+use tollgate::route::{Need, Route, Tier};
 use tollgate::upstream::health::Reason;
 use tollgate::upstream::{Endpoint, InFlight, Server, Upstream};
 use tollgate::usage::UsageScanner;
@@ -40,8 +42,15 @@ fn selection(c: &mut Criterion) {
     for (name, balance) in [
         ("weighted", Balance::Weighted),
         ("least_conn", Balance::LeastConn),
+        ("latency", Balance::Latency),
     ] {
         let u = upstream(balance, 8);
+        for (i, s) in u.servers.iter().enumerate() {
+            let ms = Duration::from_millis(5 + 7 * i as u64);
+            s.state
+                .latency
+                .observe(ms, now_ms(), Duration::from_secs(10));
+        }
         let _busy: Vec<InFlight> = u
             .servers
             .iter()
@@ -150,5 +159,58 @@ fn sse_usage(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, selection, limiter, body_scan, sse_usage);
+/// Each route strategy ordering a tier of 8 routes (one server each) for one request.
+fn strategies(c: &mut Criterion) {
+    let mut g = c.benchmark_group("strategy");
+    let pricing = Pricing::new(Default::default(), true);
+    let models = [
+        "gpt-4o",
+        "gpt-4o-mini",
+        "gpt-4.1",
+        "gpt-4.1-mini",
+        "gpt-5",
+        "gpt-5-mini",
+        "o3",
+        "o4-mini",
+    ];
+    for (name, strategy) in [
+        ("round_robin", Strategy::RoundRobin),
+        ("weighted", Strategy::Weighted),
+        ("latency", Strategy::Latency),
+        ("cost", Strategy::Cost),
+    ] {
+        let routes = models
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let u = upstream(Balance::Weighted, 1);
+                let ms = Duration::from_millis(5 + 7 * i as u64);
+                u.servers[0]
+                    .state
+                    .latency
+                    .observe(ms, now_ms(), Duration::from_secs(10));
+                Route {
+                    upstream: Arc::new(u),
+                    model: Some(Arc::from(*m)),
+                    weight: 1 + i as u32 % 3,
+                    max_context: None,
+                }
+            })
+            .collect();
+        let tier = Tier::new(1, routes, strategy);
+        let need = Need {
+            client_model: "m",
+            alias: "m",
+            input_tokens: 300,
+            output_tokens: 256,
+            pricing: &pricing,
+        };
+        g.bench_function(BenchmarkId::new(name, "8 routes"), |b| {
+            b.iter(|| black_box(tier.route_order(&need)[0].route))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, selection, strategies, limiter, body_scan, sse_usage);
 criterion_main!(benches);

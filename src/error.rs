@@ -32,6 +32,12 @@ pub enum GatewayError {
     ModelNotFound(String),
     #[error("The model `{model}` has no upstream that serves {path}.")]
     NoRouteForEndpoint { model: String, path: String },
+    #[error("This request needs about {needed} tokens (estimated prompt plus max_tokens), more than any route of model `{model}` takes; the largest context window available is {largest} tokens.")]
+    ContextLengthExceeded {
+        model: String,
+        needed: u64,
+        largest: u64,
+    },
     #[error("Unknown path {0}.")]
     NotFound(String),
     #[error("Method {0} is not allowed on this path.")]
@@ -71,6 +77,7 @@ impl GatewayError {
             GatewayError::RequestTimeout { .. } => 408,
             GatewayError::ModelNotFound(_) | GatewayError::NotFound(_) => 404,
             GatewayError::NoRouteForEndpoint { .. } => 400,
+            GatewayError::ContextLengthExceeded { .. } => 400,
             GatewayError::MethodNotAllowed(_) => 405,
             GatewayError::UpstreamUnavailable { .. } => 503,
             GatewayError::UpstreamTimeout { .. } => 503,
@@ -91,6 +98,7 @@ impl GatewayError {
             GatewayError::RequestTimeout { .. } => "request_timeout",
             GatewayError::ModelNotFound(_) => "model_not_found",
             GatewayError::NoRouteForEndpoint { .. } => "no_route",
+            GatewayError::ContextLengthExceeded { .. } => "context_length_exceeded",
             GatewayError::NotFound(_) => "not_found",
             GatewayError::MethodNotAllowed(_) => "method_not_allowed",
             GatewayError::UpstreamUnavailable { .. } => "upstream_unavailable",
@@ -153,6 +161,9 @@ impl GatewayError {
             body["error"]["scope"] = (*scope).into();
             body["error"]["max_usd"] = crate::pricing::usd(*max_micro).into();
             body["error"]["resets_at"] = resets_at.clone().into();
+        }
+        if let GatewayError::ContextLengthExceeded { largest, .. } = self {
+            body["error"]["max_context"] = (*largest).into();
         }
         Bytes::from(body.to_string())
     }

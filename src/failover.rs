@@ -6,18 +6,20 @@
 //! client, so no retry can ever follow a byte the client has seen.
 
 use crate::clock::monotonic_ms as now_ms;
+use crate::config::file::Strategy;
 use crate::config::Failover;
 use crate::error::GatewayError;
 use crate::forward::{self, Outgoing, Sent, TransportError, TransportFailure};
 use crate::inspect::{self, Class};
 use crate::provider::Dialect;
-use crate::route::{Alias, Route, Router};
+use crate::route::{Alias, Need, Route, Router};
 use crate::transport::pool::Connections;
 use crate::upstream::health::Reason;
 use crate::upstream::{InFlight, Server, Upstream};
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// One attempt as it appears in the access log and in an all-failed error.
@@ -63,6 +65,8 @@ pub struct Winner {
     pub usage_added: bool,
     /// Held, not read: the server's in-flight count ends when the winner is dropped.
     pub _in_flight: InFlight,
+    /// The strategy of the tier that chose it.
+    pub strategy: Strategy,
 }
 
 fn route_serves(route: &Route, dialect: Dialect) -> bool {
@@ -76,7 +80,9 @@ pub struct Plan<'a> {
     pub failover: &'a Failover,
     pub dialect: Dialect,
     pub out: &'a Outgoing<'a>,
-    pub client_model: &'a str,
+    /// The client's model, estimated tokens and prices: what route strategies and context
+    /// windows go by.
+    pub need: &'a Need<'a>,
     /// The body for a model name, with or without `stream_options.include_usage` added.
     pub rewrite: &'a (dyn Fn(&str, bool) -> Bytes + Sync),
     /// A streaming request without `stream_options` on an endpoint that supports it.
@@ -89,11 +95,40 @@ fn client_meaningful(status: u16) -> bool {
     (400..500).contains(&status) && !matches!(status, 401 | 403 | 407)
 }
 
+/// Why targets were passed over before any attempt, counted once per request.
+#[derive(Default)]
+struct Skips {
+    context: AtomicBool,
+    quota: AtomicBool,
+}
+
+fn skipped(reason: &'static str) {
+    if let Some(m) = crate::observe::metrics::get() {
+        m.route_skips.with_label_values(&[reason]).inc();
+    }
+}
+
 /// Runs attempts until one is delivered or no attempt is left.
 pub async fn run(
     plan: &Plan<'_>,
     alias: &Arc<Alias>,
     attempts: &mut Vec<AttemptRecord>,
+) -> Result<Winner, GatewayError> {
+    let skips = Skips::default();
+    let result = attempt_all(plan, alias, attempts, &skips).await;
+    for (skip, reason) in [(&skips.context, "context"), (&skips.quota, "quota")] {
+        if skip.load(Ordering::Relaxed) {
+            skipped(reason);
+        }
+    }
+    result
+}
+
+async fn attempt_all(
+    plan: &Plan<'_>,
+    alias: &Arc<Alias>,
+    attempts: &mut Vec<AttemptRecord>,
+    skips: &Skips,
 ) -> Result<Winner, GatewayError> {
     let serves = |a: &Alias| {
         a.tiers
@@ -110,9 +145,44 @@ pub async fn run(
     );
     if !queue.iter().any(|a| serves(a)) {
         return Err(GatewayError::NoRouteForEndpoint {
-            model: plan.client_model.to_string(),
+            model: plan.need.client_model.to_string(),
             path: format!("/v1{}", plan.out.suffix),
         });
+    }
+    // A request no route's context window takes goes to the alias's context fallbacks
+    // before any attempt, or is refused with the largest window there is.
+    let needed = plan.need.tokens();
+    let fits = |a: &Alias| {
+        a.tiers
+            .iter()
+            .flat_map(|t| &t.routes)
+            .any(|r| route_serves(r, plan.dialect) && r.fits(plan.need.client_model, needed))
+    };
+    let mut context_first = false;
+    if !queue.iter().any(|a| fits(a)) {
+        skips.context.store(true, Ordering::Relaxed);
+        let switched: VecDeque<Arc<Alias>> = alias
+            .context_fallbacks
+            .iter()
+            .filter_map(|a| plan.router.resolve(a).cloned())
+            .collect();
+        if !switched.iter().any(|a| fits(a)) {
+            let largest = queue
+                .iter()
+                .chain(&switched)
+                .flat_map(|a| a.tiers.iter())
+                .flat_map(|t| &t.routes)
+                .filter_map(|r| r.context_window(plan.need.client_model))
+                .max()
+                .unwrap_or(0);
+            return Err(GatewayError::ContextLengthExceeded {
+                model: plan.need.client_model.to_string(),
+                needed,
+                largest,
+            });
+        }
+        queue = switched;
+        context_first = true;
     }
     let chain: Vec<Arc<Alias>> = queue.iter().cloned().collect();
     let mut last: Option<Winner> = None;
@@ -130,46 +200,63 @@ pub async fn run(
             log::info!(
             "request {}: every target of model `{}` is cooling down; trying those with a transient cooldown",
             plan.out.request_id,
-            plan.client_model
+            plan.need.client_model
         );
             queue = chain.iter().cloned().collect();
         }
-        let mut context_switched = false;
+        let mut context_switched = context_first;
         let mut alias_index = 0;
         'aliases: while let Some(current) = queue.pop_front() {
             alias_index += 1;
             let alias_index = alias_index - 1;
             for tier in &current.tiers {
-                let order: Vec<usize> = tier.route_order().collect();
+                let order = tier.route_order(plan.need);
                 // (route index, server address): targets this request already tried.
                 let mut tried: Vec<(usize, usize)> = Vec::new();
                 loop {
                     if attempts.len() >= plan.failover.max_attempts {
                         break 'aliases;
                     }
-                    let Some((ri, server)) = order.iter().find_map(|&ri| {
+                    let now = now_ms();
+                    let Some((ri, server)) = order.iter().find_map(|placed| {
+                        let ri = placed.route;
                         let route = &tier.routes[ri];
                         if !route_serves(route, plan.dialect) {
+                            return None;
+                        }
+                        if !route.fits(plan.need.client_model, needed) {
+                            skips.context.store(true, Ordering::Relaxed);
                             return None;
                         }
                         route
                             .upstream
                             .pick_with(last_resort, |s| {
-                                !tried.contains(&(ri, Arc::as_ptr(s) as usize))
+                                if tried.contains(&(ri, Arc::as_ptr(s) as usize)) {
+                                    return false;
+                                }
+                                // The provider says this target cannot take it before its
+                                // reset (only as a last resort is it asked anyway).
+                                if !last_resort && !s.state.quota.covers(now, needed) {
+                                    skips.quota.store(true, Ordering::Relaxed);
+                                    return false;
+                                }
+                                true
                             })
                             .map(|s| (ri, Arc::clone(s)))
                     }) else {
                         break;
                     };
+                    server.state.quota.spend(needed);
                     tried.push((ri, Arc::as_ptr(&server) as usize));
                     let route = &tier.routes[ri];
                     let upstream = &route.upstream;
-                    let model = route.model.as_deref().unwrap_or(plan.client_model);
+                    let model = route.model.as_deref().unwrap_or(plan.need.client_model);
                     let usage_added = plan.wants_usage && upstream.stream_usage;
                     let body = (plan.rewrite)(model, usage_added);
                     let in_flight = InFlight::new(&server.state);
                     let head = forward::request_head(plan.out, &server, upstream, body.len());
                     let health = &server.state.health;
+                    let sent_at = tokio::time::Instant::now();
 
                     let mut sent = match forward::send(
                         plan.connections,
@@ -191,6 +278,15 @@ pub async fn run(
                             );
                             health.record_failure(now_ms(), server.max_fails, server.fail_timeout);
                             last_timeout = matches!(e, TransportError::Timeout);
+                            if last_timeout {
+                                // No header in time is a sample of at least that long.
+                                let waited = sent_at.elapsed();
+                                server.state.latency.observe(
+                                    waited,
+                                    now_ms(),
+                                    upstream.latency_decay,
+                                );
+                            }
                             attempts.push(AttemptRecord {
                                 target: server.name.clone(),
                                 upstream: upstream.name.clone(),
@@ -203,6 +299,13 @@ pub async fn run(
                     };
                     last_timeout = false;
                     health.record_success();
+                    let state = &server.state;
+                    let now = now_ms();
+                    state
+                        .latency
+                        .observe(sent_at.elapsed(), now, upstream.latency_decay);
+                    let wall = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+                    state.quota.observe(sent.headers(), now, wall);
                     let status = sent.status();
                     let class = if status < 400 {
                         Class::Deliver
@@ -230,8 +333,8 @@ pub async fn run(
                         server: Arc::clone(&server),
                         upstream: Arc::clone(upstream),
                         _in_flight: in_flight,
+                        strategy: tier.strategy,
                     };
-                    let now = now_ms();
                     let f = plan.failover;
                     match class {
                         Class::Deliver => {
@@ -287,7 +390,7 @@ pub async fn run(
         other => recycle(plan.connections, other),
     }
     Err(all_failed(
-        plan.client_model,
+        plan.need.client_model,
         attempts,
         last_timeout,
         retry_after(&chain),
@@ -396,17 +499,24 @@ mod tests {
         let out = Outgoing::new(&req, "/chat/completions", "test-request", "127.0.0.1");
         let body = Bytes::from(format!(r#"{{"model":"{model}","messages":[]}}"#));
         let rewrite = |_: &str, _: bool| body.clone();
+        let alias = config.router.resolve(model).unwrap().clone();
+        let need = Need {
+            client_model: model,
+            alias: &alias.name,
+            input_tokens: body.len() as u64 / 4,
+            output_tokens: 0,
+            pricing: &config.pricing,
+        };
         let plan = Plan {
             connections,
             router: &config.router,
             failover: &config.failover,
             dialect: Dialect::OpenAi,
             out: &out,
-            client_model: model,
+            need: &need,
             rewrite: &rewrite,
             wants_usage: false,
         };
-        let alias = config.router.resolve(model).unwrap().clone();
         let mut attempts = Vec::new();
         let result = run(&plan, &alias, &mut attempts).await;
         (result, attempts)

@@ -123,21 +123,65 @@ const SHIPPED: &[(&str, f64, f64, f64)] = &[
     ("mistral-small-latest", 0.10, 0.10, 0.30),
 ];
 
-/// The shipped price of `model`: an exact entry, else the longest entry `E` such that
-/// the model is `E-<digit>...` (a date or version suffix; `gpt-4o-mini` is not `gpt-4o`).
-fn shipped(model: &str) -> Option<Price> {
-    let mut best: Option<(usize, Price)> = None;
-    for &(name, input, cached, output) in SHIPPED {
+/// Published context windows (input plus output tokens) as of 2025-11-01, the default of
+/// `routes[].max_context`.
+const CONTEXT: &[(&str, u64)] = &[
+    ("gpt-5", 400_000),
+    ("gpt-5-mini", 400_000),
+    ("gpt-5-nano", 400_000),
+    ("gpt-4.1", 1_047_576),
+    ("gpt-4.1-mini", 1_047_576),
+    ("gpt-4.1-nano", 1_047_576),
+    ("gpt-4o", 128_000),
+    ("gpt-4o-mini", 128_000),
+    ("o3", 200_000),
+    ("o4-mini", 200_000),
+    ("text-embedding-3-small", 8_191),
+    ("text-embedding-3-large", 8_191),
+    ("claude-opus-4-1", 200_000),
+    ("claude-opus-4", 200_000),
+    ("claude-sonnet-4-5", 200_000),
+    ("claude-sonnet-4", 200_000),
+    ("claude-haiku-4-5", 200_000),
+    ("claude-3-5-haiku", 200_000),
+    ("gemini-2.5-pro", 1_048_576),
+    ("gemini-2.5-flash", 1_048_576),
+    ("gemini-2.5-flash-lite", 1_048_576),
+    ("deepseek-chat", 128_000),
+    ("deepseek-reasoner", 128_000),
+    ("mistral-large-latest", 128_000),
+    ("mistral-medium-latest", 128_000),
+    ("mistral-small-latest", 128_000),
+];
+
+/// The entry of a shipped table for `model`: an exact name, else the longest name `E` such
+/// that the model is `E-<digit>...` (a date or version suffix; `gpt-4o-mini` is not
+/// `gpt-4o`).
+fn best_match<'t, T>(table: &'t [T], name_of: impl Fn(&T) -> &str, model: &str) -> Option<&'t T> {
+    let mut best: Option<&T> = None;
+    for entry in table {
+        let name = name_of(entry);
         let fits = model == name
             || model
                 .strip_prefix(name)
                 .and_then(|rest| rest.strip_prefix('-'))
                 .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
-        if fits && best.is_none_or(|(len, _)| name.len() > len) {
-            best = Some((name.len(), Price::from_usd(input, output, Some(cached))));
+        if fits && best.is_none_or(|b| name.len() > name_of(b).len()) {
+            best = Some(entry);
         }
     }
-    best.map(|(_, p)| p)
+    best
+}
+
+/// The shipped price of `model`.
+fn shipped(model: &str) -> Option<Price> {
+    best_match(SHIPPED, |e| e.0, model)
+        .map(|&(_, input, cached, output)| Price::from_usd(input, output, Some(cached)))
+}
+
+/// The shipped context window of `model`, in tokens.
+pub fn shipped_context(model: &str) -> Option<u64> {
+    best_match(CONTEXT, |e| e.0, model).map(|e| e.1)
 }
 
 /// Micro-USD as a dollar amount for messages: `$12.50`, `$0.0001`, never rounded to zero.
@@ -159,6 +203,15 @@ pub fn usd(micro: i64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn context_windows_match_like_prices() {
+        assert_eq!(shipped_context("gpt-4o"), Some(128_000));
+        assert_eq!(shipped_context("gpt-4o-2024-08-06"), Some(128_000));
+        assert_eq!(shipped_context("gpt-4.1-mini"), Some(1_047_576));
+        assert_eq!(shipped_context("claude-sonnet-4-5-20250929"), Some(200_000));
+        assert_eq!(shipped_context("my-local-llama"), None);
+    }
 
     #[test]
     fn costs_are_integers_rounded_up() {

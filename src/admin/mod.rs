@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod keys;
+pub mod route;
 
 use crate::clock::monotonic_ms as now_ms;
 use crate::config::Config;
@@ -130,6 +131,7 @@ impl AdminApp {
         m.upstream_up.reset();
         m.upstream_in_flight.reset();
         m.upstream_cooldown.reset();
+        m.upstream_latency.reset();
         for u in config.upstreams.values() {
             for s in &u.servers {
                 let labels = [u.name.as_str(), s.name.as_str()];
@@ -145,6 +147,11 @@ impl AdminApp {
                     .cooldown(now)
                     .map_or(0.0, |(d, _)| d.as_secs_f64());
                 m.upstream_cooldown.with_label_values(&labels).set(left);
+                if let Some(e) = s.state.latency.estimate(now, u.latency_decay) {
+                    m.upstream_latency
+                        .with_label_values(&labels)
+                        .set(e.as_secs_f64());
+                }
             }
         }
     }
@@ -335,6 +342,22 @@ impl ServeHttp for AdminApp {
         }
         if let Some(rest) = path.strip_prefix("/admin/cooldowns") {
             return self.cooldowns(&method, rest);
+        }
+        if path == "/admin/route" {
+            if method != http::Method::GET {
+                return error_reply(
+                    405,
+                    "invalid_request_error",
+                    "method_not_allowed",
+                    "Use GET.",
+                );
+            }
+            let config = self.config.load();
+            let query = session.req_header().uri.query().unwrap_or_default();
+            return match route::explain(&config, query) {
+                Ok(v) => reply(200, "application/json", v.to_string().into_bytes()),
+                Err(m) => error_reply(400, "invalid_request_error", "bad_request", &m),
+            };
         }
         if path == "/admin/reload" {
             return self.reload(&method).await;

@@ -454,6 +454,47 @@ pub enum Balance {
     Weighted,
     /// Fewest requests in flight relative to weight; streams count until they end.
     LeastConn,
+    /// Power of two choices over each server's time-to-first-byte estimate (a
+    /// peak-sensitive moving average) times one plus its requests in flight.
+    Latency,
+}
+
+/// How the routes of one tier are ordered for a request.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// In turn, starting one further on each request.
+    #[default]
+    RoundRobin,
+    /// In proportion to `routes[].weight`.
+    Weighted,
+    /// Fastest first: power of two choices over the routes' time-to-first-byte estimates.
+    Latency,
+    /// Cheapest first for the request's estimated tokens; equal prices in turn.
+    Cost,
+}
+
+impl Strategy {
+    /// The name in the config, the access log and the explain endpoint.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::RoundRobin => "round_robin",
+            Strategy::Weighted => "weighted",
+            Strategy::Latency => "latency",
+            Strategy::Cost => "cost",
+        }
+    }
+}
+
+impl Balance {
+    /// The name in the config and the explain endpoint.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::Weighted => "weighted",
+            Balance::LeastConn => "least_conn",
+            Balance::Latency => "latency",
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -485,7 +526,15 @@ pub struct UpstreamSection {
     /// for others (not every server accepts the option).
     #[serde(default)]
     pub stream_usage: Option<bool>,
+    /// How fast latency estimates follow new samples and decay when idle (`balance:
+    /// latency` and the `latency` strategy). Default 10s.
+    #[serde(default = "default_latency_decay")]
+    pub latency_decay: Seconds,
     pub servers: Vec<ServerEntry>,
+}
+
+fn default_latency_decay() -> Seconds {
+    Seconds(crate::upstream::latency::DECAY)
 }
 
 impl UpstreamSection {
@@ -501,6 +550,7 @@ impl UpstreamSection {
             retry_on: None,
             health_check: None,
             stream_usage: None,
+            latency_decay: default_latency_decay(),
             servers: Vec::new(),
         }
     }
@@ -603,6 +653,9 @@ pub struct ModelSection {
     /// Limits over all requests for this alias.
     #[serde(default)]
     pub limits: Limits,
+    /// How the routes of one tier are ordered. Default `round_robin`.
+    #[serde(default)]
+    pub strategy: Strategy,
 }
 
 #[derive(Debug, Deserialize)]
@@ -615,6 +668,17 @@ pub struct RouteSection {
     /// Tier: lower is tried first; equal priorities are balanced together. Default 1.
     #[serde(default = "default_priority")]
     pub priority: u32,
+    /// Share of the tier's requests under `strategy: weighted` (1 to 1000). Default 1.
+    #[serde(default = "default_route_weight")]
+    pub weight: u32,
+    /// The model's context window in tokens: requests estimated larger skip this route.
+    /// Default: the shipped model table's, where the model is known.
+    #[serde(default)]
+    pub max_context: Option<u64>,
+}
+
+fn default_route_weight() -> u32 {
+    1
 }
 
 fn default_priority() -> u32 {

@@ -794,14 +794,31 @@ fn build_models(
                 (None, "*") => None,
                 (None, a) => Some(Arc::<str>::from(a)),
             };
+            if r.weight == 0 || r.weight > 1000 {
+                err(
+                    format!("{path}.routes[{i}].weight"),
+                    "must be between 1 and 1000".into(),
+                );
+            }
+            if r.max_context == Some(0) {
+                err(
+                    format!("{path}.routes[{i}].max_context"),
+                    "must be at least 1 token".into(),
+                );
+            }
+            let max_context = r
+                .max_context
+                .or_else(|| model.as_deref().and_then(crate::pricing::shipped_context));
             by_priority.entry(r.priority).or_default().push(Route {
                 upstream: Arc::clone(upstream),
                 model,
+                weight: r.weight,
+                max_context,
             });
         }
         let tiers = by_priority
             .into_iter()
-            .map(|(priority, routes)| Tier::new(priority, routes))
+            .map(|(priority, routes)| Tier::new(priority, routes, m.strategy))
             .collect();
         for (field, list) in [
             ("fallbacks", &m.fallbacks),

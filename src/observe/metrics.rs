@@ -36,6 +36,8 @@ pub struct Metrics {
     pub upstream_up: IntGaugeVec,
     pub upstream_in_flight: IntGaugeVec,
     pub upstream_cooldown: GaugeVec,
+    pub upstream_latency: GaugeVec,
+    pub route_skips: IntCounterVec,
     pub ratelimited: IntCounterVec,
     pub stream_aborts: IntCounterVec,
     pub config_reloads: IntCounterVec,
@@ -83,6 +85,16 @@ fn build() -> prometheus::Result<Metrics> {
         upstream_up: register_int_gauge_vec!("tollgate_upstream_up", "1 when the server can take traffic (resolved, healthy, not cooling down).", &["upstream", "server"])?,
         upstream_in_flight: register_int_gauge_vec!("tollgate_upstream_in_flight", "Requests in flight on the server, streams included.", &["upstream", "server"])?,
         upstream_cooldown: register_gauge_vec!("tollgate_upstream_cooldown_seconds", "Seconds left in the server's cooldown (0 when not cooling).", &["upstream", "server"])?,
+        upstream_latency: register_gauge_vec!(
+            "tollgate_upstream_latency_estimate_seconds",
+            "The server's time-to-first-byte estimate (peak-sensitive moving average, decayed while idle); absent before its first answer.",
+            &["upstream", "server"]
+        )?,
+        route_skips: register_int_counter_vec!(
+            "tollgate_route_skips_total",
+            "Requests for which targets were passed over before any attempt, by reason (context: the route's context window is too small; quota: the provider's rate-limit headers say it has no room until its reset).",
+            &["reason"]
+        )?,
         ratelimited: register_int_counter_vec!("tollgate_ratelimited_total", "Requests refused by a rate or concurrency limit, by scope.", &["scope"])?,
         stream_aborts: register_int_counter_vec!("tollgate_stream_aborts_total", "Responses cut after they began, by reason.", &["reason"])?,
         config_reloads: register_int_counter_vec!("tollgate_config_reloads_total", "Configuration reloads by result.", &["result"])?,

@@ -65,6 +65,8 @@ pub struct Record {
     pub usage: Option<Usage>,
     /// The limit scope that refused the request, if one did.
     pub limited: Option<&'static str>,
+    /// The route strategy of the tier whose target answered.
+    pub strategy: Option<&'static str>,
     /// The caller's key id (`config:NAME` for a config key) and team id.
     pub key_id: Option<String>,
     pub team: Option<String>,
@@ -97,6 +99,7 @@ impl Record {
             error: None,
             usage: None,
             limited: None,
+            strategy: None,
             key_id: None,
             team: None,
             cost_micro: None,
@@ -270,9 +273,10 @@ fn text_line(r: &Record) -> String {
     }
     let _ = write!(
         s,
-        " stream={} target={} attempts=",
+        " stream={} target={} strategy={} attempts=",
         r.stream,
-        r.target.as_deref().unwrap_or("-")
+        r.target.as_deref().unwrap_or("-"),
+        r.strategy.unwrap_or("-")
     );
     if r.attempts.is_empty() {
         s.push('-');
@@ -332,6 +336,7 @@ fn json_line(r: &Record) -> String {
         "model": r.model,
         "stream": r.stream,
         "target": r.target,
+        "strategy": r.strategy,
         "attempts": attempts,
         "status": r.status,
         "duration_ms": (r.start.elapsed().as_secs_f64() * 1e4).round() / 10.0,

@@ -16,7 +16,7 @@ use crate::keys::reserve::{self, Ask};
 use crate::limits;
 use crate::observe::Failure;
 use crate::provider::Dialect;
-use crate::route::Alias;
+use crate::route::{Alias, Need};
 use crate::stream::{self, Relayed, Stamp};
 use pingora_core::{Error, ErrorType};
 use pingora_proxy::Session;
@@ -64,13 +64,20 @@ impl Gateway {
         let forwarded_for = forward::forwarded_for(req, ctx.peer);
         let out = Outgoing::new(req, suffix, &ctx.record.request_id, &forwarded_for);
         let rewrite = |model: &str, add_usage: bool| body::prepare(&body, &facts, model, add_usage);
+        let need = Need {
+            client_model: &facts.model,
+            alias: &alias.name,
+            input_tokens: body.len() as u64 / 4,
+            output_tokens: facts.max_tokens.unwrap_or(0),
+            pricing: &config.pricing,
+        };
         let plan = failover::Plan {
             connections: &self.connections,
             router: &config.router,
             failover: &config.failover,
             dialect,
             out: &out,
-            client_model: &facts.model,
+            need: &need,
             rewrite: &rewrite,
             wants_usage: facts.stream
                 && !facts.stream_options
@@ -96,6 +103,7 @@ impl Gateway {
         let winner = result?;
 
         let target = winner.server.name.clone();
+        ctx.record.strategy = Some(winner.strategy.as_str());
         let stamp = Stamp {
             request_id: &ctx.record.request_id,
             target: &target,

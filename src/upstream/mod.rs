@@ -9,8 +9,10 @@
 pub mod balance;
 pub mod check;
 pub mod health;
+pub mod latency;
+pub mod quota;
 
-use balance::LeastConn;
+use balance::{Fastest, LeastConn};
 
 use crate::clock::monotonic_ms as now_ms;
 use crate::config::file::{Balance, Provider, UpstreamSection};
@@ -177,6 +179,10 @@ impl Endpoint {
 pub struct ServerState {
     in_flight: AtomicUsize,
     pub health: Health,
+    /// Time to first byte, for `balance: latency` and the `latency` strategy.
+    pub latency: latency::Latency,
+    /// What the provider says is left of the target's own rate limits.
+    pub quota: quota::Quota,
 }
 
 impl ServerState {
@@ -272,6 +278,9 @@ pub struct Upstream {
     pub rules: Rules,
     /// Whether streaming requests get `stream_options.include_usage` added.
     pub stream_usage: bool,
+    /// How fast latency estimates of its servers move (`latency_decay`).
+    pub latency_decay: Duration,
+    pub balance: Balance,
     balancer: Balancer,
     checks_active: bool,
 }
@@ -279,6 +288,7 @@ pub struct Upstream {
 enum Balancer {
     Weighted(Arc<LoadBalancer<RoundRobin>>),
     LeastConn(Arc<LoadBalancer<LeastConn>>),
+    Latency(Arc<LoadBalancer<Fastest>>),
 }
 
 /// Backend identity in pingora-load-balancing is (address, weight), so two servers on one
@@ -342,6 +352,15 @@ impl Upstream {
                 settle(lb.update());
                 Balancer::LeastConn(Arc::new(lb))
             }
+            Balance::Latency => {
+                let load: Arc<[Arc<ServerState>]> =
+                    servers.iter().map(|s| Arc::clone(&s.state)).collect();
+                let config = (load, section.latency_decay.0);
+                let mut lb = LoadBalancer::from_backends_with_config(backends, Some(config));
+                lb.health_check_frequency = interval;
+                settle(lb.update());
+                Balancer::Latency(Arc::new(lb))
+            }
         };
         Upstream {
             name,
@@ -354,6 +373,8 @@ impl Upstream {
             stream_usage: section
                 .stream_usage
                 .unwrap_or_else(|| crate::provider::asks_for_stream_usage(section.provider)),
+            latency_decay: section.latency_decay.0,
+            balance: section.balance,
             balancer,
             checks_active: section.health_check.is_some(),
         }
@@ -371,6 +392,9 @@ impl Upstream {
                 server.add_service(GenBackgroundService::new(name, Arc::clone(lb)));
             }
             Balancer::LeastConn(lb) => {
+                server.add_service(GenBackgroundService::new(name, Arc::clone(lb)));
+            }
+            Balancer::Latency(lb) => {
                 server.add_service(GenBackgroundService::new(name, Arc::clone(lb)));
             }
         }
@@ -411,6 +435,7 @@ impl Upstream {
         let chosen = match &self.balancer {
             Balancer::Weighted(lb) => primary_then_backup(lb, steps, eligible),
             Balancer::LeastConn(lb) => primary_then_backup(lb, steps, eligible),
+            Balancer::Latency(lb) => primary_then_backup(lb, steps, eligible),
         }?;
         self.servers.get(index_of(&chosen))
     }

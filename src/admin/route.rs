@@ -1,0 +1,163 @@
+//! `GET /admin/route?model=ALIAS[&input_tokens=N][&max_tokens=N]`: the order a request for
+//! the alias would take now, and why. Every candidate target (route and server) in tier
+//! order, the tier's strategy and each route's score under it, the server's latency
+//! estimate, requests in flight, price, context window, what its provider says is left,
+//! and whether it is cooling down or unhealthy (with the reason and until when). Reads the
+//! same state the attempt loop reads; moves no rotation.
+
+use crate::clock::monotonic_ms;
+use crate::config::Config;
+use crate::route::{Alias, Need};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// The explanation, or why the query cannot be answered.
+pub fn explain(config: &Config, query: &str) -> Result<Value, String> {
+    let mut model = None;
+    let (mut input_tokens, mut max_tokens) = (0u64, 0u64);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let number = || {
+            v.parse::<u64>()
+                .map_err(|_| format!("{k} must be a whole number of tokens"))
+        };
+        match k {
+            "model" => model = Some(percent_decode(v)),
+            "input_tokens" => input_tokens = number()?,
+            "max_tokens" => max_tokens = number()?,
+            _ => return Err(format!("unknown parameter {k:?}")),
+        }
+    }
+    let model = model.ok_or("model is required")?;
+    let alias = config
+        .router
+        .resolve(&model)
+        .ok_or_else(|| format!("no model alias {model:?} and no \"*\""))?;
+    let need = Need {
+        client_model: &model,
+        alias: &alias.name,
+        input_tokens,
+        output_tokens: max_tokens,
+        pricing: &config.pricing,
+    };
+    let mut chain = vec![json!({"alias": alias.name, "tiers": tiers(alias, &need)})];
+    for name in alias.fallbacks.iter() {
+        if let Some(a) = config.router.resolve(name) {
+            let need = Need {
+                alias: &a.name,
+                ..need
+            };
+            chain.push(json!({"alias": a.name, "tiers": tiers(a, &need)}));
+        }
+    }
+    Ok(json!({
+        "model": model,
+        "needed_tokens": need.tokens(),
+        "context_fallbacks": alias.context_fallbacks,
+        "order": chain,
+    }))
+}
+
+fn tiers(alias: &Alias, need: &Need) -> Vec<Value> {
+    let now = monotonic_ms();
+    let ms = |d: Duration| d.as_millis() as u64;
+    alias
+        .tiers
+        .iter()
+        .map(|tier| {
+            let candidates: Vec<Value> = tier
+                .next_order(need)
+                .into_iter()
+                .map(|placed| {
+                    let route = &tier.routes[placed.route];
+                    let upstream_model = route.model_for(need.client_model);
+                    let price = need.pricing.for_route(upstream_model, need.alias);
+                    let window = route.context_window(need.client_model);
+                    let servers: Vec<Value> = route
+                        .upstream
+                        .servers
+                        .iter()
+                        .map(|s| {
+                            let health = &s.state.health;
+                            let cooling = health.cooldown(now);
+                            let room = s.state.quota.room(now);
+                            let quota_short = !s.state.quota.covers(now, need.tokens());
+                            let state = if s.endpoint.addr().is_none() {
+                                "unresolved"
+                            } else if !health.active_ok() {
+                                "unhealthy"
+                            } else if cooling.is_some() {
+                                "cooling"
+                            } else if quota_short {
+                                "quota"
+                            } else if !s.has_room() {
+                                "max_conns"
+                            } else {
+                                "up"
+                            };
+                            json!({
+                                "server": s.name,
+                                "state": state,
+                                "backup": s.backup,
+                                "cooling": cooling.map(|(d, r)| json!({"reason": r.as_str(), "for_ms": ms(d)})),
+                                "latency_ms": s.state.latency.estimate(now, route.upstream.latency_decay).map(|d| d.as_secs_f64() * 1e3),
+                                "in_flight": s.state.in_flight(),
+                                "quota": {
+                                    "requests_remaining": room.requests.map(|r| r.0),
+                                    "requests_reset_ms": room.requests.map(|r| ms(r.1)),
+                                    "tokens_remaining": room.tokens.map(|r| r.0),
+                                    "tokens_reset_ms": room.tokens.map(|r| ms(r.1)),
+                                },
+                            })
+                        })
+                        .collect();
+                    json!({
+                        "upstream": route.upstream.name,
+                        "model": upstream_model,
+                        "score": placed.score.filter(|s| s.is_finite()),
+                        "weight": route.weight,
+                        "price_per_million": price.map(|p| json!({
+                            "input_usd": crate::pricing::usd(p.input as i64),
+                            "output_usd": crate::pricing::usd(p.output as i64),
+                        })),
+                        "max_context": window,
+                        "fits": route.fits(need.client_model, need.tokens()),
+                        "balance": route.upstream.balance.as_str(),
+                        "servers": servers,
+                    })
+                })
+                .collect();
+            json!({
+                "priority": tier.priority,
+                "strategy": tier.strategy.as_str(),
+                "routes": candidates,
+            })
+        })
+        .collect()
+}
+
+/// `%XX` escapes and `+` in a query value.
+fn percent_decode(v: &str) -> String {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

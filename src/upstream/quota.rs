@@ -1,0 +1,282 @@
+//! What a target's provider says is left of its own rate limits, read from every answer's
+//! headers: OpenAI, Azure and Groq send `x-ratelimit-remaining-{requests,tokens}` with
+//! `x-ratelimit-reset-{requests,tokens}` (`1s`, `6m0s`, `20ms`); Anthropic sends
+//! `anthropic-ratelimit-{requests,tokens}-{remaining,reset}` (the reset as an RFC 3339
+//! time). A target whose remaining requests or tokens will not cover a request is passed
+//! over until its reset, so the gateway avoids the 429 instead of reacting to it. Each
+//! request sent to a target takes its share off what is left, so that requests in flight
+//! together do not all count on the same last slot; the next answer's headers correct it.
+
+use http::HeaderMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Unknown: the provider has said nothing.
+const UNKNOWN: u64 = u64::MAX;
+
+/// When a provider gives a remaining count but no reset, how long it is believed.
+const DEFAULT_RESET: Duration = Duration::from_secs(1);
+
+/// One dimension: what is left, and until when (`clock::monotonic_ms`) that holds.
+#[derive(Debug)]
+struct Left {
+    remaining: AtomicU64,
+    until_ms: AtomicU64,
+}
+
+impl Default for Left {
+    fn default() -> Self {
+        Left {
+            remaining: AtomicU64::new(UNKNOWN),
+            until_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Left {
+    fn set(&self, remaining: u64, reset: Duration, now_ms: u64) {
+        self.remaining.store(remaining, Ordering::Relaxed);
+        let until = now_ms.saturating_add(reset.as_millis() as u64);
+        self.until_ms.store(until, Ordering::Relaxed);
+    }
+
+    /// What is left at `now_ms` (`None`: unknown, or the window has reset).
+    fn at(&self, now_ms: u64) -> Option<(u64, Duration)> {
+        let until = self.until_ms.load(Ordering::Relaxed);
+        let remaining = self.remaining.load(Ordering::Relaxed);
+        (remaining != UNKNOWN && now_ms < until)
+            .then(|| (remaining, Duration::from_millis(until - now_ms)))
+    }
+
+    fn take(&self, n: u64) {
+        let _ = self
+            .remaining
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                (r != UNKNOWN).then(|| r.saturating_sub(n))
+            });
+    }
+}
+
+/// A target's provider-reported room.
+#[derive(Debug, Default)]
+pub struct Quota {
+    requests: Left,
+    tokens: Left,
+}
+
+/// What a target's provider says is left, for the explain endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    pub requests: Option<(u64, Duration)>,
+    pub tokens: Option<(u64, Duration)>,
+}
+
+impl Quota {
+    /// Reads the rate-limit headers of an answer received at `now_ms` (wall clock `wall_ms`
+    /// for Anthropic's reset times).
+    pub fn observe(&self, headers: &HeaderMap, now_ms: u64, wall_ms: i64) {
+        let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        for (left, remaining, reset, anthropic) in [
+            (
+                &self.requests,
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+                false,
+            ),
+            (
+                &self.tokens,
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+                false,
+            ),
+            (
+                &self.requests,
+                "anthropic-ratelimit-requests-remaining",
+                "anthropic-ratelimit-requests-reset",
+                true,
+            ),
+            (
+                &self.tokens,
+                "anthropic-ratelimit-tokens-remaining",
+                "anthropic-ratelimit-tokens-reset",
+                true,
+            ),
+        ] {
+            let Some(n) = get(remaining).and_then(|v| v.trim().parse::<u64>().ok()) else {
+                continue;
+            };
+            let reset = get(reset)
+                .and_then(|v| {
+                    if anthropic {
+                        until_time(v, wall_ms)
+                    } else {
+                        parse_duration(v)
+                    }
+                })
+                .unwrap_or(DEFAULT_RESET);
+            left.set(n.min(UNKNOWN - 1), reset, now_ms);
+        }
+    }
+
+    /// Whether what is left at `now_ms` covers one more request of `tokens` tokens.
+    pub fn covers(&self, now_ms: u64, tokens: u64) -> bool {
+        let short = |left: &Left, need: u64| left.at(now_ms).is_some_and(|(r, _)| r < need);
+        !short(&self.requests, 1) && !short(&self.tokens, tokens.max(1))
+    }
+
+    /// Takes one request of `tokens` off what is left.
+    pub fn spend(&self, tokens: u64) {
+        self.requests.take(1);
+        self.tokens.take(tokens);
+    }
+
+    pub fn room(&self, now_ms: u64) -> Room {
+        Room {
+            requests: self.requests.at(now_ms),
+            tokens: self.tokens.at(now_ms),
+        }
+    }
+}
+
+/// A Go-style duration as OpenAI, Azure and Groq write resets: `1s`, `6m0s`, `20ms`,
+/// `2m59.56s`, `1h2m3s`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let mut total = 0.0f64;
+    let mut rest = s;
+    let mut any = false;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let value: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit, scale) = if rest.starts_with("ms") {
+            ("ms", 1e-3)
+        } else if rest.starts_with('h') {
+            ("h", 3600.0)
+        } else if rest.starts_with('m') {
+            ("m", 60.0)
+        } else if rest.starts_with('s') {
+            ("s", 1.0)
+        } else {
+            return None;
+        };
+        rest = &rest[unit.len()..];
+        total += value * scale;
+        any = true;
+    }
+    (any && total.is_finite() && total < 1e9).then(|| Duration::from_secs_f64(total))
+}
+
+/// The time from `wall_ms` until an RFC 3339 time (zero when it has passed).
+fn until_time(s: &str, wall_ms: i64) -> Option<Duration> {
+    let t = chrono::DateTime::parse_from_rfc3339(s.trim()).ok()?;
+    let ms = t.timestamp_millis().saturating_sub(wall_ms).max(0);
+    Some(Duration::from_millis(ms as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn openai_style_resets_are_read() {
+        assert_eq!(parse_duration("1s"), Some(Duration::from_secs(1)));
+        assert_eq!(parse_duration("20ms"), Some(Duration::from_millis(20)));
+        assert_eq!(parse_duration("6m0s"), Some(Duration::from_secs(360)));
+        assert_eq!(parse_duration("1h2m3s"), Some(Duration::from_secs(3723)));
+        assert_eq!(
+            parse_duration("2m59.56s"),
+            Some(Duration::from_secs_f64(179.56))
+        );
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        for bad in ["", "s", "1x", "-1s", "1.2.3s"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn no_requests_left_steers_away_until_the_reset() {
+        let q = Quota::default();
+        assert!(q.covers(1_000, 500));
+        q.observe(
+            &headers(&[
+                ("x-ratelimit-remaining-requests", "0"),
+                ("x-ratelimit-reset-requests", "2s"),
+            ]),
+            1_000,
+            0,
+        );
+        assert!(!q.covers(1_000, 1));
+        assert!(!q.covers(2_999, 1));
+        assert!(q.covers(3_000, 1));
+    }
+
+    #[test]
+    fn too_few_tokens_left_steers_away_only_larger_requests() {
+        let q = Quota::default();
+        q.observe(
+            &headers(&[
+                ("x-ratelimit-remaining-requests", "10"),
+                ("x-ratelimit-remaining-tokens", "1000"),
+                ("x-ratelimit-reset-tokens", "500ms"),
+            ]),
+            1_000,
+            0,
+        );
+        assert!(q.covers(1_000, 1000));
+        assert!(!q.covers(1_000, 1001));
+        q.spend(600);
+        assert!(!q.covers(1_000, 500));
+        assert!(q.covers(1_500, 5000), "reset");
+    }
+
+    #[test]
+    fn anthropic_resets_are_times() {
+        let q = Quota::default();
+        let wall = chrono::DateTime::parse_from_rfc3339("2026-12-03T10:00:00Z")
+            .unwrap()
+            .timestamp_millis();
+        q.observe(
+            &headers(&[
+                ("anthropic-ratelimit-requests-remaining", "0"),
+                ("anthropic-ratelimit-requests-reset", "2026-12-03T10:00:05Z"),
+            ]),
+            100,
+            wall,
+        );
+        assert_eq!(q.room(100).requests, Some((0, Duration::from_secs(5))),);
+        assert!(!q.covers(5_099, 1));
+        assert!(q.covers(5_100, 1));
+    }
+
+    proptest! {
+        #[test]
+        fn any_header_value_is_read_without_panicking(v in "\\PC{0,24}") {
+            let _ = parse_duration(&v);
+            let q = Quota::default();
+            if let Ok(value) = v.parse::<http::HeaderValue>() {
+                let mut h = HeaderMap::new();
+                h.insert("x-ratelimit-remaining-requests", value.clone());
+                h.insert("x-ratelimit-reset-requests", value.clone());
+                h.insert("anthropic-ratelimit-tokens-remaining", value.clone());
+                h.insert("anthropic-ratelimit-tokens-reset", value);
+                q.observe(&h, 1, 0);
+                let _ = q.covers(1, 1);
+            }
+        }
+    }
+}
