@@ -231,6 +231,9 @@ fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> i32 {
     println!(
         "tollgate demo: admin API at http://{admin_listen}/admin/ with master key demo-master-key"
     );
+    println!(
+        "tollgate demo: admin console at http://{admin_listen}/ui/ (sign in with demo-master-key, or demo-viewer-key to read only)"
+    );
     println!("tollgate demo: try");
     println!(
         "  curl -s http://{listen}/v1/chat/completions -H 'Authorization: Bearer demo-key' \\\n    -H 'content-type: application/json' -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"

@@ -6,8 +6,10 @@
 pub mod cli;
 pub mod keys;
 pub mod route;
+mod ui;
 
 use crate::clock::monotonic_ms as now_ms;
+use crate::config::file::AdminSection;
 use crate::config::Config;
 use crate::ops::reload::Reloader;
 use arc_swap::ArcSwap;
@@ -244,37 +246,81 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Who an admin request is from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The master key: everything.
+    Admin,
+    /// `admin.viewer_key`: reads only.
+    Viewer,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Viewer => "viewer",
+        }
+    }
+}
+
+/// The role of a presented bearer secret, compared in constant time by SHA-256 digest.
+fn role(
+    presented: &str,
+    master: &crate::secret::Secret,
+    viewer: Option<&crate::secret::Secret>,
+) -> Option<Role> {
+    let digest = sha2::Sha256::digest(presented.as_bytes());
+    let is = |s: &crate::secret::Secret| {
+        let other = sha2::Sha256::digest(s.expose().as_bytes());
+        bool::from(subtle::ConstantTimeEq::ct_eq(&digest[..], &other[..]))
+    };
+    if is(master) {
+        Some(Role::Admin)
+    } else if viewer.is_some_and(is) {
+        Some(Role::Viewer)
+    } else {
+        None
+    }
+}
+
 /// Why an `/admin/*` request is refused before it is served, if it is: a missing or
 /// wrong master key (401), or, for a request that changes state, signs of a browser
 /// sending it on behalf of another site (403): an `Origin` that is not the admin
 /// listener's own, `Sec-Fetch-Site: cross-site`, or a body type other than JSON (the
 /// types a web form can send without asking).
-fn refuse(
-    req: &pingora_http::RequestHeader,
-    master_key: Option<&crate::secret::Secret>,
-) -> Option<Response<Vec<u8>>> {
+fn refuse(req: &pingora_http::RequestHeader, admin: &AdminSection) -> Option<Response<Vec<u8>>> {
     let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(master) = master_key {
+    let reads = matches!(
+        req.method,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+    );
+    if let Some(master) = &admin.master_key {
         let presented = header("authorization")
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or_default();
-        let (a, b) = (
-            sha2::Sha256::digest(presented.as_bytes()),
-            sha2::Sha256::digest(master.expose().as_bytes()),
-        );
-        if !bool::from(subtle::ConstantTimeEq::ct_eq(&a[..], &b[..])) {
-            return Some(error_reply(
-                401,
-                "authentication_error",
-                "invalid_master_key",
-                "The admin API needs 'Authorization: Bearer MASTER_KEY' with admin.master_key.",
-            ));
+        match role(presented, master, admin.viewer_key.as_ref()) {
+            Some(Role::Admin) => {}
+            Some(Role::Viewer) if reads => {}
+            Some(Role::Viewer) => {
+                return Some(error_reply(
+                    403,
+                    "permission_error",
+                    "read_only",
+                    "The viewer key may only read: changes need the master key.",
+                ))
+            }
+            None => {
+                return Some(error_reply(
+                    401,
+                    "authentication_error",
+                    "invalid_master_key",
+                    "The admin API needs 'Authorization: Bearer MASTER_KEY' with admin.master_key (or admin.viewer_key, to read).",
+                ))
+            }
         }
     }
-    if matches!(
-        req.method,
-        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
-    ) {
+    if reads {
         return None;
     }
     let own_origin = |origin: &str| {
@@ -308,7 +354,7 @@ impl ServeHttp for AdminApp {
         let method = session.req_header().method.clone();
         if path.starts_with("/admin/") {
             let config = self.config.load();
-            if let Some(r) = refuse(session.req_header(), config.admin.master_key.as_ref()) {
+            if let Some(r) = refuse(session.req_header(), &config.admin) {
                 return r;
             }
         }
@@ -342,6 +388,34 @@ impl ServeHttp for AdminApp {
         }
         if let Some(rest) = path.strip_prefix("/admin/cooldowns") {
             return self.cooldowns(&method, rest);
+        }
+        if let Some(r) = ui::serve(&path) {
+            return r;
+        }
+        if path == "/admin/whoami" {
+            let config = self.config.load();
+            let presented = session
+                .req_header()
+                .headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or_default();
+            // Without a master key the listener is open: everyone is admin.
+            let role = match &config.admin.master_key {
+                None => Some(Role::Admin),
+                Some(m) => role(presented, m, config.admin.viewer_key.as_ref()),
+            };
+            let body = serde_json::json!({
+                "role": role.map(Role::as_str),
+                "keys_api": config.admin.master_key.is_some(),
+            });
+            return reply(200, "application/json", body.to_string().into_bytes());
+        }
+        if path == "/admin/upstreams" {
+            let config = self.config.load();
+            let body = route::upstreams(&config).to_string().into_bytes();
+            return reply(200, "application/json", body);
         }
         if path == "/admin/route" {
             if method != http::Method::GET {

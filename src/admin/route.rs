@@ -8,6 +8,7 @@
 use crate::clock::monotonic_ms;
 use crate::config::Config;
 use crate::route::{Alias, Need};
+use crate::upstream::Server;
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ pub fn explain(config: &Config, query: &str) -> Result<Value, String> {
                 .map_err(|_| format!("{k} must be a whole number of tokens"))
         };
         match k {
-            "model" => model = Some(percent_decode(v)),
+            "model" => model = Some(super::percent_decode(v)),
             "input_tokens" => input_tokens = number()?,
             "max_tokens" => max_tokens = number()?,
             _ => return Err(format!("unknown parameter {k:?}")),
@@ -60,7 +61,6 @@ pub fn explain(config: &Config, query: &str) -> Result<Value, String> {
 
 fn tiers(alias: &Alias, need: &Need) -> Vec<Value> {
     let now = monotonic_ms();
-    let ms = |d: Duration| d.as_millis() as u64;
     alias
         .tiers
         .iter()
@@ -77,39 +77,7 @@ fn tiers(alias: &Alias, need: &Need) -> Vec<Value> {
                         .upstream
                         .servers
                         .iter()
-                        .map(|s| {
-                            let health = &s.state.health;
-                            let cooling = health.cooldown(now);
-                            let room = s.state.quota.room(now);
-                            let quota_short = !s.state.quota.covers(now, need.tokens());
-                            let state = if s.endpoint.addr().is_none() {
-                                "unresolved"
-                            } else if !health.active_ok() {
-                                "unhealthy"
-                            } else if cooling.is_some() {
-                                "cooling"
-                            } else if quota_short {
-                                "quota"
-                            } else if !s.has_room() {
-                                "max_conns"
-                            } else {
-                                "up"
-                            };
-                            json!({
-                                "server": s.name,
-                                "state": state,
-                                "backup": s.backup,
-                                "cooling": cooling.map(|(d, r)| json!({"reason": r.as_str(), "for_ms": ms(d)})),
-                                "latency_ms": s.state.latency.estimate(now, route.upstream.latency_decay).map(|d| d.as_secs_f64() * 1e3),
-                                "in_flight": s.state.in_flight(),
-                                "quota": {
-                                    "requests_remaining": room.requests.map(|r| r.0),
-                                    "requests_reset_ms": room.requests.map(|r| ms(r.1)),
-                                    "tokens_remaining": room.tokens.map(|r| r.0),
-                                    "tokens_reset_ms": room.tokens.map(|r| ms(r.1)),
-                                },
-                            })
-                        })
+                        .map(|s| server_view(s, route.upstream.latency_decay, now, need.tokens()))
                         .collect();
                     json!({
                         "upstream": route.upstream.name,
@@ -136,28 +104,63 @@ fn tiers(alias: &Alias, need: &Need) -> Vec<Value> {
         .collect()
 }
 
-/// `%XX` escapes and `+` in a query value.
-fn percent_decode(v: &str) -> String {
-    let bytes = v.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// One server as the explain endpoint and `GET /admin/upstreams` show it: its state
+/// (`up`, `cooling`, `unhealthy`, `quota` for a request of `tokens`, `max_conns`,
+/// `unresolved`), the cooldown's reason and time left, latency estimate, requests in
+/// flight and what its provider says is left.
+pub fn server_view(s: &Server, decay: Duration, now: u64, tokens: u64) -> Value {
+    let ms = |d: Duration| d.as_millis() as u64;
+    let health = &s.state.health;
+    let cooling = health.cooldown(now);
+    let room = s.state.quota.room(now);
+    let state = if s.endpoint.addr().is_none() {
+        "unresolved"
+    } else if !health.active_ok() {
+        "unhealthy"
+    } else if cooling.is_some() {
+        "cooling"
+    } else if !s.state.quota.covers(now, tokens) {
+        "quota"
+    } else if !s.has_room() {
+        "max_conns"
+    } else {
+        "up"
+    };
+    json!({
+        "server": s.name,
+        "state": state,
+        "backup": s.backup,
+        "cooling": cooling.map(|(d, r)| json!({"reason": r.as_str(), "for_ms": ms(d)})),
+        "latency_ms": s.state.latency.estimate(now, decay).map(|d| d.as_secs_f64() * 1e3),
+        "in_flight": s.state.in_flight(),
+        "quota": {
+            "requests_remaining": room.requests.map(|r| r.0),
+            "requests_reset_ms": room.requests.map(|r| ms(r.1)),
+            "tokens_remaining": room.tokens.map(|r| r.0),
+            "tokens_reset_ms": room.tokens.map(|r| ms(r.1)),
+        },
+    })
+}
+
+/// `GET /admin/upstreams`: every server of every upstream with its state.
+pub fn upstreams(config: &Config) -> Value {
+    let now = monotonic_ms();
+    let list: Vec<Value> = config
+        .upstreams
+        .values()
+        .map(|u| {
+            let servers: Vec<Value> = u
+                .servers
+                .iter()
+                .map(|s| server_view(s, u.latency_decay, now, 0))
+                .collect();
+            json!({
+                "upstream": u.name,
+                "provider": format!("{:?}", u.provider).to_lowercase(),
+                "balance": u.balance.as_str(),
+                "servers": servers,
+            })
+        })
+        .collect();
+    json!({ "upstreams": list })
 }

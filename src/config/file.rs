@@ -166,6 +166,10 @@ pub struct AdminSection {
     /// is only safe while `admin_listen` is a loopback address.
     #[serde(default)]
     pub master_key: Option<crate::secret::Secret>,
+    /// A second key that may only read `/admin/*` (the console's read-only sign-in). Needs
+    /// `master_key`.
+    #[serde(default)]
+    pub viewer_key: Option<crate::secret::Secret>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq)]

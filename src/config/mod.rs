@@ -393,6 +393,7 @@ fn check_timeout(t: Seconds) -> Result<(), String> {
 fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigErrors> {
     let mut errors = Vec::new();
     let (listen, admin_listen, trusted_proxies) = build_server(&file, &mut errors);
+    check_admin(&file.admin, &mut errors);
     check_limits(&file, &mut errors);
     check_keys(&file, &mut errors);
     let upstreams = build_upstreams(&file, previous, &mut errors);
@@ -443,6 +444,23 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
         server: file.server,
         admin: file.admin,
     })
+}
+
+/// `admin`: a viewer key needs a master key, and must differ from it.
+fn check_admin(admin: &file::AdminSection, errors: &mut Vec<ConfigError>) {
+    let mut err = |path: &str, message: &str| {
+        errors.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+        })
+    };
+    match (&admin.master_key, &admin.viewer_key) {
+        (None, Some(_)) => err("admin.viewer_key", "needs admin.master_key"),
+        (Some(m), Some(v)) if m.expose() == v.expose() => {
+            err("admin.viewer_key", "must differ from admin.master_key")
+        }
+        _ => {}
+    }
 }
 
 /// `server`: listeners, admin listener, threads, timeouts, caps, body size, trusted proxies.
@@ -969,6 +987,55 @@ models:
         assert_eq!(c.listen, vec!["0.0.0.0:8080".parse().unwrap()]);
         assert_eq!(c.server.max_body_size.0, 32 << 20);
         assert!(c.keys.is_empty());
+    }
+
+    #[test]
+    fn a_viewer_key_needs_a_different_master_key() {
+        let with = |admin: &str| {
+            Config::parse(&format!("admin:\n{admin}{GOOD}"), &no_env)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert!(with("  viewer_key: reader-key-0000\n")
+            .contains("admin.viewer_key: needs admin.master_key"));
+        assert!(
+            with("  master_key: same-key-0000\n  viewer_key: same-key-0000\n")
+                .contains("admin.viewer_key: must differ from admin.master_key")
+        );
+        assert_eq!(
+            with("  master_key: master-key-0000\n  viewer_key: reader-key-0000\n"),
+            ""
+        );
+    }
+
+    #[test]
+    fn strategies_weights_and_windows_are_checked() {
+        let text = "upstreams:\n  u: {servers: [{url: \"http://127.0.0.1:1/v1\"}]}\nmodels:\n  m:\n    strategy: cost\n    routes:\n      - {upstream: u, weight: 0}\n      - {upstream: u, model: gpt-4o, max_context: 0}\n      - {upstream: u, model: gpt-4o}\n";
+        let e = Config::parse(text, &no_env).err().unwrap().to_string();
+        assert!(
+            e.contains("models.m.routes[0].weight: must be between 1 and 1000"),
+            "{e}"
+        );
+        assert!(
+            e.contains("models.m.routes[1].max_context: must be at least 1 token"),
+            "{e}"
+        );
+        let ok = text
+            .replace("weight: 0", "weight: 3")
+            .replace(", max_context: 0", ", max_context: 9000");
+        let c = Config::parse(&ok, &no_env).unwrap();
+        let tier = &c.router.resolve("m").unwrap().tiers[0];
+        assert_eq!(tier.strategy, file::Strategy::Cost);
+        assert_eq!(tier.routes[0].weight, 3);
+        assert_eq!(tier.routes[1].max_context, Some(9000));
+        // The shipped table's window for a known model.
+        assert_eq!(tier.routes[2].max_context, Some(128_000));
+        assert!(Config::parse(
+            &text.replace("strategy: cost", "strategy: fastest"),
+            &no_env
+        )
+        .is_err());
     }
 
     #[test]
