@@ -3,6 +3,7 @@
 //! starts (`ops::listeners`); their ports are printed so that scripts and tests find them.
 
 use crate::admin::AdminApp;
+use crate::cache::{CacheBackend, MemoryCache, RedisCache};
 use crate::client_conn::{
     default_max_connections, raise_open_file_limit, ClientListener, ConnectionCounts,
 };
@@ -159,6 +160,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
     raise_open_file_limit();
     let default_max = default_max_connections();
     let max_connections = config.load().server.max_connections.unwrap_or(default_max);
+    let cache = build_cache(&config.load())?;
     let mut proxy = Service::new(
         "tollgate proxy".to_string(),
         ClientListener {
@@ -172,6 +174,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
                         keys: Arc::clone(&directory),
                         usage: Arc::clone(&usage),
                         alerts,
+                        cache: Arc::clone(&cache),
                     },
                 ),
             )),
@@ -213,6 +216,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
             config: Arc::clone(&config),
             reloader: reloader.clone(),
             keys: Arc::clone(&directory),
+            cache,
         },
     );
     admin.add_tcp(&admin_listen.to_string());
@@ -280,6 +284,19 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
     println!("tollgate: pid {}", std::process::id());
     let _ = std::io::stdout().flush();
     Ok((server, usage, store))
+}
+
+/// The response cache's backend, from the config at start (a reload does not move it).
+fn build_cache(config: &Config) -> std::io::Result<Arc<dyn CacheBackend>> {
+    use crate::config::file::CacheBackendKind;
+    match (config.cache.backend, &config.cluster.redis) {
+        (CacheBackendKind::Redis, Some(url)) => {
+            let c = RedisCache::new(url.expose())
+                .map_err(|e| std::io::Error::other(format!("cluster.redis: {e}")))?;
+            Ok(Arc::new(c))
+        }
+        _ => Ok(Arc::new(MemoryCache::new(config.cache.max_size.0))),
+    }
 }
 
 fn summary(config: &Config, listen: &[SocketAddr], admin: SocketAddr) -> String {

@@ -16,6 +16,7 @@ pub(crate) mod admin;
 pub(crate) mod app;
 pub(crate) mod auth;
 pub mod body;
+pub(crate) mod cache;
 pub mod cli;
 pub(crate) mod client_conn;
 pub mod clock;

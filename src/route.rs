@@ -213,6 +213,8 @@ pub struct Alias {
     /// Aliases tried when an upstream says the prompt exceeds the context length.
     pub context_fallbacks: Vec<String>,
     pub limits: crate::limits::Limits,
+    /// How long answers are cached (`models.ALIAS.cache.ttl`); `None`: not cached.
+    pub cache_ttl: Option<Duration>,
 }
 
 impl Alias {

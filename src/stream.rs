@@ -50,6 +50,45 @@ pub struct Relayed {
     pub end: Option<StreamEnd>,
     /// Token usage found in the body.
     pub usage: Option<Usage>,
+    /// The bytes the client received, kept for the response cache when asked.
+    pub capture: Option<Capture>,
+}
+
+/// The body of a response as the client received it, up to `limit` bytes (past that,
+/// nothing is kept: the answer is too large to cache).
+#[derive(Debug, Default)]
+pub struct Capture {
+    pub chunks: Vec<Bytes>,
+    bytes: usize,
+    limit: usize,
+    overflow: bool,
+}
+
+impl Capture {
+    pub fn new(limit: usize) -> Self {
+        Capture {
+            limit,
+            ..Capture::default()
+        }
+    }
+
+    fn keep(&mut self, chunk: &Bytes) {
+        if self.overflow {
+            return;
+        }
+        if self.bytes + chunk.len() > self.limit {
+            self.overflow = true;
+            self.chunks = Vec::new();
+            return;
+        }
+        self.bytes += chunk.len();
+        self.chunks.push(chunk.clone());
+    }
+
+    /// The whole body, unless it was too large.
+    pub fn body(&self) -> Option<Bytes> {
+        (!self.overflow).then(|| Bytes::from(self.chunks.concat()))
+    }
 }
 
 /// Labels the gateway adds to every relayed response.
@@ -241,6 +280,9 @@ pub async fn relay(
 
     for chunk in std::mem::take(&mut sent.prefix) {
         usage.feed(&chunk);
+        if let Some(c) = relayed.capture.as_mut() {
+            c.keep(&chunk);
+        }
         relayed.bytes += chunk.len();
         relayed.first_byte.get_or_insert_with(Instant::now);
         if session
@@ -279,6 +321,9 @@ pub async fn relay(
                         None => chunk,
                     };
                     relayed.bytes += chunk.len();
+                    if let Some(c) = relayed.capture.as_mut() {
+                        c.keep(&chunk);
+                    }
                     if session
                         .write_response_body(Some(chunk), false)
                         .await
@@ -299,6 +344,9 @@ pub async fn relay(
         StreamEnd::Complete => {
             if let Some(rest) = strip.as_mut().and_then(UsageChunkFilter::finish) {
                 relayed.bytes += rest.len();
+                if let Some(c) = relayed.capture.as_mut() {
+                    c.keep(&rest);
+                }
                 session.write_response_body(Some(rest), false).await?;
             }
             connections.give_back(up, sent.pool_key, upstream.idle_timeout);

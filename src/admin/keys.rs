@@ -1087,7 +1087,7 @@ async fn usage(dir: &Directory, query: &str) -> Answer {
         .store
         .run(move |pool| async move {
             let mut sql = String::from(
-                "SELECT request_id, ts, key_id, key_name, team_id, model, upstream, upstream_model, status, stream, input_tokens, output_tokens, cached_tokens, cost_micro_usd, priced, cache FROM usage WHERE ts >= $1 AND ts < $2",
+                "SELECT request_id, ts, key_id, key_name, team_id, model, upstream, upstream_model, status, stream, input_tokens, output_tokens, cached_tokens, cost_micro_usd, priced, cache, saved_tokens, saved_micro_usd FROM usage WHERE ts >= $1 AND ts < $2",
             );
             if key.is_some() {
                 sql.push_str(" AND key_id = $4");
@@ -1117,6 +1117,8 @@ async fn usage(dir: &Directory, query: &str) -> Answer {
                         "cost_micro_usd": r.try_get::<i64, _>("cost_micro_usd")?,
                         "priced": r.try_get::<i64, _>("priced")? != 0,
                         "cache": r.try_get::<Option<String>, _>("cache")?,
+                        "saved_tokens": r.try_get::<i64, _>("saved_tokens")?,
+                        "saved_micro_usd": r.try_get::<i64, _>("saved_micro_usd")?,
                     }))
                 })
                 .collect::<Result<Vec<_>, StoreError>>()

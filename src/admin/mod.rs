@@ -26,6 +26,8 @@ pub struct AdminApp {
     /// `None` when there is no file to reload (the demo).
     pub reloader: Option<Arc<Reloader>>,
     pub keys: Arc<crate::keys::Directory>,
+    /// The response cache, for `DELETE /admin/cache` and its gauges.
+    pub cache: Arc<dyn crate::cache::CacheBackend>,
 }
 
 /// The largest admin request body read.
@@ -134,6 +136,10 @@ impl AdminApp {
         m.upstream_in_flight.reset();
         m.upstream_cooldown.reset();
         m.upstream_latency.reset();
+        if let Some((entries, bytes)) = self.cache.size() {
+            m.cache_entries.set(entries as i64);
+            m.cache_bytes.set(bytes as i64);
+        }
         for u in config.upstreams.values() {
             for s in &u.servers {
                 let labels = [u.name.as_str(), s.name.as_str()];
@@ -411,6 +417,37 @@ impl ServeHttp for AdminApp {
                 "keys_api": config.admin.master_key.is_some(),
             });
             return reply(200, "application/json", body.to_string().into_bytes());
+        }
+        if path == "/admin/cache" {
+            if method != http::Method::DELETE {
+                return error_reply(
+                    405,
+                    "invalid_request_error",
+                    "method_not_allowed",
+                    "Use DELETE.",
+                );
+            }
+            let query = session
+                .req_header()
+                .uri
+                .query()
+                .unwrap_or_default()
+                .to_string();
+            let model = query
+                .split('&')
+                .find_map(|p| p.strip_prefix("model="))
+                .map(percent_decode);
+            return match self.cache.clear(model.as_deref()).await {
+                Ok(n) => {
+                    log::info!(
+                        "admin: cache cleared ({n} answers, model {})",
+                        model.as_deref().unwrap_or("*")
+                    );
+                    let body = serde_json::json!({"cleared": n, "model": model});
+                    reply(200, "application/json", body.to_string().into_bytes())
+                }
+                Err(e) => error_reply(503, "api_error", "cache_unavailable", &e),
+            };
         }
         if path == "/admin/upstreams" {
             let config = self.config.load();

@@ -42,6 +42,12 @@ pub struct FileConfig {
     /// Where budget alerts go.
     #[serde(default)]
     pub alerts: AlertsSection,
+    /// The response cache (each alias opts in with `models.ALIAS.cache`).
+    #[serde(default)]
+    pub cache: CacheSection,
+    /// State shared between instances.
+    #[serde(default)]
+    pub cluster: ClusterSection,
 }
 
 /// The database.
@@ -57,6 +63,68 @@ pub struct StoreSection {
     /// dropped and counted. Default 100000.
     #[serde(default = "default_queue_size")]
     pub queue_size: usize,
+}
+
+/// The response cache.
+#[derive(Debug, Deserialize, Clone)]
+pub struct CacheSection {
+    /// Most bytes of answers kept in memory (`backend: memory`). Default 256MiB.
+    #[serde(default = "default_cache_size")]
+    pub max_size: ByteSize,
+    /// `memory` (default): this process only; `redis`: shared through `cluster.redis`.
+    #[serde(default)]
+    pub backend: CacheBackendKind,
+    /// Whose requests share answers: `key` (default), `team` (a key without a team keeps
+    /// its own), or `global`.
+    #[serde(default)]
+    pub scope: CacheScope,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        CacheSection {
+            max_size: default_cache_size(),
+            backend: CacheBackendKind::default(),
+            scope: CacheScope::default(),
+        }
+    }
+}
+
+fn default_cache_size() -> ByteSize {
+    ByteSize(256 << 20)
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheBackendKind {
+    #[default]
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheScope {
+    #[default]
+    Key,
+    Team,
+    Global,
+}
+
+/// State shared between instances.
+#[derive(Debug, Deserialize, Clone, Default)]
+pub struct ClusterSection {
+    /// `redis://[:PASSWORD@]HOST:PORT/DB` (or `rediss://` for TLS): used by
+    /// `cache.backend: redis`.
+    #[serde(default)]
+    pub redis: Option<crate::secret::Secret>,
+}
+
+/// `models.ALIAS.cache`: answers of this alias are cached.
+#[derive(Debug, Deserialize, Clone, Copy)]
+pub struct ModelCacheSection {
+    /// How long an answer is served from the cache.
+    pub ttl: Seconds,
 }
 
 pub const DEFAULT_STORE_URL: &str = "sqlite:///var/lib/tollgate/tollgate.db";
@@ -660,6 +728,9 @@ pub struct ModelSection {
     /// How the routes of one tier are ordered. Default `round_robin`.
     #[serde(default)]
     pub strategy: Strategy,
+    /// Cache this alias's answers (off unless present).
+    #[serde(default)]
+    pub cache: Option<ModelCacheSection>,
 }
 
 #[derive(Debug, Deserialize)]

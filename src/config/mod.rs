@@ -87,6 +87,8 @@ pub struct Config {
     pub store: file::StoreSection,
     pub budgets: file::BudgetsSection,
     pub alerts: file::AlertsSection,
+    pub cache: file::CacheSection,
+    pub cluster: file::ClusterSection,
     pub log: file::LogSection,
     pub failover: Failover,
     pub limits: Limits,
@@ -394,6 +396,7 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
     let mut errors = Vec::new();
     let (listen, admin_listen, trusted_proxies) = build_server(&file, &mut errors);
     check_admin(&file.admin, &mut errors);
+    check_cache(&file, &mut errors);
     check_limits(&file, &mut errors);
     check_keys(&file, &mut errors);
     let upstreams = build_upstreams(&file, previous, &mut errors);
@@ -434,6 +437,8 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
         store: file.store.clone(),
         budgets: file.budgets.clone(),
         alerts: file.alerts.clone(),
+        cache: file.cache.clone(),
+        cluster: file.cluster.clone(),
         limits: Limits {
             global: file.limits.global,
             per_ip: file.limits.per_ip,
@@ -444,6 +449,40 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
         server: file.server,
         admin: file.admin,
     })
+}
+
+/// `cache`, `cluster` and each alias's `cache`.
+fn check_cache(file: &FileConfig, errors: &mut Vec<ConfigError>) {
+    let mut err = |path: String, message: String| errors.push(ConfigError { path, message });
+    if file.cache.max_size.0 == 0 {
+        err("cache.max_size".into(), "must be more than 0 bytes".into());
+    }
+    if let Some(url) = &file.cluster.redis {
+        let u = url.expose();
+        let schemes = ["redis://", "rediss://", "redis+unix://", "unix://"];
+        if !schemes.iter().any(|s| u.starts_with(s)) || redis::Client::open(u).is_err() {
+            err(
+                "cluster.redis".into(),
+                format!(
+                    "{} is not a redis://, rediss:// or redis+unix:// URL",
+                    crate::secret::mask_userinfo(u)
+                ),
+            );
+        }
+    }
+    if file.cache.backend == file::CacheBackendKind::Redis && file.cluster.redis.is_none() {
+        err("cache.backend".into(), "redis needs cluster.redis".into());
+    }
+    for (alias, m) in &file.models {
+        if let Some(c) = &m.cache {
+            if c.ttl.0.is_zero() || c.ttl.0 > Duration::from_secs(30 * 86_400) {
+                err(
+                    format!("models.{alias}.cache.ttl"),
+                    "must be more than 0 and at most 30 days".into(),
+                );
+            }
+        }
+    }
 }
 
 /// `admin`: a viewer key needs a master key, and must differ from it.
@@ -861,6 +900,7 @@ fn build_models(
             fallbacks: m.fallbacks.clone(),
             context_fallbacks: m.context_fallbacks.clone(),
             limits: m.limits,
+            cache_ttl: m.cache.map(|c| c.ttl.0),
         });
         if alias == "*" {
             catch_all = Some(a);

@@ -67,6 +67,9 @@ pub struct Record {
     pub limited: Option<&'static str>,
     /// The route strategy of the tier whose target answered.
     pub strategy: Option<&'static str>,
+    /// For an alias with a cache: hit, miss or bypass; and what a hit saved.
+    pub cache: Option<crate::cache::Outcome>,
+    pub saved: Option<(u64, i64)>,
     /// The caller's key id (`config:NAME` for a config key) and team id.
     pub key_id: Option<String>,
     pub team: Option<String>,
@@ -100,6 +103,8 @@ impl Record {
             usage: None,
             limited: None,
             strategy: None,
+            cache: None,
+            saved: None,
             key_id: None,
             team: None,
             cost_micro: None,
@@ -168,6 +173,13 @@ fn record_metrics(r: &Record, config: &Config) {
         m.failovers
             .with_label_values(&[model, pair[0].outcome.as_str(), level])
             .inc();
+    }
+    if let Some(c) = r.cache {
+        m.cache_lookups.with_label_values(&[c.as_str()]).inc();
+    }
+    if let Some((tokens, micro)) = r.saved {
+        m.cache_saved_tokens.inc_by(tokens);
+        m.cache_saved_usd.inc_by(crate::pricing::usd(micro));
     }
     if let Some(scope) = r.limited {
         m.ratelimited.with_label_values(&[scope]).inc();
@@ -273,10 +285,11 @@ fn text_line(r: &Record) -> String {
     }
     let _ = write!(
         s,
-        " stream={} target={} strategy={} attempts=",
+        " stream={} target={} strategy={} cache={} attempts=",
         r.stream,
         r.target.as_deref().unwrap_or("-"),
-        r.strategy.unwrap_or("-")
+        r.strategy.unwrap_or("-"),
+        r.cache.map_or("-", crate::cache::Outcome::as_str)
     );
     if r.attempts.is_empty() {
         s.push('-');
@@ -337,6 +350,7 @@ fn json_line(r: &Record) -> String {
         "stream": r.stream,
         "target": r.target,
         "strategy": r.strategy,
+        "cache": r.cache.map(crate::cache::Outcome::as_str),
         "attempts": attempts,
         "status": r.status,
         "duration_ms": (r.start.elapsed().as_secs_f64() * 1e4).round() / 10.0,
@@ -387,9 +401,11 @@ pub fn init_logging(file: Option<&str>) -> std::io::Result<()> {
 
 /// The usage row of a request that reached an upstream, taking the record's strings.
 pub fn usage_row(r: &mut Record, now: i64) -> Option<crate::store::usage::UsageRow> {
-    if r.attempts.is_empty() {
+    let hit = r.cache == Some(crate::cache::Outcome::Hit);
+    if r.attempts.is_empty() && !hit {
         return None;
     }
+    let (saved_tokens, saved_micro) = r.saved.unwrap_or_default();
     let usage = r.usage.unwrap_or_default();
     let take = std::mem::take::<String>;
     Some(crate::store::usage::UsageRow {
@@ -408,7 +424,9 @@ pub fn usage_row(r: &mut Record, now: i64) -> Option<crate::store::usage::UsageR
         cached_tokens: usage.cached,
         cost_micro: r.cost_micro.unwrap_or(0),
         priced: r.cost_micro.is_some() || r.usage.is_none(),
-        cache: None,
+        cache: r.cache.map(crate::cache::Outcome::as_str),
+        saved_tokens,
+        saved_micro,
     })
 }
 

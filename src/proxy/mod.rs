@@ -7,6 +7,7 @@
 //! `context` holds the per-request state, `dispatch` picks the endpoint, `intake` reads
 //! the request body, `pipeline` runs the LLM stages one call each.
 
+mod cached;
 mod context;
 mod dispatch;
 mod intake;
@@ -14,6 +15,7 @@ mod pipeline;
 
 pub use context::RequestCtx;
 
+use crate::cache::CacheBackend;
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::keys::alerts::Alerts;
@@ -43,6 +45,8 @@ pub struct Gateway {
     usage: Arc<UsageQueue>,
     /// Budget alerts on their way to the webhook.
     alerts: Option<Arc<Alerts>>,
+    /// Stored answers of the aliases that cache.
+    cache: Arc<dyn CacheBackend>,
 }
 
 /// What the gateway's shared state is made of, for [`Gateway::new`].
@@ -52,6 +56,7 @@ pub struct Shared {
     pub keys: Arc<Directory>,
     pub usage: Arc<UsageQueue>,
     pub alerts: Option<Arc<Alerts>>,
+    pub cache: Arc<dyn CacheBackend>,
 }
 
 impl Gateway {
@@ -63,6 +68,7 @@ impl Gateway {
             keys: shared.keys,
             usage: shared.usage,
             alerts: shared.alerts,
+            cache: shared.cache,
         }
     }
 }

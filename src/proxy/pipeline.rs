@@ -47,6 +47,17 @@ impl Gateway {
         if !caller.may_use(&facts.model) {
             return Err(GatewayError::ModelNotAllowed(facts.model.clone()).into());
         }
+        let (hit, cache_plan) = self
+            .cache_lookup(session, ctx, config, caller, alias, &body)
+            .await;
+        if let Some(entry) = hit {
+            // A hit counts toward request rates and concurrency, not tokens or budgets.
+            let ip = &ctx.record.client_ip;
+            let admitted =
+                limits::admit_model(&mut ctx.admission, config, caller, ip, alias, 0).await;
+            admitted.map_err(|r| refused(ctx, r))?;
+            return self.answer_hit(session, ctx, entry).await;
+        }
         let estimate = limits::estimate_tokens(body.len(), facts.max_tokens);
         let ip = &ctx.record.client_ip;
         let admitted =
@@ -104,18 +115,23 @@ impl Gateway {
 
         let target = winner.server.name.clone();
         ctx.record.strategy = Some(winner.strategy.as_str());
+        let mut headers = ctx
+            .admission
+            .key_headers
+            .as_ref()
+            .map(|h| h.pairs())
+            .unwrap_or_default();
+        headers.extend(Self::cache_header(ctx));
         let stamp = Stamp {
             request_id: &ctx.record.request_id,
             target: &target,
             attempts: ctx.record.attempts.len(),
-            headers: &ctx
-                .admission
-                .key_headers
-                .as_ref()
-                .map(|h| h.pairs())
-                .unwrap_or_default(),
+            headers: &headers,
         };
-        let mut relayed = Relayed::default();
+        let mut relayed = Relayed {
+            capture: Self::capture_for(config, cache_plan.as_ref()),
+            ..Relayed::default()
+        };
         ctx.record.upstream = Some(winner.upstream.name.clone());
         ctx.record.upstream_model = Some(winner.model.clone());
         let relay_started = Instant::now();
@@ -123,6 +139,10 @@ impl Gateway {
         ctx.record.target = Some(target);
         ctx.record.waiting += relay_started.elapsed();
         self.account(ctx, config, alias, &relayed);
+        if let Some(plan) = cache_plan {
+            self.cache_store(ctx, alias, facts.stream, &relayed, plan)
+                .await;
+        }
         result.map_err(Outcome::Aborted)
     }
 

@@ -19,9 +19,10 @@ use std::time::Duration;
 /// The schema, one migration per version, applied in order in one transaction each.
 /// A database at a version this binary does not know refuses to start (a newer binary
 /// wrote it).
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE teams (
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE teams (
         id TEXT PRIMARY KEY,
         name TEXT NOT NULL,
         models TEXT,
@@ -85,10 +86,18 @@ const MIGRATIONS: &[(i64, &str)] = &[(
         after_json TEXT
     );
     CREATE INDEX audit_ts ON audit (ts);",
-)];
+    ),
+    (
+        2,
+        // What a cache hit saved: the tokens and cost its stored answer had (the hit itself
+        // is counted as zero in input_tokens, output_tokens and cost_micro_usd).
+        "ALTER TABLE usage ADD COLUMN saved_tokens BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN saved_micro_usd BIGINT NOT NULL DEFAULT 0",
+    ),
+];
 
 /// The schema version this binary writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// A store failure, with any password in the URL masked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -352,6 +361,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_version_1_database_keeps_its_usage_rows_through_migration_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("v1.db").display());
+        let rows = prepare(&url, |pool| async move {
+            // Roll the fresh database back to what version 1 wrote, with one usage row.
+            sqlx::query("DROP TABLE usage").execute(&pool).await?;
+            let v1 = MIGRATIONS[0].1;
+            let usage = v1
+                .split(';')
+                .find(|s| s.contains("CREATE TABLE usage"))
+                .unwrap_or_default();
+            sqlx::query(usage).execute(&pool).await?;
+            sqlx::query("DELETE FROM tollgate_schema WHERE version > 1")
+                .execute(&pool)
+                .await?;
+            sqlx::query("INSERT INTO usage (request_id, ts, day, key_id, key_name, model, status, stream, input_tokens, output_tokens, cached_tokens, cost_micro_usd, priced) VALUES ('r1', 1, '1970-01-01', 'k', 'n', 'm', 200, 0, 10, 5, 0, 42, 1)")
+                .execute(&pool)
+                .await?;
+            assert_eq!(schema_version(&pool).await?, 1);
+            migrate(&pool).await?;
+            assert_eq!(schema_version(&pool).await?, SCHEMA_VERSION);
+            let row = sqlx::query("SELECT cost_micro_usd, saved_tokens, saved_micro_usd FROM usage")
+                .fetch_one(&pool)
+                .await?;
+            Ok((
+                row.try_get::<i64, _>("cost_micro_usd")?,
+                row.try_get::<i64, _>("saved_tokens")?,
+                row.try_get::<i64, _>("saved_micro_usd")?,
+            ))
+        })
+        .unwrap();
+        assert_eq!(rows, (42, 0, 0));
+    }
+
+    #[test]
     fn prepares_migrates_and_reopens() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/t.db");
@@ -359,7 +403,8 @@ mod tests {
         assert!(Store::check(&url).unwrap().contains("will be created"));
         let v = prepare(&url, |pool| async move { schema_version(&pool).await }).unwrap();
         assert_eq!(v, SCHEMA_VERSION);
-        assert!(Store::check(&url).unwrap().contains("schema version 1"));
+        let at = format!("schema version {SCHEMA_VERSION}");
+        assert!(Store::check(&url).unwrap().contains(&at));
         // Migrating again is a no-op; the live store reads what start-up wrote.
         prepare(&url, |_| async { Ok(()) }).unwrap();
         let store = Store::new(&url);

@@ -36,6 +36,9 @@ pub struct UsageRow {
     pub priced: bool,
     /// `hit`, `miss` or `bypass` for a cached alias.
     pub cache: Option<&'static str>,
+    /// For a hit: the tokens (input plus output) and micro-USD its stored answer cost.
+    pub saved_tokens: u64,
+    pub saved_micro: i64,
 }
 
 /// Rows waiting to be written.
@@ -174,7 +177,7 @@ impl UsageQueue {
     }
 }
 
-const COLUMNS: &str = "request_id, ts, day, key_id, key_name, team_id, model, upstream, upstream_model, status, stream, input_tokens, output_tokens, cached_tokens, cost_micro_usd, priced, cache";
+const COLUMNS: &str = "request_id, ts, day, key_id, key_name, team_id, model, upstream, upstream_model, status, stream, input_tokens, output_tokens, cached_tokens, cost_micro_usd, priced, cache, saved_tokens, saved_micro_usd";
 
 /// Rows per multi-row INSERT. Every statement has a fixed text, so each is parsed once and
 /// then reused from the connection's statement cache; positional `?` parameters spare
@@ -183,7 +186,7 @@ const COLUMNS: &str = "request_id, ts, day, key_id, key_name, team_id, model, up
 const BATCH: usize = 32;
 
 fn insert_sql(rows: usize) -> String {
-    let one = format!("({})", vec!["?"; 17].join(","));
+    let one = format!("({})", vec!["?"; 19].join(","));
     format!(
         "INSERT INTO usage ({COLUMNS}) VALUES {}",
         vec![one; rows].join(",")
@@ -230,7 +233,9 @@ fn bind_rows<'q>(mut q: Query<'q>, rows: &[UsageRow]) -> Query<'q> {
             .bind(sat(r.cached_tokens))
             .bind(r.cost_micro)
             .bind(i64::from(r.priced))
-            .bind(r.cache.map(str::to_string));
+            .bind(r.cache.map(str::to_string))
+            .bind(sat(r.saved_tokens))
+            .bind(r.saved_micro);
     }
     q
 }
