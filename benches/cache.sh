@@ -28,7 +28,6 @@ $BIN mock-upstream --listen 127.0.0.1:$MOCK >/dev/null & pids+=($!)
 {
   tollgate_features "$work" "$TG" "$ADMIN" "$KEY"
   cat <<YAML
-store: {url: "sqlite://$work/tollgate.db"}
 upstreams:
   mock: {servers: [{url: "http://127.0.0.1:$MOCK/v1"}]}
 models:
@@ -38,7 +37,7 @@ YAML
 write_body "$work/body.json"
 $BIN -c "$work/tollgate.yaml" >/dev/null 2>"$work/tollgate.err" & pids+=($!)
 url=http://127.0.0.1:$TG/v1/chat/completions
-for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$ADMIN/health" && break; sleep 0.2; done
+for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$TG/health" && break; sleep 0.2; done
 # The first request stores the answer.
 curl -s -o /dev/null -H "Authorization: Bearer $KEY" -H 'content-type: application/json' -d @"$work/body.json" "$url"
 

@@ -66,6 +66,14 @@ fn error_reply(status: u16, kind: &str, code: &str, message: &str) -> Response<V
     reply(status, "application/json", body.to_string().into_bytes())
 }
 
+/// 405 unless the request uses `allowed`.
+fn only(method: &http::Method, allowed: http::Method) -> Option<Response<Vec<u8>>> {
+    (*method != allowed).then(|| {
+        let message = format!("Use {allowed} on this path.");
+        error_reply(405, "invalid_request_error", "method_not_allowed", &message)
+    })
+}
+
 fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     let mut r = Response::new(body);
     *r.status_mut() =
@@ -419,13 +427,8 @@ impl ServeHttp for AdminApp {
             return reply(200, "application/json", body.to_string().into_bytes());
         }
         if path == "/admin/cache" {
-            if method != http::Method::DELETE {
-                return error_reply(
-                    405,
-                    "invalid_request_error",
-                    "method_not_allowed",
-                    "Use DELETE.",
-                );
+            if let Some(r) = only(&method, http::Method::DELETE) {
+                return r;
             }
             let query = session
                 .req_header()
@@ -450,18 +453,16 @@ impl ServeHttp for AdminApp {
             };
         }
         if path == "/admin/upstreams" {
+            if let Some(r) = only(&method, http::Method::GET) {
+                return r;
+            }
             let config = self.config.load();
             let body = route::upstreams(&config).to_string().into_bytes();
             return reply(200, "application/json", body);
         }
         if path == "/admin/route" {
-            if method != http::Method::GET {
-                return error_reply(
-                    405,
-                    "invalid_request_error",
-                    "method_not_allowed",
-                    "Use GET.",
-                );
+            if let Some(r) = only(&method, http::Method::GET) {
+                return r;
             }
             let config = self.config.load();
             let query = session.req_header().uri.query().unwrap_or_default();

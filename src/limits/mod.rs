@@ -142,42 +142,36 @@ impl Charge {
 impl Limits {
     fn requests(&self, scope: Scope, key: u64, out: &mut Vec<Charge>) {
         for (dimension, limit) in [(Dimension::Rps, self.rps), (Dimension::Rpm, self.rpm)] {
-            if let Some(limit) = limit {
-                out.push(Charge {
-                    scope,
-                    key,
-                    dimension,
-                    limit,
-                    amount: 1,
-                });
-            }
+            push(out, scope, key, dimension, limit, 1);
         }
     }
 
     fn slot(&self, scope: Scope, key: u64, out: &mut Vec<Charge>) {
-        if let Some(limit) = self.concurrency {
-            let dimension = Dimension::Concurrency;
-            out.push(Charge {
-                scope,
-                key,
-                dimension,
-                limit,
-                amount: 1,
-            });
-        }
+        push(out, scope, key, Dimension::Concurrency, self.concurrency, 1);
     }
 
     fn tokens(&self, scope: Scope, key: u64, tokens: u64, out: &mut Vec<Charge>) {
-        if let Some(limit) = self.tpm {
-            let dimension = Dimension::Tpm;
-            out.push(Charge {
-                scope,
-                key,
-                dimension,
-                limit,
-                amount: tokens,
-            });
-        }
+        push(out, scope, key, Dimension::Tpm, self.tpm, tokens);
+    }
+}
+
+/// Adds a charge when the dimension has a limit.
+fn push(
+    out: &mut Vec<Charge>,
+    scope: Scope,
+    key: u64,
+    dimension: Dimension,
+    limit: Option<u64>,
+    amount: u64,
+) {
+    if let Some(limit) = limit {
+        out.push(Charge {
+            scope,
+            key,
+            dimension,
+            limit,
+            amount,
+        });
     }
 }
 
