@@ -291,8 +291,22 @@ impl Budget {
             resets_at: s.spec.period.bounds(now).1,
         }
     }
+}
 
-    /// Reserves `amount` unless an enforced budget has no room for it.
+/// Where one budget's spend and reservations are counted: the seam a budget shared by
+/// several instances plugs into. [`Budget`] counts in this process (one mutex per
+/// budget); the request path only reserves, releases and settles through this trait.
+pub trait BudgetLedger: Send + Sync + std::fmt::Debug {
+    /// Reserves `amount` unless an enforced budget has no room for it; returns what was
+    /// reserved (0 for a tracked budget).
+    fn reserve(&self, amount: i64, now: i64) -> Result<i64, Exceeded>;
+    /// Gives a reservation back (the request ended without an answer to charge).
+    fn release(&self, reserved: i64, now: i64);
+    /// Counts `cost` as spent in place of `reserved`; returns the alerts it crossed.
+    fn settle(&self, reserved: i64, cost: i64, now: i64) -> Vec<Alert>;
+}
+
+impl BudgetLedger for Budget {
     fn reserve(&self, amount: i64, now: i64) -> Result<i64, Exceeded> {
         let mut s = self.lock(now);
         if s.spec.mode == Mode::Track {
@@ -353,13 +367,17 @@ fn crossed(spec: &BudgetSpec, spent: i64) -> usize {
 /// What one request holds against its budgets. Dropped unsettled, it releases them.
 #[derive(Default)]
 pub struct Hold {
-    held: Vec<(Arc<Budget>, i64)>,
+    held: Vec<(Arc<dyn BudgetLedger>, i64)>,
     now: i64,
 }
 
 impl Hold {
     /// Reserves `amount` against every budget of `budgets`, all or none.
-    pub fn reserve(budgets: &[&Arc<Budget>], amount: i64, now: i64) -> Result<Hold, Exceeded> {
+    pub fn reserve<L: BudgetLedger + 'static>(
+        budgets: &[&Arc<L>],
+        amount: i64,
+        now: i64,
+    ) -> Result<Hold, Exceeded> {
         let mut hold = Hold {
             held: Vec::with_capacity(budgets.len()),
             now,
@@ -367,7 +385,8 @@ impl Hold {
         for b in budgets {
             // On refusal `hold` drops and releases what was reserved before.
             let reserved = b.reserve(amount, now)?;
-            hold.held.push((Arc::clone(b), reserved));
+            let ledger: Arc<dyn BudgetLedger> = Arc::clone(b) as Arc<dyn BudgetLedger>;
+            hold.held.push((ledger, reserved));
         }
         Ok(hold)
     }
