@@ -82,9 +82,10 @@ fn limiter(c: &mut Criterion) {
         dimension,
         limit,
         amount,
+        mark: 0,
     };
-    let request = [charge(Dimension::Rpm, u64::MAX / 2, 1)];
-    let model = [
+    let mut request = [charge(Dimension::Rpm, u64::MAX / 2, 1)];
+    let mut model = [
         charge(Dimension::Concurrency, 1 << 40, 1),
         charge(Dimension::Tpm, u64::MAX / 2, 300),
     ];
@@ -92,8 +93,8 @@ fn limiter(c: &mut Criterion) {
     c.bench_function("limits/request+slot+tokens+settle", |b| {
         b.iter(|| {
             let mut adm = Admission::new(Arc::clone(&counters));
-            adm.admit(&request).now_or_never().unwrap().unwrap();
-            adm.admit(&model).now_or_never().unwrap().unwrap();
+            adm.admit(&mut request).now_or_never().unwrap().unwrap();
+            adm.admit(&mut model).now_or_never().unwrap().unwrap();
             adm.settle_tokens(280);
             black_box(counters.room(Scope::Key, key, Dimension::Tpm, u64::MAX / 2))
         })

@@ -10,7 +10,7 @@ use crate::client_conn::{
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::keys::Directory;
-use crate::limits::LocalCounters;
+use crate::limits::{CounterBackend, LocalCounters, RedisCounters};
 use crate::ops::listeners::Prebound;
 use crate::ops::reload::{HangupReload, Reloader};
 use crate::ops::upgrade::Upgrader;
@@ -19,6 +19,7 @@ use crate::secret::mask_userinfo;
 use crate::store::usage::{UsageQueue, Writer};
 use crate::store::Store;
 use crate::transport::pool::{Connections, Pool, Sweeper};
+use crate::upstream::shared::SharedCooldowns;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora_core::connectors::ConnectorOptions;
@@ -161,6 +162,14 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
     let default_max = default_max_connections();
     let max_connections = config.load().server.max_connections.unwrap_or(default_max);
     let cache = build_cache(&config.load())?;
+    let (counters, shared_counters) = build_counters(&config.load())?;
+    let cooldowns = match &config.load().cluster.redis {
+        Some(url) => Some(Arc::new(
+            SharedCooldowns::new(url.expose())
+                .map_err(|e| std::io::Error::other(format!("cluster.redis: {e}")))?,
+        )),
+        None => None,
+    };
     let mut proxy = Service::new(
         "tollgate proxy".to_string(),
         ClientListener {
@@ -170,11 +179,12 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
                     Arc::clone(&config),
                     Shared {
                         connections: Arc::clone(&connections),
-                        counters: Arc::new(LocalCounters::default()),
+                        counters: Arc::clone(&counters),
                         keys: Arc::clone(&directory),
                         usage: Arc::clone(&usage),
                         alerts,
                         cache: Arc::clone(&cache),
+                        cooldowns: cooldowns.clone(),
                     },
                 ),
             )),
@@ -217,6 +227,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
             reloader: reloader.clone(),
             keys: Arc::clone(&directory),
             cache,
+            cooldowns: cooldowns.clone(),
         },
     );
     admin.add_tcp(&admin_listen.to_string());
@@ -227,7 +238,12 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
     }
     server.add_service(proxy_sockets.serve(proxy));
     server.add_service(admin_sockets.serve(admin));
-    server.add_service(background_service("resolver", Resolver { config }));
+    server.add_service(background_service(
+        "resolver",
+        Resolver {
+            config: Arc::clone(&config),
+        },
+    ));
     server.add_service(background_service(
         "idle upstream connections",
         Sweeper(connections),
@@ -248,6 +264,18 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
             interval: flush_interval,
         },
     ));
+    if let Some(shared) = cooldowns {
+        server.add_service(background_service(
+            "shared cooldowns",
+            CooldownListener(shared, Arc::clone(&config)),
+        ));
+    }
+    if let Some(shared) = shared_counters {
+        server.add_service(background_service(
+            "limit slots heartbeat",
+            Heartbeat(shared),
+        ));
+    }
     if let Some(d) = delivery {
         server.add_service(background_service("budget alerts", d));
     }
@@ -284,6 +312,51 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
     println!("tollgate: pid {}", std::process::id());
     let _ = std::io::stdout().flush();
     Ok((server, usage, store))
+}
+
+/// The limit counters: in this process, or shared through `cluster.redis` (then also
+/// returned for the heartbeat that keeps its slots alive).
+type Counters = (Arc<dyn CounterBackend>, Option<Arc<RedisCounters>>);
+
+fn build_counters(config: &Config) -> std::io::Result<Counters> {
+    let Some(url) = &config.cluster.redis else {
+        return Ok((Arc::new(LocalCounters::default()), None));
+    };
+    let c = &config.cluster;
+    let shared = RedisCounters::new(
+        url.expose(),
+        c.on_redis_error,
+        c.expected_instances,
+        c.slot_ttl.0,
+    )
+    .map_err(|e| std::io::Error::other(format!("cluster.redis: {e}")))?;
+    let shared = Arc::new(shared);
+    Ok((Arc::clone(&shared) as Arc<dyn CounterBackend>, Some(shared)))
+}
+
+/// Applies the cooldowns other instances share.
+struct CooldownListener(Arc<SharedCooldowns>, Arc<ArcSwap<Config>>);
+
+#[async_trait]
+impl BackgroundService for CooldownListener {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.listen(Arc::clone(&self.1), shutdown).await;
+    }
+}
+
+/// Keeps the concurrency slots this process holds in Redis alive.
+struct Heartbeat(Arc<RedisCounters>);
+
+#[async_trait]
+impl BackgroundService for Heartbeat {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(self.0.beat_every()) => self.0.beat().await,
+            }
+        }
+    }
 }
 
 /// The response cache's backend, from the config at start (a reload does not move it).

@@ -38,6 +38,10 @@ pub enum GatewayError {
         needed: u64,
         largest: u64,
     },
+    #[error(
+        "The gateway's shared rate-limit counters cannot be reached; please try again shortly."
+    )]
+    LimitsUnavailable,
     #[error("Unknown path {0}.")]
     NotFound(String),
     #[error("Method {0} is not allowed on this path.")]
@@ -78,6 +82,7 @@ impl GatewayError {
             GatewayError::ModelNotFound(_) | GatewayError::NotFound(_) => 404,
             GatewayError::NoRouteForEndpoint { .. } => 400,
             GatewayError::ContextLengthExceeded { .. } => 400,
+            GatewayError::LimitsUnavailable => 503,
             GatewayError::MethodNotAllowed(_) => 405,
             GatewayError::UpstreamUnavailable { .. } => 503,
             GatewayError::UpstreamTimeout { .. } => 503,
@@ -99,6 +104,7 @@ impl GatewayError {
             GatewayError::ModelNotFound(_) => "model_not_found",
             GatewayError::NoRouteForEndpoint { .. } => "no_route",
             GatewayError::ContextLengthExceeded { .. } => "context_length_exceeded",
+            GatewayError::LimitsUnavailable => "limits_unavailable",
             GatewayError::NotFound(_) => "not_found",
             GatewayError::MethodNotAllowed(_) => "method_not_allowed",
             GatewayError::UpstreamUnavailable { .. } => "upstream_unavailable",
@@ -115,6 +121,7 @@ impl GatewayError {
             | GatewayError::UpstreamTimeout { retry_after, .. }
             | GatewayError::NoTarget { retry_after, .. } => *retry_after,
             GatewayError::RateLimited { retry_after, .. } => Some(*retry_after),
+            GatewayError::LimitsUnavailable => Some(1),
             _ => None,
         }
     }

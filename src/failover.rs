@@ -15,6 +15,7 @@ use crate::provider::Dialect;
 use crate::route::{Alias, Need, Route, Router};
 use crate::transport::pool::Connections;
 use crate::upstream::health::Reason;
+use crate::upstream::shared::SharedCooldowns;
 use crate::upstream::{InFlight, Server, Upstream};
 use bytes::Bytes;
 use std::collections::VecDeque;
@@ -87,6 +88,8 @@ pub struct Plan<'a> {
     pub rewrite: &'a (dyn Fn(&str, bool) -> Bytes + Sync),
     /// A streaming request without `stream_options` on an endpoint that supports it.
     pub wants_usage: bool,
+    /// Where cooldowns are shared with other instances (`cluster.redis`), if they are.
+    pub cooldowns: Option<&'a Arc<SharedCooldowns>>,
 }
 
 /// An upstream error status a client can act on, relayed as sent when every attempt
@@ -359,9 +362,9 @@ async fn attempt_all(
                         }
                         Class::Transient { hint } => {
                             let d = hint.unwrap_or(f.cooldown).min(f.max_cooldown);
-                            health.cool(now, d, Reason::Transient);
+                            cool(plan, &server, now, d, Reason::Transient);
                         }
-                        Class::Quota => health.cool(now, f.quota_cooldown, Reason::Quota),
+                        Class::Quota => cool(plan, &server, now, f.quota_cooldown, Reason::Quota),
                         Class::Credentials => {
                             log::error!(
                             "upstream {} rejected the gateway's credential ({}) with status {status}: check its api_key; no traffic for {}",
@@ -369,7 +372,7 @@ async fn attempt_all(
                             server.api_key.as_ref().map_or_else(|| "none".to_string(), |k| crate::secret::mask(k.expose())),
                             humantime::format_duration(f.quota_cooldown)
                         );
-                            health.cool(now, f.quota_cooldown, Reason::Credentials);
+                            cool(plan, &server, now, f.quota_cooldown, Reason::Credentials);
                         }
                         Class::Skip => {}
                     }
@@ -395,6 +398,14 @@ async fn attempt_all(
         last_timeout,
         retry_after(&chain),
     ))
+}
+
+/// Cools `server` here and, when cooldowns are shared, on every instance.
+fn cool(plan: &Plan<'_>, server: &Server, now: u64, d: std::time::Duration, reason: Reason) {
+    server.state.health.cool(now, d, reason);
+    if let Some(shared) = plan.cooldowns {
+        shared.cool(&server.name, d, reason);
+    }
 }
 
 /// Gives the connection of an attempt that will not be delivered back to the pool, when
@@ -516,6 +527,7 @@ mod tests {
             need: &need,
             rewrite: &rewrite,
             wants_usage: false,
+            cooldowns: None,
         };
         let mut attempts = Vec::new();
         let result = run(&plan, &alias, &mut attempts).await;

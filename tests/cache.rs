@@ -9,7 +9,6 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use std::process::{Child, Command};
 use std::time::Duration;
 use tollgate::demo::mock::{MockUpstream, Reply};
 
@@ -241,48 +240,6 @@ async fn team_members_share_answers_with_scope_team_and_a_hit_costs_nothing() {
     let miss = usage.iter().find(|r| r["key_name"] == "one").unwrap();
     assert!(miss["cost_micro_usd"].as_i64().unwrap() > 0, "{miss}");
     assert_eq!(hit["saved_micro_usd"], miss["cost_micro_usd"]);
-}
-
-/// A Redis server of the test's own, on a unix socket in a temporary directory.
-struct Redis {
-    child: Child,
-    _dir: tempfile::TempDir,
-    url: String,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("redis.sock");
-        let child = Command::new("redis-server")
-            .args(["--port", "0", "--unixsocket"])
-            .arg(&sock)
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server (see scripts/bootstrap)");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Redis {
-            child,
-            url: format!("redis+unix://{}", sock.display()),
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

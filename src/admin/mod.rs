@@ -28,6 +28,8 @@ pub struct AdminApp {
     pub keys: Arc<crate::keys::Directory>,
     /// The response cache, for `DELETE /admin/cache` and its gauges.
     pub cache: Arc<dyn crate::cache::CacheBackend>,
+    /// Cooldowns shared with other instances, cleared everywhere from here.
+    pub cooldowns: Option<Arc<crate::upstream::shared::SharedCooldowns>>,
 }
 
 /// The largest admin request body read.
@@ -210,6 +212,9 @@ impl AdminApp {
                         s.state.health.clear();
                         cleared.push(s.name.clone());
                     }
+                }
+                if let (Some(shared), false) = (&self.cooldowns, cleared.is_empty()) {
+                    shared.clear((!wanted.is_empty()).then_some(wanted.as_str()));
                 }
                 if cleared.is_empty() {
                     return reply(

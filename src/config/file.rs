@@ -112,12 +112,42 @@ pub enum CacheScope {
 }
 
 /// State shared between instances.
-#[derive(Debug, Deserialize, Clone, Default)]
+#[derive(Debug, Deserialize, Clone)]
 pub struct ClusterSection {
-    /// `redis://[:PASSWORD@]HOST:PORT/DB` (or `rediss://` for TLS): used by
-    /// `cache.backend: redis`.
+    /// `redis://[:PASSWORD@]HOST:PORT/DB` (or `rediss://` for TLS): when set, rate and
+    /// concurrency limits are counted there for every instance, and `cache.backend:
+    /// redis` keeps answers there.
     #[serde(default)]
     pub redis: Option<crate::secret::Secret>,
+    /// While Redis cannot be reached: `local` (count in this process at `limit /
+    /// expected_instances`) or `refuse` (503). Default `local`.
+    #[serde(default)]
+    pub on_redis_error: crate::limits::OnRedisError,
+    /// How many instances share the limits (for the `local` fallback). Default 1.
+    #[serde(default = "default_instances")]
+    pub expected_instances: u64,
+    /// How long a concurrency slot outlives an instance that died holding it. Default 30s.
+    #[serde(default = "default_slot_ttl")]
+    pub slot_ttl: Seconds,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            redis: None,
+            on_redis_error: Default::default(),
+            expected_instances: default_instances(),
+            slot_ttl: default_slot_ttl(),
+        }
+    }
+}
+
+fn default_instances() -> u64 {
+    1
+}
+
+fn default_slot_ttl() -> Seconds {
+    Seconds(Duration::from_secs(30))
 }
 
 /// `models.ALIAS.cache`: answers of this alias are cached.

@@ -470,6 +470,15 @@ fn check_cache(file: &FileConfig, errors: &mut Vec<ConfigError>) {
             );
         }
     }
+    if file.cluster.expected_instances == 0 || file.cluster.expected_instances > 1000 {
+        err(
+            "cluster.expected_instances".into(),
+            "must be between 1 and 1000".into(),
+        );
+    }
+    if file.cluster.slot_ttl.0 < Duration::from_secs(1) {
+        err("cluster.slot_ttl".into(), "must be at least 1s".into());
+    }
     if file.cache.backend == file::CacheBackendKind::Redis && file.cluster.redis.is_none() {
         err("cache.backend".into(), "redis needs cluster.redis".into());
     }

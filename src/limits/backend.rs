@@ -16,7 +16,7 @@ pub trait CounterBackend: Send + Sync {
     /// Checks every charge against its limit and, only when all of them fit, counts them
     /// all. A refusal counts nothing and names the first charge, in the given order, that
     /// did not fit.
-    async fn reserve(&self, charges: &[Charge]) -> Result<(), Refusal>;
+    async fn reserve(&self, charges: &mut [Charge]) -> Result<(), Refusal>;
 
     /// Replaces the estimate a `Tpm` charge counted by the tokens the request really used.
     fn settle(&self, charge: &Charge, actual: u64);

@@ -106,7 +106,7 @@ impl LocalCounters {
 
 #[async_trait]
 impl CounterBackend for LocalCounters {
-    async fn reserve(&self, charges: &[Charge]) -> Result<(), Refusal> {
+    async fn reserve(&self, charges: &mut [Charge]) -> Result<(), Refusal> {
         for (i, c) in charges.iter().enumerate() {
             if let Err(r) = self.take(c) {
                 self.undo(&charges[..i]);

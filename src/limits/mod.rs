@@ -11,11 +11,13 @@ mod backend;
 mod client_ip;
 mod headers;
 mod local;
+mod shared;
 
 pub use backend::CounterBackend;
 pub use client_ip::{client_ip, Cidr};
 pub use headers::{openai_duration, KeyHeaders, Room};
 pub use local::LocalCounters;
+pub use shared::{OnRedisError, RedisCounters};
 
 use crate::auth::Caller;
 use crate::config::Config;
@@ -94,6 +96,8 @@ pub struct Refusal {
     pub retry_after: u64,
     /// The model alias, for a model-scope refusal.
     pub model: Option<String>,
+    /// The shared counters could not be reached (`cluster.on_redis_error: refuse`): 503.
+    pub unavailable: bool,
 }
 
 impl Refusal {
@@ -124,6 +128,9 @@ pub struct Charge {
     pub limit: u64,
     /// 1 for a request or a slot; the token estimate for `Tpm`, settled later.
     pub amount: u64,
+    /// The backend's note of what it counted (a shared backend's slot id or window), for
+    /// settling, releasing or undoing exactly that; 0 until reserved.
+    pub mark: u64,
 }
 
 impl Charge {
@@ -135,6 +142,7 @@ impl Charge {
             limit: self.limit,
             retry_after: crate::error::retry_after_secs(left),
             model: None,
+            unavailable: false,
         }
     }
 }
@@ -171,6 +179,7 @@ fn push(
             dimension,
             limit,
             amount,
+            mark: 0,
         });
     }
 }
@@ -196,7 +205,7 @@ impl Admission {
 
     /// Checks and counts `charges` all-or-nothing. A refusal also takes back what earlier
     /// stages of this request counted: a refused request counts nowhere.
-    pub async fn admit(&mut self, charges: &[Charge]) -> Result<(), Refusal> {
+    pub async fn admit(&mut self, charges: &mut [Charge]) -> Result<(), Refusal> {
         let Some(backend) = &self.backend else {
             return Ok(());
         };
@@ -276,7 +285,7 @@ pub async fn admit_request(
     if let Some((team, limits)) = caller.team_limits() {
         limits.requests(Scope::Team, team, &mut charges);
     }
-    let result = adm.admit(&charges).await;
+    let result = adm.admit(&mut charges).await;
     if let Some((k, limits)) = key {
         adm.note_key_headers(k, limits);
     }
@@ -318,7 +327,7 @@ pub async fn admit_model(
     if let Some((t, limits)) = team {
         limits.tokens(Scope::Team, t, tokens, c);
     }
-    let result = adm.admit(&charges).await.map_err(|mut r| {
+    let result = adm.admit(&mut charges).await.map_err(|mut r| {
         if r.scope == Scope::Model {
             r.model = Some(alias.name.clone());
         }
@@ -372,6 +381,7 @@ mod tests {
             dimension,
             limit,
             amount,
+            mark: 0,
         }
     }
 
@@ -386,7 +396,7 @@ mod tests {
         let mut passed = 0;
         let mut refused = None;
         for _ in 0..100 {
-            match Admission::new(b.clone()).admit(&[rpm(a, 60)]).await {
+            match Admission::new(b.clone()).admit(&mut [rpm(a, 60)]).await {
                 Ok(()) => passed += 1,
                 Err(r) => refused = Some(r),
             }
@@ -398,7 +408,7 @@ mod tests {
             (Scope::Key, Dimension::Rpm, 60)
         );
         assert!((1..=60).contains(&r.retry_after));
-        assert!(Admission::new(b).admit(&[rpm(other, 60)]).await.is_ok());
+        assert!(Admission::new(b).admit(&mut [rpm(other, 60)]).await.is_ok());
         assert_eq!(c.room(Scope::Key, a, Dimension::Rpm, 60).remaining, 0);
     }
 
@@ -406,9 +416,9 @@ mod tests {
     async fn a_refusal_rolls_back_what_earlier_charges_and_stages_counted() {
         let (c, b) = local();
         let mut adm = Admission::new(b);
-        adm.admit(&[rpm(1, 1000)]).await.unwrap();
+        adm.admit(&mut [rpm(1, 1000)]).await.unwrap();
         let closed = charge(Scope::Ip, 2, Dimension::Rpm, 0, 1);
-        let r = adm.admit(&[rpm(3, 1000), closed]).await.unwrap_err();
+        let r = adm.admit(&mut [rpm(3, 1000), closed]).await.unwrap_err();
         assert_eq!(r.scope, Scope::Ip);
         assert_eq!(c.room(Scope::Key, 1, Dimension::Rpm, 1000).remaining, 1000);
         assert_eq!(c.room(Scope::Key, 3, Dimension::Rpm, 1000).remaining, 1000);
@@ -420,12 +430,15 @@ mod tests {
         let slot = charge(Scope::Key, 7, Dimension::Concurrency, 2, 1);
         let mut one = Admission::new(b.clone());
         let mut two = Admission::new(b.clone());
-        one.admit(&[slot]).await.unwrap();
-        two.admit(&[slot]).await.unwrap();
-        let r = Admission::new(b.clone()).admit(&[slot]).await.unwrap_err();
+        one.admit(&mut [slot]).await.unwrap();
+        two.admit(&mut [slot]).await.unwrap();
+        let r = Admission::new(b.clone())
+            .admit(&mut [slot])
+            .await
+            .unwrap_err();
         assert_eq!(r.dimension, Dimension::Concurrency);
         drop(one);
-        assert!(Admission::new(b).admit(&[slot]).await.is_ok());
+        assert!(Admission::new(b).admit(&mut [slot]).await.is_ok());
     }
 
     #[test]
@@ -442,7 +455,7 @@ mod tests {
         let tpm = |n| charge(Scope::Key, 3, Dimension::Tpm, 1000, n);
         for huge in [u64::MAX, i64::MAX as u64, 1 << 40, 1001] {
             let r = Admission::new(b.clone())
-                .admit(&[tpm(huge)])
+                .admit(&mut [tpm(huge)])
                 .await
                 .unwrap_err();
             assert_eq!(r.dimension, Dimension::Tpm);
@@ -450,11 +463,14 @@ mod tests {
         assert_eq!(estimate_tokens(usize::MAX, Some(u64::MAX)), u64::MAX);
         // The window is untouched: 1000 tokens fit, one more does not.
         let mut adm = Admission::new(b.clone());
-        adm.admit(&[tpm(1000)]).await.unwrap();
-        assert!(Admission::new(b.clone()).admit(&[tpm(1)]).await.is_err());
+        adm.admit(&mut [tpm(1000)]).await.unwrap();
+        assert!(Admission::new(b.clone())
+            .admit(&mut [tpm(1)])
+            .await
+            .is_err());
         // Settling with an absurd reported usage saturates instead of wrapping negative.
         adm.settle_tokens(u64::MAX);
-        assert!(Admission::new(b).admit(&[tpm(1)]).await.is_err());
+        assert!(Admission::new(b).admit(&mut [tpm(1)]).await.is_err());
     }
 
     #[tokio::test]
@@ -462,14 +478,14 @@ mod tests {
         let (c, b) = local();
         let tpm = |n| charge(Scope::Key, 3, Dimension::Tpm, 1000, n);
         let mut adm = Admission::new(b.clone());
-        adm.admit(&[tpm(100)]).await.unwrap();
+        adm.admit(&mut [tpm(100)]).await.unwrap();
         adm.settle_tokens(900);
         assert_eq!(c.room(Scope::Key, 3, Dimension::Tpm, 1000).remaining, 100);
         let r = Admission::new(b.clone())
-            .admit(&[tpm(101)])
+            .admit(&mut [tpm(101)])
             .await
             .unwrap_err();
         assert_eq!(r.dimension, Dimension::Tpm);
-        assert!(Admission::new(b).admit(&[tpm(100)]).await.is_ok());
+        assert!(Admission::new(b).admit(&mut [tpm(100)]).await.is_ok());
     }
 }

@@ -39,6 +39,7 @@ pub struct Metrics {
     pub upstream_latency: GaugeVec,
     pub route_skips: IntCounterVec,
     pub cache_lookups: IntCounterVec,
+    pub limits_redis_errors: IntCounter,
     pub cache_entries: IntGauge,
     pub cache_bytes: IntGauge,
     pub cache_evictions: IntCounter,
@@ -101,6 +102,7 @@ fn build() -> prometheus::Result<Metrics> {
             "Requests for which targets were passed over before any attempt, by reason (context: the route's context window is too small; quota: the provider's rate-limit headers say it has no room until its reset).",
             &["reason"]
         )?,
+        limits_redis_errors: register_int_counter!("tollgate_limits_redis_errors_total", "Limit checks that could not reach the shared counters (Redis) and fell back to cluster.on_redis_error.")?,
         cache_lookups: register_int_counter_vec!(
             "tollgate_cache_lookups_total",
             "Requests of cached aliases by cache result (hit, miss, bypass).",

@@ -105,6 +105,9 @@ async fn answer(session: &mut Session, ctx: &mut RequestCtx, body: Bytes) -> Res
 
 /// Records a limit refusal and turns it into the client's 429.
 pub(super) fn refused(ctx: &mut RequestCtx, r: Refusal) -> GatewayError {
+    if r.unavailable {
+        return GatewayError::LimitsUnavailable;
+    }
     ctx.record.limited = Some(r.scope.as_str());
     GatewayError::RateLimited {
         message: r.message(),

@@ -25,6 +25,7 @@ use crate::observe::{self, Failure};
 use crate::respond;
 use crate::store::usage::UsageQueue;
 use crate::transport::pool::Connections;
+use crate::upstream::shared::SharedCooldowns;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora_core::modules::http::HttpModules;
@@ -47,6 +48,8 @@ pub struct Gateway {
     alerts: Option<Arc<Alerts>>,
     /// Stored answers of the aliases that cache.
     cache: Arc<dyn CacheBackend>,
+    /// Cooldowns shared with other instances (`cluster.redis`).
+    cooldowns: Option<Arc<SharedCooldowns>>,
 }
 
 /// What the gateway's shared state is made of, for [`Gateway::new`].
@@ -57,6 +60,7 @@ pub struct Shared {
     pub usage: Arc<UsageQueue>,
     pub alerts: Option<Arc<Alerts>>,
     pub cache: Arc<dyn CacheBackend>,
+    pub cooldowns: Option<Arc<SharedCooldowns>>,
 }
 
 impl Gateway {
@@ -69,6 +73,7 @@ impl Gateway {
             usage: shared.usage,
             alerts: shared.alerts,
             cache: shared.cache,
+            cooldowns: shared.cooldowns,
         }
     }
 }

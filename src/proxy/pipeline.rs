@@ -93,6 +93,7 @@ impl Gateway {
             wants_usage: facts.stream
                 && !facts.stream_options
                 && matches!(suffix, "/chat/completions" | "/completions"),
+            cooldowns: self.cooldowns.as_ref(),
         };
         let mut attempts = Vec::new();
         let attempts_started = Instant::now();

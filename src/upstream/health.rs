@@ -31,6 +31,18 @@ impl Reason {
         }
     }
 
+    /// The reason named by [`Reason::as_str`].
+    pub fn parse(s: &str) -> Option<Reason> {
+        [
+            Reason::Transient,
+            Reason::Quota,
+            Reason::Credentials,
+            Reason::Unreachable,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+
     fn from_u8(v: u8) -> Option<Reason> {
         match v {
             1 => Some(Reason::Transient),

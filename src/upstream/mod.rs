@@ -11,6 +11,7 @@ pub mod check;
 pub mod health;
 pub mod latency;
 pub mod quota;
+pub mod shared;
 
 use balance::{Fastest, LeastConn};
 

@@ -298,3 +298,60 @@ pub async fn scrape(gw: &Gateway) -> String {
         .await
         .unwrap()
 }
+
+/// A Redis server of the test's own, on a unix socket in a temporary directory.
+pub struct Redis {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+    pub url: String,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Self::start_in(tempfile::tempdir().unwrap())
+    }
+
+    /// Starts (again) on the socket of `dir`.
+    pub fn start_in(dir: tempfile::TempDir) -> Redis {
+        let sock = dir.path().join("redis.sock");
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", "0", "--unixsocket"])
+            .arg(&sock)
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (see scripts/bootstrap)");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Redis {
+            child,
+            url: format!("redis+unix://{}", sock.display()),
+            _dir: dir,
+        }
+    }
+}
+
+impl Redis {
+    /// Stops the server and keeps its directory, to start it again on the same socket.
+    pub fn stop(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(self._dir.path().join("redis.sock"));
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self._dir, dir)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,249 @@
+//! Cooldowns shared between instances through Redis (`cluster.redis`): a target that one
+//! instance saw out of quota, rate-limited or failing is skipped by all, for the same
+//! time, and `DELETE /admin/cooldowns` on any instance clears it on every one. Each
+//! cooldown is written as a key that expires with it (`tollgate:cooldown:NAME`, `SET
+//! ... PX`) and published on one channel; every instance subscribes and cools its own copy
+//! of the server (servers are matched by name, `upstream/server`, which the same config
+//! gives every instance). An instance that starts, or subscribes again after losing its
+//! connection (retried every second), first reads the keys, so it misses no cooldown
+//! still running. Nothing here waits on the request path.
+
+use super::health::Reason;
+use crate::config::Config;
+use arc_swap::ArcSwap;
+use futures_util::StreamExt;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::OnceCell;
+
+const CHANNEL: &str = "tollgate:cooldowns";
+const PREFIX: &str = "tollgate:cooldown:";
+const CALL_TIMEOUT: Duration = Duration::from_millis(250);
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+enum Event {
+    /// `server` cools for `ms` for `reason`.
+    Cool {
+        server: String,
+        ms: u64,
+        reason: String,
+    },
+    /// Every cooldown ends (`server: None`), or one server's.
+    Clear { server: Option<String> },
+}
+
+pub struct SharedCooldowns {
+    client: redis::Client,
+    conn: OnceCell<ConnectionManager>,
+}
+
+impl SharedCooldowns {
+    pub fn new(url: &str) -> Result<Self, String> {
+        Ok(SharedCooldowns {
+            client: redis::Client::open(url).map_err(|e| e.to_string())?,
+            conn: OnceCell::new(),
+        })
+    }
+
+    fn publish(self: &Arc<Self>, event: Event) {
+        let Ok(text) = serde_json::to_string(&event) else {
+            return;
+        };
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let connect = me
+                .conn
+                .get_or_try_init(|| ConnectionManager::new(me.client.clone()));
+            let Ok(Ok(conn)) = tokio::time::timeout(CALL_TIMEOUT * 4, connect).await else {
+                log::warn!("cooldowns: Redis unavailable; this cooldown stays on this instance");
+                return;
+            };
+            let mut conn = conn.clone();
+            let mut pipe = redis::pipe();
+            match &event {
+                Event::Cool { server, ms, .. } => {
+                    pipe.cmd("SET")
+                        .arg(format!("{PREFIX}{server}"))
+                        .arg(&text)
+                        .arg("PX")
+                        .arg((*ms).max(1))
+                        .ignore();
+                }
+                Event::Clear {
+                    server: Some(server),
+                } => {
+                    pipe.cmd("DEL").arg(format!("{PREFIX}{server}")).ignore();
+                }
+                Event::Clear { server: None } => {
+                    let keys = running(&mut conn).await;
+                    if !keys.is_empty() {
+                        pipe.cmd("DEL").arg(keys).ignore();
+                    }
+                }
+            }
+            pipe.cmd("PUBLISH").arg(CHANNEL).arg(&text).ignore();
+            if !matches!(
+                tokio::time::timeout(CALL_TIMEOUT, pipe.query_async::<()>(&mut conn)).await,
+                Ok(Ok(()))
+            ) {
+                log::warn!(
+                    "cooldowns: could not publish to Redis; this cooldown stays on this instance"
+                );
+            }
+        });
+    }
+
+    /// Tells every instance that `server` cools for `d`.
+    pub fn cool(self: &Arc<Self>, server: &str, d: Duration, reason: Reason) {
+        self.publish(Event::Cool {
+            server: server.to_string(),
+            ms: d.as_millis() as u64,
+            reason: reason.as_str().to_string(),
+        });
+    }
+
+    /// Tells every instance to end the cooldown of `server` (all with `None`).
+    pub fn clear(self: &Arc<Self>, server: Option<&str>) {
+        self.publish(Event::Clear {
+            server: server.map(str::to_string),
+        });
+    }
+
+    /// Applies what any instance shares, until `shutdown` turns true.
+    pub async fn listen(
+        &self,
+        config: Arc<ArcSwap<Config>>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            match self.client.get_async_pubsub().await {
+                Ok(mut pubsub) => {
+                    if pubsub.subscribe(CHANNEL).await.is_ok() {
+                        self.catch_up(&config).await;
+                        let mut messages = pubsub.on_message();
+                        loop {
+                            tokio::select! {
+                                _ = shutdown.changed() => return,
+                                m = messages.next() => match m {
+                                    Some(m) => {
+                                        let text: String = m.get_payload().unwrap_or_default();
+                                        if let Ok(event) = serde_json::from_str::<Event>(&text) {
+                                            apply(&config.load(), event);
+                                        }
+                                    }
+                                    None => break,
+                                },
+                            }
+                        }
+                    }
+                }
+                Err(e) => log::warn!("cooldowns: cannot subscribe on Redis ({e}); retrying"),
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+}
+
+impl SharedCooldowns {
+    /// Applies the cooldowns still running, each for the time it has left.
+    async fn catch_up(&self, config: &ArcSwap<Config>) {
+        let Ok(mut conn) = self.client.get_multiplexed_async_connection().await else {
+            return;
+        };
+        for key in running(&mut conn).await {
+            let (text, left): (Option<String>, i64) = redis::pipe()
+                .cmd("GET")
+                .arg(&key)
+                .cmd("PTTL")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or((None, -2));
+            let Some(Ok(Event::Cool { server, reason, .. })) =
+                text.map(|t| serde_json::from_str::<Event>(&t))
+            else {
+                continue;
+            };
+            if left > 0 {
+                let ms = left as u64;
+                apply(&config.load(), Event::Cool { server, ms, reason });
+            }
+        }
+    }
+}
+
+/// The keys of the cooldowns running now (SCAN, never KEYS: the Redis may hold much else).
+async fn running(conn: &mut impl redis::aio::ConnectionLike) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let Ok((next, page)): Result<(u64, Vec<String>), _> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{PREFIX}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+        else {
+            return keys;
+        };
+        keys.extend(page);
+        if next == 0 {
+            return keys;
+        }
+        cursor = next;
+    }
+}
+
+fn apply(config: &Config, event: Event) {
+    let now = crate::clock::monotonic_ms();
+    let servers = config.upstreams.values().flat_map(|u| u.servers.iter());
+    match event {
+        Event::Cool { server, ms, reason } => {
+            let reason = Reason::parse(&reason).unwrap_or(Reason::Transient);
+            for s in servers.filter(|s| s.name == server) {
+                s.state.health.cool(now, Duration::from_millis(ms), reason);
+            }
+        }
+        Event::Clear { server } => {
+            for s in servers.filter(|s| server.as_ref().is_none_or(|n| *n == s.name)) {
+                s.state.health.clear();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_read_back_as_written() {
+        for e in [
+            Event::Cool {
+                server: "u/h:1".into(),
+                ms: 7000,
+                reason: "quota".into(),
+            },
+            Event::Clear { server: None },
+        ] {
+            let text = serde_json::to_string(&e).unwrap();
+            assert_eq!(serde_json::from_str::<Event>(&text).unwrap(), e);
+        }
+        for r in [
+            Reason::Transient,
+            Reason::Quota,
+            Reason::Credentials,
+            Reason::Unreachable,
+        ] {
+            assert_eq!(Reason::parse(r.as_str()), Some(r));
+        }
+    }
+}
