@@ -17,8 +17,8 @@
 //! When Redis cannot be reached (a 250 ms timeout per call), `cluster.on_redis_error`
 //! decides: `local` counts in this process at `limit / cluster.expected_instances`
 //! (rounded up), `refuse` answers 503. Both are logged and counted; Redis is tried again
-//! on the next request. A rate already refused in its current window is refused again
-//! without a round trip until the window frees room.
+//! on the next request. A request rate already refused in its current window is refused
+//! again without a round trip until the window frees room.
 
 use super::backend::CounterBackend;
 use super::local::LocalCounters;
@@ -365,15 +365,20 @@ impl CounterBackend for RedisCounters {
                             held.insert(c.mark, key_name(c));
                         } else {
                             c.mark = out.get(i + 1).copied().unwrap_or(0);
-                            let count = out.get(n + i + 1).copied().unwrap_or(0);
-                            seen.insert(key_name(c), count);
+                            // Only the key scope's figures go in headers; keeping others
+                            // (one per client IP) would only grow the map.
+                            if c.scope == Scope::Key {
+                                let count = out.get(n + i + 1).copied().unwrap_or(0);
+                                seen.insert(key_name(c), count);
+                            }
                         }
                     }
                     return Ok(());
                 }
                 let c = charges.get(failed - 1).copied().unwrap_or(charges[0]);
                 let left = Duration::from_millis(out.get(1).copied().unwrap_or(1000));
-                if c.dimension != Dimension::Concurrency && c.amount <= c.limit {
+                // Only request counts: a token refusal says nothing about a smaller request.
+                if matches!(c.dimension, Dimension::Rps | Dimension::Rpm) {
                     let until = crate::clock::monotonic_ms() + left.as_millis() as u64;
                     Self::lock(&self.refused).insert(key_name(&c), until);
                 }
