@@ -2,7 +2,8 @@
 # CPU cost per request that does not depend on what else the machine is doing: the
 # user-space instructions the proxy process executes per request, counted by valgrind's
 # callgrind (the same binary and load give the same count to a few parts per million).
-# Tollgate (auth, rate limits, metrics and the access log on) and nginx (same setup as
+# Tollgate (auth, rate limits, metrics and the access log on; then with a stored key under
+# budgets; then with its limits shared through a Redis of its own) and nginx (same setup as
 # benches/load.sh) each proxy N non-streaming ~1 KB chat completions to the mock
 # upstream, after a warm-up whose counts are discarded. Kernel time (the TCP stack) is
 # not counted: benches/load.sh measures whole CPU time.
@@ -17,7 +18,7 @@ OUT=${OUT:-}
 
 # shellcheck source=benches/common.sh
 . benches/common.sh
-need_tools nginx:nginx hey:hey curl:curl valgrind:valgrind callgrind_control:valgrind
+need_tools nginx:nginx hey:hey curl:curl valgrind:valgrind callgrind_control:valgrind redis-server:redis-server
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 cargo build --release --quiet
 BIN=target/release/tollgate
@@ -104,6 +105,17 @@ admin -o /dev/null -d '{"name":"bench-team","budget":{"max_usd":1000000,"period"
 STORED=$(admin -d '{"name":"stored","team":"bench-team","limits":{"rpm":100000000},"budget":{"max_usd":1000000,"period":"daily"}}' \
   "http://127.0.0.1:$ADMIN/admin/keys" | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
 st=$(count stored "http://127.0.0.1:$TG/v1/chat/completions" $stored_pid "$STORED")
+# The config key again, its limits counted in a Redis of its own (cluster.redis, on a unix
+# socket): what sharing limits between instances costs the gateway (Redis's own work is
+# another process, not counted).
+for _ in $(seq 300); do curl -s -o /dev/null "http://127.0.0.1:$ADMIN/health" || break; sleep 0.1; done
+redis-server --port 0 --unixsocket "$work/redis.sock" --save "" --appendonly no --dir "$work" >/dev/null & pids+=($!)
+for _ in $(seq 100); do [ -S "$work/redis.sock" ] && break; sleep 0.1; done
+rm -f "$work"/tollgate.db*
+{ cat "$work/tollgate.yaml"; echo "cluster: {redis: \"redis+unix://$work/redis.sock\"}"; } > "$work/tollgate-shared.yaml"
+RUST_LOG=info valgrind --tool=callgrind --callgrind-out-file="$work/cg-shared.out" \
+  $BIN -c "$work/tollgate-shared.yaml" >/dev/null 2>"$work/vg-shared.err" &
+sh=$(count shared "http://127.0.0.1:$TG/v1/chat/completions" $!)
 valgrind --tool=callgrind --callgrind-out-file="$work/cg-nginx.out" \
   "$NGINX" -c "$work/nginx.conf" -p "$work" 2>"$work/vg-nginx.err" &
 ngx=$(count nginx "http://127.0.0.1:$NGX/v1/chat/completions" $!)
@@ -116,6 +128,10 @@ table=$(cat <<TABLE
 | Tollgate, user-space instructions per request | config key, no budget | stored key in a team, two enforced budgets, usage rows to SQLite | stored / config |
 |---|---|---|---|
 | same requests | $tg | $st | $(python3 -c "print(round($st/$tg, 3))") |
+
+| Tollgate, user-space instructions per request | config key, limits in process | the same limits shared through Redis (cluster.redis) | shared / in process |
+|---|---|---|---|
+| same requests | $tg | $sh | $(python3 -c "print(round($sh/$tg, 3))") |
 
 callgrind, $(valgrind --version); nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///'); $(date -u +%F).
 TABLE
