@@ -20,6 +20,7 @@ pub(crate) mod cache;
 pub mod cli;
 pub(crate) mod client_conn;
 pub mod clock;
+pub(crate) mod cluster;
 pub mod config;
 pub mod demo;
 pub(crate) mod error;

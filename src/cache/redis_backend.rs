@@ -7,18 +7,14 @@
 //! a miss (logged, at most every 10 s), never an error for the client.
 
 use super::{CacheBackend, Entry, Key};
+use crate::cluster::{SharedRedis, CALL_TIMEOUT};
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::OnceCell;
-
-/// The longest a cache call may take before it counts as a miss.
-const CALL_TIMEOUT: Duration = Duration::from_millis(250);
 
 pub struct RedisCache {
-    client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
+    redis: SharedRedis,
     last_warning: AtomicU64,
 }
 
@@ -26,32 +22,14 @@ impl RedisCache {
     /// `url`: `redis://[:PASSWORD@]HOST:PORT/DB` or `rediss://` for TLS. Nothing connects
     /// until the first call.
     pub fn new(url: &str) -> Result<Self, String> {
-        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
         Ok(RedisCache {
-            client,
-            conn: OnceCell::new(),
+            redis: SharedRedis::open(url)?,
             last_warning: AtomicU64::new(0),
         })
     }
 
     async fn conn(&self) -> Option<ConnectionManager> {
-        let made = tokio::time::timeout(
-            CALL_TIMEOUT * 4,
-            self.conn
-                .get_or_try_init(|| ConnectionManager::new(self.client.clone())),
-        )
-        .await;
-        match made {
-            Ok(Ok(c)) => Some(c.clone()),
-            Ok(Err(e)) => {
-                self.warn(&e.to_string());
-                None
-            }
-            Err(_) => {
-                self.warn("connect timed out");
-                None
-            }
-        }
+        self.redis.conn().await.map_err(|e| self.warn(&e)).ok()
     }
 
     fn warn(&self, what: &str) {

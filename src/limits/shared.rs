@@ -23,16 +23,12 @@
 use super::backend::CounterBackend;
 use super::local::LocalCounters;
 use super::{Charge, Dimension, Refusal, Room, Scope};
+use crate::cluster::{SharedRedis, CALL_TIMEOUT};
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
-use tokio::sync::OnceCell;
-
-/// The longest a limits call may take before Redis counts as unreachable.
-const CALL_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// A mark with this bit set: the charge was counted in the local fallback.
 const LOCAL: u64 = 1 << 63;
@@ -123,8 +119,7 @@ return 0
 "#;
 
 pub struct RedisCounters {
-    client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
+    redis: SharedRedis,
     reserve: redis::Script,
     adjust: redis::Script,
     heartbeat: redis::Script,
@@ -171,12 +166,11 @@ impl RedisCounters {
         instances: u64,
         slot_ttl: Duration,
     ) -> Result<Self, String> {
-        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+        let redis = SharedRedis::open(url)?;
         let seed = crate::clock::Clock::now_ms(&crate::clock::SystemClock) as u64
             ^ (u64::from(std::process::id()) << 32);
         Ok(RedisCounters {
-            client,
-            conn: OnceCell::new(),
+            redis,
             reserve: redis::Script::new(RESERVE),
             adjust: redis::Script::new(ADJUST),
             heartbeat: redis::Script::new(HEARTBEAT),
@@ -190,20 +184,6 @@ impl RedisCounters {
             next_slot: AtomicU64::new(seed & !LOCAL),
             last_warning: AtomicU64::new(0),
         })
-    }
-
-    async fn conn(&self) -> Result<ConnectionManager, String> {
-        let made = tokio::time::timeout(
-            CALL_TIMEOUT * 4,
-            self.conn
-                .get_or_try_init(|| ConnectionManager::new(self.client.clone())),
-        )
-        .await;
-        match made {
-            Ok(Ok(c)) => Ok(c.clone()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("connect timed out".into()),
-        }
     }
 
     fn unreachable(&self, what: &str) {
@@ -241,7 +221,7 @@ impl RedisCounters {
         &self,
         inv: &mut redis::ScriptInvocation<'_>,
     ) -> Result<T, String> {
-        let mut c = self.conn().await?;
+        let mut c = self.redis.conn().await?;
         match tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async::<T>(&mut c)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(e.to_string()),
@@ -275,8 +255,9 @@ impl RedisCounters {
 
     /// Spawns a call that need not be waited for (release, settle, undo).
     fn later(&self, keys: Vec<String>, args: Vec<String>, script: &'static str) {
-        let client = self.conn.get().cloned();
-        let Some(mut c) = client else { return };
+        let Some(mut c) = self.redis.made() else {
+            return;
+        };
         let script = match script {
             "adjust" => self.adjust.clone(),
             _ => return,
@@ -294,7 +275,7 @@ impl RedisCounters {
     }
 
     fn zrem_later(&self, key: String, id: u64) {
-        let Some(mut c) = self.conn.get().cloned() else {
+        let Some(mut c) = self.redis.made() else {
             return;
         };
         tokio::spawn(async move {

@@ -9,18 +9,16 @@
 //! still running. Nothing here waits on the request path.
 
 use super::health::Reason;
+use crate::cluster::{SharedRedis, CALL_TIMEOUT};
 use crate::config::Config;
 use arc_swap::ArcSwap;
 use futures_util::StreamExt;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::OnceCell;
 
 const CHANNEL: &str = "tollgate:cooldowns";
 const PREFIX: &str = "tollgate:cooldown:";
-const CALL_TIMEOUT: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "snake_case")]
@@ -36,15 +34,13 @@ enum Event {
 }
 
 pub struct SharedCooldowns {
-    client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
+    redis: SharedRedis,
 }
 
 impl SharedCooldowns {
     pub fn new(url: &str) -> Result<Self, String> {
         Ok(SharedCooldowns {
-            client: redis::Client::open(url).map_err(|e| e.to_string())?,
-            conn: OnceCell::new(),
+            redis: SharedRedis::open(url)?,
         })
     }
 
@@ -54,14 +50,10 @@ impl SharedCooldowns {
         };
         let me = Arc::clone(self);
         tokio::spawn(async move {
-            let connect = me
-                .conn
-                .get_or_try_init(|| ConnectionManager::new(me.client.clone()));
-            let Ok(Ok(conn)) = tokio::time::timeout(CALL_TIMEOUT * 4, connect).await else {
+            let Ok(mut conn) = me.redis.conn().await else {
                 log::warn!("cooldowns: Redis unavailable; this cooldown stays on this instance");
                 return;
             };
-            let mut conn = conn.clone();
             let mut pipe = redis::pipe();
             match &event {
                 Event::Cool { server, ms, .. } => {
@@ -119,7 +111,7 @@ impl SharedCooldowns {
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
         loop {
-            match self.client.get_async_pubsub().await {
+            match self.redis.client().get_async_pubsub().await {
                 Ok(mut pubsub) => {
                     if pubsub.subscribe(CHANNEL).await.is_ok() {
                         self.catch_up(&config).await;
@@ -153,7 +145,7 @@ impl SharedCooldowns {
 impl SharedCooldowns {
     /// Applies the cooldowns still running, each for the time it has left.
     async fn catch_up(&self, config: &ArcSwap<Config>) {
-        let Ok(mut conn) = self.client.get_multiplexed_async_connection().await else {
+        let Ok(mut conn) = self.redis.client().get_multiplexed_async_connection().await else {
             return;
         };
         for key in running(&mut conn).await {
