@@ -146,14 +146,10 @@ async fn without_redis_local_mode_serves_and_refuse_mode_answers_503_until_it_is
     );
     // Redis comes back on the same socket: shared counting resumes by itself.
     let _redis = Redis::start_in(dir);
-    let mut back = false;
-    for _ in 0..50 {
-        if status(&strict, false).await == 200 {
-            back = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let back = eventually_async(Duration::from_secs(5), || async {
+        status(&strict, false).await == 200
+    })
+    .await;
     assert!(back, "the refusing instance did not recover");
 }
 
@@ -249,14 +245,7 @@ async fn a_quota_answer_seen_by_one_instance_cools_the_target_on_all_and_a_clear
     assert_eq!((broke.hits(), spare.hits()), (1, 1));
     // Instances 2 and 3 learn it without asking the broke target themselves.
     for gw in &gws[1..] {
-        let mut learned = false;
-        for _ in 0..50 {
-            if cooling(gw).await {
-                learned = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let learned = eventually_async(Duration::from_secs(2), || cooling(gw)).await;
         assert!(learned, "the cooldown did not reach an instance");
         let r = client()
             .post(gw.url("/v1/chat/completions"))
@@ -270,14 +259,7 @@ async fn a_quota_answer_seen_by_one_instance_cools_the_target_on_all_and_a_clear
     assert_eq!((broke.hits(), spare.hits()), (1, 3));
     // An instance started later reads the cooldowns still running.
     let late = Gateway::start(&text);
-    let mut learned = false;
-    for _ in 0..100 {
-        if cooling(&late).await {
-            learned = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let learned = eventually_async(Duration::from_secs(3), || cooling(&late)).await;
     assert!(learned, "a new instance did not read the running cooldown");
     // DELETE /admin/cooldowns on instance 3 clears it on instance 1 too.
     let r = client()
@@ -286,13 +268,7 @@ async fn a_quota_answer_seen_by_one_instance_cools_the_target_on_all_and_a_clear
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let mut cleared = false;
-    for _ in 0..50 {
-        if !cooling(&gws[0]).await {
-            cleared = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let cleared =
+        eventually_async(Duration::from_secs(2), || async { !cooling(&gws[0]).await }).await;
     assert!(cleared, "the clear did not reach instance 1");
 }
