@@ -264,6 +264,18 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
             interval: flush_interval,
         },
     ));
+    if let Ok(crate::store::Location::Postgres(url)) =
+        crate::store::location(&config.load().store.url)
+    {
+        server.add_service(background_service(
+            "key changes",
+            crate::keys::follow::Follower {
+                directory: Arc::clone(&directory),
+                config: Arc::clone(&config),
+                url,
+            },
+        ));
+    }
     if let Some(shared) = cooldowns {
         server.add_service(background_service(
             "shared cooldowns",

@@ -619,7 +619,8 @@ async fn commit_key(
             before,
             after,
         )
-        .await
+        .await?;
+        keys::announce(&pool, &format!("key:{}", k.id)).await
     })
     .await
 }
@@ -644,7 +645,8 @@ async fn commit_team(
             before,
             after,
         )
-        .await
+        .await?;
+        keys::announce(&pool, &format!("team:{}", t.id)).await
     })
     .await
 }
@@ -954,7 +956,7 @@ async fn spend(dir: &Directory, query: &str) -> Answer {
     };
     let (from, to) = range(query)?;
     let sql = format!(
-        "SELECT {column} AS g, MAX(key_name) AS key_name, COUNT(*) AS requests, SUM(input_tokens) AS input, SUM(output_tokens) AS output, SUM(cached_tokens) AS cached, SUM(cost_micro_usd) AS cost
+        "SELECT {column} AS g, MAX(key_name) AS key_name, COUNT(*) AS requests, CAST(SUM(input_tokens) AS BIGINT) AS input, CAST(SUM(output_tokens) AS BIGINT) AS output, CAST(SUM(cached_tokens) AS BIGINT) AS cached, CAST(SUM(cost_micro_usd) AS BIGINT) AS cost
          FROM usage WHERE ts >= $1 AND ts < $2 GROUP BY {column} ORDER BY cost DESC, g"
     );
     let rows = dir

@@ -53,7 +53,8 @@ pub struct FileConfig {
 /// The database.
 #[derive(Debug, Deserialize, Clone)]
 pub struct StoreSection {
-    /// `sqlite:///path/to/file.db`. Default `sqlite:///var/lib/tollgate/tollgate.db`.
+    /// `sqlite:///path/to/file.db` (default `sqlite:///var/lib/tollgate/tollgate.db`) or
+    /// `postgres://user:password@host:port/database`, which several instances may share.
     #[serde(default = "default_store_url")]
     pub url: String,
     /// How often queued usage rows are written. Default 1s.
@@ -63,6 +64,10 @@ pub struct StoreSection {
     /// dropped and counted. Default 100000.
     #[serde(default = "default_queue_size")]
     pub queue_size: usize,
+    /// How often keys and teams are re-read in full from a PostgreSQL store, the safety
+    /// net under change notifications (which apply within a second). Default 30s.
+    #[serde(default = "default_refresh_interval")]
+    pub refresh_interval: Seconds,
 }
 
 /// The response cache.
@@ -163,6 +168,10 @@ fn default_store_url() -> String {
     DEFAULT_STORE_URL.to_string()
 }
 
+fn default_refresh_interval() -> Seconds {
+    Seconds(Duration::from_secs(30))
+}
+
 fn default_flush_interval() -> Seconds {
     Seconds(Duration::from_secs(1))
 }
@@ -176,6 +185,7 @@ impl Default for StoreSection {
         StoreSection {
             url: default_store_url(),
             flush_interval: default_flush_interval(),
+            refresh_interval: default_refresh_interval(),
             queue_size: default_queue_size(),
         }
     }

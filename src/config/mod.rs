@@ -960,6 +960,13 @@ fn check_pricing_and_log(file: &FileConfig, errors: &mut Vec<ConfigError>) {
             "must be longer than 0s and at most 1h".into(),
         );
     }
+    let refresh = file.store.refresh_interval.0;
+    if refresh < Duration::from_secs(1) || refresh > Duration::from_secs(86_400) {
+        err(
+            "store.refresh_interval".into(),
+            "must be from 1s to 24h".into(),
+        );
+    }
     if !(1..=10_000_000).contains(&file.store.queue_size) {
         err(
             "store.queue_size".into(),

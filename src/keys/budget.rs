@@ -277,6 +277,11 @@ impl Budget {
         s.reset_at = now;
     }
 
+    /// When spend last began to count (`reset_spend`).
+    pub fn reset_at(&self, now: i64) -> i64 {
+        self.lock(now).reset_at
+    }
+
     /// Where a spend sum must start: the later of the period's start and the last reset.
     pub fn counts_from(spec: &BudgetSpec, reset_at: i64, now: i64) -> i64 {
         spec.period.bounds(now).0.max(reset_at)

@@ -9,6 +9,7 @@
 
 pub mod alerts;
 pub mod budget;
+pub mod follow;
 pub mod reserve;
 
 use crate::clock::Clock;
@@ -313,6 +314,23 @@ pub async fn save_team(pool: &AnyPool, t: &TeamRecord) -> Result<(), StoreError>
     Ok(())
 }
 
+/// The PostgreSQL channel on which a change to keys or teams is announced to every
+/// instance sharing the database.
+pub const CHANGES: &str = "tollgate_keys";
+
+/// Tells the other instances that keys or teams changed (PostgreSQL `NOTIFY`; a SQLite
+/// store has no other instance to tell).
+pub async fn announce(pool: &AnyPool, what: &str) -> Result<(), StoreError> {
+    if crate::store::Dialect::of(pool) == crate::store::Dialect::Postgres {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANGES)
+            .bind(what.to_string())
+            .execute(pool)
+            .await?;
+    }
+    Ok(())
+}
+
 /// An audit row: who changed what, before and after (secrets and digests never).
 pub async fn audit(
     pool: &AnyPool,
@@ -376,7 +394,7 @@ pub async fn load(
         let pool = pool.clone();
         async move {
             let sql = format!(
-                "SELECT COALESCE(SUM(cost_micro_usd), 0) AS s FROM usage WHERE {column} = $1 AND ts >= $2"
+                "SELECT CAST(COALESCE(SUM(cost_micro_usd), 0) AS BIGINT) AS s FROM usage WHERE {column} = $1 AND ts >= $2"
             );
             let row = sqlx::query(&sql)
                 .bind(id)
@@ -474,6 +492,10 @@ impl Directory {
         if let Some(b) = budgets.get(&key) {
             if b.figures(now).spec != *spec {
                 b.respec(spec.clone(), now);
+            }
+            // A reset made through another instance.
+            if reset_at > b.reset_at(now) {
+                b.reset(reset_at);
             }
             return Arc::clone(b);
         }

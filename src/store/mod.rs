@@ -1,6 +1,6 @@
 //! The durable record: keys, teams, usage rows and the audit log, in an embedded SQLite
-//! database by default (`store.url`), through sqlx's driver-neutral pool so that
-//! PostgreSQL plugs in behind the same queries. The request path never waits on it: keys
+//! database by default (`store.url`), or in PostgreSQL when several instances share
+//! them, through sqlx's driver-neutral pool: the same queries and migrations for both. The request path never waits on it: keys
 //! and budgets are loaded into memory (see `keys`), usage rows are queued and written in
 //! batches in the background (see `usage`).
 //!
@@ -11,7 +11,7 @@ pub mod usage;
 
 use crate::secret::mask_userinfo;
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyConnection, AnyPool, Row};
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -139,25 +139,67 @@ fn runtime() -> Result<tokio::runtime::Handle, StoreError> {
 
 /// What a `store.url` names.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Location(pub std::path::PathBuf);
+pub enum Location {
+    /// An embedded SQLite file: one instance.
+    Sqlite(std::path::PathBuf),
+    /// A PostgreSQL database (the URL as written): one or several instances.
+    Postgres(String),
+}
 
-/// Parses `store.url`: `sqlite:///absolute/path.db` or `sqlite://relative/path.db`.
+/// The SQL dialect of a pool, for the few statements that differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    pub fn of(pool: &AnyPool) -> Dialect {
+        match pool.connect_options().database_url.scheme() {
+            "postgres" | "postgresql" => Dialect::Postgres,
+            _ => Dialect::Sqlite,
+        }
+    }
+}
+
+/// Parses `store.url`: `sqlite:///absolute/path.db`, `sqlite://relative/path.db`, or
+/// `postgres://user:password@host:port/database` (also `postgresql://`, and
+/// `?host=/socket/dir` for a unix socket).
 pub fn location(url: &str) -> Result<Location, StoreError> {
     if let Some(path) = url.strip_prefix("sqlite://") {
         let path = path.split('?').next().unwrap_or_default();
         if path.is_empty() {
             return Err(StoreError("store.url: sqlite:// needs a file path".into()));
         }
-        return Ok(Location(path.into()));
+        return Ok(Location::Sqlite(path.into()));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        url.parse::<sqlx::postgres::PgConnectOptions>()
+            .map_err(|e| StoreError(format!("store.url: {}", mask_userinfo(&e.to_string()))))?;
+        return Ok(Location::Postgres(url.to_string()));
     }
     Err(StoreError(format!(
-        "store.url: {} is not a supported database URL (sqlite:///path/to/file.db)",
+        "store.url: {} is not a supported database URL (sqlite:///path/to/file.db or postgres://user:password@host/database)",
         mask_userinfo(url)
     )))
 }
 
-fn connect_url(loc: &Location, mode: &str) -> String {
-    format!("sqlite://{}?mode={mode}", loc.0.display())
+impl Location {
+    /// What to connect to; `mode` (`rwc`, `rw`, `ro`) applies to SQLite.
+    fn connect_url(&self, mode: &str) -> String {
+        match self {
+            Location::Sqlite(path) => format!("sqlite://{}?mode={mode}", path.display()),
+            Location::Postgres(url) => url.clone(),
+        }
+    }
+
+    /// The URL with any password masked, for messages.
+    fn shown(&self) -> String {
+        match self {
+            Location::Sqlite(path) => path.display().to_string(),
+            Location::Postgres(url) => mask_userinfo(url),
+        }
+    }
 }
 
 fn pool_options() -> AnyPoolOptions {
@@ -167,28 +209,33 @@ fn pool_options() -> AnyPoolOptions {
         .acquire_timeout(Duration::from_secs(5))
 }
 
-/// Start-up: creates the file and its directory when missing, migrates the schema and
-/// runs `load` on the database, all on a throwaway runtime that is gone when this
-/// returns.
+/// Start-up: creates the file and its directory when missing (SQLite), migrates the
+/// schema and runs `load` on the database, all on a throwaway runtime that is gone when
+/// this returns.
 pub fn prepare<T, F>(url: &str, load: impl FnOnce(AnyPool) -> F) -> Result<T, StoreError>
 where
     F: Future<Output = Result<T, StoreError>>,
 {
     let loc = location(url)?;
-    if let Some(dir) = loc.0.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError(format!("store.url: cannot create {}: {e}", dir.display())))?;
+    if let Location::Sqlite(path) = &loc {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError(format!("store.url: cannot create {}: {e}", dir.display()))
+            })?;
+        }
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| StoreError(format!("cannot start a runtime: {e}")))?;
     rt.block_on(async {
-        let pool = pool_options().connect(&connect_url(&loc, "rwc")).await?;
-        // Readers do not block the writer, and a crash loses no committed row.
-        sqlx::query("PRAGMA journal_mode=WAL")
-            .execute(&pool)
-            .await?;
+        let pool = pool_options().connect(&loc.connect_url("rwc")).await?;
+        if let Location::Sqlite(_) = loc {
+            // Readers do not block the writer, and a crash loses no committed row.
+            sqlx::query("PRAGMA journal_mode=WAL")
+                .execute(&pool)
+                .await?;
+        }
         migrate(&pool).await?;
         let loaded = load(pool.clone()).await;
         pool.close().await;
@@ -211,36 +258,40 @@ impl Store {
                 let loc = location(&self.url)?;
                 let rt = runtime()?;
                 let _in_runtime = rt.enter();
-                // SQLite takes one writer at a time; one connection, kept open, also
-                // keeps the process's open files steady.
-                let pool = pool_options()
-                    .max_connections(1)
-                    .min_connections(1)
-                    .idle_timeout(None)
-                    .connect_lazy(&connect_url(&loc, "rw"))?;
+                let pool = match loc {
+                    // SQLite takes one writer at a time; one connection, kept open, also
+                    // keeps the process's open files steady.
+                    Location::Sqlite(_) => pool_options()
+                        .max_connections(1)
+                        .min_connections(1)
+                        .idle_timeout(None),
+                    Location::Postgres(_) => pool_options().min_connections(1),
+                }
+                .connect_lazy(&loc.connect_url("rw"))?;
                 Ok((pool, rt))
             })
             .clone()
     }
 
     /// `tollgate -t`: the store is reachable and its schema version is known, without
-    /// creating anything. A file not there yet is fine: it is created at start.
+    /// creating anything. A SQLite file not there yet is fine: it is created at start.
     pub fn check(url: &str) -> Result<String, StoreError> {
         let loc = location(url)?;
-        let path = &loc.0;
-        if !path.exists() {
-            let mut dir = path.parent().map(std::path::Path::to_path_buf);
-            while let Some(d) = dir
-                .as_ref()
-                .filter(|d| !d.as_os_str().is_empty() && !d.exists())
-            {
-                dir = d.parent().map(std::path::Path::to_path_buf);
+        if let Location::Sqlite(path) = &loc {
+            if !path.exists() {
+                let mut dir = path.parent().map(std::path::Path::to_path_buf);
+                while let Some(d) = dir
+                    .as_ref()
+                    .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+                {
+                    dir = d.parent().map(std::path::Path::to_path_buf);
+                }
+                return Ok(format!(
+                    "{} will be created at start (under {})",
+                    path.display(),
+                    dir.map_or_else(|| ".".into(), |d| d.display().to_string())
+                ));
             }
-            return Ok(format!(
-                "{} will be created at start (under {})",
-                path.display(),
-                dir.map_or_else(|| ".".into(), |d| d.display().to_string())
-            ));
         }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -249,19 +300,29 @@ impl Store {
         let version = rt.block_on(async {
             let pool = pool_options()
                 .max_connections(1)
-                .connect(&connect_url(&loc, "ro"))
+                .connect(&loc.connect_url("ro"))
                 .await?;
             let v = schema_version(&pool).await;
             pool.close().await;
             v
         })?;
+        let shown = loc.shown();
         if version > SCHEMA_VERSION {
             return Err(StoreError(format!(
-                "store.url: {} has schema version {version}, newer than this binary's {SCHEMA_VERSION}",
-                path.display()
+                "store.url: {shown} has schema version {version}, newer than this binary's {SCHEMA_VERSION}"
             )));
         }
-        Ok(format!("{} at schema version {version}", path.display()))
+        Ok(format!("{shown} at schema version {version}"))
+    }
+
+    /// Starts a task of the store's on its runtime (a listener); `None` when the runtime
+    /// cannot start.
+    pub fn spawn(
+        &self,
+        task: impl Future<Output = ()> + Send + 'static,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let (_, rt) = self.live().ok()?;
+        Some(rt.spawn(task))
     }
 
     /// Runs database work on the store's runtime and waits for it from any runtime.
@@ -313,35 +374,56 @@ fn block_on<T: Send + 'static>(
 }
 
 async fn schema_version(pool: &AnyPool) -> Result<i64, StoreError> {
-    let exists = sqlx::query(
-        "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name = 'tollgate_schema'",
-    )
-    .fetch_one(pool)
-    .await?
-    .try_get::<i64, _>("n")?;
+    let mut conn = pool.acquire().await?;
+    version_on(&mut conn, Dialect::of(pool)).await
+}
+
+/// The schema version, read on one connection (inside the migration's transaction).
+async fn version_on(conn: &mut AnyConnection, dialect: Dialect) -> Result<i64, StoreError> {
+    let exists = match dialect {
+        Dialect::Sqlite => "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name = 'tollgate_schema'",
+        Dialect::Postgres => "SELECT COUNT(*) AS n FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = 'tollgate_schema'",
+    };
+    let exists = sqlx::query(exists)
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get::<i64, _>("n")?;
     if exists == 0 {
         return Ok(0);
     }
     let row: AnyRow = sqlx::query("SELECT COALESCE(MAX(version), 0) AS v FROM tollgate_schema")
-        .fetch_one(pool)
+        .fetch_one(&mut *conn)
         .await?;
     Ok(row.try_get::<i64, _>("v")?)
 }
 
+/// Any key PostgreSQL's advisory locks take: the one migrations hold, so that instances
+/// starting together migrate one after the other.
+const MIGRATION_LOCK: i64 = 0x746f_6c6c_6761_7465;
+
 async fn migrate(pool: &AnyPool) -> Result<(), StoreError> {
+    let dialect = Dialect::of(pool);
+    // One transaction for the whole migration: on PostgreSQL it holds the advisory lock
+    // until it commits, and DDL is transactional, so a failed step leaves nothing behind.
+    let mut tx = pool.begin().await?;
+    if dialect == Dialect::Postgres {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *tx)
+            .await?;
+    }
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS tollgate_schema (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
     )
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
-    let current = schema_version(pool).await?;
+    let current = version_on(&mut tx, dialect).await?;
     if current > SCHEMA_VERSION {
         return Err(StoreError(format!(
             "the database has schema version {current}, newer than this binary's {SCHEMA_VERSION}; run a newer tollgate"
         )));
     }
     for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
-        let mut tx = pool.begin().await?;
         for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
             sqlx::query(statement).execute(&mut *tx).await?;
         }
@@ -350,9 +432,9 @@ async fn migrate(pool: &AnyPool) -> Result<(), StoreError> {
             .bind(crate::clock::Clock::now_ms(&crate::clock::SystemClock))
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
         log::info!("store: schema migrated to version {version}");
     }
+    tx.commit().await?;
     Ok(())
 }
 

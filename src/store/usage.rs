@@ -5,7 +5,7 @@
 //! counted (`tollgate_usage_rows_dropped_total`) and logged. A `kill -9` loses what is
 //! queued: at most one flush interval of rows.
 
-use super::{Store, StoreError};
+use super::{Dialect, Store, StoreError};
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
@@ -180,22 +180,38 @@ impl UsageQueue {
 const COLUMNS: &str = "request_id, ts, day, key_id, key_name, team_id, model, upstream, upstream_model, status, stream, input_tokens, output_tokens, cached_tokens, cost_micro_usd, priced, cache, saved_tokens, saved_micro_usd";
 
 /// Rows per multi-row INSERT. Every statement has a fixed text, so each is parsed once and
-/// then reused from the connection's statement cache; positional `?` parameters spare
-/// SQLite a lookup by name per parameter (with `$N` names that lookup is linear, and it
-/// cost more than writing the rows).
+/// then reused from the connection's statement cache; on SQLite, positional `?`
+/// parameters spare a lookup by name per parameter (with `$N` names that lookup is
+/// linear, and it cost more than writing the rows). PostgreSQL only takes `$N`.
 const BATCH: usize = 32;
+const FIELDS: usize = 19;
 
-fn insert_sql(rows: usize) -> String {
-    let one = format!("({})", vec!["?"; 19].join(","));
-    format!(
-        "INSERT INTO usage ({COLUMNS}) VALUES {}",
-        vec![one; rows].join(",")
-    )
+fn insert_sql(rows: usize, dialect: Dialect) -> String {
+    let values: Vec<String> = (0..rows)
+        .map(|r| {
+            let params: Vec<String> = (1..=FIELDS)
+                .map(|i| match dialect {
+                    Dialect::Sqlite => "?".to_string(),
+                    Dialect::Postgres => format!("${}", r * FIELDS + i),
+                })
+                .collect();
+            format!("({})", params.join(","))
+        })
+        .collect();
+    format!("INSERT INTO usage ({COLUMNS}) VALUES {}", values.join(","))
 }
 
 async fn insert(pool: &sqlx::AnyPool, rows: &[UsageRow]) -> Result<(), StoreError> {
-    static SQL: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
-    let (batch_sql, one_sql) = SQL.get_or_init(|| (insert_sql(BATCH), insert_sql(1)));
+    type Sql = std::sync::OnceLock<(String, String)>;
+    static SQLITE: Sql = std::sync::OnceLock::new();
+    static POSTGRES: Sql = std::sync::OnceLock::new();
+    let dialect = Dialect::of(pool);
+    let sql = match dialect {
+        Dialect::Sqlite => &SQLITE,
+        Dialect::Postgres => &POSTGRES,
+    };
+    let (batch_sql, one_sql) =
+        sql.get_or_init(|| (insert_sql(BATCH, dialect), insert_sql(1, dialect)));
     let mut tx = pool.begin().await?;
     let mut chunks = rows.chunks_exact(BATCH);
     for chunk in chunks.by_ref() {

@@ -371,3 +371,162 @@ impl Drop for Redis {
         let _ = self.child.wait();
     }
 }
+
+/// A PostgreSQL server of the test's own: a fresh cluster (`initdb`) in a temporary
+/// directory, listening only on a unix socket there, run as the unprivileged `postgres`
+/// user when the tests run as root, and stopped by pid.
+pub struct Postgres {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+    /// `postgres://tollgate@localhost/postgres?host=DIR&port=5432` (the socket in DIR).
+    pub url: String,
+}
+
+/// Where Debian keeps the server's programs (`/usr/lib/postgresql/VERSION/bin`), newest
+/// version first; else they are looked up on PATH.
+fn postgres_bin(program: &str) -> std::path::PathBuf {
+    let mut versions: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((v, e.path().join("bin").join(program)))
+        })
+        .filter(|(_, p)| p.exists())
+        .collect();
+    versions.sort();
+    versions.pop().map_or_else(|| program.into(), |(_, p)| p)
+}
+
+/// Whether this process runs as root (its effective uid, from /proc).
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("Uid:"))?.to_string();
+            Some(line.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A command run as the `postgres` user when this process is root (PostgreSQL refuses to
+/// run as root); `setpriv` executes it in place, so its pid is the server's.
+fn unprivileged(program: &str) -> std::process::Command {
+    let bin = postgres_bin(program);
+    if is_root() {
+        let mut c = std::process::Command::new("setpriv");
+        c.args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+            "--",
+        ])
+        .arg(bin);
+        c
+    } else {
+        std::process::Command::new(bin)
+    }
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        let dir = tempfile::tempdir().unwrap();
+        if is_root() {
+            let ok = std::process::Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(dir.path())
+                .status()
+                .expect("chown");
+            assert!(ok.success(), "chown postgres (see scripts/bootstrap)");
+        }
+        let data = dir.path().join("data");
+        let out = unprivileged("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "tollgate",
+                "--auth=trust",
+                "--no-locale",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ])
+            .output()
+            .expect("initdb (see scripts/bootstrap)");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let child = unprivileged("postgres")
+            .arg("-D")
+            .arg(&data)
+            .arg("-k")
+            .arg(dir.path())
+            .args([
+                "-c",
+                "listen_addresses=",
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=100",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("postgres (see scripts/bootstrap)");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = std::process::Command::new(postgres_bin("pg_isready"))
+                .arg("-q")
+                .arg("-h")
+                .arg(dir.path())
+                .args(["-p", "5432", "-U", "tollgate", "-d", "postgres"])
+                .status()
+                .is_ok_and(|s| s.success());
+            if ready {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "postgres did not start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Postgres {
+            child,
+            url: format!(
+                "postgres://tollgate@localhost/postgres?host={}&port=5432",
+                dir.path().display()
+            ),
+            _dir: dir,
+        }
+    }
+
+    /// Runs `sql` through psql and returns what it printed (unaligned, tuples only).
+    pub fn psql(&self, sql: &str) -> String {
+        let out = std::process::Command::new(postgres_bin("psql"))
+            .arg("-h")
+            .arg(self._dir.path())
+            .args([
+                "-p", "5432", "-U", "tollgate", "-d", "postgres", "-At", "-c", sql,
+            ])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,102 @@
+//! Keeps the directory in step with changes made through other instances sharing a
+//! PostgreSQL store. Every admin change is announced on the `tollgate_keys` channel
+//! (`NOTIFY`, sent with the change); each instance listens and re-reads keys and teams
+//! when one arrives, so a key created, changed, blocked or deleted anywhere applies
+//! everywhere within about a second. Notifications sent while the listening connection
+//! is down are lost, so a reconnect triggers a re-read too, and a full re-read every
+//! `store.refresh_interval` is the safety net.
+
+use super::{Directory, CHANGES};
+use crate::config::Config;
+use crate::secret::mask_userinfo;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+pub struct Follower {
+    pub directory: Arc<Directory>,
+    pub config: Arc<ArcSwap<Config>>,
+    /// The PostgreSQL URL (`store.url`).
+    pub url: String,
+}
+
+/// Signals `changed` on every notification, and once per reconnect.
+async fn listen(url: String, changed: mpsc::Sender<()>) {
+    let mut failing = false;
+    loop {
+        let listener = async {
+            let mut l = sqlx::postgres::PgListener::connect(&url).await?;
+            l.listen(CHANGES).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        match listener.await {
+            Ok(mut l) => {
+                if failing {
+                    log::info!("store: listening for key changes again");
+                }
+                // What was announced while not listening was lost: re-read.
+                let _ = changed.try_send(());
+                loop {
+                    match l.try_recv().await {
+                        // `None`: the connection dropped and will be made again.
+                        Ok(Some(_)) | Ok(None) => {
+                            if changed.try_send(()).is_err() && changed.is_closed() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            log::warn!(
+                                "store: key change notifications stopped ({}); retrying",
+                                mask_userinfo(&e.to_string())
+                            );
+                            failing = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    log::warn!(
+                        "store: cannot listen for key changes ({}); retrying every second, and keys are re-read every store.refresh_interval",
+                        mask_userinfo(&e.to_string())
+                    );
+                }
+                failing = true;
+            }
+        }
+        if changed.is_closed() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Follower {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        // A one-slot channel: changes arriving during a re-read make one more re-read.
+        let (tx, mut rx) = mpsc::channel(1);
+        let listening = self.directory.store.spawn(listen(self.url.clone(), tx));
+        loop {
+            let every = self.config.load().store.refresh_interval.0;
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = rx.recv() => {}
+                _ = tokio::time::sleep(every) => {}
+            }
+            let _one_at_a_time = self.directory.writes.lock().await;
+            let budgets = self.config.load().keys.budgets();
+            if let Err(e) = self.directory.refresh(budgets).await {
+                log::error!("store: cannot re-read keys and teams: {e}");
+            }
+        }
+        if let Some(task) = listening {
+            task.abort();
+        }
+    }
+}
