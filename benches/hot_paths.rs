@@ -76,14 +76,7 @@ fn selection(c: &mut Criterion) {
 fn limiter(c: &mut Criterion) {
     let counters: Arc<dyn CounterBackend> = Arc::new(LocalCounters::default());
     let key = key_hash("team-a");
-    let charge = |dimension, limit, amount| Charge {
-        scope: Scope::Key,
-        key,
-        dimension,
-        limit,
-        amount,
-        mark: 0,
-    };
+    let charge = |dimension, limit, amount| Charge::new(Scope::Key, key, dimension, limit, amount);
     let mut request = [charge(Dimension::Rpm, u64::MAX / 2, 1)];
     let mut model = [
         charge(Dimension::Concurrency, 1 << 40, 1),

@@ -137,3 +137,166 @@ async fn a_key_made_or_blocked_on_one_instance_applies_on_all_within_a_second() 
         );
     }
 }
+
+/// A team with a budget of `max_micro` and a key in it, made through `gws[0]` and known
+/// to all of `gws`; returns the key.
+async fn budgeted_key(gws: &[Gateway], max_micro: i64) -> String {
+    let budget = json!({"max_usd": max_micro as f64 / 1e6, "period": "daily"});
+    let (s, team) = admin(
+        &gws[0],
+        "POST",
+        "/admin/teams",
+        Some(json!({"name": "t", "budget": budget})),
+    )
+    .await;
+    assert_eq!(s, 201, "{team}");
+    let (s, v) = admin(
+        &gws[0],
+        "POST",
+        "/admin/keys",
+        Some(json!({"name": "k", "team": team["id"]})),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let path = format!("/admin/keys/{}", v["id"].as_str().unwrap());
+    for gw in gws {
+        let seen = eventually_async(Duration::from_secs(3), || async {
+            admin(gw, "GET", &path, None).await.0 == 200
+        })
+        .await;
+        assert!(seen, "the key did not reach every instance");
+    }
+    v["key"].as_str().unwrap().to_string()
+}
+
+/// One small chat request (its reservation is close to its cost: `max_tokens` 10).
+async fn spend_once(gw: &Gateway, key: &str) -> u16 {
+    let mut body = chat("m", false);
+    body["max_tokens"] = json!(10);
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let s = r.status().as_u16();
+    let _ = r.bytes().await;
+    s
+}
+
+/// 90 requests in turn over `gws` (30 ms apart, so each settles before the next): how
+/// many each instance got answered, and how many were refused with 402.
+async fn ninety(gws: &[Gateway], key: &str) -> (Vec<usize>, usize) {
+    let mut admitted = vec![0; gws.len()];
+    let mut refused = 0;
+    for i in 0..90 {
+        match spend_once(&gws[i % gws.len()], key).await {
+            200 => admitted[i % gws.len()] += 1,
+            402 => refused += 1,
+            s => panic!("status {s}"),
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    (admitted, refused)
+}
+
+const BUDGET_MICRO: i64 = 100;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_team_budget_shared_by_three_instances_admits_what_one_instance_would() {
+    let up = MockUpstream::start("u").await.unwrap();
+    // One instance on its own store: what the budget admits.
+    let alone = {
+        let gw = Gateway::start(&config_without_store(&up.url()));
+        let key = budgeted_key(std::slice::from_ref(&gw), BUDGET_MICRO).await;
+        let (admitted, refused) = ninety(std::slice::from_ref(&gw), &key).await;
+        assert_eq!(admitted[0] + refused, 90);
+        admitted[0]
+    };
+    assert!(alone > 3 && alone < 90, "one instance admitted {alone}");
+    let hits_alone = up.hits();
+
+    // Three instances sharing PostgreSQL and Redis admit the same, in turn.
+    let pg = Postgres::start();
+    let redis = Redis::start();
+    let text = config(&pg.url, Some(&redis.url), &up.url());
+    let gws = [
+        Gateway::start(&text),
+        Gateway::start(&text),
+        Gateway::start(&text),
+    ];
+    let key = budgeted_key(&gws, BUDGET_MICRO).await;
+    let (admitted, refused) = ninety(&gws, &key).await;
+    eprintln!("alone: {alone}; three instances: {admitted:?}");
+    assert_eq!(admitted.iter().sum::<usize>(), alone, "{admitted:?}");
+    assert_eq!(refused, 90 - alone);
+    assert!(admitted.iter().all(|&n| n >= alone / 3), "{admitted:?}");
+    assert_eq!(up.hits() - hits_alone, alone);
+    // The durable record: what was spent, never more than the budget.
+    let spent = || {
+        pg.psql("SELECT COALESCE(SUM(cost_micro_usd), 0) FROM usage WHERE status = 200")
+            .parse::<i64>()
+            .unwrap()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || pg
+            .psql("SELECT COUNT(*) FROM usage WHERE status = 200")
+            == alone.to_string())
+        .await
+    );
+    assert!(spent() > 0 && spent() <= BUDGET_MICRO, "spent {}", spent());
+
+    // Redis flushed: a new instance starts its counter from what PostgreSQL recorded, so
+    // the spent budget stays spent.
+    redis_cli(&redis, "FLUSHALL");
+    let fourth = Gateway::start(&text);
+    assert_eq!(spend_once(&fourth, &key).await, 402);
+    assert_eq!(up.hits() - hits_alone, alone);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_burst_over_three_instances_never_overspends_a_budget() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let pg = Postgres::start();
+    let redis = Redis::start();
+    let text = config(&pg.url, Some(&redis.url), &up.url());
+    let gws = [
+        Gateway::start(&text),
+        Gateway::start(&text),
+        Gateway::start(&text),
+    ];
+    let key = budgeted_key(&gws, BUDGET_MICRO).await;
+    let burst = (0..60).map(|i| spend_once(&gws[i % 3], &key));
+    let statuses = futures_util::future::join_all(burst).await;
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 402),
+        "{statuses:?}"
+    );
+    assert!(ok > 0 && ok < 60, "{ok} admitted");
+    let rows = || pg.psql("SELECT COUNT(*) FROM usage WHERE status = 200");
+    assert!(eventually(Duration::from_secs(5), || rows() == ok.to_string()).await);
+    let spent: i64 = pg
+        .psql("SELECT SUM(cost_micro_usd) FROM usage WHERE status = 200")
+        .parse()
+        .unwrap();
+    eprintln!("burst: {ok} of 60 admitted, {spent} of {BUDGET_MICRO} micro-USD spent");
+    assert!(spent <= BUDGET_MICRO, "spent {spent}");
+}
+
+fn config_without_store(upstream: &str) -> String {
+    format!(
+        "admin:\n  master_key: {MASTER}\nupstreams:\n  u:\n    servers: [{{url: \"{upstream}\"}}]\nmodels:\n  m:\n    routes: [{{upstream: u, model: gpt-4o-mini}}]\n"
+    )
+}
+
+fn redis_cli(redis: &Redis, command: &str) {
+    let sock = redis.url.trim_start_matches("redis+unix://");
+    let ok = std::process::Command::new("redis-cli")
+        .args(["-s", sock, command])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}

@@ -277,6 +277,47 @@ impl Budget {
         s.reset_at = now;
     }
 
+    /// This budget as a shared backend counts it: the counter's key (its owner, period
+    /// and last reset: a new period or a reset is a new counter), its limit (none for a
+    /// tracked budget), and the spend this instance knows of, to start a missing counter.
+    pub fn counter(&self, now: i64) -> (u64, u64, u64) {
+        let s = self.lock(now);
+        let from = Budget::counts_from(&s.spec, s.reset_at, now);
+        let name = format!("{}:{}@{from}", self.owner.scope, self.owner.id);
+        let max = crate::limits::MAX_SPEND;
+        let limit = match s.spec.mode {
+            Mode::Enforce => u64::try_from(s.spec.max_micro).unwrap_or(0).min(max),
+            Mode::Track => max,
+        };
+        let base = u64::try_from(s.spent).unwrap_or(0).min(max);
+        (crate::limits::key_hash(&name), limit, base)
+    }
+
+    /// Takes the spend a shared counter reported as this instance's figure. Alert
+    /// fractions it passed count as alerted: the instance whose request crossed them
+    /// sent those.
+    pub fn observe(&self, spent: i64, now: i64) {
+        let mut s = self.lock(now);
+        s.spent = spent;
+        s.alerted = s.alerted.max(crossed(&s.spec, spent));
+    }
+
+    /// The refusal of a reservation a shared counter found no room for.
+    pub fn refused(&self, spent: i64, now: i64) -> Exceeded {
+        let mut s = self.lock(now);
+        s.spent = spent;
+        let first = !s.refusal_alerted;
+        s.refusal_alerted = true;
+        Exceeded {
+            first,
+            owner: self.owner.clone(),
+            max_micro: s.spec.max_micro,
+            spent_micro: spent,
+            period: s.spec.period,
+            resets_at: s.spec.period.bounds(now).1,
+        }
+    }
+
     /// When spend last began to count (`reset_spend`).
     pub fn reset_at(&self, now: i64) -> i64 {
         self.lock(now).reset_at
@@ -374,6 +415,9 @@ fn crossed(spec: &BudgetSpec, spent: i64) -> usize {
 pub struct Hold {
     held: Vec<(Arc<dyn BudgetLedger>, i64)>,
     now: i64,
+    /// Reserved by a shared backend (the limits' admission holds it there): here the
+    /// budgets are only this instance's figures, settled for alerts.
+    mirrored: Option<i64>,
 }
 
 impl Hold {
@@ -386,6 +430,7 @@ impl Hold {
         let mut hold = Hold {
             held: Vec::with_capacity(budgets.len()),
             now,
+            mirrored: None,
         };
         for b in budgets {
             // On refusal `hold` drops and releases what was reserved before.
@@ -394,6 +439,20 @@ impl Hold {
             hold.held.push((ledger, reserved));
         }
         Ok(hold)
+    }
+
+    /// A hold on `budgets` whose `amount` a shared backend reserved: settling it counts
+    /// the cost in this instance's figures (and sends the alerts it crosses); dropping it
+    /// gives back nothing here.
+    pub fn mirror(budgets: &[Arc<Budget>], amount: i64, now: i64) -> Hold {
+        Hold {
+            held: budgets
+                .iter()
+                .map(|b| (Arc::clone(b) as Arc<dyn BudgetLedger>, 0))
+                .collect(),
+            now,
+            mirrored: Some(amount),
+        }
     }
 
     /// Replaces the reservations with the real cost.
@@ -407,7 +466,8 @@ impl Hold {
 
     /// The largest reservation held (what an unreported answer is charged).
     pub fn reserved(&self) -> i64 {
-        self.held.iter().map(|(_, r)| *r).max().unwrap_or(0)
+        self.mirrored
+            .unwrap_or_else(|| self.held.iter().map(|(_, r)| *r).max().unwrap_or(0))
     }
 }
 

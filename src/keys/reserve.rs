@@ -4,12 +4,14 @@
 //! and given back when the request ends without one (`budget::Hold`'s drop).
 
 use super::alerts::Alerts;
-use super::budget::{Exceeded, Hold};
+use super::budget::{Budget, Exceeded, Hold};
 use super::Directory;
 use crate::auth::Caller;
 use crate::config::Config;
 use crate::error::GatewayError;
+use crate::limits::{Charge, Dimension, Refusal, Scope};
 use crate::route::Alias;
+use std::sync::Arc;
 
 /// What a request asks for, as far as its cost goes.
 #[derive(Debug, Clone, Copy)]
@@ -22,35 +24,41 @@ pub struct Ask<'a> {
     pub max_tokens: Option<u64>,
 }
 
-/// Reserves the request's most possible cost against the key's and the team's
-/// budgets: the estimated input plus `max_tokens` (or `budgets.default_max_tokens`),
-/// at the dearest price among the routes it may take.
-pub fn reserve(
+/// The budgets a request is reserved against, and how much: the estimated input plus
+/// `max_tokens` (or `budgets.default_max_tokens`), at the dearest price among the routes
+/// it may take.
+pub struct Plan {
+    budgets: Vec<Arc<Budget>>,
+    amount: i64,
+    now: i64,
+}
+
+/// The key's and the team's budgets of a request and its most possible cost; `None` when
+/// no budget applies. An unpriced model is refused here when an enforced budget applies
+/// and `budgets.unpriced: refuse`.
+pub fn plan(
     keys: &Directory,
-    alerts: Option<&Alerts>,
     config: &Config,
     caller: &Caller,
     alias: &Alias,
     ask: &Ask<'_>,
-) -> Result<Option<Hold>, GatewayError> {
+) -> Result<Option<Plan>, GatewayError> {
     let Ask {
         client_model,
         body_len,
         max_tokens,
     } = *ask;
-    let config_budget;
     let mut budgets = Vec::with_capacity(2);
     match caller {
         Caller::Anonymous => {}
         Caller::Key(k) => {
             if let Some(spec) = &k.budget {
-                config_budget = keys.config_budget(&k.name, spec);
-                budgets.push(&config_budget);
+                budgets.push(keys.config_budget(&k.name, spec));
             }
         }
         Caller::Stored(k) => {
-            budgets.extend(k.budget.as_ref());
-            budgets.extend(k.team.as_ref().and_then(|t| t.budget.as_ref()));
+            budgets.extend(k.budget.clone());
+            budgets.extend(k.team.as_ref().and_then(|t| t.budget.clone()));
         }
     }
     if budgets.is_empty() {
@@ -71,18 +79,74 @@ pub fn reserve(
             0
         }
     };
-    match Hold::reserve(&budgets, amount, now) {
-        Ok(hold) => Ok(Some(hold)),
-        Err(e) => {
-            if let Some(m) = crate::observe::metrics::get() {
-                m.budget_refusals.with_label_values(&[e.owner.scope]).inc();
-            }
-            if let Some(a) = alerts.filter(|_| e.first) {
-                a.refused(&e);
-            }
-            Err(budget_exceeded(&e))
-        }
+    Ok(Some(Plan {
+        budgets,
+        amount,
+        now,
+    }))
+}
+
+impl Plan {
+    /// Reserves against the budgets in this process, all or none.
+    pub fn hold(&self, alerts: Option<&Alerts>) -> Result<Hold, GatewayError> {
+        let budgets: Vec<&Arc<Budget>> = self.budgets.iter().collect();
+        Hold::reserve(&budgets, self.amount, self.now).map_err(|e| refusal(alerts, &e))
     }
+
+    /// The reservations as charges for a shared counter backend, which checks and counts
+    /// them with the request's limits.
+    pub fn charges(&self) -> Vec<Charge> {
+        let amount = u64::try_from(self.amount).unwrap_or(0);
+        self.budgets
+            .iter()
+            .map(|b| {
+                let (key, limit, base) = b.counter(self.now);
+                let scope = if b.owner.scope == "team" {
+                    Scope::Team
+                } else {
+                    Scope::Key
+                };
+                Charge {
+                    base,
+                    ..Charge::new(scope, key, Dimension::Spend, limit, amount)
+                }
+            })
+            .collect()
+    }
+
+    /// After the shared backend reserved: each budget takes the spend it reported, and the
+    /// hold settles this instance's figures (and alerts) when the request ends.
+    pub fn mirrored(&self, reserved: &[&Charge]) -> Hold {
+        for (b, c) in self.budgets.iter().zip(reserved) {
+            b.observe(i64::try_from(c.base).unwrap_or(i64::MAX), self.now);
+        }
+        Hold::mirror(&self.budgets, self.amount, self.now)
+    }
+
+    /// The 402 of a reservation the shared backend refused.
+    pub fn refused(&self, r: &Refusal, alerts: Option<&Alerts>) -> GatewayError {
+        let scope = if r.scope == Scope::Team {
+            "team"
+        } else {
+            "key"
+        };
+        let Some(b) = self.budgets.iter().find(|b| b.owner.scope == scope) else {
+            return GatewayError::LimitsUnavailable;
+        };
+        let e = b.refused(i64::try_from(r.spent).unwrap_or(i64::MAX), self.now);
+        refusal(alerts, &e)
+    }
+}
+
+/// Counts and alerts a budget refusal and makes its 402.
+fn refusal(alerts: Option<&Alerts>, e: &Exceeded) -> GatewayError {
+    if let Some(m) = crate::observe::metrics::get() {
+        m.budget_refusals.with_label_values(&[e.owner.scope]).inc();
+    }
+    if let Some(a) = alerts.filter(|_| e.first) {
+        a.refused(e);
+    }
+    budget_exceeded(e)
 }
 
 /// The 402 of a budget with no room.

@@ -9,8 +9,10 @@ use async_trait::async_trait;
 /// Where rate windows and in-flight counts are kept.
 ///
 /// A request reaches the backend at most twice (before its body is read, and once it is
-/// in), each time with every charge of that stage, so that a shared backend can check
-/// and count them in one round trip.
+/// in), each time with every charge of that stage; a backend that [`defers`] gets both
+/// stages in one call, so a shared backend checks and counts a request in one round trip.
+///
+/// [`defers`]: CounterBackend::defers
 #[async_trait]
 pub trait CounterBackend: Send + Sync {
     /// Checks every charge against its limit and, only when all of them fit, counts them
@@ -18,12 +20,11 @@ pub trait CounterBackend: Send + Sync {
     /// did not fit.
     async fn reserve(&self, charges: &mut [Charge]) -> Result<(), Refusal>;
 
-    /// Replaces the estimate a `Tpm` charge counted by the tokens the request really used.
-    fn settle(&self, charge: &Charge, actual: u64);
-
-    /// Gives back the in-flight slots among `charges` (`Concurrency` charges). Called on
-    /// every path a request ends by, from `Admission`'s drop.
-    fn release(&self, charges: &[Charge]);
+    /// The request ended (by any path; called from `Admission`'s drop): gives back its
+    /// in-flight slots and budget reservations, and counts what it really used
+    /// (`settled`) in place of the estimates of its `Tpm` and `Spend` charges. A shared
+    /// backend does all of it in one call that nothing waits for.
+    fn finish(&self, charges: &[Charge]);
 
     /// Takes back everything `charges` counted, slots and rates alike: a request refused at
     /// a later stage counts nowhere.
@@ -31,4 +32,22 @@ pub trait CounterBackend: Send + Sync {
 
     /// What is left of a rate limit of one scope's key, for the `x-ratelimit-*` headers.
     fn room(&self, scope: Scope, key: u64, dimension: Dimension, limit: u64) -> Room;
+
+    /// Whether stage one's charges should wait and go with stage two's, so that a
+    /// request costs one call (a shared backend: one round trip).
+    fn defers(&self) -> bool {
+        false
+    }
+
+    /// A refusal known without counting anything (a rate already refused in its
+    /// current window).
+    fn known_refusal(&self, _charges: &[Charge]) -> Option<Refusal> {
+        None
+    }
+
+    /// Whether budgets are counted here (`Spend` charges) rather than by the in-process
+    /// ledger of `keys::budget`.
+    fn counts_spend(&self) -> bool {
+        false
+    }
 }

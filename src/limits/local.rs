@@ -34,7 +34,7 @@ impl ScopeCounters {
         match d {
             Dimension::Rps => &self.rps,
             Dimension::Tpm => &self.tpm,
-            Dimension::Rpm | Dimension::Concurrency => &self.rpm,
+            Dimension::Rpm | Dimension::Concurrency | Dimension::Spend => &self.rpm,
         }
     }
 }
@@ -78,6 +78,10 @@ impl LocalCounters {
     /// Counts one charge, or refuses it without counting.
     fn take(&self, c: &Charge) -> Result<(), Refusal> {
         let counters = self.of(c.scope);
+        if c.dimension == Dimension::Spend {
+            // Budgets in one process are counted by `keys::budget`.
+            return Ok(());
+        }
         if c.dimension == Dimension::Concurrency {
             let now = counters.in_flight.incr(c.key, 1);
             if now > count(c.limit) {
@@ -116,17 +120,17 @@ impl CounterBackend for LocalCounters {
         Ok(())
     }
 
-    fn settle(&self, c: &Charge, actual: u64) {
-        let delta = count(actual).saturating_sub(count(c.amount));
-        if delta != 0 {
-            self.of(c.scope).tpm.observe(&c.key, delta);
-        }
-    }
-
-    fn release(&self, charges: &[Charge]) {
+    fn finish(&self, charges: &[Charge]) {
         for c in charges {
-            if c.dimension == Dimension::Concurrency {
-                self.of(c.scope).in_flight.decr(c.key, 1);
+            match (c.dimension, c.settled) {
+                (Dimension::Concurrency, _) => self.of(c.scope).in_flight.decr(c.key, 1),
+                (Dimension::Tpm, Some(actual)) => {
+                    let delta = count(actual).saturating_sub(count(c.amount));
+                    if delta != 0 {
+                        self.of(c.scope).tpm.observe(&c.key, delta);
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -136,6 +140,7 @@ impl CounterBackend for LocalCounters {
             let counters = self.of(c.scope);
             match c.dimension {
                 Dimension::Concurrency => counters.in_flight.decr(c.key, 1),
+                Dimension::Spend => {}
                 d => {
                     counters.rate(d).observe(&c.key, -count(c.amount));
                 }

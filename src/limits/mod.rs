@@ -73,6 +73,9 @@ pub enum Dimension {
     Rpm,
     Tpm,
     Concurrency,
+    /// A budget's spend in micro-USD (counted by a shared backend only; in one process
+    /// budgets are counted by `keys::budget`).
+    Spend,
 }
 
 impl Dimension {
@@ -82,6 +85,7 @@ impl Dimension {
             Dimension::Rpm => format!("{limit} requests per minute"),
             Dimension::Tpm => format!("{limit} tokens per minute"),
             Dimension::Concurrency => format!("{limit} requests in flight"),
+            Dimension::Spend => crate::pricing::dollars(i64::try_from(limit).unwrap_or(i64::MAX)),
         }
     }
 }
@@ -98,6 +102,8 @@ pub struct Refusal {
     pub model: Option<String>,
     /// The shared counters could not be reached (`cluster.on_redis_error: refuse`): 503.
     pub unavailable: bool,
+    /// For a budget (`Spend`): what its owner has spent in the period, micro-USD.
+    pub spent: u64,
 }
 
 impl Refusal {
@@ -131,9 +137,28 @@ pub struct Charge {
     /// The backend's note of what it counted (a shared backend's slot id or window), for
     /// settling, releasing or undoing exactly that; 0 until reserved.
     pub mark: u64,
+    /// For `Spend`: what a shared backend starts a missing counter at (the spend this
+    /// instance knows of, read from the store at start), so a flushed Redis does not
+    /// forget what was spent.
+    pub base: u64,
+    /// What the request really used, in place of `amount`, once known (`Tpm`, `Spend`).
+    pub settled: Option<u64>,
 }
 
 impl Charge {
+    pub fn new(scope: Scope, key: u64, dimension: Dimension, limit: u64, amount: u64) -> Charge {
+        Charge {
+            scope,
+            key,
+            dimension,
+            limit,
+            amount,
+            mark: 0,
+            base: 0,
+            settled: None,
+        }
+    }
+
     /// The refusal of this charge, with the time until its window frees room.
     pub fn refusal(&self, left: Duration) -> Refusal {
         Refusal {
@@ -143,6 +168,7 @@ impl Charge {
             retry_after: crate::error::retry_after_secs(left),
             model: None,
             unavailable: false,
+            spent: 0,
         }
     }
 }
@@ -173,23 +199,18 @@ fn push(
     amount: u64,
 ) {
     if let Some(limit) = limit {
-        out.push(Charge {
-            scope,
-            key,
-            dimension,
-            limit,
-            amount,
-            mark: 0,
-        });
+        out.push(Charge::new(scope, key, dimension, limit, amount));
     }
 }
 
-/// What one request holds against the limits: its in-flight slots (given back when the
-/// admission drops, so by any path the request ends) and its token estimates (settled
-/// with real usage).
+/// What one request holds against the limits: its in-flight slots, token estimates and
+/// (with a shared backend) budget reservations, settled with what it used and given back
+/// in one call when the admission drops, so by any path the request ends.
 #[derive(Default)]
 pub struct Admission {
     backend: Option<Arc<dyn CounterBackend>>,
+    /// Stage one's charges, when the backend checks them with stage two's.
+    deferred: Vec<Charge>,
     held: Vec<Charge>,
     pub key_headers: Option<KeyHeaders>,
 }
@@ -198,16 +219,26 @@ impl Admission {
     pub fn new(backend: Arc<dyn CounterBackend>) -> Self {
         Admission {
             backend: Some(backend),
+            deferred: Vec::new(),
             held: Vec::new(),
             key_headers: None,
         }
     }
 
-    /// Checks and counts `charges` all-or-nothing. A refusal also takes back what earlier
-    /// stages of this request counted: a refused request counts nowhere.
+    /// Checks and counts `charges` (with any deferred from stage one) all-or-nothing. A
+    /// refusal also takes back what earlier stages of this request counted: a refused
+    /// request counts nowhere.
     pub async fn admit(&mut self, charges: &mut [Charge]) -> Result<(), Refusal> {
         let Some(backend) = &self.backend else {
             return Ok(());
+        };
+        let mut all;
+        let charges = if self.deferred.is_empty() {
+            charges
+        } else {
+            all = std::mem::take(&mut self.deferred);
+            all.extend_from_slice(charges);
+            &mut all[..]
         };
         if charges.is_empty() {
             return Ok(());
@@ -225,16 +256,50 @@ impl Admission {
         }
     }
 
-    /// Replaces every token estimate by the tokens the request used.
-    pub fn settle_tokens(&mut self, actual: u64) {
-        let Some(backend) = &self.backend else { return };
-        self.held.retain(|c| {
-            if c.dimension == Dimension::Tpm {
-                backend.settle(c, actual);
-                return false;
+    /// Stage one: checked now, or (when the backend says so) sent with stage two, so a
+    /// shared backend answers a request in one round trip. A refusal it already knows is
+    /// answered at once either way.
+    pub async fn admit_early(&mut self, charges: &mut [Charge]) -> Result<(), Refusal> {
+        match &self.backend {
+            Some(b) if b.defers() => {
+                if let Some(r) = b.known_refusal(charges) {
+                    return Err(r);
+                }
+                self.deferred.extend_from_slice(charges);
+                Ok(())
             }
-            true
-        });
+            _ => self.admit(charges).await,
+        }
+    }
+
+    /// Notes the tokens the request used, in place of every token estimate.
+    pub fn settle_tokens(&mut self, actual: u64) {
+        self.settle(Dimension::Tpm, actual);
+    }
+
+    /// Notes what the request cost, in place of every budget reservation.
+    pub fn settle_spend(&mut self, cost_micro: u64) {
+        self.settle(Dimension::Spend, cost_micro);
+    }
+
+    fn settle(&mut self, dimension: Dimension, actual: u64) {
+        for c in self.held.iter_mut().filter(|c| c.dimension == dimension) {
+            c.settled = Some(actual);
+        }
+    }
+
+    /// Whether the backend counts budgets (a shared backend).
+    pub fn counts_spend(&self) -> bool {
+        self.backend.as_ref().is_some_and(|b| b.counts_spend())
+    }
+
+    /// The budget reservations a shared backend holds, in the order they were given, each
+    /// with the spend it reported in `base` (none while it is unreachable and counting
+    /// falls back to this process).
+    pub fn spend_held(&self) -> impl Iterator<Item = &Charge> {
+        self.held
+            .iter()
+            .filter(|c| c.dimension == Dimension::Spend && c.mark & COUNTED_HERE == 0)
     }
 
     /// The key scope's rooms, for the `x-ratelimit-*` headers.
@@ -252,12 +317,12 @@ impl Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         if let Some(backend) = &self.backend {
-            if self
-                .held
-                .iter()
-                .any(|c| c.dimension == Dimension::Concurrency)
-            {
-                backend.release(&self.held);
+            let ends = |c: &Charge| {
+                matches!(c.dimension, Dimension::Concurrency | Dimension::Spend)
+                    || c.settled.is_some()
+            };
+            if self.held.iter().any(ends) {
+                backend.finish(&self.held);
             }
         }
     }
@@ -285,7 +350,7 @@ pub async fn admit_request(
     if let Some((team, limits)) = caller.team_limits() {
         limits.requests(Scope::Team, team, &mut charges);
     }
-    let result = adm.admit(&mut charges).await;
+    let result = adm.admit_early(&mut charges).await;
     if let Some((k, limits)) = key {
         adm.note_key_headers(k, limits);
     }
@@ -293,7 +358,8 @@ pub async fn admit_request(
 }
 
 /// Stage two, once the body is in: the model's request rates, then the in-flight slot of
-/// every scope, then the token estimate of every scope.
+/// every scope, then the token estimate of every scope, then `budgets` (the budget
+/// reservations a shared backend counts; none otherwise).
 pub async fn admit_model(
     adm: &mut Admission,
     config: &Config,
@@ -301,6 +367,7 @@ pub async fn admit_model(
     client_ip: &str,
     alias: &Alias,
     tokens: u64,
+    budgets: &[Charge],
 ) -> Result<(), Refusal> {
     let (global, per_ip) = (&config.limits.global, &config.limits.per_ip);
     let (model, ip) = (key_hash(&alias.name), key_hash(client_ip));
@@ -327,6 +394,7 @@ pub async fn admit_model(
     if let Some((t, limits)) = team {
         limits.tokens(Scope::Team, t, tokens, c);
     }
+    charges.extend_from_slice(budgets);
     let result = adm.admit(&mut charges).await.map_err(|mut r| {
         if r.scope == Scope::Model {
             r.model = Some(alias.name.clone());
@@ -359,6 +427,14 @@ pub fn estimate_tokens(body_len: usize, max_tokens: Option<u64>) -> u64 {
 /// counter (about 10^12): far above any real rate, far below where a sum of them wraps.
 pub const MAX_COUNT: u64 = 1 << 40;
 
+/// A charge's mark with this bit set: a shared backend could not be reached and counted
+/// it in this process.
+pub(crate) const COUNTED_HERE: u64 = 1 << 63;
+
+/// The largest budget figure a shared counter holds, micro-USD (2^53, where Lua's numbers
+/// stop being exact integers; about $9 billion).
+pub const MAX_SPEND: u64 = 1 << 53;
+
 /// A number of requests or tokens as a counter increment, capped at [`MAX_COUNT`].
 pub(crate) fn count(n: u64) -> isize {
     isize::try_from(n.min(MAX_COUNT)).unwrap_or(isize::MAX)
@@ -375,14 +451,7 @@ mod tests {
     }
 
     fn charge(scope: Scope, key: u64, dimension: Dimension, limit: u64, amount: u64) -> Charge {
-        Charge {
-            scope,
-            key,
-            dimension,
-            limit,
-            amount,
-            mark: 0,
-        }
+        Charge::new(scope, key, dimension, limit, amount)
     }
 
     fn rpm(key: u64, limit: u64) -> Charge {
@@ -470,6 +539,7 @@ mod tests {
             .is_err());
         // Settling with an absurd reported usage saturates instead of wrapping negative.
         adm.settle_tokens(u64::MAX);
+        drop(adm);
         assert!(Admission::new(b).admit(&mut [tpm(1)]).await.is_err());
     }
 
@@ -480,6 +550,9 @@ mod tests {
         let mut adm = Admission::new(b.clone());
         adm.admit(&mut [tpm(100)]).await.unwrap();
         adm.settle_tokens(900);
+        // Counted when the request ends.
+        assert_eq!(c.room(Scope::Key, 3, Dimension::Tpm, 1000).remaining, 900);
+        drop(adm);
         assert_eq!(c.room(Scope::Key, 3, Dimension::Tpm, 1000).remaining, 100);
         let r = Admission::new(b.clone())
             .admit(&mut [tpm(101)])

@@ -31,7 +31,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 /// A mark with this bit set: the charge was counted in the local fallback.
-const LOCAL: u64 = 1 << 63;
+const LOCAL: u64 = super::COUNTED_HERE;
 
 /// What to do while Redis cannot be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
@@ -44,14 +44,21 @@ pub enum OnRedisError {
     Refuse,
 }
 
-/// Checks every charge, then counts all of them or none. ARGV: now-independent numbers
-/// per charge, five each: kind (`r` rate, `c` slot), limit, amount, window (ms) or slot
-/// TTL (ms), slot id. Returns `{0, mark..., estimate...}` (a rate's mark is its window,
-/// its estimate the count it now holds) or `{failed index, retry after ms}`.
+/// Checks every charge, then counts all of them or none. ARGV: six per charge: kind (`r`
+/// rate, `c` slot, `s` budget), limit, amount, window (ms) or slot and reservation TTL
+/// (ms), slot or reservation id, and a budget's base (its spend if the counter is
+/// missing). Returns `{0, mark..., figure...}` (a rate's mark is its window and its figure
+/// the count it now holds; a budget's figure is its spend before this request) or
+/// `{failed index, retry after ms, spend}`.
+///
+/// A budget is one hash: `s`, what was spent in the period, and a field `r:ID` =
+/// `AMOUNT:EXPIRES` per reservation in flight. Expired reservations (their instance died)
+/// are dropped when read.
 const RESERVE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = #KEYS
+local W = 6
 local function window(key, win)
   local h = redis.call('HMGET', key, 'w', 'c', 'p')
   local w = math.floor(now / win)
@@ -62,28 +69,61 @@ local function window(key, win)
   end
   return w, c, p
 end
+local function spend(key)
+  local h = redis.call('HGETALL', key)
+  local spent, held = nil, 0
+  for j = 1, #h, 2 do
+    if h[j] == 's' then
+      spent = tonumber(h[j + 1])
+    else
+      local amount, expires = string.match(h[j + 1], '^(%d+):(%d+)$')
+      if amount == nil or tonumber(expires) <= now then
+        redis.call('HDEL', key, h[j])
+      else
+        held = held + tonumber(amount)
+      end
+    end
+  end
+  return spent, held
+end
+local spent = {}
 for i = 1, n do
-  local b = (i - 1) * 5
+  local b = (i - 1) * W
   local kind, limit, amount, span = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
   if kind == 'c' then
     redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
-    if redis.call('ZCARD', KEYS[i]) + 1 > limit then return {i, 1000} end
+    if redis.call('ZCARD', KEYS[i]) + 1 > limit then return {i, 1000, 0} end
+  elseif kind == 's' then
+    local s, held = spend(KEYS[i])
+    spent[i] = s
+    if s == nil then s = tonumber(ARGV[b + 6]) end
+    if s + held + amount > limit then return {i, 0, s} end
   else
     local left = span - (now % span)
-    if amount > limit then return {i, left} end
+    if amount > limit then return {i, left, 0} end
     local w, c, p = window(KEYS[i], span)
     local frac = (now % span) / span
-    if p * (1 - frac) + c + amount > limit then return {i, left} end
+    if p * (1 - frac) + c + amount > limit then return {i, left, 0} end
   end
 end
 local out = {0}
 for i = 1, n do
-  local b = (i - 1) * 5
+  local b = (i - 1) * W
   local kind, amount, span, id = ARGV[b + 1], tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]), ARGV[b + 5]
   if kind == 'c' then
     redis.call('ZADD', KEYS[i], now + span, id)
     redis.call('PEXPIRE', KEYS[i], span * 2)
     out[i + 1] = 0
+    out[n + i + 1] = 0
+  elseif kind == 's' then
+    if spent[i] == nil then
+      redis.call('HSET', KEYS[i], 's', ARGV[b + 6])
+      spent[i] = tonumber(ARGV[b + 6])
+    end
+    redis.call('HSET', KEYS[i], 'r:' .. id, ARGV[b + 3] .. ':' .. string.format('%d', now + span))
+    redis.call('PEXPIRE', KEYS[i], BUDGET_TTL)
+    out[i + 1] = 0
+    out[n + i + 1] = spent[i]
   else
     local w, c, p = window(KEYS[i], span)
     redis.call('HSET', KEYS[i], 'w', w, 'c', c + amount, 'p', p)
@@ -96,32 +136,67 @@ end
 return out
 "#;
 
-/// Adds ARGV[2] to a rate's count when its window is still ARGV[1] (settling or undoing
-/// a charge in the window it was counted in; later windows are left alone).
-const ADJUST: &str = r#"
-if redis.call('HGET', KEYS[1], 'w') == ARGV[1] then
-  local c = tonumber(redis.call('HGET', KEYS[1], 'c')) + tonumber(ARGV[2])
-  if c < 0 then c = 0 end
-  redis.call('HSET', KEYS[1], 'c', c)
+/// How long a budget's counter outlives its last use (longer than any period: a new
+/// period or a reset is a new counter, and the old one expires).
+const BUDGET_TTL_MS: u64 = 35 * 24 * 3600 * 1000;
+
+/// Ends a request, or takes back a refused one, in one call. ARGV: four per key: kind and
+/// three numbers. `t` (a rate): window, delta: adds delta to the count when the window is
+/// still that one. `c` (a slot): id: gives it back. `s` (a budget): id, cost (empty when
+/// nothing is to be charged), base: drops the reservation and adds the cost to the spend.
+const FINISH: &str = r#"
+for i = 1, #KEYS do
+  local b = (i - 1) * 4
+  local kind, x, y, z = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
+  if kind == 't' then
+    if redis.call('HGET', KEYS[i], 'w') == x then
+      local c = tonumber(redis.call('HGET', KEYS[i], 'c')) + tonumber(y)
+      if c < 0 then c = 0 end
+      redis.call('HSET', KEYS[i], 'c', c)
+    end
+  elseif kind == 'c' then
+    redis.call('ZREM', KEYS[i], x)
+  else
+    redis.call('HDEL', KEYS[i], 'r:' .. x)
+    if y ~= '' then
+      if redis.call('HEXISTS', KEYS[i], 's') == 0 then redis.call('HSET', KEYS[i], 's', z) end
+      redis.call('HINCRBY', KEYS[i], 's', y)
+      redis.call('PEXPIRE', KEYS[i], BUDGET_TTL)
+    end
+  end
 end
 return 0
 "#;
 
-/// Pushes the expiry of the slots named in ARGV (after the TTL in ARGV[1]) forward,
-/// when they are still held.
+/// Pushes the expiry of the slots and budget reservations named in ARGV (after the TTL in
+/// ARGV[1]) forward, when they are still held.
 const HEARTBEAT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local until_ = string.format('%d', now + tonumber(ARGV[1]))
 for i = 1, #KEYS do
-  redis.call('ZADD', KEYS[i], 'XX', now + tonumber(ARGV[1]), ARGV[i + 1])
+  local id = ARGV[i + 1]
+  if redis.call('TYPE', KEYS[i]).ok == 'hash' then
+    local v = redis.call('HGET', KEYS[i], 'r:' .. id)
+    if v then
+      redis.call('HSET', KEYS[i], 'r:' .. id, string.match(v, '^(%d+):') .. ':' .. until_)
+    end
+  else
+    redis.call('ZADD', KEYS[i], 'XX', until_, id)
+  end
 end
 return 0
 "#;
+
+/// A script with its constants filled in.
+fn script(text: &str) -> redis::Script {
+    redis::Script::new(&text.replace("BUDGET_TTL", &BUDGET_TTL_MS.to_string()))
+}
 
 pub struct RedisCounters {
     redis: SharedRedis,
     reserve: redis::Script,
-    adjust: redis::Script,
+    finish: redis::Script,
     heartbeat: redis::Script,
     fallback: LocalCounters,
     on_error: OnRedisError,
@@ -143,6 +218,7 @@ fn key_name(c: &Charge) -> String {
         Dimension::Rpm => "rpm",
         Dimension::Tpm => "tpm",
         Dimension::Concurrency => "slots",
+        Dimension::Spend => "spend",
     };
     format!(
         "tollgate:{{tollgate-limits}}:{}:{:016x}:{dim}",
@@ -171,9 +247,9 @@ impl RedisCounters {
             ^ (u64::from(std::process::id()) << 32);
         Ok(RedisCounters {
             redis,
-            reserve: redis::Script::new(RESERVE),
-            adjust: redis::Script::new(ADJUST),
-            heartbeat: redis::Script::new(HEARTBEAT),
+            reserve: script(RESERVE),
+            finish: script(FINISH),
+            heartbeat: script(HEARTBEAT),
             fallback: LocalCounters::default(),
             on_error,
             instances: instances.max(1),
@@ -253,35 +329,71 @@ impl RedisCounters {
         Ok(())
     }
 
-    /// Spawns a call that need not be waited for (release, settle, undo).
-    fn later(&self, keys: Vec<String>, args: Vec<String>, script: &'static str) {
+    /// Spawns one FINISH call (nothing waits for it) with `items`: a key and its four
+    /// arguments each.
+    fn finish_later(&self, items: Vec<(String, [String; 4])>) {
+        if items.is_empty() {
+            return;
+        }
         let Some(mut c) = self.redis.made() else {
             return;
         };
-        let script = match script {
-            "adjust" => self.adjust.clone(),
-            _ => return,
-        };
+        let script = self.finish.clone();
         tokio::spawn(async move {
             let mut inv = script.prepare_invoke();
-            for k in &keys {
-                inv.key(k);
-            }
-            for a in &args {
-                inv.arg(a);
+            for (key, args) in &items {
+                inv.key(key);
+                for a in args {
+                    inv.arg(a);
+                }
             }
             let _ = tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async::<()>(&mut c)).await;
         });
     }
 
-    fn zrem_later(&self, key: String, id: u64) {
-        let Some(mut c) = self.redis.made() else {
-            return;
-        };
-        tokio::spawn(async move {
-            let cmd = redis::cmd("ZREM").arg(key).arg(id).clone();
-            let _ = tokio::time::timeout(CALL_TIMEOUT, cmd.query_async::<()>(&mut c)).await;
-        });
+    /// The FINISH items of `charges`: each slot and budget reservation given back, and
+    /// each settled amount counted in place of its estimate (`undo`: every rate taken back
+    /// whole, and no cost charged).
+    fn finish_items(&self, charges: &[Charge], undo: bool) -> Vec<(String, [String; 4])> {
+        let mut items = Vec::new();
+        let mut held = Self::lock(&self.held);
+        for c in charges.iter().filter(|c| c.mark & LOCAL == 0) {
+            let cap = |n: u64| i128::from(n.min(super::MAX_COUNT));
+            let args = match c.dimension {
+                Dimension::Concurrency => {
+                    held.remove(&c.mark);
+                    ["c".into(), c.mark.to_string(), String::new(), String::new()]
+                }
+                Dimension::Spend => {
+                    held.remove(&c.mark);
+                    let cost = c.settled.filter(|_| !undo).map(|v| v.min(super::MAX_SPEND));
+                    [
+                        "s".into(),
+                        c.mark.to_string(),
+                        cost.map_or_else(String::new, |v| v.to_string()),
+                        c.base.to_string(),
+                    ]
+                }
+                _ => {
+                    let delta = match (undo, c.settled) {
+                        (true, _) => -cap(c.amount),
+                        (false, Some(actual)) => cap(actual) - cap(c.amount),
+                        (false, None) => 0,
+                    };
+                    if delta == 0 {
+                        continue;
+                    }
+                    [
+                        "t".into(),
+                        c.mark.to_string(),
+                        delta.to_string(),
+                        String::new(),
+                    ]
+                }
+            };
+            items.push((key_name(c), args));
+        }
+        items
     }
 
     /// Pushes the expiry of every slot held by this process forward (run every third of
@@ -321,18 +433,30 @@ impl CounterBackend for RedisCounters {
         let slot_ttl = self.slot_ttl.as_millis() as u64;
         for c in charges.iter_mut() {
             inv.key(key_name(c));
-            let (kind, span, id) = if c.dimension == Dimension::Concurrency {
-                let id = self.next_slot.fetch_add(1, Ordering::Relaxed) & !LOCAL;
-                c.mark = id;
-                ("c", slot_ttl, id)
+            let (kind, span, id) = match c.dimension {
+                Dimension::Concurrency | Dimension::Spend => {
+                    let id = self.next_slot.fetch_add(1, Ordering::Relaxed) & !LOCAL;
+                    c.mark = id;
+                    let kind = if c.dimension == Dimension::Spend {
+                        "s"
+                    } else {
+                        "c"
+                    };
+                    (kind, slot_ttl, id)
+                }
+                d => ("r", window_ms(d), 0),
+            };
+            let cap = if c.dimension == Dimension::Spend {
+                super::MAX_SPEND
             } else {
-                ("r", window_ms(c.dimension), 0)
+                super::MAX_COUNT
             };
             inv.arg(kind)
-                .arg(c.limit)
-                .arg(c.amount.min(super::MAX_COUNT))
+                .arg(c.limit.min(cap))
+                .arg(c.amount.min(cap))
                 .arg(span)
-                .arg(id);
+                .arg(id)
+                .arg(c.base.min(cap));
         }
         match self.run::<Vec<u64>>(&mut inv).await {
             Ok(out) => {
@@ -342,15 +466,23 @@ impl CounterBackend for RedisCounters {
                     let mut held = Self::lock(&self.held);
                     let mut seen = Self::lock(&self.seen);
                     for (i, c) in charges.iter_mut().enumerate() {
-                        if c.dimension == Dimension::Concurrency {
-                            held.insert(c.mark, key_name(c));
-                        } else {
-                            c.mark = out.get(i + 1).copied().unwrap_or(0);
-                            // Only the key scope's figures go in headers; keeping others
-                            // (one per client IP) would only grow the map.
-                            if c.scope == Scope::Key {
-                                let count = out.get(n + i + 1).copied().unwrap_or(0);
-                                seen.insert(key_name(c), count);
+                        let figure = out.get(n + i + 1).copied().unwrap_or(0);
+                        match c.dimension {
+                            Dimension::Concurrency => {
+                                held.insert(c.mark, key_name(c));
+                            }
+                            Dimension::Spend => {
+                                held.insert(c.mark, key_name(c));
+                                // What the budget had spent, for this instance's figures.
+                                c.base = figure;
+                            }
+                            _ => {
+                                c.mark = out.get(i + 1).copied().unwrap_or(0);
+                                // Only the key scope's figures go in headers; keeping others
+                                // (one per client IP) would only grow the map.
+                                if c.scope == Scope::Key {
+                                    seen.insert(key_name(c), figure);
+                                }
                             }
                         }
                     }
@@ -363,7 +495,9 @@ impl CounterBackend for RedisCounters {
                     let until = crate::clock::monotonic_ms() + left.as_millis() as u64;
                     Self::lock(&self.refused).insert(key_name(&c), until);
                 }
-                Err(c.refusal(left))
+                let mut r = c.refusal(left);
+                r.spent = out.get(2).copied().unwrap_or(0);
+                Err(r)
             }
             Err(e) => {
                 self.unreachable(&e);
@@ -379,68 +513,51 @@ impl CounterBackend for RedisCounters {
         }
     }
 
-    fn settle(&self, c: &Charge, actual: u64) {
-        if c.mark & LOCAL != 0 {
-            let scaled = Charge {
+    fn finish(&self, charges: &[Charge]) {
+        let local: Vec<Charge> = charges
+            .iter()
+            .filter(|c| c.mark & LOCAL != 0)
+            .map(|c| Charge {
                 limit: c.limit.div_ceil(self.instances),
                 ..*c
-            };
-            return self.fallback.settle(&scaled, actual);
+            })
+            .collect();
+        if !local.is_empty() {
+            self.fallback.finish(&local);
         }
-        let delta =
-            i128::from(actual.min(super::MAX_COUNT)) - i128::from(c.amount.min(super::MAX_COUNT));
-        if delta != 0 {
-            self.later(
-                vec![key_name(c)],
-                vec![c.mark.to_string(), delta.to_string()],
-                "adjust",
-            );
-        }
-    }
-
-    fn release(&self, charges: &[Charge]) {
-        for c in charges
-            .iter()
-            .filter(|c| c.dimension == Dimension::Concurrency)
-        {
-            if c.mark & LOCAL != 0 {
-                self.fallback.release(std::slice::from_ref(c));
-                continue;
-            }
-            Self::lock(&self.held).remove(&c.mark);
-            self.zrem_later(key_name(c), c.mark);
-        }
+        let items = self.finish_items(charges, false);
+        self.finish_later(items);
     }
 
     fn undo(&self, charges: &[Charge]) {
-        for c in charges {
-            if c.mark & LOCAL != 0 {
-                self.fallback.undo(std::slice::from_ref(c));
-            } else if c.dimension == Dimension::Concurrency {
-                Self::lock(&self.held).remove(&c.mark);
-                self.zrem_later(key_name(c), c.mark);
-            } else {
-                let amount = c.amount.min(super::MAX_COUNT);
-                self.later(
-                    vec![key_name(c)],
-                    vec![c.mark.to_string(), format!("-{amount}")],
-                    "adjust",
-                );
-            }
+        let local: Vec<Charge> = charges
+            .iter()
+            .filter(|c| c.mark & LOCAL != 0)
+            .copied()
+            .collect();
+        if !local.is_empty() {
+            self.fallback.undo(&local);
         }
+        let items = self.finish_items(charges, true);
+        self.finish_later(items);
+    }
+
+    fn defers(&self) -> bool {
+        true
+    }
+
+    fn known_refusal(&self, charges: &[Charge]) -> Option<Refusal> {
+        RedisCounters::known_refusal(self, charges)
+    }
+
+    fn counts_spend(&self) -> bool {
+        true
     }
 
     fn room(&self, scope: Scope, key: u64, dimension: Dimension, limit: u64) -> Room {
         // The shared count as of this process's last charge of that key (asking again
         // would cost a round trip); the reset is the window's end on this process's clock.
-        let probe = Charge {
-            scope,
-            key,
-            dimension,
-            limit,
-            amount: 0,
-            mark: 0,
-        };
+        let probe = Charge::new(scope, key, dimension, limit, 0);
         let count = Self::lock(&self.seen)
             .get(&key_name(&probe))
             .copied()

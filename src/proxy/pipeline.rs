@@ -54,22 +54,54 @@ impl Gateway {
             // A hit counts toward request rates and concurrency, not tokens or budgets.
             let ip = &ctx.record.client_ip;
             let admitted =
-                limits::admit_model(&mut ctx.admission, config, caller, ip, alias, 0).await;
+                limits::admit_model(&mut ctx.admission, config, caller, ip, alias, 0, &[]).await;
             admitted.map_err(|r| refused(ctx, r))?;
             return self.answer_hit(session, ctx, entry).await;
         }
         let estimate = limits::estimate_tokens(body.len(), facts.max_tokens);
-        let ip = &ctx.record.client_ip;
-        let admitted =
-            limits::admit_model(&mut ctx.admission, config, caller, ip, alias, estimate).await;
-        admitted.map_err(|r| refused(ctx, r))?;
         let ask = Ask {
             client_model: &facts.model,
             body_len: body.len(),
             max_tokens: facts.max_tokens,
         };
+        let budgets = reserve::plan(&self.keys, config, caller, alias, &ask)?;
+        // A shared counter backend checks budgets with the limits, in the same call.
+        let shared = budgets.as_ref().filter(|_| ctx.admission.counts_spend());
+        let spend = shared.map(|p| p.charges()).unwrap_or_default();
+        let ip = &ctx.record.client_ip;
+        let admitted = limits::admit_model(
+            &mut ctx.admission,
+            config,
+            caller,
+            ip,
+            alias,
+            estimate,
+            &spend,
+        )
+        .await;
         let alerts = self.alerts.as_deref();
-        ctx.hold = reserve::reserve(&self.keys, alerts, config, caller, alias, &ask)?;
+        if let Err(r) = admitted {
+            return Err(match shared {
+                Some(p) if r.dimension == limits::Dimension::Spend && !r.unavailable => {
+                    p.refused(&r, alerts)
+                }
+                _ => refused(ctx, r),
+            }
+            .into());
+        }
+        let shared = shared.is_some();
+        ctx.hold = match &budgets {
+            None => None,
+            Some(p) => {
+                let reserved: Vec<&limits::Charge> = ctx.admission.spend_held().collect();
+                if shared && !reserved.is_empty() {
+                    Some(p.mirrored(&reserved))
+                } else {
+                    // In this process (also while a shared backend is unreachable).
+                    Some(p.hold(alerts)?)
+                }
+            }
+        };
 
         let req = session.req_header();
         let forwarded_for = forward::forwarded_for(req, ctx.peer);
@@ -178,6 +210,8 @@ impl Gateway {
                 }
                 _ => 0,
             };
+            // A shared backend's budget counters, in its call at the request's end.
+            ctx.admission.settle_spend(u64::try_from(cost).unwrap_or(0));
             let alerts = hold.settle(cost, self.keys.now());
             if let Some(a) = &self.alerts {
                 for alert in alerts {
