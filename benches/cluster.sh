@@ -19,8 +19,11 @@ CONNS=${CONNS:-16}
 # shellcheck source=benches/common.sh
 . benches/common.sh
 need_tools hey:hey curl:curl redis-server:redis-server redis-cli:redis-tools
-cargo build --release --quiet
-BIN=target/release/tollgate
+# BIN=path/to/tollgate measures another build (an earlier commit's, for before and after).
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --quiet
+  BIN=target/release/tollgate
+fi
 
 with_workdir
 

@@ -5,7 +5,7 @@
 //! - A rate (`rps`, `rpm`, `tpm`) is one hash per scope key and dimension holding the
 //!   current fixed window's index and count and the previous window's count; the
 //!   estimate is the same sliding one as in-process (`previous x (1 - elapsed fraction) +
-//!   current`). Each hash expires two windows after its last use.
+//!   current`). Each hash expires two windows after the start of the last window it was used in.
 //! - A concurrency limit is one sorted set per scope key of the requests holding a slot,
 //!   scored by when the slot expires (`cluster.slot_ttl`). Slots are released when the
 //!   request ends, by any path; while it lasts, a heartbeat pushes the expiry forward
@@ -67,7 +67,7 @@ local function window(key, win)
     if sw == w - 1 then p = c else p = 0 end
     c = 0
   end
-  return w, c, p
+  return w, c, p, sw ~= w
 end
 local function spend(key)
   local h = redis.call('HGETALL', key)
@@ -86,7 +86,7 @@ local function spend(key)
   end
   return spent, held
 end
-local spent = {}
+local spent, windows = {}, {}
 for i = 1, n do
   local b = (i - 1) * W
   local kind, limit, amount, span = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
@@ -101,7 +101,8 @@ for i = 1, n do
   else
     local left = span - (now % span)
     if amount > limit then return {i, left, 0} end
-    local w, c, p = window(KEYS[i], span)
+    local w, c, p, rolled = window(KEYS[i], span)
+    windows[i] = {w, c, p, rolled}
     local frac = (now % span) / span
     if p * (1 - frac) + c + amount > limit then return {i, left, 0} end
   end
@@ -112,22 +113,25 @@ for i = 1, n do
   local kind, amount, span, id = ARGV[b + 1], tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]), ARGV[b + 5]
   if kind == 'c' then
     redis.call('ZADD', KEYS[i], now + span, id)
-    redis.call('PEXPIRE', KEYS[i], span * 2)
+    -- Writes cost the most in a script: the expiry is pushed only when it is near.
+    if redis.call('PTTL', KEYS[i]) < span then redis.call('PEXPIRE', KEYS[i], span * 2) end
     out[i + 1] = 0
     out[n + i + 1] = 0
   elseif kind == 's' then
     if spent[i] == nil then
       redis.call('HSET', KEYS[i], 's', ARGV[b + 6])
+      redis.call('PEXPIRE', KEYS[i], BUDGET_TTL)
       spent[i] = tonumber(ARGV[b + 6])
     end
     redis.call('HSET', KEYS[i], 'r:' .. id, ARGV[b + 3] .. ':' .. string.format('%d', now + span))
-    redis.call('PEXPIRE', KEYS[i], BUDGET_TTL)
     out[i + 1] = 0
     out[n + i + 1] = spent[i]
   else
-    local w, c, p = window(KEYS[i], span)
+    local w, c, p, rolled = unpack(windows[i])
     redis.call('HSET', KEYS[i], 'w', w, 'c', c + amount, 'p', p)
-    redis.call('PEXPIRE', KEYS[i], span * 2)
+    -- Two windows from the start of the window in use: a use in the next one rolls the
+    -- window and pushes it again.
+    if rolled then redis.call('PEXPIRE', KEYS[i], span * 2) end
     out[i + 1] = w
     local frac = (now % span) / span
     out[n + i + 1] = math.ceil(p * (1 - frac) + c + amount)
@@ -159,7 +163,7 @@ for i = 1, #KEYS do
   else
     redis.call('HDEL', KEYS[i], 'r:' .. x)
     if y ~= '' then
-      if redis.call('HEXISTS', KEYS[i], 's') == 0 then redis.call('HSET', KEYS[i], 's', z) end
+      redis.call('HSETNX', KEYS[i], 's', z)
       redis.call('HINCRBY', KEYS[i], 's', y)
       redis.call('PEXPIRE', KEYS[i], BUDGET_TTL)
     end
