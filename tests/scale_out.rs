@@ -300,3 +300,70 @@ fn redis_cli(redis: &Redis, command: &str) {
         .unwrap();
     assert!(ok.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_reservation_held_by_an_instance_killed_with_kill_9_expires_within_slot_ttl() {
+    use tollgate::demo::mock::Reply;
+    let up = MockUpstream::start("u").await.unwrap();
+    let pg = Postgres::start();
+    let redis = Redis::start();
+    let text = config(&pg.url, Some(&redis.url), &up.url())
+        .replace("cluster:\n", "cluster:\n  slot_ttl: 2s\n");
+    let gws = [Gateway::start(&text), Gateway::start(&text)];
+    let key = budgeted_key(&gws, BUDGET_MICRO).await;
+    // The doomed instance reserves nearly the whole budget for a request that never ends.
+    up.set_default(Reply::Hang);
+    let hold = tokio::spawn({
+        let (url, key) = (gws[0].url("/v1/chat/completions"), key.clone());
+        async move {
+            let mut body = chat("m", false);
+            body["max_tokens"] = json!(160);
+            let _ = client().post(url).bearer_auth(key).json(&body).send().await;
+        }
+    });
+    assert!(eventually(Duration::from_secs(5), || up.hits() == 1).await);
+    up.set_default(Reply::Model);
+    assert_eq!(spend_once(&gws[1], &key).await, 402);
+    // Past slot_ttl the reservation still holds: the live instance's heartbeat renews it.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert_eq!(spend_once(&gws[1], &key).await, 402);
+    std::process::Command::new("kill")
+        .args(["-KILL", &gws[0].pid().to_string()])
+        .status()
+        .unwrap();
+    let killed = Instant::now();
+    let back = loop {
+        if spend_once(&gws[1], &key).await == 200 {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(6),
+            "the reservation never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("the dead instance's reservation expired after {back:?}");
+    assert!(back <= Duration::from_millis(2600), "{back:?}");
+    hold.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_each_instance_recounts_budgets_from_the_shared_store() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let pg = Postgres::start();
+    let text = config(&pg.url, None, &up.url());
+    let gws = [Gateway::start(&text), Gateway::start(&text)];
+    let key = budgeted_key(&gws, BUDGET_MICRO).await;
+    // Instance 1 spends the budget on its own.
+    let mut admitted = 0;
+    while spend_once(&gws[0], &key).await == 200 {
+        admitted += 1;
+        assert!(admitted < 90, "the budget never ran out");
+    }
+    // After a flush and a periodic re-read (200 ms and 1 s here), instance 2 counts that
+    // spend: without the recount it would admit its own 19 or so.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(spend_once(&gws[1], &key).await, 402);
+    let hits = up.hits();
+    assert_eq!(hits, admitted);
+}

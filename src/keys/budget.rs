@@ -302,6 +302,16 @@ impl Budget {
         s.alerted = s.alerted.max(crossed(&s.spec, spent));
     }
 
+    /// Raises this instance's figure to `spent` when that is more (spend other instances
+    /// recorded in the store); alert fractions it passes count as alerted.
+    pub fn raise(&self, spent: i64, now: i64) {
+        let mut s = self.lock(now);
+        if spent > s.spent {
+            s.spent = spent;
+            s.alerted = s.alerted.max(crossed(&s.spec, spent));
+        }
+    }
+
     /// The refusal of a reservation a shared counter found no room for.
     pub fn refused(&self, spent: i64, now: i64) -> Exceeded {
         let mut s = self.lock(now);

@@ -4,7 +4,8 @@
 //! when one arrives, so a key created, changed, blocked or deleted anywhere applies
 //! everywhere within about a second. Notifications sent while the listening connection
 //! is down are lost, so a reconnect triggers a re-read too, and a full re-read every
-//! `store.refresh_interval` is the safety net.
+//! `store.refresh_interval` is the safety net. That periodic re-read also recounts every
+//! budget's spend from the usage rows of all instances (one sum query per budget).
 
 use super::{Directory, CHANGES};
 use crate::config::Config;
@@ -84,14 +85,20 @@ impl BackgroundService for Follower {
         let listening = self.directory.store.spawn(listen(self.url.clone(), tx));
         loop {
             let every = self.config.load().store.refresh_interval.0;
-            tokio::select! {
+            let periodic = tokio::select! {
                 _ = shutdown.changed() => break,
-                _ = rx.recv() => {}
-                _ = tokio::time::sleep(every) => {}
-            }
+                _ = rx.recv() => false,
+                _ = tokio::time::sleep(every) => true,
+            };
             let _one_at_a_time = self.directory.writes.lock().await;
             let budgets = self.config.load().keys.budgets();
-            if let Err(e) = self.directory.refresh(budgets).await {
+            let done = if periodic {
+                // The full re-read also recounts budgets' spend from the usage rows.
+                self.directory.recount(budgets).await
+            } else {
+                self.directory.refresh(budgets).await
+            };
+            if let Err(e) = done {
                 log::error!("store: cannot re-read keys and teams: {e}");
             }
         }

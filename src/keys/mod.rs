@@ -497,6 +497,10 @@ impl Directory {
             if reset_at > b.reset_at(now) {
                 b.reset(reset_at);
             }
+            // Spend recorded in the store by every instance (a periodic re-read).
+            if let Some(spent) = spent {
+                b.raise(spent, now);
+            }
             return Arc::clone(b);
         }
         let b = Arc::new(Budget::new(
@@ -626,6 +630,24 @@ impl Directory {
         let loaded = self
             .store
             .run_blocking(move |pool| load(pool, now, live, config_budgets))?;
+        self.install(loaded);
+        Ok(())
+    }
+
+    /// Reloads the directory from the store and recounts every budget's spend from the
+    /// usage rows (the periodic re-read of a shared store): a budget's figure rises to
+    /// what every instance recorded, so a shared counter that must start again (Redis
+    /// flushed) starts from it, and without Redis each instance's budget counts the
+    /// others' spend as of the last re-read.
+    pub async fn recount(
+        &self,
+        config_budgets: Vec<(String, BudgetSpec)>,
+    ) -> Result<(), StoreError> {
+        let now = self.now();
+        let loaded = self
+            .store
+            .run(move |pool| load(pool, now, HashSet::new(), config_budgets))
+            .await?;
         self.install(loaded);
         Ok(())
     }
