@@ -203,6 +203,17 @@ async fn ninety(gws: &[Gateway], key: &str) -> (Vec<usize>, usize) {
 
 const BUDGET_MICRO: i64 = 100;
 
+/// A PostgreSQL, a Redis, and `n` instances sharing them in front of `upstream`, with
+/// `cluster_extra` lines in their `cluster` section.
+fn shared(upstream: &str, n: usize, cluster_extra: &str) -> (Postgres, Redis, Vec<Gateway>) {
+    let pg = Postgres::start();
+    let redis = Redis::start();
+    let text = config(&pg.url, Some(&redis.url), upstream)
+        .replace("cluster:\n", &format!("cluster:\n{cluster_extra}"));
+    let gws = (0..n).map(|_| Gateway::start(&text)).collect();
+    (pg, redis, gws)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_team_budget_shared_by_three_instances_admits_what_one_instance_would() {
     let up = MockUpstream::start("u").await.unwrap();
@@ -218,14 +229,7 @@ async fn a_team_budget_shared_by_three_instances_admits_what_one_instance_would(
     let hits_alone = up.hits();
 
     // Three instances sharing PostgreSQL and Redis admit the same, in turn.
-    let pg = Postgres::start();
-    let redis = Redis::start();
-    let text = config(&pg.url, Some(&redis.url), &up.url());
-    let gws = [
-        Gateway::start(&text),
-        Gateway::start(&text),
-        Gateway::start(&text),
-    ];
+    let (pg, redis, gws) = shared(&up.url(), 3, "");
     let key = budgeted_key(&gws, BUDGET_MICRO).await;
     let (admitted, refused) = ninety(&gws, &key).await;
     eprintln!("alone: {alone}; three instances: {admitted:?}");
@@ -250,7 +254,7 @@ async fn a_team_budget_shared_by_three_instances_admits_what_one_instance_would(
     // Redis flushed: a new instance starts its counter from what PostgreSQL recorded, so
     // the spent budget stays spent.
     redis_cli(&redis, "FLUSHALL");
-    let fourth = Gateway::start(&text);
+    let fourth = Gateway::start(&config(&pg.url, Some(&redis.url), &up.url()));
     assert_eq!(spend_once(&fourth, &key).await, 402);
     assert_eq!(up.hits() - hits_alone, alone);
 }
@@ -258,14 +262,7 @@ async fn a_team_budget_shared_by_three_instances_admits_what_one_instance_would(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_concurrent_burst_over_three_instances_never_overspends_a_budget() {
     let up = MockUpstream::start("u").await.unwrap();
-    let pg = Postgres::start();
-    let redis = Redis::start();
-    let text = config(&pg.url, Some(&redis.url), &up.url());
-    let gws = [
-        Gateway::start(&text),
-        Gateway::start(&text),
-        Gateway::start(&text),
-    ];
+    let (pg, _redis, gws) = shared(&up.url(), 3, "");
     let key = budgeted_key(&gws, BUDGET_MICRO).await;
     let burst = (0..60).map(|i| spend_once(&gws[i % 3], &key));
     let statuses = futures_util::future::join_all(burst).await;
@@ -305,11 +302,7 @@ fn redis_cli(redis: &Redis, command: &str) {
 async fn a_budget_reservation_held_by_an_instance_killed_with_kill_9_expires_within_slot_ttl() {
     use tollgate::demo::mock::Reply;
     let up = MockUpstream::start("u").await.unwrap();
-    let pg = Postgres::start();
-    let redis = Redis::start();
-    let text = config(&pg.url, Some(&redis.url), &up.url())
-        .replace("cluster:\n", "cluster:\n  slot_ttl: 2s\n");
-    let gws = [Gateway::start(&text), Gateway::start(&text)];
+    let (_pg, _redis, gws) = shared(&up.url(), 2, "  slot_ttl: 2s\n");
     let key = budgeted_key(&gws, BUDGET_MICRO).await;
     // The doomed instance reserves nearly the whole budget for a request that never ends.
     up.set_default(Reply::Hang);
