@@ -1,6 +1,7 @@
 //! Several instances sharing their rate and concurrency limits through a real Redis
 //! (`redis-server`, started by the test on a unix socket in a temporary directory and
-//! stopped by pid): what each instance admitted, and what reached the upstream.
+//! stopped by pid), and, where it says so, one real PostgreSQL store: what each instance
+//! admitted, and what reached the upstream.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -15,6 +16,15 @@ const KEY: &str = "cluster-key-0000000";
 fn config(url: &str, redis: &str, limits: &str, cluster: &str) -> String {
     format!(
         "cluster:\n  redis: \"{redis}\"\n{cluster}keys:\n  - {{name: shared, key: {KEY}, limits: {{{limits}}}}}\nupstreams:\n  u:\n    servers: [{{url: \"{url}\"}}]\nmodels:\n  m:\n    routes: [{{upstream: u}}]\n"
+    )
+}
+
+/// The same, with every instance's store in one PostgreSQL.
+fn config_pg(url: &str, redis: &str, limits: &str, pg: &Postgres) -> String {
+    format!(
+        "store:\n  url: \"{}\"\n  flush_interval: 200ms\n{}",
+        pg.url,
+        config(url, redis, limits, "")
     )
 }
 
@@ -46,8 +56,9 @@ async fn away_from_a_minute_boundary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_rpm_limit_admits_exactly_the_limit_across_three_instances() {
     let redis = Redis::start();
+    let pg = Postgres::start();
     let up = MockUpstream::start("u").await.unwrap();
-    let text = config(&up.url(), &redis.url, "rpm: 30", "");
+    let text = config_pg(&up.url(), &redis.url, "rpm: 30", &pg);
     let gws = [
         Gateway::start(&text),
         Gateway::start(&text),
@@ -68,6 +79,13 @@ async fn an_rpm_limit_admits_exactly_the_limit_across_three_instances() {
     assert_eq!(up.hits(), 30);
     // Each instance admitted its share of the round robin, not 30 on its own.
     assert!(admitted.iter().all(|&n| n == 10), "{admitted:?}");
+    // The one database holds the usage of all three.
+    let rows = || pg.psql("SELECT COUNT(*) FROM usage WHERE status = 200");
+    assert!(
+        eventually(Duration::from_secs(5), || rows() == "30").await,
+        "{}",
+        rows()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,7 +100,8 @@ async fn concurrency_is_never_above_the_limit_across_instances() {
         gap: Duration::from_millis(200),
         cut: false,
     });
-    let text = config(&up.url(), &redis.url, "concurrency: 2", "");
+    let pg = Postgres::start();
+    let text = config_pg(&up.url(), &redis.url, "concurrency: 2", &pg);
     let gws = [
         Gateway::start(&text),
         Gateway::start(&text),
