@@ -209,6 +209,19 @@ fn pool_options() -> AnyPoolOptions {
         .acquire_timeout(Duration::from_secs(5))
 }
 
+/// One connection made and closed, so that a database that cannot be reached is
+/// reported with its reason (refused, unknown host, authentication) rather than as a pool
+/// that timed out.
+async fn try_connect(url: &str) -> Result<(), StoreError> {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    let made = tokio::time::timeout(Duration::from_secs(5), AnyConnection::connect(url))
+        .await
+        .map_err(|_| StoreError("the database did not answer within 5s".into()))??;
+    made.close().await?;
+    Ok(())
+}
+
 /// Start-up: creates the file and its directory when missing (SQLite), migrates the
 /// schema and runs `load` on the database, all on a throwaway runtime that is gone when
 /// this returns.
@@ -229,6 +242,7 @@ where
         .build()
         .map_err(|e| StoreError(format!("cannot start a runtime: {e}")))?;
     rt.block_on(async {
+        try_connect(&loc.connect_url("rwc")).await?;
         let pool = pool_options().connect(&loc.connect_url("rwc")).await?;
         if let Location::Sqlite(_) = loc {
             // Readers do not block the writer, and a crash loses no committed row.
@@ -298,6 +312,7 @@ impl Store {
             .build()
             .map_err(|e| StoreError(format!("cannot start a runtime: {e}")))?;
         let version = rt.block_on(async {
+            try_connect(&loc.connect_url("ro")).await?;
             let pool = pool_options()
                 .max_connections(1)
                 .connect(&loc.connect_url("ro"))
