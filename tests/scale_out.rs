@@ -360,3 +360,54 @@ async fn without_redis_each_instance_recounts_budgets_from_the_shared_store() {
     let hits = up.hits();
     assert_eq!(hits, admitted);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_budgets_are_enforced_by_each_instance_and_sharing_resumes() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let (_pg, redis, gws) = shared(&up.url(), 2, "");
+    let key = budgeted_key(&gws, BUDGET_MICRO).await;
+    // A few requests counted in Redis, then Redis goes away.
+    for gw in &gws {
+        assert_eq!(spend_once(gw, &key).await, 200);
+    }
+    let dir = redis.stop();
+    // Instance 1 goes on against its own figure (local mode): answers, never an error or
+    // a hang, until the budget it knows of is spent.
+    let mut admitted = 0;
+    loop {
+        let started = Instant::now();
+        let s = spend_once(&gws[0], &key).await;
+        assert!(started.elapsed() < Duration::from_secs(2), "a request hung");
+        match s {
+            200 => admitted += 1,
+            402 => break,
+            s => panic!("status {s}"),
+        }
+        assert!(admitted < 90, "the budget was not enforced without Redis");
+    }
+    assert!(
+        gws[0].logs().contains("Redis unavailable"),
+        "{}",
+        gws[0].logs()
+    );
+    // Redis back (empty): the counter starts again from what instance 1 knows, so the
+    // spent budget stays spent.
+    let _redis = Redis::start_in(dir);
+    let refused = eventually_async(Duration::from_secs(5), || async {
+        spend_once(&gws[0], &key).await == 402
+    })
+    .await;
+    assert!(refused);
+    // Instance 2 knows of one request only (its own figure would admit about 18 more); it
+    // refuses once it is connected again, because the counting is shared again.
+    let mut before_refusal = 0;
+    while spend_once(&gws[1], &key).await == 200 {
+        before_refusal += 1;
+        assert!(
+            before_refusal < 5,
+            "instance 2 does not share the counter again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("without Redis instance 1 admitted {admitted} more; after, instance 2 admitted {before_refusal}");
+}
