@@ -185,9 +185,10 @@ async fn spend_once(gw: &Gateway, key: &str) -> u16 {
     s
 }
 
-/// 90 requests in turn over `gws` (30 ms apart, so each settles before the next): how
-/// many each instance got answered, and how many were refused with 402.
-async fn ninety(gws: &[Gateway], key: &str) -> (Vec<usize>, usize) {
+/// 90 requests in turn over `gws`, each settled before the next (30 ms apart, and with
+/// `redis`, once no budget reservation is left in it): how many each instance got
+/// answered, and how many were refused with 402.
+async fn ninety(gws: &[Gateway], key: &str, redis: Option<&Redis>) -> (Vec<usize>, usize) {
     let mut admitted = vec![0; gws.len()];
     let mut refused = 0;
     for i in 0..90 {
@@ -197,8 +198,36 @@ async fn ninety(gws: &[Gateway], key: &str) -> (Vec<usize>, usize) {
             s => panic!("status {s}"),
         }
         tokio::time::sleep(Duration::from_millis(30)).await;
+        if let Some(r) = redis {
+            let settled = eventually(Duration::from_secs(5), || reservations(r) == 0).await;
+            assert!(settled, "a reservation was never settled");
+        }
     }
     (admitted, refused)
+}
+
+/// Budget reservations held in `redis` now (`r:` fields of the budget hashes).
+fn reservations(redis: &Redis) -> usize {
+    let keys = redis_cli_out(redis, &["--scan", "--pattern", "*:spend"]);
+    keys.lines()
+        .map(|k| {
+            redis_cli_out(redis, &["hkeys", k])
+                .lines()
+                .filter(|f| f.starts_with("r:"))
+                .count()
+        })
+        .sum()
+}
+
+fn redis_cli_out(redis: &Redis, args: &[&str]) -> String {
+    let sock = redis.url.trim_start_matches("redis+unix://");
+    let out = std::process::Command::new("redis-cli")
+        .args(["-s", sock])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 const BUDGET_MICRO: i64 = 100;
@@ -221,7 +250,7 @@ async fn a_team_budget_shared_by_three_instances_admits_what_one_instance_would(
     let alone = {
         let gw = Gateway::start(&config_without_store(&up.url()));
         let key = budgeted_key(std::slice::from_ref(&gw), BUDGET_MICRO).await;
-        let (admitted, refused) = ninety(std::slice::from_ref(&gw), &key).await;
+        let (admitted, refused) = ninety(std::slice::from_ref(&gw), &key, None).await;
         assert_eq!(admitted[0] + refused, 90);
         admitted[0]
     };
@@ -231,7 +260,7 @@ async fn a_team_budget_shared_by_three_instances_admits_what_one_instance_would(
     // Three instances sharing PostgreSQL and Redis admit the same, in turn.
     let (pg, redis, gws) = shared(&up.url(), 3, "");
     let key = budgeted_key(&gws, BUDGET_MICRO).await;
-    let (admitted, refused) = ninety(&gws, &key).await;
+    let (admitted, refused) = ninety(&gws, &key, Some(&redis)).await;
     eprintln!("alone: {alone}; three instances: {admitted:?}");
     assert_eq!(admitted.iter().sum::<usize>(), alone, "{admitted:?}");
     assert_eq!(refused, 90 - alone);
@@ -253,7 +282,7 @@ async fn a_team_budget_shared_by_three_instances_admits_what_one_instance_would(
 
     // Redis flushed: a new instance starts its counter from what PostgreSQL recorded, so
     // the spent budget stays spent.
-    redis_cli(&redis, "FLUSHALL");
+    redis_cli_out(&redis, &["FLUSHALL"]);
     let fourth = Gateway::start(&config(&pg.url, Some(&redis.url), &up.url()));
     assert_eq!(spend_once(&fourth, &key).await, 402);
     assert_eq!(up.hits() - hits_alone, alone);
@@ -286,16 +315,6 @@ fn config_without_store(upstream: &str) -> String {
     format!(
         "admin:\n  master_key: {MASTER}\nupstreams:\n  u:\n    servers: [{{url: \"{upstream}\"}}]\nmodels:\n  m:\n    routes: [{{upstream: u, model: gpt-4o-mini}}]\n"
     )
-}
-
-fn redis_cli(redis: &Redis, command: &str) {
-    let sock = redis.url.trim_start_matches("redis+unix://");
-    let ok = std::process::Command::new("redis-cli")
-        .args(["-s", sock, command])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(ok.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
