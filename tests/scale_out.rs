@@ -14,11 +14,14 @@ use std::time::{Duration, Instant};
 use tollgate::demo::mock::MockUpstream;
 
 const MASTER: &str = "scale-out-master-key";
+/// A config key, so that a key an instance does not know yet is refused (a gateway with no
+/// key at all is open to anyone).
+const CONFIG_KEY: &str = "scale-out-config-key-0";
 
 fn config(store: &str, redis: Option<&str>, upstream: &str) -> String {
     let cluster = redis.map_or_else(String::new, |r| format!("cluster:\n  redis: \"{r}\"\n"));
     format!(
-        "store:\n  url: \"{store}\"\n  flush_interval: 200ms\n  refresh_interval: 1s\n{cluster}admin:\n  master_key: {MASTER}\nupstreams:\n  u:\n    servers: [{{url: \"{upstream}\"}}]\nmodels:\n  m:\n    routes: [{{upstream: u, model: gpt-4o-mini}}]\n"
+        "store:\n  url: \"{store}\"\n  flush_interval: 200ms\n  refresh_interval: 1s\n{cluster}admin:\n  master_key: {MASTER}\nkeys:\n  - {{name: operator, key: {CONFIG_KEY}}}\nupstreams:\n  u:\n    servers: [{{url: \"{upstream}\"}}]\nmodels:\n  m:\n    routes: [{{upstream: u, model: gpt-4o-mini}}]\n"
     )
 }
 
@@ -121,6 +124,13 @@ async fn a_key_made_or_blocked_on_one_instance_applies_on_all_within_a_second() 
         spend["data"][0]["spend_micro_usd"].as_i64().unwrap() > 0,
         "{spend}"
     );
+    // The other reports read the one database too.
+    let (s, usage) = admin(&gws[1], "GET", &format!("/admin/usage?key={id}"), None).await;
+    assert_eq!(s, 200, "{usage}");
+    assert_eq!(usage["data"].as_array().unwrap().len(), served, "{usage}");
+    let (s, audit) = admin(&gws[2], "GET", "/admin/audit", None).await;
+    assert_eq!(s, 200, "{audit}");
+    assert_eq!(audit["data"].as_array().unwrap().len(), 2, "{audit}");
     // The audit log holds both changes, whichever instance made them.
     let actions = pg.psql("SELECT string_agg(action, ',' ORDER BY ts) FROM audit");
     assert_eq!(actions, "key.create,key.update");
