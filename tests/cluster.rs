@@ -291,3 +291,31 @@ async fn a_quota_answer_seen_by_one_instance_cools_the_target_on_all_and_a_clear
         eventually_async(Duration::from_secs(2), || async { !cooling(&gws[0]).await }).await;
     assert!(cleared, "the clear did not reach instance 1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_rejected_before_their_model_is_admitted_still_count_toward_request_rates() {
+    let redis = Redis::start();
+    let up = MockUpstream::start("u").await.unwrap();
+    let text = config(&up.url(), &redis.url, "rpm: 4", "");
+    let gws = [Gateway::start(&text), Gateway::start(&text)];
+    away_from_a_minute_boundary().await;
+    // Four requests for a model that does not exist: refused after their body is read,
+    // before the stage that sends both stages' charges to Redis.
+    for i in 0..4 {
+        let r = client()
+            .post(gws[i % 2].url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&chat("no-such-model", false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 404);
+    }
+    // They were counted (in a call nothing waited for): the key's minute is used up.
+    let limited = eventually_async(Duration::from_secs(3), || async {
+        status(&gws[0], false).await == 429
+    })
+    .await;
+    assert!(limited, "requests for an unknown model were not counted");
+    assert_eq!(up.hits(), 0);
+}

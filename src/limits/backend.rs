@@ -39,6 +39,11 @@ pub trait CounterBackend: Send + Sync {
         false
     }
 
+    /// Counts deferred charges of a request that ended before its next stage (a bad body,
+    /// an unknown model), so that such requests still count toward request rates; nothing
+    /// waits for it.
+    fn count_later(&self, _charges: Vec<Charge>) {}
+
     /// A refusal known without counting anything (a rate already refused in its
     /// current window).
     fn known_refusal(&self, _charges: &[Charge]) -> Option<Refusal> {

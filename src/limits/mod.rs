@@ -317,6 +317,9 @@ impl Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         if let Some(backend) = &self.backend {
+            if !self.deferred.is_empty() {
+                backend.count_later(std::mem::take(&mut self.deferred));
+            }
             let ends = |c: &Charge| {
                 matches!(c.dimension, Dimension::Concurrency | Dimension::Spend)
                     || c.settled.is_some()

@@ -198,7 +198,7 @@ fn script(text: &str) -> redis::Script {
 }
 
 pub struct RedisCounters {
-    redis: SharedRedis,
+    redis: std::sync::Arc<SharedRedis>,
     reserve: redis::Script,
     finish: redis::Script,
     heartbeat: redis::Script,
@@ -246,7 +246,7 @@ impl RedisCounters {
         instances: u64,
         slot_ttl: Duration,
     ) -> Result<Self, String> {
-        let redis = SharedRedis::open(url)?;
+        let redis = std::sync::Arc::new(SharedRedis::open(url)?);
         let seed = crate::clock::Clock::now_ms(&crate::clock::SystemClock) as u64
             ^ (u64::from(std::process::id()) << 32);
         Ok(RedisCounters {
@@ -331,6 +331,44 @@ impl RedisCounters {
             c.mark = LOCAL;
         }
         Ok(())
+    }
+
+    /// The keys and arguments of a RESERVE call for `charges`, giving each slot and budget
+    /// reservation its id.
+    fn reserve_call(&self, charges: &mut [Charge]) -> (Vec<String>, Vec<String>) {
+        let slot_ttl = self.slot_ttl.as_millis() as u64;
+        let mut keys = Vec::with_capacity(charges.len());
+        let mut args = Vec::with_capacity(charges.len() * 6);
+        for c in charges.iter_mut() {
+            keys.push(key_name(c));
+            let (kind, span, id) = match c.dimension {
+                Dimension::Concurrency | Dimension::Spend => {
+                    let id = self.next_slot.fetch_add(1, Ordering::Relaxed) & !LOCAL;
+                    c.mark = id;
+                    let kind = if c.dimension == Dimension::Spend {
+                        "s"
+                    } else {
+                        "c"
+                    };
+                    (kind, slot_ttl, id)
+                }
+                d => ("r", window_ms(d), 0),
+            };
+            let cap = if c.dimension == Dimension::Spend {
+                super::MAX_SPEND
+            } else {
+                super::MAX_COUNT
+            };
+            args.extend([
+                kind.to_string(),
+                c.limit.min(cap).to_string(),
+                c.amount.min(cap).to_string(),
+                span.to_string(),
+                id.to_string(),
+                c.base.min(cap).to_string(),
+            ]);
+        }
+        (keys, args)
     }
 
     /// Spawns one FINISH call (nothing waits for it) with `items`: a key and its four
@@ -433,34 +471,13 @@ impl CounterBackend for RedisCounters {
         if let Some(r) = self.known_refusal(charges) {
             return Err(r);
         }
+        let (keys, args) = self.reserve_call(charges);
         let mut inv = self.reserve.prepare_invoke();
-        let slot_ttl = self.slot_ttl.as_millis() as u64;
-        for c in charges.iter_mut() {
-            inv.key(key_name(c));
-            let (kind, span, id) = match c.dimension {
-                Dimension::Concurrency | Dimension::Spend => {
-                    let id = self.next_slot.fetch_add(1, Ordering::Relaxed) & !LOCAL;
-                    c.mark = id;
-                    let kind = if c.dimension == Dimension::Spend {
-                        "s"
-                    } else {
-                        "c"
-                    };
-                    (kind, slot_ttl, id)
-                }
-                d => ("r", window_ms(d), 0),
-            };
-            let cap = if c.dimension == Dimension::Spend {
-                super::MAX_SPEND
-            } else {
-                super::MAX_COUNT
-            };
-            inv.arg(kind)
-                .arg(c.limit.min(cap))
-                .arg(c.amount.min(cap))
-                .arg(span)
-                .arg(id)
-                .arg(c.base.min(cap));
+        for k in &keys {
+            inv.key(k);
+        }
+        for a in &args {
+            inv.arg(a);
         }
         match self.run::<Vec<u64>>(&mut inv).await {
             Ok(out) => {
@@ -548,6 +565,32 @@ impl CounterBackend for RedisCounters {
 
     fn defers(&self) -> bool {
         true
+    }
+
+    fn count_later(&self, mut charges: Vec<Charge>) {
+        // Request rates only (stage one has no slot): nothing to give back later.
+        charges.retain(|c| matches!(c.dimension, Dimension::Rps | Dimension::Rpm));
+        if charges.is_empty() {
+            return;
+        }
+        let (keys, args) = self.reserve_call(&mut charges);
+        let script = self.reserve.clone();
+        // Connecting if need be: the request that ends here may be this instance's first.
+        let redis = std::sync::Arc::clone(&self.redis);
+        tokio::spawn(async move {
+            let Ok(mut conn) = redis.conn().await else {
+                return;
+            };
+            let mut inv = script.prepare_invoke();
+            for k in &keys {
+                inv.key(k);
+            }
+            for a in &args {
+                inv.arg(a);
+            }
+            let call = inv.invoke_async::<redis::Value>(&mut conn);
+            let _ = tokio::time::timeout(CALL_TIMEOUT, call).await;
+        });
     }
 
     fn known_refusal(&self, charges: &[Charge]) -> Option<Refusal> {
