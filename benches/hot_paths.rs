@@ -109,9 +109,9 @@ fn body_scan(c: &mut Criterion) {
         let body = chat_body(size);
         g.throughput(Throughput::Bytes(body.len() as u64));
         g.bench_function(BenchmarkId::new("scan", label), |b| {
-            b.iter(|| black_box(tollgate::body::scan(&body).unwrap()))
+            b.iter(|| black_box(tollgate::body::scan(&body, "/chat/completions").unwrap()))
         });
-        let facts = tollgate::body::scan(&body).unwrap();
+        let facts = tollgate::body::scan(&body, "/chat/completions").unwrap();
         g.bench_function(BenchmarkId::new("rewrite_model", label), |b| {
             b.iter(|| {
                 black_box(tollgate::body::rewrite_model(

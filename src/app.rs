@@ -341,7 +341,7 @@ fn build_counters(config: &Config) -> std::io::Result<Counters> {
         c.expected_instances,
         c.slot_ttl.0,
     )
-    .map_err(|e| std::io::Error::other(format!("cluster.redis: {e}")))?;
+    .map_err(|e| std::io::Error::other(mask_userinfo(&format!("cluster.redis: {e}"))))?;
     let shared = Arc::new(shared);
     Ok((Arc::clone(&shared) as Arc<dyn CounterBackend>, Some(shared)))
 }
@@ -376,8 +376,9 @@ fn build_cache(config: &Config) -> std::io::Result<Arc<dyn CacheBackend>> {
     use crate::config::file::CacheBackendKind;
     match (config.cache.backend, &config.cluster.redis) {
         (CacheBackendKind::Redis, Some(url)) => {
-            let c = RedisCache::new(url.expose())
-                .map_err(|e| std::io::Error::other(format!("cluster.redis: {e}")))?;
+            let c = RedisCache::new(url.expose()).map_err(|e| {
+                std::io::Error::other(mask_userinfo(&format!("cluster.redis: {e}")))
+            })?;
             Ok(Arc::new(c))
         }
         _ => Ok(Arc::new(MemoryCache::new(config.cache.max_size.0))),

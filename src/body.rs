@@ -15,9 +15,13 @@ pub struct RequestFacts {
     /// Byte range of the model value, quotes included, in the original body.
     pub model_span: Range<usize>,
     pub stream: bool,
-    /// The completion budget asked for (`max_tokens`, `max_completion_tokens` or
-    /// `max_output_tokens`), used to estimate tokens before the response.
+    /// The completion budget of one choice, from the field the endpoint reads
+    /// (`max_tokens`, the larger of `max_completion_tokens` and `max_tokens` on chat,
+    /// `max_output_tokens` on responses), used to estimate tokens before the response.
     pub max_tokens: Option<u64>,
+    /// How many completions the upstream generates and bills: the larger of `n` and
+    /// `best_of` on the endpoints that take them, else 1.
+    pub choices: u64,
     /// The client sent `stream_options` (then the gateway never adds its own).
     pub stream_options: bool,
     /// Offset of the object's opening brace.
@@ -36,8 +40,32 @@ struct Head<'a> {
     max_completion_tokens: Option<serde_json::Number>,
     #[serde(default)]
     max_output_tokens: Option<serde_json::Number>,
+    #[serde(default)]
+    n: Option<serde_json::Number>,
+    #[serde(default)]
+    best_of: Option<serde_json::Number>,
     #[serde(default, borrow)]
     stream_options: Option<&'a RawValue>,
+}
+
+/// The completion-budget fields an endpoint reads (a field the endpoint does not define
+/// is forwarded but not trusted: the upstream may ignore it).
+fn budget_fields(suffix: &str) -> &'static [&'static str] {
+    match suffix {
+        "/chat/completions" => &["max_completion_tokens", "max_tokens"],
+        "/completions" | "/messages" => &["max_tokens"],
+        "/responses" => &["max_output_tokens"],
+        _ => &[],
+    }
+}
+
+/// The fields that multiply the completions an endpoint generates.
+fn choice_fields(suffix: &str) -> &'static [&'static str] {
+    match suffix {
+        "/chat/completions" => &["n"],
+        "/completions" => &["n", "best_of"],
+        _ => &[],
+    }
 }
 
 /// The largest completion budget a request may ask for (the largest 32-bit signed
@@ -45,8 +73,10 @@ struct Head<'a> {
 /// count against a limit.
 pub const MAX_COMPLETION_TOKENS: u64 = i32::MAX as u64;
 
-/// Reads `model` and `stream` from a JSON object body. Errors are client-facing messages.
-pub fn scan(body: &[u8]) -> Result<RequestFacts, String> {
+/// Reads `model`, `stream`, the completion budget and the number of choices from the JSON
+/// object body of a request to `suffix` (the path after `/v1`). Errors are client-facing
+/// messages.
+pub fn scan(body: &[u8], suffix: &str) -> Result<RequestFacts, String> {
     let text =
         std::str::from_utf8(body).map_err(|_| "Request body is not valid UTF-8.".to_string())?;
     if !text.trim_start().starts_with('{') {
@@ -59,20 +89,42 @@ pub fn scan(body: &[u8]) -> Result<RequestFacts, String> {
         .ok_or_else(|| "You must provide a model parameter.".to_string())?;
     let model: String = serde_json::from_str(raw.get())
         .map_err(|_| "The model parameter must be a string.".to_string())?;
-    let mut max_tokens = None;
+    let number = |name: &str, value: &serde_json::Number| {
+        value
+            .as_u64()
+            .filter(|n| *n <= MAX_COMPLETION_TOKENS)
+            .ok_or_else(|| {
+                format!("{name} must be a non-negative integer of at most {MAX_COMPLETION_TOKENS}.")
+            })
+    };
+    let mut max_tokens: Option<u64> = None;
     for (name, value) in [
         ("max_completion_tokens", &head.max_completion_tokens),
         ("max_tokens", &head.max_tokens),
         ("max_output_tokens", &head.max_output_tokens),
     ] {
         let Some(value) = value else { continue };
-        let n = value
-            .as_u64()
-            .filter(|n| *n <= MAX_COMPLETION_TOKENS)
-            .ok_or_else(|| {
-                format!("{name} must be a non-negative integer of at most {MAX_COMPLETION_TOKENS}.")
-            })?;
-        max_tokens = max_tokens.or(Some(n));
+        let n = number(name, value)?;
+        if !budget_fields(suffix).contains(&name) {
+            continue;
+        }
+        // Zero would reserve nothing while the upstream may read it as "no limit".
+        if n == 0 {
+            return Err(format!("{name} must be at least 1."));
+        }
+        max_tokens = Some(max_tokens.map_or(n, |m| m.max(n)));
+    }
+    let mut choices = 1;
+    for (name, value) in [("n", &head.n), ("best_of", &head.best_of)] {
+        let Some(value) = value else { continue };
+        if !choice_fields(suffix).contains(&name) {
+            continue;
+        }
+        let n = number(name, value)?;
+        if n == 0 {
+            return Err(format!("{name} must be at least 1."));
+        }
+        choices = choices.max(n);
     }
     // RawValue borrows from `text`, so its position is the value's offset in the body.
     let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
@@ -81,9 +133,20 @@ pub fn scan(body: &[u8]) -> Result<RequestFacts, String> {
         model_span: start..start + raw.get().len(),
         stream: head.stream.unwrap_or(false),
         max_tokens,
+        choices,
         stream_options: head.stream_options.is_some(),
         open: text.len() - text.trim_start().len(),
     })
+}
+
+impl RequestFacts {
+    /// The most output tokens the answer can hold: the completion budget (or `default`
+    /// when the request sets none) for each choice.
+    pub fn output_ceiling(&self, default: u64) -> u64 {
+        self.max_tokens
+            .unwrap_or(default)
+            .saturating_mul(self.choices)
+    }
 }
 
 /// The member the gateway adds to a streaming request so that the upstream reports usage.
@@ -121,10 +184,12 @@ pub fn prepare(body: &Bytes, facts: &RequestFacts, model: &str, add_usage: bool)
 mod tests {
     use super::*;
 
+    const CHAT: &str = "/chat/completions";
+
     #[test]
     fn finds_model_and_stream_anywhere_in_the_object() {
         let body = br#"{"messages":[{"role":"user","content":"{\"model\":\"x\"}"}],"stream":true,"model":"gpt-4o"}"#;
-        let f = scan(body).unwrap();
+        let f = scan(body, CHAT).unwrap();
         assert_eq!(f.model, "gpt-4o");
         assert!(f.stream);
         assert_eq!(&body[f.model_span.clone()], br#""gpt-4o""#);
@@ -133,7 +198,7 @@ mod tests {
     #[test]
     fn rewrite_touches_only_the_model_value() {
         let body = Bytes::from_static(br#"{ "model" : "alias", "n": 1, "stream": null }"#);
-        let f = scan(&body).unwrap();
+        let f = scan(&body, CHAT).unwrap();
         assert!(!f.stream);
         let out = rewrite_model(&body, &f, "llama-3-70b");
         assert_eq!(
@@ -147,7 +212,7 @@ mod tests {
     #[test]
     fn stream_usage_is_added_as_the_first_member_unless_the_client_set_options() {
         let body = Bytes::from_static(br#" {"model":"a","stream":true}"#);
-        let f = scan(&body).unwrap();
+        let f = scan(&body, CHAT).unwrap();
         let out = prepare(&body, &f, "b", true);
         assert_eq!(
             &out[..],
@@ -158,7 +223,7 @@ mod tests {
         let own = Bytes::from_static(
             br#"{"model":"a","stream":true,"stream_options":{"include_usage":false}}"#,
         );
-        let f = scan(&own).unwrap();
+        let f = scan(&own, CHAT).unwrap();
         assert!(f.stream_options);
         assert_eq!(prepare(&own, &f, "a", true).as_ptr(), own.as_ptr());
     }
@@ -166,23 +231,67 @@ mod tests {
     #[test]
     fn escaped_model_names_round_trip() {
         let body = Bytes::from_static(br#"{"model":"a\"b"}"#);
-        let f = scan(&body).unwrap();
+        let f = scan(&body, CHAT).unwrap();
         assert_eq!(f.model, "a\"b");
         let out = rewrite_model(&body, &f, "c\"d");
-        assert_eq!(scan(&out).unwrap().model, "c\"d");
+        assert_eq!(scan(&out, CHAT).unwrap().model, "c\"d");
+    }
+
+    #[test]
+    fn n_and_best_of_multiply_the_output_a_request_may_bill() {
+        let f = scan(br#"{"model":"m","max_tokens":20,"n":128}"#, CHAT).unwrap();
+        assert_eq!((f.max_tokens, f.choices), (Some(20), 128));
+        assert_eq!(f.output_ceiling(4096), 2560);
+        let f = scan(br#"{"model":"m","n":3,"best_of":5}"#, "/completions").unwrap();
+        assert_eq!(f.output_ceiling(10), 50);
+        // Anthropic and the responses API have no `n`: it is not theirs to multiply.
+        let f = scan(br#"{"model":"m","max_tokens":20,"n":128}"#, "/messages").unwrap();
+        assert_eq!(f.output_ceiling(4096), 20);
+        assert!(scan(br#"{"model":"m","n":0}"#, CHAT)
+            .unwrap_err()
+            .contains("n must be at least 1"));
+        assert!(scan(br#"{"model":"m","n":-2}"#, CHAT).is_err());
+    }
+
+    #[test]
+    fn only_the_endpoints_own_budget_fields_are_trusted_and_the_larger_wins() {
+        // max_output_tokens is the responses API's field, not chat's.
+        let f = scan(br#"{"model":"m","max_output_tokens":5}"#, CHAT).unwrap();
+        assert_eq!(f.max_tokens, None);
+        let f = scan(br#"{"model":"m","max_output_tokens":5}"#, "/responses").unwrap();
+        assert_eq!(f.max_tokens, Some(5));
+        let f = scan(
+            br#"{"model":"m","max_completion_tokens":10,"max_tokens":900}"#,
+            CHAT,
+        )
+        .unwrap();
+        assert_eq!(f.max_tokens, Some(900));
+        let f = scan(
+            br#"{"model":"m","max_completion_tokens":900,"max_tokens":10}"#,
+            CHAT,
+        )
+        .unwrap();
+        assert_eq!(f.max_tokens, Some(900));
+        // Zero would reserve nothing.
+        for body in [
+            &br#"{"model":"m","max_tokens":0}"#[..],
+            br#"{"model":"m","max_completion_tokens":0}"#,
+        ] {
+            assert!(scan(body, CHAT).unwrap_err().contains("at least 1"));
+        }
     }
 
     #[test]
     fn bad_bodies_are_client_errors() {
-        assert!(scan(b"").is_err());
-        assert!(scan(b"[1]").is_err());
-        assert!(scan(b"{\"model\":").is_err());
-        assert!(scan(b"{\"messages\":[]}")
+        assert!(scan(b"", CHAT).is_err());
+        assert!(scan(b"[1]", CHAT).is_err());
+        assert!(scan(b"{\"model\":", CHAT).is_err());
+        assert!(scan(b"{\"messages\":[]}", CHAT)
             .unwrap_err()
             .contains("model parameter"));
-        assert!(scan(b"{\"model\":5}").is_err());
-        assert!(scan(b"{\"model\":\"a\",\"model\":\"b\"}").is_err());
-        assert!(scan(b"{\"model\":\"a\",\"stream\":\"yes\"}").is_err());
+        assert!(scan(b"{\"model\":5}", CHAT).is_err());
+        assert!(scan(b"{\"model\":\"a\",\"model\":\"b\"}", CHAT).is_err());
+        assert!(scan(b"{\"model\":\"a\",\"stream\":\"yes\"}", CHAT).is_err());
     }
 }
 
@@ -191,13 +300,15 @@ mod props {
     use super::*;
     use proptest::prelude::*;
 
+    const CHAT: &str = "/chat/completions";
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
 
         /// Any body: facts or a client-facing message, never a panic.
         #[test]
         fn any_bytes_scan_or_are_refused(body in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let _ = scan(&body);
+            let _ = scan(&body, CHAT);
         }
 
         /// For any object, the model is found, and the rewritten body is the same JSON
@@ -212,14 +323,14 @@ mod props {
         ) {
             let mut obj = serde_json::Map::new();
             for (k, v) in &extra {
-                if k != "model" && k != "stream" && !k.starts_with("max_") && k != "stream_options" {
+                if !matches!(k.as_str(), "model" | "stream" | "stream_options" | "n" | "best_of") && !k.starts_with("max_") {
                     obj.insert(k.clone(), serde_json::json!(v));
                 }
             }
             obj.insert("model".into(), serde_json::json!(model));
             obj.insert("stream".into(), serde_json::json!(stream));
             let body = Bytes::from(serde_json::Value::Object(obj.clone()).to_string());
-            let facts = scan(&body).unwrap();
+            let facts = scan(&body, CHAT).unwrap();
             prop_assert_eq!(&facts.model, &model);
             prop_assert_eq!(facts.stream, stream);
             let out = prepare(&body, &facts, &new_model, add_usage);

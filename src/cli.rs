@@ -229,10 +229,10 @@ fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> i32 {
     println!("tollgate demo: mock upstream at {upstream_url}");
     println!("tollgate demo: database {}", db.display());
     println!(
-        "tollgate demo: admin API at http://{admin_listen}/admin/ with master key demo-master-key"
+        "tollgate demo: admin API at http://{admin_listen}/admin/ with master key demo-admin-master-key"
     );
     println!(
-        "tollgate demo: admin console at http://{admin_listen}/ui/ (sign in with demo-master-key, or demo-viewer-key to read only)"
+        "tollgate demo: admin console at http://{admin_listen}/ui/ (sign in with demo-admin-master-key, or demo-admin-viewer-key to read only)"
     );
     println!("tollgate demo: try");
     println!(
@@ -241,7 +241,7 @@ fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> i32 {
     println!(
         "  curl -sN http://{listen}/v1/chat/completions -H 'Authorization: Bearer demo-key' \\\n    -H 'content-type: application/json' -d '{{\"model\":\"demo\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
     );
-    println!("  curl -s http://{admin_listen}/admin/keys -H 'Authorization: Bearer demo-master-key' \\\n    -H 'content-type: application/json' -d '{{\"name\":\"alice\",\"budget\":{{\"max_usd\":1,\"period\":\"daily\"}}}}'");
-    println!("  curl -s 'http://{admin_listen}/admin/spend?group_by=key' -H 'Authorization: Bearer demo-master-key'");
+    println!("  curl -s http://{admin_listen}/admin/keys -H 'Authorization: Bearer demo-admin-master-key' \\\n    -H 'content-type: application/json' -d '{{\"name\":\"alice\",\"budget\":{{\"max_usd\":1,\"period\":\"daily\"}}}}'");
+    println!("  curl -s 'http://{admin_listen}/admin/spend?group_by=key' -H 'Authorization: Bearer demo-admin-master-key'");
     app::run(config, RunMode::default())
 }

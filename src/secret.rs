@@ -22,16 +22,27 @@ impl Secret {
     }
 }
 
-/// A URL as it may be printed: anything between `://` and the last `@` (user and
-/// password, even one holding `/` or `@`) becomes `***`.
-pub fn mask_userinfo(url: &str) -> String {
-    let Some(start) = url.find("://").map(|i| i + 3) else {
-        return url.to_string();
-    };
-    match url[start..].rfind('@') {
-        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]),
-        None => url.to_string(),
+/// Text as it may be printed: in every whitespace-separated word that holds an `@`, what
+/// stands between the scheme's separator (the first run of `:` and `/`) and the last `@`
+/// becomes `***`, whether or not the word parses as a URL (`postgres//u:PW@@host`,
+/// `redis:/:PW@host:notaport/0`, `sqlite://u:PW@/x.db`, or a URL inside an error message).
+/// A word without `@` holds no userinfo and is kept.
+pub fn mask_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for piece in text.split_inclusive(char::is_whitespace) {
+        let word = piece.trim_end_matches(char::is_whitespace);
+        let Some(at) = word.rfind('@') else {
+            out.push_str(piece);
+            continue;
+        };
+        let start = word[..at].find([':', '/']).map_or(0, |i| {
+            i + word[i..at].find(|c| c != ':' && c != '/').unwrap_or(at - i)
+        });
+        out.push_str(&word[..start]);
+        out.push_str("***");
+        out.push_str(&piece[at..]);
     }
+    out
 }
 
 impl<'de> serde::Deserialize<'de> for Secret {
@@ -90,6 +101,26 @@ mod tests {
         );
         assert_eq!(mask_userinfo("https://u:p/a@ss@h/v1"), "https://***@h/v1");
         assert_eq!(mask_userinfo("http://host/v1"), "http://host/v1");
-        assert_eq!(mask_userinfo("host@x"), "host@x");
+        assert_eq!(mask_userinfo("postgres://u@h/db"), "postgres://***@h/db");
+    }
+
+    #[test]
+    fn the_password_of_a_malformed_url_is_masked_too() {
+        for (url, shown) in [
+            ("postgres//u:PW@@host", "postgres//***@host"),
+            ("redis:/:PW@host:notaport/0", "redis:/:***@host:notaport/0"),
+            ("sqlite://u:PW@/x.db", "sqlite://***@/x.db"),
+            ("u:PW@host", "u:***@host"),
+            ("PW@host", "***@host"),
+            ("redis://:PW@", "redis://:***@"),
+        ] {
+            assert_eq!(mask_userinfo(url), shown, "{url}");
+            assert!(!mask_userinfo(url).contains("PW"));
+        }
+        // Inside an error message: each word on its own, spacing kept.
+        assert_eq!(
+            mask_userinfo("error connecting to postgres://u:PW@h:5/db: refused\n"),
+            "error connecting to postgres://***@h:5/db: refused\n"
+        );
     }
 }

@@ -175,6 +175,115 @@ async fn failed_and_cut_answers_are_never_stored() {
     assert_eq!(up.hits(), 4);
 }
 
+/// An upstream that answers every request with `head` and `body` as raw bytes and then
+/// closes the connection: no Content-Length, not chunked, so the close ends the body.
+/// Returns its URL and the count of requests it answered.
+async fn close_delimited_upstream(
+    head: &'static str,
+    body: &'static str,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                // The header, then as many body bytes as it announces.
+                loop {
+                    let n = conn.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    req.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&req).to_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len: usize = text[..end]
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        if req.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                let _ = conn.write_all(head.as_bytes()).await;
+                let _ = conn.write_all(body.as_bytes()).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+    (url, served)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_answer_ended_by_closing_the_connection_is_never_stored() {
+    use std::sync::atomic::Ordering;
+    // Half a JSON body, then the upstream closes.
+    let (url, served) = close_delimited_upstream(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n",
+        r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"The answer is"#,
+    )
+    .await;
+    let gw = Gateway::start(&cached_config(&url, ""));
+    let (status, cache, body) = ask(&gw, KEY_A, BODY, &[]).await;
+    assert_eq!((status, cache.as_str()), (200, "miss"));
+    assert!(body.ends_with("The answer is"), "{body}");
+    let (_, cache, _) = ask(&gw, KEY_A, BODY, &[]).await;
+    assert_eq!(cache, "miss", "half a JSON body was stored");
+    assert_eq!(served.load(Ordering::SeqCst), 2);
+
+    // A stream without its [DONE], then the upstream closes.
+    let (url, served) = close_delimited_upstream(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n",
+        "data: {\"id\":\"x\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"The\"}}]}\n\n",
+    )
+    .await;
+    let gw = Gateway::start(&cached_config(&url, ""));
+    let streamed =
+        r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"What is 2+2?"}]}"#;
+    let (status, cache, body) = ask(&gw, KEY_A, streamed, &[]).await;
+    assert_eq!((status, cache.as_str()), (200, "miss"));
+    assert!(body.contains("The") && !body.contains("[DONE]"), "{body}");
+    let (_, cache, _) = ask(&gw, KEY_A, streamed, &[]).await;
+    assert_eq!(cache, "miss", "a stream without its final event was stored");
+    assert_eq!(served.load(Ordering::SeqCst), 2);
+
+    // A Content-Length the upstream does not fill before closing.
+    let (url, served) = close_delimited_upstream(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 400\r\n\r\n",
+        r#"{"id":"x","object":"chat.completion","choices":[]}"#,
+    )
+    .await;
+    let gw = Gateway::start(&cached_config(&url, ""));
+    let _ = ask(&gw, KEY_A, BODY, &[]).await;
+    let (_, cache, _) = ask(&gw, KEY_A, BODY, &[]).await;
+    assert_eq!(cache, "miss", "a body shorter than its length was stored");
+    assert_eq!(served.load(Ordering::SeqCst), 2);
+
+    // The same framing with a whole answer is stored: the check is on the answer.
+    let (url, served) = close_delimited_upstream(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n",
+        "data: {\"id\":\"x\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"4\"}}]}\n\ndata: [DONE]\n\n",
+    )
+    .await;
+    let gw = Gateway::start(&cached_config(&url, ""));
+    assert_eq!(ask(&gw, KEY_A, streamed, &[]).await.1, "miss");
+    let (status, cache, body) = ask(&gw, KEY_A, streamed, &[]).await;
+    assert_eq!((status, cache.as_str()), (200, "hit"));
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    assert_eq!(served.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn team_members_share_answers_with_scope_team_and_a_hit_costs_nothing() {
     const MASTER: &str = "cache-master-key-0000";

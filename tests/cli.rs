@@ -137,6 +137,76 @@ fn check_masks_credentials_in_an_upstream_url() {
     assert!(out.contains("http://***@127.0.0.1:1/v1"), "{out}");
 }
 
+/// Regression: `-t` printed the password of a store or Redis URL that did not parse.
+#[test]
+fn check_never_prints_the_password_of_a_malformed_url() {
+    let upstream = "upstreams:\n  u: {servers: [{url: \"http://127.0.0.1:1/v1\"}]}\n";
+    for field in [
+        "store: {url: \"postgres//u:PW-do-not-print@@host/db\"}",
+        "store: {url: \"sqlite://u:PW-do-not-print@/x.db\"}",
+        "cluster: {redis: \"redis:/:PW-do-not-print@host:notaport/0\"}",
+        "cluster: {redis: \"redis://:PW-do-not-print@host:notaport/0\"}",
+    ] {
+        let (ok, out) = check(&format!("{field}\n{upstream}{MODELS}"));
+        assert!(!ok, "{field}: {out}");
+        assert!(
+            out.contains(".url:") || out.contains("cluster.redis:"),
+            "{out}"
+        );
+        assert!(!out.contains("PW-do-not"), "{field}: {out}");
+    }
+    // The same through an environment variable.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        &dir,
+        "c.yaml",
+        &format!("store: {{url: \"${{TG_STORE}}\"}}\n{upstream}{MODELS}"),
+    );
+    let out = tollgate()
+        .args(["-t", "-c", &path])
+        .env("TG_STORE", "postgres//u:PW-do-not-print@@host")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("store.url:") && !text.contains("PW-do-not"),
+        "{text}"
+    );
+}
+
+/// Regression: `-t` accepted a master key anyone could guess, and a client key equal to it.
+#[test]
+fn check_refuses_a_short_master_key_and_a_client_key_equal_to_it() {
+    let upstream = "upstreams:\n  u: {servers: [{url: \"http://127.0.0.1:1/v1\"}]}\n";
+    let (ok, out) = check(&format!(
+        "admin: {{master_key: short-key}}\n{upstream}{MODELS}"
+    ));
+    assert!(!ok);
+    assert!(
+        out.contains("admin.master_key: must be at least 16 characters"),
+        "{out}"
+    );
+    assert!(!out.contains("short-key"), "{out}");
+    let (ok, out) = check(&format!(
+        "admin: {{master_key: master-key-0123456789, viewer_key: view}}\n{upstream}{MODELS}"
+    ));
+    assert!(!ok);
+    assert!(
+        out.contains("admin.viewer_key: must be at least 16 characters"),
+        "{out}"
+    );
+    let (ok, out) = check(&format!(
+        "admin: {{master_key: master-key-0123456789}}\nkeys:\n  - {{name: a, key: master-key-0123456789}}\n{upstream}{MODELS}"
+    ));
+    assert!(!ok);
+    assert!(
+        out.contains("keys[0].key: must differ from admin.master_key"),
+        "{out}"
+    );
+    assert!(!out.contains("master-key-0123456789"), "{out}");
+}
+
 /// Regression: one unknown field hid every other error of the file.
 #[test]
 fn check_lists_unknown_fields_together_with_the_other_errors() {

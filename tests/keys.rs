@@ -447,6 +447,91 @@ async fn a_budget_refuses_with_402_naming_scope_and_reset_time() {
     }
 }
 
+/// A key whose budget holds the input of `body` plus `output` tokens (1 micro-USD each).
+async fn key_with_room(admin: &Admin<'_>, body: &Value, output: i64) -> String {
+    let input = serde_json::to_vec(body).unwrap().len().div_ceil(4) as i64;
+    let max_micro = input + output;
+    admin
+        .create_key(json!({"name": format!("room-{output}-{}", rand_suffix()), "budget": {"max_usd": max_micro as f64 / 1e6, "period": "total"}}))
+        .await
+        .1
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+#[tokio::test]
+async fn a_budget_reservation_counts_every_choice_of_n_and_refuses_n_over_the_cap() {
+    let up = MockUpstream::start("up").await.unwrap();
+    up.set_default(reply_with_usage(5, 1));
+    let gw = Gateway::start(&config(&up.url(), PRICING));
+    let admin = Admin::new(&gw);
+    let with_n = |n: u64| json!({"model": "m", "max_tokens": 20, "n": n, "messages": [{"role": "user", "content": "hello"}]});
+    // Room for 4 choices of 20 tokens: one choice fits, eight do not.
+    let key = key_with_room(&admin, &with_n(8), 80).await;
+    let hits = up.hits();
+    let (s, v) = chat_with(&gw, &key, &with_n(8)).await;
+    assert_eq!(s, 402, "{v}");
+    assert_eq!(v["error"]["code"], "budget_exceeded");
+    assert_eq!(up.hits(), hits, "a refused reservation reaches no upstream");
+    let (s, v) = chat_with(&gw, &key, &with_n(1)).await;
+    assert_eq!(s, 200, "{v}");
+    // More choices than budgets.max_n (16) is a client error, budget or not.
+    let hits = up.hits();
+    let (_, big) = admin
+        .create_key(json!({"name": "big", "budget": {"max_usd": 100.0, "period": "total"}}))
+        .await;
+    let (s, v) = chat_with(&gw, &big, &with_n(128)).await;
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("budgets.max_n"),
+        "{v}"
+    );
+    assert_eq!(chat_with(&gw, &big, &with_n(16)).await.0, 200);
+    assert_eq!(up.hits(), hits + 1);
+}
+
+#[tokio::test]
+async fn a_budget_reservation_trusts_only_the_endpoints_own_nonzero_budget_field() {
+    let up = MockUpstream::start("up").await.unwrap();
+    up.set_default(reply_with_usage(5, 1));
+    let gw = Gateway::start(&config(&up.url(), PRICING));
+    let admin = Admin::new(&gw);
+    let hello = json!([{"role": "user", "content": "hello"}]);
+    // max_tokens 0 would reserve no output.
+    let zero = json!({"model": "m", "max_tokens": 0, "messages": hello});
+    let key = key_with_room(&admin, &zero, 100).await;
+    let hits = up.hits();
+    let (s, v) = chat_with(&gw, &key, &zero).await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("max_tokens must be at least 1"));
+    // max_output_tokens is not a chat field: the default 4096 is reserved, which the
+    // budget cannot hold.
+    let foreign = json!({"model": "m", "max_output_tokens": 5, "messages": hello});
+    let key = key_with_room(&admin, &foreign, 100).await;
+    assert_eq!(chat_with(&gw, &key, &foreign).await.0, 402);
+    // Both chat fields: the larger is reserved.
+    let both =
+        json!({"model": "m", "max_completion_tokens": 10, "max_tokens": 500, "messages": hello});
+    let key = key_with_room(&admin, &both, 100).await;
+    assert_eq!(chat_with(&gw, &key, &both).await.0, 402);
+    assert_eq!(up.hits(), hits);
+    let fits =
+        json!({"model": "m", "max_completion_tokens": 10, "max_tokens": 50, "messages": hello});
+    let key = key_with_room(&admin, &fits, 100).await;
+    assert_eq!(chat_with(&gw, &key, &fits).await.0, 200);
+}
+
 #[tokio::test]
 async fn concurrent_requests_cannot_overspend_a_budget() {
     let up = MockUpstream::start("up").await.unwrap();
@@ -996,4 +1081,135 @@ async fn a_team_budget_binds_every_key_of_the_team() {
         m.contains("tollgate_budget_refusals_total{scope=\"team\"} 1"),
         "{m}"
     );
+}
+
+/// Regressions of the admin surface: answers a cache could keep (the 201 carries a
+/// one-time secret) or a page could frame; a write without a JSON type; a second
+/// `Origin`; names that spoof others on screen; a stored key named like a config key;
+/// report filters silently ignored; a store file readable by everyone.
+#[tokio::test]
+async fn the_admin_api_is_not_cached_framed_spoofed_or_silently_lenient() {
+    use std::os::unix::fs::PermissionsExt;
+    let up = MockUpstream::start("up").await.unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let db = state.path().join("private/tollgate.db");
+    let gw = Gateway::start(&config(
+        &up.url(),
+        &format!(
+            "keys:\n  - {{name: ops, key: ops-config-key-000000}}\nstore:\n  url: sqlite://{}\n",
+            db.display()
+        ),
+    ));
+    let admin = Admin::new(&gw);
+
+    // Headers: no cache may keep an admin answer, no page may frame the listener.
+    let r = client()
+        .post(gw.admin_url("/admin/keys"))
+        .bearer_auth(MASTER)
+        .json(&json!({"name": "fresh"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    assert_eq!(r.headers()["x-frame-options"], "DENY");
+    let r = client().get(gw.admin_url("/ui/")).send().await.unwrap();
+    assert_eq!(r.headers()["x-frame-options"], "DENY");
+
+    // A write with a body but no JSON type: 415, and nothing made.
+    let r = client()
+        .post(gw.admin_url("/admin/keys"))
+        .bearer_auth(MASTER)
+        .body(r#"{"name":"untyped"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "unsupported_media_type");
+    let (_, list) = admin.call("GET", "/admin/keys?search=untyped", None).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 0, "{list}");
+
+    // Two Origin headers: the foreign one is not hidden by the own one.
+    let r = client()
+        .post(gw.admin_url("/admin/keys"))
+        .bearer_auth(MASTER)
+        .header("origin", format!("http://{}", gw.admin))
+        .header("origin", "http://evil.example")
+        .json(&json!({"name": "two-origins"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
+    // Names with bidirectional or zero-width characters spoof others in lists.
+    for name in [
+        "alice\u{202E}cipa",
+        "bob\u{200B}",
+        "\u{2066}carol",
+        "d\u{FEFF}",
+    ] {
+        let (s, v) = admin
+            .call("POST", "/admin/keys", Some(json!({ "name": name })))
+            .await;
+        assert_eq!(
+            (s, v["error"]["param"].as_str()),
+            (400, Some("name")),
+            "{v}"
+        );
+        let (s, _) = admin
+            .call("POST", "/admin/teams", Some(json!({ "name": name })))
+            .await;
+        assert_eq!(s, 400);
+    }
+    // A stored key may not take a config key's name.
+    let (s, v) = admin
+        .call("POST", "/admin/keys", Some(json!({"name": "ops"})))
+        .await;
+    assert_eq!(
+        (s, v["error"]["param"].as_str()),
+        (400, Some("name")),
+        "{v}"
+    );
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("config file"));
+    let (id, _) = admin.create_key(json!({"name": "renamed"})).await;
+    let (s, _) = admin
+        .call(
+            "PATCH",
+            &format!("/admin/keys/{id}"),
+            Some(json!({"name": "ops"})),
+        )
+        .await;
+    assert_eq!(s, 400);
+
+    // Reports: since/until are from/to; an unknown parameter is a 400, not ignored.
+    let (s, v) = admin
+        .call("GET", "/admin/spend?group_by=model&until=2020-01-01", None)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v["to"].as_str().unwrap().starts_with("2020-01-02"), "{v}");
+    let (s, v) = admin
+        .call("GET", "/admin/usage?since=2020-01-01", None)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = admin
+        .call("GET", "/admin/usage?after=2020-01-01", None)
+        .await;
+    assert_eq!(
+        (s, v["error"]["param"].as_str()),
+        (400, Some("after")),
+        "{v}"
+    );
+    let (s, _) = admin
+        .call("GET", "/admin/audit?from=2020-01-01&since=2020-01-01", None)
+        .await;
+    assert_eq!(s, 400);
+
+    // The store holds key digests and spend: owner only.
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&db), 0o600, "database file");
+    assert_eq!(mode(db.parent().unwrap()), 0o700, "database directory");
 }

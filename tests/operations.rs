@@ -324,7 +324,7 @@ async fn admin_changes_from_another_sites_page_are_refused() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 403);
+    assert_eq!(r.status(), 415);
     let r = c
         .post(gw.admin_url("/admin/reload"))
         .header("sec-fetch-site", "cross-site")

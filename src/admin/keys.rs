@@ -19,6 +19,7 @@ use sqlx::Row;
 use std::sync::Arc;
 
 /// An API error: status, message, and the field it is about.
+#[derive(Debug)]
 pub struct ApiError {
     status: u16,
     message: String,
@@ -323,13 +324,34 @@ fn typed<T: serde::de::DeserializeOwned>(field: &str, v: &Value) -> Result<T, Ap
 fn name_field(field: &str, v: &Value) -> Result<String, ApiError> {
     let s: String = typed(field, v)?;
     let s = s.trim().to_string();
-    if s.is_empty() || s.len() > 256 || s.chars().any(char::is_control) {
+    if s.is_empty() || s.len() > 256 || s.chars().any(|c| c.is_control() || invisible(c)) {
         return Err(ApiError::invalid(
             field,
-            "expected a name of 1 to 256 printable characters",
+            "expected a name of 1 to 256 printable characters (no control, bidirectional or zero-width characters)",
         ));
     }
     Ok(s)
+}
+
+/// Characters that change how a name reads without being seen: bidirectional controls
+/// (which can reverse a name on screen), zero-width characters and the byte-order mark.
+fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}' | '\u{180E}'
+    )
+}
+
+/// Refuses a stored key's name that a config key has: the two would be told apart in the
+/// console, logs and reports only by their ids.
+fn not_a_config_key_name(config: &Config, name: &str) -> Result<(), ApiError> {
+    if config.keys.infos().any(|k| k.name == name) {
+        return Err(ApiError::invalid(
+            "name",
+            format!("{name:?} is the name of a key in the config file"),
+        ));
+    }
+    Ok(())
 }
 
 fn models_field(v: &Value) -> Result<Option<Vec<String>>, ApiError> {
@@ -677,6 +699,7 @@ async fn create_key(dir: &Directory, config: &Config, body: &[u8]) -> Answer {
         deleted_at: None,
     };
     apply_key(&mut k, &body, &dir.snapshot(), now, true)?;
+    not_a_config_key_name(config, &k.name)?;
     let after = key_audit(&k);
     commit_key(dir, config, k, "key.create", now, (None, Some(after))).await?;
     let snap = dir.snapshot();
@@ -694,6 +717,7 @@ async fn update_key(dir: &Directory, config: &Config, id: &str, body: &[u8]) -> 
     let mut k = find_key(&dir.snapshot(), id)?.rec.clone();
     let before = key_audit(&k);
     apply_key(&mut k, &body, &dir.snapshot(), now, false)?;
+    not_a_config_key_name(config, &k.name)?;
     k.updated_at = now;
     let after = key_audit(&k);
     let key_id = k.id.clone();
@@ -914,27 +938,61 @@ async fn reset_team(dir: &Directory, config: &Config, id: &str) -> Answer {
 // ---- spend, usage, audit ----
 
 /// `from` and `to` of a query, as milliseconds (`to` exclusive; a date means its whole day).
+/// Refuses a query parameter a report does not take (400 naming it), so that a filter
+/// the client believes applied is never silently ignored.
+fn only(query: &str, known: &[&str]) -> Result<(), ApiError> {
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let name = pair.split_once('=').map_or(pair, |(k, _)| k);
+        if !known.contains(&name) {
+            let name = super::percent_decode(name);
+            return Err(ApiError::invalid(
+                name.chars().take(64).collect::<String>(),
+                format!("unknown parameter; this report takes {}", known.join(", ")),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The time range of a report: `from` (or its alias `since`) and `to` (or `until`).
 fn range(query: &str) -> Result<(i64, i64), ApiError> {
-    let at = |name: &str, end: bool| -> Result<Option<i64>, ApiError> {
-        let Some(v) = param(query, name) else {
-            return Ok(None);
+    let at = |name: &str, alias: &str, end: bool| -> Result<Option<i64>, ApiError> {
+        let v = match (param(query, name), param(query, alias)) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::invalid(
+                    alias,
+                    format!("is another name for {name}: send one of them"),
+                ))
+            }
+            (Some(v), None) => v,
+            (None, Some(v)) => return at_time(alias, &v, end).map(Some),
+            (None, None) => return Ok(None),
         };
-        let t = parse_time(&v).ok_or_else(|| {
-            ApiError::invalid(name, "expected a date (2026-12-01) or an RFC 3339 time")
-        })?;
-        // A bare date as `to` includes that day.
-        let whole_day = end && v.trim().len() == 10;
-        Ok(Some(if whole_day { t + 86_400_000 } else { t }))
+        at_time(name, &v, end).map(Some)
     };
-    let from = at("from", false)?.unwrap_or(0);
-    let to = at("to", true)?.unwrap_or(i64::MAX);
+    let from = at("from", "since", false)?.unwrap_or(0);
+    let to = at("to", "until", true)?.unwrap_or(i64::MAX);
     if from > to {
         return Err(ApiError::invalid("from", "must not be after to"));
     }
     Ok((from, to))
 }
 
+/// A report's time bound: a date, or an RFC 3339 time; a bare date as an end includes
+/// that day.
+fn at_time(name: &str, v: &str, end: bool) -> Result<i64, ApiError> {
+    let t = parse_time(v).ok_or_else(|| {
+        ApiError::invalid(name, "expected a date (2026-12-01) or an RFC 3339 time")
+    })?;
+    let whole_day = end && v.trim().len() == 10;
+    Ok(if whole_day { t + 86_400_000 } else { t })
+}
+
 async fn spend(dir: &Directory, query: &str) -> Answer {
+    only(
+        query,
+        &["group_by", "format", "from", "to", "since", "until"],
+    )?;
     let group = param(query, "group_by").unwrap_or_else(|| "key".into());
     let column = match group.as_str() {
         "key" => "key_id",
@@ -1067,9 +1125,11 @@ fn spend_csv(group: &str, data: &[Value]) -> String {
     out
 }
 
-/// A CSV cell, quoted when needed, and never read as a formula by a spreadsheet.
+/// A CSV cell, quoted when needed, and never read as a formula by a spreadsheet: a cell
+/// that starts with `=`, `+`, `-`, `@`, a tab or a carriage return (which some
+/// spreadsheets skip before reading a formula) gets a leading `'`.
 fn csv_cell(s: &str) -> String {
-    let s = if s.starts_with(['=', '+', '-', '@']) {
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
         format!("'{s}")
     } else {
         s.to_string()
@@ -1082,6 +1142,7 @@ fn csv_cell(s: &str) -> String {
 }
 
 async fn usage(dir: &Directory, query: &str) -> Answer {
+    only(query, &["from", "to", "since", "until", "limit", "key"])?;
     let (from, to) = range(query)?;
     let (limit, _) = page(query)?;
     let key = param(query, "key");
@@ -1130,6 +1191,7 @@ async fn usage(dir: &Directory, query: &str) -> Answer {
 }
 
 async fn audit_log(dir: &Directory, query: &str) -> Answer {
+    only(query, &["from", "to", "since", "until", "limit"])?;
     let (limit, _) = page(query)?;
     let (from, to) = range(query)?;
     let rows = dir
@@ -1160,4 +1222,35 @@ async fn audit_log(dir: &Directory, query: &str) -> Answer {
         })
         .await?;
     ok(200, json!({"object": "list", "data": rows}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: a model name (which a client key allowed `*` controls) starting with
+    /// a tab reached the spreadsheet as a formula.
+    #[test]
+    fn a_csv_cell_starting_with_a_tab_or_carriage_return_is_not_a_formula() {
+        for bad in ["=1+1", "+1", "-1", "@SUM(A1)", "\t=1+1", "\r=1+1"] {
+            let cell = csv_cell(bad);
+            assert!(
+                cell.starts_with('\'') || cell.starts_with("\"'"),
+                "{bad:?} -> {cell:?}"
+            );
+        }
+        assert_eq!(csv_cell("gpt-4o"), "gpt-4o");
+        assert_eq!(csv_cell("a,b"), "\"a,b\"");
+        assert_eq!(csv_cell("\r=1"), "\"'\r=1\"");
+    }
+
+    #[test]
+    fn report_parameters_are_known_or_refused() {
+        assert!(only("from=1&to=2", &["from", "to"]).is_ok());
+        assert!(only("", &["from"]).is_ok());
+        let e = only("from=1&sinse=2", &["from", "to"]).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("sinse"));
+        let (from, to) = range("since=2026-01-01&until=2026-01-01").unwrap();
+        assert_eq!(to - from, 86_400_000);
+    }
 }

@@ -342,26 +342,46 @@ fn refuse(req: &pingora_http::RequestHeader, admin: &AdminSection) -> Option<Res
     if reads {
         return None;
     }
-    let own_origin = |origin: &str| {
+    let own_origin = |origin: &[u8]| {
         let host = header("host").unwrap_or_default();
         !host.is_empty()
-            && (origin == format!("http://{host}") || origin == format!("https://{host}"))
+            && (origin == format!("http://{host}").as_bytes()
+                || origin == format!("https://{host}").as_bytes())
     };
-    let foreign_origin = header("origin").is_some_and(|o| !own_origin(o));
-    let cross_site = header("sec-fetch-site").is_some_and(|v| v == "cross-site");
-    let not_json = header("content-type").is_some_and(|t| {
-        !t.split(';')
+    // Every instance of a header counts: a second `Origin` must not hide the first.
+    let all = |name: &str| req.headers.get_all(name).into_iter().map(|v| v.as_bytes());
+    let foreign_origin = all("origin").any(|o| !own_origin(o));
+    let cross_site = all("sec-fetch-site").any(|v| v.eq_ignore_ascii_case(b"cross-site"));
+    if foreign_origin || cross_site {
+        return Some(error_reply(
+            403,
+            "invalid_request_error",
+            "cross_site_refused",
+            "Refused: a state-changing admin request must not come from another site's page.",
+        ));
+    }
+    let types: Vec<&[u8]> = all("content-type").collect();
+    let json = |t: &[u8]| {
+        let t = std::str::from_utf8(t).unwrap_or_default();
+        t.split(';')
             .next()
             .unwrap_or_default()
             .trim()
             .eq_ignore_ascii_case("application/json")
-    });
-    (foreign_origin || cross_site || not_json).then(|| {
+    };
+    let has_body = req.headers.contains_key(http::header::TRANSFER_ENCODING)
+        || header("content-length").is_some_and(|l| l.trim() != "0");
+    let not_json = match types.as_slice() {
+        [] => has_body,
+        [t] => !json(t),
+        _ => true,
+    };
+    not_json.then(|| {
         error_reply(
-            403,
+            415,
             "invalid_request_error",
-            "cross_site_refused",
-            "Refused: a state-changing admin request must not come from another site's page and must send JSON or no body.",
+            "unsupported_media_type",
+            "A state-changing admin request sends its body as Content-Type: application/json (or sends no body).",
         )
     })
 }
@@ -369,6 +389,28 @@ fn refuse(req: &pingora_http::RequestHeader, admin: &AdminSection) -> Option<Res
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let admin = session.req_header().uri.path().starts_with("/admin/");
+        let mut r = self.serve(session).await;
+        let h = r.headers_mut();
+        // No admin answer is kept by a cache (the 201 of a new key carries its secret), and
+        // no page of this listener may be framed by another.
+        if admin {
+            h.insert(
+                http::header::CACHE_CONTROL,
+                http::HeaderValue::from_static("no-store"),
+            );
+        }
+        h.insert("x-frame-options", http::HeaderValue::from_static("DENY"));
+        h.insert(
+            "x-content-type-options",
+            http::HeaderValue::from_static("nosniff"),
+        );
+        r
+    }
+}
+
+impl AdminApp {
+    async fn serve(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
         let method = session.req_header().method.clone();
         if path.starts_with("/admin/") {

@@ -94,6 +94,57 @@ impl Entry {
     }
 }
 
+/// Whether a captured answer is whole, and so may be stored: a JSON body that parses to
+/// its end, or an event stream whose last event is complete (ends in its blank line) and
+/// is the provider's final one: `data: [DONE]` (OpenAI-compatible), `message_stop`
+/// (Anthropic) or `response.completed` (the responses API). An upstream that ends its
+/// answer by closing the connection (no length, not chunked) gives no other sign of a cut.
+pub fn is_complete(stream: bool, body: &[u8]) -> bool {
+    if !stream {
+        return serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok();
+    }
+    let Ok(text) = std::str::from_utf8(body) else {
+        return false;
+    };
+    let Some(events) = text
+        .strip_suffix("\n\n")
+        .or_else(|| text.strip_suffix("\r\n\r\n"))
+    else {
+        return false;
+    };
+    let start = [("\n\n", 2), ("\r\n\r\n", 4)]
+        .iter()
+        .filter_map(|(sep, len)| events.rfind(sep).map(|i| i + len))
+        .max()
+        .unwrap_or(0);
+    let last = &events[start..];
+    last.lines().any(|line| {
+        let line = line.trim_end_matches('\r');
+        let field = |name: &str| {
+            line.strip_prefix(name)
+                .map(|v| v.strip_prefix(' ').unwrap_or(v))
+        };
+        if let Some(event) = field("event:") {
+            return matches!(event, "message_stop" | "response.completed");
+        }
+        let Some(data) = field("data:") else {
+            return false;
+        };
+        if data == "[DONE]" {
+            return true;
+        }
+        #[derive(Deserialize)]
+        struct Typed<'a> {
+            #[serde(borrow, rename = "type")]
+            kind: Option<&'a str>,
+        }
+        serde_json::from_str::<Typed>(data)
+            .ok()
+            .and_then(|t| t.kind)
+            .is_some_and(|k| matches!(k, "message_stop" | "response.completed"))
+    })
+}
+
 /// Bodies are stored as text (JSON and SSE are UTF-8; the gateway stores nothing else).
 mod text_bytes {
     use bytes::Bytes;
@@ -239,6 +290,46 @@ mod tests {
         assert!(e.fresh(clock.now_ms()));
         clock.advance(1);
         assert!(!e.fresh(clock.now_ms()));
+    }
+
+    #[test]
+    fn only_whole_answers_are_complete() {
+        assert!(is_complete(
+            false,
+            br#"{"choices":[{"message":{"content":"4"}}]}"#
+        ));
+        assert!(is_complete(false, b"{\"a\":1}\n"));
+        assert!(!is_complete(
+            false,
+            br#"{"choices":[{"message":{"content":"4"#
+        ));
+        assert!(!is_complete(false, b""));
+        let done = "data: {\"choices\":[]}\n\ndata: [DONE]\n\n";
+        assert!(is_complete(true, done.as_bytes()));
+        assert!(is_complete(true, done.replace('\n', "\r\n").as_bytes()));
+        assert!(!is_complete(true, b"data: [DONE]\r\n\r\ndata: {}\r\n\r\n"));
+        // Cut before the sentinel, or inside its event.
+        assert!(!is_complete(true, b"data: {\"choices\":[]}\n\n"));
+        assert!(!is_complete(
+            true,
+            b"data: {\"choices\":[]}\n\ndata: [DONE]"
+        ));
+        assert!(!is_complete(true, b"data: {\"choices\":[]}\n\ndata: [DO"));
+        // A sentinel that is not the last event.
+        assert!(!is_complete(true, b"data: [DONE]\n\ndata: {}\n\n"));
+        // Anthropic's and the responses API's final events.
+        assert!(is_complete(
+            true,
+            b"event: message_delta\ndata: {\"type\":\"message_delta\"}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"
+        ));
+        assert!(!is_complete(
+            true,
+            b"event: message_delta\ndata: {\"type\":\"message_delta\"}\n\n"
+        ));
+        assert!(is_complete(
+            true,
+            b"data: {\"type\":\"response.completed\",\"response\":{}}\n\n"
+        ));
     }
 
     #[test]

@@ -196,6 +196,10 @@ pub struct BudgetsSection {
     /// Output tokens reserved for a request that sets no `max_tokens`. Default 4096.
     #[serde(default = "default_max_tokens")]
     pub default_max_tokens: u64,
+    /// The most choices (`n`, `best_of`) one request may ask for; more is a 400. The
+    /// reservation counts the output of every choice. Default 16.
+    #[serde(default = "default_max_n")]
+    pub max_n: u64,
     /// A model with no price under an enforced budget: `refuse` (default) or `allow`
     /// (counted as zero, and in `tollgate_unpriced_requests_total`).
     #[serde(default)]
@@ -206,10 +210,15 @@ fn default_max_tokens() -> u64 {
     4096
 }
 
+fn default_max_n() -> u64 {
+    16
+}
+
 impl Default for BudgetsSection {
     fn default() -> Self {
         BudgetsSection {
             default_max_tokens: default_max_tokens(),
+            max_n: default_max_n(),
             unpriced: Unpriced::Refuse,
         }
     }

@@ -461,12 +461,10 @@ fn check_cache(file: &FileConfig, errors: &mut Vec<ConfigError>) {
         let u = url.expose();
         let schemes = ["redis://", "rediss://", "redis+unix://", "unix://"];
         if !schemes.iter().any(|s| u.starts_with(s)) || redis::Client::open(u).is_err() {
+            // The value is not echoed: it may hold a password in a shape no mask knows.
             err(
                 "cluster.redis".into(),
-                format!(
-                    "{} is not a redis://, rediss:// or redis+unix:// URL",
-                    crate::secret::mask_userinfo(u)
-                ),
+                "is not a redis://, rediss:// or redis+unix:// URL (the value is not shown: it may hold a password)".into(),
             );
         }
     }
@@ -502,6 +500,21 @@ fn check_admin(admin: &file::AdminSection, errors: &mut Vec<ConfigError>) {
             message: message.into(),
         })
     };
+    // Neither secret is ever echoed, only its fault.
+    for (path, key) in [
+        ("admin.master_key", &admin.master_key),
+        ("admin.viewer_key", &admin.viewer_key),
+    ] {
+        if key
+            .as_ref()
+            .is_some_and(|k| k.expose().chars().count() < MIN_ADMIN_KEY_CHARS)
+        {
+            err(
+                path,
+                "must be at least 16 characters (generate one with: openssl rand -hex 24)",
+            );
+        }
+    }
     match (&admin.master_key, &admin.viewer_key) {
         (None, Some(_)) => err("admin.viewer_key", "needs admin.master_key"),
         (Some(m), Some(v)) if m.expose() == v.expose() => {
@@ -510,6 +523,9 @@ fn check_admin(admin: &file::AdminSection, errors: &mut Vec<ConfigError>) {
         _ => {}
     }
 }
+
+/// The shortest master or viewer key the config accepts.
+const MIN_ADMIN_KEY_CHARS: usize = 16;
 
 /// `server`: listeners, admin listener, threads, timeouts, caps, body size, trusted proxies.
 fn build_server(
@@ -676,6 +692,20 @@ fn check_keys(file: &FileConfig, errors: &mut Vec<ConfigError>) {
                 format!("keys[{i}].key"),
                 "the same key is configured twice".into(),
             );
+        }
+        let admin = [&file.admin.master_key, &file.admin.viewer_key];
+        for (which, secret) in ["master_key", "viewer_key"].iter().zip(admin) {
+            if secret
+                .as_ref()
+                .is_some_and(|s| s.expose() == k.key.expose())
+            {
+                err(
+                    format!("keys[{i}].key"),
+                    format!(
+                        "must differ from admin.{which} (a client could then run the admin API)"
+                    ),
+                );
+            }
         }
     }
 }
@@ -973,11 +1003,14 @@ fn check_pricing_and_log(file: &FileConfig, errors: &mut Vec<ConfigError>) {
             "must be from 1 to 10000000".into(),
         );
     }
-    if file.budgets.default_max_tokens > crate::limits::MAX_COUNT {
+    if !(1..=crate::limits::MAX_COUNT).contains(&file.budgets.default_max_tokens) {
         err(
             "budgets.default_max_tokens".into(),
-            format!("must be at most {}", crate::limits::MAX_COUNT),
+            format!("must be from 1 to {}", crate::limits::MAX_COUNT),
         );
+    }
+    if !(1..=128).contains(&file.budgets.max_n) {
+        err("budgets.max_n".into(), "must be from 1 to 128".into());
     }
     if let Some(w) = &file.alerts.webhook {
         let u = w.url.expose();
@@ -1053,14 +1086,14 @@ models:
                 .map(|e| e.to_string())
                 .unwrap_or_default()
         };
-        assert!(with("  viewer_key: reader-key-0000\n")
+        assert!(with("  viewer_key: reader-key-0000-0000\n")
             .contains("admin.viewer_key: needs admin.master_key"));
         assert!(
-            with("  master_key: same-key-0000\n  viewer_key: same-key-0000\n")
+            with("  master_key: same-key-0000-0000\n  viewer_key: same-key-0000-0000\n")
                 .contains("admin.viewer_key: must differ from admin.master_key")
         );
         assert_eq!(
-            with("  master_key: master-key-0000\n  viewer_key: reader-key-0000\n"),
+            with("  master_key: master-key-0000-0000\n  viewer_key: reader-key-0000-0000\n"),
             ""
         );
     }

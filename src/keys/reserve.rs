@@ -20,13 +20,13 @@ pub struct Ask<'a> {
     pub client_model: &'a str,
     /// The request body's length: its input is estimated at a token per four bytes.
     pub body_len: usize,
-    /// The completion budget it asked for, if any.
-    pub max_tokens: Option<u64>,
+    /// The most output it may bill: its completion budget (or
+    /// `budgets.default_max_tokens`) times its choices (`n`, `best_of`).
+    pub output_tokens: u64,
 }
 
-/// The budgets a request is reserved against, and how much: the estimated input plus
-/// `max_tokens` (or `budgets.default_max_tokens`), at the dearest price among the routes
-/// it may take.
+/// The budgets a request is reserved against, and how much: the estimated input plus the
+/// most output it may bill, at the dearest price among the routes it may take.
 pub struct Plan {
     budgets: Vec<Arc<Budget>>,
     amount: i64,
@@ -46,7 +46,7 @@ pub fn plan(
     let Ask {
         client_model,
         body_len,
-        max_tokens,
+        output_tokens: output,
     } = *ask;
     let mut budgets = Vec::with_capacity(2);
     match caller {
@@ -66,7 +66,6 @@ pub fn plan(
     }
     let now = keys.now();
     let input = (body_len as u64).div_ceil(4);
-    let output = max_tokens.unwrap_or(config.budgets.default_max_tokens);
     let amount = match dearest_price(config, alias, client_model) {
         Some(p) => p.most(input, output),
         None => {

@@ -420,10 +420,11 @@ pub fn key_hash(key: &str) -> u64 {
 }
 
 /// Estimated tokens of a request before it is sent: a quarter of the prompt bytes (about
-/// four bytes a token for English text and JSON) plus the completion budget it asks for.
-/// Saturates instead of wrapping, whatever the client asked for.
-pub fn estimate_tokens(body_len: usize, max_tokens: Option<u64>) -> u64 {
-    (body_len as u64 / 4).saturating_add(max_tokens.unwrap_or(0))
+/// four bytes a token for English text and JSON) plus the most output it asks for (its
+/// completion budget times its choices). Saturates instead of wrapping, whatever the
+/// client asked for.
+pub fn estimate_tokens(body_len: usize, output_tokens: u64) -> u64 {
+    (body_len as u64 / 4).saturating_add(output_tokens)
 }
 
 /// The largest limit the config accepts and the largest amount one request adds to a
@@ -532,7 +533,7 @@ mod tests {
                 .unwrap_err();
             assert_eq!(r.dimension, Dimension::Tpm);
         }
-        assert_eq!(estimate_tokens(usize::MAX, Some(u64::MAX)), u64::MAX);
+        assert_eq!(estimate_tokens(usize::MAX, u64::MAX), u64::MAX);
         // The window is untouched: 1000 tokens fit, one more does not.
         let mut adm = Admission::new(b.clone());
         adm.admit(&mut [tpm(1000)]).await.unwrap();

@@ -134,7 +134,8 @@ impl Gateway {
         Ok(())
     }
 
-    /// Stores a complete 200 answer.
+    /// Stores a complete 200 answer: whole JSON, or a stream that ended with its final
+    /// event (`cache::is_complete`).
     pub(super) async fn cache_store(
         &self,
         ctx: &RequestCtx,
@@ -149,7 +150,9 @@ impl Gateway {
         let Some(body) = relayed.capture.as_ref().and_then(|c| c.body()) else {
             return;
         };
-        if !complete || std::str::from_utf8(&body).is_err() {
+        // `Complete` only says the upstream ended the body: one that ends it by closing
+        // the connection may have been cut, so the answer itself must be whole.
+        if !complete || !cache::is_complete(stream, &body) {
             return;
         }
         let usage = ctx.record.usage.unwrap_or_default();

@@ -37,7 +37,14 @@ impl Gateway {
         let body = intake::read_body(session, s.max_body_size.0, s.body_timeout.0).await?;
         ctx.record.waiting += body_started.elapsed();
         ctx.body_unread = false;
-        let facts = body::scan(&body).map_err(GatewayError::BadRequest)?;
+        let facts = body::scan(&body, suffix).map_err(GatewayError::BadRequest)?;
+        if facts.choices > config.budgets.max_n {
+            return Err(GatewayError::BadRequest(format!(
+                "n (or best_of) is {}; this gateway serves at most {} choices per request (budgets.max_n).",
+                facts.choices, config.budgets.max_n
+            ))
+            .into());
+        }
         ctx.record.model = Some(facts.model.clone());
         ctx.record.stream = facts.stream;
         let alias = config
@@ -58,11 +65,11 @@ impl Gateway {
             admitted.map_err(|r| refused(ctx, r))?;
             return self.answer_hit(session, ctx, entry).await;
         }
-        let estimate = limits::estimate_tokens(body.len(), facts.max_tokens);
+        let estimate = limits::estimate_tokens(body.len(), facts.output_ceiling(0));
         let ask = Ask {
             client_model: &facts.model,
             body_len: body.len(),
-            max_tokens: facts.max_tokens,
+            output_tokens: facts.output_ceiling(config.budgets.default_max_tokens),
         };
         let budgets = reserve::plan(&self.keys, config, caller, alias, &ask)?;
         // A shared counter backend checks budgets with the limits, in the same call.

@@ -171,6 +171,15 @@ pub fn location(url: &str) -> Result<Location, StoreError> {
         if path.is_empty() {
             return Err(StoreError("store.url: sqlite:// needs a file path".into()));
         }
+        if path
+            .split('/')
+            .next()
+            .is_some_and(|head| head.contains('@'))
+        {
+            return Err(StoreError(
+                "store.url: sqlite:// takes a file path, not a user or password (the value is not shown)".into(),
+            ));
+        }
         return Ok(Location::Sqlite(path.into()));
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -178,10 +187,10 @@ pub fn location(url: &str) -> Result<Location, StoreError> {
             .map_err(|e| StoreError(format!("store.url: {}", mask_userinfo(&e.to_string()))))?;
         return Ok(Location::Postgres(url.to_string()));
     }
-    Err(StoreError(format!(
-        "store.url: {} is not a supported database URL (sqlite:///path/to/file.db or postgres://user:password@host/database)",
-        mask_userinfo(url)
-    )))
+    // The value is not echoed: it may hold a password in a shape no mask knows.
+    Err(StoreError(
+        "store.url: is not a supported database URL (sqlite:///path/to/file.db or postgres://user:password@host/database; the value is not shown: it may hold a password)".into(),
+    ))
 }
 
 impl Location {
@@ -196,7 +205,7 @@ impl Location {
     /// The URL with any password masked, for messages.
     fn shown(&self) -> String {
         match self {
-            Location::Sqlite(path) => path.display().to_string(),
+            Location::Sqlite(path) => mask_userinfo(&path.display().to_string()),
             Location::Postgres(url) => mask_userinfo(url),
         }
     }
@@ -222,6 +231,34 @@ async fn try_connect(url: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Creates a SQLite file that does not exist yet readable by its owner only (0600), in a
+/// directory made 0700 when it is missing too: the file holds key digests, spend and the
+/// audit log. SQLite gives its `-wal` and `-shm` files the database file's permissions.
+/// An existing file or directory keeps the permissions it has.
+fn create_private(path: &std::path::Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let cannot = |what: &std::path::Path, e: std::io::Error| {
+        StoreError(format!("store.url: cannot create {}: {e}", what.display()))
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| cannot(dir, e))?;
+    }
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(cannot(path, e)),
+    }
+}
+
 /// Start-up: creates the file and its directory when missing (SQLite), migrates the
 /// schema and runs `load` on the database, all on a throwaway runtime that is gone when
 /// this returns.
@@ -231,11 +268,7 @@ where
 {
     let loc = location(url)?;
     if let Location::Sqlite(path) = &loc {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                StoreError(format!("store.url: cannot create {}: {e}", dir.display()))
-            })?;
-        }
+        create_private(path)?;
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -510,6 +543,11 @@ mod tests {
             .unwrap();
         assert_eq!(v, SCHEMA_VERSION);
         let e = location("mysql://u:pw@h/db").unwrap_err().0;
-        assert!(e.contains("***@h") && !e.contains("pw"), "{e}");
+        assert!(e.contains("store.url") && !e.contains("pw"), "{e}");
+        let e = location("sqlite://u:pw@/x.db").unwrap_err().0;
+        assert!(
+            e.contains("not a user or password") && !e.contains("pw@"),
+            "{e}"
+        );
     }
 }
