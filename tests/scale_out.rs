@@ -234,14 +234,7 @@ fn reservations(redis: &Redis) -> usize {
 }
 
 fn redis_cli_out(redis: &Redis, args: &[&str]) -> String {
-    let sock = redis.url.trim_start_matches("redis+unix://");
-    let out = std::process::Command::new("redis-cli")
-        .args(["-s", sock])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    redis.cli(args)
 }
 
 const BUDGET_MICRO: i64 = 100;

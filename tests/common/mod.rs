@@ -355,6 +355,28 @@ impl Redis {
 }
 
 impl Redis {
+    /// What `redis-cli` prints for `args` against this server.
+    #[allow(dead_code)]
+    pub fn cli(&self, args: &[&str]) -> String {
+        let sock = self.url.trim_start_matches("redis+unix://");
+        let out = std::process::Command::new("redis-cli")
+            .args(["-s", sock])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Concurrency slots held in this server now (members of the `*:slots` sets).
+    #[allow(dead_code)]
+    pub fn slots_held(&self) -> usize {
+        self.cli(&["--scan", "--pattern", "*:slots"])
+            .lines()
+            .map(|k| self.cli(&["zcard", k]).trim().parse::<usize>().unwrap_or(0))
+            .sum()
+    }
+
     /// Stops the server and keeps its directory, to start it again on the same socket.
     pub fn stop(mut self) -> tempfile::TempDir {
         let _ = self.child.kill();
