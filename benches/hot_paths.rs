@@ -9,17 +9,17 @@ use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criteri
 use futures_util::FutureExt;
 use std::sync::Arc;
 use std::time::Duration;
+use tollgate::attempt::inspect::Rules;
 use tollgate::clock::monotonic_ms as now_ms;
 use tollgate::config::file::{Balance, Provider, Strategy, UpstreamSection};
-use tollgate::inspect::Rules;
 use tollgate::limits::{
     key_hash, Admission, Charge, CounterBackend, Dimension, LocalCounters, Scope,
 };
-use tollgate::pricing::Pricing;
+use tollgate::relay::pricing::Pricing;
+use tollgate::relay::usage::UsageScanner;
 use tollgate::route::{Need, Route, Tier};
 use tollgate::upstream::health::Reason;
 use tollgate::upstream::{Endpoint, InFlight, Server, Upstream};
-use tollgate::usage::UsageScanner;
 
 fn upstream(balance: Balance, n: usize) -> Upstream {
     let section = UpstreamSection::new(Provider::Generic, balance);

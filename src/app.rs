@@ -4,13 +4,13 @@
 
 use crate::admin::AdminApp;
 use crate::cache::{CacheBackend, MemoryCache, RedisCache};
-use crate::client_conn::{
-    default_max_connections, raise_open_file_limit, ClientListener, ConnectionCounts,
-};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::keys::Directory;
 use crate::limits::{CounterBackend, LocalCounters, RedisCounters};
+use crate::listen::{
+    default_max_connections, raise_open_file_limit, ClientListener, ConnectionCounts,
+};
 use crate::ops::listeners::Prebound;
 use crate::ops::reload::{HangupReload, Reloader};
 use crate::ops::upgrade::Upgrader;

@@ -166,7 +166,7 @@ impl GatewayError {
         } = self
         {
             body["error"]["scope"] = (*scope).into();
-            body["error"]["max_usd"] = crate::pricing::usd(*max_micro).into();
+            body["error"]["max_usd"] = crate::relay::pricing::usd(*max_micro).into();
             body["error"]["resets_at"] = resets_at.clone().into();
         }
         if let GatewayError::ContextLengthExceeded { largest, .. } = self {

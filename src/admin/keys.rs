@@ -4,14 +4,14 @@
 //! directory the request path reads is rebuilt; reads never show a secret or a digest.
 
 use super::reply;
-use crate::auth::Caller;
 use crate::clock::{parse_time, rfc3339};
 use crate::config::file::BudgetSection;
 use crate::config::Config;
+use crate::keys::auth::Caller;
 use crate::keys::budget::{Budget, BudgetSpec};
 use crate::keys::{self, Directory, KeyRecord, Snapshot, StoredKey, StoredTeam, TeamRecord};
 use crate::limits::Limits;
-use crate::pricing::usd;
+use crate::relay::pricing::usd;
 use crate::store::StoreError;
 use http::Response;
 use serde_json::{json, Map, Value};
@@ -184,7 +184,7 @@ fn key_view(k: &StoredKey, now: i64) -> Value {
 }
 
 /// A key of the config file, as the API lists it (read-only).
-fn config_key_view(dir: &Directory, k: &crate::auth::KeyInfo, now: i64) -> Value {
+fn config_key_view(dir: &Directory, k: &crate::keys::auth::KeyInfo, now: i64) -> Value {
     let budget = k.budget.as_ref().map(|spec| {
         let live = dir.config_budget(&k.name, spec);
         budget_view(spec, Some(&live), now)
@@ -544,7 +544,7 @@ fn list_keys(dir: &Directory, config: &Config, query: &str) -> Answer {
     let search = param(query, "search").map(|s| s.to_lowercase());
     let mut all: Vec<Value> = Vec::new();
     if team.is_none() {
-        let mut config_keys: Vec<&crate::auth::KeyInfo> = config.keys.infos().collect();
+        let mut config_keys: Vec<&crate::keys::auth::KeyInfo> = config.keys.infos().collect();
         config_keys.sort_by(|a, b| a.name.cmp(&b.name));
         all.extend(
             config_keys

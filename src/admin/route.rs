@@ -85,8 +85,8 @@ fn tiers(alias: &Alias, need: &Need) -> Vec<Value> {
                         "score": placed.score.filter(|s| s.is_finite()),
                         "weight": route.weight,
                         "price_per_million": price.map(|p| json!({
-                            "input_usd": crate::pricing::usd(p.input as i64),
-                            "output_usd": crate::pricing::usd(p.output as i64),
+                            "input_usd": crate::relay::pricing::usd(p.input as i64),
+                            "output_usd": crate::relay::pricing::usd(p.output as i64),
                         })),
                         "max_context": window,
                         "fits": route.fits(need.client_model, need.tokens()),

@@ -7,7 +7,7 @@
 //! a miss (logged, at most every 10 s), never an error for the client.
 
 use super::{CacheBackend, Entry, Key};
-use crate::cluster::{SharedRedis, CALL_TIMEOUT};
+use crate::store::cluster::{SharedRedis, CALL_TIMEOUT};
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use std::sync::atomic::{AtomicU64, Ordering};

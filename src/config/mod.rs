@@ -6,8 +6,8 @@
 pub mod file;
 pub mod units;
 
-use crate::auth::KeyRing;
-use crate::inspect::Rules;
+use crate::attempt::inspect::Rules;
+use crate::keys::auth::KeyRing;
 use crate::limits::Cidr;
 use crate::route::{Alias, Route, Router, Tier};
 use crate::upstream::{Endpoint, Server, ServerState, Upstream};
@@ -83,7 +83,7 @@ pub struct Limits {
 /// The validated runtime configuration the proxy serves from.
 pub struct Config {
     pub server: file::ServerSection,
-    pub pricing: crate::pricing::Pricing,
+    pub pricing: crate::relay::pricing::Pricing,
     pub store: file::StoreSection,
     pub budgets: file::BudgetsSection,
     pub alerts: file::AlertsSection,
@@ -406,11 +406,12 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
-    let pricing = crate::pricing::Pricing::new(
+    let pricing = crate::relay::pricing::Pricing::new(
         file.pricing
             .iter()
             .map(|(m, p)| {
-                let price = crate::pricing::Price::from_usd(p.input, p.output, p.cached_input);
+                let price =
+                    crate::relay::pricing::Price::from_usd(p.input, p.output, p.cached_input);
                 (m.clone(), price)
             })
             .collect(),
@@ -423,7 +424,7 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
         listen,
         admin_listen,
         keys: KeyRing::new(file.keys.iter().map(|k| {
-            let info = crate::auth::KeyInfo {
+            let info = crate::keys::auth::KeyInfo {
                 name: k.name.clone(),
                 limits: k.limits,
                 models: k.models.clone(),
@@ -902,9 +903,11 @@ fn build_models(
                     "must be at least 1 token".into(),
                 );
             }
-            let max_context = r
-                .max_context
-                .or_else(|| model.as_deref().and_then(crate::pricing::shipped_context));
+            let max_context = r.max_context.or_else(|| {
+                model
+                    .as_deref()
+                    .and_then(crate::relay::pricing::shipped_context)
+            });
             by_priority.entry(r.priority).or_default().push(Route {
                 upstream: Arc::clone(upstream),
                 model,
@@ -961,13 +964,14 @@ fn build_models(
 fn check_pricing_and_log(file: &FileConfig, errors: &mut Vec<ConfigError>) {
     let mut err = |path: String, message: String| errors.push(ConfigError { path, message });
     for (model, price) in &file.pricing {
-        let ok = |v: f64| v.is_finite() && (0.0..=crate::pricing::MAX_USD_PER_MTOK).contains(&v);
+        let ok =
+            |v: f64| v.is_finite() && (0.0..=crate::relay::pricing::MAX_USD_PER_MTOK).contains(&v);
         if !(ok(price.input) && ok(price.output) && price.cached_input.is_none_or(ok)) {
             err(
                 format!("pricing.{model}"),
                 format!(
                     "prices must be numbers of USD per million tokens from 0 to {}",
-                    crate::pricing::MAX_USD_PER_MTOK
+                    crate::relay::pricing::MAX_USD_PER_MTOK
                 ),
             );
         }

@@ -61,8 +61,8 @@ impl Alerts {
             "id": a.owner.id,
             "name": a.owner.name,
             "fraction": a.fraction,
-            "spend_usd": crate::pricing::usd(a.spent_micro),
-            "max_usd": crate::pricing::usd(a.max_micro),
+            "spend_usd": crate::relay::pricing::usd(a.spent_micro),
+            "max_usd": crate::relay::pricing::usd(a.max_micro),
             "period": a.period.as_str(),
             "period_start": crate::clock::rfc3339(a.period_start),
         }));
@@ -75,8 +75,8 @@ impl Alerts {
             "scope": e.owner.scope,
             "id": e.owner.id,
             "name": e.owner.name,
-            "spend_usd": crate::pricing::usd(e.spent_micro),
-            "max_usd": crate::pricing::usd(e.max_micro),
+            "spend_usd": crate::relay::pricing::usd(e.spent_micro),
+            "max_usd": crate::relay::pricing::usd(e.max_micro),
             "period": e.period.as_str(),
             "resets_at": e.resets_at.map(crate::clock::rfc3339),
         }));

@@ -129,7 +129,7 @@ impl BudgetSpec {
     /// The budget as the API shows it.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
-            "max_usd": crate::pricing::usd(self.max_micro),
+            "max_usd": crate::relay::pricing::usd(self.max_micro),
             "period": self.period.as_str(),
             "mode": self.mode.as_str(),
             "alert_at": self.alert_at,

@@ -7,6 +7,8 @@
 //! a short prefix to show). Budgets (`budget`) live here too: one live [`Budget`] per key,
 //! team or budgeted config key, kept across rebuilds and config reloads.
 
+pub(crate) mod auth;
+
 pub mod alerts;
 pub mod budget;
 pub mod follow;

@@ -6,9 +6,9 @@
 use super::alerts::Alerts;
 use super::budget::{Budget, Exceeded, Hold};
 use super::Directory;
-use crate::auth::Caller;
 use crate::config::Config;
 use crate::error::GatewayError;
+use crate::keys::auth::Caller;
 use crate::limits::{Charge, Dimension, Refusal, Scope};
 use crate::route::Alias;
 use std::sync::Arc;
@@ -169,8 +169,8 @@ fn budget_exceeded(e: &Exceeded) -> GatewayError {
     GatewayError::BudgetExceeded {
         message: format!(
             "Budget exceeded: {whose} is {} {per} and {} is spent; with what is reserved for requests in flight, this request does not fit.{when}",
-            crate::pricing::dollars(e.max_micro),
-            crate::pricing::dollars(e.spent_micro),
+            crate::relay::pricing::dollars(e.max_micro),
+            crate::relay::pricing::dollars(e.spent_micro),
         ),
         scope: e.owner.scope,
         max_micro: e.max_micro,
@@ -184,12 +184,12 @@ fn dearest_price(
     config: &Config,
     alias: &Alias,
     client_model: &str,
-) -> Option<crate::pricing::Price> {
+) -> Option<crate::relay::pricing::Price> {
     let mut aliases = vec![alias];
     for name in alias.fallbacks.iter().chain(&alias.context_fallbacks) {
         aliases.extend(config.router.resolve(name).map(|a| &**a));
     }
-    let mut dearest = crate::pricing::Price {
+    let mut dearest = crate::relay::pricing::Price {
         input: 0,
         output: 0,
         cached_input: 0,

@@ -19,8 +19,8 @@ pub use headers::{openai_duration, KeyHeaders, Room};
 pub use local::LocalCounters;
 pub use shared::{OnRedisError, RedisCounters};
 
-use crate::auth::Caller;
 use crate::config::Config;
+use crate::keys::auth::Caller;
 use crate::route::Alias;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -85,7 +85,9 @@ impl Dimension {
             Dimension::Rpm => format!("{limit} requests per minute"),
             Dimension::Tpm => format!("{limit} tokens per minute"),
             Dimension::Concurrency => format!("{limit} requests in flight"),
-            Dimension::Spend => crate::pricing::dollars(i64::try_from(limit).unwrap_or(i64::MAX)),
+            Dimension::Spend => {
+                crate::relay::pricing::dollars(i64::try_from(limit).unwrap_or(i64::MAX))
+            }
         }
     }
 }

@@ -23,7 +23,7 @@
 use super::backend::CounterBackend;
 use super::local::LocalCounters;
 use super::{Charge, Dimension, Refusal, Room, Scope};
-use crate::cluster::{SharedRedis, CALL_TIMEOUT};
+use crate::store::cluster::{SharedRedis, CALL_TIMEOUT};
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

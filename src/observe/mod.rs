@@ -3,14 +3,14 @@
 //! key's *name*, never a key. Runs after the response; it must not fail or block.
 //! `metrics` holds the Prometheus metrics it (and the connection stage) update.
 
+use crate::attempt::AttemptRecord;
 use crate::config::file::LogFormat;
 use crate::config::Config;
-use crate::failover::AttemptRecord;
 
 pub mod metrics;
 
-use crate::stream::StreamEnd;
-use crate::usage::Usage;
+use crate::relay::usage::Usage;
+use crate::relay::StreamEnd;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::time::{Duration, Instant, SystemTime};
@@ -179,7 +179,7 @@ fn record_metrics(r: &Record, config: &Config) {
     }
     if let Some((tokens, micro)) = r.saved {
         m.cache_saved_tokens.inc_by(tokens);
-        m.cache_saved_usd.inc_by(crate::pricing::usd(micro));
+        m.cache_saved_usd.inc_by(crate::relay::pricing::usd(micro));
     }
     if let Some(scope) = r.limited {
         m.ratelimited.with_label_values(&[scope]).inc();
@@ -206,7 +206,7 @@ fn record_metrics(r: &Record, config: &Config) {
             if let Some(micro) = r.cost_micro {
                 m.cost
                     .with_label_values(&[model, upstream])
-                    .inc_by(crate::pricing::usd(micro));
+                    .inc_by(crate::relay::pricing::usd(micro));
             }
         }
         None => {
@@ -358,7 +358,7 @@ fn json_line(r: &Record) -> String {
         "tokens_in": r.usage.map(|u| u.input),
         "tokens_out": r.usage.map(|u| u.output),
         "tokens_cached": r.usage.map(|u| u.cached),
-        "cost_usd": r.cost_micro.map(crate::pricing::usd),
+        "cost_usd": r.cost_micro.map(crate::relay::pricing::usd),
         "bytes_in": r.bytes_in,
         "bytes_out": r.bytes_out,
         "error": r.error.map(Failure::as_str),

@@ -2,12 +2,12 @@
 //! a stored entry, and the store after a complete 200.
 
 use super::{Gateway, Outcome, RequestCtx};
-use crate::auth::Caller;
 use crate::cache::{self, Directives, Entry, Key};
 use crate::config::file::CacheScope;
 use crate::config::Config;
+use crate::keys::auth::Caller;
+use crate::relay::Relayed;
 use crate::route::Alias;
-use crate::stream::Relayed;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use pingora_http::ResponseHeader;
@@ -145,7 +145,7 @@ impl Gateway {
         plan: Plan,
     ) {
         let complete = relayed.status == 200
-            && relayed.end == Some(crate::stream::StreamEnd::Complete)
+            && relayed.end == Some(crate::relay::StreamEnd::Complete)
             && plan.store;
         let Some(body) = relayed.capture.as_ref().and_then(|c| c.body()) else {
             return;
@@ -179,8 +179,8 @@ impl Gateway {
     pub(super) fn capture_for(
         config: &Config,
         plan: Option<&Plan>,
-    ) -> Option<crate::stream::Capture> {
+    ) -> Option<crate::relay::Capture> {
         plan.filter(|p| p.store)
-            .map(|_| crate::stream::Capture::new(entry_limit(config)))
+            .map(|_| crate::relay::Capture::new(entry_limit(config)))
     }
 }

@@ -44,7 +44,7 @@ impl RequestCtx {
     /// Takes what the request header says: its id, the client's address, whether a body
     /// follows; and sets the connection's timeouts from `config`, which the request keeps.
     pub(super) fn begin(&mut self, session: &mut Session, config: Arc<Config>) {
-        crate::client_conn::header_in(&session.downstream_session);
+        crate::listen::header_in(&session.downstream_session);
         let req = session.req_header();
         let r = &mut self.record;
         r.method = req.method.as_str().to_string();

@@ -3,12 +3,12 @@
 //! LLM endpoints, which go through the first limits stage and on to the pipeline.
 
 use super::{Gateway, Outcome, RequestCtx};
-use crate::auth::{presented_key, Caller, KeyStore};
 use crate::config::Config;
 use crate::error::GatewayError;
+use crate::keys::auth::{presented_key, Caller, KeyStore};
 use crate::limits::{self, Refusal};
 use crate::provider::Dialect;
-use crate::respond;
+use crate::relay::respond;
 use bytes::Bytes;
 use pingora_proxy::Session;
 

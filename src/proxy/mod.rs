@@ -22,7 +22,7 @@ use crate::keys::alerts::Alerts;
 use crate::keys::Directory;
 use crate::limits::CounterBackend;
 use crate::observe::{self, Failure};
-use crate::respond;
+use crate::relay::respond;
 use crate::store::usage::UsageQueue;
 use crate::transport::pool::Connections;
 use crate::upstream::shared::SharedCooldowns;

@@ -6,18 +6,18 @@
 
 use super::dispatch::refused;
 use super::{intake, Gateway, Outcome, RequestCtx};
-use crate::auth::Caller;
+use crate::attempt;
+use crate::attempt::forward::{self, Outgoing};
 use crate::body;
 use crate::config::Config;
 use crate::error::GatewayError;
-use crate::failover;
-use crate::forward::{self, Outgoing};
+use crate::keys::auth::Caller;
 use crate::keys::reserve::{self, Ask};
 use crate::limits;
 use crate::observe::Failure;
 use crate::provider::Dialect;
+use crate::relay::{self, Relayed, Stamp};
 use crate::route::{Alias, Need};
-use crate::stream::{self, Relayed, Stamp};
 use pingora_core::{Error, ErrorType};
 use pingora_proxy::Session;
 use std::time::Instant;
@@ -121,7 +121,7 @@ impl Gateway {
             output_tokens: facts.max_tokens.unwrap_or(0),
             pricing: &config.pricing,
         };
-        let plan = failover::Plan {
+        let plan = attempt::Plan {
             connections: &self.connections,
             router: &config.router,
             failover: &config.failover,
@@ -139,13 +139,13 @@ impl Gateway {
         // A client that leaves while the upstream is still thinking (no header yet) ends the
         // attempt: dropping it closes the upstream connection, which stops the generation.
         let result = tokio::select! {
-            r = failover::run(&plan, alias, &mut attempts) => Some(r),
+            r = attempt::run(&plan, alias, &mut attempts) => Some(r),
             _ = session.downstream_session.read_body_or_idle(true) => None,
         };
         ctx.record.waiting += attempts_started.elapsed();
         ctx.record.attempts = attempts;
         let Some(result) = result else {
-            ctx.record.error = Some(Failure::Stream(stream::StreamEnd::ClientGone));
+            ctx.record.error = Some(Failure::Stream(relay::StreamEnd::ClientGone));
             return Err(Outcome::Aborted(Error::explain(
                 ErrorType::ConnectionClosed,
                 "client disconnected before the response",
@@ -175,7 +175,7 @@ impl Gateway {
         ctx.record.upstream = Some(winner.upstream.name.clone());
         ctx.record.upstream_model = Some(winner.model.clone());
         let relay_started = Instant::now();
-        let result = stream::relay(session, &self.connections, winner, &stamp, &mut relayed).await;
+        let result = relay::relay(session, &self.connections, winner, &stamp, &mut relayed).await;
         ctx.record.target = Some(target);
         ctx.record.waiting += relay_started.elapsed();
         self.account(ctx, config, alias, &relayed);
@@ -226,7 +226,7 @@ impl Gateway {
                 }
             }
         }
-        if let Some(end) = relayed.end.filter(|e| *e != stream::StreamEnd::Complete) {
+        if let Some(end) = relayed.end.filter(|e| *e != relay::StreamEnd::Complete) {
             ctx.record.error = Some(Failure::Stream(end));
         }
     }

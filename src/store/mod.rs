@@ -7,6 +7,8 @@
 //! Database work runs on the store's own small runtime, so no Pingora service runtime
 //! owns a database connection and a slow database never occupies a proxy thread.
 
+pub(crate) mod cluster;
+
 pub mod usage;
 
 use crate::secret::mask_userinfo;

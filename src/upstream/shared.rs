@@ -9,8 +9,8 @@
 //! still running. Nothing here waits on the request path.
 
 use super::health::Reason;
-use crate::cluster::{SharedRedis, CALL_TIMEOUT};
 use crate::config::Config;
+use crate::store::cluster::{SharedRedis, CALL_TIMEOUT};
 use arc_swap::ArcSwap;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};

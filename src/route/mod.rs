@@ -6,7 +6,7 @@
 //! route's upstream is the upstream's balancer's job.
 
 use crate::config::file::Strategy;
-use crate::pricing::Pricing;
+use crate::relay::pricing::Pricing;
 use crate::upstream::balance::{next_random, p2c_by_scores};
 use crate::upstream::{latency, Upstream};
 use std::collections::HashMap;
@@ -37,7 +37,7 @@ impl Route {
         match (&self.model, self.max_context) {
             (_, Some(w)) => Some(w),
             (Some(_), None) => None,
-            (None, None) => crate::pricing::shipped_context(client_model),
+            (None, None) => crate::relay::pricing::shipped_context(client_model),
         }
     }
 

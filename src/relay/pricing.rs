@@ -4,7 +4,7 @@
 //! in micro-USD, rounded up, so that many small requests never add up to less than they
 //! cost.
 
-use crate::usage::Usage;
+use crate::relay::usage::Usage;
 use std::collections::HashMap;
 
 /// Micro-USD per million tokens.

@@ -5,14 +5,18 @@
 //! retry: a failure mid-stream ends in an SSE error event (never a fake `[DONE]`) and an
 //! error, so the client cannot mistake a cut stream for a complete one.
 
-use crate::failover::Winner;
+pub mod pricing;
+pub(crate) mod respond;
+pub mod usage;
+
+use crate::attempt::Winner;
+use crate::relay::usage::{Usage, UsageScanner};
 use crate::transport::h1::Head;
 use crate::transport::headers::{
     connection_nominated, HOP_BY_HOP_NAMES, X_REQUEST_ID, X_TOLLGATE_ATTEMPTS, X_TOLLGATE_UPSTREAM,
     X_UPSTREAM_REQUEST_ID,
 };
 use crate::transport::pool::Connections;
-use crate::usage::{Usage, UsageScanner};
 use bytes::{Bytes, BytesMut};
 use http::HeaderName;
 use http::HeaderValue;

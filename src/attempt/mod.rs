@@ -5,12 +5,13 @@
 //! response or moves on, within `failover.max_attempts`. Nothing here writes to the
 //! client, so no retry can ever follow a byte the client has seen.
 
+pub(crate) mod forward;
+pub mod inspect;
+
 use crate::clock::monotonic_ms as now_ms;
 use crate::config::file::Strategy;
 use crate::config::Failover;
 use crate::error::GatewayError;
-use crate::forward::{self, Outgoing, Sent, TransportError, TransportFailure};
-use crate::inspect::{self, Class};
 use crate::provider::Dialect;
 use crate::route::{Alias, Need, Route, Router};
 use crate::transport::pool::Connections;
@@ -18,6 +19,8 @@ use crate::upstream::health::Reason;
 use crate::upstream::shared::SharedCooldowns;
 use crate::upstream::{InFlight, Server, Upstream};
 use bytes::Bytes;
+use forward::{Outgoing, Sent, TransportError, TransportFailure};
+use inspect::Class;
 use std::collections::VecDeque;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
