@@ -105,7 +105,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
         .collect::<Result<_, _>>()?;
     let admin_listen = bind(&mut admin_sockets, config.admin_listen)?;
     config.resolve();
-    crate::observe::metrics::init();
+    crate::metrics::init();
     for w in config.warnings() {
         log::warn!("{w}");
     }

@@ -27,6 +27,7 @@ pub(crate) mod import;
 pub(crate) mod keys;
 pub mod limits;
 pub(crate) mod listen;
+pub(crate) mod metrics;
 pub(crate) mod observe;
 pub(crate) mod ops;
 pub(crate) mod provider;

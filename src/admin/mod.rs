@@ -134,7 +134,7 @@ impl AdminApp {
     }
     /// Upstream gauges are read from live server state at scrape time.
     fn update_gauges(&self) {
-        let Some(m) = crate::observe::metrics::get() else {
+        let Some(m) = crate::metrics::get() else {
             return;
         };
         let config = self.config.load();

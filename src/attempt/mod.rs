@@ -109,7 +109,7 @@ struct Skips {
 }
 
 fn skipped(reason: &'static str) {
-    if let Some(m) = crate::observe::metrics::get() {
+    if let Some(m) = crate::metrics::get() {
         m.route_skips.with_label_values(&[reason]).inc();
     }
 }

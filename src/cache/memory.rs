@@ -37,7 +37,7 @@ impl MemoryCache {
             .expire_after(PerEntry)
             .eviction_listener(|_, _, cause| {
                 if cause == RemovalCause::Size {
-                    if let Some(m) = crate::observe::metrics::get() {
+                    if let Some(m) = crate::metrics::get() {
                         m.cache_evictions.inc();
                     }
                 }

@@ -40,7 +40,7 @@ pub fn channel(webhook: WebhookSection) -> (Alerts, Delivery) {
 }
 
 fn count(result: &str) {
-    if let Some(m) = crate::observe::metrics::get() {
+    if let Some(m) = crate::metrics::get() {
         m.alerts.with_label_values(&[result]).inc();
     }
 }

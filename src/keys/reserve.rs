@@ -139,7 +139,7 @@ impl Plan {
 
 /// Counts and alerts a budget refusal and makes its 402.
 fn refusal(alerts: Option<&Alerts>, e: &Exceeded) -> GatewayError {
-    if let Some(m) = crate::observe::metrics::get() {
+    if let Some(m) = crate::metrics::get() {
         m.budget_refusals.with_label_values(&[e.owner.scope]).inc();
     }
     if let Some(a) = alerts.filter(|_| e.first) {

@@ -267,7 +267,7 @@ impl RedisCounters {
     }
 
     fn unreachable(&self, what: &str) {
-        if let Some(m) = crate::observe::metrics::get() {
+        if let Some(m) = crate::metrics::get() {
             m.limits_redis_errors.inc();
         }
         let now = crate::clock::monotonic_ms();

@@ -9,7 +9,6 @@
 //! Nothing here looks at a request's content.
 
 use crate::config::Config;
-use crate::proxy::Gateway;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora_core::apps::{HttpServerApp, ServerApp};
@@ -21,7 +20,7 @@ use pingora_core::protocols::{
     TimingDigest, UniqueID, UniqueIDType, ALPN,
 };
 use pingora_core::server::ShutdownWatch;
-use pingora_proxy::HttpProxy;
+use pingora_proxy::{HttpProxy, ProxyHttp};
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
@@ -37,8 +36,8 @@ use tokio::time::{Instant, Sleep};
 /// The proxy service's application: admits a connection, then serves its HTTP/1.1
 /// requests one after the other with a header deadline each (HTTP/2 connections go to
 /// Pingora as they are; their streams have their own flow control).
-pub struct ClientListener {
-    pub proxy: Arc<HttpProxy<Gateway>>,
+pub struct ClientListener<P> {
+    pub proxy: Arc<HttpProxy<P>>,
     pub config: Arc<ArcSwap<Config>>,
     pub counts: Arc<ConnectionCounts>,
     /// `server.max_connections` when the config leaves it unset.
@@ -46,7 +45,11 @@ pub struct ClientListener {
 }
 
 #[async_trait]
-impl ServerApp for ClientListener {
+impl<P> ServerApp for ClientListener<P>
+where
+    P: ProxyHttp + Send + Sync + 'static,
+    P::CTX: Send + Sync,
+{
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
@@ -145,7 +148,7 @@ impl ConnectionCounts {
             self.refused("max_connections", caps.total, "server.max_connections");
             return None;
         }
-        if let Some(m) = crate::observe::metrics::get() {
+        if let Some(m) = crate::metrics::get() {
             m.client_connections.inc();
         }
         // From here on the slot is counted: dropping it undoes exactly what was counted.
@@ -178,7 +181,7 @@ impl ConnectionCounts {
     }
 
     fn refused(&self, reason: &str, cap: usize, setting: &str) {
-        if let Some(m) = crate::observe::metrics::get() {
+        if let Some(m) = crate::metrics::get() {
             m.client_connections_refused
                 .with_label_values(&[reason])
                 .inc();
@@ -204,7 +207,7 @@ impl ConnectionCounts {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.counts.total.fetch_sub(1, Ordering::AcqRel);
-        if let Some(m) = crate::observe::metrics::get() {
+        if let Some(m) = crate::metrics::get() {
             m.client_connections.dec();
         }
         if let Some(ip) = self.ip {
@@ -405,7 +408,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeaderDeadline<T> {
                     let _ = Pin::new(&mut this.inner).poll_write(cx, &REQUEST_TIMEOUT);
                     let _ = Pin::new(&mut this.inner).poll_flush(cx);
                 }
-                if let Some(m) = crate::observe::metrics::get() {
+                if let Some(m) = crate::metrics::get() {
                     m.client_timeouts.with_label_values(&["header"]).inc();
                 }
                 this.phase = Phase::Done;

@@ -7,7 +7,7 @@ use crate::attempt::AttemptRecord;
 use crate::config::file::LogFormat;
 use crate::config::Config;
 
-pub mod metrics;
+use crate::metrics;
 
 use crate::relay::usage::Usage;
 use crate::relay::StreamEnd;

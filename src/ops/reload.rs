@@ -5,7 +5,7 @@
 //! start: changing them needs a binary upgrade (`-u`), which also re-reads the file.
 
 use crate::config::{Config, ConfigErrors};
-use crate::observe::metrics;
+use crate::metrics;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;

@@ -50,7 +50,7 @@ const INVALID_CHUNK: ErrorType = ErrorType::new("InvalidChunk");
 fn body_error(e: Box<Error>, timeout: Duration) -> Outcome {
     match &e.etype {
         ErrorType::ReadTimedout => {
-            if let Some(m) = crate::observe::metrics::get() {
+            if let Some(m) = crate::metrics::get() {
                 m.client_timeouts.with_label_values(&["body"]).inc();
             }
             Outcome::Refused(GatewayError::RequestTimeout {

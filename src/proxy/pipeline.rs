@@ -201,7 +201,7 @@ impl Gateway {
             ctx.record.usage = Some(usage);
             ctx.record.cost_micro = price.map(|p| p.cost(&usage));
             if price.is_none() {
-                if let Some(m) = crate::observe::metrics::get() {
+                if let Some(m) = crate::metrics::get() {
                     m.unpriced.inc();
                 }
             }

@@ -206,7 +206,7 @@ impl UsageChunkFilter {
             log::warn!(
                 "an SSE event grew past {MAX_EVENT} bytes without ending: the usage filter passes the rest of this stream through unfiltered"
             );
-            if let Some(m) = crate::observe::metrics::get() {
+            if let Some(m) = crate::metrics::get() {
                 m.sse_filter_bypassed.inc();
             }
         }

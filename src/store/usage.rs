@@ -78,14 +78,14 @@ impl UsageQueue {
             q.push_back(row);
             q.len()
         };
-        if let Some(m) = crate::observe::metrics::get() {
+        if let Some(m) = crate::metrics::get() {
             m.store_queue.set(depth as i64);
         }
     }
 
     fn dropped_rows(&self, n: u64) {
         let before = self.dropped.fetch_add(n, Ordering::Relaxed);
-        if let Some(m) = crate::observe::metrics::get() {
+        if let Some(m) = crate::metrics::get() {
             m.usage_rows.with_label_values(&["dropped"]).inc_by(n);
         }
         // One line per power of two dropped: loud at first, never a flood.
@@ -142,7 +142,7 @@ impl UsageQueue {
         result: Result<(), StoreError>,
     ) -> Result<usize, StoreError> {
         let n = rows.len();
-        let m = crate::observe::metrics::get();
+        let m = crate::metrics::get();
         if let Some(m) = m {
             m.store_flush.observe(started.elapsed().as_secs_f64());
         }
