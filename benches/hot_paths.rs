@@ -9,12 +9,12 @@ use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criteri
 use futures_util::FutureExt;
 use std::sync::Arc;
 use std::time::Duration;
-use tollgate::attempt::inspect::Rules;
 use tollgate::clock::monotonic_ms as now_ms;
 use tollgate::config::file::{Balance, Provider, Strategy, UpstreamSection};
 use tollgate::limits::{
     key_hash, Admission, Charge, CounterBackend, Dimension, LocalCounters, Scope,
 };
+use tollgate::provider::inspect::Rules;
 use tollgate::relay::pricing::Pricing;
 use tollgate::relay::usage::UsageScanner;
 use tollgate::route::{Need, Route, Tier};

@@ -6,7 +6,7 @@
 //! reservations), `limits` (two admission stages over a counter backend), `body` (model,
 //! stream and completion budget from the body), `route` (alias to tiers of targets),
 //! `upstream` (servers, their health, balancers), `attempt` (the attempt loop, one attempt
-//! over `transport` in `attempt::forward`, judging it in `attempt::inspect`), `relay`
+//! over `transport` in `attempt::forward`, judging it with `provider::inspect`), `relay`
 //! (relaying the response, usage and pricing), `observe` (the access log, metrics and
 //! usage rows). `provider` holds what differs per provider; `config`, `admin`, `store`
 //! (with `store::cluster`, the Redis instances share), `app`, `ops` (reload, upgrade,
@@ -30,7 +30,7 @@ pub(crate) mod listen;
 pub(crate) mod metrics;
 pub(crate) mod observe;
 pub(crate) mod ops;
-pub(crate) mod provider;
+pub mod provider;
 pub(crate) mod proxy;
 pub mod relay;
 pub mod route;

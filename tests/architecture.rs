@@ -51,11 +51,8 @@ const STILL_UP: &[(&str, &str)] = &[
     ("limits", "config"),
     ("limits", "keys"),
     ("limits", "route"),
-    ("provider", "config"),
-    ("relay", "attempt"),
     ("relay", "error"),
     ("route", "config"),
-    ("upstream", "attempt"),
     ("upstream", "config"),
 ];
 

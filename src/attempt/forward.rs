@@ -7,6 +7,7 @@
 use crate::transport::h1::{self, Conn, Head};
 use crate::transport::headers::{connection_nominated, is_hop_by_hop};
 use crate::transport::pool::Connections;
+pub use crate::transport::sent::Sent;
 use crate::upstream::{Server, Upstream};
 use bytes::Bytes;
 use pingora_core::upstreams::peer::Peer;
@@ -104,57 +105,6 @@ fn push_field(w: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     w.extend_from_slice(b": ");
     w.extend_from_slice(value);
     w.extend_from_slice(b"\r\n");
-}
-
-/// A response header received from the target; the body is still unread.
-pub struct Sent {
-    pub conn: Conn,
-    pub head: Head,
-    /// The connection pool's key for the target.
-    pub pool_key: u64,
-    /// Body chunks already read (an error body read to classify it), relayed first.
-    pub prefix: Vec<Bytes>,
-    /// The whole response body is in `prefix`.
-    pub ended: bool,
-}
-
-impl Sent {
-    pub fn status(&self) -> u16 {
-        self.head.status.as_u16()
-    }
-
-    pub fn headers(&self) -> &http::HeaderMap {
-        &self.head.headers
-    }
-
-    /// Reads up to `limit` bytes of the response body into `prefix`, so that `inspect` can
-    /// classify an error. Stops early at the end of the body or on an error.
-    pub async fn read_prefix(&mut self, limit: usize, idle: Duration) {
-        let mut total = 0;
-        while total < limit {
-            match self.conn.read_body(idle).await {
-                Ok(Some(chunk)) => {
-                    total += chunk.len();
-                    self.prefix.push(chunk);
-                }
-                // At the end, or on an error nothing more can be read: what was read is
-                // what the client gets.
-                Ok(None) | Err(_) => {
-                    self.ended = true;
-                    return;
-                }
-            }
-        }
-    }
-
-    /// The prefix as one contiguous slice (copied only when it came in several chunks).
-    pub fn prefix_bytes(&self) -> std::borrow::Cow<'_, [u8]> {
-        match self.prefix.as_slice() {
-            [] => std::borrow::Cow::Borrowed(&[]),
-            [one] => std::borrow::Cow::Borrowed(one),
-            many => std::borrow::Cow::Owned(many.concat()),
-        }
-    }
 }
 
 /// Why an attempt got no response header.

@@ -6,12 +6,12 @@
 //! client, so no retry can ever follow a byte the client has seen.
 
 pub(crate) mod forward;
-pub mod inspect;
 
 use crate::clock::monotonic_ms as now_ms;
 use crate::config::file::Strategy;
 use crate::config::Failover;
 use crate::error::GatewayError;
+use crate::provider::inspect::{self, Class};
 use crate::provider::Dialect;
 use crate::route::{Alias, Need, Route, Router};
 use crate::transport::pool::Connections;
@@ -20,7 +20,6 @@ use crate::upstream::shared::SharedCooldowns;
 use crate::upstream::{InFlight, Server, Upstream};
 use bytes::Bytes;
 use forward::{Outgoing, Sent, TransportError, TransportFailure};
-use inspect::Class;
 use std::collections::VecDeque;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -553,19 +553,7 @@ pub struct KeySection {
     pub budget: Option<BudgetSection>,
 }
 
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Provider {
-    /// OpenAI and anything OpenAI-compatible that takes `Authorization: Bearer`.
-    Openai,
-    /// Anthropic: `x-api-key` plus `anthropic-version`.
-    Anthropic,
-    /// Azure OpenAI: `api-key`.
-    Azure,
-    /// Self-hosted servers (vLLM, TGI, llama.cpp, Ollama): Bearer when a key is set.
-    #[default]
-    Generic,
-}
+pub use crate::provider::Provider;
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]

@@ -6,9 +6,9 @@
 pub mod file;
 pub mod units;
 
-use crate::attempt::inspect::Rules;
 use crate::keys::auth::KeyRing;
 use crate::limits::Cidr;
+use crate::provider::inspect::Rules;
 use crate::route::{Alias, Route, Router, Tier};
 use crate::upstream::{Endpoint, Server, ServerState, Upstream};
 use file::FileConfig;
@@ -493,6 +493,11 @@ fn check_cache(file: &FileConfig, errors: &mut Vec<ConfigError>) {
     }
 }
 
+/// A `retry_on` section as the lists `Rules::new` takes.
+fn retry_lists(r: &file::RetryOnSection) -> (&[String], &[String]) {
+    (&r.status, &r.body_patterns)
+}
+
 /// `admin`: a viewer key needs a master key, and must differ from it.
 fn check_admin(admin: &file::AdminSection, errors: &mut Vec<ConfigError>) {
     let mut err = |path: &str, message: &str| {
@@ -815,11 +820,13 @@ fn build_upstreams(
             );
         }
         // A bad global rule is reported once, under failover.retry_on.
-        if let Some(Err(m)) = u.retry_on.as_ref().map(|r| Rules::from_sections([r])) {
+        if let Some(Err(m)) = u.retry_on.as_ref().map(|r| Rules::new([retry_lists(r)])) {
             err(format!("{path}.retry_on"), m);
         }
-        let rules = Rules::from_sections(
-            std::iter::once(&file.failover.retry_on).chain(u.retry_on.as_ref()),
+        let rules = Rules::new(
+            std::iter::once(&file.failover.retry_on)
+                .chain(u.retry_on.as_ref())
+                .map(retry_lists),
         )
         .unwrap_or_default();
         if let Some(hc) = &u.health_check {
@@ -1043,7 +1050,7 @@ fn build_failover(file: &FileConfig, errors: &mut Vec<ConfigError>) -> Failover 
             "must not be shorter than failover.cooldown".into(),
         );
     }
-    if let Err(m) = Rules::from_sections([&f.retry_on]) {
+    if let Err(m) = Rules::new([retry_lists(&f.retry_on)]) {
         err("failover.retry_on".into(), m);
     }
     Failover {

@@ -5,9 +5,25 @@
 //! attempt loop alike. (Error shapes are the same across OpenAI-compatible providers, so
 //! `inspect` classifies every upstream's errors with one set of presets.)
 
-use crate::config::file::Provider;
+pub mod inspect;
+
 use crate::secret::Secret;
 use pingora_http::RequestHeader;
+
+/// Which API an upstream speaks (`upstreams.NAME.provider`).
+#[derive(Debug, serde::Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Provider {
+    /// OpenAI and anything OpenAI-compatible that takes `Authorization: Bearer`.
+    Openai,
+    /// Anthropic: `x-api-key` plus `anthropic-version`.
+    Anthropic,
+    /// Azure OpenAI: `api-key`.
+    Azure,
+    /// Self-hosted servers (vLLM, TGI, llama.cpp, Ollama): Bearer when a key is set.
+    #[default]
+    Generic,
+}
 
 /// Whether servers of `provider` must have an `api_key` (the hosted APIs do; a generic
 /// OpenAI-compatible fleet may not).

@@ -151,10 +151,18 @@ impl Gateway {
                 "client disconnected before the response",
             )));
         };
-        let winner = result?;
+        let attempt::Winner {
+            sent,
+            server,
+            upstream,
+            model,
+            usage_added,
+            _in_flight: in_flight,
+            strategy,
+        } = result?;
 
-        let target = winner.server.name.clone();
-        ctx.record.strategy = Some(winner.strategy.as_str());
+        let target = server.name.clone();
+        ctx.record.strategy = Some(strategy.as_str());
         let mut headers = ctx
             .admission
             .key_headers
@@ -172,10 +180,17 @@ impl Gateway {
             capture: Self::capture_for(config, cache_plan.as_ref()),
             ..Relayed::default()
         };
-        ctx.record.upstream = Some(winner.upstream.name.clone());
-        ctx.record.upstream_model = Some(winner.model.clone());
+        ctx.record.upstream = Some(upstream.name.clone());
+        ctx.record.upstream_model = Some(model);
         let relay_started = Instant::now();
-        let result = relay::relay(session, &self.connections, winner, &stamp, &mut relayed).await;
+        let answer = relay::Answer {
+            sent,
+            idle_timeout: upstream.idle_timeout,
+            usage_added,
+        };
+        // `in_flight` holds the server's in-flight count until the answer is relayed.
+        let result = relay::relay(session, &self.connections, answer, &stamp, &mut relayed).await;
+        drop(in_flight);
         ctx.record.target = Some(target);
         ctx.record.waiting += relay_started.elapsed();
         self.account(ctx, config, alias, &relayed);

@@ -9,7 +9,6 @@ pub mod pricing;
 pub(crate) mod respond;
 pub mod usage;
 
-use crate::attempt::Winner;
 use crate::relay::usage::{Usage, UsageScanner};
 use crate::transport::h1::Head;
 use crate::transport::headers::{
@@ -17,12 +16,14 @@ use crate::transport::headers::{
     X_UPSTREAM_REQUEST_ID,
 };
 use crate::transport::pool::Connections;
+use crate::transport::sent::Sent;
 use bytes::{Bytes, BytesMut};
 use http::HeaderName;
 use http::HeaderValue;
 use pingora_core::{Error, ErrorType};
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
+use std::time::Duration;
 use std::time::Instant;
 
 /// How a relayed response ended.
@@ -252,21 +253,29 @@ fn sse_error_event(message: &str) -> Bytes {
     Bytes::from(format!("data: {body}\n\n"))
 }
 
-/// Relays `winner`'s response. `Ok` when the body completed; `Err` when it was cut, in
-/// which case the connection to the client is not reused.
+/// The answer to relay: the attempt's exchange, how long the upstream may pause, and
+/// whether the gateway added `stream_options.include_usage` (then the usage chunk is not
+/// the client's).
+pub struct Answer {
+    pub sent: Sent,
+    pub idle_timeout: Duration,
+    pub usage_added: bool,
+}
+
+/// Relays `answer`. `Ok` when the body completed; `Err` when it was cut, in which case
+/// the connection to the client is not reused.
 pub async fn relay(
     session: &mut Session,
     connections: &Connections,
-    winner: Winner,
+    answer: Answer,
     stamp: &Stamp<'_>,
     relayed: &mut Relayed,
 ) -> pingora_core::Result<()> {
-    let Winner {
+    let Answer {
         mut sent,
-        upstream,
+        idle_timeout,
         usage_added,
-        ..
-    } = winner;
+    } = answer;
     let sse = is_event_stream(&sent.head);
     let mut usage = UsageScanner::new(sse);
     // The usage chunk the gateway asked for on the client's behalf is not passed on.
@@ -308,7 +317,7 @@ pub async fn relay(
         loop {
             let read = tokio::select! {
                 biased;
-                chunk = up.read_body(upstream.idle_timeout) => chunk,
+                chunk = up.read_body(idle_timeout) => chunk,
                 _ = session.downstream_session.read_body_or_idle(true) => break StreamEnd::ClientGone,
             };
             match read {
@@ -353,7 +362,7 @@ pub async fn relay(
                 }
                 session.write_response_body(Some(rest), false).await?;
             }
-            connections.give_back(up, sent.pool_key, upstream.idle_timeout);
+            connections.give_back(up, sent.pool_key, idle_timeout);
             Ok(())
         }
         StreamEnd::ClientGone => {

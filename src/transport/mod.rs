@@ -5,3 +5,4 @@
 pub mod h1;
 pub mod headers;
 pub mod pool;
+pub mod sent;

@@ -15,9 +15,9 @@ pub mod shared;
 
 use balance::{Fastest, LeastConn};
 
-use crate::attempt::inspect::Rules;
 use crate::clock::monotonic_ms as now_ms;
 use crate::config::file::{Balance, Provider, UpstreamSection};
+use crate::provider::inspect::Rules;
 use crate::secret::Secret;
 use arc_swap::ArcSwapOption;
 use check::ActiveCheck;

@@ -7,7 +7,6 @@
 //! (OpenAI-compatible providers reuse shapes, so they apply to every upstream); config
 //! adds statuses and body patterns. Pure functions: no I/O, no clock.
 
-use crate::config::file::RetryOnSection;
 use http::HeaderMap;
 use std::time::{Duration, SystemTime};
 
@@ -58,16 +57,17 @@ enum StatusPattern {
 }
 
 impl Rules {
-    /// Builds rules from config sections; errors name the bad entry.
-    pub fn from_sections<'a>(
-        sections: impl IntoIterator<Item = &'a RetryOnSection>,
+    /// Builds rules from (statuses, body patterns) lists, as `retry_on` writes them;
+    /// errors name the bad entry.
+    pub fn new<'a>(
+        lists: impl IntoIterator<Item = (&'a [String], &'a [String])>,
     ) -> Result<Rules, String> {
         let mut rules = Rules::default();
-        for s in sections {
-            for st in &s.status {
+        for (statuses, patterns) in lists {
+            for st in statuses {
                 rules.statuses.push(parse_status(st)?);
             }
-            for p in &s.body_patterns {
+            for p in patterns {
                 if p.is_empty() {
                     return Err("empty body pattern".into());
                 }
@@ -422,20 +422,16 @@ mod tests {
 
     #[test]
     fn config_rules_extend_the_presets() {
-        let rules = Rules::from_sections([&RetryOnSection {
-            status: vec!["409".into(), "4xx".into()],
-            body_patterns: vec!["Try Later".into()],
-        }])
+        let rules = Rules::new([(
+            &vec!["409".into(), "4xx".into()][..],
+            &vec!["Try Later".into()][..],
+        )])
         .unwrap();
         assert_eq!(
             classify(418, &HeaderMap::new(), b"teapot", &rules),
             Class::Transient { hint: None }
         );
-        let only_body = Rules::from_sections([&RetryOnSection {
-            status: vec![],
-            body_patterns: vec!["try later".into()],
-        }])
-        .unwrap();
+        let only_body = Rules::new([(&vec![][..], &vec!["try later".into()][..])]).unwrap();
         assert_eq!(
             classify(400, &HeaderMap::new(), b"please TRY LATER", &only_body),
             Class::Transient { hint: None }
@@ -444,16 +440,8 @@ mod tests {
             classify(400, &HeaderMap::new(), b"bad", &only_body),
             Class::Deliver
         );
-        assert!(Rules::from_sections([&RetryOnSection {
-            status: vec!["6xx".into()],
-            body_patterns: vec![]
-        }])
-        .is_err());
-        assert!(Rules::from_sections([&RetryOnSection {
-            status: vec!["abc".into()],
-            body_patterns: vec![]
-        }])
-        .is_err());
+        assert!(Rules::new([(&vec!["6xx".into()][..], &vec![][..])]).is_err());
+        assert!(Rules::new([(&vec!["abc".into()][..], &vec![][..])]).is_err());
     }
 
     #[test]
