@@ -352,7 +352,15 @@ struct CooldownListener(Arc<SharedCooldowns>, Arc<ArcSwap<Config>>);
 #[async_trait]
 impl BackgroundService for CooldownListener {
     async fn start(&self, shutdown: ShutdownWatch) {
-        self.0.listen(Arc::clone(&self.1), shutdown).await;
+        let config = Arc::clone(&self.1);
+        let servers: crate::upstream::shared::ServersNow = Arc::new(move || {
+            let c = config.load();
+            c.upstreams
+                .values()
+                .flat_map(|u| u.servers.iter().cloned())
+                .collect()
+        });
+        self.0.listen(servers, shutdown).await;
     }
 }
 

@@ -8,7 +8,7 @@ use thiserror::Error;
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum GatewayError {
     #[error("{}", .0.message())]
-    Unauthorized(crate::keys::Rejected),
+    Unauthorized(Rejected),
     #[error("This API key may not use the model `{0}`.")]
     ModelNotAllowed(String),
     #[error("{message}")]
@@ -166,13 +166,40 @@ impl GatewayError {
         } = self
         {
             body["error"]["scope"] = (*scope).into();
-            body["error"]["max_usd"] = crate::relay::pricing::usd(*max_micro).into();
+            body["error"]["max_usd"] = crate::spec::usd(*max_micro).into();
             body["error"]["resets_at"] = resets_at.clone().into();
         }
         if let GatewayError::ContextLengthExceeded { largest, .. } = self {
             body["error"]["max_context"] = (*largest).into();
         }
         Bytes::from(body.to_string())
+    }
+}
+
+/// Why a presented key was not accepted: the 401 says which, never the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejected {
+    Unknown,
+    Expired,
+    Blocked,
+    Deleted,
+    /// A secret replaced by a rotation whose grace period is over.
+    Rotated,
+}
+
+impl Rejected {
+    pub fn message(self) -> &'static str {
+        match self {
+            Rejected::Unknown => {
+                "Invalid or missing API key. Pass it as 'Authorization: Bearer KEY'."
+            }
+            Rejected::Expired => "This API key has expired.",
+            Rejected::Blocked => "This API key is blocked.",
+            Rejected::Deleted => "This API key was deleted.",
+            Rejected::Rotated => {
+                "This API key was rotated: the secret presented is no longer valid."
+            }
+        }
     }
 }
 

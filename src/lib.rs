@@ -35,6 +35,7 @@ pub(crate) mod proxy;
 pub mod relay;
 pub mod route;
 pub(crate) mod secret;
+pub mod spec;
 pub(crate) mod store;
 pub(crate) mod transport;
 pub mod upstream;

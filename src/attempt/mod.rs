@@ -8,12 +8,12 @@
 pub(crate) mod forward;
 
 use crate::clock::monotonic_ms as now_ms;
-use crate::config::file::Strategy;
 use crate::config::Failover;
 use crate::error::GatewayError;
 use crate::provider::inspect::{self, Class};
 use crate::provider::Dialect;
 use crate::route::{Alias, Need, Route, Router};
+use crate::spec::Strategy;
 use crate::transport::pool::Connections;
 use crate::upstream::health::Reason;
 use crate::upstream::shared::SharedCooldowns;

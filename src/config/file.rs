@@ -224,14 +224,6 @@ impl Default for BudgetsSection {
     }
 }
 
-#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Unpriced {
-    #[default]
-    Refuse,
-    Allow,
-}
-
 /// A budget as written in the config or sent to the admin API.
 #[derive(Debug, Deserialize, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -554,57 +546,7 @@ pub struct KeySection {
 }
 
 pub use crate::provider::Provider;
-
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Balance {
-    /// Weighted round robin (pingora-load-balancing).
-    #[default]
-    Weighted,
-    /// Fewest requests in flight relative to weight; streams count until they end.
-    LeastConn,
-    /// Power of two choices over each server's time-to-first-byte estimate (a
-    /// peak-sensitive moving average) times one plus its requests in flight.
-    Latency,
-}
-
-/// How the routes of one tier are ordered for a request.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Strategy {
-    /// In turn, starting one further on each request.
-    #[default]
-    RoundRobin,
-    /// In proportion to `routes[].weight`.
-    Weighted,
-    /// Fastest first: power of two choices over the routes' time-to-first-byte estimates.
-    Latency,
-    /// Cheapest first for the request's estimated tokens; equal prices in turn.
-    Cost,
-}
-
-impl Strategy {
-    /// The name in the config, the access log and the explain endpoint.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Strategy::RoundRobin => "round_robin",
-            Strategy::Weighted => "weighted",
-            Strategy::Latency => "latency",
-            Strategy::Cost => "cost",
-        }
-    }
-}
-
-impl Balance {
-    /// The name in the config and the explain endpoint.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Balance::Weighted => "weighted",
-            Balance::LeastConn => "least_conn",
-            Balance::Latency => "latency",
-        }
-    }
-}
+pub use crate::spec::{Balance, Strategy, Unpriced};
 
 #[derive(Debug, Deserialize)]
 

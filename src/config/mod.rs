@@ -493,6 +493,30 @@ fn check_cache(file: &FileConfig, errors: &mut Vec<ConfigError>) {
     }
 }
 
+impl From<&file::UpstreamSection> for crate::upstream::Settings {
+    fn from(s: &file::UpstreamSection) -> Self {
+        crate::upstream::Settings {
+            provider: s.provider,
+            balance: s.balance,
+            connect_timeout: s.connect_timeout.0,
+            first_byte_timeout: s.first_byte_timeout.0,
+            idle_timeout: s.idle_timeout.0,
+            stream_usage: s.stream_usage,
+            latency_decay: s.latency_decay.0,
+            health_check: s
+                .health_check
+                .as_ref()
+                .map(|h| crate::upstream::HealthCheck {
+                    path: h.path.clone(),
+                    interval: h.interval.0,
+                    timeout: h.timeout.0,
+                    consecutive_success: h.consecutive_success,
+                    consecutive_failure: h.consecutive_failure,
+                }),
+        }
+    }
+}
+
 /// A `retry_on` section as the lists `Rules::new` takes.
 fn retry_lists(r: &file::RetryOnSection) -> (&[String], &[String]) {
     (&r.status, &r.body_patterns)

@@ -77,32 +77,7 @@ pub struct StoredTeam {
     pub budget: Option<Arc<Budget>>,
 }
 
-/// Why a presented key was not accepted: the 401 says which, never the key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rejected {
-    Unknown,
-    Expired,
-    Blocked,
-    Deleted,
-    /// A secret replaced by a rotation whose grace period is over.
-    Rotated,
-}
-
-impl Rejected {
-    pub fn message(self) -> &'static str {
-        match self {
-            Rejected::Unknown => {
-                "Invalid or missing API key. Pass it as 'Authorization: Bearer KEY'."
-            }
-            Rejected::Expired => "This API key has expired.",
-            Rejected::Blocked => "This API key is blocked.",
-            Rejected::Deleted => "This API key was deleted.",
-            Rejected::Rotated => {
-                "This API key was rotated: the secret presented is no longer valid."
-            }
-        }
-    }
-}
+pub use crate::error::Rejected;
 
 struct Entry {
     key: Arc<StoredKey>,

@@ -72,7 +72,7 @@ pub fn plan(
             let enforced = budgets
                 .iter()
                 .any(|b| b.figures(now).spec.mode == crate::keys::budget::Mode::Enforce);
-            if enforced && config.budgets.unpriced == crate::config::file::Unpriced::Refuse {
+            if enforced && config.budgets.unpriced == crate::spec::Unpriced::Refuse {
                 return Err(GatewayError::Unpriced(client_model.to_string()));
             }
             0

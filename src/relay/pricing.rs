@@ -184,21 +184,7 @@ pub fn shipped_context(model: &str) -> Option<u64> {
     best_match(CONTEXT, |e| e.0, model).map(|e| e.1)
 }
 
-/// Micro-USD as a dollar amount for messages: `$12.50`, `$0.0001`, never rounded to zero.
-pub fn dollars(micro: i64) -> String {
-    let sign = if micro < 0 { "-" } else { "" };
-    let m = micro.unsigned_abs();
-    let mut frac = format!("{:06}", m % 1_000_000);
-    while frac.len() > 2 && frac.ends_with('0') {
-        frac.pop();
-    }
-    format!("{sign}${}.{frac}", m / 1_000_000)
-}
-
-/// Micro-USD as dollars, for display (JSON `*_usd` fields); never summed.
-pub fn usd(micro: i64) -> f64 {
-    micro as f64 / 1e6
-}
+pub use crate::spec::{dollars, usd};
 
 #[cfg(test)]
 mod tests {

@@ -5,8 +5,8 @@
 //! cheapest first for the request's estimated tokens (`cost`). Picking a server of a
 //! route's upstream is the upstream's balancer's job.
 
-use crate::config::file::Strategy;
 use crate::relay::pricing::Pricing;
+use crate::spec::Strategy;
 use crate::upstream::balance::{next_random, p2c_by_scores};
 use crate::upstream::{latency, Upstream};
 use std::collections::HashMap;

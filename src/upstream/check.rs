@@ -22,15 +22,15 @@ pub struct ActiveCheck {
     pub timeout: Duration,
     pub consecutive_success: usize,
     pub consecutive_failure: usize,
-    pub provider: crate::config::file::Provider,
+    pub provider: crate::provider::Provider,
     connector: Connector,
 }
 
 impl ActiveCheck {
     pub fn new(
         servers: Vec<Arc<Server>>,
-        section: &crate::config::file::HealthCheckSection,
-        provider: crate::config::file::Provider,
+        section: &super::HealthCheck,
+        provider: crate::provider::Provider,
         ca_file: Option<String>,
     ) -> Self {
         let mut options = pingora_core::connectors::ConnectorOptions::new(8);
@@ -38,7 +38,7 @@ impl ActiveCheck {
         ActiveCheck {
             servers,
             path: section.path.clone(),
-            timeout: section.timeout.0,
+            timeout: section.timeout,
             consecutive_success: section.consecutive_success.max(1),
             consecutive_failure: section.consecutive_failure.max(1),
             provider,

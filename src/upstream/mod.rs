@@ -16,9 +16,10 @@ pub mod shared;
 use balance::{Fastest, LeastConn};
 
 use crate::clock::monotonic_ms as now_ms;
-use crate::config::file::{Balance, Provider, UpstreamSection};
 use crate::provider::inspect::Rules;
+use crate::provider::Provider;
 use crate::secret::Secret;
+use crate::spec::Balance;
 use arc_swap::ArcSwapOption;
 use check::ActiveCheck;
 use futures_util::FutureExt;
@@ -313,15 +314,41 @@ pub fn index_of(b: &Backend) -> usize {
         .unwrap_or(usize::MAX)
 }
 
+/// How an upstream is reached and balanced: what `upstreams.NAME` says besides its
+/// servers and error rules, as `config` builds it.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub provider: Provider,
+    pub balance: Balance,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Whether streams report usage only when asked; `None`: the provider's default.
+    pub stream_usage: Option<bool>,
+    pub latency_decay: Duration,
+    pub health_check: Option<HealthCheck>,
+}
+
+/// Active health checks of an upstream's servers.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub consecutive_success: usize,
+    pub consecutive_failure: usize,
+}
+
 impl Upstream {
     /// `ca_file`: the CAs trusted for https (`server.ca_file`), for the health checks.
     pub fn new(
         name: String,
-        section: &UpstreamSection,
+        settings: impl Into<Settings>,
         servers: Vec<Server>,
         rules: Rules,
         ca_file: Option<String>,
     ) -> Self {
+        let section = &settings.into();
         let servers: Vec<Arc<Server>> = servers.into_iter().map(Arc::new).collect();
         let set: BTreeSet<Backend> = servers
             .iter()
@@ -337,7 +364,7 @@ impl Upstream {
                 ca_file,
             )));
         }
-        let interval = section.health_check.as_ref().map(|hc| hc.interval.0);
+        let interval = section.health_check.as_ref().map(|hc| hc.interval);
         let balancer = match section.balance {
             Balance::Weighted => {
                 let mut lb = LoadBalancer::from_backends(backends);
@@ -356,7 +383,7 @@ impl Upstream {
             Balance::Latency => {
                 let load: Arc<[Arc<ServerState>]> =
                     servers.iter().map(|s| Arc::clone(&s.state)).collect();
-                let config = (load, section.latency_decay.0);
+                let config = (load, section.latency_decay);
                 let mut lb = LoadBalancer::from_backends_with_config(backends, Some(config));
                 lb.health_check_frequency = interval;
                 settle(lb.update());
@@ -366,15 +393,15 @@ impl Upstream {
         Upstream {
             name,
             provider: section.provider,
-            connect_timeout: section.connect_timeout.0,
-            first_byte_timeout: section.first_byte_timeout.0,
-            idle_timeout: section.idle_timeout.0,
+            connect_timeout: section.connect_timeout,
+            first_byte_timeout: section.first_byte_timeout,
+            idle_timeout: section.idle_timeout,
             servers,
             rules,
             stream_usage: section
                 .stream_usage
                 .unwrap_or_else(|| crate::provider::asks_for_stream_usage(section.provider)),
-            latency_decay: section.latency_decay.0,
+            latency_decay: section.latency_decay,
             balance: section.balance,
             balancer,
             checks_active: section.health_check.is_some(),
@@ -469,8 +496,8 @@ fn settle(update: impl std::future::Future<Output = pingora_core::Result<()>>) {
 mod tests {
     use super::*;
 
-    fn section(balance: Balance) -> UpstreamSection {
-        UpstreamSection::new(Provider::Generic, balance)
+    fn section(balance: Balance) -> crate::config::file::UpstreamSection {
+        crate::config::file::UpstreamSection::new(Provider::Generic, balance)
     }
 
     fn upstream(balance: Balance, servers: &[(usize, bool)]) -> Upstream {

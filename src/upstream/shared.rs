@@ -9,9 +9,8 @@
 //! still running. Nothing here waits on the request path.
 
 use super::health::Reason;
-use crate::config::Config;
+use super::Server;
 use crate::store::cluster::{SharedRedis, CALL_TIMEOUT};
-use arc_swap::ArcSwap;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -104,17 +103,18 @@ impl SharedCooldowns {
         });
     }
 
-    /// Applies what any instance shares, until `shutdown` turns true.
+    /// Applies what any instance shares to the servers `servers` lists at the time (the
+    /// current config's), until `shutdown` turns true.
     pub async fn listen(
         &self,
-        config: Arc<ArcSwap<Config>>,
+        servers: ServersNow,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
         loop {
             match self.redis.client().get_async_pubsub().await {
                 Ok(mut pubsub) => {
                     if pubsub.subscribe(CHANNEL).await.is_ok() {
-                        self.catch_up(&config).await;
+                        self.catch_up(&servers).await;
                         let mut messages = pubsub.on_message();
                         loop {
                             tokio::select! {
@@ -123,7 +123,7 @@ impl SharedCooldowns {
                                     Some(m) => {
                                         let text: String = m.get_payload().unwrap_or_default();
                                         if let Ok(event) = serde_json::from_str::<Event>(&text) {
-                                            apply(&config.load(), event);
+                                            apply(&servers(), event);
                                         }
                                     }
                                     None => break,
@@ -144,7 +144,7 @@ impl SharedCooldowns {
 
 impl SharedCooldowns {
     /// Applies the cooldowns still running, each for the time it has left.
-    async fn catch_up(&self, config: &ArcSwap<Config>) {
+    async fn catch_up(&self, servers: &ServersNow) {
         let Ok(mut conn) = self.redis.client().get_multiplexed_async_connection().await else {
             return;
         };
@@ -164,7 +164,7 @@ impl SharedCooldowns {
             };
             if left > 0 {
                 let ms = left as u64;
-                apply(&config.load(), Event::Cool { server, ms, reason });
+                apply(&servers(), Event::Cool { server, ms, reason });
             }
         }
     }
@@ -194,9 +194,12 @@ async fn running(conn: &mut impl redis::aio::ConnectionLike) -> Vec<String> {
     }
 }
 
-fn apply(config: &Config, event: Event) {
+/// Every server of the running config, listed when an event arrives.
+pub type ServersNow = Arc<dyn Fn() -> Vec<Arc<Server>> + Send + Sync>;
+
+fn apply(servers: &[Arc<Server>], event: Event) {
     let now = crate::clock::monotonic_ms();
-    let servers = config.upstreams.values().flat_map(|u| u.servers.iter());
+    let servers = servers.iter();
     match event {
         Event::Cool { server, ms, reason } => {
             let reason = Reason::parse(&reason).unwrap_or(Reason::Transient);
