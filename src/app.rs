@@ -118,9 +118,13 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
     }
     let usage = UsageQueue::new(config.store.queue_size);
     let flush_interval = config.store.flush_interval.0;
-    let (alerts, delivery) = match config.alerts.webhook.clone() {
+    let (alerts, delivery) = match &config.alerts.webhook {
         Some(w) => {
-            let (a, d) = crate::keys::alerts::channel(w);
+            let (a, d) = crate::keys::alerts::channel(crate::keys::alerts::Webhook {
+                url: w.url.clone(),
+                headers: w.headers.clone().into_iter().collect(),
+                timeout: w.timeout.0,
+            });
             (Some(Arc::new(a)), Some(d))
         }
         None => (None, None),
@@ -271,7 +275,13 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
             "key changes",
             crate::keys::follow::Follower {
                 directory: Arc::clone(&directory),
-                config: Arc::clone(&config),
+                settings: {
+                    let config = Arc::clone(&config);
+                    Arc::new(move || {
+                        let c = config.load();
+                        (c.store.refresh_interval.0, c.keys.budgets())
+                    })
+                },
                 url,
             },
         ));

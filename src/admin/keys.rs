@@ -405,7 +405,7 @@ fn budget_field(v: &Value) -> Result<Option<BudgetSpec>, ApiError> {
         return Ok(None);
     }
     let b: BudgetSection = typed("budget", v)?;
-    BudgetSpec::from_section(&b)
+    crate::config::budget_spec(&b)
         .map(Some)
         .map_err(|(field, message)| ApiError::invalid(format!("budget.{field}"), message))
 }

@@ -8,7 +8,6 @@
 pub(crate) mod forward;
 
 use crate::clock::monotonic_ms as now_ms;
-use crate::config::Failover;
 use crate::error::GatewayError;
 use crate::provider::inspect::{self, Class};
 use crate::provider::Dialect;
@@ -55,6 +54,16 @@ impl AttemptOutcome {
             AttemptOutcome::Failed(f) => f.as_str(),
         }
     }
+}
+
+/// Failover settings in effect (see `failover` in the config reference).
+#[derive(Debug, Clone)]
+pub struct Failover {
+    pub max_attempts: usize,
+    pub cooldown: std::time::Duration,
+    pub max_cooldown: std::time::Duration,
+    pub quota_cooldown: std::time::Duration,
+    pub error_body_limit: usize,
 }
 
 /// The attempt whose response is delivered, holding its server's in-flight slot.

@@ -63,15 +63,7 @@ impl ConfigErrors {
     }
 }
 
-/// Failover settings in effect (see `failover` in the config reference).
-#[derive(Debug, Clone)]
-pub struct Failover {
-    pub max_attempts: usize,
-    pub cooldown: std::time::Duration,
-    pub max_cooldown: std::time::Duration,
-    pub quota_cooldown: std::time::Duration,
-    pub error_body_limit: usize,
-}
+pub use crate::attempt::Failover;
 
 /// Limits of the global and per-IP scopes (key and model limits live on keys and aliases).
 #[derive(Debug, Clone, Default)]
@@ -428,10 +420,7 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
                 name: k.name.clone(),
                 limits: k.limits,
                 models: k.models.clone(),
-                budget: k
-                    .budget
-                    .as_ref()
-                    .and_then(|b| crate::keys::budget::BudgetSpec::from_section(b).ok()),
+                budget: k.budget.as_ref().and_then(|b| budget_spec(b).ok()),
             };
             (&k.key, info)
         })),
@@ -515,6 +504,13 @@ impl From<&file::UpstreamSection> for crate::upstream::Settings {
                 }),
         }
     }
+}
+
+/// A budget as written (config or API), checked: the failing field and why.
+pub fn budget_spec(
+    b: &file::BudgetSection,
+) -> Result<crate::keys::budget::BudgetSpec, (&'static str, String)> {
+    crate::keys::budget::BudgetSpec::new(b.max_usd, b.period, b.mode, &b.alert_at)
 }
 
 /// A `retry_on` section as the lists `Rules::new` takes.
@@ -702,7 +698,7 @@ fn check_keys(file: &FileConfig, errors: &mut Vec<ConfigError>) {
             );
         }
         if let Some(b) = &k.budget {
-            if let Err((field, message)) = crate::keys::budget::BudgetSpec::from_section(b) {
+            if let Err((field, message)) = budget_spec(b) {
                 err(format!("keys[{i}].budget.{field}"), message);
             }
         }

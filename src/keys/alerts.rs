@@ -5,7 +5,6 @@
 //! outcome is counted in `tollgate_budget_alerts_total{result}`.
 
 use super::budget::{Alert, Exceeded};
-use crate::config::file::WebhookSection;
 use crate::secret::Secret;
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
@@ -18,6 +17,16 @@ use tokio::sync::mpsc;
 const QUEUE: usize = 1024;
 const ATTEMPTS: u32 = 3;
 
+/// Where alerts go (`alerts.webhook`).
+#[derive(Clone)]
+pub struct Webhook {
+    pub url: crate::secret::Secret,
+    /// Extra request headers; values are secrets.
+    pub headers: Vec<(String, crate::secret::Secret)>,
+    /// Per delivery attempt.
+    pub timeout: std::time::Duration,
+}
+
 pub struct Alerts {
     tx: mpsc::Sender<serde_json::Value>,
 }
@@ -25,10 +34,10 @@ pub struct Alerts {
 /// The task that delivers what `Alerts` queues.
 pub struct Delivery {
     rx: tokio::sync::Mutex<mpsc::Receiver<serde_json::Value>>,
-    webhook: WebhookSection,
+    webhook: Webhook,
 }
 
-pub fn channel(webhook: WebhookSection) -> (Alerts, Delivery) {
+pub fn channel(webhook: Webhook) -> (Alerts, Delivery) {
     let (tx, rx) = mpsc::channel(QUEUE);
     (
         Alerts { tx },
@@ -98,8 +107,7 @@ impl BackgroundService for Delivery {
                 if attempt > 0 {
                     tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
                 }
-                match tokio::time::timeout(self.webhook.timeout.0, post(&self.webhook, &body)).await
-                {
+                match tokio::time::timeout(self.webhook.timeout, post(&self.webhook, &body)).await {
                     Ok(Ok(status)) if (200..300).contains(&status) => {
                         delivered = true;
                         break;
@@ -115,7 +123,7 @@ impl BackgroundService for Delivery {
 }
 
 /// One POST over HTTP/1.1 (`http://` URLs); the status code.
-async fn post(w: &WebhookSection, body: &str) -> std::io::Result<u16> {
+async fn post(w: &Webhook, body: &str) -> std::io::Result<u16> {
     let url = w.url.expose();
     let rest = url.strip_prefix("http://").ok_or_else(|| {
         std::io::Error::other(

@@ -97,16 +97,19 @@ pub const MAX_USD: f64 = 1e12;
 
 impl BudgetSpec {
     /// Checks a budget as written (config or API): the failing field and why.
-    pub fn from_section(
-        b: &crate::config::file::BudgetSection,
+    pub fn new(
+        max_usd: f64,
+        period: Period,
+        mode: Mode,
+        alert_at: &[f64],
     ) -> Result<BudgetSpec, (&'static str, String)> {
-        if !(b.max_usd.is_finite() && b.max_usd >= 0.0 && b.max_usd <= MAX_USD) {
+        if !(max_usd.is_finite() && (0.0..=MAX_USD).contains(&max_usd)) {
             return Err((
                 "max_usd",
                 format!("expected a number of dollars from 0 to {MAX_USD}"),
             ));
         }
-        if b.alert_at
+        if alert_at
             .iter()
             .any(|f| !(f.is_finite() && *f > 0.0 && *f <= 10.0))
         {
@@ -115,13 +118,13 @@ impl BudgetSpec {
                 "expected fractions above 0 and at most 10 (1.0 = the whole budget)".into(),
             ));
         }
-        let mut alert_at = b.alert_at.clone();
+        let mut alert_at = alert_at.to_vec();
         alert_at.sort_by(f64::total_cmp);
         alert_at.dedup();
         Ok(BudgetSpec {
-            max_micro: (b.max_usd * 1e6).round() as i64,
-            period: b.period,
-            mode: b.mode,
+            max_micro: (max_usd * 1e6).round() as i64,
+            period,
+            mode,
             alert_at,
         })
     }

@@ -7,10 +7,9 @@
 //! `store.refresh_interval` is the safety net. That periodic re-read also recounts every
 //! budget's spend from the usage rows of all instances (one sum query per budget).
 
+use super::budget::BudgetSpec;
 use super::{Directory, CHANGES};
-use crate::config::Config;
 use crate::secret::mask_userinfo;
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
@@ -18,9 +17,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// What the follower reads of the running config at each turn: the periodic re-read's
+/// interval (`store.refresh_interval`) and the config keys that carry a budget.
+pub type Settings = Arc<dyn Fn() -> (Duration, Vec<(String, BudgetSpec)>) + Send + Sync>;
+
 pub struct Follower {
     pub directory: Arc<Directory>,
-    pub config: Arc<ArcSwap<Config>>,
+    pub settings: Settings,
     /// The PostgreSQL URL (`store.url`).
     pub url: String,
 }
@@ -84,14 +87,14 @@ impl BackgroundService for Follower {
         let (tx, mut rx) = mpsc::channel(1);
         let listening = self.directory.store.spawn(listen(self.url.clone(), tx));
         loop {
-            let every = self.config.load().store.refresh_interval.0;
+            let (every, _) = (self.settings)();
             let periodic = tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = rx.recv() => false,
                 _ = tokio::time::sleep(every) => true,
             };
             let _one_at_a_time = self.directory.writes.lock().await;
-            let budgets = self.config.load().keys.budgets();
+            let (_, budgets) = (self.settings)();
             let done = if periodic {
                 // The full re-read also recounts budgets' spend from the usage rows.
                 self.directory.recount(budgets).await

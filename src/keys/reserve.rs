@@ -6,11 +6,12 @@
 use super::alerts::Alerts;
 use super::budget::{Budget, Exceeded, Hold};
 use super::Directory;
-use crate::config::Config;
 use crate::error::GatewayError;
 use crate::keys::auth::Caller;
 use crate::limits::{Charge, Dimension, Refusal, Scope};
+use crate::relay::pricing::Pricing;
 use crate::route::Alias;
+use crate::route::Router;
 use std::sync::Arc;
 
 /// What a request asks for, as far as its cost goes.
@@ -36,9 +37,18 @@ pub struct Plan {
 /// The key's and the team's budgets of a request and its most possible cost; `None` when
 /// no budget applies. An unpriced model is refused here when an enforced budget applies
 /// and `budgets.unpriced: refuse`.
+/// What the reservation prices a request with: the aliases (for fallbacks), the price
+/// table, and what an unpriced model does under a budget (`budgets.unpriced`).
+#[derive(Clone, Copy)]
+pub struct Prices<'a> {
+    pub router: &'a Router,
+    pub pricing: &'a Pricing,
+    pub unpriced: crate::spec::Unpriced,
+}
+
 pub fn plan(
     keys: &Directory,
-    config: &Config,
+    prices: &Prices<'_>,
     caller: &Caller,
     alias: &Alias,
     ask: &Ask<'_>,
@@ -66,13 +76,13 @@ pub fn plan(
     }
     let now = keys.now();
     let input = (body_len as u64).div_ceil(4);
-    let amount = match dearest_price(config, alias, client_model) {
+    let amount = match dearest_price(prices, alias, client_model) {
         Some(p) => p.most(input, output),
         None => {
             let enforced = budgets
                 .iter()
                 .any(|b| b.figures(now).spec.mode == crate::keys::budget::Mode::Enforce);
-            if enforced && config.budgets.unpriced == crate::spec::Unpriced::Refuse {
+            if enforced && prices.unpriced == crate::spec::Unpriced::Refuse {
                 return Err(GatewayError::Unpriced(client_model.to_string()));
             }
             0
@@ -181,13 +191,13 @@ fn budget_exceeded(e: &Exceeded) -> GatewayError {
 /// The highest input and output prices among the routes of `alias` and its fallbacks
 /// (`None` when one of them has no price).
 fn dearest_price(
-    config: &Config,
+    prices: &Prices<'_>,
     alias: &Alias,
     client_model: &str,
 ) -> Option<crate::relay::pricing::Price> {
     let mut aliases = vec![alias];
     for name in alias.fallbacks.iter().chain(&alias.context_fallbacks) {
-        aliases.extend(config.router.resolve(name).map(|a| &**a));
+        aliases.extend(prices.router.resolve(name).map(|a| &**a));
     }
     let mut dearest = crate::relay::pricing::Price {
         input: 0,
@@ -197,7 +207,7 @@ fn dearest_price(
     for a in aliases {
         for route in a.tiers.iter().flat_map(|t| &t.routes) {
             let model = route.model.as_deref().unwrap_or(client_model);
-            let p = config.pricing.for_route(model, &a.name)?;
+            let p = prices.pricing.for_route(model, &a.name)?;
             dearest.input = dearest.input.max(p.input);
             dearest.output = dearest.output.max(p.output);
             dearest.cached_input = dearest.cached_input.max(p.cached_input);

@@ -19,9 +19,6 @@ pub use headers::{openai_duration, KeyHeaders, Room};
 pub use local::LocalCounters;
 pub use shared::{OnRedisError, RedisCounters};
 
-use crate::config::Config;
-use crate::keys::auth::Caller;
-use crate::route::Alias;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
@@ -333,30 +330,33 @@ impl Drop for Admission {
     }
 }
 
+/// Who a request counts as, in every scope but the model's.
+#[derive(Clone, Copy)]
+pub struct Scopes<'a> {
+    pub global: &'a Limits,
+    pub per_ip: &'a Limits,
+    pub client_ip: &'a str,
+    /// The key's counter key and limits, when a key called.
+    pub key: Option<(u64, &'a Limits)>,
+    /// Its team's, when it has one.
+    pub team: Option<(u64, &'a Limits)>,
+}
+
 /// Stage one, before the body is read: the request rates of the global, IP, key and team
 /// scopes.
-pub async fn admit_request(
-    adm: &mut Admission,
-    config: &Config,
-    caller: &Caller,
-    client_ip: &str,
-) -> Result<(), Refusal> {
+pub async fn admit_request(adm: &mut Admission, who: &Scopes<'_>) -> Result<(), Refusal> {
     let mut charges = Vec::with_capacity(8);
-    config
-        .limits
-        .global
-        .requests(Scope::Global, 0, &mut charges);
-    let ip = key_hash(client_ip);
-    config.limits.per_ip.requests(Scope::Ip, ip, &mut charges);
-    let key = caller.key_limits();
-    if let Some((k, limits)) = key {
+    who.global.requests(Scope::Global, 0, &mut charges);
+    let ip = key_hash(who.client_ip);
+    who.per_ip.requests(Scope::Ip, ip, &mut charges);
+    if let Some((k, limits)) = who.key {
         limits.requests(Scope::Key, k, &mut charges);
     }
-    if let Some((team, limits)) = caller.team_limits() {
+    if let Some((team, limits)) = who.team {
         limits.requests(Scope::Team, team, &mut charges);
     }
     let result = adm.admit_early(&mut charges).await;
-    if let Some((k, limits)) = key {
+    if let Some((k, limits)) = who.key {
         adm.note_key_headers(k, limits);
     }
     result
@@ -364,23 +364,21 @@ pub async fn admit_request(
 
 /// Stage two, once the body is in: the model's request rates, then the in-flight slot of
 /// every scope, then the token estimate of every scope, then `budgets` (the budget
-/// reservations a shared backend counts; none otherwise).
+/// reservations a shared backend counts; none otherwise). `model`: the alias's name and
+/// limits.
 pub async fn admit_model(
     adm: &mut Admission,
-    config: &Config,
-    caller: &Caller,
-    client_ip: &str,
-    alias: &Alias,
+    who: &Scopes<'_>,
+    (alias, model_limits): (&str, &Limits),
     tokens: u64,
     budgets: &[Charge],
 ) -> Result<(), Refusal> {
-    let (global, per_ip) = (&config.limits.global, &config.limits.per_ip);
-    let (model, ip) = (key_hash(&alias.name), key_hash(client_ip));
-    let key = caller.key_limits();
-    let team = caller.team_limits();
+    let (global, per_ip) = (who.global, who.per_ip);
+    let (model, ip) = (key_hash(alias), key_hash(who.client_ip));
+    let (key, team) = (who.key, who.team);
     let mut charges = Vec::with_capacity(12);
     let c = &mut charges;
-    alias.limits.requests(Scope::Model, model, c);
+    model_limits.requests(Scope::Model, model, c);
     global.slot(Scope::Global, 0, c);
     per_ip.slot(Scope::Ip, ip, c);
     if let Some((k, limits)) = key {
@@ -389,10 +387,10 @@ pub async fn admit_model(
     if let Some((t, limits)) = team {
         limits.slot(Scope::Team, t, c);
     }
-    alias.limits.slot(Scope::Model, model, c);
+    model_limits.slot(Scope::Model, model, c);
     global.tokens(Scope::Global, 0, tokens, c);
     per_ip.tokens(Scope::Ip, ip, tokens, c);
-    alias.limits.tokens(Scope::Model, model, tokens, c);
+    model_limits.tokens(Scope::Model, model, tokens, c);
     if let Some((k, limits)) = key {
         limits.tokens(Scope::Key, k, tokens, c);
     }
@@ -402,7 +400,7 @@ pub async fn admit_model(
     charges.extend_from_slice(budgets);
     let result = adm.admit(&mut charges).await.map_err(|mut r| {
         if r.scope == Scope::Model {
-            r.model = Some(alias.name.clone());
+            r.model = Some(alias.to_string());
         }
         r
     });

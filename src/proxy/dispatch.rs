@@ -88,8 +88,8 @@ impl Gateway {
             return Err(GatewayError::MethodNotAllowed(method.to_string()).into());
         }
         let dialect = Dialect::of(suffix);
-        let admitted =
-            limits::admit_request(&mut ctx.admission, config, &caller, &ctx.record.client_ip).await;
+        let who = super::scopes(config, &caller, &ctx.record.client_ip);
+        let admitted = limits::admit_request(&mut ctx.admission, &who).await;
         admitted.map_err(|r| refused(ctx, r))?;
         self.pipeline(session, ctx, config, &caller, suffix, dialect)
             .await

@@ -177,3 +177,18 @@ impl ProxyHttp for Gateway {
         }
     }
 }
+
+/// The limit scopes a request of `caller` from `client_ip` counts in.
+fn scopes<'a>(
+    config: &'a crate::config::Config,
+    caller: &'a crate::keys::auth::Caller,
+    client_ip: &'a str,
+) -> crate::limits::Scopes<'a> {
+    crate::limits::Scopes {
+        global: &config.limits.global,
+        per_ip: &config.limits.per_ip,
+        client_ip,
+        key: caller.key_limits(),
+        team: caller.team_limits(),
+    }
+}

@@ -59,9 +59,9 @@ impl Gateway {
             .await;
         if let Some(entry) = hit {
             // A hit counts toward request rates and concurrency, not tokens or budgets.
-            let ip = &ctx.record.client_ip;
-            let admitted =
-                limits::admit_model(&mut ctx.admission, config, caller, ip, alias, 0, &[]).await;
+            let who = super::scopes(config, caller, &ctx.record.client_ip);
+            let model = (alias.name.as_str(), &alias.limits);
+            let admitted = limits::admit_model(&mut ctx.admission, &who, model, 0, &[]).await;
             admitted.map_err(|r| refused(ctx, r))?;
             return self.answer_hit(session, ctx, entry).await;
         }
@@ -71,21 +71,18 @@ impl Gateway {
             body_len: body.len(),
             output_tokens: facts.output_ceiling(config.budgets.default_max_tokens),
         };
-        let budgets = reserve::plan(&self.keys, config, caller, alias, &ask)?;
+        let prices = reserve::Prices {
+            router: &config.router,
+            pricing: &config.pricing,
+            unpriced: config.budgets.unpriced,
+        };
+        let budgets = reserve::plan(&self.keys, &prices, caller, alias, &ask)?;
         // A shared counter backend checks budgets with the limits, in the same call.
         let shared = budgets.as_ref().filter(|_| ctx.admission.counts_spend());
         let spend = shared.map(|p| p.charges()).unwrap_or_default();
-        let ip = &ctx.record.client_ip;
-        let admitted = limits::admit_model(
-            &mut ctx.admission,
-            config,
-            caller,
-            ip,
-            alias,
-            estimate,
-            &spend,
-        )
-        .await;
+        let who = super::scopes(config, caller, &ctx.record.client_ip);
+        let model = (alias.name.as_str(), &alias.limits);
+        let admitted = limits::admit_model(&mut ctx.admission, &who, model, estimate, &spend).await;
         let alerts = self.alerts.as_deref();
         if let Err(r) = admitted {
             return Err(match shared {
