@@ -333,20 +333,14 @@ fn the_config_check_reports_the_store() {
 /// masked (checked against a real server in tests/scale_out.rs).
 #[test]
 fn the_config_check_reports_an_unreachable_postgres_store_without_its_password() {
-    let port = unused_port();
+    // Bound but never listening: refuses connections, and no other test can take it.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
     let (ok, out) = check(&format!(
         "store: {{url: \"postgres://tollgate:pg-secret-do-not-print@127.0.0.1:{port}/db\"}}\nupstreams:\n  u: {{servers: [{{url: \"http://127.0.0.1:1/v1\"}}]}}\n{MODELS}"
     ));
     assert!(!ok, "{out}");
     assert!(out.contains("Connection refused"), "{out}");
     assert!(!out.contains("pg-secret"), "{out}");
-}
-
-/// A loopback port nothing listens on (bound, then released).
-fn unused_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{chat, client, closed_port, eventually, send_chat, single, Gateway};
+use common::{chat, client, eventually, send_chat, single, Gateway, RefusingPort};
 use futures_util::StreamExt;
 use std::time::Duration;
 use tollgate::demo::mock::{MockUpstream, Reply};
@@ -85,7 +85,8 @@ async fn least_conn_sends_new_requests_away_from_a_server_holding_a_long_stream(
 async fn backup_is_untouched_while_primaries_are_up_and_used_when_they_are_down() {
     let primary = MockUpstream::start("primary").await.unwrap();
     let backup = MockUpstream::start("backup").await.unwrap();
-    let dead = closed_port();
+    let refusing = RefusingPort::new();
+    let dead = refusing.port;
     let gw = Gateway::start(&format!(
         "upstreams:\n  up:\n    servers:\n      - {{url: \"{}\"}}\n      - {{url: \"{}\", backup: true}}\n  down:\n    servers:\n      - {{url: \"http://127.0.0.1:{dead}/v1\"}}\n      - {{url: \"{}\", backup: true}}\nmodels:\n  m-up:\n    routes: [{{upstream: up}}]\n  m-down:\n    routes: [{{upstream: down}}]\n",
         primary.url(),
@@ -168,7 +169,8 @@ async fn model_rewrite_is_the_only_change_to_the_body_and_credentials_are_swappe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_mib_prompt_is_resent_intact_after_a_connect_failure() {
     let live = MockUpstream::start("live").await.unwrap();
-    let dead = closed_port();
+    let refusing = RefusingPort::new();
+    let dead = refusing.port;
     let gw = Gateway::start(&format!(
         "upstreams:\n  dead:\n    servers: [{{url: \"http://127.0.0.1:{dead}/v1\"}}]\n  live:\n    servers: [{{url: \"{}\"}}]\nmodels:\n  m:\n    routes:\n      - {{upstream: dead, priority: 1}}\n      - {{upstream: live, priority: 2}}\n",
         live.url()

@@ -75,7 +75,7 @@ pub fn plan(
         return Ok(None);
     }
     let now = keys.now();
-    let input = (body_len as u64).div_ceil(4);
+    let input = crate::limits::input_tokens(body_len);
     let amount = match dearest_price(prices, alias, client_model) {
         Some(p) => p.most(input, output),
         None => {

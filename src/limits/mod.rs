@@ -424,7 +424,14 @@ pub fn key_hash(key: &str) -> u64 {
 /// completion budget times its choices). Saturates instead of wrapping, whatever the
 /// client asked for.
 pub fn estimate_tokens(body_len: usize, output_tokens: u64) -> u64 {
-    (body_len as u64 / 4).saturating_add(output_tokens)
+    input_tokens(body_len).saturating_add(output_tokens)
+}
+
+/// The input a body of `body_len` bytes is taken to hold before the upstream counts it:
+/// a token per four bytes, rounded up. The one estimate token limits, budget reservations
+/// and context-window routing all use.
+pub fn input_tokens(body_len: usize) -> u64 {
+    (body_len as u64).div_ceil(4)
 }
 
 /// The largest limit the config accepts and the largest amount one request adds to a

@@ -114,7 +114,7 @@ impl Gateway {
         let need = Need {
             client_model: &facts.model,
             alias: &alias.name,
-            input_tokens: body.len() as u64 / 4,
+            input_tokens: limits::input_tokens(body.len()),
             output_tokens: facts.max_tokens.unwrap_or(0),
             pricing: &config.pricing,
         };

@@ -213,6 +213,28 @@ fn answers(addr: &str) -> bool {
 }
 
 /// A loopback port with nothing listening on it (connections are refused).
+/// A loopback port that refuses every connection for as long as this lives: bound, so
+/// nothing else can take it, but never listening (a port bound and released could be
+/// taken by another test before it is used).
+#[allow(dead_code)]
+pub struct RefusingPort {
+    _socket: tokio::net::TcpSocket,
+    pub port: u16,
+}
+
+#[allow(dead_code)]
+impl RefusingPort {
+    pub fn new() -> RefusingPort {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+        let port = socket.local_addr().expect("addr").port();
+        RefusingPort {
+            _socket: socket,
+            port,
+        }
+    }
+}
+
 pub fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = l.local_addr().expect("addr").port();
