@@ -4,8 +4,11 @@
 //! `admin.master_key`, the keys, teams and spend API of `keys`.
 
 pub mod cli;
+mod fields;
 pub mod keys;
+mod reports;
 pub mod route;
+mod teams;
 mod ui;
 
 use crate::clock::monotonic_ms as now_ms;
