@@ -56,15 +56,7 @@ impl AttemptOutcome {
     }
 }
 
-/// Failover settings in effect (see `failover` in the config reference).
-#[derive(Debug, Clone)]
-pub struct Failover {
-    pub max_attempts: usize,
-    pub cooldown: std::time::Duration,
-    pub max_cooldown: std::time::Duration,
-    pub quota_cooldown: std::time::Duration,
-    pub error_body_limit: usize,
-}
+pub use crate::spec::Failover;
 
 /// The attempt whose response is delivered, holding its server's in-flight slot.
 pub struct Winner {

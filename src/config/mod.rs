@@ -67,7 +67,7 @@ impl ConfigErrors {
     }
 }
 
-pub use crate::attempt::Failover;
+pub use crate::spec::Failover;
 
 /// Limits of the global and per-IP scopes (key and model limits live on keys and aliases).
 #[derive(Debug, Clone, Default)]

@@ -1,6 +1,6 @@
 //! Plain values that many layers share and that import nothing from the crate: how a
 //! tier orders its routes and an upstream balances its servers, what an unpriced model
-//! does under a budget, and how micro-USD read as dollars. Config files spell them; the
+//! does under a budget, the failover settings, and how micro-USD read as dollars. Config files spell them; the
 //! request path reads them; neither needs the other to do so.
 
 use serde::Deserialize;
@@ -79,4 +79,14 @@ pub fn dollars(micro: i64) -> String {
 /// Micro-USD as dollars, for display (JSON `*_usd` fields); never summed.
 pub fn usd(micro: i64) -> f64 {
     micro as f64 / 1e6
+}
+
+/// Failover settings in effect (see `failover` in the config reference).
+#[derive(Debug, Clone)]
+pub struct Failover {
+    pub max_attempts: usize,
+    pub cooldown: std::time::Duration,
+    pub max_cooldown: std::time::Duration,
+    pub quota_cooldown: std::time::Duration,
+    pub error_body_limit: usize,
 }
