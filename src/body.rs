@@ -24,6 +24,8 @@ pub struct RequestFacts {
     pub choices: u64,
     /// The client sent `stream_options` (then the gateway never adds its own).
     pub stream_options: bool,
+    /// The client asked for the usage chunk (`stream_options.include_usage`).
+    pub include_usage: bool,
     /// Offset of the object's opening brace.
     pub open: usize,
 }
@@ -46,6 +48,12 @@ struct Head<'a> {
     best_of: Option<serde_json::Number>,
     #[serde(default, borrow)]
     stream_options: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
 }
 
 /// The completion-budget fields an endpoint reads (a field the endpoint does not define
@@ -135,6 +143,10 @@ pub fn scan(body: &[u8], suffix: &str) -> Result<RequestFacts, String> {
         max_tokens,
         choices,
         stream_options: head.stream_options.is_some(),
+        include_usage: head.stream_options.is_some_and(|raw| {
+            serde_json::from_str::<StreamOptions>(raw.get())
+                .is_ok_and(|o| o.include_usage == Some(true))
+        }),
         open: text.len() - text.trim_start().len(),
     })
 }

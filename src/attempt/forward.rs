@@ -151,11 +151,19 @@ impl TransportError {
     }
 }
 
+/// Where one attempt goes under the server's base path: the client's path and query, or a
+/// translated request's own.
+pub struct Wire<'a> {
+    pub suffix: &'a str,
+    pub query: Option<&'a str>,
+}
+
 /// The upstream request line and header fields for one target, ready for the wire
 /// (ending in the blank line): the client's fields, and the `Host`, length, request id,
 /// `X-Forwarded-For` and credential the gateway sets.
 pub fn request_head(
     out: &Outgoing,
+    wire: &Wire,
     server: &Server,
     upstream: &Upstream,
     body_len: usize,
@@ -165,8 +173,8 @@ pub fn request_head(
     w.extend_from_slice(out.method.as_str().as_bytes());
     w.push(b' ');
     w.extend_from_slice(ep.base_path.as_bytes());
-    w.extend_from_slice(out.suffix.as_bytes());
-    let queries = ep.query.as_deref().into_iter().chain(out.query.as_deref());
+    w.extend_from_slice(wire.suffix.as_bytes());
+    let queries = ep.query.as_deref().into_iter().chain(wire.query);
     for (i, q) in queries.enumerate() {
         w.push(if i == 0 { b'?' } else { b'&' });
         w.extend_from_slice(q.as_bytes());

@@ -10,7 +10,7 @@ pub(crate) mod forward;
 use crate::clock::monotonic_ms as now_ms;
 use crate::error::GatewayError;
 use crate::provider::inspect::{self, Class};
-use crate::provider::Dialect;
+use crate::provider::translate::{Path, Target, Translation};
 use crate::route::{Alias, Need, Route, Router};
 use crate::spec::Strategy;
 use crate::transport::pool::Connections;
@@ -71,10 +71,55 @@ pub struct Winner {
     pub _in_flight: InFlight,
     /// The strategy of the tier that chose it.
     pub strategy: Strategy,
+    /// The answer is in another format than the client's.
+    pub translation: Option<Translation>,
 }
 
-fn route_serves(route: &Route, dialect: Dialect) -> bool {
-    dialect.served_by(route.upstream.provider)
+fn route_serves(route: &Route, suffix: &str) -> bool {
+    Path::of(suffix, route.upstream.provider).serves()
+}
+
+/// One attempt's body, path and query.
+struct Prepared {
+    body: Bytes,
+    suffix: Option<String>,
+    query: Option<&'static str>,
+    translation: Option<Translation>,
+    usage_added: bool,
+}
+
+/// Builds the request for `route`: the client's body with the model renamed, or a
+/// translation of it into the upstream's format. `Err`: the request cannot be expressed
+/// in that format (a client-facing message).
+fn prepare(plan: &Plan<'_>, route: &Route, model: &str) -> Result<Prepared, String> {
+    let upstream = &route.upstream;
+    match Path::of(plan.out.suffix, upstream.provider) {
+        Path::Translated(t) => {
+            let target = Target {
+                model,
+                provider: upstream.provider,
+                default_max_tokens: plan.default_max_tokens,
+            };
+            let out = t.request(plan.body, &target)?;
+            Ok(Prepared {
+                body: Bytes::from(out.body),
+                suffix: Some(out.suffix),
+                query: out.query,
+                translation: Some(t),
+                usage_added: false,
+            })
+        }
+        _ => {
+            let usage_added = plan.wants_usage && upstream.stream_usage;
+            Ok(Prepared {
+                body: (plan.rewrite)(model, usage_added),
+                suffix: None,
+                query: None,
+                translation: None,
+                usage_added,
+            })
+        }
+    }
 }
 
 /// Everything one request's attempt loop reads.
@@ -82,8 +127,11 @@ pub struct Plan<'a> {
     pub connections: &'a Connections,
     pub router: &'a Router,
     pub failover: &'a Failover,
-    pub dialect: Dialect,
     pub out: &'a Outgoing<'a>,
+    /// The client's body as received: what translated attempts are built from.
+    pub body: &'a Bytes,
+    /// `max_tokens` for an upstream that requires one when the client set none.
+    pub default_max_tokens: u64,
     /// The client's model, estimated tokens and prices: what route strategies and context
     /// windows go by.
     pub need: &'a Need<'a>,
@@ -139,7 +187,7 @@ async fn attempt_all(
     let serves = |a: &Alias| {
         a.tiers
             .iter()
-            .any(|t| t.routes.iter().any(|r| route_serves(r, plan.dialect)))
+            .any(|t| t.routes.iter().any(|r| route_serves(r, plan.out.suffix)))
     };
     let mut queue: VecDeque<Arc<Alias>> = VecDeque::new();
     queue.push_back(Arc::clone(alias));
@@ -162,7 +210,7 @@ async fn attempt_all(
         a.tiers
             .iter()
             .flat_map(|t| &t.routes)
-            .any(|r| route_serves(r, plan.dialect) && r.fits(plan.need.client_model, needed))
+            .any(|r| route_serves(r, plan.out.suffix) && r.fits(plan.need.client_model, needed))
     };
     let mut context_first = false;
     if !queue.iter().any(|a| fits(a)) {
@@ -192,6 +240,8 @@ async fn attempt_all(
     }
     let chain: Vec<Arc<Alias>> = queue.iter().cloned().collect();
     let mut last: Option<Winner> = None;
+    // Why a route's format could not express the request, if one could not.
+    let mut untranslatable: Option<String> = None;
     let mut last_timeout = false;
 
     // When every target is cooling down, the ones cooling for a transient failure are tried
@@ -227,7 +277,7 @@ async fn attempt_all(
                     let Some((ri, server)) = order.iter().find_map(|placed| {
                         let ri = placed.route;
                         let route = &tier.routes[ri];
-                        if !route_serves(route, plan.dialect) {
+                        if !route_serves(route, plan.out.suffix) {
                             return None;
                         }
                         if !route.fits(plan.need.client_model, needed) {
@@ -252,15 +302,36 @@ async fn attempt_all(
                     }) else {
                         break;
                     };
-                    server.state.quota.spend(needed);
                     tried.push((ri, Arc::as_ptr(&server) as usize));
                     let route = &tier.routes[ri];
                     let upstream = &route.upstream;
                     let model = route.model.as_deref().unwrap_or(plan.need.client_model);
-                    let usage_added = plan.wants_usage && upstream.stream_usage;
-                    let body = (plan.rewrite)(model, usage_added);
+                    let prepared = match prepare(plan, route, model) {
+                        Ok(p) => p,
+                        Err(message) => {
+                            untranslatable = Some(message);
+                            continue;
+                        }
+                    };
+                    server.state.quota.spend(needed);
+                    let Prepared {
+                        body,
+                        suffix,
+                        query,
+                        translation,
+                        usage_added,
+                    } = prepared;
                     let in_flight = InFlight::new(&server.state);
-                    let head = forward::request_head(plan.out, &server, upstream, body.len());
+                    let wire = forward::Wire {
+                        suffix: suffix.as_deref().unwrap_or(plan.out.suffix),
+                        query: if suffix.is_some() {
+                            query
+                        } else {
+                            plan.out.query.as_deref()
+                        },
+                    };
+                    let head =
+                        forward::request_head(plan.out, &wire, &server, upstream, body.len());
                     let health = &server.state.health;
                     let sent_at = tokio::time::Instant::now();
 
@@ -340,6 +411,7 @@ async fn attempt_all(
                         upstream: Arc::clone(upstream),
                         _in_flight: in_flight,
                         strategy: tier.strategy,
+                        translation,
                     };
                     let f = plan.failover;
                     match class {
@@ -394,6 +466,9 @@ async fn attempt_all(
     match last {
         Some(w) if client_meaningful(w.sent.status()) => return Ok(w),
         other => recycle(plan.connections, other),
+    }
+    if let Some(message) = untranslatable.filter(|_| attempts.is_empty()) {
+        return Err(GatewayError::BadRequest(message));
     }
     Err(all_failed(
         plan.need.client_model,

@@ -38,6 +38,7 @@ pub struct Metrics {
     pub upstream_cooldown: GaugeVec,
     pub upstream_latency: GaugeVec,
     pub route_skips: IntCounterVec,
+    pub translations: IntCounterVec,
     pub cache_lookups: IntCounterVec,
     pub limits_redis_errors: IntCounter,
     pub cache_entries: IntGauge,
@@ -101,6 +102,11 @@ fn build() -> prometheus::Result<Metrics> {
             "tollgate_route_skips_total",
             "Requests for which targets were passed over before any attempt, by reason (context: the route's context window is too small; quota: the provider's rate-limit headers say it has no room until its reset).",
             &["reason"]
+        )?,
+        translations: register_int_counter_vec!(
+            "tollgate_translations_total",
+            "Requests answered by an upstream of another format than the client's, by direction (openai->anthropic, anthropic->openai, openai->gemini).",
+            &["direction"]
         )?,
         limits_redis_errors: register_int_counter!("tollgate_limits_redis_errors_total", "Limit checks that could not reach the shared counters (Redis) and fell back to cluster.on_redis_error.")?,
         cache_lookups: register_int_counter_vec!(

@@ -67,6 +67,8 @@ pub struct Record {
     pub limited: Option<&'static str>,
     /// The route strategy of the tier whose target answered.
     pub strategy: Option<&'static str>,
+    /// The answer was translated between formats (`openai->anthropic`).
+    pub translation: Option<&'static str>,
     /// For an alias with a cache: hit, miss or bypass; and what a hit saved.
     pub cache: Option<crate::cache::Outcome>,
     pub saved: Option<(u64, i64)>,
@@ -103,6 +105,7 @@ impl Record {
             usage: None,
             limited: None,
             strategy: None,
+            translation: None,
             cache: None,
             saved: None,
             key_id: None,
@@ -159,6 +162,9 @@ fn record_metrics(r: &Record, config: &Config) {
     }
     m.overhead
         .observe(total.saturating_sub(r.waiting).as_secs_f64());
+    if let Some(t) = r.translation {
+        m.translations.with_label_values(&[t]).inc();
+    }
     for a in &r.attempts {
         m.attempts
             .with_label_values(&[a.upstream.as_str(), a.target.as_str(), a.outcome.as_str()])
@@ -285,10 +291,11 @@ fn text_line(r: &Record) -> String {
     }
     let _ = write!(
         s,
-        " stream={} target={} strategy={} cache={} attempts=",
+        " stream={} target={} strategy={} translation={} cache={} attempts=",
         r.stream,
         r.target.as_deref().unwrap_or("-"),
         r.strategy.unwrap_or("-"),
+        r.translation.unwrap_or("-"),
         r.cache.map_or("-", crate::cache::Outcome::as_str)
     );
     if r.attempts.is_empty() {
@@ -350,6 +357,7 @@ fn json_line(r: &Record) -> String {
         "stream": r.stream,
         "target": r.target,
         "strategy": r.strategy,
+        "translation": r.translation,
         "cache": r.cache.map(crate::cache::Outcome::as_str),
         "attempts": attempts,
         "status": r.status,

@@ -1,11 +1,17 @@
 //! What differs per provider: which need an API key, the credential header's name and
 //! form, the `anthropic-version` Anthropic needs, whether streams report usage only when
-//! asked (`stream_options.include_usage`), and which endpoints each serves. Used by the
-//! config checks, attempts (`forward`), active health checks (`upstream::check`) and the
-//! attempt loop alike. (Error shapes are the same across OpenAI-compatible providers, so
-//! `inspect` classifies every upstream's errors with one set of presets.)
+//! asked (`stream_options.include_usage`), and each wire format (`openai`, `anthropic`,
+//! `gemini`) with the translation between them (`translate`). Used by the config checks,
+//! attempts (`forward`), active health checks (`upstream::check`), the attempt loop and
+//! the relay alike. (`inspect` classifies every upstream's errors with one set of presets
+//! that knows each provider's markers.)
 
+pub mod anthropic;
+pub mod gemini;
 pub mod inspect;
+pub mod openai;
+pub mod sse;
+pub mod translate;
 
 use crate::secret::Secret;
 use pingora_http::RequestHeader;
@@ -20,6 +26,8 @@ pub enum Provider {
     Anthropic,
     /// Azure OpenAI: `api-key`.
     Azure,
+    /// Google Gemini (`generateContent`): `x-goog-api-key`.
+    Gemini,
     /// Self-hosted servers (vLLM, TGI, llama.cpp, Ollama): Bearer when a key is set.
     #[default]
     Generic,
@@ -30,7 +38,7 @@ pub enum Provider {
 pub fn needs_api_key(provider: Provider) -> bool {
     matches!(
         provider,
-        Provider::Openai | Provider::Anthropic | Provider::Azure
+        Provider::Openai | Provider::Anthropic | Provider::Azure | Provider::Gemini
     )
 }
 
@@ -57,6 +65,7 @@ pub fn credential(
         Provider::Openai | Provider::Generic => ("authorization", "Bearer ", key.expose()),
         Provider::Anthropic => ("x-api-key", "", key.expose()),
         Provider::Azure => ("api-key", "", key.expose()),
+        Provider::Gemini => ("x-goog-api-key", "", key.expose()),
     });
     let version = (provider == Provider::Anthropic && !has_version).then_some((
         "anthropic-version",
@@ -80,31 +89,4 @@ pub fn set_credential(
         req.insert_header(name, format!("{prefix}{value}"))?;
     }
     Ok(())
-}
-
-/// What kind of endpoint a request is for. Anthropic's `/v1/messages` can only go to
-/// upstreams of provider `anthropic`; the OpenAI-shaped endpoints go to any.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dialect {
-    OpenAi,
-    Anthropic,
-}
-
-impl Dialect {
-    /// The dialect of an endpoint, by its path after `/v1`.
-    pub fn of(suffix: &str) -> Dialect {
-        if suffix == "/messages" {
-            Dialect::Anthropic
-        } else {
-            Dialect::OpenAi
-        }
-    }
-
-    /// Whether an upstream of `provider` takes requests of this dialect.
-    pub fn served_by(self, provider: Provider) -> bool {
-        match self {
-            Dialect::OpenAi => true,
-            Dialect::Anthropic => provider == Provider::Anthropic,
-        }
-    }
 }

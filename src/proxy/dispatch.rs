@@ -7,7 +7,6 @@ use crate::config::Config;
 use crate::error::GatewayError;
 use crate::keys::auth::{presented_key, Caller, KeyStore};
 use crate::limits::{self, Refusal};
-use crate::provider::Dialect;
 use crate::relay::respond;
 use bytes::Bytes;
 use pingora_proxy::Session;
@@ -19,6 +18,7 @@ const FORWARDED: &[&str] = &[
     "/embeddings",
     "/responses",
     "/messages",
+    super::pipeline::COUNT_TOKENS,
 ];
 
 impl Gateway {
@@ -87,12 +87,10 @@ impl Gateway {
         if method != http::Method::POST {
             return Err(GatewayError::MethodNotAllowed(method.to_string()).into());
         }
-        let dialect = Dialect::of(suffix);
         let who = super::scopes(config, &caller, &ctx.record.client_ip);
         let admitted = limits::admit_request(&mut ctx.admission, &who).await;
         admitted.map_err(|r| refused(ctx, r))?;
-        self.pipeline(session, ctx, config, &caller, suffix, dialect)
-            .await
+        self.pipeline(session, ctx, config, &caller, suffix).await
     }
 }
 

@@ -15,12 +15,33 @@ use crate::keys::auth::Caller;
 use crate::keys::reserve::{self, Ask};
 use crate::limits;
 use crate::observe::Failure;
-use crate::provider::Dialect;
 use crate::relay::{self, Relayed, Stamp};
 use crate::route::{Alias, Need};
 use pingora_core::{Error, ErrorType};
 use pingora_proxy::Session;
 use std::time::Instant;
+
+/// Anthropic's token counting endpoint: passed to an Anthropic route when the alias has
+/// one, otherwise answered here with an estimate.
+pub(super) const COUNT_TOKENS: &str = "/messages/count_tokens";
+
+/// `{"input_tokens": N}` estimated from the body's size, marked `x-tollgate-estimated`.
+async fn estimated_count(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    body_len: usize,
+) -> Result<(), Outcome> {
+    let tokens = limits::input_tokens(body_len);
+    let body = bytes::Bytes::from(format!("{{\"input_tokens\":{tokens}}}"));
+    ctx.record.status = 200;
+    let estimated = (
+        http::HeaderName::from_static("x-tollgate-estimated"),
+        http::HeaderValue::from_static("true"),
+    );
+    crate::relay::respond::json_with(session, 200, body, &ctx.record.request_id, &[estimated])
+        .await
+        .map_err(Outcome::Aborted)
+}
 
 impl Gateway {
     pub(super) async fn pipeline(
@@ -30,7 +51,6 @@ impl Gateway {
         config: &Config,
         caller: &Caller,
         suffix: &str,
-        dialect: Dialect,
     ) -> Result<(), Outcome> {
         let body_started = Instant::now();
         let s = &config.server;
@@ -65,7 +85,13 @@ impl Gateway {
             admitted.map_err(|r| refused(ctx, r))?;
             return self.answer_hit(session, ctx, entry).await;
         }
-        let estimate = limits::estimate_tokens(body.len(), facts.output_ceiling(0));
+        // Counting tokens generates nothing and costs nothing: no budget is reserved.
+        let free = suffix == COUNT_TOKENS;
+        let estimate = if free {
+            0
+        } else {
+            limits::estimate_tokens(body.len(), facts.output_ceiling(0))
+        };
         let ask = Ask {
             client_model: &facts.model,
             body_len: body.len(),
@@ -76,7 +102,11 @@ impl Gateway {
             pricing: &config.pricing,
             unpriced: config.budgets.unpriced,
         };
-        let budgets = reserve::plan(&self.keys, &prices, caller, alias, &ask)?;
+        let budgets = if free {
+            None
+        } else {
+            reserve::plan(&self.keys, &prices, caller, alias, &ask)?
+        };
         // A shared counter backend checks budgets with the limits, in the same call.
         let shared = budgets.as_ref().filter(|_| ctx.admission.counts_spend());
         let spend = shared.map(|p| p.charges()).unwrap_or_default();
@@ -122,8 +152,9 @@ impl Gateway {
             connections: &self.connections,
             router: &config.router,
             failover: &config.failover,
-            dialect,
             out: &out,
+            body: &body,
+            default_max_tokens: config.budgets.default_max_tokens,
             need: &need,
             rewrite: &rewrite,
             wants_usage: facts.stream
@@ -148,6 +179,9 @@ impl Gateway {
                 "client disconnected before the response",
             )));
         };
+        if free && matches!(result, Err(GatewayError::NoRouteForEndpoint { .. })) {
+            return estimated_count(session, ctx, body.len()).await;
+        }
         let attempt::Winner {
             sent,
             server,
@@ -156,6 +190,7 @@ impl Gateway {
             usage_added,
             _in_flight: in_flight,
             strategy,
+            translation,
         } = result?;
 
         let target = server.name.clone();
@@ -179,11 +214,13 @@ impl Gateway {
         };
         ctx.record.upstream = Some(upstream.name.clone());
         ctx.record.upstream_model = Some(model);
+        ctx.record.translation = translation.map(|t| t.label());
         let relay_started = Instant::now();
         let answer = relay::Answer {
             sent,
             idle_timeout: upstream.idle_timeout,
             usage_added,
+            translation: translation.map(|t| (t, facts.include_usage)),
         };
         // `in_flight` holds the server's in-flight count until the answer is relayed.
         let result = relay::relay(session, &self.connections, answer, &stamp, &mut relayed).await;

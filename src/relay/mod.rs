@@ -7,6 +7,7 @@
 
 pub mod pricing;
 pub(crate) mod respond;
+pub(crate) mod translated;
 pub mod usage;
 
 use crate::relay::usage::{Usage, UsageScanner};
@@ -260,6 +261,9 @@ pub struct Answer {
     pub sent: Sent,
     pub idle_timeout: Duration,
     pub usage_added: bool,
+    /// The answer is in another format than the client's, and whether an OpenAI client
+    /// asked for the usage chunk.
+    pub translation: Option<(crate::provider::translate::Translation, bool)>,
 }
 
 /// Relays `answer`. `Ok` when the body completed; `Err` when it was cut, in which case
@@ -271,10 +275,23 @@ pub async fn relay(
     stamp: &Stamp<'_>,
     relayed: &mut Relayed,
 ) -> pingora_core::Result<()> {
+    if let Some((t, include_usage)) = answer.translation {
+        return translated::relay(
+            session,
+            connections,
+            answer,
+            t,
+            include_usage,
+            stamp,
+            relayed,
+        )
+        .await;
+    }
     let Answer {
         mut sent,
         idle_timeout,
         usage_added,
+        ..
     } = answer;
     let sse = is_event_stream(&sent.head);
     let mut usage = UsageScanner::new(sse);

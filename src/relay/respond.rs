@@ -1,4 +1,5 @@
-//! Answers the gateway writes itself: errors (OpenAI-shaped JSON), health, and the model
+//! Answers the gateway writes itself: errors (OpenAI-shaped JSON, or Anthropic-shaped on
+//! `/v1/messages`), health, and the model
 //! list. Each writes a complete response with a length so keep-alive survives.
 
 use crate::error::GatewayError;
@@ -18,6 +19,17 @@ pub async fn json(
     write_json(session, status, body, request_id, &[]).await
 }
 
+/// Writes a complete JSON response with extra header fields.
+pub async fn json_with(
+    session: &mut Session,
+    status: u16,
+    body: Bytes,
+    request_id: &str,
+    extra: &[(HeaderName, HeaderValue)],
+) -> pingora_core::Result<()> {
+    write_json(session, status, body, request_id, extra).await
+}
+
 /// What a gateway error response carries besides the error.
 pub struct Refusal<'a> {
     pub request_id: &'a str,
@@ -26,6 +38,8 @@ pub struct Refusal<'a> {
     pub attempts: usize,
     /// Extra headers (the key's `x-ratelimit-*`).
     pub headers: &'a [(HeaderName, HeaderValue)],
+    /// The client speaks Anthropic's format (`/v1/messages`): the error is in its shape.
+    pub anthropic: bool,
 }
 
 /// Writes a gateway error with its `retry-after`, `x-tollgate-attempts` and the extra
@@ -47,7 +61,14 @@ pub async fn error(
         extra.push((X_TOLLGATE_ATTEMPTS, HeaderValue::from(r.attempts)));
     }
     extra.extend(r.headers.iter().cloned());
-    write_json(session, e.status(), e.body(), r.request_id, &extra).await
+    let body = if r.anthropic {
+        use crate::provider::anthropic;
+        let kind = anthropic::error_type(e.status());
+        Bytes::from(anthropic::error_body(kind, &e.to_string()))
+    } else {
+        e.body()
+    };
+    write_json(session, e.status(), body, r.request_id, &extra).await
 }
 
 async fn write_json(

@@ -78,7 +78,7 @@ impl UsageScanner {
         let Some(data) = line.strip_prefix(b"data:") else {
             return;
         };
-        if !contains(data, b"\"usage\"") {
+        if !contains(data, b"\"usage\"") && !contains(data, GEMINI) {
             return;
         }
         if let Ok(v) = serde_json::from_slice::<Value>(data) {
@@ -87,6 +87,13 @@ impl UsageScanner {
     }
 
     fn merge(&mut self, v: &Value) {
+        if let Some(n) = gemini_usage(&v["usageMetadata"]) {
+            // Cumulative on every partial answer: the largest is the last.
+            let f = self.found.get_or_insert_with(Usage::default);
+            f.input = f.input.max(n.input);
+            f.output = f.output.max(n.output);
+            f.cached = f.cached.max(n.cached);
+        }
         for u in [&v["usage"], &v["message"]["usage"], &v["response"]["usage"]] {
             if !u.is_object() {
                 continue;
@@ -116,10 +123,35 @@ impl UsageScanner {
     }
 }
 
+/// Gemini's usage member.
+const GEMINI: &[u8] = b"\"usageMetadata\"";
+
+/// Gemini's `usageMetadata`: the prompt count includes cached tokens; reasoning
+/// ("thoughts") tokens are billed as output.
+fn gemini_usage(v: &Value) -> Option<Usage> {
+    if !v.is_object() {
+        return None;
+    }
+    let u = crate::provider::gemini::UsageMetadata::deserialize(v).ok()?;
+    Some(Usage {
+        input: u.prompt_token_count,
+        output: u.candidates_token_count + u.thoughts_token_count,
+        cached: u.cached_content_token_count.min(u.prompt_token_count),
+    })
+}
+
 /// The usage of a JSON response body. Only the `usage` object is parsed, found from the
 /// end because every provider writes it after the (much longer) content. A quote inside a
 /// JSON string is always escaped, so `"usage"` followed by a colon is a member name.
 fn json_usage(body: &[u8]) -> Option<Usage> {
+    if let Some(at) = body.windows(GEMINI.len()).rposition(|w| w == GEMINI) {
+        let value = body[at + GEMINI.len()..]
+            .trim_ascii_start()
+            .strip_prefix(b":")?;
+        let mut de = serde_json::Deserializer::from_slice(value);
+        let v = Value::deserialize(&mut de).ok()?;
+        return gemini_usage(&v);
+    }
     const NAME: &[u8] = b"\"usage\"";
     let mut end = body.len();
     while let Some(at) = body[..end].windows(NAME.len()).rposition(|w| w == NAME) {
@@ -210,6 +242,25 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gemini_usage_metadata_counts_thoughts_as_output_and_cached_within_the_prompt() {
+        let body = br#"{"candidates":[{"content":{"parts":[{"text":"hi"}]}}],"usageMetadata":{"promptTokenCount":100,"candidatesTokenCount":20,"thoughtsTokenCount":5,"cachedContentTokenCount":40,"totalTokenCount":125}}"#;
+        let want = Some(Usage {
+            input: 100,
+            output: 25,
+            cached: 40,
+        });
+        let mut s = UsageScanner::new(false);
+        s.feed(body);
+        assert_eq!(s.finish(), want);
+        let mut s = UsageScanner::new(true);
+        s.feed(b"data: {\"candidates\":[],\"usageMetadata\":{\"promptTokenCount\":100,\"candidatesTokenCount\":3}}\n\n");
+        s.feed(b"data: ");
+        s.feed(&body[..]);
+        s.feed(b"\n\n");
+        assert_eq!(s.finish(), want);
+    }
 
     #[test]
     fn json_usage_in_both_dialects() {

@@ -1,0 +1,236 @@
+//! Relaying an answer in another format than the client's. A complete answer (and any
+//! error answer) is read whole, translated and written with its length; a stream is
+//! translated event by event as the upstream's reads arrive, never held back. Usage is
+//! read from the upstream's own bytes, before translation, so accounting is the same as
+//! for pass-through.
+
+use super::{downstream_header, is_event_stream, Answer, Relayed, Stamp, StreamEnd};
+use crate::provider::translate::Translation;
+use crate::relay::usage::UsageScanner;
+use crate::transport::h1::{Conn, Error as H1Error};
+use crate::transport::pool::Connections;
+use bytes::Bytes;
+use http::HeaderValue;
+use pingora_core::{Error, ErrorType};
+use pingora_proxy::Session;
+use std::time::{Duration, Instant};
+
+/// The largest complete answer translated; a larger one is refused (502) rather than
+/// held without bound.
+const MAX_ANSWER: usize = 32 << 20;
+
+/// What the client gets for an answer the gateway could not translate.
+fn untranslatable(t: Translation, why: &str) -> (u16, Vec<u8>) {
+    let message = format!("The upstream's answer could not be translated: {why}");
+    let body = t.error(502, message.as_bytes());
+    (502, body)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Reads the rest of a body, unless the client leaves first or it grows past the cap.
+async fn read_all(
+    session: &mut Session,
+    up: &mut Conn,
+    mut body: Vec<u8>,
+    idle: Duration,
+) -> Result<Vec<u8>, StreamEnd> {
+    loop {
+        let read = tokio::select! {
+            biased;
+            chunk = up.read_body(idle) => chunk,
+            _ = session.downstream_session.read_body_or_idle(true) => return Err(StreamEnd::ClientGone),
+        };
+        match read {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_ANSWER {
+                    return Err(StreamEnd::UpstreamError);
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(H1Error::Timeout) => return Err(StreamEnd::UpstreamTimeout),
+            Err(_) => return Err(StreamEnd::UpstreamError),
+        }
+    }
+}
+
+/// Relays `answer`, translated by `t`. `include_usage`: an OpenAI client asked for the
+/// usage chunk.
+pub async fn relay(
+    session: &mut Session,
+    connections: &Connections,
+    answer: Answer,
+    t: Translation,
+    include_usage: bool,
+    stamp: &Stamp<'_>,
+    relayed: &mut Relayed,
+) -> pingora_core::Result<()> {
+    let Answer {
+        mut sent,
+        idle_timeout,
+        ..
+    } = answer;
+    let status = sent.status();
+    let sse = status < 300 && is_event_stream(&sent.head);
+    let mut usage = UsageScanner::new(sse);
+    let prefix: Vec<Bytes> = std::mem::take(&mut sent.prefix);
+    let headers = &mut sent.head.headers;
+    headers.remove(http::header::CONTENT_LENGTH);
+    headers.remove(http::header::CONTENT_ENCODING);
+    if !sse {
+        let mut up = sent.conn;
+        let mut body: Vec<u8> = prefix.concat();
+        if !sent.ended {
+            body = match read_all(session, &mut up, body, idle_timeout).await {
+                Ok(b) => b,
+                Err(end) => {
+                    relayed.end = Some(end);
+                    return Error::e_explain(
+                        ErrorType::ReadError,
+                        "upstream answer not read whole",
+                    );
+                }
+            };
+        }
+        connections.give_back(up, sent.pool_key, idle_timeout);
+        usage.feed(&body);
+        relayed.usage = usage.finish();
+        let (status, out) = if status < 300 {
+            match t.answer(&body, unix_now()) {
+                Ok(out) => (status, out),
+                Err(why) => untranslatable(t, &why),
+            }
+        } else {
+            (status, t.error(status, &body))
+        };
+        let mut head = sent.head;
+        head.status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY);
+        head.headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        head.headers
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(out.len()));
+        let header = downstream_header(head, !session.is_http2(), stamp);
+        relayed.status = status;
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+        let out = Bytes::from(out);
+        relayed.first_byte = Some(Instant::now());
+        relayed.bytes = out.len();
+        if let Some(c) = relayed.capture.as_mut() {
+            c.keep(&out);
+        }
+        relayed.end = Some(StreamEnd::Complete);
+        return session.write_response_body(Some(out), true).await;
+    }
+
+    let http1 = !session.is_http2();
+    let header = downstream_header(sent.head, http1, stamp);
+    relayed.status = header.status.as_u16();
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    let mut stream = t.stream(unix_now(), include_usage);
+    let mut up = sent.conn;
+    let mut out = Vec::with_capacity(1024);
+    for chunk in prefix {
+        usage.feed(&chunk);
+        stream.feed(&chunk, &mut out);
+    }
+    let mut end = if sent.ended {
+        Some(StreamEnd::Complete)
+    } else {
+        None
+    };
+    loop {
+        if !out.is_empty() {
+            let chunk = Bytes::from(std::mem::take(&mut out));
+            relayed.first_byte.get_or_insert_with(Instant::now);
+            relayed.bytes += chunk.len();
+            if let Some(c) = relayed.capture.as_mut() {
+                c.keep(&chunk);
+            }
+            if session
+                .write_response_body(Some(chunk), false)
+                .await
+                .is_err()
+            {
+                end = Some(StreamEnd::ClientGone);
+                break;
+            }
+        }
+        if end.is_some() {
+            break;
+        }
+        let read = tokio::select! {
+            biased;
+            chunk = up.read_body(idle_timeout) => chunk,
+            _ = session.downstream_session.read_body_or_idle(true) => {
+                end = Some(StreamEnd::ClientGone);
+                break;
+            }
+        };
+        match read {
+            Ok(Some(chunk)) => {
+                usage.feed(&chunk);
+                stream.feed(&chunk, &mut out);
+            }
+            Ok(None) => end = Some(StreamEnd::Complete),
+            Err(H1Error::Timeout) => end = Some(StreamEnd::UpstreamTimeout),
+            Err(_) => end = Some(StreamEnd::UpstreamError),
+        }
+    }
+    let mut end = end.unwrap_or(StreamEnd::UpstreamError);
+    relayed.usage = usage.finish();
+    let mut tail = Vec::new();
+    match end {
+        StreamEnd::Complete => {
+            if !stream.finish(&mut tail) {
+                // The upstream ended its body without ending the answer.
+                end = StreamEnd::UpstreamError;
+            }
+        }
+        StreamEnd::UpstreamTimeout => stream.fail(
+            "The upstream stopped sending in the middle of the stream (idle timeout).",
+            &mut tail,
+        ),
+        StreamEnd::UpstreamError => stream.fail(
+            "The upstream connection failed in the middle of the stream.",
+            &mut tail,
+        ),
+        StreamEnd::ClientGone => {}
+    }
+    if !tail.is_empty() {
+        let tail = Bytes::from(tail);
+        relayed.bytes += tail.len();
+        if let Some(c) = relayed.capture.as_mut() {
+            c.keep(&tail);
+        }
+        let _ = session.write_response_body(Some(tail), false).await;
+    }
+    relayed.end = Some(end);
+    match end {
+        StreamEnd::Complete => {
+            connections.give_back(up, sent.pool_key, idle_timeout);
+            Ok(())
+        }
+        StreamEnd::ClientGone => {
+            drop(up);
+            Error::e_explain(
+                ErrorType::ConnectionClosed,
+                "client disconnected mid-response",
+            )
+        }
+        _ => {
+            drop(up);
+            Error::e_explain(ErrorType::ReadError, "upstream failed mid-response")
+        }
+    }
+}
