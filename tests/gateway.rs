@@ -326,7 +326,7 @@ async fn refusals_are_openai_shaped_and_never_reach_an_upstream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn messages_go_only_to_anthropic_upstreams_with_their_auth_style() {
+async fn messages_are_translated_for_an_openai_tier_and_each_upstream_gets_its_auth_style() {
     let openai = MockUpstream::start("openai").await.unwrap();
     let anthropic = MockUpstream::start("anthropic").await.unwrap();
     let gw = Gateway::start(&format!(
@@ -334,26 +334,40 @@ async fn messages_go_only_to_anthropic_upstreams_with_their_auth_style() {
         openai.url(),
         anthropic.url()
     ));
+    let messages = serde_json::json!({"model": "claude", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]});
     let r = client()
         .post(gw.url("/v1/messages"))
-        .json(&serde_json::json!({"model": "claude", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}))
+        .json(&messages)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(openai.hits(), 0);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["type"],
+        "message"
+    );
+    let got = openai.last().unwrap();
+    assert_eq!(got.path, "/v1/chat/completions");
+    assert_eq!(got.headers["authorization"], "Bearer sk-oa-1111111111");
+    assert!(got.headers.get("x-api-key").is_none());
+    assert_eq!(anthropic.hits(), 0);
+    // Tier 1 fails over to Anthropic, which gets the request as it is, in its own style.
+    openai.push([Reply::error(
+        503,
+        r#"{"error":{"message":"busy","type":"server_error"}}"#,
+    )]);
+    let r = client()
+        .post(gw.url("/v1/messages"))
+        .json(&messages)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     let got = anthropic.last().unwrap();
     assert_eq!(got.path, "/v1/messages");
     assert_eq!(got.headers["x-api-key"], "sk-ant-2222222222");
     assert_eq!(got.headers["anthropic-version"], "2023-06-01");
     assert!(got.headers.get("authorization").is_none());
-    // OpenAI endpoints take the lowest tier as usual.
-    let r = send_chat(&gw, "claude", false).await;
-    assert_eq!(r.status(), 200);
-    assert_eq!(
-        openai.last().unwrap().headers["authorization"],
-        "Bearer sk-oa-1111111111"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -431,6 +431,50 @@ pub fn chat_events(model: &str, text: &str, include_usage: bool) -> Vec<String> 
     events
 }
 
+/// SSE events of a message streamed word by word, as Anthropic sends them.
+pub fn message_events(model: &str, text: &str) -> Vec<String> {
+    let event = |v: Value| format!("event: {}\ndata: {v}\n\n", v["type"].as_str().unwrap_or(""));
+    let words: Vec<&str> = text.split_inclusive(' ').collect();
+    let mut events = vec![
+        event(
+            json!({"type": "message_start", "message": {"id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+            "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 8, "output_tokens": 1}}}),
+        ),
+        event(
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+    ];
+    for w in &words {
+        events.push(event(json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}})));
+    }
+    events.push(event(json!({"type": "content_block_stop", "index": 0})));
+    events.push(event(
+        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+        "usage": {"output_tokens": words.len()}}),
+    ));
+    events.push(event(json!({"type": "message_stop"})));
+    events
+}
+
+/// Gemini's partial answers of a text streamed word by word (`alt=sse`).
+pub fn gemini_events(model: &str, text: &str) -> Vec<String> {
+    let words: Vec<&str> = text.split_inclusive(' ').collect();
+    let n = words.len();
+    words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let mut c = json!({"candidates": [{"content": {"role": "model", "parts": [{"text": w}]}, "index": 0}],
+                "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": i + 1, "totalTokenCount": 9 + i},
+                "modelVersion": model, "responseId": "gemini-mock"});
+            if i + 1 == n {
+                c["candidates"][0]["finishReason"] = json!("STOP");
+            }
+            format!("data: {c}\r\n\r\n")
+        })
+        .collect()
+}
+
 fn usage(prompt: u64, completion: u64) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
@@ -446,7 +490,35 @@ fn model_reply(state: &Arc<State>, path: &str, body: &Bytes) -> Response<Body> {
         prompt.chars().take(200).collect::<String>()
     );
     let suffix = path.rsplit("/v1").next().unwrap_or(path);
+    // Gemini: `/v1beta/models/{model}:generateContent` or `:streamGenerateContent`.
+    if let Some((head, method)) = path.rsplit_once(':') {
+        let model = head.rsplit('/').next().unwrap_or("gemini").to_string();
+        let text = format!(
+            "Hello from {}. You said: {}",
+            state.name,
+            gemini_prompt(&req)
+        );
+        return match method {
+            "streamGenerateContent" => sse(
+                state,
+                gemini_events(&model, &text),
+                Duration::from_millis(20),
+                false,
+            ),
+            _ => json_response(json!({
+                "candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP", "index": 0}],
+                "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": text.split(' ').count(), "totalTokenCount": 8 + text.split(' ').count()},
+                "modelVersion": model, "responseId": "gemini-mock"
+            })),
+        };
+    }
     match suffix {
+        "/messages" if stream => sse(
+            state,
+            message_events(&model, &text),
+            Duration::from_millis(20),
+            false,
+        ),
         "/chat/completions" if stream => {
             let include_usage = req["stream_options"]["include_usage"]
                 .as_bool()
@@ -503,11 +575,28 @@ fn model_reply(state: &Arc<State>, path: &str, body: &Bytes) -> Response<Body> {
     }
 }
 
+fn gemini_prompt(req: &Value) -> String {
+    let last = req["contents"]
+        .as_array()
+        .and_then(|c| c.iter().rev().find(|c| c["role"] == "user"));
+    last.and_then(|c| c["parts"][0]["text"].as_str())
+        .unwrap_or_default()
+        .chars()
+        .take(200)
+        .collect()
+}
+
 fn last_user_text(req: &Value) -> String {
     if let Some(messages) = req["messages"].as_array() {
         if let Some(m) = messages.iter().rev().find(|m| m["role"] == "user") {
             return match &m["content"] {
                 Value::String(s) => s.clone(),
+                // Content blocks or parts: their text.
+                Value::Array(parts) => parts
+                    .iter()
+                    .filter_map(|p| p["text"].as_str())
+                    .collect::<Vec<_>>()
+                    .join(" "),
                 other => other.to_string(),
             };
         }

@@ -1,0 +1,572 @@
+//! Mixing providers: clients of one format served by upstreams of another, through the
+//! real binary, with scripted upstreams on loopback and the official SDKs as clients.
+
+// Helpers outside #[test] functions stop the test loudly on a failed step.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{client, Gateway};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use std::process::Command;
+use std::time::Duration;
+use tollgate::demo::mock::{MockUpstream, Reply};
+
+fn python() -> String {
+    std::env::var("TOLLGATE_PYTHON").unwrap_or_else(|_| {
+        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/target/pyenv/bin/python");
+        if std::path::Path::new(venv).exists() {
+            venv.to_string()
+        } else {
+            "python3".to_string()
+        }
+    })
+}
+
+async fn run_script(script: &str, args: Vec<String>) -> String {
+    let path = format!("{}/tests/python/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .arg(path)
+            .args(args)
+            .output()
+            .expect("run python (see scripts/bootstrap)")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{script} failed (scripts/bootstrap installs the SDKs):\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn json_reply(v: Value) -> Reply {
+    Reply::Status {
+        status: 200,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: v.to_string(),
+    }
+}
+
+fn stream_reply(events: Vec<String>) -> Reply {
+    Reply::Stream {
+        events,
+        gap: Duration::from_millis(5),
+        cut: false,
+    }
+}
+
+fn named(v: Value) -> String {
+    format!("event: {}\ndata: {v}\n\n", v["type"].as_str().unwrap())
+}
+
+/// An Anthropic answer: "Checking." and a get_weather call; 20 + 5 cached input, 7 output.
+fn anthropic_tool_answer() -> Value {
+    json!({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-up",
+        "content": [{"type": "text", "text": "Checking."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}],
+        "stop_reason": "tool_use", "stop_sequence": null,
+        "usage": {"input_tokens": 20, "cache_read_input_tokens": 5, "output_tokens": 7}})
+}
+
+fn anthropic_tool_stream() -> Vec<String> {
+    [
+        json!({"type": "message_start", "message": {"id": "msg_2", "type": "message", "role": "assistant", "model": "claude-up", "content": [], "stop_reason": null, "usage": {"input_tokens": 20, "cache_read_input_tokens": 5, "output_tokens": 1}}}),
+        json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Let me "}}),
+        json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "check."}}),
+        json!({"type": "content_block_stop", "index": 0}),
+        json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "toolu_2", "name": "get_weather", "input": {}}}),
+        json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"ci"}}),
+        json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "ty\": \"Par"}}),
+        json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "is\"}"}}),
+        json!({"type": "content_block_stop", "index": 1}),
+        json!({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"output_tokens": 7}}),
+        json!({"type": "message_stop"}),
+    ]
+    .into_iter()
+    .map(named)
+    .collect()
+}
+
+fn gemini_tool_answer() -> Value {
+    json!({"candidates": [{"content": {"role": "model", "parts": [{"text": "Checking."}, {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]}, "finishReason": "STOP", "index": 0}],
+           "usageMetadata": {"promptTokenCount": 25, "candidatesTokenCount": 7, "cachedContentTokenCount": 5}, "modelVersion": "gem-up", "responseId": "g1"})
+}
+
+fn gemini_tool_stream() -> Vec<String> {
+    let chunk = |parts: Value, finish: Option<&str>, out: u64| {
+        let mut c = json!({"candidates": [{"content": {"role": "model", "parts": parts}, "index": 0}],
+            "usageMetadata": {"promptTokenCount": 25, "candidatesTokenCount": out, "cachedContentTokenCount": 5}, "modelVersion": "gem-up", "responseId": "g2"});
+        if let Some(f) = finish {
+            c["candidates"][0]["finishReason"] = json!(f);
+        }
+        format!("data: {c}\r\n\r\n")
+    };
+    vec![
+        chunk(json!([{"text": "Let me "}]), None, 2),
+        chunk(json!([{"text": "check."}]), None, 4),
+        chunk(
+            json!([{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}}]),
+            Some("STOP"),
+            7,
+        ),
+    ]
+}
+
+const KEY: &str = "tg-translate-key-1234";
+
+fn config(upstreams: &str, models: &str) -> String {
+    format!("keys:\n  - {{name: t, key: {KEY}}}\nupstreams:\n{upstreams}models:\n{models}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_is_served_by_an_anthropic_upstream() {
+    let up = MockUpstream::start("anthropic").await.unwrap();
+    let gw = Gateway::start(&config(
+        &format!("  an:\n    provider: anthropic\n    servers: [{{url: \"{}\", api_key: sk-ant-test-0000000000}}]\n", up.url()),
+        "  gpt-4o:\n    routes: [{upstream: an, model: claude-up}]\n",
+    ));
+    up.push([
+        json_reply(anthropic_tool_answer()),
+        stream_reply(anthropic_tool_stream()),
+    ]);
+    let out = run_script(
+        "sdk_translated_openai.py",
+        vec![gw.url("/v1"), KEY.into(), "gpt-4o".into()],
+    )
+    .await;
+    assert!(out.contains("translated sdk ok"));
+    let got = up.received();
+    assert_eq!(got.len(), 3);
+    for r in &got {
+        assert_eq!(r.path, "/v1/messages");
+        assert_eq!(r.headers["x-api-key"], "sk-ant-test-0000000000");
+        assert_eq!(r.headers["anthropic-version"], "2023-06-01");
+        assert!(r.headers.get("authorization").is_none());
+    }
+    let first: Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(first["model"], "claude-up");
+    assert_eq!(first["system"], "Answer with tools.");
+    assert_eq!(first["max_tokens"], 300);
+    assert_eq!(first["messages"][0]["content"][1]["type"], "image");
+    assert_eq!(
+        first["messages"][0]["content"][1]["source"]["media_type"],
+        "image/png"
+    );
+    assert_eq!(
+        first["tools"][0]["input_schema"]["required"],
+        json!(["city"])
+    );
+    let second: Value = serde_json::from_slice(&got[1].body).unwrap();
+    assert_eq!(second["stream"], true);
+    assert_eq!(second["messages"][1]["content"][0]["type"], "tool_use");
+    assert_eq!(
+        second["messages"][1]["content"][0]["input"],
+        json!({"city": "Paris"})
+    );
+    assert_eq!(second["messages"][2]["content"][0]["type"], "tool_result");
+    assert!(second.get("stream_options").is_none());
+    // The access log names the translation and has the upstream's exact usage.
+    let logs = gw.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("stream=false") && l.contains("path=/v1/chat/completions"))
+        .unwrap();
+    assert!(line.contains("translation=openai->anthropic"), "{line}");
+    assert!(line.contains("tokens_in=25 tokens_out=7"), "{line}");
+    let metrics = common::scrape(&gw).await;
+    assert!(
+        metrics.contains("tollgate_translations_total{direction=\"openai->anthropic\"} 3"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_is_served_by_a_gemini_upstream() {
+    let up = MockUpstream::start("gemini").await.unwrap();
+    let gw = Gateway::start(&config(
+        &format!("  gm:\n    provider: gemini\n    servers: [{{url: \"http://{}/v1beta\", api_key: gm-test-key-0000000000}}]\n", up.addr),
+        "  gpt-4o:\n    routes: [{upstream: gm, model: gem-up}]\n",
+    ));
+    up.push([
+        json_reply(gemini_tool_answer()),
+        stream_reply(gemini_tool_stream()),
+    ]);
+    let out = run_script(
+        "sdk_translated_openai.py",
+        vec![gw.url("/v1"), KEY.into(), "gpt-4o".into()],
+    )
+    .await;
+    assert!(out.contains("translated sdk ok"));
+    let got = up.received();
+    let paths: Vec<&str> = got.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1beta/models/gem-up:generateContent",
+            "/v1beta/models/gem-up:streamGenerateContent?alt=sse",
+            "/v1beta/models/gem-up:streamGenerateContent?alt=sse"
+        ]
+    );
+    assert_eq!(got[0].headers["x-goog-api-key"], "gm-test-key-0000000000");
+    let first: Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(
+        first["systemInstruction"]["parts"][0]["text"],
+        "Answer with tools."
+    );
+    assert_eq!(
+        first["contents"][0]["parts"][1]["inlineData"]["mimeType"],
+        "image/png"
+    );
+    assert_eq!(
+        first["tools"][0]["functionDeclarations"][0]["name"],
+        "get_weather"
+    );
+    let second: Value = serde_json::from_slice(&got[1].body).unwrap();
+    assert_eq!(
+        second["contents"][1]["parts"][0]["functionCall"]["name"],
+        "get_weather"
+    );
+    assert_eq!(
+        second["contents"][2]["parts"][0]["functionResponse"],
+        json!({"name": "get_weather", "response": {"temp": 21}})
+    );
+}
+
+fn openai_tool_answer() -> Value {
+    json!({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "qwen-up",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Checking.",
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+            "finish_reason": "tool_calls"}],
+        "usage": {"prompt_tokens": 25, "completion_tokens": 7, "total_tokens": 32, "prompt_tokens_details": {"cached_tokens": 5}}})
+}
+
+fn openai_tool_stream() -> Vec<String> {
+    let c = |delta: Value, finish: Value| {
+        format!(
+            "data: {}\n\n",
+            json!({"id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 1, "model": "qwen-up",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        )
+    };
+    vec![
+        c(json!({"role": "assistant", "content": ""}), Value::Null),
+        c(json!({"content": "Let me "}), Value::Null),
+        c(json!({"content": "check."}), Value::Null),
+        c(
+            json!({"tool_calls": [{"index": 0, "id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}),
+            Value::Null,
+        ),
+        c(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}),
+            Value::Null,
+        ),
+        c(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": " \"Paris\"}"}}]}),
+            Value::Null,
+        ),
+        c(json!({}), json!("tool_calls")),
+        format!(
+            "data: {}\n\n",
+            json!({"id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 1, "model": "qwen-up", "choices": [],
+            "usage": {"prompt_tokens": 25, "completion_tokens": 7, "total_tokens": 32}})
+        ),
+        "data: [DONE]\n\n".into(),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_anthropic_sdk_is_served_by_an_openai_compatible_upstream() {
+    let up = MockUpstream::start("vllm").await.unwrap();
+    let gw = Gateway::start(&config(
+        &format!("  fleet:\n    servers: [{{url: \"{}\"}}]\n", up.url()),
+        "  claude-sonnet:\n    routes: [{upstream: fleet, model: qwen-up}]\n",
+    ));
+    up.push([
+        json_reply(openai_tool_answer()),
+        stream_reply(openai_tool_stream()),
+    ]);
+    let base = format!("http://{}", gw.addr);
+    let out = run_script(
+        "sdk_anthropic.py",
+        vec![base, KEY.into(), "claude-sonnet".into()],
+    )
+    .await;
+    assert!(out.contains("anthropic sdk ok"));
+    // count_tokens was estimated here (no Anthropic route), and the error stayed local.
+    let got = up.received();
+    assert_eq!(got.len(), 2);
+    for r in &got {
+        assert_eq!(r.path, "/v1/chat/completions");
+    }
+    let first: Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(first["model"], "qwen-up");
+    assert_eq!(first["max_tokens"], 500);
+    assert_eq!(
+        first["messages"][0],
+        json!({"role": "system", "content": "Answer with tools."})
+    );
+    assert_eq!(
+        first["tools"][0]["function"]["parameters"]["required"],
+        json!(["city"])
+    );
+    let second: Value = serde_json::from_slice(&got[1].body).unwrap();
+    assert_eq!(second["stream_options"], json!({"include_usage": true}));
+    assert_eq!(
+        second["messages"][1]["tool_calls"][0]["function"]["arguments"],
+        "{\"city\":\"Paris\"}"
+    );
+    assert_eq!(second["messages"][2]["role"], "tool");
+    let logs = gw.logs();
+    assert!(logs.contains("translation=anthropic->openai"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn count_tokens_goes_to_an_anthropic_route_when_the_alias_has_one() {
+    let up = MockUpstream::start("anthropic").await.unwrap();
+    let gw = Gateway::start(&config(
+        &format!("  an:\n    provider: anthropic\n    servers: [{{url: \"{}\", api_key: sk-ant-test-0000000000}}]\n", up.url()),
+        "  claude:\n    routes: [{upstream: an}]\n",
+    ));
+    up.push([json_reply(json!({"input_tokens": 42}))]);
+    let r = client()
+        .post(gw.url("/v1/messages/count_tokens"))
+        .header("x-api-key", KEY)
+        .json(&json!({"model": "claude", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-tollgate-estimated").is_none());
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"input_tokens": 42})
+    );
+    assert_eq!(up.last().unwrap().path, "/v1/messages/count_tokens");
+}
+
+/// Sends `body` to `path` and returns the status, `x-tollgate-attempts` and body text.
+async fn post(gw: &Gateway, path: &str, body: Value) -> (u16, String, String) {
+    let r = client()
+        .post(gw.url(path))
+        .bearer_auth(KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let attempts = r
+        .headers()
+        .get("x-tollgate-attempts")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (status, attempts, r.text().await.unwrap())
+}
+
+const OVERLOADED: &str =
+    r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_529_on_tier_one_is_served_by_another_format_on_tier_two_streamed_or_not() {
+    for stream in [false, true] {
+        // Each case on its own upstreams, so no cooldown carries over.
+        let an = MockUpstream::start("anthropic").await.unwrap();
+        let oa = MockUpstream::start("openai").await.unwrap();
+        let an2 = MockUpstream::start("anthropic").await.unwrap();
+        let oa2 = MockUpstream::start("openai").await.unwrap();
+        let gw = Gateway::start(&config(
+            &format!(
+                "  an:\n    provider: anthropic\n    servers: [{{url: \"{}\", api_key: sk-ant-test-0000000000}}]\n  oa:\n    provider: openai\n    servers: [{{url: \"{}\", api_key: sk-oa-test-0000000000}}]\n  an2:\n    provider: anthropic\n    servers: [{{url: \"{}\", api_key: sk-ant-test-0000000000}}]\n  oa2:\n    provider: openai\n    servers: [{{url: \"{}\", api_key: sk-oa-test-0000000000}}]\n",
+                an.url(),
+                oa.url(),
+                an2.url(),
+                oa2.url()
+            ),
+            "  anthropic-first:\n    routes:\n      - {upstream: an, model: claude-up, priority: 1}\n      - {upstream: oa, model: gpt-up, priority: 2}\n  openai-first:\n    routes:\n      - {upstream: oa2, model: gpt-up, priority: 1}\n      - {upstream: an2, model: claude-up, priority: 2}\n",
+        ));
+        let (an_first, oa_first) = (an, oa);
+        let (an, oa) = (&an_first, &oa_first);
+        // An OpenAI client: Anthropic overloaded, OpenAI serves it as it is.
+        an.push([Reply::error(529, OVERLOADED)]);
+        let body = json!({"model": "anthropic-first", "stream": stream, "messages": [{"role": "user", "content": "ping"}]});
+        let (status, attempts, text) = post(&gw, "/v1/chat/completions", body).await;
+        assert_eq!(
+            (status, attempts.as_str()),
+            (200, "2"),
+            "stream={stream}: {text}"
+        );
+        assert!(text.contains("ping"), "{text}");
+        assert_eq!(an.last().unwrap().path, "/v1/messages");
+        assert_eq!(oa.last().unwrap().path, "/v1/chat/completions");
+        assert_eq!(
+            serde_json::from_slice::<Value>(&oa.last().unwrap().body).unwrap()["model"],
+            "gpt-up"
+        );
+        if stream {
+            assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+        }
+        // An Anthropic client: OpenAI overloaded (503), Anthropic serves it as it is.
+        let (an, oa) = (&an2, &oa2);
+        oa.push([Reply::error(
+            503,
+            r#"{"error":{"message":"overloaded","type":"server_error"}}"#,
+        )]);
+        let body = json!({"model": "openai-first", "stream": stream, "max_tokens": 50, "messages": [{"role": "user", "content": "pong"}]});
+        let (status, attempts, text) = post(&gw, "/v1/messages", body).await;
+        assert_eq!(
+            (status, attempts.as_str()),
+            (200, "2"),
+            "stream={stream}: {text}"
+        );
+        assert!(text.contains("pong"), "{text}");
+        let sent: Value = serde_json::from_slice(&an.last().unwrap().body).unwrap();
+        assert_eq!(
+            (sent["model"].as_str(), sent["max_tokens"].as_u64()),
+            (Some("claude-up"), Some(50))
+        );
+        if stream {
+            assert!(text.contains("event: message_stop"), "{text}");
+        } else {
+            assert_eq!(
+                serde_json::from_str::<Value>(&text).unwrap()["type"],
+                "message"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_come_back_in_the_clients_format() {
+    let an = MockUpstream::start("anthropic").await.unwrap();
+    let oa = MockUpstream::start("fleet").await.unwrap();
+    let gw = Gateway::start(&config(
+        &format!(
+            "  an:\n    provider: anthropic\n    servers: [{{url: \"{}\", api_key: sk-ant-test-0000000000}}]\n  oa:\n    servers: [{{url: \"{}\"}}]\n",
+            an.url(),
+            oa.url()
+        ),
+        "  claude:\n    routes: [{upstream: an}]\n  local:\n    routes: [{upstream: oa}]\n",
+    ));
+    an.push([Reply::error(400, r#"{"type":"error","error":{"type":"invalid_request_error","message":"messages: roles must alternate"}}"#)]);
+    let (status, _, text) = post(
+        &gw,
+        "/v1/chat/completions",
+        json!({"model": "claude", "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["error"]["message"], "messages: roles must alternate");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    oa.push([Reply::error(
+        400,
+        r#"{"error":{"message":"bad temperature","type":"invalid_request_error"}}"#,
+    )]);
+    let (status, _, text) = post(
+        &gw,
+        "/v1/messages",
+        json!({"model": "local", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap(),
+        json!({"type": "error", "error": {"type": "invalid_request_error", "message": "bad temperature"}})
+    );
+    // What has no equivalent is refused before any upstream work, naming the field.
+    let hits = an.hits();
+    let (status, _, text) = post(
+        &gw,
+        "/v1/chat/completions",
+        json!({"model": "claude", "n": 3, "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(text.contains("`n`"), "{text}");
+    assert_eq!(an.hits(), hits);
+    // The gateway's own errors on /v1/messages are Anthropic-shaped too.
+    let (status, _, text) = post(
+        &gw,
+        "/v1/messages",
+        json!({"model": "nope", "max_tokens": 5, "messages": []}),
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["error"]["type"],
+        "not_found_error"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn translation_never_holds_the_stream_back_and_a_cut_ends_in_an_error_event() {
+    let an = MockUpstream::start("anthropic").await.unwrap();
+    let gw = Gateway::start(&config(
+        &format!("  an:\n    provider: anthropic\n    servers: [{{url: \"{}\", api_key: sk-ant-test-0000000000}}]\n", an.url()),
+        "  claude:\n    routes: [{upstream: an}]\n",
+    ));
+    // A slow upstream: the first translated delta reaches the client while the upstream
+    // is still streaming.
+    an.push([Reply::Stream {
+        events: anthropic_tool_stream(),
+        gap: Duration::from_millis(200),
+        cut: false,
+    }]);
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "claude", "stream": true, "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    let mut body = r.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains("Let me ") {
+        let next = tokio::time::timeout(Duration::from_secs(10), body.next())
+            .await
+            .unwrap();
+        let chunk = next
+            .unwrap_or_else(|| panic!("the stream ended early: {seen}"))
+            .unwrap_or_else(|e| panic!("{e}: {seen}\n{}", gw.logs()));
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert_eq!(
+        an.open_streams(),
+        1,
+        "the upstream is still streaming when the first delta arrives"
+    );
+    while let Some(chunk) = body.next().await {
+        seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    assert!(seen.trim_end().ends_with("data: [DONE]"), "{seen}");
+    // A stream cut before message_stop: an error event, never [DONE].
+    let mut events = anthropic_tool_stream();
+    events.truncate(4);
+    an.push([Reply::Stream {
+        events,
+        gap: Duration::from_millis(5),
+        cut: true,
+    }]);
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "claude", "stream": true, "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The body ends without its last chunk (the connection closes): read what came.
+    let mut text = String::new();
+    let mut body = r.bytes_stream();
+    while let Some(Ok(chunk)) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(text.contains("Let me "), "{text}");
+    assert!(text.contains("\"error\""), "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
+}
