@@ -7,20 +7,9 @@
 
 mod common;
 
-use common::Gateway;
+use common::{python, Gateway};
 use std::process::Command;
 use tollgate::demo::mock::MockUpstream;
-
-fn python() -> String {
-    std::env::var("TOLLGATE_PYTHON").unwrap_or_else(|_| {
-        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/target/pyenv/bin/python");
-        if std::path::Path::new(venv).exists() {
-            venv.to_string()
-        } else {
-            "python3".to_string()
-        }
-    })
-}
 
 fn demo_like(up: &MockUpstream) -> String {
     format!(

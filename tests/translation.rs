@@ -6,23 +6,12 @@
 
 mod common;
 
-use common::{client, Gateway};
+use common::{client, python, Gateway};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::process::Command;
 use std::time::Duration;
 use tollgate::demo::mock::{MockUpstream, Reply};
-
-fn python() -> String {
-    std::env::var("TOLLGATE_PYTHON").unwrap_or_else(|_| {
-        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/target/pyenv/bin/python");
-        if std::path::Path::new(venv).exists() {
-            venv.to_string()
-        } else {
-            "python3".to_string()
-        }
-    })
-}
 
 async fn run_script(script: &str, args: Vec<String>) -> String {
     let path = format!("{}/tests/python/{script}", env!("CARGO_MANIFEST_DIR"));

@@ -574,3 +574,16 @@ impl Drop for Postgres {
         let _ = self.child.wait();
     }
 }
+
+/// The Python interpreter for the SDK tests: `$TOLLGATE_PYTHON`, else the venv that
+/// scripts/bootstrap creates (with the openai and anthropic SDKs), else `python3`.
+pub fn python() -> String {
+    std::env::var("TOLLGATE_PYTHON").unwrap_or_else(|_| {
+        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/target/pyenv/bin/python");
+        if std::path::Path::new(venv).exists() {
+            venv.to_string()
+        } else {
+            "python3".to_string()
+        }
+    })
+}
