@@ -13,6 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-4000}
+N_STREAM=${N_STREAM:-1000}
 WARMUP=${WARMUP:-500}
 OUT=${OUT:-}
 
@@ -27,7 +28,7 @@ with_workdir
 
 MOCK=$(free_port); NGX=$(free_port); TG=$(free_port); ADMIN=$(free_port)
 KEY=tg-bench-key-0123456789
-$BIN mock-upstream --listen 127.0.0.1:$MOCK >/dev/null & pids+=($!)
+$BIN mock-upstream --listen 127.0.0.1:$MOCK --stream-gap-ms 0 >/dev/null & pids+=($!)
 
 mkdir -p "$work/nginx"
 cat > "$work/nginx.conf" <<NGINX
@@ -63,26 +64,33 @@ YAML
 } > "$work/tollgate.yaml"
 write_body "$work/body.json"
 
-# count NAME URL PID [KEY]: warm up, zero the counters, send N requests, dump; prints instructions/request.
-count() {
-  local name=$1 url=$2 pid=$3 key=${4:-$KEY}
+# phase NAME URL PID KEY BODY REQUESTS CONCURRENCY: warm up, zero the counters, send the
+# requests, dump; prints instructions/request. The process keeps running.
+phase() {
+  local name=$1 url=$2 pid=$3 key=$4 body=$5 n=$6 c=$7
   for _ in $(seq 100); do curl -s -o /dev/null "$url" && break; sleep 0.3; done
-  local post=(-m POST -H "Authorization: Bearer $key" -T application/json -D "$work/body.json")
-  hey -n "$WARMUP" -c 8 "${post[@]}" "$url" >/dev/null
+  local post=(-m POST -H "Authorization: Bearer $key" -T application/json -D "$body")
+  hey -n "$WARMUP" -c "$c" "${post[@]}" "$url" >/dev/null
   callgrind_control -z "$pid" >/dev/null 2>&1
-  hey -n "$N" -c 8 "${post[@]}" "$url" > "$work/hey-$name.txt"
+  hey -n "$n" -c "$c" "${post[@]}" "$url" > "$work/hey-$name.txt"
   callgrind_control -d "$pid" >/dev/null 2>&1
   sleep 1
-  if ! grep -q "\[200\].*$N responses" "$work/hey-$name.txt"; then
-    echo "warning: $name did not answer all $N requests with 200:" >&2
+  if ! grep -q "\[200\].*$n responses" "$work/hey-$name.txt"; then
+    echo "warning: $name did not answer all $n requests with 200:" >&2
     grep -A3 "Status code" "$work/hey-$name.txt" >&2 || true
   fi
   local f total
-  f=$(ls -t "$work/cg-$name".out* | head -1)
+  f=$(ls -t "$work"/cg-*.out* | head -1)
   total=$(awk '/^(summary|totals):/ {print $2; exit}' "$f")
+  echo $((total / n))
+}
+
+# count NAME URL PID [KEY]: one phase of N requests, then stops the process.
+count() {
+  local name=$1 url=$2 pid=$3 key=${4:-$KEY}
+  phase "$name" "$url" "$pid" "$key" "$work/body.json" "$N" 8
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
-  echo $((total / N))
 }
 
 RUST_LOG=info valgrind --tool=callgrind --callgrind-out-file="$work/cg-tollgate.out" \
@@ -116,6 +124,47 @@ rm -f "$work"/tollgate.db*
 RUST_LOG=info valgrind --tool=callgrind --callgrind-out-file="$work/cg-shared.out" \
   $BIN -c "$work/tollgate-shared.yaml" >/dev/null 2>"$work/vg-shared.err" &
 sh=$(count shared "http://127.0.0.1:$TG/v1/chat/completions" $!)
+# Translation: the same client body to an alias on an OpenAI-compatible route (passed
+# through) and to one on an Anthropic route (translated both ways), whole and streamed. The
+# mock streams its answer word by word with no gap; each stream is EVENTS events.
+for _ in $(seq 300); do curl -s -o /dev/null "http://127.0.0.1:$ADMIN/health" || break; sleep 0.1; done
+rm -f "$work"/tollgate.db*
+{
+  tollgate_features "$work" "$TG" "$ADMIN" "$KEY"
+  cat <<YAML
+upstreams:
+  mock: {balance: least_conn, servers: [{url: "http://127.0.0.1:$MOCK/v1"}]}
+  mock-anthropic: {provider: anthropic, servers: [{url: "http://127.0.0.1:$MOCK/v1", api_key: sk-ant-bench-0000000000}]}
+models:
+  bench: {routes: [{upstream: mock}]}
+  bench-anthropic: {routes: [{upstream: mock-anthropic}]}
+YAML
+} > "$work/tollgate-translated.yaml"
+python3 - "$work" <<'PY'
+import json, sys
+work = sys.argv[1]
+body = json.load(open(f"{work}/body.json"))
+for name, model, stream in [("direct", "bench", False), ("anthropic", "bench-anthropic", False),
+                            ("direct-stream", "bench", True), ("anthropic-stream", "bench-anthropic", True)]:
+    b = dict(body, model=model)
+    if stream:
+        b.update(stream=True, stream_options={"include_usage": True})
+    json.dump(b, open(f"{work}/body-{name}.json", "w"))
+PY
+RUST_LOG=info valgrind --tool=callgrind --callgrind-out-file="$work/cg-translated.out" \
+  $BIN -c "$work/tollgate-translated.yaml" >/dev/null 2>"$work/vg-translated.err" &
+tr_pid=$!
+chat="http://127.0.0.1:$TG/v1/chat/completions"
+tr_direct=$(phase tr-direct "$chat" $tr_pid "$KEY" "$work/body-direct.json" "$N" 8)
+tr_whole=$(phase tr-whole "$chat" $tr_pid "$KEY" "$work/body-anthropic.json" "$N" 8)
+tr_direct_stream=$(phase tr-direct-stream "$chat" $tr_pid "$KEY" "$work/body-direct-stream.json" "$N_STREAM" 8)
+tr_stream=$(phase tr-stream "$chat" $tr_pid "$KEY" "$work/body-anthropic-stream.json" "$N_STREAM" 8)
+# Events per stream, as the client saw them (content deltas, usage, [DONE]).
+events=$(curl -s -N -H "Authorization: Bearer $KEY" -H 'content-type: application/json' \
+  --data-binary @"$work/body-anthropic-stream.json" "$chat" 2>/dev/null | grep -c '^data:' || true)
+kill $tr_pid 2>/dev/null || true
+wait $tr_pid 2>/dev/null || true
+
 valgrind --tool=callgrind --callgrind-out-file="$work/cg-nginx.out" \
   "$NGINX" -c "$work/nginx.conf" -p "$work" 2>"$work/vg-nginx.err" &
 ngx=$(count nginx "http://127.0.0.1:$NGX/v1/chat/completions" $!)
@@ -132,6 +181,13 @@ table=$(cat <<TABLE
 | Tollgate, user-space instructions per request | config key, limits in process | the same limits shared through Redis (cluster.redis) | shared / in process |
 |---|---|---|---|
 | same requests | $tg | $sh | $(python3 -c "print(round($sh/$tg, 3))") |
+
+| Tollgate, user-space instructions per request, OpenAI client | OpenAI-compatible route (passed through) | Anthropic route (translated) | translated / passed through |
+|---|---|---|---|
+| whole answer ($N requests) | $tr_direct | $tr_whole | $(python3 -c "print(round($tr_whole/$tr_direct, 3))") |
+| streamed answer ($N_STREAM requests) | $tr_direct_stream | $tr_stream | $(python3 -c "print(round($tr_stream/$tr_direct_stream, 3))") |
+
+Translating a streamed answer costs $(python3 -c "print(round(($tr_stream-$tr_direct_stream)/max($events,1)))") instructions per client event more than passing it through ($events events per stream).
 
 callgrind, $(valgrind --version); nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///'); $(date -u +%F).
 TABLE

@@ -52,7 +52,8 @@ pub enum Command {
         /// Answer every request with an SSE stream of this many events...
         #[arg(long)]
         stream_events: Option<usize>,
-        /// ...this many milliseconds apart.
+        /// ...this many milliseconds apart (also the gap between the events of a model's
+        /// streamed answer when --stream-events is not given).
         #[arg(long, default_value = "20")]
         stream_gap_ms: u64,
     },
@@ -186,6 +187,8 @@ fn mock_upstream(listen: SocketAddr, stream_events: Option<usize>, gap_ms: u64) 
             gap: std::time::Duration::from_millis(gap_ms),
             cut: false,
         });
+    } else {
+        upstream.set_stream_gap(std::time::Duration::from_millis(gap_ms));
     }
     println!("tollgate: mock upstream on {}", upstream.url());
     loop {

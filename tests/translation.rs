@@ -108,6 +108,7 @@ fn gemini_tool_stream() -> Vec<String> {
 }
 
 const KEY: &str = "tg-translate-key-1234";
+const MASTER: &str = "tg-translate-master-0000";
 
 fn config(upstreams: &str, models: &str) -> String {
     format!("keys:\n  - {{name: t, key: {KEY}}}\nupstreams:\n{upstreams}models:\n{models}")
@@ -116,9 +117,12 @@ fn config(upstreams: &str, models: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_sdk_is_served_by_an_anthropic_upstream() {
     let up = MockUpstream::start("anthropic").await.unwrap();
-    let gw = Gateway::start(&config(
-        &format!("  an:\n    provider: anthropic\n    servers: [{{url: \"{}\", api_key: sk-ant-test-0000000000}}]\n", up.url()),
-        "  gpt-4o:\n    routes: [{upstream: an, model: claude-up}]\n",
+    let gw = Gateway::start(&format!(
+        "admin:\n  master_key: {MASTER}\n{}",
+        config(
+            &format!("  an:\n    provider: anthropic\n    servers: [{{url: \"{}\", api_key: sk-ant-test-0000000000}}]\n", up.url()),
+            "  gpt-4o:\n    routes: [{upstream: an, model: claude-up}]\n",
+        )
     ));
     up.push([
         json_reply(anthropic_tool_answer()),
@@ -173,6 +177,43 @@ async fn the_openai_sdk_is_served_by_an_anthropic_upstream() {
         metrics.contains("tollgate_translations_total{direction=\"openai->anthropic\"} 3"),
         "{metrics}"
     );
+    // So do the usage rows; one is found by its request id.
+    let usage = |query: &'static str| {
+        let url = gw.admin_url(&format!("/admin/usage{query}"));
+        async move {
+            let r = client().get(url).bearer_auth(MASTER).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()["data"]
+                .as_array()
+                .unwrap()
+                .clone()
+        }
+    };
+    assert!(
+        common::eventually_async(Duration::from_secs(10), || async {
+            usage("").await.len() == 3
+        })
+        .await
+    );
+    let rows = usage("").await;
+    for row in &rows {
+        assert_eq!(row["translation"], "openai->anthropic", "{row}");
+        assert_eq!(row["upstream"], "an", "{row}");
+        assert_eq!(row["upstream_model"], "claude-up", "{row}");
+    }
+    let id = rows[1]["request_id"].as_str().unwrap().to_string();
+    let url = gw.admin_url(&format!("/admin/usage?request_id={id}"));
+    let one: Value = client()
+        .get(url)
+        .bearer_auth(MASTER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["data"].as_array().unwrap().len(), 1, "{one}");
+    assert_eq!(one["data"][0], rows[1]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,6 +333,13 @@ async fn the_anthropic_sdk_is_served_by_an_openai_compatible_upstream() {
     assert_eq!(got.len(), 2);
     for r in &got {
         assert_eq!(r.path, "/v1/chat/completions");
+        // The SDK's anthropic-version and anthropic-beta mean nothing to this upstream.
+        let names: Vec<&str> = r.headers.keys().map(|n| n.as_str()).collect();
+        assert!(
+            !names.iter().any(|n| n.starts_with("anthropic-")),
+            "{names:?}"
+        );
+        assert!(r.headers.get("x-api-key").is_none());
     }
     let first: Value = serde_json::from_slice(&got[0].body).unwrap();
     assert_eq!(first["model"], "qwen-up");
@@ -326,6 +374,8 @@ async fn count_tokens_goes_to_an_anthropic_route_when_the_alias_has_one() {
     let r = client()
         .post(gw.url("/v1/messages/count_tokens"))
         .header("x-api-key", KEY)
+        .header("anthropic-version", "2023-06-01")
+        .header("anthropic-beta", "token-counting-2024-11-01")
         .json(&json!({"model": "claude", "messages": [{"role": "user", "content": "hi"}]}))
         .send()
         .await
@@ -336,7 +386,12 @@ async fn count_tokens_goes_to_an_anthropic_route_when_the_alias_has_one() {
         r.json::<Value>().await.unwrap(),
         json!({"input_tokens": 42})
     );
-    assert_eq!(up.last().unwrap().path, "/v1/messages/count_tokens");
+    let got = up.last().unwrap();
+    assert_eq!(got.path, "/v1/messages/count_tokens");
+    // Passed through to Anthropic: the client's anthropic-* fields go with it, once.
+    assert_eq!(got.headers["anthropic-beta"], "token-counting-2024-11-01");
+    assert_eq!(got.headers.get_all("anthropic-version").iter().count(), 1);
+    assert_eq!(got.headers["x-api-key"], "sk-ant-test-0000000000");
 }
 
 /// Sends `body` to `path` and returns the status, `x-tollgate-attempts` and body text.
@@ -380,6 +435,40 @@ async fn a_529_on_tier_one_is_served_by_another_format_on_tier_two_streamed_or_n
         ));
         let (an_first, oa_first) = (an, oa);
         let (an, oa) = (&an_first, &oa_first);
+        if !stream {
+            // The explain endpoint says, per endpoint, which route is translated and how.
+            for (endpoint, wires) in [
+                (
+                    "",
+                    [
+                        ("anthropic", "translated", json!("openai->anthropic")),
+                        ("openai", "direct", Value::Null),
+                    ],
+                ),
+                (
+                    "&endpoint=/v1/messages",
+                    [
+                        ("anthropic", "direct", Value::Null),
+                        ("openai", "translated", json!("anthropic->openai")),
+                    ],
+                ),
+            ] {
+                let v = common::admin_json(
+                    &client(),
+                    &gw,
+                    &format!("/admin/route?model=anthropic-first{endpoint}"),
+                )
+                .await;
+                for (tier, (provider, wire, translation)) in wires.into_iter().enumerate() {
+                    let route = &v["order"][0]["tiers"][tier]["routes"][0];
+                    assert_eq!(
+                        (&route["provider"], &route["wire"], &route["translation"]),
+                        (&json!(provider), &json!(wire), &translation),
+                        "{v}"
+                    );
+                }
+            }
+        }
         // An OpenAI client: Anthropic overloaded, OpenAI serves it as it is.
         an.push([Reply::error(529, OVERLOADED)]);
         let body = json!({"model": "anthropic-first", "stream": stream, "messages": [{"role": "user", "content": "ping"}]});

@@ -215,23 +215,30 @@ pub(super) fn csv_cell(s: &str) -> String {
 }
 
 pub(super) async fn usage(dir: &Directory, query: &str) -> Answer {
-    only(query, &["from", "to", "since", "until", "limit", "key"])?;
+    only(
+        query,
+        &["from", "to", "since", "until", "limit", "key", "request_id"],
+    )?;
     let (from, to) = range(query)?;
     let (limit, _) = page(query)?;
     let key = param(query, "key");
+    let request_id = param(query, "request_id");
     let rows = dir
         .store
         .run(move |pool| async move {
             let mut sql = String::from(
-                "SELECT request_id, ts, key_id, key_name, team_id, model, upstream, upstream_model, status, stream, input_tokens, output_tokens, cached_tokens, cost_micro_usd, priced, cache, saved_tokens, saved_micro_usd FROM usage WHERE ts >= $1 AND ts < $2",
+                "SELECT request_id, ts, key_id, key_name, team_id, model, upstream, upstream_model, status, stream, input_tokens, output_tokens, cached_tokens, cost_micro_usd, priced, cache, saved_tokens, saved_micro_usd, translation FROM usage WHERE ts >= $1 AND ts < $2",
             );
-            if key.is_some() {
-                sql.push_str(" AND key_id = $4");
+            let filters = [("key_id", key), ("request_id", request_id)];
+            let mut n = 3;
+            for (column, _) in filters.iter().filter(|(_, v)| v.is_some()) {
+                n += 1;
+                sql.push_str(&format!(" AND {column} = ${n}"));
             }
             sql.push_str(" ORDER BY ts DESC LIMIT $3");
             let mut q = sqlx::query(&sql).bind(from).bind(to).bind(limit as i64);
-            if let Some(k) = key {
-                q = q.bind(k);
+            for value in filters.into_iter().filter_map(|(_, v)| v) {
+                q = q.bind(value);
             }
             let rows = q.fetch_all(&pool).await?;
             rows.iter()
@@ -255,6 +262,7 @@ pub(super) async fn usage(dir: &Directory, query: &str) -> Answer {
                         "cache": r.try_get::<Option<String>, _>("cache")?,
                         "saved_tokens": r.try_get::<i64, _>("saved_tokens")?,
                         "saved_micro_usd": r.try_get::<i64, _>("saved_micro_usd")?,
+                        "translation": r.try_get::<Option<String>, _>("translation")?,
                     }))
                 })
                 .collect::<Result<Vec<_>, StoreError>>()

@@ -1,12 +1,15 @@
-//! `GET /admin/route?model=ALIAS[&input_tokens=N][&max_tokens=N]`: the order a request for
-//! the alias would take now, and why. Every candidate target (route and server) in tier
+//! `GET /admin/route?model=ALIAS[&input_tokens=N][&max_tokens=N][&endpoint=PATH]`: the
+//! order a request for the alias would take now, and why. Every candidate target (route and server) in tier
 //! order, the tier's strategy and each route's score under it, the server's latency
 //! estimate, requests in flight, price, context window, what its provider says is left,
-//! and whether it is cooling down or unhealthy (with the reason and until when). Reads the
+//! whether it is cooling down or unhealthy (with the reason and until when), and for the
+//! endpoint (`/v1/chat/completions` unless given) whether the route passes the request
+//! through, translates it (and how) or cannot serve it. Reads the
 //! same state the attempt loop reads; moves no rotation.
 
 use crate::clock::monotonic_ms;
 use crate::config::Config;
+use crate::provider::translate::Path;
 use crate::route::{Alias, Need};
 use crate::upstream::Server;
 use serde_json::{json, Value};
@@ -16,6 +19,7 @@ use std::time::Duration;
 pub fn explain(config: &Config, query: &str) -> Result<Value, String> {
     let mut model = None;
     let (mut input_tokens, mut max_tokens) = (0u64, 0u64);
+    let mut endpoint = "/v1/chat/completions".to_string();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let number = || {
@@ -26,10 +30,15 @@ pub fn explain(config: &Config, query: &str) -> Result<Value, String> {
             "model" => model = Some(super::percent_decode(v)),
             "input_tokens" => input_tokens = number()?,
             "max_tokens" => max_tokens = number()?,
+            "endpoint" => endpoint = super::percent_decode(v),
             _ => return Err(format!("unknown parameter {k:?}")),
         }
     }
     let model = model.ok_or("model is required")?;
+    let suffix = endpoint
+        .strip_prefix("/v1")
+        .filter(|s| s.starts_with('/'))
+        .ok_or_else(|| format!("endpoint must be a path under /v1, not {endpoint:?}"))?;
     let alias = config
         .router
         .resolve(&model)
@@ -41,25 +50,26 @@ pub fn explain(config: &Config, query: &str) -> Result<Value, String> {
         output_tokens: max_tokens,
         pricing: &config.pricing,
     };
-    let mut chain = vec![json!({"alias": alias.name, "tiers": tiers(alias, &need)})];
+    let mut chain = vec![json!({"alias": alias.name, "tiers": tiers(alias, &need, suffix)})];
     for name in alias.fallbacks.iter() {
         if let Some(a) = config.router.resolve(name) {
             let need = Need {
                 alias: &a.name,
                 ..need
             };
-            chain.push(json!({"alias": a.name, "tiers": tiers(a, &need)}));
+            chain.push(json!({"alias": a.name, "tiers": tiers(a, &need, suffix)}));
         }
     }
     Ok(json!({
         "model": model,
+        "endpoint": endpoint,
         "needed_tokens": need.tokens(),
         "context_fallbacks": alias.context_fallbacks,
         "order": chain,
     }))
 }
 
-fn tiers(alias: &Alias, need: &Need) -> Vec<Value> {
+fn tiers(alias: &Alias, need: &Need, suffix: &str) -> Vec<Value> {
     let now = monotonic_ms();
     alias
         .tiers
@@ -79,8 +89,17 @@ fn tiers(alias: &Alias, need: &Need) -> Vec<Value> {
                         .iter()
                         .map(|s| server_view(s, route.upstream.latency_decay, now, need.tokens()))
                         .collect();
+                    let provider = route.upstream.provider;
+                    let (wire, translation) = match Path::of(suffix, provider) {
+                        Path::Direct => ("direct", None),
+                        Path::Translated(t) => ("translated", Some(t.label())),
+                        Path::Unserved => ("unserved", None),
+                    };
                     json!({
                         "upstream": route.upstream.name,
+                        "provider": provider.as_str(),
+                        "wire": wire,
+                        "translation": translation,
                         "model": upstream_model,
                         "score": placed.score.filter(|s| s.is_finite()),
                         "weight": route.weight,

@@ -40,6 +40,9 @@ pub struct Outgoing<'a> {
     pub query: Option<String>,
     /// The client's header fields that pass to every upstream, as wire lines.
     pub fields: Vec<u8>,
+    /// The client's `anthropic-*` fields (version, beta features), as wire lines: they
+    /// pass to Anthropic upstreams only, never to a route the request is translated for.
+    pub anthropic_fields: Vec<u8>,
     /// The client sent `anthropic-version` (kept rather than the default).
     pub anthropic_version: bool,
     /// The client path after `/v1`, e.g. `/chat/completions`.
@@ -72,7 +75,7 @@ pub fn forwarded_for(req: &RequestHeader, peer: Option<std::net::IpAddr>) -> Str
 
 impl<'a> Outgoing<'a> {
     /// Client fields pass through as received, minus hop-by-hop ones and those in
-    /// `NOT_FORWARDED`.
+    /// `NOT_FORWARDED`; `anthropic-*` ones are kept apart.
     pub fn new(
         client: &RequestHeader,
         suffix: &'a str,
@@ -81,17 +84,24 @@ impl<'a> Outgoing<'a> {
     ) -> Self {
         let nominated = connection_nominated(&client.headers);
         let mut fields = Vec::with_capacity(client.headers.len() * 48);
+        let mut anthropic_fields = Vec::new();
         for (name, value) in client.headers.iter() {
             let n = name.as_str();
             if is_hop_by_hop(name, &nominated) || NOT_FORWARDED.contains(&n) {
                 continue;
             }
-            push_field(&mut fields, n.as_bytes(), value.as_bytes());
+            let into = if n.starts_with("anthropic-") {
+                &mut anthropic_fields
+            } else {
+                &mut fields
+            };
+            push_field(into, n.as_bytes(), value.as_bytes());
         }
         Outgoing {
             method: client.method.clone(),
             query: client.uri.query().map(str::to_string),
             fields,
+            anthropic_fields,
             anthropic_version: client.headers.contains_key("anthropic-version"),
             suffix,
             request_id,
@@ -182,6 +192,10 @@ pub fn request_head(
     w.extend_from_slice(b" HTTP/1.1\r\n");
     push_field(&mut w, b"host", ep.authority().as_bytes());
     w.extend_from_slice(&out.fields);
+    let anthropic = upstream.provider == crate::provider::Provider::Anthropic;
+    if anthropic {
+        w.extend_from_slice(&out.anthropic_fields);
+    }
     // Writing into a Vec cannot fail.
     let _ = write!(w, "content-length: {body_len}\r\n");
     push_field(&mut w, b"x-request-id", out.request_id.as_bytes());
@@ -189,7 +203,7 @@ pub fn request_head(
     for (name, prefix, value) in crate::provider::credential(
         server.api_key.as_ref(),
         upstream.provider,
-        out.anthropic_version,
+        anthropic && out.anthropic_version,
     )
     .into_iter()
     .flatten()

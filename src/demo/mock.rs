@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -82,6 +82,8 @@ struct State {
     connections: AtomicUsize,
     open_streams: AtomicUsize,
     cut_by_peer: AtomicUsize,
+    /// Milliseconds between the events of a model's streamed answer.
+    model_gap_ms: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -152,6 +154,7 @@ impl MockUpstream {
             connections: AtomicUsize::new(0),
             open_streams: AtomicUsize::new(0),
             cut_by_peer: AtomicUsize::new(0),
+            model_gap_ms: AtomicU64::new(20),
         });
         let accept_state = Arc::clone(&state);
         tokio::spawn(async move {
@@ -228,6 +231,12 @@ impl MockUpstream {
     /// Sets the reply used when the script is empty.
     pub fn set_default(&self, reply: Reply) {
         *lock(&self.state.default) = reply;
+    }
+
+    /// Sets the time between the events of a model's streamed answer (20 ms unless set).
+    pub fn set_stream_gap(&self, gap: Duration) {
+        let ms = u64::try_from(gap.as_millis()).unwrap_or(u64::MAX);
+        self.state.model_gap_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Requests received so far.
@@ -490,6 +499,7 @@ fn model_reply(state: &Arc<State>, path: &str, body: &Bytes) -> Response<Body> {
         prompt.chars().take(200).collect::<String>()
     );
     let suffix = path.rsplit("/v1").next().unwrap_or(path);
+    let gap = Duration::from_millis(state.model_gap_ms.load(Ordering::Relaxed));
     // Gemini: `/v1beta/models/{model}:generateContent` or `:streamGenerateContent`.
     if let Some((head, method)) = path.rsplit_once(':') {
         let model = head.rsplit('/').next().unwrap_or("gemini").to_string();
@@ -499,12 +509,7 @@ fn model_reply(state: &Arc<State>, path: &str, body: &Bytes) -> Response<Body> {
             gemini_prompt(&req)
         );
         return match method {
-            "streamGenerateContent" => sse(
-                state,
-                gemini_events(&model, &text),
-                Duration::from_millis(20),
-                false,
-            ),
+            "streamGenerateContent" => sse(state, gemini_events(&model, &text), gap, false),
             _ => json_response(json!({
                 "candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP", "index": 0}],
                 "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": text.split(' ').count(), "totalTokenCount": 8 + text.split(' ').count()},
@@ -513,22 +518,12 @@ fn model_reply(state: &Arc<State>, path: &str, body: &Bytes) -> Response<Body> {
         };
     }
     match suffix {
-        "/messages" if stream => sse(
-            state,
-            message_events(&model, &text),
-            Duration::from_millis(20),
-            false,
-        ),
+        "/messages" if stream => sse(state, message_events(&model, &text), gap, false),
         "/chat/completions" if stream => {
             let include_usage = req["stream_options"]["include_usage"]
                 .as_bool()
                 .unwrap_or(false);
-            sse(
-                state,
-                chat_events(&model, &text, include_usage),
-                Duration::from_millis(20),
-                false,
-            )
+            sse(state, chat_events(&model, &text, include_usage), gap, false)
         }
         "/chat/completions" => json_response(json!({
             "id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": model,

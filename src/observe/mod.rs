@@ -435,6 +435,7 @@ pub fn usage_row(r: &mut Record, now: i64) -> Option<crate::store::usage::UsageR
         cache: r.cache.map(crate::cache::Outcome::as_str),
         saved_tokens,
         saved_micro,
+        translation: r.translation,
     })
 }
 

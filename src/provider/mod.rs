@@ -33,6 +33,19 @@ pub enum Provider {
     Generic,
 }
 
+impl Provider {
+    /// The name in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Openai => "openai",
+            Provider::Anthropic => "anthropic",
+            Provider::Azure => "azure",
+            Provider::Gemini => "gemini",
+            Provider::Generic => "generic",
+        }
+    }
+}
+
 /// Whether servers of `provider` must have an `api_key` (the hosted APIs do; a generic
 /// OpenAI-compatible fleet may not).
 pub fn needs_api_key(provider: Provider) -> bool {

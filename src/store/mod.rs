@@ -96,10 +96,16 @@ const MIGRATIONS: &[(i64, &str)] = &[
         "ALTER TABLE usage ADD COLUMN saved_tokens BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE usage ADD COLUMN saved_micro_usd BIGINT NOT NULL DEFAULT 0",
     ),
+    (
+        3,
+        // The wire-format translation a request went through (`openai->anthropic`, ...),
+        // NULL when it was passed through as the client sent it.
+        "ALTER TABLE usage ADD COLUMN translation TEXT",
+    ),
 ];
 
 /// The schema version this binary writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// A store failure, with any password in the URL masked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

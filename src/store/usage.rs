@@ -39,6 +39,8 @@ pub struct UsageRow {
     /// For a hit: the tokens (input plus output) and micro-USD its stored answer cost.
     pub saved_tokens: u64,
     pub saved_micro: i64,
+    /// The translation between wire formats, if any (`openai->anthropic`, ...).
+    pub translation: Option<&'static str>,
 }
 
 /// Rows waiting to be written.
@@ -177,14 +179,14 @@ impl UsageQueue {
     }
 }
 
-const COLUMNS: &str = "request_id, ts, day, key_id, key_name, team_id, model, upstream, upstream_model, status, stream, input_tokens, output_tokens, cached_tokens, cost_micro_usd, priced, cache, saved_tokens, saved_micro_usd";
+const COLUMNS: &str = "request_id, ts, day, key_id, key_name, team_id, model, upstream, upstream_model, status, stream, input_tokens, output_tokens, cached_tokens, cost_micro_usd, priced, cache, saved_tokens, saved_micro_usd, translation";
 
 /// Rows per multi-row INSERT. Every statement has a fixed text, so each is parsed once and
 /// then reused from the connection's statement cache; on SQLite, positional `?`
 /// parameters spare a lookup by name per parameter (with `$N` names that lookup is
 /// linear, and it cost more than writing the rows). PostgreSQL only takes `$N`.
 const BATCH: usize = 32;
-const FIELDS: usize = 19;
+const FIELDS: usize = 20;
 
 fn insert_sql(rows: usize, dialect: Dialect) -> String {
     let values: Vec<String> = (0..rows)
@@ -251,7 +253,8 @@ fn bind_rows<'q>(mut q: Query<'q>, rows: &[UsageRow]) -> Query<'q> {
             .bind(i64::from(r.priced))
             .bind(r.cache.map(str::to_string))
             .bind(sat(r.saved_tokens))
-            .bind(r.saved_micro);
+            .bind(r.saved_micro)
+            .bind(r.translation.map(str::to_string));
     }
     q
 }

@@ -6,7 +6,12 @@ import sys
 import anthropic
 
 base_url, api_key, model = sys.argv[1], sys.argv[2], sys.argv[3]
-client = anthropic.Anthropic(base_url=base_url, api_key=api_key, max_retries=0)
+client = anthropic.Anthropic(
+    base_url=base_url,
+    api_key=api_key,
+    max_retries=0,
+    default_headers={"anthropic-beta": "fine-grained-tool-streaming-2025-05-14"},
+)
 tools = [{
     "name": "get_weather",
     "description": "Weather for a city",
