@@ -454,7 +454,11 @@ pub fn message_events(model: &str, text: &str) -> Vec<String> {
         ),
     ];
     for w in &words {
-        events.push(event(json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}})));
+        // Members in Anthropic's order, as its API writes them.
+        events.push(format!(
+            "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":{}}}}}\n\n",
+            Value::from(*w)
+        ));
     }
     events.push(event(json!({"type": "content_block_stop", "index": 0})));
     events.push(event(

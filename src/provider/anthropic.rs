@@ -247,6 +247,82 @@ impl Event {
     }
 }
 
+/// Which text a `content_block_delta` carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeltaKind {
+    Text,
+    Thinking,
+    InputJson,
+}
+
+/// A `content_block_delta`, the event a stream repeats per token, with its text as the
+/// JSON string literal it arrived as (quotes and escapes included), so that it can be
+/// written into another JSON document without being decoded and encoded again.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TokenDelta<'a> {
+    pub index: u32,
+    pub kind: DeltaKind,
+    pub literal: &'a [u8],
+}
+
+/// Reads a `content_block_delta` written exactly as Anthropic writes it (compact, in its
+/// member order). Any other event, or another spelling of this one, gives `None` and is
+/// read as an [`Event`].
+pub fn token_delta(data: &[u8]) -> Option<TokenDelta<'_>> {
+    let rest = data.strip_prefix(br#"{"type":"content_block_delta","index":"#)?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let index = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+    let rest = rest[digits..].strip_prefix(br#","delta":{"type":""#)?;
+    let (kind, rest) = [
+        (DeltaKind::Text, br#"text_delta","text":"#.as_slice()),
+        (
+            DeltaKind::InputJson,
+            br#"input_json_delta","partial_json":"#,
+        ),
+        (DeltaKind::Thinking, br#"thinking_delta","thinking":"#),
+    ]
+    .into_iter()
+    .find_map(|(kind, head)| Some((kind, rest.strip_prefix(head)?)))?;
+    let end = string_literal_end(rest)?;
+    let (literal, tail) = rest.split_at(end);
+    (tail == b"}}").then_some(TokenDelta {
+        index,
+        kind,
+        literal,
+    })
+}
+
+/// Where the JSON string literal at the start of `s` ends (just past its closing quote);
+/// `None` when `b` does not start with a valid one (its UTF-8 is checked too).
+fn string_literal_end(b: &[u8]) -> Option<usize> {
+    if b.first() != Some(&b'"') {
+        return None;
+    }
+    let mut i = 1;
+    loop {
+        let at = i + memchr::memchr2(b'"', b'\\', &b[i..])?;
+        if b[i..at].iter().any(|&c| c < 0x20) {
+            return None;
+        }
+        std::str::from_utf8(&b[i..at]).ok()?;
+        if b[at] == b'"' {
+            return Some(at + 1);
+        }
+        // An escape: `\uXXXX` or one character, none of them a quote or backslash.
+        match b.get(at + 1)? {
+            b'u' => {
+                let hex = b.get(at + 2..at + 6)?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
+                i = at + 6;
+            }
+            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i = at + 2,
+            _ => return None,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Delta {
@@ -325,5 +401,37 @@ pub fn error_type(status: u16) -> &'static str {
         504 => "timeout_error",
         529 | 503 => "overloaded_error",
         _ => "api_error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_delta_is_read_only_in_anthropics_exact_spelling() {
+        let d = token_delta(
+            br#"{"type":"content_block_delta","index":3,"delta":{"type":"input_json_delta","partial_json":"{\"a\": \"\\\"x\u00e9\""}}"#,
+        );
+        assert_eq!(
+            d,
+            Some(TokenDelta {
+                index: 3,
+                kind: DeltaKind::InputJson,
+                literal: br#""{\"a\": \"\\\"x\u00e9\"""#
+            })
+        );
+        for other in [
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"a"}}x"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"a}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"a\q"}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"\u12"}}"#,
+            "{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"a\nb\"}}",
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"signature_delta","signature":"s"}}"#,
+            r#"{"type":"content_block_delta", "index":0,"delta":{"type":"text_delta","text":"a"}}"#,
+            r#"{"type":"content_block_delta","index":,"delta":{"type":"text_delta","text":"a"}}"#,
+        ] {
+            assert_eq!(token_delta(other.as_bytes()), None, "{other}");
+        }
     }
 }

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::io::Write as _;
 
 fn is_false(b: &bool) -> bool {
     !*b
@@ -426,17 +427,6 @@ pub fn read_error(body: &[u8]) -> Option<(String, String)> {
 
 // Chunks as the gateway writes them: borrowed, so no string is copied per chunk.
 
-#[derive(Serialize)]
-pub struct ChunkOut<'a> {
-    pub id: &'a str,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: &'a str,
-    pub choices: &'a [ChoiceOut<'a>],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<&'a Usage>,
-}
-
 #[derive(Serialize, Default)]
 pub struct ChoiceOut<'a> {
     pub index: u32,
@@ -474,15 +464,60 @@ pub struct FunctionDeltaOut<'a> {
     pub arguments: Option<&'a str>,
 }
 
-/// What every chunk of one answer repeats.
-#[derive(Debug, Default)]
+/// A chunk's delta with one text, as a JSON string literal (quotes included).
+#[derive(Debug, Clone, Copy)]
+pub enum RawDelta<'a> {
+    Content(&'a [u8]),
+    Reasoning(&'a [u8]),
+    Arguments { index: u32, literal: &'a [u8] },
+}
+
+/// What every chunk of one answer repeats, written once per answer: each chunk is this
+/// prefix, its choices, and the closing brace.
+#[derive(Debug)]
 pub struct ChunkHead {
-    pub id: String,
-    pub model: String,
-    pub created: u64,
+    created: u64,
+    /// `data: {"id":…,"object":"chat.completion.chunk","created":…,"model":…,"choices":`
+    prefix: Vec<u8>,
 }
 
 impl ChunkHead {
+    pub fn new(created: u64) -> ChunkHead {
+        let mut head = ChunkHead {
+            created,
+            prefix: Vec::new(),
+        };
+        head.start("", "");
+        head
+    }
+
+    pub fn created(&self) -> u64 {
+        self.created
+    }
+
+    /// Sets the answer's id and model (from the upstream's first event).
+    pub fn start(&mut self, id: &str, model: &str) {
+        #[derive(Serialize)]
+        struct Head<'a> {
+            id: &'a str,
+            object: &'static str,
+            created: u64,
+            model: &'a str,
+        }
+        let head = Head {
+            id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model,
+        };
+        self.prefix.clear();
+        self.prefix.extend_from_slice(b"data: ");
+        // Serializing plain structs to a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut self.prefix, &head);
+        self.prefix.pop(); // the closing brace
+        self.prefix.extend_from_slice(b",\"choices\":");
+    }
+
     /// Appends one chunk with one choice.
     pub fn write(&self, out: &mut Vec<u8>, delta: DeltaOut<'_>, finish_reason: Option<&str>) {
         let choices = [ChoiceOut {
@@ -493,24 +528,46 @@ impl ChunkHead {
         self.emit(out, &choices, None);
     }
 
+    /// Appends one chunk whose delta is one text given as a JSON string literal, copied
+    /// as it is (the same bytes [`ChunkHead::write`] gives for that text).
+    pub fn write_raw(&self, out: &mut Vec<u8>, delta: RawDelta<'_>) {
+        out.extend_from_slice(&self.prefix);
+        out.extend_from_slice(b"[{\"index\":0,\"delta\":{");
+        match delta {
+            RawDelta::Content(literal) => {
+                out.extend_from_slice(b"\"content\":");
+                out.extend_from_slice(literal);
+            }
+            RawDelta::Reasoning(literal) => {
+                out.extend_from_slice(b"\"reasoning_content\":");
+                out.extend_from_slice(literal);
+            }
+            RawDelta::Arguments { index, literal } => {
+                // Writing into a Vec cannot fail.
+                let _ = write!(
+                    out,
+                    "\"tool_calls\":[{{\"index\":{index},\"function\":{{\"arguments\":"
+                );
+                out.extend_from_slice(literal);
+                out.extend_from_slice(b"}}]");
+            }
+        }
+        out.extend_from_slice(b"},\"finish_reason\":null}]}\n\n");
+    }
+
     /// Appends the usage-only chunk (`choices: []`).
     pub fn write_usage(&self, out: &mut Vec<u8>, usage: &Usage) {
         self.emit(out, &[], Some(usage));
     }
 
     fn emit(&self, out: &mut Vec<u8>, choices: &[ChoiceOut<'_>], usage: Option<&Usage>) {
-        let chunk = ChunkOut {
-            id: &self.id,
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: &self.model,
-            choices,
-            usage,
-        };
-        out.extend_from_slice(b"data: ");
-        // Serializing plain structs to a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *out, &chunk);
-        out.extend_from_slice(b"\n\n");
+        out.extend_from_slice(&self.prefix);
+        let _ = serde_json::to_writer(&mut *out, choices);
+        if let Some(usage) = usage {
+            out.extend_from_slice(b",\"usage\":");
+            let _ = serde_json::to_writer(&mut *out, usage);
+        }
+        out.extend_from_slice(b"}\n\n");
     }
 }
 

@@ -2,13 +2,15 @@
 //! and the `data:` lines joined), however the stream was cut into reads. Memory is
 //! bounded by the largest event.
 
-/// One complete event.
+use std::borrow::Cow;
+
+/// One complete event, borrowed from the reader's buffer.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Event {
+pub struct Event<'a> {
     /// The `event:` field, empty when the event has none.
-    pub name: String,
-    /// The `data:` lines, joined with `\n`.
-    pub data: String,
+    pub name: Cow<'a, str>,
+    /// The `data:` lines, joined with `\n`: bytes, for a JSON reader to take as they are.
+    pub data: Cow<'a, [u8]>,
 }
 
 /// Splits a byte stream into events.
@@ -23,24 +25,32 @@ pub struct Reader {
 pub const MAX_EVENT: usize = 4 << 20;
 
 impl Reader {
-    /// Adds `chunk` and calls `each` for every event it completes, in order.
-    pub fn feed(&mut self, chunk: &[u8], mut each: impl FnMut(Event)) {
-        self.buf.extend_from_slice(chunk);
-        let mut start = 0;
-        loop {
-            let from = (start + self.searched).saturating_sub(3).max(start);
-            let Some((end, gap)) = event_end(&self.buf[from..]) else {
-                self.searched = self.buf.len() - start;
-                break;
-            };
-            let event_end = from + end;
-            if let Some(e) = parse(&self.buf[start..event_end]) {
-                each(e);
-            }
-            start = event_end + gap;
-            self.searched = 0;
+    /// Adds `chunk` and calls `each` for every event it completes, in order. A read that
+    /// holds whole events is parsed where it lies, without a copy.
+    pub fn feed(&mut self, chunk: &[u8], mut each: impl FnMut(Event<'_>)) {
+        if self.buf.is_empty() {
+            let used = split(chunk, 0, &mut each);
+            self.keep(&chunk[used..]);
+            return;
         }
-        self.buf.drain(..start);
+        self.buf.extend_from_slice(chunk);
+        let from = self.searched.saturating_sub(3);
+        let buf = std::mem::take(&mut self.buf);
+        let used = split(&buf, from, &mut each);
+        self.buf = buf;
+        self.buf.drain(..used);
+        // Nothing left holds an event end: search only what arrives next.
+        self.searched = self.buf.len();
+        self.bound();
+    }
+
+    fn keep(&mut self, rest: &[u8]) {
+        self.buf.extend_from_slice(rest);
+        self.searched = rest.len();
+        self.bound();
+    }
+
+    fn bound(&mut self) {
         if self.buf.len() > MAX_EVENT {
             log::warn!("an SSE event grew past {MAX_EVENT} bytes without ending; dropped");
             self.buf.clear();
@@ -49,52 +59,81 @@ impl Reader {
     }
 
     /// The last event when the stream ended without its blank line.
-    pub fn finish(&mut self) -> Option<Event> {
+    pub fn finish(&mut self, each: impl FnOnce(Event<'_>)) {
         let rest = std::mem::take(&mut self.buf);
-        parse(&rest)
+        self.searched = 0;
+        if let Some(e) = parse(&rest) {
+            each(e);
+        }
     }
 }
 
-/// Where the first event of `buf` ends, and the length of the blank line after it.
-fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let mut i = 0;
-    while i + 1 < buf.len() {
-        if buf[i] == b'\n' {
-            if buf[i + 1] == b'\n' {
-                return Some((i, 2));
-            }
-            if buf[i + 1] == b'\r' && buf.get(i + 2) == Some(&b'\n') {
-                return Some((i, 3));
-            }
+/// Calls `each` for every whole event in `buf` (the first event end searched from
+/// `from`); returns how many bytes they used.
+fn split(buf: &[u8], from: usize, each: &mut impl FnMut(Event<'_>)) -> usize {
+    let mut start = 0;
+    let mut search = from;
+    while let Some((end, gap)) = event_end(buf, search) {
+        if let Some(e) = parse(&buf[start..end]) {
+            each(e);
         }
-        i += 1;
+        start = end + gap;
+        search = start;
+    }
+    start
+}
+
+/// Where the first event at or after `from` ends, and the length of the blank line
+/// after it (`\n\n` or `\n\r\n`).
+fn event_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
+    for i in memchr::memchr_iter(b'\n', &buf[from..]).map(|i| i + from) {
+        match buf.get(i + 1) {
+            Some(b'\n') => return Some((i, 2)),
+            Some(b'\r') if buf.get(i + 2) == Some(&b'\n') => return Some((i, 3)),
+            _ => {}
+        }
     }
     None
 }
 
-fn parse(raw: &[u8]) -> Option<Event> {
-    let text = String::from_utf8_lossy(raw);
-    let mut event = Event::default();
-    let mut any = false;
-    for line in text.split('\n') {
-        let line = line.strip_suffix('\r').unwrap_or(line);
-        let (field, value) = match line.split_once(':') {
-            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
-            None => (line, ""),
+fn parse(raw: &[u8]) -> Option<Event<'_>> {
+    let mut name: Option<&[u8]> = None;
+    let mut data: Option<Cow<'_, [u8]>> = None;
+    let mut rest = raw;
+    while !rest.is_empty() {
+        let (line, next) = match memchr::memchr(b'\n', rest) {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, &rest[rest.len()..]),
+        };
+        rest = next;
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let (field, value) = match memchr::memchr(b':', line) {
+            Some(i) => {
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+            }
+            None => (line, &line[line.len()..]),
         };
         match field {
-            "event" => event.name = value.to_string(),
-            "data" => {
-                if any {
-                    event.data.push('\n');
+            b"event" => name = Some(value),
+            b"data" => match &mut data {
+                None => data = Some(Cow::Borrowed(value)),
+                Some(d) => {
+                    let d = d.to_mut();
+                    d.push(b'\n');
+                    d.extend_from_slice(value);
                 }
-                event.data.push_str(value);
-                any = true;
-            }
+            },
             _ => {}
         }
     }
-    (any || !event.name.is_empty()).then_some(event)
+    if data.is_none() && name.is_none_or(<[u8]>::is_empty) {
+        return None;
+    }
+    Some(Event {
+        name: String::from_utf8_lossy(name.unwrap_or_default()),
+        data: data.unwrap_or_default(),
+    })
 }
 
 /// Appends one event in wire form: `event: NAME` when named, then `data: DATA`.
@@ -113,13 +152,20 @@ pub fn write(out: &mut Vec<u8>, name: Option<&str>, data: &[u8]) {
 mod tests {
     use super::*;
 
-    fn events(pieces: &[&[u8]]) -> Vec<Event> {
+    fn owned(e: Event<'_>) -> Event<'static> {
+        Event {
+            name: Cow::Owned(e.name.into_owned()),
+            data: Cow::Owned(e.data.into_owned()),
+        }
+    }
+
+    fn events(pieces: &[&[u8]]) -> Vec<Event<'static>> {
         let mut r = Reader::default();
         let mut out = Vec::new();
         for p in pieces {
-            r.feed(p, |e| out.push(e));
+            r.feed(p, |e| out.push(owned(e)));
         }
-        out.extend(r.finish());
+        r.finish(|e| out.push(owned(e)));
         out
     }
 
@@ -133,15 +179,15 @@ mod tests {
             vec![
                 Event {
                     name: "a".into(),
-                    data: "{\"x\":1}".into()
+                    data: b"{\"x\":1}".as_slice().into()
                 },
                 Event {
-                    name: String::new(),
-                    data: "2".into()
+                    name: "".into(),
+                    data: b"2".as_slice().into()
                 },
                 Event {
-                    name: String::new(),
-                    data: "l1\nl2".into()
+                    name: "".into(),
+                    data: b"l1\nl2".as_slice().into()
                 },
             ]
         );
@@ -157,8 +203,8 @@ mod tests {
         assert_eq!(
             events(&[b"data: [DONE]"]),
             vec![Event {
-                name: String::new(),
-                data: "[DONE]".into()
+                name: "".into(),
+                data: b"[DONE]".as_slice().into()
             }]
         );
     }

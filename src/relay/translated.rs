@@ -151,7 +151,9 @@ pub async fn relay(
     };
     loop {
         if !out.is_empty() {
-            let chunk = Bytes::from(std::mem::take(&mut out));
+            // Copied, so that `out` keeps its capacity for the next read.
+            let chunk = Bytes::copy_from_slice(&out);
+            out.clear();
             relayed.first_byte.get_or_insert_with(Instant::now);
             relayed.bytes += chunk.len();
             if let Some(c) = relayed.capture.as_mut() {

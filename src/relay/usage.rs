@@ -4,6 +4,8 @@
 //! Anthropic's `message_start`/`message_delta`, the Responses API's `response.completed`).
 //! Only lines or bodies that mention `"usage"` are parsed; memory is bounded.
 
+use crate::provider::gemini::UsageMetadata;
+use memchr::memmem;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -57,7 +59,7 @@ impl UsageScanner {
             return;
         }
         let mut rest = chunk;
-        while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+        while let Some(nl) = memchr::memchr(b'\n', rest) {
             if self.buf.is_empty() {
                 self.line(&rest[..nl]);
             } else {
@@ -78,21 +80,45 @@ impl UsageScanner {
         let Some(data) = line.strip_prefix(b"data:") else {
             return;
         };
-        if !contains(data, b"\"usage\"") && !contains(data, GEMINI) {
+        if !may_have_usage(data) {
             return;
         }
-        if let Ok(v) = serde_json::from_slice::<Value>(data) {
-            self.merge(&v);
+        // The members that can hold usage, read as types (the rest of the event is
+        // skipped, not built); an event of another shape is read as a whole.
+        match serde_json::from_slice::<Envelope>(data) {
+            Ok(e) => self.merge_envelope(e),
+            Err(_) => {
+                if let Ok(v) = serde_json::from_slice::<Value>(data) {
+                    self.merge(&v);
+                }
+            }
         }
+    }
+
+    fn merge_envelope(&mut self, e: Envelope) {
+        if let Some(u) = e.usage_metadata {
+            self.merge_max(gemini(&u));
+        }
+        let nested = [e.message, e.response].into_iter().flatten();
+        for fields in e.usage.into_iter().chain(nested.filter_map(|n| n.usage)) {
+            if let Some(n) = fields.normalise() {
+                self.merge_max(n);
+            }
+        }
+    }
+
+    /// Usage counts only grow over a stream: keep the largest of each.
+    fn merge_max(&mut self, n: Usage) {
+        let f = self.found.get_or_insert_with(Usage::default);
+        f.input = f.input.max(n.input);
+        f.output = f.output.max(n.output);
+        f.cached = f.cached.max(n.cached);
     }
 
     fn merge(&mut self, v: &Value) {
         if let Some(n) = gemini_usage(&v["usageMetadata"]) {
             // Cumulative on every partial answer: the largest is the last.
-            let f = self.found.get_or_insert_with(Usage::default);
-            f.input = f.input.max(n.input);
-            f.output = f.output.max(n.output);
-            f.cached = f.cached.max(n.cached);
+            self.merge_max(n);
         }
         for u in [&v["usage"], &v["message"]["usage"], &v["response"]["usage"]] {
             if !u.is_object() {
@@ -104,10 +130,7 @@ impl UsageScanner {
             let Some(n) = fields.normalise() else {
                 continue;
             };
-            let f = self.found.get_or_insert_with(Usage::default);
-            f.input = f.input.max(n.input);
-            f.output = f.output.max(n.output);
-            f.cached = f.cached.max(n.cached);
+            self.merge_max(n);
         }
     }
 
@@ -126,25 +149,72 @@ impl UsageScanner {
 /// Gemini's usage member.
 const GEMINI: &[u8] = b"\"usageMetadata\"";
 
+/// Finds `"usage`, the start of both `"usage"` and Gemini's `"usageMetadata"`.
+static USAGE_START: std::sync::LazyLock<memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memmem::Finder::new(b"\"usage"));
+
+/// Whether an SSE data line may carry usage: a `"usage"` or `"usageMetadata"` member
+/// whose value is not `null` (OpenAI sends `"usage":null` on every chunk but the last
+/// when the client asks for usage). Only such lines are parsed.
+fn may_have_usage(data: &[u8]) -> bool {
+    USAGE_START.find_iter(data).any(|at| {
+        let rest = &data[at + b"\"usage".len()..];
+        let Some(rest) = rest
+            .strip_prefix(b"\"")
+            .or_else(|| rest.strip_prefix(b"Metadata\""))
+        else {
+            return false;
+        };
+        rest.trim_ascii_start()
+            .strip_prefix(b":")
+            .is_some_and(|v| !v.trim_ascii_start().starts_with(b"null"))
+    })
+}
+
 /// Gemini's `usageMetadata`: the prompt count includes cached tokens; reasoning
 /// ("thoughts") tokens are billed as output.
 fn gemini_usage(v: &Value) -> Option<Usage> {
     if !v.is_object() {
         return None;
     }
-    let u = crate::provider::gemini::UsageMetadata::deserialize(v).ok()?;
-    Some(Usage {
+    let u = UsageMetadata::deserialize(v).ok()?;
+    Some(gemini(&u))
+}
+
+fn gemini(u: &UsageMetadata) -> Usage {
+    Usage {
         input: u.prompt_token_count,
         output: u.candidates_token_count + u.thoughts_token_count,
         cached: u.cached_content_token_count.min(u.prompt_token_count),
-    })
+    }
+}
+
+/// An SSE event's members that may hold usage: OpenAI's and Anthropic's `usage`,
+/// Anthropic's `message.usage` (`message_start`), the Responses API's `response.usage`,
+/// Gemini's `usageMetadata`.
+#[derive(serde::Deserialize)]
+struct Envelope {
+    #[serde(default)]
+    usage: Option<UsageFields>,
+    #[serde(default)]
+    message: Option<Nested>,
+    #[serde(default)]
+    response: Option<Nested>,
+    #[serde(default, rename = "usageMetadata")]
+    usage_metadata: Option<UsageMetadata>,
+}
+
+#[derive(serde::Deserialize)]
+struct Nested {
+    #[serde(default)]
+    usage: Option<UsageFields>,
 }
 
 /// The usage of a JSON response body. Only the `usage` object is parsed, found from the
 /// end because every provider writes it after the (much longer) content. A quote inside a
 /// JSON string is always escaped, so `"usage"` followed by a colon is a member name.
 fn json_usage(body: &[u8]) -> Option<Usage> {
-    if let Some(at) = body.windows(GEMINI.len()).rposition(|w| w == GEMINI) {
+    if let Some(at) = memmem::rfind(body, GEMINI) {
         let value = body[at + GEMINI.len()..]
             .trim_ascii_start()
             .strip_prefix(b":")?;
@@ -154,7 +224,7 @@ fn json_usage(body: &[u8]) -> Option<Usage> {
     }
     const NAME: &[u8] = b"\"usage\"";
     let mut end = body.len();
-    while let Some(at) = body[..end].windows(NAME.len()).rposition(|w| w == NAME) {
+    while let Some(at) = memmem::rfind(&body[..end], NAME) {
         end = at;
         let rest = body[at + NAME.len()..].trim_ascii_start();
         let Some(value) = rest.strip_prefix(b":") else {
@@ -235,13 +305,32 @@ impl UsageFields {
     }
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn null_usage_on_each_chunk_is_skipped_and_the_final_usage_is_read() {
+        let mut s = UsageScanner::new(true);
+        for _ in 0..3 {
+            s.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"say \\\"usage\\\": 5\"}}],\"usage\" : null}\n\n");
+        }
+        assert_eq!(s.finish(), None);
+        s.feed(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":3}}\n\ndata: [DONE]\n\n");
+        assert_eq!(
+            s.finish(),
+            Some(Usage {
+                input: 9,
+                output: 3,
+                cached: 0
+            })
+        );
+        assert!(may_have_usage(
+            br#"{"usageMetadata": {"promptTokenCount":1}}"#
+        ));
+        assert!(!may_have_usage(br#"{"usageMetadata":null,"usage":null}"#));
+        assert!(!may_have_usage(br#"{"usages":{"a":1}}"#));
+    }
 
     #[test]
     fn gemini_usage_metadata_counts_thoughts_as_output_and_cached_within_the_prompt() {

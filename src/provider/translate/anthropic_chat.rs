@@ -2,10 +2,10 @@
 //! the request to chat completions, the answer and chunks back to Anthropic's messages
 //! and stream events.
 
+use super::State;
 use super::{refuse, Target};
 use crate::provider::anthropic::{self as an, Block};
 use crate::provider::openai as oa;
-use crate::provider::sse;
 use crate::provider::Provider;
 use serde_json::Value;
 
@@ -297,16 +297,8 @@ enum Open {
     Tool(u32),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Open,
-    Done,
-    Failed,
-}
-
 /// Chat-completion chunks in, Anthropic stream events out, chunk by chunk.
 pub struct Stream {
-    reader: sse::Reader,
     started: bool,
     open: Open,
     /// The index of the next content block.
@@ -321,7 +313,6 @@ pub struct Stream {
 impl Default for Stream {
     fn default() -> Self {
         Stream {
-            reader: sse::Reader::default(),
             started: false,
             open: Open::None,
             next: 0,
@@ -334,18 +325,9 @@ impl Default for Stream {
 }
 
 impl Stream {
-    pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        let mut reader = std::mem::take(&mut self.reader);
-        reader.feed(chunk, |e| self.event(&e.data, out));
-        self.reader = reader;
-    }
-
     /// At the end of the upstream body: whether the answer was complete. An upstream that
     /// ends after its finish reason without `[DONE]` is complete.
-    pub fn finish(&mut self, out: &mut Vec<u8>) -> bool {
-        if let Some(e) = self.reader.finish() {
-            self.event(&e.data, out);
-        }
+    pub fn end(&mut self, out: &mut Vec<u8>) -> bool {
         if self.state == State::Open && self.stop.is_some() {
             self.complete(out);
         }
@@ -440,15 +422,15 @@ impl Stream {
         self.state = State::Done;
     }
 
-    fn event(&mut self, data: &str, out: &mut Vec<u8>) {
+    pub fn event(&mut self, data: &[u8], out: &mut Vec<u8>) {
         if self.state != State::Open || data.is_empty() {
             return;
         }
-        if data == "[DONE]" {
+        if data == b"[DONE]" {
             self.complete(out);
             return;
         }
-        let Ok(chunk) = serde_json::from_str::<oa::Chunk>(data) else {
+        let Ok(chunk) = serde_json::from_slice::<oa::Chunk>(data) else {
             return;
         };
         if let Some(e) = chunk.error {

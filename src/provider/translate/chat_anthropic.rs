@@ -1,10 +1,10 @@
 //! An OpenAI chat client served by an Anthropic upstream: the request to Anthropic's
 //! messages format, the answer and stream events back to chat completions.
 
+use super::State;
 use super::{refuse, Target};
 use crate::provider::anthropic::{self as an, Block};
 use crate::provider::openai::{self as oa, DeltaOut, FunctionDeltaOut, ToolDeltaOut};
-use crate::provider::sse;
 use serde_json::Value;
 
 /// Thinking budgets for `reasoning_effort` (Anthropic needs at least 1,024).
@@ -294,16 +294,8 @@ pub fn answer(body: &[u8], created: u64) -> Result<Vec<u8>, String> {
     serde_json::to_vec(&out).map_err(|e| e.to_string())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Open,
-    Done,
-    Failed,
-}
-
 /// Anthropic stream events in, chat-completion chunks out, event by event.
 pub struct Stream {
-    reader: sse::Reader,
     head: oa::ChunkHead,
     include_usage: bool,
     /// Tool blocks: (Anthropic block index, OpenAI tool index, any argument sent).
@@ -316,11 +308,7 @@ pub struct Stream {
 impl Stream {
     pub fn new(created: u64, include_usage: bool) -> Stream {
         Stream {
-            reader: sse::Reader::default(),
-            head: oa::ChunkHead {
-                created,
-                ..Default::default()
-            },
+            head: oa::ChunkHead::new(created),
             include_usage,
             tools: Vec::new(),
             usage: an::Usage::default(),
@@ -329,18 +317,9 @@ impl Stream {
         }
     }
 
-    pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        let mut reader = std::mem::take(&mut self.reader);
-        reader.feed(chunk, |e| self.event(&e.data, out));
-        self.reader = reader;
-    }
-
     /// Called at the end of the upstream body: whether the answer was complete (if not,
     /// an error event was written).
-    pub fn finish(&mut self, out: &mut Vec<u8>) -> bool {
-        if let Some(e) = self.reader.finish() {
-            self.event(&e.data, out);
-        }
+    pub fn end(&mut self, out: &mut Vec<u8>) -> bool {
         if self.state == State::Open {
             self.fail(
                 "The upstream stream ended before the answer was complete.",
@@ -357,6 +336,27 @@ impl Stream {
         }
     }
 
+    fn block_delta(&mut self, d: an::TokenDelta<'_>, out: &mut Vec<u8>) {
+        let raw = match d.kind {
+            an::DeltaKind::Text => oa::RawDelta::Content(d.literal),
+            an::DeltaKind::Thinking => oa::RawDelta::Reasoning(d.literal),
+            an::DeltaKind::InputJson => {
+                let Some(tool) = self.tools.iter_mut().find(|t| t.0 == d.index) else {
+                    return;
+                };
+                if d.literal == b"\"\"" {
+                    return;
+                }
+                tool.2 = true;
+                oa::RawDelta::Arguments {
+                    index: tool.1,
+                    literal: d.literal,
+                }
+            }
+        };
+        self.head.write_raw(out, raw);
+    }
+
     fn delta(&self, out: &mut Vec<u8>, delta: DeltaOut<'_>) {
         self.head.write(out, delta, None);
     }
@@ -371,18 +371,22 @@ impl Stream {
         );
     }
 
-    fn event(&mut self, data: &str, out: &mut Vec<u8>) {
+    pub fn event(&mut self, data: &[u8], out: &mut Vec<u8>) {
         if self.state != State::Open || data.is_empty() {
             return;
         }
+        // The per-token event first, its text copied as it is; then any other.
+        if let Some(d) = an::token_delta(data) {
+            self.block_delta(d, out);
+            return;
+        }
         // Unknown event types (added by later API versions) are skipped.
-        let Ok(event) = serde_json::from_str::<an::Event>(data) else {
+        let Ok(event) = serde_json::from_slice::<an::Event>(data) else {
             return;
         };
         match event {
             an::Event::MessageStart { message } => {
-                self.head.id = message.id;
-                self.head.model = message.model;
+                self.head.start(&message.id, &message.model);
                 self.usage = message.usage;
                 self.delta(
                     out,
@@ -429,42 +433,25 @@ impl Stream {
                 }
                 _ => {}
             },
-            an::Event::ContentBlockDelta { index, delta } => match delta {
-                an::Delta::TextDelta { text } => self.delta(
-                    out,
-                    DeltaOut {
-                        content: Some(&text),
-                        ..Default::default()
+            an::Event::ContentBlockDelta { index, delta } => {
+                let (kind, text) = match &delta {
+                    an::Delta::TextDelta { text } => (an::DeltaKind::Text, text),
+                    an::Delta::ThinkingDelta { thinking } => (an::DeltaKind::Thinking, thinking),
+                    an::Delta::InputJsonDelta { partial_json } => {
+                        (an::DeltaKind::InputJson, partial_json)
+                    }
+                    _ => return,
+                };
+                let literal = serde_json::to_string(text).unwrap_or_default();
+                self.block_delta(
+                    an::TokenDelta {
+                        index,
+                        kind,
+                        literal: literal.as_bytes(),
                     },
-                ),
-                an::Delta::ThinkingDelta { thinking } => self.delta(
                     out,
-                    DeltaOut {
-                        reasoning_content: Some(&thinking),
-                        ..Default::default()
-                    },
-                ),
-                an::Delta::InputJsonDelta { partial_json } if !partial_json.is_empty() => {
-                    let Some(tool) = self.tools.iter_mut().find(|t| t.0 == index) else {
-                        return;
-                    };
-                    tool.2 = true;
-                    let oi = tool.1;
-                    self.tool_delta(
-                        out,
-                        ToolDeltaOut {
-                            index: oi,
-                            id: None,
-                            kind: None,
-                            function: FunctionDeltaOut {
-                                name: None,
-                                arguments: Some(&partial_json),
-                            },
-                        },
-                    );
-                }
-                _ => {}
-            },
+                );
+            }
             an::Event::ContentBlockStop { index } => {
                 // A tool called without arguments still ends with `{}`: SDKs parse the
                 // arguments, and "" is not JSON.

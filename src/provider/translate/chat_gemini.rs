@@ -1,10 +1,10 @@
 //! An OpenAI chat client served by a Gemini upstream: the request to `generateContent`,
 //! the answer and each streamed partial answer back to chat completions.
 
+use super::State;
 use super::{refuse, Target};
 use crate::provider::gemini as gm;
 use crate::provider::openai::{self as oa, DeltaOut, FunctionDeltaOut, ToolDeltaOut};
-use crate::provider::sse;
 use serde_json::Value;
 
 fn thinking_budget(effort: &str) -> Option<u64> {
@@ -298,16 +298,8 @@ pub fn answer(body: &[u8], created: u64) -> Result<Vec<u8>, String> {
     serde_json::to_vec(&out).map_err(|e| e.to_string())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Open,
-    Done,
-    Failed,
-}
-
 /// Gemini's streamed partial answers in, chat-completion chunks out.
 pub struct Stream {
-    reader: sse::Reader,
     head: oa::ChunkHead,
     include_usage: bool,
     started: bool,
@@ -320,11 +312,7 @@ pub struct Stream {
 impl Stream {
     pub fn new(created: u64, include_usage: bool) -> Stream {
         Stream {
-            reader: sse::Reader::default(),
-            head: oa::ChunkHead {
-                created,
-                ..Default::default()
-            },
+            head: oa::ChunkHead::new(created),
             include_usage,
             started: false,
             calls: 0,
@@ -334,18 +322,9 @@ impl Stream {
         }
     }
 
-    pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        let mut reader = std::mem::take(&mut self.reader);
-        reader.feed(chunk, |e| self.event(&e.data, out));
-        self.reader = reader;
-    }
-
     /// At the end of the upstream body (Gemini sends no end marker: the answer is complete
     /// when a finish reason came).
-    pub fn finish(&mut self, out: &mut Vec<u8>) -> bool {
-        if let Some(e) = self.reader.finish() {
-            self.event(&e.data, out);
-        }
+    pub fn end(&mut self, out: &mut Vec<u8>) -> bool {
         if self.state == State::Open {
             match self.finish {
                 Some(reason) => {
@@ -373,23 +352,25 @@ impl Stream {
         }
     }
 
-    fn event(&mut self, data: &str, out: &mut Vec<u8>) {
+    pub fn event(&mut self, data: &[u8], out: &mut Vec<u8>) {
         if self.state != State::Open || data.is_empty() {
             return;
         }
-        let Ok(r) = serde_json::from_str::<gm::Response>(data) else {
+        let Ok(r) = serde_json::from_slice::<gm::Response>(data) else {
             return;
         };
         if r.candidates.is_empty() && r.usage_metadata.is_none() {
-            if let Some((status, message)) = gm::read_error(data.as_bytes()) {
+            if let Some((status, message)) = gm::read_error(data) {
                 self.fail(&format!("{status}: {message}"), out);
             }
             return;
         }
         if !self.started {
             self.started = true;
-            self.head.id = r.response_id.clone().unwrap_or_default();
-            self.head.model = r.model_version.clone().unwrap_or_default();
+            self.head.start(
+                r.response_id.as_deref().unwrap_or_default(),
+                r.model_version.as_deref().unwrap_or_default(),
+            );
             let role = DeltaOut {
                 role: Some("assistant"),
                 content: Some(""),
@@ -408,7 +389,7 @@ impl Stream {
                 let id = call.id.unwrap_or_else(|| {
                     call_id(
                         r.response_id.as_deref(),
-                        self.head.created,
+                        self.head.created(),
                         self.calls as usize,
                     )
                 });

@@ -12,7 +12,7 @@ pub mod chat_gemini;
 #[cfg(test)]
 mod tests;
 
-use super::{anthropic, gemini, openai, Provider};
+use super::{anthropic, gemini, openai, sse, Provider};
 
 /// A client format served by an upstream of another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,13 +138,15 @@ impl Translation {
     /// usage chunk (OpenAI clients).
     pub fn stream(self, created: u64, include_usage: bool) -> Stream {
         match self {
-            Translation::ChatToMessages => {
-                Stream::FromMessages(chat_anthropic::Stream::new(created, include_usage))
+            Translation::ChatToMessages => Stream::new(Machine::FromMessages(
+                chat_anthropic::Stream::new(created, include_usage),
+            )),
+            Translation::MessagesToChat => {
+                Stream::new(Machine::ToMessages(anthropic_chat::Stream::default()))
             }
-            Translation::MessagesToChat => Stream::ToMessages(anthropic_chat::Stream::default()),
-            Translation::ChatToGemini => {
-                Stream::FromGemini(chat_gemini::Stream::new(created, include_usage))
-            }
+            Translation::ChatToGemini => Stream::new(Machine::FromGemini(
+                chat_gemini::Stream::new(created, include_usage),
+            )),
         }
     }
 }
@@ -167,39 +169,72 @@ pub struct Outbound {
     pub query: Option<&'static str>,
 }
 
-/// A streamed answer being translated.
-pub enum Stream {
+/// Where a streamed translation stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Events are being translated.
+    Open,
+    /// The answer was complete and its end marker written.
+    Done,
+    /// An error event was written; nothing follows it.
+    Failed,
+}
+
+/// A streamed answer being translated: the upstream's bytes are split into events, and
+/// each event goes to the machine for the direction.
+pub struct Stream {
+    reader: sse::Reader,
+    machine: Machine,
+}
+
+enum Machine {
     FromMessages(chat_anthropic::Stream),
     ToMessages(anthropic_chat::Stream),
     FromGemini(chat_gemini::Stream),
 }
 
+impl Machine {
+    fn event(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        match self {
+            Machine::FromMessages(s) => s.event(data, out),
+            Machine::ToMessages(s) => s.event(data, out),
+            Machine::FromGemini(s) => s.event(data, out),
+        }
+    }
+}
+
 impl Stream {
+    fn new(machine: Machine) -> Stream {
+        Stream {
+            reader: sse::Reader::default(),
+            machine,
+        }
+    }
+
     /// Translates one upstream read; appends whatever client events it completes.
     pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        match self {
-            Stream::FromMessages(s) => s.feed(chunk, out),
-            Stream::ToMessages(s) => s.feed(chunk, out),
-            Stream::FromGemini(s) => s.feed(chunk, out),
-        }
+        let machine = &mut self.machine;
+        self.reader.feed(chunk, |e| machine.event(&e.data, out));
     }
 
     /// The upstream body ended: whether the answer was complete. When it was not, an
     /// error event in the client's format was appended, and no end marker.
     pub fn finish(&mut self, out: &mut Vec<u8>) -> bool {
-        match self {
-            Stream::FromMessages(s) => s.finish(out),
-            Stream::ToMessages(s) => s.finish(out),
-            Stream::FromGemini(s) => s.finish(out),
+        let machine = &mut self.machine;
+        self.reader.finish(|e| machine.event(&e.data, out));
+        match machine {
+            Machine::FromMessages(s) => s.end(out),
+            Machine::ToMessages(s) => s.end(out),
+            Machine::FromGemini(s) => s.end(out),
         }
     }
 
     /// The upstream failed mid-stream: an error event in the client's format, once.
     pub fn fail(&mut self, message: &str, out: &mut Vec<u8>) {
-        match self {
-            Stream::FromMessages(s) => s.fail(message, out),
-            Stream::ToMessages(s) => s.fail(message, out),
-            Stream::FromGemini(s) => s.fail(message, out),
+        match &mut self.machine {
+            Machine::FromMessages(s) => s.fail(message, out),
+            Machine::ToMessages(s) => s.fail(message, out),
+            Machine::FromGemini(s) => s.fail(message, out),
         }
     }
 }

@@ -32,8 +32,9 @@ pub(super) fn events(bytes: &[u8]) -> Vec<(String, Value)> {
     let mut r = sse::Reader::default();
     let mut out = Vec::new();
     r.feed(bytes, |e| {
-        let data = serde_json::from_str(&e.data).unwrap_or(Value::String(e.data.clone()));
-        out.push((e.name, data));
+        let data = serde_json::from_slice(&e.data)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&e.data).into_owned()));
+        out.push((e.name.into_owned(), data));
     });
     out
 }

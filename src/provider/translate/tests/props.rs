@@ -62,6 +62,32 @@ proptest! {
         prop_assert_eq!(&tools[0].1, &args);
     }
 
+    /// A token delta in Anthropic's own spelling is copied without being decoded; the
+    /// client gets the same bytes as when the event is read in full (any other spelling).
+    #[test]
+    fn the_token_delta_fast_path_writes_what_the_full_reading_writes(
+        texts in proptest::collection::vec("(?s).{0,12}", 1..4),
+        thinking in any::<bool>(),
+    ) {
+        let (kind, field) = if thinking { ("thinking_delta", "thinking") } else { ("text_delta", "text") };
+        let start = json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude", "content": [], "usage": {"input_tokens": 1, "output_tokens": 1}}});
+        let mut exact = format!("event: message_start\ndata: {start}\n\n");
+        let mut other = exact.clone();
+        for (i, text) in texts.iter().enumerate() {
+            let literal = serde_json::to_string(text).unwrap();
+            let data = format!(r#"{{"type":"content_block_delta","index":{i},"delta":{{"type":"{kind}","{field}":{literal}}}}}"#);
+            prop_assert!(crate::provider::anthropic::token_delta(data.as_bytes()).is_some(), "{}", data);
+            exact.push_str(&format!("event: content_block_delta\ndata: {data}\n\n"));
+            // serde_json writes members sorted: another spelling, read in full.
+            let sorted = json!({"type": "content_block_delta", "index": i, "delta": {"type": kind, field: text}});
+            prop_assert!(crate::provider::anthropic::token_delta(sorted.to_string().as_bytes()).is_none());
+            other.push_str(&format!("event: content_block_delta\ndata: {sorted}\n\n"));
+        }
+        let (fast, _) = run_stream(Translation::ChatToMessages, false, exact.as_bytes(), &[]);
+        let (full, _) = run_stream(Translation::ChatToMessages, false, other.as_bytes(), &[]);
+        prop_assert_eq!(String::from_utf8_lossy(&fast), String::from_utf8_lossy(&full));
+    }
+
     /// After an error event nothing more is emitted, whatever follows upstream.
     #[test]
     fn nothing_follows_an_error(at in 1usize..12, extra in 0usize..6) {
