@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{chat, client, scrape, send_chat, single, Gateway};
+use common::{chat, client, eventually_async, scrape, send_chat, single, Gateway};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -139,9 +139,18 @@ async fn metrics_count_requests_tokens_failovers_refusals_and_follow_streams() {
         ) > 25.0
     );
     while held.chunk().await.unwrap().is_some() {}
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The gauge falls when the gateway has finished the request, just after its last byte.
+    assert!(
+        eventually_async(Duration::from_secs(5), || async {
+            value(
+                &scrape(&gw).await,
+                "tollgate_upstream_in_flight",
+                &in_flight,
+            ) == 0.0
+        })
+        .await
+    );
     let text = scrape(&gw).await;
-    assert_eq!(value(&text, "tollgate_upstream_in_flight", &in_flight), 0.0);
 
     let m_second = [("model", "m"), ("upstream", "second")];
     assert_eq!(

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{admin_json, chat, chat_status, client, closed_port, Gateway};
+use common::{admin_json, chat, chat_status, client, closed_port, eventually_async, Gateway};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 use tollgate::demo::mock::{MockUpstream, Reply};
@@ -220,7 +220,19 @@ async fn an_upgrade_and_a_reload_under_load_lose_no_request_and_cut_no_stream() 
     let v2 = std::fs::read_to_string(&path).unwrap() + "  extra:\n    routes: [{upstream: u}]\n";
     std::fs::write(&path, v2).unwrap();
     kill(gw.pid(), "-HUP");
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Reloaded when the admin listener knows the new alias.
+    assert!(
+        eventually_async(Duration::from_secs(5), || async {
+            let r = client()
+                .get(gw.admin_url("/admin/route?model=extra"))
+                .send()
+                .await;
+            r.is_ok_and(|r| r.status() == 200)
+        })
+        .await,
+        "the reload was not applied:\n{}",
+        gw.logs()
+    );
     // Binary upgrade: a new process takes the listeners over; the old one finishes its streams.
     kill(gw.pid(), "-USR2");
     let deadline = Instant::now() + Duration::from_secs(5);
