@@ -648,3 +648,80 @@ async fn translation_never_holds_the_stream_back_and_a_cut_ends_in_an_error_even
     assert!(text.contains("\"error\""), "{text}");
     assert!(!text.contains("[DONE]"), "{text}");
 }
+
+/// Anthropic's prompt-cache writes are billed by duration, for an Anthropic client passed
+/// through and an OpenAI client translated, streamed or not: every usage row carries the
+/// same hand-computed cost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_cache_writes_are_priced_by_duration_on_every_path() {
+    let up = MockUpstream::start("anthropic").await.unwrap();
+    let gw = Gateway::start(&format!(
+        "admin:\n  master_key: {MASTER}\npricing:\n  claude-up: {{input: 3.0, cached_input: 0.30, output: 15.0}}\n{}",
+        config(
+            &format!("  an:\n    provider: anthropic\n    servers: [{{url: \"{}\", api_key: sk-ant-test-0000000000}}]\n", up.url()),
+            "  claude:\n    routes: [{upstream: an, model: claude-up}]\n",
+        )
+    ));
+    let usage = json!({"input_tokens": 10, "cache_read_input_tokens": 200, "cache_creation_input_tokens": 400,
+        "cache_creation": {"ephemeral_5m_input_tokens": 300, "ephemeral_1h_input_tokens": 100}, "output_tokens": 50});
+    let whole = json_reply(
+        json!({"id": "msg_c", "type": "message", "role": "assistant", "model": "claude-up",
+        "content": [{"type": "text", "text": "cached"}], "stop_reason": "end_turn", "usage": usage}),
+    );
+    let mut start_usage = usage.clone();
+    start_usage["output_tokens"] = json!(1);
+    let streamed = stream_reply(
+        [
+            json!({"type": "message_start", "message": {"id": "msg_c", "type": "message", "role": "assistant", "model": "claude-up", "content": [], "stop_reason": null, "usage": start_usage}}),
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "cached"}}),
+            json!({"type": "content_block_stop", "index": 0}),
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": 50}}),
+            json!({"type": "message_stop"}),
+        ]
+        .into_iter()
+        .map(named)
+        .collect(),
+    );
+    up.push([whole.clone(), streamed.clone(), whole, streamed]);
+    for (path, stream) in [
+        ("/v1/messages", false),
+        ("/v1/messages", true),
+        ("/v1/chat/completions", false),
+        ("/v1/chat/completions", true),
+    ] {
+        let body = json!({"model": "claude", "stream": stream, "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]});
+        let (status, _, text) = post(&gw, path, body).await;
+        assert_eq!(status, 200, "{path} stream={stream}: {text}");
+        assert!(text.contains("cached"), "{text}");
+    }
+    // 10 x $3 + 200 x $0.30 + 300 x $3.75 (5-minute writes, 1.25 x input) + 100 x $6
+    // (hour-long writes, 2 x input) + 50 x $15, per million tokens, in micro-USD.
+    let expected = 30 + 60 + 1125 + 600 + 750;
+    let rows = || async {
+        client()
+            .get(gw.admin_url("/admin/usage"))
+            .bearer_auth(MASTER)
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()["data"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    assert!(
+        common::eventually_async(Duration::from_secs(10), || async {
+            rows().await.len() == 4
+        })
+        .await
+    );
+    for row in rows().await {
+        assert_eq!(row["input_tokens"], 610, "{row}");
+        assert_eq!(row["cached_tokens"], 200, "{row}");
+        assert_eq!(row["output_tokens"], 50, "{row}");
+        assert_eq!(row["cost_micro_usd"], expected, "{row}");
+    }
+}

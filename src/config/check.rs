@@ -173,7 +173,12 @@ pub(super) fn check_pricing_and_log(file: &FileConfig, errors: &mut Vec<ConfigEr
     for (model, price) in &file.pricing {
         let ok =
             |v: f64| v.is_finite() && (0.0..=crate::relay::pricing::MAX_USD_PER_MTOK).contains(&v);
-        if !(ok(price.input) && ok(price.output) && price.cached_input.is_none_or(ok)) {
+        if !(ok(price.input)
+            && ok(price.output)
+            && price.cached_input.is_none_or(ok)
+            && price.cache_write.is_none_or(ok)
+            && price.cache_write_1h.is_none_or(ok))
+        {
             err(
                 format!("pricing.{model}"),
                 format!(

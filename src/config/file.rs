@@ -292,6 +292,14 @@ pub struct Price {
     /// input price.
     #[serde(default)]
     pub cached_input: Option<f64>,
+    /// USD per million input tokens written to the prompt cache for 5 minutes. Default:
+    /// 1.25 x the input price.
+    #[serde(default)]
+    pub cache_write: Option<f64>,
+    /// USD per million input tokens written to the prompt cache for an hour. Default: 2 x
+    /// the input price.
+    #[serde(default)]
+    pub cache_write_1h: Option<f64>,
 }
 
 #[derive(Debug, Deserialize, Clone)]

@@ -407,7 +407,8 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
             .iter()
             .map(|(m, p)| {
                 let price =
-                    crate::relay::pricing::Price::from_usd(p.input, p.output, p.cached_input);
+                    crate::relay::pricing::Price::from_usd(p.input, p.output, p.cached_input)
+                        .with_cache_writes(p.cache_write, p.cache_write_1h);
                 (m.clone(), price)
             })
             .collect(),

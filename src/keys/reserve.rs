@@ -203,14 +203,21 @@ fn dearest_price(
         input: 0,
         output: 0,
         cached_input: 0,
+        cache_write: 0,
+        cache_write_1h: 0,
     };
     for a in aliases {
         for route in a.tiers.iter().flat_map(|t| &t.routes) {
             let model = route.model.as_deref().unwrap_or(client_model);
             let p = prices.pricing.for_route(model, &a.name)?;
-            dearest.input = dearest.input.max(p.input);
+            // Anthropic bills prompt-cache writes above the input price: the
+            // reservation covers an input that is all writes.
+            let writes = route.upstream.provider == crate::provider::Provider::Anthropic;
+            dearest.input = dearest.input.max(p.dearest_input(writes));
             dearest.output = dearest.output.max(p.output);
             dearest.cached_input = dearest.cached_input.max(p.cached_input);
+            dearest.cache_write = dearest.cache_write.max(p.cache_write);
+            dearest.cache_write_1h = dearest.cache_write_1h.max(p.cache_write_1h);
         }
     }
     Some(dearest)

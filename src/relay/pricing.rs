@@ -14,7 +14,16 @@ pub struct Price {
     pub output: u64,
     /// Input tokens read from the provider's prompt cache.
     pub cached_input: u64,
+    /// Input tokens written to the prompt cache for 5 minutes (Anthropic bills them at
+    /// 1.25 x the input price) and for an hour (2 x).
+    pub cache_write: u64,
+    pub cache_write_1h: u64,
 }
+
+/// What a prompt-cache write costs when no price is given, as a multiple of the input
+/// price: Anthropic's published rule (5 minutes: 1.25 x; an hour: 2 x).
+pub const CACHE_WRITE: (u64, u64) = (5, 4);
+pub const CACHE_WRITE_1H: (u64, u64) = (2, 1);
 
 /// USD per million tokens to micro-USD per million tokens (the config checks the value
 /// is finite, not negative and at most [`MAX_USD_PER_MTOK`]).
@@ -27,30 +36,65 @@ pub const MAX_USD_PER_MTOK: f64 = 1e6;
 
 impl Price {
     pub fn from_usd(input: f64, output: f64, cached_input: Option<f64>) -> Price {
+        let input = micro_per_mtok(input);
+        let times = |(n, d): (u64, u64)| (input.saturating_mul(n)).div_ceil(d);
         Price {
-            input: micro_per_mtok(input),
+            input,
             output: micro_per_mtok(output),
-            cached_input: micro_per_mtok(cached_input.unwrap_or(input)),
+            cached_input: cached_input.map_or(input, micro_per_mtok),
+            cache_write: times(CACHE_WRITE),
+            cache_write_1h: times(CACHE_WRITE_1H),
         }
     }
 
-    /// The cost of `usage`, micro-USD, rounded up. Cached input tokens are part of
-    /// `usage.input` and are charged at the cached price instead of the input price.
+    /// The same with prompt-cache write prices given (USD per million tokens); one not
+    /// given keeps its multiple of the input price.
+    pub fn with_cache_writes(mut self, five_minutes: Option<f64>, hour: Option<f64>) -> Price {
+        if let Some(usd) = five_minutes {
+            self.cache_write = micro_per_mtok(usd);
+        }
+        if let Some(usd) = hour {
+            self.cache_write_1h = micro_per_mtok(usd);
+        }
+        self
+    }
+
+    /// The cost of `usage`, micro-USD, rounded up once for the whole request. Cache reads
+    /// and writes are part of `usage.input` and are charged at their own prices instead
+    /// of the input price.
     pub fn cost(&self, usage: &Usage) -> i64 {
-        let cached = usage.cached.min(usage.input);
-        let pico = u128::from(usage.input - cached) * u128::from(self.input)
-            + u128::from(cached) * u128::from(self.cached_input)
+        let mut left = usage.input;
+        let mut take = |n: u64| {
+            let n = n.min(left);
+            left -= n;
+            u128::from(n)
+        };
+        let pico = take(usage.cached) * u128::from(self.cached_input)
+            + take(usage.cache_write) * u128::from(self.cache_write)
+            + take(usage.cache_write_1h) * u128::from(self.cache_write_1h)
+            + u128::from(left) * u128::from(self.input)
             + u128::from(usage.output) * u128::from(self.output);
         i64::try_from(pico.div_ceil(1_000_000)).unwrap_or(i64::MAX)
     }
 
-    /// The most `input` and `output` tokens can cost, micro-USD (budget reservations).
+    /// The most `input` and `output` tokens can cost at the input and output prices,
+    /// micro-USD (cost routing; budget reservations fold the write prices of routes that
+    /// bill prompt-cache writes into the input price first).
     pub fn most(&self, input: u64, output: u64) -> i64 {
-        self.cost(&Usage {
-            input,
-            output,
-            cached: 0,
-        })
+        let pico = u128::from(input) * u128::from(self.input)
+            + u128::from(output) * u128::from(self.output);
+        i64::try_from(pico.div_ceil(1_000_000)).unwrap_or(i64::MAX)
+    }
+
+    /// The highest price an input token can be billed at: on a provider that bills
+    /// prompt-cache writes, any input token may turn out to be one.
+    pub fn dearest_input(&self, bills_cache_writes: bool) -> u64 {
+        let input = self.input.max(self.cached_input);
+        if bills_cache_writes {
+            input.max(self.cache_write).max(self.cache_write_1h)
+        } else {
+            input
+        }
     }
 }
 
@@ -207,6 +251,7 @@ mod tests {
             input: 1000,
             output: 200,
             cached: 0,
+            ..Default::default()
         };
         assert_eq!(p.cost(&u), 270);
         // Half the input from the cache: 500 x 0.15 + 500 x 0.075 = 75 + 37.5 -> rounded up.
@@ -214,6 +259,7 @@ mod tests {
             input: 1000,
             output: 200,
             cached: 500,
+            ..Default::default()
         };
         assert_eq!(p.cost(&u), 233);
         // One token of a cheap model still costs a (rounded-up) micro-dollar.
@@ -221,9 +267,45 @@ mod tests {
             input: 1,
             output: 0,
             cached: 0,
+            ..Default::default()
         };
         assert_eq!(p.cost(&one), 1);
         assert_eq!(p.cost(&Usage::default()), 0);
+    }
+
+    /// Anthropic's prompt caching, priced by hand: claude-sonnet-4-5 at $3 input, $0.30
+    /// cache reads, $15 output; writes at the default 1.25 x and 2 x ($3.75 and $6).
+    #[test]
+    fn cache_reads_and_both_write_tiers_are_priced_apart() {
+        let p = Price::from_usd(3.0, 15.0, Some(0.30));
+        assert_eq!((p.cache_write, p.cache_write_1h), (3_750_000, 6_000_000));
+        let u = Usage {
+            input: 1000,
+            cached: 200,
+            cache_write: 300,
+            cache_write_1h: 100,
+            output: 50,
+        };
+        // 400 x 3 + 200 x 0.30 + 300 x 3.75 + 100 x 6 + 50 x 15 micro-USD.
+        assert_eq!(p.cost(&u), 1200 + 60 + 1125 + 600 + 750);
+        // Given prices replace the multiples.
+        let own = p.with_cache_writes(Some(4.0), None);
+        assert_eq!(own.cost(&u), 1200 + 60 + 1200 + 600 + 750);
+        // A reservation covers input that all turns out to be hour-long writes.
+        assert_eq!(p.dearest_input(true), 6_000_000);
+        assert_eq!(p.dearest_input(false), 3_000_000);
+        // Counts that do not add up are bounded by the input (never a negative count).
+        let odd = Usage {
+            input: 10,
+            cached: 8,
+            cache_write: 8,
+            cache_write_1h: 8,
+            output: 0,
+        };
+        assert_eq!(
+            p.cost(&odd),
+            (8 * 300_000u64 + 2 * 3_750_000).div_ceil(1_000_000) as i64
+        );
     }
 
     #[test]

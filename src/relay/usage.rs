@@ -19,6 +19,13 @@ pub struct Usage {
     /// Input tokens read from the provider's prompt cache (OpenAI
     /// `prompt_tokens_details.cached_tokens`, Anthropic `cache_read_input_tokens`).
     pub cached: u64,
+    /// Input tokens written to Anthropic's prompt cache for 5 minutes
+    /// (`cache_creation.ephemeral_5m_input_tokens`, or all of
+    /// `cache_creation_input_tokens` when it is not split).
+    pub cache_write: u64,
+    /// Input tokens written to Anthropic's prompt cache for an hour
+    /// (`cache_creation.ephemeral_1h_input_tokens`).
+    pub cache_write_1h: u64,
 }
 
 impl Usage {
@@ -113,6 +120,8 @@ impl UsageScanner {
         f.input = f.input.max(n.input);
         f.output = f.output.max(n.output);
         f.cached = f.cached.max(n.cached);
+        f.cache_write = f.cache_write.max(n.cache_write);
+        f.cache_write_1h = f.cache_write_1h.max(n.cache_write_1h);
     }
 
     fn merge(&mut self, v: &Value) {
@@ -186,6 +195,7 @@ fn gemini(u: &UsageMetadata) -> Usage {
         input: u.prompt_token_count,
         output: u.candidates_token_count + u.thoughts_token_count,
         cached: u.cached_content_token_count.min(u.prompt_token_count),
+        ..Default::default()
     }
 }
 
@@ -252,6 +262,14 @@ struct UsageFields {
     input_tokens_details: Option<Details>,
     cache_read_input_tokens: Option<u64>,
     cache_creation_input_tokens: Option<u64>,
+    cache_creation: Option<CacheCreation>,
+}
+
+/// Anthropic's split of the prompt-cache writes by how long they are kept.
+#[derive(serde::Deserialize)]
+struct CacheCreation {
+    #[serde(default)]
+    ephemeral_1h_input_tokens: u64,
 }
 
 #[derive(serde::Deserialize)]
@@ -274,6 +292,7 @@ impl UsageFields {
                 input: prompt,
                 output: output.unwrap_or(0),
                 cached: cached.min(prompt),
+                ..Default::default()
             });
         }
         let input = self.input_tokens;
@@ -297,10 +316,19 @@ impl UsageFields {
                 read,
             ),
         };
+        // Writes kept an hour are billed dearer than those kept 5 minutes; without the
+        // split, every write is a 5-minute one (the API's default).
+        let hour = self
+            .cache_creation
+            .as_ref()
+            .map_or(0, |c| c.ephemeral_1h_input_tokens)
+            .min(written);
         Some(Usage {
             input,
             output: output.unwrap_or(0),
             cached,
+            cache_write: written - hour,
+            cache_write_1h: hour,
         })
     }
 }
@@ -308,6 +336,29 @@ impl UsageFields {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Anthropic's cache writes split by duration, whole and streamed (the split comes
+    /// in `message_start`; `message_delta` repeats the counts in newer API versions).
+    #[test]
+    fn cache_writes_are_read_by_duration_whole_and_streamed() {
+        let want = Some(Usage {
+            input: 10 + 200 + 300 + 100,
+            output: 50,
+            cached: 200,
+            cache_write: 300,
+            cache_write_1h: 100,
+        });
+        let usage = r#"{"input_tokens":10,"cache_read_input_tokens":200,"cache_creation_input_tokens":400,"cache_creation":{"ephemeral_5m_input_tokens":300,"ephemeral_1h_input_tokens":100},"output_tokens":50}"#;
+        let mut s = UsageScanner::new(false);
+        s.feed(format!(r#"{{"type":"message","content":[],"usage":{usage}}}"#).as_bytes());
+        assert_eq!(s.finish(), want);
+        let start = usage.replace(r#""output_tokens":50"#, r#""output_tokens":1"#);
+        let mut s = UsageScanner::new(true);
+        s.feed(format!("event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"id\":\"m\",\"content\":[],\"usage\":{start}}}}}\n\n").as_bytes());
+        s.feed(b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\n");
+        s.feed(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":50}}\n\n");
+        assert_eq!(s.finish(), want);
+    }
 
     #[test]
     fn null_usage_on_each_chunk_is_skipped_and_the_final_usage_is_read() {
@@ -322,7 +373,8 @@ mod tests {
             Some(Usage {
                 input: 9,
                 output: 3,
-                cached: 0
+                cached: 0,
+                ..Default::default()
             })
         );
         assert!(may_have_usage(
@@ -339,6 +391,7 @@ mod tests {
             input: 100,
             output: 25,
             cached: 40,
+            ..Default::default()
         });
         let mut s = UsageScanner::new(false);
         s.feed(body);
@@ -361,7 +414,8 @@ mod tests {
             Some(Usage {
                 input: 12,
                 output: 30,
-                cached: 0
+                cached: 0,
+                ..Default::default()
             })
         );
         let mut s = UsageScanner::new(false);
@@ -371,7 +425,8 @@ mod tests {
             Some(Usage {
                 input: 5,
                 output: 7,
-                cached: 0
+                cached: 0,
+                ..Default::default()
             })
         );
         let mut s = UsageScanner::new(false);
@@ -385,7 +440,8 @@ mod tests {
             Some(Usage {
                 input: 3,
                 output: 4,
-                cached: 0
+                cached: 0,
+                ..Default::default()
             })
         );
         let mut s = UsageScanner::new(false);
@@ -402,7 +458,8 @@ mod tests {
             Some(Usage {
                 input: 100,
                 output: 5,
-                cached: 60
+                cached: 60,
+                ..Default::default()
             })
         );
         // Anthropic counts cache reads and writes apart from input_tokens.
@@ -413,7 +470,10 @@ mod tests {
             Some(Usage {
                 input: 100,
                 output: 5,
-                cached: 60
+                cached: 60,
+                // Writes not split by duration are 5-minute ones.
+                cache_write: 30,
+                cache_write_1h: 0,
             })
         );
         let mut s = UsageScanner::new(true);
@@ -424,7 +484,8 @@ mod tests {
             Some(Usage {
                 input: 70,
                 output: 7,
-                cached: 60
+                cached: 60,
+                ..Default::default()
             })
         );
     }
@@ -440,7 +501,8 @@ mod tests {
             Some(Usage {
                 input: 9,
                 output: 4,
-                cached: 0
+                cached: 0,
+                ..Default::default()
             })
         );
     }
@@ -455,7 +517,8 @@ mod tests {
             Some(Usage {
                 input: 25,
                 output: 15,
-                cached: 0
+                cached: 0,
+                ..Default::default()
             })
         );
     }
@@ -505,7 +568,7 @@ mod props {
             }
             body.push_str(&format!("data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":{input},\"completion_tokens\":{output}}}}}{nl}{nl}data: [DONE]{nl}{nl}"));
             let got = scan_in_pieces(true, body.as_bytes(), &cuts);
-            prop_assert_eq!(got, Some(Usage { input, output, cached: 0 }));
+            prop_assert_eq!(got, Some(Usage { input, output, cached: 0, ..Default::default() }));
         }
 
         /// Any bytes, as SSE or JSON: a usage or none, never a panic.
@@ -521,7 +584,7 @@ mod props {
         /// Absurd numbers from an upstream saturate instead of wrapping.
         #[test]
         fn totals_saturate(input in any::<u64>(), output in any::<u64>()) {
-            let u = Usage { input, output, cached: 0 };
+            let u = Usage { input, output, cached: 0, ..Default::default() };
             prop_assert!(u.total() >= input.max(output));
         }
     }
