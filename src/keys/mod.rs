@@ -367,20 +367,6 @@ pub async fn load(
         .map(team_from_row)
         .collect::<Result<Vec<_>, _>>()?;
     let mut spent = HashMap::new();
-    let sum = |column: &'static str, owner: String, id: String, from: i64| {
-        let pool = pool.clone();
-        async move {
-            let sql = format!(
-                "SELECT CAST(COALESCE(SUM(cost_micro_usd), 0) AS BIGINT) AS s FROM usage WHERE {column} = $1 AND ts >= $2"
-            );
-            let row = sqlx::query(&sql)
-                .bind(id)
-                .bind(from)
-                .fetch_one(&pool)
-                .await?;
-            Ok::<_, StoreError>((owner, row.try_get::<i64, _>("s")?))
-        }
-    };
     let mut wanted = Vec::new();
     for k in keys.iter().filter(|k| k.deleted_at.is_none()) {
         if let Some(b) = &k.budget {
@@ -407,9 +393,27 @@ pub async fn load(
             wanted.push(("key_id", owner.clone(), owner, from));
         }
     }
+    // One grouped query per owner column and period start, however many budgets share
+    // them (every daily key budget without a reset of its own: one query).
+    let mut by_start: BTreeMap<(&'static str, i64), Vec<(String, String)>> = BTreeMap::new();
     for (column, owner, id, from) in wanted {
-        let (owner, s) = sum(column, owner, id, from).await?;
-        spent.insert(owner, s);
+        by_start
+            .entry((column, from))
+            .or_default()
+            .push((owner, id));
+    }
+    for ((column, from), owners) in by_start {
+        let sql = format!(
+            "SELECT {column} AS id, CAST(COALESCE(SUM(cost_micro_usd), 0) AS BIGINT) AS s FROM usage WHERE ts >= $1 AND {column} IS NOT NULL GROUP BY {column}"
+        );
+        let mut sums = HashMap::new();
+        for row in sqlx::query(&sql).bind(from).fetch_all(&pool).await? {
+            sums.insert(row.try_get::<String, _>("id")?, row.try_get::<i64, _>("s")?);
+        }
+        for (owner, id) in owners {
+            let s = sums.get(&id).copied().unwrap_or(0);
+            spent.insert(owner, s);
+        }
     }
     Ok(Loaded { keys, teams, spent })
 }
