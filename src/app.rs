@@ -120,11 +120,20 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
     let flush_interval = config.store.flush_interval.0;
     let (alerts, delivery) = match &config.alerts.webhook {
         Some(w) => {
-            let (a, d) = crate::keys::alerts::channel(crate::keys::alerts::Webhook {
-                url: w.url.clone(),
-                headers: w.headers.clone().into_iter().collect(),
-                timeout: w.timeout.0,
-            });
+            let redis = config
+                .cluster
+                .redis
+                .as_ref()
+                .map(|r| r.expose().to_string());
+            let (a, d) = crate::keys::alerts::channel(
+                crate::keys::alerts::Webhook {
+                    url: w.url.clone(),
+                    headers: w.headers.clone().into_iter().collect(),
+                    timeout: w.timeout.0,
+                },
+                redis.as_deref(),
+            )
+            .map_err(|e| std::io::Error::other(format!("cluster.redis: {e}")))?;
             (Some(Arc::new(a)), Some(d))
         }
         None => (None, None),

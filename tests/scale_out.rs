@@ -462,3 +462,64 @@ async fn with_redis_down_budgets_are_enforced_by_each_instance_and_sharing_resum
     }
     eprintln!("without Redis instance 1 admitted {admitted} more; after, instance 2 admitted {before_refusal}");
 }
+
+/// Three instances cross a team budget's thresholds and refuse it together: each alert
+/// (per threshold, and the refusal) reaches the webhook once, claimed in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_crossed_by_three_instances_together_is_sent_once() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let hook = MockUpstream::start("hook").await.unwrap();
+    hook.set_default(tollgate::demo::mock::Reply::error(200, "{}"));
+    let pg = Postgres::start();
+    let redis = Redis::start();
+    let text = format!(
+        "{}alerts:\n  webhook:\n    url: {}/alerts\n",
+        config(&pg.url, Some(&redis.url), &up.url()),
+        hook.url().trim_end_matches("/v1")
+    );
+    let gws: Vec<Gateway> = (0..3).map(|_| Gateway::start(&text)).collect();
+    let key = budgeted_key(&gws, BUDGET_MICRO).await;
+    // Rounds of one request on each instance at once, until every instance refuses.
+    let mut refused = [false; 3];
+    for _ in 0..60 {
+        let round = futures_util::future::join_all(gws.iter().map(|gw| spend_once(gw, &key))).await;
+        for (i, s) in round.iter().enumerate() {
+            assert!(*s == 200 || *s == 402, "status {s}");
+            refused[i] |= *s == 402;
+        }
+        if refused.iter().all(|r| *r) {
+            break;
+        }
+    }
+    assert!(refused.iter().all(|r| *r), "not every instance refused");
+    // Every instance refused a request (and the reservations keep spend under 100 %):
+    // without the claim each would have sent its own refusal alert.
+    let alerts = || {
+        let mut seen: Vec<String> = hook
+            .received()
+            .iter()
+            .map(|r| {
+                let v: Value = serde_json::from_slice(&r.body).unwrap();
+                format!("{} {}", v["event"].as_str().unwrap(), v["fraction"])
+            })
+            .collect();
+        seen.sort();
+        seen
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || alerts().len() >= 2).await,
+        "{:?}",
+        alerts()
+    );
+    // Give any duplicate time to arrive before the count is final.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(alerts(), ["budget_exceeded null", "budget_threshold 0.8"],);
+    let claimed_elsewhere: usize = futures_util::future::join_all(gws.iter().map(scrape))
+        .await
+        .iter()
+        .filter(|m| m.contains("tollgate_budget_alerts_total{result=\"claimed_elsewhere\"}"))
+        .count();
+    eprintln!("instances that left an alert to another: {claimed_elsewhere}");
+    // Each instance refused, so each queued the refusal alert: the others lost the claim.
+    assert!(claimed_elsewhere >= 2, "{claimed_elsewhere}");
+}

@@ -2,10 +2,13 @@
 //! `alert_at` fractions (once per period) and when a request is refused for budget.
 //! Delivered by a background task with a timeout per attempt and three attempts with
 //! backoff, so a slow receiver never delays a request; the queue is bounded and every
-//! outcome is counted in `tollgate_budget_alerts_total{result}`.
+//! outcome is counted in `tollgate_budget_alerts_total{result}`. With `cluster.redis`,
+//! each alert is claimed first (`SET NX` on a key naming the budget, the event and the
+//! period), so when several instances cross a threshold together one of them sends it.
 
 use super::budget::{Alert, Exceeded};
 use crate::secret::Secret;
+use crate::store::cluster::SharedRedis;
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
@@ -28,24 +31,72 @@ pub struct Webhook {
 }
 
 pub struct Alerts {
-    tx: mpsc::Sender<serde_json::Value>,
+    tx: mpsc::Sender<Queued>,
 }
+
+/// An alert and the name it is claimed by among instances.
+struct Queued {
+    claim: String,
+    event: serde_json::Value,
+}
+
+/// How long a claim is kept: longer than the longest budget period (a month), so an
+/// alert of a period is sent once in it.
+const CLAIM_TTL_MS: u64 = 35 * 24 * 3600 * 1000;
 
 /// The task that delivers what `Alerts` queues.
 pub struct Delivery {
-    rx: tokio::sync::Mutex<mpsc::Receiver<serde_json::Value>>,
+    rx: tokio::sync::Mutex<mpsc::Receiver<Queued>>,
     webhook: Webhook,
+    /// `cluster.redis`, where instances claim each alert.
+    claims: Option<SharedRedis>,
 }
 
-pub fn channel(webhook: Webhook) -> (Alerts, Delivery) {
+/// `redis`: the shared Redis, when instances share one (`cluster.redis`).
+pub fn channel(webhook: Webhook, redis: Option<&str>) -> Result<(Alerts, Delivery), String> {
     let (tx, rx) = mpsc::channel(QUEUE);
-    (
+    Ok((
         Alerts { tx },
         Delivery {
             rx: tokio::sync::Mutex::new(rx),
             webhook,
+            claims: redis.map(SharedRedis::open).transpose()?,
         },
-    )
+    ))
+}
+
+impl Delivery {
+    /// Whether this instance is the one to send the alert named `claim`. Without a shared
+    /// Redis, or when it cannot be reached, every instance sends (twice rather than
+    /// never).
+    async fn claimed(&self, claim: &str) -> bool {
+        let Some(redis) = &self.claims else {
+            return true;
+        };
+        let attempt = async {
+            let mut conn = redis.conn().await?;
+            redis::cmd("SET")
+                .arg(claim)
+                .arg(1)
+                .arg("NX")
+                .arg("PX")
+                .arg(CLAIM_TTL_MS)
+                .query_async::<Option<String>>(&mut conn)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+            Ok(Ok(set)) => set.is_some(),
+            Ok(Err(e)) => {
+                log::warn!("alerts: cannot claim an alert in Redis ({e}); sending it");
+                true
+            }
+            Err(_) => {
+                log::warn!("alerts: Redis did not answer a claim in time; sending the alert");
+                true
+            }
+        }
+    }
 }
 
 fn count(result: &str) {
@@ -55,8 +106,8 @@ fn count(result: &str) {
 }
 
 impl Alerts {
-    fn queue(&self, event: serde_json::Value) {
-        if self.tx.try_send(event).is_err() {
+    fn queue(&self, claim: String, event: serde_json::Value) {
+        if self.tx.try_send(Queued { claim, event }).is_err() {
             count("failed");
             log::warn!("alerts: the delivery queue is full; an alert was dropped");
         }
@@ -64,31 +115,47 @@ impl Alerts {
 
     /// A budget crossed a fraction of its cap.
     pub fn send(&self, a: Alert) {
-        self.queue(serde_json::json!({
-            "event": "budget_threshold",
-            "scope": a.owner.scope,
-            "id": a.owner.id,
-            "name": a.owner.name,
-            "fraction": a.fraction,
-            "spend_usd": crate::relay::pricing::usd(a.spent_micro),
-            "max_usd": crate::relay::pricing::usd(a.max_micro),
-            "period": a.period.as_str(),
-            "period_start": crate::clock::rfc3339(a.period_start),
-        }));
+        let claim = format!(
+            "tollgate:alert:threshold:{}:{}:{}:{}",
+            a.owner.scope, a.owner.id, a.period_start, a.fraction
+        );
+        self.queue(
+            claim,
+            serde_json::json!({
+                "event": "budget_threshold",
+                "scope": a.owner.scope,
+                "id": a.owner.id,
+                "name": a.owner.name,
+                "fraction": a.fraction,
+                "spend_usd": crate::relay::pricing::usd(a.spent_micro),
+                "max_usd": crate::relay::pricing::usd(a.max_micro),
+                "period": a.period.as_str(),
+                "period_start": crate::clock::rfc3339(a.period_start),
+            }),
+        );
     }
 
     /// A request was refused for budget.
     pub fn refused(&self, e: &Exceeded) {
-        self.queue(serde_json::json!({
-            "event": "budget_exceeded",
-            "scope": e.owner.scope,
-            "id": e.owner.id,
-            "name": e.owner.name,
-            "spend_usd": crate::relay::pricing::usd(e.spent_micro),
-            "max_usd": crate::relay::pricing::usd(e.max_micro),
-            "period": e.period.as_str(),
-            "resets_at": e.resets_at.map(crate::clock::rfc3339),
-        }));
+        let claim = format!(
+            "tollgate:alert:exceeded:{}:{}:{}",
+            e.owner.scope,
+            e.owner.id,
+            e.resets_at.unwrap_or_default()
+        );
+        self.queue(
+            claim,
+            serde_json::json!({
+                "event": "budget_exceeded",
+                "scope": e.owner.scope,
+                "id": e.owner.id,
+                "name": e.owner.name,
+                "spend_usd": crate::relay::pricing::usd(e.spent_micro),
+                "max_usd": crate::relay::pricing::usd(e.max_micro),
+                "period": e.period.as_str(),
+                "resets_at": e.resets_at.map(crate::clock::rfc3339),
+            }),
+        );
     }
 }
 
@@ -97,11 +164,16 @@ impl BackgroundService for Delivery {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut rx = self.rx.lock().await;
         loop {
-            let event = tokio::select! {
+            let queued = tokio::select! {
                 _ = shutdown.changed() => return,
                 e = rx.recv() => match e { Some(e) => e, None => return },
             };
-            let body = event.to_string();
+            if !self.claimed(&queued.claim).await {
+                // Another instance sends this one.
+                count("claimed_elsewhere");
+                continue;
+            }
+            let body = queued.event.to_string();
             let mut delivered = false;
             for attempt in 0..ATTEMPTS {
                 if attempt > 0 {
