@@ -387,15 +387,7 @@ async fn without_redis_each_instance_recounts_budgets_from_the_shared_store() {
         let url = gw.url("/v1/key/info");
         let key = key.clone();
         async move {
-            let info: Value = client()
-                .get(url)
-                .bearer_auth(key)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let info = get_json_as(url, &key).await;
             info["budgets"]
                 .as_array()
                 .unwrap()

@@ -203,15 +203,7 @@ async fn the_openai_sdk_is_served_by_an_anthropic_upstream() {
     }
     let id = rows[1]["request_id"].as_str().unwrap().to_string();
     let url = gw.admin_url(&format!("/admin/usage?request_id={id}"));
-    let one: Value = client()
-        .get(url)
-        .bearer_auth(MASTER)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let one = common::get_json_as(url, MASTER).await;
     assert_eq!(one["data"].as_array().unwrap().len(), 1, "{one}");
     assert_eq!(one["data"][0], rows[1]);
 }
@@ -699,15 +691,7 @@ async fn prompt_cache_writes_are_priced_by_duration_on_every_path() {
     // (hour-long writes, 2 x input) + 50 x $15, per million tokens, in micro-USD.
     let expected = 30 + 60 + 1125 + 600 + 750;
     let rows = || async {
-        client()
-            .get(gw.admin_url("/admin/usage"))
-            .bearer_auth(MASTER)
-            .send()
-            .await
-            .unwrap()
-            .json::<Value>()
-            .await
-            .unwrap()["data"]
+        common::get_json_as(gw.admin_url("/admin/usage"), MASTER).await["data"]
             .as_array()
             .unwrap()
             .clone()

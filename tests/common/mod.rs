@@ -325,6 +325,20 @@ pub async fn admin_json(c: &reqwest::Client, gw: &Gateway, path: &str) -> serde_
         .expect("a JSON answer")
 }
 
+/// The JSON answer of a GET on `url` with a bearer credential.
+#[allow(dead_code)]
+pub async fn get_json_as(url: String, bearer: &str) -> serde_json::Value {
+    client()
+        .get(url)
+        .bearer_auth(bearer)
+        .send()
+        .await
+        .expect("a GET request")
+        .json()
+        .await
+        .expect("a JSON answer")
+}
+
 /// The admin listener's `/metrics` text.
 pub async fn scrape(gw: &Gateway) -> String {
     client()
