@@ -215,9 +215,6 @@ fn dearest_price(
             let writes = route.upstream.provider == crate::provider::Provider::Anthropic;
             dearest.input = dearest.input.max(p.dearest_input(writes));
             dearest.output = dearest.output.max(p.output);
-            dearest.cached_input = dearest.cached_input.max(p.cached_input);
-            dearest.cache_write = dearest.cache_write.max(p.cache_write);
-            dearest.cache_write_1h = dearest.cache_write_1h.max(p.cache_write_1h);
         }
     }
     Some(dearest)

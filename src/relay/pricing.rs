@@ -81,9 +81,11 @@ impl Price {
     /// micro-USD (cost routing; budget reservations fold the write prices of routes that
     /// bill prompt-cache writes into the input price first).
     pub fn most(&self, input: u64, output: u64) -> i64 {
-        let pico = u128::from(input) * u128::from(self.input)
-            + u128::from(output) * u128::from(self.output);
-        i64::try_from(pico.div_ceil(1_000_000)).unwrap_or(i64::MAX)
+        self.cost(&Usage {
+            input,
+            output,
+            ..Default::default()
+        })
     }
 
     /// The highest price an input token can be billed at: on a provider that bills
