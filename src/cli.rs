@@ -63,6 +63,26 @@ pub enum Command {
         /// The nginx config file, e.g. /etc/nginx/nginx.conf.
         file: std::path::PathBuf,
     },
+    /// Translate a LiteLLM proxy config into a Tollgate config (stdout, or -o FILE);
+    /// every setting without an equivalent is reported on stderr with its path.
+    ImportLitellm {
+        /// LiteLLM's config file (the one given to `litellm --config`).
+        file: std::path::PathBuf,
+        /// Write the config here instead of stdout.
+        #[arg(short = 'o', long = "output")]
+        output: Option<std::path::PathBuf>,
+    },
+    /// Copy a LiteLLM database's teams and virtual keys (with their spend) into the store
+    /// of the config given with -c; the sk- keys clients hold keep working.
+    ImportLitellmKeys {
+        /// LiteLLM's PostgreSQL URL, read only (default: $LITELLM_DATABASE_URL, which
+        /// keeps the password off the command line).
+        #[arg(long)]
+        from: Option<String>,
+        /// Print what would be imported and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Manage client keys through the admin API (master key from TOLLGATE_MASTER_KEY).
     Keys {
         #[command(flatten)]
@@ -122,6 +142,10 @@ pub fn main(cli: Cli) -> i32 {
                 1
             }
         },
+        Some(Command::ImportLitellm { file, output }) => import_litellm(&file, output.as_deref()),
+        Some(Command::ImportLitellmKeys { from, dry_run }) => {
+            import_litellm_keys(&cli.config, from, dry_run)
+        }
         None => {
             let config = match Config::load(&cli.config, &env) {
                 Ok(c) => c,
@@ -247,4 +271,93 @@ fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> i32 {
     println!("  curl -s http://{admin_listen}/admin/keys -H 'Authorization: Bearer demo-admin-master-key' \\\n    -H 'content-type: application/json' -d '{{\"name\":\"alice\",\"budget\":{{\"max_usd\":1,\"period\":\"daily\"}}}}'");
     println!("  curl -s 'http://{admin_listen}/admin/spend?group_by=key' -H 'Authorization: Bearer demo-admin-master-key'");
     app::run(config, RunMode::default())
+}
+
+fn import_litellm(file: &std::path::Path, output: Option<&std::path::Path>) -> i32 {
+    let import = match crate::import::litellm::import(file) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            return 1;
+        }
+    };
+    for w in &import.warnings {
+        eprintln!("{w}");
+    }
+    eprintln!(
+        "tollgate: {} setting(s) not carried over as they were; check them above",
+        import.warnings.len()
+    );
+    let text = format!(
+        "# Imported from {} by tollgate import-litellm.\n# Check it with: tollgate -t -c FILE\n{}",
+        file.display(),
+        import.yaml
+    );
+    match output {
+        None => {
+            print!("{text}");
+            0
+        }
+        Some(path) => match std::fs::write(path, text) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("tollgate: cannot write {}: {e}", path.display());
+                1
+            }
+        },
+    }
+}
+
+fn import_litellm_keys(config_path: &str, from: Option<String>, dry_run: bool) -> i32 {
+    let Some(from) = from.or_else(|| env("LITELLM_DATABASE_URL")) else {
+        eprintln!("tollgate: give LiteLLM's database with --from or LITELLM_DATABASE_URL");
+        return 1;
+    };
+    let read = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| crate::store::StoreError(e.to_string()))
+        .and_then(|rt| rt.block_on(crate::store::litellm::read(&from)));
+    let (teams, keys) = match read {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            return 1;
+        }
+    };
+    let now = chrono::Utc::now().timestamp_millis();
+    let plan = crate::admin::litellm::plan(&teams, &keys, now);
+    if dry_run {
+        print!("{}", plan.describe(now));
+        println!("tollgate: dry run: nothing written");
+        return 0;
+    }
+    let config = match Config::load(config_path, &env) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("tollgate: configuration {config_path} has errors:");
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            return 1;
+        }
+    };
+    for n in &plan.notes {
+        eprintln!("tollgate: note: {n}");
+    }
+    let (n_teams, n_keys) = (plan.teams.len(), plan.keys.len());
+    let carried: i64 = plan.carried.iter().map(|r| r.cost_micro).sum();
+    match plan.apply(&config.store.url, now) {
+        Ok(()) => {
+            println!(
+                "tollgate: imported {n_teams} team(s) and {n_keys} key(s) from LiteLLM, with ${} of spend",
+                crate::relay::pricing::usd(carried)
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            1
+        }
+    }
 }

@@ -6,6 +6,7 @@
 pub mod cli;
 mod fields;
 pub mod keys;
+pub mod litellm;
 mod reports;
 pub mod route;
 mod teams;

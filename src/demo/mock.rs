@@ -503,6 +503,11 @@ fn model_reply(state: &Arc<State>, path: &str, body: &Bytes) -> Response<Body> {
         prompt.chars().take(200).collect::<String>()
     );
     let suffix = path.rsplit("/v1").next().unwrap_or(path);
+    // Azure: `/openai/deployments/{deployment}/chat/completions`.
+    let suffix = match suffix.strip_prefix("/openai/deployments/") {
+        Some(rest) => rest.find('/').map_or(rest, |i| &rest[i..]),
+        None => suffix,
+    };
     let gap = Duration::from_millis(state.model_gap_ms.load(Ordering::Relaxed));
     // Gemini: `/v1beta/models/{model}:generateContent` or `:streamGenerateContent`.
     if let Some((head, method)) = path.rsplit_once(':') {

@@ -42,15 +42,7 @@ impl fmt::Display for Warning {
     }
 }
 
-/// A config that could not be read at all.
-#[derive(Debug)]
-pub struct ImportError(pub String);
-
-impl fmt::Display for ImportError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+pub use super::ImportError;
 
 // ---- parsing --------------------------------------------------------------------------
 

@@ -9,6 +9,8 @@
 
 pub(crate) mod cluster;
 
+pub mod litellm;
+
 pub mod usage;
 
 use crate::secret::mask_userinfo;

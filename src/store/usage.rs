@@ -203,6 +203,20 @@ fn insert_sql(rows: usize, dialect: Dialect) -> String {
     format!("INSERT INTO usage ({COLUMNS}) VALUES {}", values.join(","))
 }
 
+/// Writes `rows` in place of any row with the same request id (an import run again).
+pub async fn replace(pool: &sqlx::AnyPool, rows: &[UsageRow]) -> Result<(), StoreError> {
+    for r in rows {
+        sqlx::query("DELETE FROM usage WHERE request_id = $1")
+            .bind(r.request_id.clone())
+            .execute(pool)
+            .await?;
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    insert(pool, rows).await
+}
+
 async fn insert(pool: &sqlx::AnyPool, rows: &[UsageRow]) -> Result<(), StoreError> {
     type Sql = std::sync::OnceLock<(String, String)>;
     static SQLITE: Sql = std::sync::OnceLock::new();
