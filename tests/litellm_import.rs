@@ -357,6 +357,30 @@ async fn litellm_keys_keep_working_with_their_teams_budgets_and_spend() {
     assert_eq!(ask("sk-never-issued").await, 401);
     assert_eq!(upstream.hits(), 2);
 
+    // A client set up as LiteLLM's documentation says (the openai SDK, the proxy's root
+    // as base URL, no /v1) works unchanged with its key.
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/sdk_litellm_client.py"
+    );
+    let root = gw.url("");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(common::python())
+            .args([script, &root, "sk-plain-0005", "gpt-4o"])
+            .output()
+            .expect("run python (see scripts/bootstrap)")
+    })
+    .await
+    .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("litellm client ok"),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(upstream.hits(), 4);
+    assert_eq!(upstream.last().unwrap().path, "/v1/chat/completions");
+
     // One key row each (no duplicates from the second run), and the admin API's spend
     // per key is LiteLLM's plus what Tollgate served since.
     let keys = common::get_json_as(gw.admin_url("/admin/keys"), MASTER).await;

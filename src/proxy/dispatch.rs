@@ -35,8 +35,13 @@ impl Gateway {
             let body = Bytes::from_static(b"{\"status\":\"ok\"}");
             return answer(session, ctx, body).await;
         }
-        let Some(suffix) = path.strip_prefix("/v1") else {
-            return Err(GatewayError::NotFound(path).into());
+        let suffix = match path.strip_prefix("/v1") {
+            Some(suffix) => suffix,
+            // Also without the prefix, as LiteLLM and most OpenAI-compatible servers take
+            // it: an OpenAI SDK whose base URL is `http://host:4000` sends
+            // `/chat/completions`.
+            None if unprefixed(&path) => path.as_str(),
+            None => return Err(GatewayError::NotFound(path).into()),
         };
 
         let key = presented_key(
@@ -92,6 +97,14 @@ impl Gateway {
         admitted.map_err(|r| refused(ctx, r))?;
         self.pipeline(session, ctx, config, &caller, suffix).await
     }
+}
+
+/// A path the gateway serves under `/v1` given without it.
+fn unprefixed(path: &str) -> bool {
+    FORWARDED.contains(&path)
+        || path == "/models"
+        || path.starts_with("/models/")
+        || path == "/key/info"
 }
 
 /// A 200 the gateway answers itself.

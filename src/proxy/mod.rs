@@ -134,7 +134,11 @@ impl ProxyHttp for Gateway {
                     body_unread: ctx.body_unread,
                     attempts: ctx.record.attempts.len(),
                     headers: &extra,
-                    anthropic: ctx.record.path.starts_with("/v1/messages"),
+                    anthropic: ctx
+                        .record
+                        .path
+                        .trim_start_matches("/v1")
+                        .starts_with("/messages"),
                 };
                 respond::error(session, &e, &r).await?;
                 if ctx.body_unread && !matches!(e, GatewayError::RequestTimeout { .. }) {
