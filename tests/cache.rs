@@ -384,3 +384,43 @@ async fn with_the_redis_backend_instance_two_hits_what_instance_one_stored() {
     let (status, cache, _) = ask(&one, KEY_A, BODY, &[]).await;
     assert_eq!((status, cache.as_str()), (200, "miss"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_answer_says_what_it_cost_and_a_hit_costs_nothing() {
+    let up = MockUpstream::start("u").await.unwrap();
+    // The upstream is another gateway that says what it charged: only this one's figure
+    // reaches the client.
+    up.set_default(Reply::Status {
+        status: 200,
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            ("x-tollgate-cost-usd".into(), "9.990000".into()),
+        ],
+        body: json!({"id": "c1", "object": "chat.completion", "created": 0, "model": "up-model",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "4"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200}})
+        .to_string(),
+    });
+    let gw = Gateway::start(&cached_config(&up.url(), ""));
+    let cost = |model: &'static str| {
+        let gw = &gw;
+        async move {
+            let r = client()
+                .post(gw.url("/v1/chat/completions"))
+                .bearer_auth(KEY_A)
+                .json(&json!({"model": model, "messages": [{"role": "user", "content": "2+2?"}]}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.headers()
+                .get("x-tollgate-cost-usd")
+                .map(|v| v.to_str().unwrap().to_string())
+        }
+    };
+    // 1,000 input tokens at $5 and 200 output tokens at $15 per million: 8,000 micro-USD.
+    assert_eq!(cost("m").await.as_deref(), Some("0.008000"));
+    assert_eq!(cost("m").await.as_deref(), Some("0.000000"), "a cache hit");
+    assert_eq!(cost("plain").await, None, "no price for the model");
+    assert_eq!(up.hits(), 2);
+}

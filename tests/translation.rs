@@ -683,9 +683,24 @@ async fn prompt_cache_writes_are_priced_by_duration_on_every_path() {
         ("/v1/chat/completions", true),
     ] {
         let body = json!({"model": "claude", "stream": stream, "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]});
-        let (status, _, text) = post(&gw, path, body).await;
+        let r = client()
+            .post(gw.url(path))
+            .bearer_auth(KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        // A whole answer says what it cost, passed through or translated; a stream's cost
+        // is known after its header (its usage row has it).
+        let cost = r.headers().get("x-tollgate-cost-usd").cloned();
+        let text = r.text().await.unwrap();
         assert_eq!(status, 200, "{path} stream={stream}: {text}");
         assert!(text.contains("cached"), "{text}");
+        match stream {
+            false => assert_eq!(cost.unwrap(), "0.002565", "{path}"),
+            true => assert_eq!(cost, None, "{path}"),
+        }
     }
     // 10 x $3 + 200 x $0.30 + 300 x $3.75 (5-minute writes, 1.25 x input) + 100 x $6
     // (hour-long writes, 2 x input) + 50 x $15, per million tokens, in micro-USD.

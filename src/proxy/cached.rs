@@ -6,7 +6,7 @@ use crate::cache::{self, Directives, Entry, Key};
 use crate::config::file::CacheScope;
 use crate::config::Config;
 use crate::keys::auth::Caller;
-use crate::relay::Relayed;
+use crate::relay::{self, Relayed};
 use crate::route::Alias;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
@@ -106,6 +106,8 @@ impl Gateway {
         } else {
             resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
             resp.insert_header(http::header::CONTENT_LENGTH, entry.body.len())?;
+            // A hit is not charged.
+            resp.insert_header(relay::COST_HEADER, relay::cost_value(0))?;
         }
         resp.insert_header("x-request-id", ctx.record.request_id.as_str())?;
         resp.insert_header(X_TOLLGATE_CACHE, "hit")?;

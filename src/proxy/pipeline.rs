@@ -15,8 +15,9 @@ use crate::keys::auth::Caller;
 use crate::keys::reserve::{self, Ask};
 use crate::limits;
 use crate::observe::Failure;
+use crate::relay::pricing::Price;
 use crate::relay::{self, Relayed, Stamp};
-use crate::route::{Alias, Need};
+use crate::route::Need;
 use pingora_core::{Error, ErrorType};
 use pingora_proxy::Session;
 use std::time::Instant;
@@ -216,7 +217,12 @@ impl Gateway {
         ctx.record.upstream_model = Some(model);
         ctx.record.translation = translation.map(|t| t.label());
         let relay_started = Instant::now();
+        let price = config.pricing.for_route(
+            ctx.record.upstream_model.as_deref().unwrap_or_default(),
+            &alias.name,
+        );
         let answer = relay::Answer {
+            price,
             sent,
             idle_timeout: upstream.idle_timeout,
             usage_added,
@@ -227,7 +233,7 @@ impl Gateway {
         drop(in_flight);
         ctx.record.target = Some(target);
         ctx.record.waiting += relay_started.elapsed();
-        self.account(ctx, config, alias, &relayed);
+        self.account(ctx, price, &relayed);
         if let Some(plan) = cache_plan {
             self.cache_store(ctx, alias, facts.stream, &relayed, plan)
                 .await;
@@ -237,14 +243,10 @@ impl Gateway {
 
     /// The last stage: what the answer used and cost, settled against the token limits and
     /// budgets it reserved.
-    fn account(&self, ctx: &mut RequestCtx, config: &Config, alias: &Alias, relayed: &Relayed) {
+    fn account(&self, ctx: &mut RequestCtx, price: Option<Price>, relayed: &Relayed) {
         ctx.record.status = relayed.status;
         ctx.record.first_byte = relayed.first_byte;
         ctx.record.bytes_out = relayed.bytes;
-        let price = config.pricing.for_route(
-            ctx.record.upstream_model.as_deref().unwrap_or_default(),
-            &alias.name,
-        );
         if let Some(usage) = relayed.usage {
             ctx.admission.settle_tokens(usage.total());
             ctx.record.usage = Some(usage);

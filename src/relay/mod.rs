@@ -264,7 +264,62 @@ pub struct Answer {
     /// The answer is in another format than the client's, and whether an OpenAI client
     /// asked for the usage chunk.
     pub translation: Option<(crate::provider::translate::Translation, bool)>,
+    /// The route's price: a whole (not streamed) answer it prices gets its cost in
+    /// `x-tollgate-cost-usd`.
+    pub price: Option<pricing::Price>,
 }
+
+/// The response field that carries what a whole answer cost.
+pub const COST_HEADER: &str = "x-tollgate-cost-usd";
+
+/// Micro-USD as the decimal `x-tollgate-cost-usd` carries (`0.002565`): exact, six places.
+pub fn cost_value(micro: i64) -> HeaderValue {
+    let m = micro.max(0);
+    HeaderValue::from_str(&format!("{}.{:06}", m / 1_000_000, m % 1_000_000))
+        .unwrap_or(HeaderValue::from_static("0.000000"))
+}
+
+/// Reads the rest of a whole answer into `prefix` so that its header can carry its cost:
+/// true when it ended (at most `MAX_WHOLE` bytes are held; past that, or when the
+/// upstream fails, the answer is relayed as it comes and `early` says how it ended).
+async fn read_whole(
+    session: &mut Session,
+    up: &mut crate::transport::h1::Conn,
+    prefix: &mut Vec<Bytes>,
+    idle: Duration,
+    early: &mut Option<StreamEnd>,
+) -> bool {
+    let mut held: usize = prefix.iter().map(Bytes::len).sum();
+    while held <= MAX_WHOLE {
+        let read = tokio::select! {
+            biased;
+            chunk = up.read_body(idle) => chunk,
+            _ = session.downstream_session.read_body_or_idle(true) => {
+                *early = Some(StreamEnd::ClientGone);
+                return false;
+            }
+        };
+        match read {
+            Ok(Some(chunk)) => {
+                held += chunk.len();
+                prefix.push(chunk);
+            }
+            Ok(None) => return true,
+            Err(crate::transport::h1::Error::Timeout) => {
+                *early = Some(StreamEnd::UpstreamTimeout);
+                return false;
+            }
+            Err(_) => {
+                *early = Some(StreamEnd::UpstreamError);
+                return false;
+            }
+        }
+    }
+    false
+}
+
+/// The largest whole answer held back to put its cost in its header.
+const MAX_WHOLE: usize = 4 << 20;
 
 /// Relays `answer`. `Ok` when the body completed; `Err` when it was cut, in which case
 /// the connection to the client is not reused.
@@ -291,6 +346,7 @@ pub async fn relay(
         mut sent,
         idle_timeout,
         usage_added,
+        price,
         ..
     } = answer;
     let sse = is_event_stream(&sent.head);
@@ -301,6 +357,28 @@ pub async fn relay(
         // The client gets fewer bytes than the upstream sent.
         sent.head.headers.remove(http::header::CONTENT_LENGTH);
     }
+    // Only the gateway says what an answer cost (an upstream may be another gateway).
+    sent.head.headers.remove(COST_HEADER);
+    let mut up = sent.conn;
+    let mut ended = sent.ended;
+    let mut early = None;
+    let mut fed = false;
+    if let Some(price) = price.filter(|_| !sse && (200..300).contains(&sent.head.status.as_u16())) {
+        if !ended {
+            ended = read_whole(session, &mut up, &mut sent.prefix, idle_timeout, &mut early).await;
+        }
+        if ended {
+            for chunk in &sent.prefix {
+                usage.feed(chunk);
+            }
+            fed = true;
+            if let Some(u) = usage.finish() {
+                sent.head
+                    .headers
+                    .insert(COST_HEADER, cost_value(price.cost(&u)));
+            }
+        }
+    }
     let http1 = !session.is_http2();
     let header = downstream_header(sent.head, http1, stamp);
     relayed.status = header.status.as_u16();
@@ -309,7 +387,9 @@ pub async fn relay(
         .await?;
 
     for chunk in std::mem::take(&mut sent.prefix) {
-        usage.feed(&chunk);
+        if !fed {
+            usage.feed(&chunk);
+        }
         if let Some(c) = relayed.capture.as_mut() {
             c.keep(&chunk);
         }
@@ -327,8 +407,9 @@ pub async fn relay(
             );
         }
     }
-    let mut up = sent.conn;
-    let end = if sent.ended {
+    let end = if let Some(end) = early {
+        end
+    } else if ended {
         StreamEnd::Complete
     } else {
         loop {

@@ -73,6 +73,7 @@ pub async fn relay(
     let Answer {
         mut sent,
         idle_timeout,
+        price,
         ..
     } = answer;
     let status = sent.status();
@@ -116,6 +117,10 @@ pub async fn relay(
         );
         head.headers
             .insert(http::header::CONTENT_LENGTH, HeaderValue::from(out.len()));
+        if let (Some(p), Some(u), true) = (price, relayed.usage, status < 300) {
+            head.headers
+                .insert(super::COST_HEADER, super::cost_value(p.cost(&u)));
+        }
         let header = downstream_header(head, !session.is_http2(), stamp);
         relayed.status = status;
         session
