@@ -718,9 +718,74 @@ async fn prompt_cache_writes_are_priced_by_duration_on_every_path() {
         .await
     );
     for row in rows().await {
+        assert_eq!(row["cache_write_tokens"], 400, "{row}");
+        assert_eq!(row["reasoning_tokens"], 0, "{row}");
         assert_eq!(row["input_tokens"], 610, "{row}");
         assert_eq!(row["cached_tokens"], 200, "{row}");
         assert_eq!(row["output_tokens"], 50, "{row}");
         assert_eq!(row["cost_micro_usd"], expected, "{row}");
     }
+}
+
+/// Reasoning tokens are reported apart (usage row, metrics) and priced as the output
+/// they are part of: OpenAI's `completion_tokens_details` passed through, Gemini's
+/// `thoughtsTokenCount` translated for an OpenAI client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reasoning_tokens_are_reported_apart_and_priced_as_output() {
+    let oa = MockUpstream::start("openai").await.unwrap();
+    let ge = MockUpstream::start("gemini").await.unwrap();
+    oa.set_default(json_reply(json!({"id": "c", "object": "chat.completion", "created": 0, "model": "o-up",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "42"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 900, "total_tokens": 1000,
+                  "completion_tokens_details": {"reasoning_tokens": 640}}})));
+    ge.set_default(json_reply(json!({"candidates": [{"content": {"role": "model", "parts": [{"text": "42"}]}, "finishReason": "STOP", "index": 0}],
+        "usageMetadata": {"promptTokenCount": 100, "candidatesTokenCount": 260, "thoughtsTokenCount": 640, "totalTokenCount": 1000},
+        "modelVersion": "g-up", "responseId": "g1"})));
+    let gw = Gateway::start(&format!(
+        "admin:\n  master_key: {MASTER}\npricing:\n  o-up: {{input: 2.0, output: 8.0}}\n  g-up: {{input: 2.0, output: 8.0}}\n{}",
+        config(
+            &format!(
+                "  oa:\n    provider: openai\n    servers: [{{url: \"{}\", api_key: sk-oa-test}}]\n  ge:\n    provider: gemini\n    servers: [{{url: \"{}\", api_key: g-test}}]\n",
+                oa.url(),
+                ge.url()
+            ),
+            "  thinker:\n    routes: [{upstream: oa, model: o-up}]\n  gthinker:\n    routes: [{upstream: ge, model: g-up}]\n",
+        )
+    ));
+    for model in ["thinker", "gthinker"] {
+        let body = json!({"model": model, "messages": [{"role": "user", "content": "think"}]});
+        let (status, _, text) = post(&gw, "/v1/chat/completions", body).await;
+        assert_eq!(status, 200, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["usage"]["completion_tokens"], 900, "{text}");
+        assert_eq!(
+            v["usage"]["completion_tokens_details"]["reasoning_tokens"], 640,
+            "{text}"
+        );
+    }
+    let rows = || async {
+        common::get_json_as(gw.admin_url("/admin/usage"), MASTER).await["data"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    assert!(
+        common::eventually_async(Duration::from_secs(10), || async {
+            rows().await.len() == 2
+        })
+        .await
+    );
+    for row in rows().await {
+        assert_eq!(row["output_tokens"], 900, "{row}");
+        assert_eq!(row["reasoning_tokens"], 640, "{row}");
+        // 100 x $2 + 900 x $8 per million tokens: 200 + 7,200 micro-USD.
+        assert_eq!(row["cost_micro_usd"], 7_400, "{row}");
+    }
+    let metrics = common::scrape(&gw).await;
+    let reasoning: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("tollgate_tokens_total{") && l.contains("type=\"reasoning\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(reasoning, 1280, "{metrics}");
 }

@@ -151,6 +151,8 @@ fn carried_row(now: i64, id: String, key: (&str, &str), team: Option<&str>, cost
         input_tokens: 0,
         output_tokens: 0,
         cached_tokens: 0,
+        cache_write_tokens: 0,
+        reasoning_tokens: 0,
         cost_micro: cost,
         priced: true,
         cache: None,

@@ -227,7 +227,7 @@ pub(super) async fn usage(dir: &Directory, query: &str) -> Answer {
         .store
         .run(move |pool| async move {
             let mut sql = String::from(
-                "SELECT request_id, ts, key_id, key_name, team_id, model, upstream, upstream_model, status, stream, input_tokens, output_tokens, cached_tokens, cost_micro_usd, priced, cache, saved_tokens, saved_micro_usd, translation FROM usage WHERE ts >= $1 AND ts < $2",
+                "SELECT request_id, ts, key_id, key_name, team_id, model, upstream, upstream_model, status, stream, input_tokens, output_tokens, cached_tokens, cost_micro_usd, priced, cache, saved_tokens, saved_micro_usd, translation, cache_write_tokens, reasoning_tokens FROM usage WHERE ts >= $1 AND ts < $2",
             );
             let filters = [("key_id", key), ("request_id", request_id)];
             let mut n = 3;
@@ -257,6 +257,8 @@ pub(super) async fn usage(dir: &Directory, query: &str) -> Answer {
                         "input_tokens": r.try_get::<i64, _>("input_tokens")?,
                         "output_tokens": r.try_get::<i64, _>("output_tokens")?,
                         "cached_tokens": r.try_get::<i64, _>("cached_tokens")?,
+                        "cache_write_tokens": r.try_get::<i64, _>("cache_write_tokens")?,
+                        "reasoning_tokens": r.try_get::<i64, _>("reasoning_tokens")?,
                         "cost_micro_usd": r.try_get::<i64, _>("cost_micro_usd")?,
                         "priced": r.try_get::<i64, _>("priced")? != 0,
                         "cache": r.try_get::<Option<String>, _>("cache")?,

@@ -77,7 +77,7 @@ fn build() -> prometheus::Result<Metrics> {
             "Time spent in the gateway itself: the request's duration minus waiting for the client's body and for upstreams.",
             OVERHEAD.to_vec()
         )?,
-        tokens: register_int_counter_vec!("tollgate_tokens_total", "Tokens reported by upstreams, by type (input or output).", &["model", "upstream", "type"])?,
+        tokens: register_int_counter_vec!("tollgate_tokens_total", "Tokens reported by upstreams, by type (input, output, cached_input, cache_write, reasoning).", &["model", "upstream", "type"])?,
         usage_unreported: register_int_counter_vec!(
             "tollgate_usage_unreported_total",
             "Responses without token usage, by reason (stream_cut: the stream ended early; not_reported: the upstream sent none).",

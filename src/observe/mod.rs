@@ -209,6 +209,17 @@ fn record_metrics(r: &Record, config: &Config) {
                     .with_label_values(&[model, upstream, "cached_input"])
                     .inc_by(u.cached);
             }
+            let written = u.cache_write.saturating_add(u.cache_write_1h);
+            if written > 0 {
+                m.tokens
+                    .with_label_values(&[model, upstream, "cache_write"])
+                    .inc_by(written);
+            }
+            if u.reasoning > 0 {
+                m.tokens
+                    .with_label_values(&[model, upstream, "reasoning"])
+                    .inc_by(u.reasoning);
+            }
             if let Some(micro) = r.cost_micro {
                 m.cost
                     .with_label_values(&[model, upstream])
@@ -430,6 +441,8 @@ pub fn usage_row(r: &mut Record, now: i64) -> Option<crate::store::usage::UsageR
         input_tokens: usage.input,
         output_tokens: usage.output,
         cached_tokens: usage.cached,
+        cache_write_tokens: usage.cache_write.saturating_add(usage.cache_write_1h),
+        reasoning_tokens: usage.reasoning,
         cost_micro: r.cost_micro.unwrap_or(0),
         priced: r.cost_micro.is_some() || r.usage.is_none(),
         cache: r.cache.map(crate::cache::Outcome::as_str),

@@ -287,6 +287,7 @@ mod tests {
             cache_write: 300,
             cache_write_1h: 100,
             output: 50,
+            reasoning: 0,
         };
         // 400 x 3 + 200 x 0.30 + 300 x 3.75 + 100 x 6 + 50 x 15 micro-USD.
         assert_eq!(p.cost(&u), 1200 + 60 + 1125 + 600 + 750);
@@ -303,6 +304,7 @@ mod tests {
             cache_write: 8,
             cache_write_1h: 8,
             output: 0,
+            reasoning: 0,
         };
         assert_eq!(
             p.cost(&odd),

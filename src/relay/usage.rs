@@ -26,6 +26,12 @@ pub struct Usage {
     /// Input tokens written to Anthropic's prompt cache for an hour
     /// (`cache_creation.ephemeral_1h_input_tokens`).
     pub cache_write_1h: u64,
+    /// Of the output, the tokens spent reasoning (OpenAI
+    /// `completion_tokens_details.reasoning_tokens`, the Responses API's
+    /// `output_tokens_details.reasoning_tokens`, Gemini `thoughtsTokenCount`); reported
+    /// apart, priced as output. Anthropic counts thinking in `output_tokens` without a
+    /// split.
+    pub reasoning: u64,
 }
 
 impl Usage {
@@ -122,6 +128,7 @@ impl UsageScanner {
         f.cached = f.cached.max(n.cached);
         f.cache_write = f.cache_write.max(n.cache_write);
         f.cache_write_1h = f.cache_write_1h.max(n.cache_write_1h);
+        f.reasoning = f.reasoning.max(n.reasoning);
     }
 
     fn merge(&mut self, v: &Value) {
@@ -195,6 +202,7 @@ fn gemini(u: &UsageMetadata) -> Usage {
         input: u.prompt_token_count,
         output: u.candidates_token_count + u.thoughts_token_count,
         cached: u.cached_content_token_count.min(u.prompt_token_count),
+        reasoning: u.thoughts_token_count,
         ..Default::default()
     }
 }
@@ -263,6 +271,14 @@ struct UsageFields {
     cache_read_input_tokens: Option<u64>,
     cache_creation_input_tokens: Option<u64>,
     cache_creation: Option<CacheCreation>,
+    completion_tokens_details: Option<OutputDetails>,
+    output_tokens_details: Option<OutputDetails>,
+}
+
+/// The split of the output tokens (OpenAI's chat and Responses APIs).
+#[derive(serde::Deserialize)]
+struct OutputDetails {
+    reasoning_tokens: Option<u64>,
 }
 
 /// Anthropic's split of the prompt-cache writes by how long they are kept.
@@ -282,6 +298,13 @@ impl UsageFields {
     /// Anthropic's `input_tokens` exclude cache reads and writes, which are added.
     fn normalise(&self) -> Option<Usage> {
         let output = self.completion_tokens.or(self.output_tokens);
+        let reasoning = self
+            .completion_tokens_details
+            .as_ref()
+            .or(self.output_tokens_details.as_ref())
+            .and_then(|d| d.reasoning_tokens)
+            .unwrap_or(0)
+            .min(output.unwrap_or(0));
         if let Some(prompt) = self.prompt_tokens {
             let details = self
                 .prompt_tokens_details
@@ -292,6 +315,7 @@ impl UsageFields {
                 input: prompt,
                 output: output.unwrap_or(0),
                 cached: cached.min(prompt),
+                reasoning,
                 ..Default::default()
             });
         }
@@ -329,6 +353,7 @@ impl UsageFields {
             cached,
             cache_write: written - hour,
             cache_write_1h: hour,
+            reasoning,
         })
     }
 }
@@ -347,6 +372,7 @@ mod tests {
             cached: 200,
             cache_write: 300,
             cache_write_1h: 100,
+            reasoning: 0,
         });
         let usage = r#"{"input_tokens":10,"cache_read_input_tokens":200,"cache_creation_input_tokens":400,"cache_creation":{"ephemeral_5m_input_tokens":300,"ephemeral_1h_input_tokens":100},"output_tokens":50}"#;
         let mut s = UsageScanner::new(false);
@@ -358,6 +384,38 @@ mod tests {
         s.feed(b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\n");
         s.feed(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":50}}\n\n");
         assert_eq!(s.finish(), want);
+    }
+
+    /// Reasoning tokens, reported apart and priced as the output they are part of.
+    #[test]
+    fn reasoning_tokens_are_read_from_openai_chat_and_responses_whole_and_streamed() {
+        let chat = r#"{"prompt_tokens":120,"completion_tokens":900,"total_tokens":1020,"prompt_tokens_details":{"cached_tokens":100},"completion_tokens_details":{"reasoning_tokens":640}}"#;
+        let usage = Usage {
+            input: 120,
+            output: 900,
+            cached: 100,
+            reasoning: 640,
+            ..Default::default()
+        };
+        let want = Some(usage);
+        let mut s = UsageScanner::new(false);
+        s.feed(
+            format!(r#"{{"id":"c","object":"chat.completion","choices":[],"usage":{chat}}}"#)
+                .as_bytes(),
+        );
+        assert_eq!(s.finish(), want);
+        let mut s = UsageScanner::new(true);
+        s.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}],\"usage\":null}\n\n");
+        s.feed(format!("data: {{\"choices\":[],\"usage\":{chat}}}\n\ndata: [DONE]\n\n").as_bytes());
+        assert_eq!(s.finish(), want);
+        let responses = r#"{"id":"r","object":"response","output":[],"usage":{"input_tokens":120,"input_tokens_details":{"cached_tokens":100},"output_tokens":900,"output_tokens_details":{"reasoning_tokens":640},"total_tokens":1020}}"#;
+        let mut s = UsageScanner::new(false);
+        s.feed(responses.as_bytes());
+        assert_eq!(s.finish(), want);
+        // o-series prices: $2 input, $0.50 cached, $8 output per million tokens, in
+        // micro-USD: 20 x 2 + 100 x 0.5 + 900 x 8 = 40 + 50 + 7,200 (reasoning is output).
+        let price = crate::relay::pricing::Price::from_usd(2.0, 8.0, Some(0.5));
+        assert_eq!(price.cost(&usage), 7_290);
     }
 
     #[test]
@@ -391,6 +449,7 @@ mod tests {
             input: 100,
             output: 25,
             cached: 40,
+            reasoning: 5,
             ..Default::default()
         });
         let mut s = UsageScanner::new(false);
@@ -474,6 +533,7 @@ mod tests {
                 // Writes not split by duration are 5-minute ones.
                 cache_write: 30,
                 cache_write_1h: 0,
+                reasoning: 0,
             })
         );
         let mut s = UsageScanner::new(true);

@@ -104,10 +104,17 @@ const MIGRATIONS: &[(i64, &str)] = &[
         // NULL when it was passed through as the client sent it.
         "ALTER TABLE usage ADD COLUMN translation TEXT",
     ),
+    (
+        4,
+        // Tokens reported apart: prompt-cache writes (5-minute and hour-long together;
+        // also in input_tokens) and reasoning (also in output_tokens).
+        "ALTER TABLE usage ADD COLUMN cache_write_tokens BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN reasoning_tokens BIGINT NOT NULL DEFAULT 0",
+    ),
 ];
 
 /// The schema version this binary writes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// A store failure, with any password in the URL masked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

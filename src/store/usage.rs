@@ -31,6 +31,10 @@ pub struct UsageRow {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cached_tokens: u64,
+    /// Input tokens written to the prompt cache (part of `input_tokens`).
+    pub cache_write_tokens: u64,
+    /// Output tokens spent reasoning (part of `output_tokens`).
+    pub reasoning_tokens: u64,
     pub cost_micro: i64,
     /// Whether a price was known (an unpriced answer counts zero).
     pub priced: bool,
@@ -179,14 +183,14 @@ impl UsageQueue {
     }
 }
 
-const COLUMNS: &str = "request_id, ts, day, key_id, key_name, team_id, model, upstream, upstream_model, status, stream, input_tokens, output_tokens, cached_tokens, cost_micro_usd, priced, cache, saved_tokens, saved_micro_usd, translation";
+const COLUMNS: &str = "request_id, ts, day, key_id, key_name, team_id, model, upstream, upstream_model, status, stream, input_tokens, output_tokens, cached_tokens, cost_micro_usd, priced, cache, saved_tokens, saved_micro_usd, translation, cache_write_tokens, reasoning_tokens";
 
 /// Rows per multi-row INSERT. Every statement has a fixed text, so each is parsed once and
 /// then reused from the connection's statement cache; on SQLite, positional `?`
 /// parameters spare a lookup by name per parameter (with `$N` names that lookup is
 /// linear, and it cost more than writing the rows). PostgreSQL only takes `$N`.
 const BATCH: usize = 32;
-const FIELDS: usize = 20;
+const FIELDS: usize = 22;
 
 fn insert_sql(rows: usize, dialect: Dialect) -> String {
     let values: Vec<String> = (0..rows)
@@ -268,7 +272,9 @@ fn bind_rows<'q>(mut q: Query<'q>, rows: &[UsageRow]) -> Query<'q> {
             .bind(r.cache.map(str::to_string))
             .bind(sat(r.saved_tokens))
             .bind(r.saved_micro)
-            .bind(r.translation.map(str::to_string));
+            .bind(r.translation.map(str::to_string))
+            .bind(sat(r.cache_write_tokens))
+            .bind(sat(r.reasoning_tokens));
     }
     q
 }
