@@ -6,6 +6,7 @@ use crate::config::Config;
 use crate::demo::mock::MockUpstream;
 use crate::observe;
 use clap::{Parser, Subcommand};
+use serde_json::Value;
 use std::net::SocketAddr;
 
 /// Default config path when `-c` is not given.
@@ -83,6 +84,13 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// The price each route of each alias is charged at, and where it came from (config,
+    /// pricing.file or the shipped table, with its date).
+    Pricing {
+        /// Print JSON rows instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage client keys through the admin API (master key from TOLLGATE_MASTER_KEY).
     Keys {
         #[command(flatten)]
@@ -139,6 +147,23 @@ pub fn main(cli: Cli) -> i32 {
             }
             Err(e) => {
                 eprintln!("tollgate: {e}");
+                1
+            }
+        },
+        Some(Command::Pricing { json }) => match Config::load(&cli.config, &env) {
+            Ok(config) => {
+                if json {
+                    println!("{}", Value::Array(crate::admin::pricing::rows(&config)));
+                } else {
+                    print!("{}", crate::admin::pricing::report(&config));
+                }
+                0
+            }
+            Err(errors) => {
+                eprintln!("tollgate: configuration {} has errors:", cli.config);
+                for e in &errors.0 {
+                    eprintln!("  {e}");
+                }
                 1
             }
         },

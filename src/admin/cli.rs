@@ -256,7 +256,7 @@ fn cell(v: &Value) -> String {
 }
 
 /// Rows as an aligned table with the given columns (`a.b` reads a nested field).
-fn table(rows: &[Value], columns: &[(&str, &str)]) -> String {
+pub(super) fn table(rows: &[Value], columns: &[(&str, &str)]) -> String {
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {

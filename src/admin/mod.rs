@@ -7,6 +7,7 @@ pub mod cli;
 mod fields;
 pub mod keys;
 pub mod litellm;
+pub mod pricing;
 mod reports;
 pub mod route;
 mod teams;

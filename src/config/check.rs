@@ -167,27 +167,10 @@ pub(super) fn check_keys(file: &FileConfig, errors: &mut Vec<ConfigError>) {
     }
 }
 
-/// `pricing` and `log`.
+/// `log` and `store`.
 pub(super) fn check_pricing_and_log(file: &FileConfig, errors: &mut Vec<ConfigError>) {
+    // The prices themselves are checked as they are built (`catalogue::pricing`).
     let mut err = |path: String, message: String| errors.push(ConfigError { path, message });
-    for (model, price) in &file.pricing {
-        let ok =
-            |v: f64| v.is_finite() && (0.0..=crate::relay::pricing::MAX_USD_PER_MTOK).contains(&v);
-        if !(ok(price.input)
-            && ok(price.output)
-            && price.cached_input.is_none_or(ok)
-            && price.cache_write.is_none_or(ok)
-            && price.cache_write_1h.is_none_or(ok))
-        {
-            err(
-                format!("pricing.{model}"),
-                format!(
-                    "prices must be numbers of USD per million tokens from 0 to {}",
-                    crate::relay::pricing::MAX_USD_PER_MTOK
-                ),
-            );
-        }
-    }
     if let Some(f) = &file.log.file {
         if f.trim().is_empty() {
             err("log.file".into(), "must not be empty".into());

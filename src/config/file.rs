@@ -29,6 +29,10 @@ pub struct FileConfig {
     /// USD per million tokens, by upstream model name or alias.
     #[serde(default)]
     pub pricing: BTreeMap<String, Price>,
+    /// `pricing.file`: a price catalogue (see `config::catalogue`), taken out of
+    /// `pricing` before the rest is read.
+    #[serde(skip)]
+    pub pricing_file: Option<String>,
     #[serde(default)]
     pub log: LogSection,
     #[serde(default)]

@@ -4,6 +4,7 @@
 //! reads. A config that fails here is never served.
 
 mod build;
+pub mod catalogue;
 mod check;
 pub mod file;
 pub mod units;
@@ -151,13 +152,15 @@ impl Config {
                 message: format!("unknown field `{field}`"),
             });
         };
-        let file: FileConfig =
+        let pricing_file = catalogue::take_file(&mut value);
+        let mut file: FileConfig =
             serde_path_to_error::deserialize(serde_ignored::Deserializer::new(value, &mut note))
                 .map_err(|e| {
                     let path = e.path().to_string();
                     let path = if path == "." { String::new() } else { path };
                     ConfigErrors::one(path, e.into_inner().to_string())
                 })?;
+        file.pricing_file = pricing_file.and_then(|v| v.as_str().map(str::to_string));
         match build(file, previous) {
             Ok(config) if unknown.is_empty() => Ok(config),
             Ok(_) => Err(ConfigErrors(unknown)),
@@ -398,22 +401,11 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
     let upstreams = build_upstreams(&file, previous, &mut errors);
     let (aliases, catch_all) = build_models(&file, &upstreams, &mut errors);
     check_pricing_and_log(&file, &mut errors);
+    let pricing = catalogue::pricing(&file, &mut errors);
     let failover = build_failover(&file, &mut errors);
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
-    let pricing = crate::relay::pricing::Pricing::new(
-        file.pricing
-            .iter()
-            .map(|(m, p)| {
-                let price =
-                    crate::relay::pricing::Price::from_usd(p.input, p.output, p.cached_input)
-                        .with_cache_writes(p.cache_write, p.cache_write_1h);
-                (m.clone(), price)
-            })
-            .collect(),
-        true,
-    );
     Ok(Config {
         pricing,
         log: file.log.clone(),

@@ -100,32 +100,101 @@ impl Price {
     }
 }
 
-/// The prices in force: the config's `pricing` over the shipped table.
+/// The prices in force: the config's `pricing` over a catalogue file over the shipped
+/// table.
 #[derive(Debug, Default, Clone)]
 pub struct Pricing {
     configured: HashMap<String, Price>,
+    file: HashMap<String, Price>,
+    /// The same entries as a list, for names matched by family.
+    file_entries: Vec<(String, Price)>,
+    /// The catalogue's path and the date it gives.
+    catalogue: Option<(String, Option<String>)>,
     shipped: bool,
 }
+
+/// Where a price came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Config,
+    File,
+    Shipped,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Config => "config",
+            Source::File => "file",
+            Source::Shipped => "shipped",
+        }
+    }
+}
+
+/// The date of the shipped table's list prices.
+pub const SHIPPED_DATE: &str = "2025-11-01";
 
 impl Pricing {
     pub fn new(configured: HashMap<String, Price>, use_shipped: bool) -> Pricing {
         Pricing {
             configured,
             shipped: use_shipped,
+            ..Pricing::default()
         }
     }
 
+    /// The same with a catalogue's prices under the config's.
+    pub fn with_catalogue(
+        mut self,
+        path: &str,
+        date: Option<String>,
+        prices: HashMap<String, Price>,
+    ) -> Pricing {
+        self.file_entries = prices.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        self.file = prices;
+        self.catalogue = Some((path.to_string(), date));
+        self
+    }
+
+    /// The catalogue in force: its path and date.
+    pub fn catalogue(&self) -> Option<(&str, Option<&str>)> {
+        self.catalogue
+            .as_ref()
+            .map(|(p, d)| (p.as_str(), d.as_deref()))
+    }
+
     /// The price of an upstream model or alias: the config's entry of that exact name;
-    /// else the shipped table's, where a dated or versioned name (`gpt-4o-2024-08-06`)
-    /// takes its family's price.
+    /// else the catalogue's; else the shipped table's, where a dated or versioned name
+    /// (`gpt-4o-2024-08-06`) takes its family's price.
     pub fn get(&self, model: &str) -> Option<Price> {
-        if let Some(p) = self.configured.get(model) {
-            return Some(*p);
+        self.explain(model).map(|(p, _, _)| p)
+    }
+
+    /// [`get`](Self::get), with where the price came from and the entry that gave it
+    /// (`gpt-4o` for `gpt-4o-2024-08-06`). A catalogue's names match as the shipped
+    /// table's do.
+    pub fn explain(&self, model: &str) -> Option<(Price, Source, &str)> {
+        if let Some((name, p)) = self.configured.get_key_value(model) {
+            return Some((*p, Source::Config, name));
+        }
+        if !self.file.is_empty() {
+            if let Some((name, p)) = self.file.get_key_value(model) {
+                return Some((*p, Source::File, name));
+            }
+            if let Some((name, p)) = best_match(&self.file_entries, |e| e.0.as_str(), model) {
+                return Some((*p, Source::File, name));
+            }
         }
         if !self.shipped {
             return None;
         }
-        shipped(model)
+        best_match(SHIPPED, |e| e.0, model).map(|&(name, input, cached, output)| {
+            (
+                Price::from_usd(input, output, Some(cached)),
+                Source::Shipped,
+                name,
+            )
+        })
     }
 
     /// The price of an attempt: its upstream model's, else its alias's.
@@ -134,7 +203,9 @@ impl Pricing {
     }
 }
 
-/// Published list prices as of 2025-11-01 (the date the README gives), USD per million tokens: (model, input, cached input, output).
+/// Published list prices as of [`SHIPPED_DATE`] (the date the README gives), USD per
+/// million tokens: (model, input, cached input, output). Prompt-cache writes are billed by
+/// Anthropic only, at its published 1.25 x and 2 x the input price (the defaults).
 const SHIPPED: &[(&str, f64, f64, f64)] = &[
     // OpenAI
     ("gpt-5", 1.25, 0.125, 10.0),
@@ -217,12 +288,6 @@ fn best_match<'t, T>(table: &'t [T], name_of: impl Fn(&T) -> &str, model: &str) 
         }
     }
     best
-}
-
-/// The shipped price of `model`.
-fn shipped(model: &str) -> Option<Price> {
-    best_match(SHIPPED, |e| e.0, model)
-        .map(|&(_, input, cached, output)| Price::from_usd(input, output, Some(cached)))
 }
 
 /// The shipped context window of `model`, in tokens.
