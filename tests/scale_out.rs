@@ -515,3 +515,33 @@ async fn an_alert_crossed_by_three_instances_together_is_sent_once() {
     // Each instance refused, so each queued the refusal alert: the others lost the claim.
     assert!(claimed_elsewhere >= 2, "{claimed_elsewhere}");
 }
+
+/// `/v1/key/info` on any instance reads the shared counter: what another instance spent
+/// a moment ago shows at once, long before the periodic re-read of the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_info_on_any_instance_shows_what_every_instance_spent() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let pg = Postgres::start();
+    let redis = Redis::start();
+    let text = config(&pg.url, Some(&redis.url), &up.url())
+        .replace("refresh_interval: 1s", "refresh_interval: 1h");
+    let gws: Vec<Gateway> = (0..2).map(|_| Gateway::start(&text)).collect();
+    let key = budgeted_key(&gws, 1_000_000).await;
+    for _ in 0..3 {
+        assert_eq!(spend_once(&gws[0], &key).await, 200);
+    }
+    assert!(eventually(Duration::from_secs(5), || reservations(&redis) == 0).await);
+    let spent = |v: &Value| v["budgets"][0]["spend_usd"].as_f64().unwrap();
+    let first = get_json_as(gws[0].url("/v1/key/info"), &key).await;
+    let second = get_json_as(gws[1].url("/v1/key/info"), &key).await;
+    assert!(spent(&first) > 0.0, "{first}");
+    assert_eq!(spent(&second), spent(&first), "{second}");
+    // The figure is the shared counter's: the sum of what the rows record.
+    let rows = || pg.psql("SELECT COUNT(*) FROM usage WHERE status = 200");
+    assert!(eventually(Duration::from_secs(5), || rows() == "3").await);
+    let recorded: i64 = pg
+        .psql("SELECT SUM(cost_micro_usd) FROM usage")
+        .parse()
+        .unwrap();
+    assert_eq!((spent(&second) * 1e6).round() as i64, recorded);
+}

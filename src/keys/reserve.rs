@@ -8,6 +8,7 @@ use super::budget::{Budget, Exceeded, Hold};
 use super::Directory;
 use crate::error::GatewayError;
 use crate::keys::auth::Caller;
+use crate::limits::CounterBackend;
 use crate::limits::{Charge, Dimension, Refusal, Scope};
 use crate::relay::pricing::Pricing;
 use crate::route::Alias;
@@ -46,18 +47,8 @@ pub struct Prices<'a> {
     pub unpriced: crate::spec::Unpriced,
 }
 
-pub fn plan(
-    keys: &Directory,
-    prices: &Prices<'_>,
-    caller: &Caller,
-    alias: &Alias,
-    ask: &Ask<'_>,
-) -> Result<Option<Plan>, GatewayError> {
-    let Ask {
-        client_model,
-        body_len,
-        output_tokens: output,
-    } = *ask;
+/// The budgets a caller's requests are charged to: its key's, then its team's.
+pub fn budgets_of(keys: &Directory, caller: &Caller) -> Vec<Arc<Budget>> {
     let mut budgets = Vec::with_capacity(2);
     match caller {
         Caller::Anonymous => {}
@@ -71,6 +62,42 @@ pub fn plan(
             budgets.extend(k.team.as_ref().and_then(|t| t.budget.clone()));
         }
     }
+    budgets
+}
+
+/// Raises the caller's budgets to what a shared counter backend holds (every instance's
+/// spend so far), so that `/v1/key/info` on any instance shows the same figure.
+pub async fn read_shared(keys: &Directory, caller: &Caller, counters: &dyn CounterBackend) {
+    if !counters.counts_spend() {
+        return;
+    }
+    let now = keys.now();
+    for b in budgets_of(keys, caller) {
+        let (key, _, _) = b.counter(now);
+        let scope = if b.owner.scope == "team" {
+            Scope::Team
+        } else {
+            Scope::Key
+        };
+        if let Some(spent) = counters.spent(scope, key).await {
+            b.raise(i64::try_from(spent).unwrap_or(i64::MAX), now);
+        }
+    }
+}
+
+pub fn plan(
+    keys: &Directory,
+    prices: &Prices<'_>,
+    caller: &Caller,
+    alias: &Alias,
+    ask: &Ask<'_>,
+) -> Result<Option<Plan>, GatewayError> {
+    let Ask {
+        client_model,
+        body_len,
+        output_tokens: output,
+    } = *ask;
+    let budgets = budgets_of(keys, caller);
     if budgets.is_empty() {
         return Ok(None);
     }

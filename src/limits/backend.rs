@@ -55,4 +55,10 @@ pub trait CounterBackend: Send + Sync {
     fn counts_spend(&self) -> bool {
         false
     }
+
+    /// What a budget counted here has spent in its period, every instance's spend
+    /// together (`None`: not counted here, or not known now).
+    async fn spent(&self, _scope: Scope, _key: u64) -> Option<u64> {
+        None
+    }
 }

@@ -217,7 +217,12 @@ pub struct RedisCounters {
 }
 
 fn key_name(c: &Charge) -> String {
-    let dim = match c.dimension {
+    counter_name(c.scope, c.key, c.dimension)
+}
+
+/// The Redis key of one counter.
+fn counter_name(scope: Scope, key: u64, dimension: Dimension) -> String {
+    let dim = match dimension {
         Dimension::Rps => "rps",
         Dimension::Rpm => "rpm",
         Dimension::Tpm => "tpm",
@@ -226,8 +231,8 @@ fn key_name(c: &Charge) -> String {
     };
     format!(
         "tollgate:{{tollgate-limits}}:{}:{:016x}:{dim}",
-        c.scope.as_str(),
-        c.key
+        scope.as_str(),
+        key
     )
 }
 
@@ -599,6 +604,15 @@ impl CounterBackend for RedisCounters {
 
     fn counts_spend(&self) -> bool {
         true
+    }
+
+    async fn spent(&self, scope: Scope, key: u64) -> Option<u64> {
+        let name = counter_name(scope, key, Dimension::Spend);
+        let mut c = self.redis.conn().await.ok()?;
+        let mut cmd = redis::cmd("HGET");
+        cmd.arg(name).arg("s");
+        let read = cmd.query_async::<Option<u64>>(&mut c);
+        tokio::time::timeout(CALL_TIMEOUT, read).await.ok()?.ok()?
     }
 
     fn room(&self, scope: Scope, key: u64, dimension: Dimension, limit: u64) -> Room {

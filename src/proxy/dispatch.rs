@@ -68,6 +68,7 @@ impl Gateway {
         };
         if suffix == "/key/info" {
             get_only()?;
+            crate::keys::reserve::read_shared(&self.keys, &caller, &*self.counters).await;
             let body = crate::admin::keys::key_info(&caller, &self.keys);
             return answer(session, ctx, Bytes::from(body.to_string())).await;
         }
