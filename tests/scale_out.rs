@@ -545,3 +545,110 @@ async fn key_info_on_any_instance_shows_what_every_instance_spent() {
         .unwrap();
     assert_eq!((spent(&second) * 1e6).round() as i64, recorded);
 }
+
+/// One figure everywhere: 1,000 concurrent requests over 2 instances sharing PostgreSQL
+/// and Redis, mixing whole answers, streams with and without usage, cache hits and budget
+/// refusals. The usage rows, `/admin/spend`, the budget (on either instance's
+/// `/v1/key/info`) and the cost counters of `/metrics` summed over the instances agree to
+/// the micro-USD, and the budget is never overshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_mixed_requests_over_two_instances_give_one_figure_everywhere() {
+    const BUDGET: i64 = 2_500;
+    let up = MockUpstream::start("u").await.unwrap();
+    let pg = Postgres::start();
+    let redis = Redis::start();
+    let text = format!(
+        "store:\n  url: \"{}\"\n  flush_interval: 200ms\n  refresh_interval: 1s\ncluster:\n  redis: \"{}\"\n  on_redis_error: refuse\ncache:\n  backend: redis\nadmin:\n  master_key: {MASTER}\nkeys:\n  - {{name: operator, key: {CONFIG_KEY}}}\nupstreams:\n  u:\n    servers: [{{url: \"{url}\"}}]\n    stream_usage: true\n  bare:\n    servers: [{{url: \"{url}\"}}]\nmodels:\n  m:\n    routes: [{{upstream: u, model: gpt-4o-mini}}]\n    cache: {{ttl: 10m}}\n  bare:\n    routes: [{{upstream: bare, model: gpt-4o-mini}}]\n",
+        pg.url,
+        redis.url,
+        url = up.url()
+    );
+    let gws: Vec<Gateway> = (0..2).map(|_| Gateway::start(&text)).collect();
+    let key = budgeted_key(&gws, BUDGET).await;
+    let requests = (0..1000).map(|i| {
+        let gw = &gws[i % 2];
+        let key = key.clone();
+        async move {
+            // A fifth ask the same question (cache hits), a fifth stream with usage, a
+            // fifth stream without it (charged their reservation), the rest whole answers.
+            let (model, stream, text) = match i % 5 {
+                0 => ("m", false, "the same question".to_string()),
+                1 => ("m", true, format!("stream {i}")),
+                2 => ("bare", true, format!("bare stream {i}")),
+                _ => ("m", false, format!("question {i}")),
+            };
+            let body = json!({"model": model, "stream": stream, "max_tokens": 10,
+                "messages": [{"role": "user", "content": text}]});
+            let r = client()
+                .post(gw.url("/v1/chat/completions"))
+                .bearer_auth(&key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let _ = r.bytes().await;
+            status
+        }
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let refused = statuses.iter().filter(|s| **s == 402).count();
+    // With `on_redis_error: refuse`, a call to Redis that takes longer than a request may
+    // wait (a saturated instance) is a 503: never counted anywhere but refused.
+    let unavailable = statuses.iter().filter(|s| **s == 503).count();
+    assert_eq!(ok + refused + unavailable, 1000, "{statuses:?}");
+    assert!(ok > 50 && refused > 50, "{ok} answered, {refused} refused");
+
+    // Every answered request has its row (a hit too), once every reservation settled.
+    assert!(
+        eventually(Duration::from_secs(10), || reservations(&redis) == 0).await,
+        "reservations left: {}",
+        reservations(&redis)
+    );
+    let rows = || pg.psql("SELECT COUNT(*) FROM usage");
+    assert!(
+        eventually(Duration::from_secs(10), || rows() == ok.to_string()).await,
+        "{} rows for {ok} answers",
+        rows()
+    );
+    let hits: i64 = pg
+        .psql("SELECT COUNT(*) FROM usage WHERE cache = 'hit'")
+        .parse()
+        .unwrap();
+    assert!(hits > 0, "no cache hit");
+    let recorded: i64 = pg
+        .psql("SELECT SUM(cost_micro_usd) FROM usage")
+        .parse()
+        .unwrap();
+    eprintln!("{ok} answered ({hits} hits), {refused} refused, {unavailable} unavailable; {recorded} of {BUDGET} micro-USD");
+    assert!(recorded > 0 && recorded <= BUDGET, "spent {recorded}");
+
+    // The budget, on each instance.
+    for gw in &gws {
+        let info = get_json_as(gw.url("/v1/key/info"), &key).await;
+        let spent = (info["budgets"][0]["spend_usd"].as_f64().unwrap() * 1e6).round() as i64;
+        assert_eq!(spent, recorded, "{info}");
+    }
+    // The spend report.
+    let (s, spend) = admin(&gws[1], "GET", "/admin/spend?group_by=team", None).await;
+    assert_eq!(s, 200, "{spend}");
+    let reported: i64 = spend["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["spend_micro_usd"].as_i64().unwrap())
+        .sum();
+    assert_eq!(reported, recorded, "{spend}");
+    // The metrics, summed over both instances.
+    let mut metered = 0.0;
+    for gw in &gws {
+        metered += scrape(gw)
+            .await
+            .lines()
+            .filter(|l| l.starts_with("tollgate_cost_usd_total{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum::<f64>();
+    }
+    assert_eq!((metered * 1e6).round() as i64, recorded);
+}

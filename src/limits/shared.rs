@@ -192,6 +192,35 @@ end
 return 0
 "#;
 
+/// How long a call nothing waits for may take (the end of a request, late counts). It is
+/// not the request path's `CALL_TIMEOUT`: giving up on one of these loses what it
+/// carries (a reservation stays held until it expires, a settled cost is never counted),
+/// and under a burst the calls of a thousand ending requests can queue for longer than a
+/// request may wait. The bound only keeps tasks from piling up while Redis hangs.
+const LATE_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A call nothing waited for failed: counted and logged (at most every 10 s).
+fn late_call_failed(what: &str) {
+    if let Some(m) = crate::metrics::get() {
+        m.limits_redis_errors.inc();
+    }
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = crate::clock::monotonic_ms();
+    let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
+    if now.saturating_sub(last) >= 10_000
+        && LAST
+            .compare_exchange(
+                last,
+                now,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+    {
+        log::warn!("limits: a call to the shared counters (Redis) failed: {what} may be lost");
+    }
+}
+
 /// A script with its constants filled in.
 fn script(text: &str) -> redis::Script {
     redis::Script::new(&text.replace("BUDGET_TTL", &BUDGET_TTL_MS.to_string()))
@@ -394,7 +423,11 @@ impl RedisCounters {
                     inv.arg(a);
                 }
             }
-            let _ = tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async::<()>(&mut c)).await;
+            let done =
+                tokio::time::timeout(LATE_CALL_TIMEOUT, inv.invoke_async::<()>(&mut c)).await;
+            if !matches!(done, Ok(Ok(()))) {
+                late_call_failed("the end of a request (its slots, reservations and settled cost)");
+            }
         });
     }
 
@@ -527,6 +560,18 @@ impl CounterBackend for RedisCounters {
             }
             Err(e) => {
                 self.unreachable(&e);
+                // A call that timed out may still have run: give back the slots and
+                // reservations it would have taken (idempotent; rates are left, at worst
+                // one request counted twice).
+                let taken: Vec<Charge> = charges
+                    .iter()
+                    .filter(|c| matches!(c.dimension, Dimension::Concurrency | Dimension::Spend))
+                    .map(|c| Charge {
+                        settled: None,
+                        ..*c
+                    })
+                    .collect();
+                self.finish_later(self.finish_items(&taken, true));
                 match self.on_error {
                     OnRedisError::Local => self.locally(charges).await,
                     OnRedisError::Refuse => {
@@ -551,7 +596,25 @@ impl CounterBackend for RedisCounters {
         if !local.is_empty() {
             self.fallback.finish(&local);
         }
-        let items = self.finish_items(charges, false);
+        let mut items = self.finish_items(charges, false);
+        // Spend counted in this process while Redis could not be reached still goes to the
+        // shared counter (no reservation to drop), so that it holds every instance's spend.
+        items.extend(
+            local
+                .iter()
+                .filter(|c| c.dimension == Dimension::Spend)
+                .filter_map(|c| {
+                    let cost = c.settled?.min(super::MAX_SPEND);
+                    // An id no reservation has (ids never set the top bit).
+                    let args = [
+                        "s".into(),
+                        LOCAL.to_string(),
+                        cost.to_string(),
+                        c.base.to_string(),
+                    ];
+                    Some((key_name(c), args))
+                }),
+        );
         self.finish_later(items);
     }
 
@@ -594,7 +657,12 @@ impl CounterBackend for RedisCounters {
                 inv.arg(a);
             }
             let call = inv.invoke_async::<redis::Value>(&mut conn);
-            let _ = tokio::time::timeout(CALL_TIMEOUT, call).await;
+            if !matches!(
+                tokio::time::timeout(LATE_CALL_TIMEOUT, call).await,
+                Ok(Ok(_))
+            ) {
+                late_call_failed("the request counts of requests that ended early");
+            }
         });
     }
 

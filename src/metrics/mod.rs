@@ -83,7 +83,7 @@ fn build() -> prometheus::Result<Metrics> {
             "Responses without token usage, by reason (stream_cut: the stream ended early; not_reported: the upstream sent none).",
             &["model", "reason"]
         )?,
-        cost: register_counter_vec!("tollgate_cost_usd_total", "Cost of reported tokens in US dollars, from the pricing table.", &["model", "upstream"])?,
+        cost: register_counter_vec!("tollgate_cost_usd_total", "What requests were charged in US dollars: the figure of usage rows and budgets.", &["model", "upstream"])?,
         attempts: register_int_counter_vec!("tollgate_upstream_attempts_total", "Upstream attempts by outcome.", &["upstream", "server", "outcome"])?,
         failovers: register_int_counter_vec!(
             "tollgate_failovers_total",

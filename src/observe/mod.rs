@@ -193,6 +193,13 @@ fn record_metrics(r: &Record, config: &Config) {
     if let Some(Failure::Stream(end)) = r.error {
         m.stream_aborts.with_label_values(&[end.as_str()]).inc();
     }
+    // What the request was charged: the figure of its usage row and its budgets (an
+    // answer that reported no usage is charged its reservation).
+    if let Some(micro) = r.cost_micro.filter(|c| *c > 0) {
+        m.cost
+            .with_label_values(&[model, upstream])
+            .inc_by(crate::relay::pricing::usd(micro));
+    }
     if r.target.is_none() || !(200..300).contains(&r.status) {
         return;
     }
@@ -219,11 +226,6 @@ fn record_metrics(r: &Record, config: &Config) {
                 m.tokens
                     .with_label_values(&[model, upstream, "reasoning"])
                     .inc_by(u.reasoning);
-            }
-            if let Some(micro) = r.cost_micro {
-                m.cost
-                    .with_label_values(&[model, upstream])
-                    .inc_by(crate::relay::pricing::usd(micro));
             }
         }
         None => {
