@@ -445,13 +445,14 @@ mod tests {
     #[test]
     fn gemini_usage_metadata_counts_thoughts_as_output_and_cached_within_the_prompt() {
         let body = br#"{"candidates":[{"content":{"parts":[{"text":"hi"}]}}],"usageMetadata":{"promptTokenCount":100,"candidatesTokenCount":20,"thoughtsTokenCount":5,"cachedContentTokenCount":40,"totalTokenCount":125}}"#;
-        let want = Some(Usage {
+        let usage = Usage {
             input: 100,
             output: 25,
             cached: 40,
             reasoning: 5,
             ..Default::default()
-        });
+        };
+        let want = Some(usage);
         let mut s = UsageScanner::new(false);
         s.feed(body);
         assert_eq!(s.finish(), want);
@@ -461,6 +462,10 @@ mod tests {
         s.feed(&body[..]);
         s.feed(b"\n\n");
         assert_eq!(s.finish(), want);
+        // gemini-2.5-flash list prices: $0.30 input, $0.03 cached, $2.50 output per
+        // million: 60 x 0.30 + 40 x 0.03 + 25 x 2.50 = 18 + 1.2 + 62.5 = 81.7, rounded up.
+        let price = crate::relay::pricing::Price::from_usd(0.30, 2.50, Some(0.03));
+        assert_eq!(price.cost(&usage), 82);
     }
 
     #[test]
