@@ -10,6 +10,7 @@
 #
 #   benches/instructions.sh            # N=4000 requests, 8 concurrent
 #   N=10000 benches/instructions.sh
+#   ONLY=translation benches/instructions.sh   # only the translated cases (KEEP=DIR keeps the profile)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-4000}
@@ -93,6 +94,7 @@ count() {
   wait "$pid" 2>/dev/null || true
 }
 
+if [ "${ONLY:-}" != translation ]; then
 RUST_LOG=info valgrind --tool=callgrind --callgrind-out-file="$work/cg-tollgate.out" \
   $BIN -c "$work/tollgate.yaml" >/dev/null 2>"$work/vg-tollgate.err" &
 tg=$(count tollgate "http://127.0.0.1:$TG/v1/chat/completions" $!)
@@ -124,6 +126,7 @@ rm -f "$work"/tollgate.db*
 RUST_LOG=info valgrind --tool=callgrind --callgrind-out-file="$work/cg-shared.out" \
   $BIN -c "$work/tollgate-shared.yaml" >/dev/null 2>"$work/vg-shared.err" &
 sh=$(count shared "http://127.0.0.1:$TG/v1/chat/completions" $!)
+fi
 # Translation: the same client body to an alias on an OpenAI-compatible route (passed
 # through) and to one on an Anthropic route (translated both ways), whole and streamed. The
 # mock streams its answer word by word with no gap; each stream is EVENTS events.
@@ -165,6 +168,18 @@ events=$(curl -s -N -H "Authorization: Bearer $KEY" -H 'content-type: applicatio
 kill $tr_pid 2>/dev/null || true
 wait $tr_pid 2>/dev/null || true
 
+if [ "${ONLY:-}" = translation ]; then
+  cat <<TABLE
+| Tollgate, user-space instructions per request, OpenAI client | OpenAI-compatible route (passed through) | Anthropic route (translated) | translated / passed through |
+|---|---|---|---|
+| whole answer ($N requests) | $tr_direct | $tr_whole | $(python3 -c "print(round($tr_whole/$tr_direct, 3))") |
+| streamed answer ($N_STREAM requests) | $tr_direct_stream | $tr_stream | $(python3 -c "print(round($tr_stream/$tr_direct_stream, 3))") |
+
+Translating a streamed answer costs $(python3 -c "print(round(($tr_stream-$tr_direct_stream)/max($events,1)))") instructions per client event more than passing it through ($events events per stream).
+TABLE
+  [ -n "${KEEP:-}" ] && cp "$work"/cg-translated.out* "$KEEP"/ 2>/dev/null
+  exit 0
+fi
 valgrind --tool=callgrind --callgrind-out-file="$work/cg-nginx.out" \
   "$NGINX" -c "$work/nginx.conf" -p "$work" 2>"$work/vg-nginx.err" &
 ngx=$(count nginx "http://127.0.0.1:$NGX/v1/chat/completions" $!)

@@ -442,30 +442,44 @@ pub fn chat_events(model: &str, text: &str, include_usage: bool) -> Vec<String> 
 
 /// SSE events of a message streamed word by word, as Anthropic sends them.
 pub fn message_events(model: &str, text: &str) -> Vec<String> {
-    let event = |v: Value| format!("event: {}\ndata: {v}\n\n", v["type"].as_str().unwrap_or(""));
+    // Every event with its members in Anthropic's order (`type` first), as its API
+    // writes them.
+    let event = |name: &str, data: String| format!("event: {name}\ndata: {data}\n\n");
     let words: Vec<&str> = text.split_inclusive(' ').collect();
     let mut events = vec![
         event(
-            json!({"type": "message_start", "message": {"id": "msg_mock", "type": "message", "role": "assistant", "model": model,
-            "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 8, "output_tokens": 1}}}),
+            "message_start",
+            format!(
+                "{{\"type\":\"message_start\",\"message\":{{\"id\":\"msg_mock\",\"type\":\"message\",\"role\":\"assistant\",\"model\":{},\"content\":[],\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{{\"input_tokens\":8,\"output_tokens\":1}}}}}}",
+                Value::from(model)
+            ),
         ),
         event(
-            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            "content_block_start",
+            r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#.into(),
         ),
     ];
     for w in &words {
-        // Members in Anthropic's order, as its API writes them.
-        events.push(format!(
-            "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":{}}}}}\n\n",
-            Value::from(*w)
+        events.push(event(
+            "content_block_delta",
+            format!(
+                "{{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":{}}}}}",
+                Value::from(*w)
+            ),
         ));
     }
-    events.push(event(json!({"type": "content_block_stop", "index": 0})));
     events.push(event(
-        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
-        "usage": {"output_tokens": words.len()}}),
+        "content_block_stop",
+        r#"{"type":"content_block_stop","index":0}"#.into(),
     ));
-    events.push(event(json!({"type": "message_stop"})));
+    events.push(event(
+        "message_delta",
+        format!(
+            "{{\"type\":\"message_delta\",\"delta\":{{\"stop_reason\":\"end_turn\",\"stop_sequence\":null}},\"usage\":{{\"output_tokens\":{}}}}}",
+            words.len()
+        ),
+    ));
+    events.push(event("message_stop", r#"{"type":"message_stop"}"#.into()));
     events
 }
 

@@ -47,11 +47,17 @@ pub struct Message {
     pub content: Content,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Serialize)]
 #[serde(untagged)]
 pub enum Content {
     Text(String),
     Blocks(Vec<Block>),
+}
+
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        super::text::text_or_list(d, Content::Text, Content::Blocks)
+    }
 }
 
 impl Content {
@@ -224,7 +230,98 @@ pub enum Event {
     },
 }
 
+/// The members of each event but its `type`, read straight into the variant once the type
+/// is known (serde's internally tagged enum would first buffer the whole event).
+mod body {
+    use super::*;
+
+    #[derive(Deserialize)]
+    pub struct MessageStart {
+        pub message: Response,
+    }
+    #[derive(Deserialize)]
+    pub struct BlockStart {
+        pub index: u32,
+        pub content_block: Block,
+    }
+    #[derive(Deserialize)]
+    pub struct BlockDelta {
+        pub index: u32,
+        pub delta: Delta,
+    }
+    #[derive(Deserialize)]
+    pub struct BlockStop {
+        pub index: u32,
+    }
+    #[derive(Deserialize)]
+    pub struct MessageDeltaBody {
+        pub delta: MessageDelta,
+        #[serde(default)]
+        pub usage: Option<DeltaUsage>,
+    }
+    #[derive(Deserialize)]
+    pub struct Error {
+        pub error: ErrorBody,
+    }
+}
+
+/// The `type` an event's JSON starts with (`{"type":"message_start",...`), as Anthropic
+/// writes every event.
+use serde::de;
+
+fn leading_type(data: &[u8]) -> Option<&[u8]> {
+    let rest = data
+        .trim_ascii_start()
+        .strip_prefix(b"{")?
+        .trim_ascii_start()
+        .strip_prefix(b"\"type\"")?
+        .trim_ascii_start()
+        .strip_prefix(b":")?
+        .trim_ascii_start()
+        .strip_prefix(b"\"")?;
+    Some(&rest[..memchr::memchr(b'"', rest)?])
+}
+
 impl Event {
+    /// Reads one event's data; `None` for an event of an unknown type or shape. When the
+    /// event starts with its type, only that variant's members are read.
+    pub fn read(data: &[u8]) -> Option<Event> {
+        fn of<'a, T: Deserialize<'a>>(data: &'a [u8]) -> Option<T> {
+            serde_json::from_slice(data).ok()
+        }
+        let fast = match leading_type(data) {
+            Some(b"message_start") => {
+                of::<body::MessageStart>(data).map(|b| Event::MessageStart { message: b.message })
+            }
+            Some(b"content_block_start") => {
+                of::<body::BlockStart>(data).map(|b| Event::ContentBlockStart {
+                    index: b.index,
+                    content_block: b.content_block,
+                })
+            }
+            Some(b"content_block_delta") => {
+                of::<body::BlockDelta>(data).map(|b| Event::ContentBlockDelta {
+                    index: b.index,
+                    delta: b.delta,
+                })
+            }
+            Some(b"content_block_stop") => {
+                of::<body::BlockStop>(data).map(|b| Event::ContentBlockStop { index: b.index })
+            }
+            Some(b"message_delta") => {
+                of::<body::MessageDeltaBody>(data).map(|b| Event::MessageDelta {
+                    delta: b.delta,
+                    usage: b.usage,
+                })
+            }
+            Some(b"message_stop") => of::<de::IgnoredAny>(data).map(|_| Event::MessageStop),
+            Some(b"ping") => of::<de::IgnoredAny>(data).map(|_| Event::Ping),
+            Some(b"error") => of::<body::Error>(data).map(|b| Event::Error { error: b.error }),
+            _ => None,
+        };
+        fast.or_else(|| of(data))
+    }
+
     /// The SSE `event:` name Anthropic gives this event.
     pub fn name(&self) -> &'static str {
         match self {
@@ -407,6 +504,41 @@ pub fn error_type(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reading an event by its leading type gives what reading it whole gives, for every
+    /// event of a documented stream, and an event that does not lead with its type is
+    /// still read.
+    #[test]
+    fn events_read_by_their_leading_type_equal_events_read_whole() {
+        let events = [
+            r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":25,"cache_read_input_tokens":5,"output_tokens":1}}}"#,
+            r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+            r#"{"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_1","name":"get_weather","input":{}}}"#,
+            r#"{"type":"ping"}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello"}}"#,
+            r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"city\": \"Par"}}"#,
+            r#"{"type":"content_block_stop","index":0}"#,
+            r#"{"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null},"usage":{"output_tokens":15}}"#,
+            r#"{"type":"message_stop"}"#,
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+        ];
+        for e in events {
+            let whole: Event = serde_json::from_str(e).unwrap();
+            let read = Event::read(e.as_bytes()).unwrap();
+            assert_eq!(
+                serde_json::to_value(&read).unwrap(),
+                serde_json::to_value(&whole).unwrap(),
+                "{e}"
+            );
+        }
+        let late = br#"{"index":2,"type":"content_block_stop"}"#;
+        assert!(matches!(
+            Event::read(late),
+            Some(Event::ContentBlockStop { index: 2 })
+        ));
+        assert!(Event::read(br#"{"type":"message_stop""#).is_none());
+        assert!(Event::read(br#"{"type":"future_event","x":1}"#).is_none());
+    }
 
     #[test]
     fn a_token_delta_is_read_only_in_anthropics_exact_spelling() {

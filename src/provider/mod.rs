@@ -11,6 +11,7 @@ pub mod gemini;
 pub mod inspect;
 pub mod openai;
 pub mod sse;
+pub mod text;
 pub mod translate;
 
 use crate::secret::Secret;

@@ -164,11 +164,17 @@ pub struct Message {
     pub reasoning_content: Option<String>,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Debug, Serialize)]
 #[serde(untagged)]
 pub enum Content {
     Text(String),
     Parts(Vec<Part>),
+}
+
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        super::text::text_or_list(d, Content::Text, Content::Parts)
+    }
 }
 
 impl Content {

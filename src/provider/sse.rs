@@ -7,8 +7,9 @@ use std::borrow::Cow;
 /// One complete event, borrowed from the reader's buffer.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Event<'a> {
-    /// The `event:` field, empty when the event has none.
-    pub name: Cow<'a, str>,
+    /// The `event:` field, empty when the event has none (bytes: the translators read
+    /// only the data, so no name is checked as UTF-8).
+    pub name: Cow<'a, [u8]>,
     /// The `data:` lines, joined with `\n`: bytes, for a JSON reader to take as they are.
     pub data: Cow<'a, [u8]>,
 }
@@ -131,7 +132,7 @@ fn parse(raw: &[u8]) -> Option<Event<'_>> {
         return None;
     }
     Some(Event {
-        name: String::from_utf8_lossy(name.unwrap_or_default()),
+        name: Cow::Borrowed(name.unwrap_or_default()),
         data: data.unwrap_or_default(),
     })
 }
@@ -178,15 +179,15 @@ mod tests {
             whole,
             vec![
                 Event {
-                    name: "a".into(),
+                    name: b"a".as_slice().into(),
                     data: b"{\"x\":1}".as_slice().into()
                 },
                 Event {
-                    name: "".into(),
+                    name: b"".as_slice().into(),
                     data: b"2".as_slice().into()
                 },
                 Event {
-                    name: "".into(),
+                    name: b"".as_slice().into(),
                     data: b"l1\nl2".as_slice().into()
                 },
             ]
@@ -203,7 +204,7 @@ mod tests {
         assert_eq!(
             events(&[b"data: [DONE]"]),
             vec![Event {
-                name: "".into(),
+                name: b"".as_slice().into(),
                 data: b"[DONE]".as_slice().into()
             }]
         );

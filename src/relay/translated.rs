@@ -146,8 +146,7 @@ pub async fn relay(
     let mut up = sent.conn;
     let mut out = Vec::with_capacity(1024);
     for chunk in prefix {
-        usage.feed(&chunk);
-        stream.feed(&chunk, &mut out);
+        stream.feed_seen(&chunk, &mut out, |data| usage.event_data(data));
     }
     let mut end = if sent.ended {
         Some(StreamEnd::Complete)
@@ -186,8 +185,7 @@ pub async fn relay(
         };
         match read {
             Ok(Some(chunk)) => {
-                usage.feed(&chunk);
-                stream.feed(&chunk, &mut out);
+                stream.feed_seen(&chunk, &mut out, |data| usage.event_data(data));
             }
             Ok(None) => end = Some(StreamEnd::Complete),
             Err(H1Error::Timeout) => end = Some(StreamEnd::UpstreamTimeout),
@@ -195,11 +193,10 @@ pub async fn relay(
         }
     }
     let mut end = end.unwrap_or(StreamEnd::UpstreamError);
-    relayed.usage = usage.finish();
     let mut tail = Vec::new();
     match end {
         StreamEnd::Complete => {
-            if !stream.finish(&mut tail) {
+            if !stream.finish_seen(&mut tail, |data| usage.event_data(data)) {
                 // The upstream ended its body without ending the answer.
                 end = StreamEnd::UpstreamError;
             }
@@ -214,6 +211,8 @@ pub async fn relay(
         ),
         StreamEnd::ClientGone => {}
     }
+    // After the last event (one the upstream did not end with a blank line counts too).
+    relayed.usage = usage.finish();
     if !tail.is_empty() {
         let tail = Bytes::from(tail);
         relayed.bytes += tail.len();

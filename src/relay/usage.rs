@@ -90,9 +90,14 @@ impl UsageScanner {
     }
 
     fn line(&mut self, line: &[u8]) {
-        let Some(data) = line.strip_prefix(b"data:") else {
-            return;
-        };
+        if let Some(data) = line.strip_prefix(b"data:") {
+            self.event_data(data);
+        }
+    }
+
+    /// The data of one SSE event another reader already split off (a translated
+    /// stream's): read for usage like a `data:` line.
+    pub fn event_data(&mut self, data: &[u8]) {
         if !may_have_usage(data) {
             return;
         }

@@ -381,7 +381,7 @@ impl Stream {
             return;
         }
         // Unknown event types (added by later API versions) are skipped.
-        let Ok(event) = serde_json::from_slice::<an::Event>(data) else {
+        let Some(event) = an::Event::read(data) else {
             return;
         };
         match event {

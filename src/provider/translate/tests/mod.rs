@@ -34,7 +34,7 @@ pub(super) fn events(bytes: &[u8]) -> Vec<(String, Value)> {
     r.feed(bytes, |e| {
         let data = serde_json::from_slice(&e.data)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&e.data).into_owned()));
-        out.push((e.name.into_owned(), data));
+        out.push((String::from_utf8_lossy(&e.name).into_owned(), data));
     });
     out
 }
