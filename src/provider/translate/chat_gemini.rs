@@ -85,6 +85,7 @@ pub fn request(body: &[u8], _target: &Target) -> Result<(Vec<u8>, bool), String>
                 for call in m.tool_calls.unwrap_or_default() {
                     let args = super::chat_anthropic::arguments(&call.function.arguments)
                         .map_err(|e| at(&format!("tool call `{}`: {e}", call.id)))?;
+                    let thought_signature = signature_of(&call.id);
                     names.push((call.id, call.function.name.clone()));
                     parts.push(gm::Part {
                         function_call: Some(gm::FunctionCall {
@@ -92,6 +93,7 @@ pub fn request(body: &[u8], _target: &Target) -> Result<(Vec<u8>, bool), String>
                             args,
                             id: None,
                         }),
+                        thought_signature,
                         ..Default::default()
                     });
                 }
@@ -233,6 +235,26 @@ fn usage(u: &gm::UsageMetadata) -> oa::Usage {
 }
 
 /// A call id for a function call (Gemini's carry none, or an id of their own).
+/// Between a tool call's id and the Gemini thought signature carried in it: Gemini needs
+/// the signature of each function call back with the call on the next turn, and an OpenAI
+/// client keeps nothing of a call but its id, name and arguments.
+const SIGNATURE: &str = "__thought__";
+
+/// A tool call id for the client, carrying the call's thought signature if it has one.
+fn signed(id: String, signature: Option<&str>) -> String {
+    match signature.filter(|s| !s.is_empty()) {
+        Some(s) => format!("{id}{SIGNATURE}{s}"),
+        None => id,
+    }
+}
+
+/// The thought signature a client's tool call id carries.
+fn signature_of(id: &str) -> Option<String> {
+    id.split_once(SIGNATURE)
+        .map(|(_, s)| s.to_string())
+        .filter(|s| !s.is_empty())
+}
+
 fn call_id(response_id: Option<&str>, created: u64, index: usize) -> String {
     match response_id {
         Some(r) => format!("call_{r}_{index}"),
@@ -253,10 +275,11 @@ pub fn answer(body: &[u8], created: u64) -> Result<Vec<u8>, String> {
         .unwrap_or_default()
     {
         if let Some(call) = part.function_call {
+            let id = call
+                .id
+                .unwrap_or_else(|| call_id(r.response_id.as_deref(), created, calls.len()));
             calls.push(oa::ToolCall {
-                id: call
-                    .id
-                    .unwrap_or_else(|| call_id(r.response_id.as_deref(), created, calls.len())),
+                id: signed(id, part.thought_signature.as_deref()),
                 kind: "function".into(),
                 function: oa::FunctionCall {
                     name: call.name,
@@ -393,6 +416,7 @@ impl Stream {
                         self.calls as usize,
                     )
                 });
+                let id = signed(id, part.thought_signature.as_deref());
                 let arguments = call.args.to_string();
                 let tool = ToolDeltaOut {
                     index: self.calls,

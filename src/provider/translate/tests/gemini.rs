@@ -159,3 +159,41 @@ fn paths_say_which_routes_serve_which_endpoints() {
     assert_eq!(Path::of("/embeddings", Anthropic), Path::Unserved);
     assert_eq!(Path::of("/embeddings", Openai), Path::Direct);
 }
+
+/// Gemini's thought signature of a function call comes back with the call on the next
+/// turn: carried in the tool call's id, whole and streamed, and put back on the call.
+#[test]
+fn thought_signatures_go_out_in_the_tool_call_id_and_come_back_with_the_call() {
+    let call = json!({"functionCall": {"name": "weather", "args": {"city": "Oslo"}}, "thoughtSignature": "c2lnbmF0dXJl"});
+    let answer = json!({"candidates": [{"content": {"role": "model", "parts": [call.clone()]}, "finishReason": "STOP", "index": 0}],
+        "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 3}, "responseId": "r3", "modelVersion": "g"});
+    let got: Value = serde_json::from_slice(
+        &Translation::ChatToGemini
+            .answer(answer.to_string().as_bytes(), 7)
+            .unwrap(),
+    )
+    .unwrap();
+    let id = got["choices"][0]["message"]["tool_calls"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(id, "call_r3_0__thought__c2lnbmF0dXJl");
+    let wire = format!("data: {answer}\r\n\r\n");
+    let (out, complete) = run_stream(Translation::ChatToGemini, true, wire.as_bytes(), &[]);
+    assert!(complete);
+    assert_eq!(read_chat_stream(&out).calls[0].0, id);
+
+    // The next turn: the call goes back with its signature; the tool's answer is matched
+    // to it by the same id.
+    let body = json!({"model": "gemini", "messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "tool_calls": [{"id": id, "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Oslo\"}"}}]},
+        {"role": "tool", "tool_call_id": id, "content": "{\"temp\":3}"}
+    ]});
+    let (sent, _) = request(Translation::ChatToGemini, body, Provider::Gemini).unwrap();
+    assert_eq!(sent["contents"][1]["parts"][0], call);
+    assert_eq!(
+        sent["contents"][2]["parts"][0]["functionResponse"]["name"],
+        "weather"
+    );
+}
