@@ -705,19 +705,7 @@ async fn prompt_cache_writes_are_priced_by_duration_on_every_path() {
     // 10 x $3 + 200 x $0.30 + 300 x $3.75 (5-minute writes, 1.25 x input) + 100 x $6
     // (hour-long writes, 2 x input) + 50 x $15, per million tokens, in micro-USD.
     let expected = 30 + 60 + 1125 + 600 + 750;
-    let rows = || async {
-        common::get_json_as(gw.admin_url("/admin/usage"), MASTER).await["data"]
-            .as_array()
-            .unwrap()
-            .clone()
-    };
-    assert!(
-        common::eventually_async(Duration::from_secs(10), || async {
-            rows().await.len() == 4
-        })
-        .await
-    );
-    for row in rows().await {
+    for row in usage_rows(&gw, 4).await {
         assert_eq!(row["cache_write_tokens"], 400, "{row}");
         assert_eq!(row["reasoning_tokens"], 0, "{row}");
         assert_eq!(row["input_tokens"], 610, "{row}");
@@ -763,19 +751,7 @@ async fn reasoning_tokens_are_reported_apart_and_priced_as_output() {
             "{text}"
         );
     }
-    let rows = || async {
-        common::get_json_as(gw.admin_url("/admin/usage"), MASTER).await["data"]
-            .as_array()
-            .unwrap()
-            .clone()
-    };
-    assert!(
-        common::eventually_async(Duration::from_secs(10), || async {
-            rows().await.len() == 2
-        })
-        .await
-    );
-    for row in rows().await {
+    for row in usage_rows(&gw, 2).await {
         assert_eq!(row["output_tokens"], 900, "{row}");
         assert_eq!(row["reasoning_tokens"], 640, "{row}");
         // 100 x $2 + 900 x $8 per million tokens: 200 + 7,200 micro-USD.
@@ -788,4 +764,22 @@ async fn reasoning_tokens_are_reported_apart_and_priced_as_output() {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
         .sum();
     assert_eq!(reasoning, 1280, "{metrics}");
+}
+
+/// The usage rows, once there are `n` of them (they are written in the background).
+async fn usage_rows(gw: &Gateway, n: usize) -> Vec<Value> {
+    let rows = || async {
+        common::get_json_as(gw.admin_url("/admin/usage"), MASTER).await["data"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    assert!(
+        common::eventually_async(Duration::from_secs(10), || async {
+            rows().await.len() == n
+        })
+        .await,
+        "{n} usage rows never came"
+    );
+    rows().await
 }
