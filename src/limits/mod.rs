@@ -11,6 +11,7 @@ mod backend;
 mod client_ip;
 mod headers;
 mod local;
+mod scripts;
 mod shared;
 
 pub use backend::CounterBackend;
