@@ -118,6 +118,20 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
+/// The config at `path`, or `None` once every error of it is printed.
+fn load(path: &str) -> Option<Config> {
+    match Config::load(path, &env) {
+        Ok(c) => Some(c),
+        Err(errors) => {
+            eprintln!("tollgate: configuration {path} has errors:");
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            None
+        }
+    }
+}
+
 /// Runs the command line; returns the process exit code when it does not serve.
 pub fn main(cli: Cli) -> i32 {
     match cli.command {
@@ -150,8 +164,8 @@ pub fn main(cli: Cli) -> i32 {
                 1
             }
         },
-        Some(Command::Pricing { json }) => match Config::load(&cli.config, &env) {
-            Ok(config) => {
+        Some(Command::Pricing { json }) => match load(&cli.config) {
+            Some(config) => {
                 if json {
                     println!("{}", Value::Array(crate::admin::pricing::rows(&config)));
                 } else {
@@ -159,28 +173,15 @@ pub fn main(cli: Cli) -> i32 {
                 }
                 0
             }
-            Err(errors) => {
-                eprintln!("tollgate: configuration {} has errors:", cli.config);
-                for e in &errors.0 {
-                    eprintln!("  {e}");
-                }
-                1
-            }
+            None => 1,
         },
         Some(Command::ImportLitellm { file, output }) => import_litellm(&file, output.as_deref()),
         Some(Command::ImportLitellmKeys { from, dry_run }) => {
             import_litellm_keys(&cli.config, from, dry_run)
         }
         None => {
-            let config = match Config::load(&cli.config, &env) {
-                Ok(c) => c,
-                Err(errors) => {
-                    eprintln!("tollgate: configuration {} has errors:", cli.config);
-                    for e in &errors.0 {
-                        eprintln!("  {e}");
-                    }
-                    return 1;
-                }
+            let Some(config) = load(&cli.config) else {
+                return 1;
             };
             for w in config.warnings() {
                 eprintln!("tollgate: warning: {w}");
@@ -357,15 +358,8 @@ fn import_litellm_keys(config_path: &str, from: Option<String>, dry_run: bool) -
         println!("tollgate: dry run: nothing written");
         return 0;
     }
-    let config = match Config::load(config_path, &env) {
-        Ok(c) => c,
-        Err(errors) => {
-            eprintln!("tollgate: configuration {config_path} has errors:");
-            for e in &errors.0 {
-                eprintln!("  {e}");
-            }
-            return 1;
-        }
+    let Some(config) = load(config_path) else {
+        return 1;
     };
     for n in &plan.notes {
         eprintln!("tollgate: note: {n}");

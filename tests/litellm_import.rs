@@ -70,6 +70,7 @@ fn litellm_config(up: &[&MockUpstream; 5], redis: &str) -> String {
     litellm_params:
       model: hosted_vllm/meta-llama/Llama-3.1-8B-Instruct
       api_base: {e}
+      api_key: sk-literal-vllm-0001
       rpm: 300
       weight: 3
     model_info:
@@ -143,7 +144,12 @@ async fn a_litellm_config_routes_each_alias_to_the_same_upstreams_tiers_and_fall
     ] {
         assert!(warnings.contains(path), "{path} missing from:\n{warnings}");
     }
-    assert!(!warnings.contains("sk-openai-test"));
+    // A literal key is copied (with a warning), never printed.
+    assert!(
+        warnings.contains("model_list[4].litellm_params.api_key: a literal key was copied"),
+        "{warnings}"
+    );
+    assert!(!warnings.contains("sk-literal-vllm-0001"));
     let (ok, checked, errors) = tollgate(&["-t", "-c", out.to_str().unwrap()]);
     assert!(ok && checked.contains("OK"), "{errors}");
 
@@ -222,6 +228,10 @@ async fn a_litellm_config_routes_each_alias_to_the_same_upstreams_tiers_and_fall
         assert_eq!(r.status(), 200);
     }
     assert_eq!((va.hits() - before.0, vb.hits() - before.1), (2, 6));
+    assert_eq!(
+        vb.last().unwrap().headers["authorization"],
+        "Bearer sk-literal-vllm-0001"
+    );
     let sent: Value = serde_json::from_slice(&vb.last().unwrap().body).unwrap();
     assert_eq!(sent["model"], "meta-llama/Llama-3.1-8B-Instruct");
 }

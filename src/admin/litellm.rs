@@ -29,6 +29,15 @@ pub struct Plan {
 /// The usage rows' model name for spend carried over.
 pub const CARRIED_MODEL: &str = "litellm-import";
 
+/// The request id of the row carrying a key's spend, and of a team's remainder.
+fn key_row(id: &str) -> String {
+    format!("{CARRIED_MODEL}:key:{id}")
+}
+
+fn team_row(id: &str) -> String {
+    format!("{CARRIED_MODEL}:team:{id}")
+}
+
 /// LiteLLM's `budget_duration` (`30s`, `12h`, `1d`, `7d`, `1mo`) as a calendar period,
 /// and whether the period is not the same length.
 fn period(duration: Option<&str>) -> (Period, bool) {
@@ -227,7 +236,7 @@ pub fn plan(teams: &[LiteTeam], keys: &[LiteKey], now: i64) -> Plan {
         }
         p.carried.push(carried_row(
             now,
-            format!("{CARRIED_MODEL}:key:{id}"),
+            key_row(&id),
             (&id, &name),
             team.as_deref(),
             spend,
@@ -259,9 +268,9 @@ pub fn plan(teams: &[LiteTeam], keys: &[LiteKey], now: i64) -> Plan {
     for (team, (name, left)) in team_spend {
         p.carried.push(carried_row(
             now,
-            format!("{CARRIED_MODEL}:team:{team}"),
+            team_row(&team),
             (
-                &format!("{CARRIED_MODEL}:team:{team}"),
+                &team_row(&team),
                 &format!("{name} (team spend carried over)"),
             ),
             Some(&team),
@@ -297,7 +306,7 @@ impl Plan {
                 t.id,
                 t.name,
                 budget(&t.budget),
-                usd(spent(&format!("{CARRIED_MODEL}:team:{}", t.id)))
+                usd(spent(&team_row(&t.id)))
             );
         }
         let _ = writeln!(out, "keys ({}):", self.keys.len());
@@ -317,7 +326,7 @@ impl Plan {
                 state,
                 k.team_id.as_deref().unwrap_or("-"),
                 budget(&k.budget),
-                usd(spent(&format!("{CARRIED_MODEL}:key:{}", k.id)))
+                usd(spent(&key_row(&k.id)))
             );
         }
         for n in &self.notes {
@@ -358,7 +367,12 @@ impl Plan {
                 )
                 .await?;
             }
-            crate::store::usage::replace(&pool, &self.carried).await?;
+            // Every imported key's and team's row of an earlier run goes, also a team
+            // remainder that is zero now.
+            let ids: Vec<String> = (self.keys.iter().map(|k| key_row(&k.id)))
+                .chain(self.teams.iter().map(|t| team_row(&t.id)))
+                .collect();
+            crate::store::usage::replace(&pool, &ids, &self.carried).await?;
             keys::announce(&pool, "import").await
         })
     }

@@ -279,43 +279,34 @@ pub fn cost_value(micro: i64) -> HeaderValue {
         .unwrap_or(HeaderValue::from_static("0.000000"))
 }
 
-/// Reads the rest of a whole answer into `prefix` so that its header can carry its cost:
-/// true when it ended (at most `MAX_WHOLE` bytes are held; past that, or when the
-/// upstream fails, the answer is relayed as it comes and `early` says how it ended).
-async fn read_whole(
+/// Reads the rest of a body into `chunks`, holding at most `limit` bytes: `Ok(true)` when
+/// it ended, `Ok(false)` when it grew past the limit first, `Err` with how it ended when
+/// the upstream failed or the client left.
+pub(crate) async fn read_whole(
     session: &mut Session,
     up: &mut crate::transport::h1::Conn,
-    prefix: &mut Vec<Bytes>,
+    chunks: &mut Vec<Bytes>,
     idle: Duration,
-    early: &mut Option<StreamEnd>,
-) -> bool {
-    let mut held: usize = prefix.iter().map(Bytes::len).sum();
-    while held <= MAX_WHOLE {
+    limit: usize,
+) -> Result<bool, StreamEnd> {
+    let mut held: usize = chunks.iter().map(Bytes::len).sum();
+    while held <= limit {
         let read = tokio::select! {
             biased;
             chunk = up.read_body(idle) => chunk,
-            _ = session.downstream_session.read_body_or_idle(true) => {
-                *early = Some(StreamEnd::ClientGone);
-                return false;
-            }
+            _ = session.downstream_session.read_body_or_idle(true) => return Err(StreamEnd::ClientGone),
         };
         match read {
             Ok(Some(chunk)) => {
                 held += chunk.len();
-                prefix.push(chunk);
+                chunks.push(chunk);
             }
-            Ok(None) => return true,
-            Err(crate::transport::h1::Error::Timeout) => {
-                *early = Some(StreamEnd::UpstreamTimeout);
-                return false;
-            }
-            Err(_) => {
-                *early = Some(StreamEnd::UpstreamError);
-                return false;
-            }
+            Ok(None) => return Ok(true),
+            Err(crate::transport::h1::Error::Timeout) => return Err(StreamEnd::UpstreamTimeout),
+            Err(_) => return Err(StreamEnd::UpstreamError),
         }
     }
-    false
+    Ok(false)
 }
 
 /// The largest whole answer held back to put its cost in its header.
@@ -365,7 +356,12 @@ pub async fn relay(
     let mut fed = false;
     if let Some(price) = price.filter(|_| !sse && (200..300).contains(&sent.head.status.as_u16())) {
         if !ended {
-            ended = read_whole(session, &mut up, &mut sent.prefix, idle_timeout, &mut early).await;
+            // Read before the header so that it can carry the cost; past the bound, or
+            // when the upstream fails, the answer is relayed as it comes.
+            match read_whole(session, &mut up, &mut sent.prefix, idle_timeout, MAX_WHOLE).await {
+                Ok(whole) => ended = whole,
+                Err(end) => early = Some(end),
+            }
         }
         if ended {
             for chunk in &sent.prefix {

@@ -7,13 +7,13 @@
 use super::{downstream_header, is_event_stream, Answer, Relayed, Stamp, StreamEnd};
 use crate::provider::translate::Translation;
 use crate::relay::usage::UsageScanner;
-use crate::transport::h1::{Conn, Error as H1Error};
+use crate::transport::h1::Error as H1Error;
 use crate::transport::pool::Connections;
 use bytes::Bytes;
 use http::HeaderValue;
 use pingora_core::{Error, ErrorType};
 use pingora_proxy::Session;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// The largest complete answer translated; a larger one is refused (502) rather than
 /// held without bound.
@@ -30,33 +30,6 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// Reads the rest of a body, unless the client leaves first or it grows past the cap.
-async fn read_all(
-    session: &mut Session,
-    up: &mut Conn,
-    mut body: Vec<u8>,
-    idle: Duration,
-) -> Result<Vec<u8>, StreamEnd> {
-    loop {
-        let read = tokio::select! {
-            biased;
-            chunk = up.read_body(idle) => chunk,
-            _ = session.downstream_session.read_body_or_idle(true) => return Err(StreamEnd::ClientGone),
-        };
-        match read {
-            Ok(Some(chunk)) => {
-                if body.len() + chunk.len() > MAX_ANSWER {
-                    return Err(StreamEnd::UpstreamError);
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok(None) => return Ok(body),
-            Err(H1Error::Timeout) => return Err(StreamEnd::UpstreamTimeout),
-            Err(_) => return Err(StreamEnd::UpstreamError),
-        }
-    }
 }
 
 /// Relays `answer`, translated by `t`. `include_usage`: an OpenAI client asked for the
@@ -85,19 +58,22 @@ pub async fn relay(
     headers.remove(http::header::CONTENT_ENCODING);
     if !sse {
         let mut up = sent.conn;
-        let mut body: Vec<u8> = prefix.concat();
+        let mut chunks = prefix;
         if !sent.ended {
-            body = match read_all(session, &mut up, body, idle_timeout).await {
-                Ok(b) => b,
-                Err(end) => {
-                    relayed.end = Some(end);
-                    return Error::e_explain(
-                        ErrorType::ReadError,
-                        "upstream answer not read whole",
-                    );
-                }
+            let read =
+                super::read_whole(session, &mut up, &mut chunks, idle_timeout, MAX_ANSWER).await;
+            // An answer past the cap is refused rather than held without bound.
+            let failed = match read {
+                Ok(true) => None,
+                Ok(false) => Some(StreamEnd::UpstreamError),
+                Err(end) => Some(end),
             };
+            if let Some(end) = failed {
+                relayed.end = Some(end);
+                return Error::e_explain(ErrorType::ReadError, "upstream answer not read whole");
+            }
         }
+        let body: Vec<u8> = chunks.concat();
         connections.give_back(up, sent.pool_key, idle_timeout);
         usage.feed(&body);
         relayed.usage = usage.finish();
@@ -146,7 +122,7 @@ pub async fn relay(
     let mut up = sent.conn;
     let mut out = Vec::with_capacity(1024);
     for chunk in prefix {
-        stream.feed_seen(&chunk, &mut out, |data| usage.event_data(data));
+        stream.feed(&chunk, &mut out, |data| usage.event_data(data));
     }
     let mut end = if sent.ended {
         Some(StreamEnd::Complete)
@@ -185,7 +161,7 @@ pub async fn relay(
         };
         match read {
             Ok(Some(chunk)) => {
-                stream.feed_seen(&chunk, &mut out, |data| usage.event_data(data));
+                stream.feed(&chunk, &mut out, |data| usage.event_data(data));
             }
             Ok(None) => end = Some(StreamEnd::Complete),
             Err(H1Error::Timeout) => end = Some(StreamEnd::UpstreamTimeout),
@@ -196,7 +172,7 @@ pub async fn relay(
     let mut tail = Vec::new();
     match end {
         StreamEnd::Complete => {
-            if !stream.finish_seen(&mut tail, |data| usage.event_data(data)) {
+            if !stream.finish(&mut tail, |data| usage.event_data(data)) {
                 // The upstream ended its body without ending the answer.
                 end = StreamEnd::UpstreamError;
             }

@@ -207,11 +207,15 @@ fn insert_sql(rows: usize, dialect: Dialect) -> String {
     format!("INSERT INTO usage ({COLUMNS}) VALUES {}", values.join(","))
 }
 
-/// Writes `rows` in place of any row with the same request id (an import run again).
-pub async fn replace(pool: &sqlx::AnyPool, rows: &[UsageRow]) -> Result<(), StoreError> {
-    for r in rows {
+/// Removes the rows of request ids `ids` and writes `rows` (an import run again).
+pub async fn replace(
+    pool: &sqlx::AnyPool,
+    ids: &[String],
+    rows: &[UsageRow],
+) -> Result<(), StoreError> {
+    for id in ids {
         sqlx::query("DELETE FROM usage WHERE request_id = $1")
-            .bind(r.request_id.clone())
+            .bind(id.clone())
             .execute(pool)
             .await?;
     }

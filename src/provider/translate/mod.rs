@@ -211,14 +211,10 @@ impl Stream {
         }
     }
 
-    /// Translates one upstream read; appends whatever client events it completes.
-    pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        self.feed_seen(chunk, out, |_| {});
-    }
-
-    /// [`feed`](Self::feed), also showing each upstream event's data to `seen` (the
-    /// usage reader), so that the stream is split into events once.
-    pub fn feed_seen(&mut self, chunk: &[u8], out: &mut Vec<u8>, mut seen: impl FnMut(&[u8])) {
+    /// Translates one upstream read; appends whatever client events it completes. Each
+    /// upstream event's data is also shown to `seen` (the usage reader), so that the
+    /// stream is split into events once.
+    pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<u8>, mut seen: impl FnMut(&[u8])) {
         let machine = &mut self.machine;
         self.reader.feed(chunk, |e| {
             seen(&e.data);
@@ -227,13 +223,9 @@ impl Stream {
     }
 
     /// The upstream body ended: whether the answer was complete. When it was not, an
-    /// error event in the client's format was appended, and no end marker.
-    pub fn finish(&mut self, out: &mut Vec<u8>) -> bool {
-        self.finish_seen(out, |_| {})
-    }
-
-    /// [`finish`](Self::finish), showing the last event's data to `seen`.
-    pub fn finish_seen(&mut self, out: &mut Vec<u8>, mut seen: impl FnMut(&[u8])) -> bool {
+    /// error event in the client's format was appended, and no end marker. A last event
+    /// without its blank line is shown to `seen` too.
+    pub fn finish(&mut self, out: &mut Vec<u8>, mut seen: impl FnMut(&[u8])) -> bool {
         let machine = &mut self.machine;
         self.reader.finish(|e| {
             seen(&e.data);

@@ -52,10 +52,10 @@ pub(super) fn run_stream(
     let mut out = Vec::new();
     let mut from = 0;
     for c in cuts.into_iter().chain([wire.len()]) {
-        s.feed(&wire[from..c], &mut out);
+        s.feed(&wire[from..c], &mut out, |_| {});
         from = c;
     }
-    let complete = s.finish(&mut out);
+    let complete = s.finish(&mut out, |_| {});
     (out, complete)
 }
 
