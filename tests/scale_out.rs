@@ -553,7 +553,7 @@ async fn key_info_on_any_instance_shows_what_every_instance_spent() {
 /// the micro-USD, and the budget is never overshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_mixed_requests_over_two_instances_give_one_figure_everywhere() {
-    const BUDGET: i64 = 2_500;
+    const BUDGET: i64 = 1_000;
     let up = MockUpstream::start("u").await.unwrap();
     let pg = Postgres::start();
     let redis = Redis::start();
@@ -598,7 +598,7 @@ async fn a_thousand_mixed_requests_over_two_instances_give_one_figure_everywhere
     // wait (a saturated instance) is a 503: never counted anywhere but refused.
     let unavailable = statuses.iter().filter(|s| **s == 503).count();
     assert_eq!(ok + refused + unavailable, 1000, "{statuses:?}");
-    assert!(ok > 50 && refused > 50, "{ok} answered, {refused} refused");
+    assert!(ok > 50 && refused > 10, "{ok} answered, {refused} refused");
 
     // Every answered request has its row (a hit too), once every reservation settled.
     assert!(
