@@ -10,7 +10,9 @@
 #
 #   benches/instructions.sh            # N=4000 requests, 8 concurrent
 #   N=10000 benches/instructions.sh
-#   ONLY=translation benches/instructions.sh   # only the translated cases (KEEP=DIR keeps the profile)
+#   ONLY=translation benches/instructions.sh   # only the translated cases
+#   ONLY=core benches/instructions.sh          # all but the translated cases
+#   KEEP=DIR benches/instructions.sh           # keeps the callgrind profiles in DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-4000}
@@ -64,6 +66,9 @@ models:
 YAML
 } > "$work/tollgate.yaml"
 write_body "$work/body.json"
+
+# ratio A B: A / B to three places, or - when B is 0 (a case that did not run).
+ratio() { python3 -c 'import sys; a, b = map(float, sys.argv[1:]); print(round(a / b, 3) if b else "-")' "$1" "$2"; }
 
 # phase NAME URL PID KEY BODY REQUESTS CONCURRENCY: warm up, zero the counters, send the
 # requests, dump; prints instructions/request. The process keeps running.
@@ -127,6 +132,7 @@ RUST_LOG=info valgrind --tool=callgrind --callgrind-out-file="$work/cg-shared.ou
   $BIN -c "$work/tollgate-shared.yaml" >/dev/null 2>"$work/vg-shared.err" &
 sh=$(count shared "http://127.0.0.1:$TG/v1/chat/completions" $!)
 fi
+if [ "${ONLY:-}" != core ]; then
 # Translation: the same client body to an alias on an OpenAI-compatible route (passed
 # through) and to one on an Anthropic route (translated both ways), whole and streamed. The
 # mock streams its answer word by word with no gap; each stream is EVENTS events.
@@ -167,6 +173,9 @@ events=$(curl -s -N -H "Authorization: Bearer $KEY" -H 'content-type: applicatio
   --data-binary @"$work/body-anthropic-stream.json" "$chat" 2>/dev/null | grep -c '^data:' || true)
 kill $tr_pid 2>/dev/null || true
 wait $tr_pid 2>/dev/null || true
+else
+  tr_direct=0 tr_whole=0 tr_direct_stream=0 tr_stream=0 events=0
+fi
 
 if [ "${ONLY:-}" = translation ]; then
   cat <<TABLE
@@ -199,8 +208,8 @@ table=$(cat <<TABLE
 
 | Tollgate, user-space instructions per request, OpenAI client | OpenAI-compatible route (passed through) | Anthropic route (translated) | translated / passed through |
 |---|---|---|---|
-| whole answer ($N requests) | $tr_direct | $tr_whole | $(python3 -c "print(round($tr_whole/$tr_direct, 3))") |
-| streamed answer ($N_STREAM requests) | $tr_direct_stream | $tr_stream | $(python3 -c "print(round($tr_stream/$tr_direct_stream, 3))") |
+| whole answer ($N requests) | $tr_direct | $tr_whole | $(ratio "$tr_whole" "$tr_direct") |
+| streamed answer ($N_STREAM requests) | $tr_direct_stream | $tr_stream | $(ratio "$tr_stream" "$tr_direct_stream") |
 
 Translating a streamed answer costs $(python3 -c "print(round(($tr_stream-$tr_direct_stream)/max($events,1)))") instructions per client event more than passing it through ($events events per stream).
 
@@ -209,3 +218,4 @@ TABLE
 )
 echo "$table"
 if [ -n "$OUT" ]; then echo "$table" > "$OUT"; fi
+if [ -n "${KEEP:-}" ]; then cp "$work"/cg-*.out* "$KEEP"/ 2>/dev/null || true; fi

@@ -60,6 +60,7 @@ pub fn run(config: Config, mode: RunMode) -> ! {
                     usage.depth()
                 ),
             }
+            crate::observe::flush_logs();
             std::process::exit(0)
         }
         Err(e) => {
@@ -255,6 +256,12 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
         "resolver",
         Resolver {
             config: Arc::clone(&config),
+        },
+    ));
+    server.add_service(background_service(
+        "log writer",
+        crate::observe::LogWriter {
+            interval: config.load().log.flush_interval.0,
         },
     ));
     server.add_service(background_service(

@@ -134,6 +134,13 @@ fn load(path: &str) -> Option<Config> {
 
 /// Runs the command line; returns the process exit code when it does not serve.
 pub fn main(cli: Cli) -> i32 {
+    let code = command(cli);
+    // Log lines are batched while the server runs: none may wait in memory at exit.
+    crate::observe::flush_logs();
+    code
+}
+
+fn command(cli: Cli) -> i32 {
     match cli.command {
         Some(Command::Demo {
             listen,

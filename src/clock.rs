@@ -65,11 +65,75 @@ pub fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-/// `2026-12-02`, the UTC day of a millisecond timestamp.
+/// `2026-12-02`, the UTC day of a millisecond timestamp (empty outside years 0 to 9999).
+/// Written by hand: it runs for every usage row, and chrono's formatter cost 2,400
+/// instructions a call.
 pub fn day(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .map(|t| t.format("%Y-%m-%d").to_string())
-        .unwrap_or_default()
+    let mut s = String::with_capacity(10);
+    if in_range(ms) {
+        push_date(&mut s, ms.div_euclid(DAY_MS));
+    }
+    s
+}
+
+/// `2026-12-02T17:06:45.123Z`, a millisecond timestamp as the access log writes it
+/// (nothing outside years 0 to 9999).
+pub fn push_rfc3339_millis(out: &mut String, ms: i64) {
+    if !in_range(ms) {
+        return;
+    }
+    push_date(out, ms.div_euclid(DAY_MS));
+    let in_day = ms.rem_euclid(DAY_MS);
+    let secs = in_day / 1000;
+    out.push('T');
+    push_digits(out, secs / 3600, 2);
+    out.push(':');
+    push_digits(out, secs / 60 % 60, 2);
+    out.push(':');
+    push_digits(out, secs % 60, 2);
+    out.push('.');
+    push_digits(out, in_day % 1000, 3);
+    out.push('Z');
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Years 0 to 9999: what four digits hold.
+fn in_range(ms: i64) -> bool {
+    (-62_167_219_200_000..253_402_300_800_000).contains(&ms)
+}
+
+fn push_date(out: &mut String, days: i64) {
+    let (y, m, d) = civil(days);
+    push_digits(out, y, 4);
+    out.push('-');
+    push_digits(out, m, 2);
+    out.push('-');
+    push_digits(out, d, 2);
+}
+
+/// `n` (not negative) in exactly `width` decimal digits.
+fn push_digits(out: &mut String, n: i64, width: u32) {
+    let mut div = 10i64.pow(width - 1);
+    while div > 0 {
+        out.push(char::from(b'0' + (n / div % 10) as u8));
+        div /= 10;
+    }
+}
+
+/// The proleptic Gregorian date of a day count from 1970-01-01 (the days-to-civil
+/// algorithm of H. Hinnant's date library).
+fn civil(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
 }
 
 /// A time given as RFC 3339 (`2026-12-02T10:00:00Z`, any offset) or as a date
@@ -87,11 +151,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn hand_written_dates_agree_with_chrono() {
+        // Every day from 1900 to 2200, and times in a day, against chrono's formatter.
+        let mut ms = parse_time("1900-01-01").unwrap() + 45_296_789;
+        let end = parse_time("2200-01-01").unwrap();
+        while ms < end {
+            let t = chrono::DateTime::from_timestamp_millis(ms).unwrap();
+            assert_eq!(day(ms), t.format("%Y-%m-%d").to_string());
+            let mut s = String::new();
+            push_rfc3339_millis(&mut s, ms);
+            assert_eq!(s, t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string());
+            ms += DAY_MS + 1_001;
+        }
+        let mut s = String::new();
+        push_rfc3339_millis(&mut s, 0);
+        assert_eq!(s, "1970-01-01T00:00:00.000Z");
+        assert_eq!(day(-1), "1969-12-31");
+        assert_eq!(day(parse_time("0000-01-01").unwrap()), "0000-01-01");
+    }
+
+    #[test]
     fn times_parse_and_print_in_utc() {
         let t = parse_time("2026-12-02T10:00:00+01:00").unwrap();
         assert_eq!(rfc3339(t), "2026-12-02T09:00:00Z");
         assert_eq!(parse_time("2024-02-29"), parse_time("2024-02-29T00:00:00Z"));
         assert_eq!(day(t), "2026-12-02");
+        assert_eq!(day(i64::MAX), "");
         assert_eq!(parse_time("2023-02-29"), None);
         assert_eq!(parse_time("yesterday"), None);
         let c = ManualClock::new(5);

@@ -528,3 +528,22 @@ async fn stream_usage_is_requested_upstream_counted_and_kept_from_the_client() {
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_lines_held_for_a_batch_are_written_at_sigterm() {
+    let up = MockUpstream::start("up").await.unwrap();
+    let mut gw = Gateway::start(&format!(
+        "server: {{grace_period: 0s}}\nlog: {{flush_interval: 30s}}\nupstreams:\n  u:\n    servers: [{{url: \"{}\"}}]\nmodels:\n  m:\n    routes: [{{upstream: u}}]\n",
+        up.url()
+    ));
+    let answers = futures_util::future::join_all((0..40).map(|_| send_chat(&gw, "m", false))).await;
+    assert!(answers.iter().all(|r| r.status() == 200));
+    // Held for a batch every 30 s: none is written yet, and the stop writes them all.
+    let early = std::fs::read_to_string(&gw.stderr_path).unwrap();
+    assert_eq!(early.matches(" status=200 ").count(), 0, "{early}");
+    assert!(gw.terminate().success());
+    let path = gw.stderr_path.clone();
+    let logs = std::fs::read_to_string(path).unwrap();
+    let lines = logs.lines().filter(|l| l.contains(" status=200 ")).count();
+    assert_eq!(lines, 40, "{logs}");
+}

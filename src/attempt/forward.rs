@@ -54,20 +54,17 @@ pub struct Outgoing<'a> {
 /// The `X-Forwarded-For` sent upstream: the client's own value, if any, with the TCP
 /// peer appended.
 pub fn forwarded_for(req: &RequestHeader, peer: Option<std::net::IpAddr>) -> String {
-    use std::fmt::Write as _;
     let mut out = String::with_capacity(64);
     if let Some(prior) = req
         .headers
-        .get("x-forwarded-for")
+        .get(crate::transport::headers::X_FORWARDED_FOR)
         .and_then(|v| v.to_str().ok())
     {
         out.push_str(prior);
         out.push_str(", ");
     }
     match peer {
-        Some(ip) => {
-            let _ = write!(out, "{ip}");
-        }
+        Some(ip) => crate::transport::headers::push_ip(&mut out, ip),
         None => out.push_str("unknown"),
     }
     out
@@ -102,7 +99,9 @@ impl<'a> Outgoing<'a> {
             query: client.uri.query().map(str::to_string),
             fields,
             anthropic_fields,
-            anthropic_version: client.headers.contains_key("anthropic-version"),
+            anthropic_version: client
+                .headers
+                .contains_key(crate::transport::headers::ANTHROPIC_VERSION),
             suffix,
             request_id,
             forwarded_for,

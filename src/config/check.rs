@@ -182,6 +182,13 @@ pub(super) fn check_pricing_and_log(file: &FileConfig, errors: &mut Vec<ConfigEr
             e.0.trim_start_matches("store.url: ").to_string(),
         );
     }
+    let log_flush = file.log.flush_interval.0;
+    if log_flush.is_zero() || log_flush > Duration::from_secs(60) {
+        err(
+            "log.flush_interval".into(),
+            "must be longer than 0s and at most 60s".into(),
+        );
+    }
     let flush = file.store.flush_interval.0;
     if flush.is_zero() || flush > Duration::from_secs(3600) {
         err(

@@ -321,6 +321,14 @@ pub struct LogSection {
     /// Write the access log at all. Default true.
     #[serde(default = "default_true")]
     pub access: bool,
+    /// While serving, lines are written in batches at least this often (default 100ms);
+    /// a stop writes out what is held. Read at start.
+    #[serde(default = "default_log_flush")]
+    pub flush_interval: Seconds,
+}
+
+fn default_log_flush() -> Seconds {
+    Seconds(Duration::from_millis(100))
 }
 
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
@@ -341,6 +349,7 @@ impl Default for LogSection {
             format: LogFormat::Text,
             file: None,
             access: true,
+            flush_interval: default_log_flush(),
         }
     }
 }

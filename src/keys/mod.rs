@@ -94,11 +94,10 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// The key holding `presented`, or why it is refused.
-    pub fn find(&self, presented: &str, now: i64) -> Result<Arc<StoredKey>, Rejected> {
-        let d = digest(presented);
-        let (stored, entry) = self.by_digest.get_key_value(&d).ok_or(Rejected::Unknown)?;
-        if !bool::from(stored.ct_eq(&d)) {
+    /// The key whose digest is `d`, or why it is refused.
+    pub fn find_digest(&self, d: &[u8; 32], now: i64) -> Result<Arc<StoredKey>, Rejected> {
+        let (stored, entry) = self.by_digest.get_key_value(d).ok_or(Rejected::Unknown)?;
+        if !bool::from(stored.ct_eq(d)) {
             return Err(Rejected::Unknown);
         }
         let k = &entry.key;

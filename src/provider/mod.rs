@@ -95,7 +95,9 @@ pub fn set_credential(
     api_key: Option<&Secret>,
     provider: Provider,
 ) -> pingora_core::Result<()> {
-    let has_version = req.headers.contains_key("anthropic-version");
+    let has_version = req
+        .headers
+        .contains_key(crate::transport::headers::ANTHROPIC_VERSION);
     for (name, prefix, value) in credential(api_key, provider, has_version)
         .into_iter()
         .flatten()

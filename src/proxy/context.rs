@@ -51,7 +51,7 @@ impl RequestCtx {
         r.path = req.uri.path().to_string();
         r.request_id = req
             .headers
-            .get("x-request-id")
+            .get(crate::transport::headers::X_REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
             .map_or_else(new_request_id, str::to_string);
@@ -62,9 +62,11 @@ impl RequestCtx {
         if let Some(peer) = self.peer {
             let xff = req
                 .headers
-                .get("x-forwarded-for")
+                .get(crate::transport::headers::X_FORWARDED_FOR)
                 .and_then(|v| v.to_str().ok());
-            r.client_ip = limits::client_ip(peer, xff, &config.trusted_proxies).to_string();
+            let ip = limits::client_ip(peer, xff, &config.trusted_proxies);
+            r.client_ip.clear();
+            crate::transport::headers::push_ip(&mut r.client_ip, ip);
         }
         self.body_unread = !session.is_body_empty();
         // Pingora turns keep-alive off when the request says so, and when it carries both
@@ -91,5 +93,19 @@ fn new_request_id() -> String {
             .map_or(0, |d| d.as_nanos() as u64);
         t ^ (u64::from(std::process::id()) << 40)
     });
-    format!("{seed:016x}{:08x}", COUNTER.fetch_add(1, Ordering::Relaxed))
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    // 16 hex digits of the seed, then the counter in at least 8 (`{:016x}{:08x}`).
+    let mut id = String::with_capacity(24);
+    for shift in (0..16).rev() {
+        id.push(char::from(
+            b"0123456789abcdef"[(seed >> (shift * 4)) as usize & 15],
+        ));
+    }
+    let digits = ((64 - n.leading_zeros()).div_ceil(4)).max(8);
+    for shift in (0..digits).rev() {
+        id.push(char::from(
+            b"0123456789abcdef"[(n >> (shift * 4)) as usize & 15],
+        ));
+    }
+    id
 }

@@ -48,7 +48,9 @@ impl Gateway {
             req.headers
                 .get(http::header::AUTHORIZATION)
                 .map(|v| v.as_bytes()),
-            req.headers.get("x-api-key").map(|v| v.as_bytes()),
+            req.headers
+                .get(crate::transport::headers::X_API_KEY)
+                .map(|v| v.as_bytes()),
         );
         let caller = self
             .keys

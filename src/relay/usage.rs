@@ -236,8 +236,15 @@ struct Nested {
 /// The usage of a JSON response body. Only the `usage` object is parsed, found from the
 /// end because every provider writes it after the (much longer) content. A quote inside a
 /// JSON string is always escaped, so `"usage"` followed by a colon is a member name.
+/// Reverse finders built once: `memmem::rfind` builds one per call, which cost more than
+/// the search on a 1 KB answer.
+static GEMINI_FROM_END: std::sync::LazyLock<memmem::FinderRev<'static>> =
+    std::sync::LazyLock::new(|| memmem::FinderRev::new(GEMINI));
+static USAGE_FROM_END: std::sync::LazyLock<memmem::FinderRev<'static>> =
+    std::sync::LazyLock::new(|| memmem::FinderRev::new(b"\"usage\""));
+
 fn json_usage(body: &[u8]) -> Option<Usage> {
-    if let Some(at) = memmem::rfind(body, GEMINI) {
+    if let Some(at) = GEMINI_FROM_END.rfind(body) {
         let value = body[at + GEMINI.len()..]
             .trim_ascii_start()
             .strip_prefix(b":")?;
@@ -247,7 +254,7 @@ fn json_usage(body: &[u8]) -> Option<Usage> {
     }
     const NAME: &[u8] = b"\"usage\"";
     let mut end = body.len();
-    while let Some(at) = memmem::rfind(&body[..end], NAME) {
+    while let Some(at) = USAGE_FROM_END.rfind(&body[..end]) {
         end = at;
         let rest = body[at + NAME.len()..].trim_ascii_start();
         let Some(value) = rest.strip_prefix(b":") else {

@@ -7,9 +7,28 @@
 //! request sent to a target takes its share off what is left, so that requests in flight
 //! together do not all count on the same last slot; the next answer's headers correct it.
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+/// The remaining and reset fields of each provider and dimension, as names built once
+/// (a lookup by `&str` parses the name every time).
+const OPENAI_REQUESTS: [HeaderName; 2] = [
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+];
+const OPENAI_TOKENS: [HeaderName; 2] = [
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+];
+const ANTHROPIC_REQUESTS: [HeaderName; 2] = [
+    HeaderName::from_static("anthropic-ratelimit-requests-remaining"),
+    HeaderName::from_static("anthropic-ratelimit-requests-reset"),
+];
+const ANTHROPIC_TOKENS: [HeaderName; 2] = [
+    HeaderName::from_static("anthropic-ratelimit-tokens-remaining"),
+    HeaderName::from_static("anthropic-ratelimit-tokens-reset"),
+];
 
 /// Unknown: the provider has said nothing.
 const UNKNOWN: u64 = u64::MAX;
@@ -75,32 +94,12 @@ impl Quota {
     /// Reads the rate-limit headers of an answer received at `now_ms` (wall clock `wall_ms`
     /// for Anthropic's reset times).
     pub fn observe(&self, headers: &HeaderMap, now_ms: u64, wall_ms: i64) {
-        let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        for (left, remaining, reset, anthropic) in [
-            (
-                &self.requests,
-                "x-ratelimit-remaining-requests",
-                "x-ratelimit-reset-requests",
-                false,
-            ),
-            (
-                &self.tokens,
-                "x-ratelimit-remaining-tokens",
-                "x-ratelimit-reset-tokens",
-                false,
-            ),
-            (
-                &self.requests,
-                "anthropic-ratelimit-requests-remaining",
-                "anthropic-ratelimit-requests-reset",
-                true,
-            ),
-            (
-                &self.tokens,
-                "anthropic-ratelimit-tokens-remaining",
-                "anthropic-ratelimit-tokens-reset",
-                true,
-            ),
+        let get = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+        for (left, [remaining, reset], anthropic) in [
+            (&self.requests, &OPENAI_REQUESTS, false),
+            (&self.tokens, &OPENAI_TOKENS, false),
+            (&self.requests, &ANTHROPIC_REQUESTS, true),
+            (&self.tokens, &ANTHROPIC_TOKENS, true),
         ] {
             let Some(n) = get(remaining).and_then(|v| v.trim().parse::<u64>().ok()) else {
                 continue;

@@ -135,8 +135,11 @@ impl Gateway {
         format!("http://{}{}", self.admin, path)
     }
 
-    /// Everything the gateway wrote to stderr (logs) so far.
+    /// Everything the gateway logged so far. While it serves, its lines are written in
+    /// batches at least every 100 ms: this waits out one batch, so a line logged before
+    /// the call is in the answer.
     pub fn logs(&self) -> String {
+        std::thread::sleep(Duration::from_millis(150));
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 }
