@@ -2,10 +2,10 @@
 //! one call, ended in one call that nothing waits for, and its slots kept alive by a
 //! heartbeat.
 
-/// Checks every charge, then counts all of them or none. ARGV: six per charge: kind (`r`
-/// rate, `c` slot, `s` budget), limit, amount, window (ms) or slot and reservation TTL
-/// (ms), slot or reservation id, and a budget's base (its spend if the counter is
-/// missing). Returns `{0, mark..., figure...}` (a rate's mark is its window and its figure
+/// Checks every charge, then counts all of them or none. ARGV: one per charge, six fields
+/// split by spaces (one argument each cost the gateway an allocation): kind (`r` rate,
+/// `c` slot, `s` budget), limit, amount, window (ms) or slot and reservation TTL (ms),
+/// slot or reservation id, and a budget's base (its spend if the counter is missing). Returns `{0, mark..., figure...}` (a rate's mark is its window and its figure
 /// the count it now holds; a budget's figure is its spend before this request) or
 /// `{failed index, retry after ms, spend}`.
 ///
@@ -16,7 +16,9 @@ pub(super) const RESERVE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = #KEYS
-local W = 6
+local function fields(i)
+  return string.match(ARGV[i], '^(%a) (%d+) (%d+) (%d+) (%d+) (%d+)$')
+end
 local function window(key, win)
   local h = redis.call('HMGET', key, 'w', 'c', 'p')
   local w = math.floor(now / win)
@@ -46,15 +48,15 @@ local function spend(key)
 end
 local spent, windows = {}, {}
 for i = 1, n do
-  local b = (i - 1) * W
-  local kind, limit, amount, span = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
+  local kind, limit, amount, span, _, base = fields(i)
+  limit, amount, span = tonumber(limit), tonumber(amount), tonumber(span)
   if kind == 'c' then
     redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
     if redis.call('ZCARD', KEYS[i]) + 1 > limit then return {i, 1000, 0} end
   elseif kind == 's' then
     local s, held = spend(KEYS[i])
     spent[i] = s
-    if s == nil then s = tonumber(ARGV[b + 6]) end
+    if s == nil then s = tonumber(base) end
     if s + held + amount > limit then return {i, 0, s} end
   else
     local left = span - (now % span)
@@ -67,8 +69,9 @@ for i = 1, n do
 end
 local out = {0}
 for i = 1, n do
-  local b = (i - 1) * W
-  local kind, amount, span, id = ARGV[b + 1], tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]), ARGV[b + 5]
+  local kind, _, amount_text, span, id, base = fields(i)
+  local amount = tonumber(amount_text)
+  span = tonumber(span)
   if kind == 'c' then
     redis.call('ZADD', KEYS[i], now + span, id)
     -- Writes cost the most in a script: the expiry is pushed only when it is near.
@@ -77,11 +80,11 @@ for i = 1, n do
     out[n + i + 1] = 0
   elseif kind == 's' then
     if spent[i] == nil then
-      redis.call('HSET', KEYS[i], 's', ARGV[b + 6])
+      redis.call('HSET', KEYS[i], 's', base)
       redis.call('PEXPIRE', KEYS[i], BUDGET_TTL)
-      spent[i] = tonumber(ARGV[b + 6])
+      spent[i] = tonumber(base)
     end
-    redis.call('HSET', KEYS[i], 'r:' .. id, ARGV[b + 3] .. ':' .. string.format('%d', now + span))
+    redis.call('HSET', KEYS[i], 'r:' .. id, amount_text .. ':' .. string.format('%d', now + span))
     out[i + 1] = 0
     out[n + i + 1] = spent[i]
   else
@@ -102,14 +105,13 @@ return out
 /// period or a reset is a new counter, and the old one expires).
 const BUDGET_TTL_MS: u64 = 35 * 24 * 3600 * 1000;
 
-/// Ends a request, or takes back a refused one, in one call. ARGV: four per key: kind and
-/// three numbers. `t` (a rate): window, delta: adds delta to the count when the window is
-/// still that one. `c` (a slot): id: gives it back. `s` (a budget): id, cost (empty when
+/// Ends a request, or takes back a refused one, in one call. ARGV: one per key, four fields
+/// split by spaces (`-` for none): kind and three numbers. `t` (a rate): window, delta: adds delta to the count when the window is
+/// still that one. `c` (a slot): id: gives it back. `s` (a budget): id, cost (`-` when
 /// nothing is to be charged), base: drops the reservation and adds the cost to the spend.
 pub(super) const FINISH: &str = r#"
 for i = 1, #KEYS do
-  local b = (i - 1) * 4
-  local kind, x, y, z = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
+  local kind, x, y, z = string.match(ARGV[i], '^(%a) (%S+) (%S+) (%S+)$')
   if kind == 't' then
     if redis.call('HGET', KEYS[i], 'w') == x then
       local c = tonumber(redis.call('HGET', KEYS[i], 'c')) + tonumber(y)
@@ -120,7 +122,7 @@ for i = 1, #KEYS do
     redis.call('ZREM', KEYS[i], x)
   else
     redis.call('HDEL', KEYS[i], 'r:' .. x)
-    if y ~= '' then
+    if y ~= '-' then
       redis.call('HSETNX', KEYS[i], 's', z)
       redis.call('HINCRBY', KEYS[i], 's', y)
       redis.call('PEXPIRE', KEYS[i], BUDGET_TTL)

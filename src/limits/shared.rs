@@ -98,8 +98,11 @@ fn key_name(c: &Charge) -> String {
     counter_name(c.scope, c.key, c.dimension)
 }
 
-/// The Redis key of one counter.
+/// The Redis key of one counter: `tollgate:{tollgate-limits}:SCOPE:KEY:DIMENSION`, the
+/// key as 16 hex digits. Written by hand: a request names up to ten counters, and
+/// `format!` cost a thousand instructions each.
 fn counter_name(scope: Scope, key: u64, dimension: Dimension) -> String {
+    const PREFIX: &str = "tollgate:{tollgate-limits}:";
     let dim = match dimension {
         Dimension::Rps => "rps",
         Dimension::Rpm => "rpm",
@@ -107,11 +110,41 @@ fn counter_name(scope: Scope, key: u64, dimension: Dimension) -> String {
         Dimension::Concurrency => "slots",
         Dimension::Spend => "spend",
     };
-    format!(
-        "tollgate:{{tollgate-limits}}:{}:{:016x}:{dim}",
-        scope.as_str(),
-        key
-    )
+    let mut name = String::with_capacity(PREFIX.len() + 6 + 1 + 16 + 1 + 5);
+    name.push_str(PREFIX);
+    name.push_str(scope.as_str());
+    name.push(':');
+    crate::spec::text::push_hex(&mut name, key, 16);
+    name.push(':');
+    name.push_str(dim);
+    name
+}
+
+/// One script argument: a charge's fields split by spaces, numbers in decimal, `-` for none
+/// (the scripts' `ARGV` layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Word(&'static str),
+    Number(u64),
+    Signed(i128),
+    None,
+}
+
+fn argument(fields: &[Field]) -> String {
+    use crate::spec::text::{push_i128, push_u64};
+    let mut out = String::with_capacity(fields.len() * 8);
+    for (i, f) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        match *f {
+            Field::Word(w) => out.push_str(w),
+            Field::Number(n) => push_u64(&mut out, n),
+            Field::Signed(n) => push_i128(&mut out, n),
+            Field::None => out.push('-'),
+        }
+    }
+    out
 }
 
 fn window_ms(d: Dimension) -> u64 {
@@ -171,8 +204,11 @@ impl RedisCounters {
 
     /// A rate refused in its window, without asking Redis again.
     fn known_refusal(&self, charges: &[Charge]) -> Option<Refusal> {
-        let now = crate::clock::monotonic_ms();
         let mut refused = Self::lock(&self.refused);
+        if refused.is_empty() {
+            return None;
+        }
+        let now = crate::clock::monotonic_ms();
         refused.retain(|_, until| *until > now);
         charges.iter().find_map(|c| {
             let until = *refused.get(&key_name(c))?;
@@ -221,7 +257,7 @@ impl RedisCounters {
     fn reserve_call(&self, charges: &mut [Charge]) -> (Vec<String>, Vec<String>) {
         let slot_ttl = self.slot_ttl.as_millis() as u64;
         let mut keys = Vec::with_capacity(charges.len());
-        let mut args = Vec::with_capacity(charges.len() * 6);
+        let mut args = Vec::with_capacity(charges.len());
         for c in charges.iter_mut() {
             keys.push(key_name(c));
             let (kind, span, id) = match c.dimension {
@@ -242,21 +278,21 @@ impl RedisCounters {
             } else {
                 super::MAX_COUNT
             };
-            args.extend([
-                kind.to_string(),
-                c.limit.min(cap).to_string(),
-                c.amount.min(cap).to_string(),
-                span.to_string(),
-                id.to_string(),
-                c.base.min(cap).to_string(),
-            ]);
+            args.push(argument(&[
+                Field::Word(kind),
+                Field::Number(c.limit.min(cap)),
+                Field::Number(c.amount.min(cap)),
+                Field::Number(span),
+                Field::Number(id),
+                Field::Number(c.base.min(cap)),
+            ]));
         }
         (keys, args)
     }
 
     /// Spawns one FINISH call (nothing waits for it) with `items`: a key and its four
     /// arguments each.
-    fn finish_later(&self, items: Vec<(String, [String; 4])>) {
+    fn finish_later(&self, items: Vec<(String, String)>) {
         if items.is_empty() {
             return;
         }
@@ -266,11 +302,9 @@ impl RedisCounters {
         let script = self.finish.clone();
         tokio::spawn(async move {
             let mut inv = script.prepare_invoke();
-            for (key, args) in &items {
+            for (key, arg) in &items {
                 inv.key(key);
-                for a in args {
-                    inv.arg(a);
-                }
+                inv.arg(arg);
             }
             let done =
                 tokio::time::timeout(LATE_CALL_TIMEOUT, inv.invoke_async::<()>(&mut c)).await;
@@ -283,7 +317,7 @@ impl RedisCounters {
     /// The FINISH items of `charges`: each slot and budget reservation given back, and
     /// each settled amount counted in place of its estimate (`undo`: every rate taken back
     /// whole, and no cost charged).
-    fn finish_items(&self, charges: &[Charge], undo: bool) -> Vec<(String, [String; 4])> {
+    fn finish_items(&self, charges: &[Charge], undo: bool) -> Vec<(String, String)> {
         let mut items = Vec::new();
         let mut held = Self::lock(&self.held);
         for c in charges.iter().filter(|c| c.mark & LOCAL == 0) {
@@ -291,16 +325,21 @@ impl RedisCounters {
             let args = match c.dimension {
                 Dimension::Concurrency => {
                     held.remove(&c.mark);
-                    ["c".into(), c.mark.to_string(), String::new(), String::new()]
+                    [
+                        Field::Word("c"),
+                        Field::Number(c.mark),
+                        Field::None,
+                        Field::None,
+                    ]
                 }
                 Dimension::Spend => {
                     held.remove(&c.mark);
                     let cost = c.settled.filter(|_| !undo).map(|v| v.min(super::MAX_SPEND));
                     [
-                        "s".into(),
-                        c.mark.to_string(),
-                        cost.map_or_else(String::new, |v| v.to_string()),
-                        c.base.to_string(),
+                        Field::Word("s"),
+                        Field::Number(c.mark),
+                        cost.map_or(Field::None, Field::Number),
+                        Field::Number(c.base),
                     ]
                 }
                 _ => {
@@ -313,14 +352,14 @@ impl RedisCounters {
                         continue;
                     }
                     [
-                        "t".into(),
-                        c.mark.to_string(),
-                        delta.to_string(),
-                        String::new(),
+                        Field::Word("t"),
+                        Field::Number(c.mark),
+                        Field::Signed(delta),
+                        Field::None,
                     ]
                 }
             };
-            items.push((key_name(c), args));
+            items.push((key_name(c), argument(&args)));
         }
         items
     }
@@ -456,12 +495,12 @@ impl CounterBackend for RedisCounters {
                     let cost = c.settled?.min(super::MAX_SPEND);
                     // An id no reservation has (ids never set the top bit).
                     let args = [
-                        "s".into(),
-                        LOCAL.to_string(),
-                        cost.to_string(),
-                        c.base.to_string(),
+                        Field::Word("s"),
+                        Field::Number(LOCAL),
+                        Field::Number(cost),
+                        Field::Number(c.base),
                     ];
-                    Some((key_name(c), args))
+                    Some((key_name(c), argument(&args)))
                 }),
         );
         self.finish_later(items);
@@ -547,5 +586,43 @@ impl CounterBackend for RedisCounters {
             remaining: limit.saturating_sub(count),
             reset: Duration::from_millis(span - wall % span),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_names_are_the_documented_keys() {
+        for (scope, key, dimension, dim) in [
+            (Scope::Key, 0xab, Dimension::Rpm, "rpm"),
+            (Scope::Ip, u64::MAX, Dimension::Concurrency, "slots"),
+            (
+                Scope::Team,
+                0x0123_4567_89ab_cdef,
+                Dimension::Spend,
+                "spend",
+            ),
+        ] {
+            assert_eq!(
+                counter_name(scope, key, dimension),
+                format!(
+                    "tollgate:{{tollgate-limits}}:{}:{key:016x}:{dim}",
+                    scope.as_str()
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn arguments_are_fields_split_by_spaces() {
+        let fields = [
+            Field::Word("s"),
+            Field::Number(42),
+            Field::Signed(-7),
+            Field::None,
+        ];
+        assert_eq!(argument(&fields), "s 42 -7 -");
     }
 }

@@ -5,6 +5,8 @@
 
 use serde::Deserialize;
 
+pub mod text;
+
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 /// A model with no price under an enforced budget: refused, or counted as zero.
