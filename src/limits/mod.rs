@@ -43,7 +43,7 @@ pub struct Limits {
 }
 
 /// Where a limit applies. Its name is the metrics label and appears in refusals.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scope {
     Global,
     Ip,
@@ -65,7 +65,7 @@ impl Scope {
 }
 
 /// A measured dimension.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Dimension {
     Rps,
     Rpm,

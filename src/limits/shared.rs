@@ -84,14 +84,21 @@ pub struct RedisCounters {
     on_error: OnRedisError,
     instances: u64,
     slot_ttl: Duration,
-    /// Slots held now (id -> key), for the heartbeat.
-    held: Mutex<HashMap<u64, String>>,
-    /// Rates refused in their current window: key -> until (monotonic ms).
-    refused: Mutex<HashMap<String, u64>>,
-    /// The last shared count seen per rate key, for the `x-ratelimit-*` headers.
-    seen: Mutex<HashMap<String, u64>>,
+    /// Slots held now (id -> counter), for the heartbeat.
+    held: Mutex<HashMap<u64, Counter>>,
+    /// Rates refused in their current window: counter -> until (monotonic ms).
+    refused: Mutex<HashMap<Counter, u64>>,
+    /// The last shared count seen per rate counter, for the `x-ratelimit-*` headers.
+    seen: Mutex<HashMap<Counter, u64>>,
     next_slot: AtomicU64,
     last_warning: AtomicU64,
+}
+
+/// A counter, by what names it: its Redis key is written only for a call to Redis.
+type Counter = (Scope, u64, Dimension);
+
+fn counter(c: &Charge) -> Counter {
+    (c.scope, c.key, c.dimension)
 }
 
 fn key_name(c: &Charge) -> String {
@@ -211,7 +218,7 @@ impl RedisCounters {
         let now = crate::clock::monotonic_ms();
         refused.retain(|_, until| *until > now);
         charges.iter().find_map(|c| {
-            let until = *refused.get(&key_name(c))?;
+            let until = *refused.get(&counter(c))?;
             Some(c.refusal(Duration::from_millis(until.saturating_sub(now))))
         })
     }
@@ -369,7 +376,7 @@ impl RedisCounters {
     pub async fn beat(&self) {
         let held: Vec<(u64, String)> = Self::lock(&self.held)
             .iter()
-            .map(|(id, key)| (*id, key.clone()))
+            .map(|(id, &(scope, key, dimension))| (*id, counter_name(scope, key, dimension)))
             .collect();
         if held.is_empty() {
             return;
@@ -416,10 +423,10 @@ impl CounterBackend for RedisCounters {
                         let figure = out.get(n + i + 1).copied().unwrap_or(0);
                         match c.dimension {
                             Dimension::Concurrency => {
-                                held.insert(c.mark, key_name(c));
+                                held.insert(c.mark, counter(c));
                             }
                             Dimension::Spend => {
-                                held.insert(c.mark, key_name(c));
+                                held.insert(c.mark, counter(c));
                                 // What the budget had spent, for this instance's figures.
                                 c.base = figure;
                             }
@@ -428,7 +435,7 @@ impl CounterBackend for RedisCounters {
                                 // Only the key scope's figures go in headers; keeping others
                                 // (one per client IP) would only grow the map.
                                 if c.scope == Scope::Key {
-                                    seen.insert(key_name(c), figure);
+                                    seen.insert(counter(c), figure);
                                 }
                             }
                         }
@@ -440,7 +447,7 @@ impl CounterBackend for RedisCounters {
                 // Only request counts: a token refusal says nothing about a smaller request.
                 if matches!(c.dimension, Dimension::Rps | Dimension::Rpm) {
                     let until = crate::clock::monotonic_ms() + left.as_millis() as u64;
-                    Self::lock(&self.refused).insert(key_name(&c), until);
+                    Self::lock(&self.refused).insert(counter(&c), until);
                 }
                 let mut r = c.refusal(left);
                 r.spent = out.get(2).copied().unwrap_or(0);
@@ -574,9 +581,8 @@ impl CounterBackend for RedisCounters {
     fn room(&self, scope: Scope, key: u64, dimension: Dimension, limit: u64) -> Room {
         // The shared count as of this process's last charge of that key (asking again
         // would cost a round trip); the reset is the window's end on this process's clock.
-        let probe = Charge::new(scope, key, dimension, limit, 0);
         let count = Self::lock(&self.seen)
-            .get(&key_name(&probe))
+            .get(&(scope, key, dimension))
             .copied()
             .unwrap_or(0);
         let span = window_ms(dimension);

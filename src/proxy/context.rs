@@ -96,16 +96,7 @@ fn new_request_id() -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     // 16 hex digits of the seed, then the counter in at least 8 (`{:016x}{:08x}`).
     let mut id = String::with_capacity(24);
-    for shift in (0..16).rev() {
-        id.push(char::from(
-            b"0123456789abcdef"[(seed >> (shift * 4)) as usize & 15],
-        ));
-    }
-    let digits = ((64 - n.leading_zeros()).div_ceil(4)).max(8);
-    for shift in (0..digits).rev() {
-        id.push(char::from(
-            b"0123456789abcdef"[(n >> (shift * 4)) as usize & 15],
-        ));
-    }
+    crate::spec::text::push_hex(&mut id, seed, 16);
+    crate::spec::text::push_hex(&mut id, n, (64 - n.leading_zeros()).div_ceil(4).max(8));
     id
 }
