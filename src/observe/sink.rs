@@ -180,17 +180,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn lines_are_batched_while_buffered_and_none_is_lost() {
+    /// A sink's state writing to a recorder.
+    fn recorded(buffered: bool) -> (Recorder, Arc<Shared>) {
         let rec = Recorder::default();
         let shared = Arc::new(Shared {
             held: Mutex::new(Held {
                 bytes: Vec::new(),
-                buffered: false,
+                buffered,
             }),
             wake: Condvar::new(),
             out: Mutex::new(Box::new(rec.clone())),
         });
+        (rec, shared)
+    }
+
+    #[test]
+    fn lines_are_batched_while_buffered_and_none_is_lost() {
+        let (rec, shared) = recorded(false);
         let mut sink = LogSink(Arc::clone(&shared));
         // Not buffered: each line is a write of its own.
         sink.write_all(b"a\n").unwrap();
@@ -218,15 +224,7 @@ mod tests {
 
     #[test]
     fn a_full_buffer_is_written_by_the_request_that_fills_it() {
-        let rec = Recorder::default();
-        let shared = Arc::new(Shared {
-            held: Mutex::new(Held {
-                bytes: Vec::new(),
-                buffered: true,
-            }),
-            wake: Condvar::new(),
-            out: Mutex::new(Box::new(rec.clone())),
-        });
+        let (rec, shared) = recorded(true);
         let mut sink = LogSink(Arc::clone(&shared));
         let line = vec![b'x'; 1024];
         for _ in 0..(MAX_HELD / 1024) {
