@@ -361,13 +361,14 @@ fn build_counters(config: &Config) -> std::io::Result<Counters> {
         return Ok((Arc::new(LocalCounters::default()), None));
     };
     let c = &config.cluster;
-    let shared = RedisCounters::new(
-        url.expose(),
-        c.on_redis_error,
-        c.expected_instances,
-        c.slot_ttl.0,
-    )
-    .map_err(|e| std::io::Error::other(mask_userinfo(&format!("cluster.redis: {e}"))))?;
+    let options = crate::limits::SharedOptions {
+        on_error: c.on_redis_error,
+        instances: c.expected_instances,
+        slot_ttl: c.slot_ttl.0,
+        leases: c.leases,
+    };
+    let shared = RedisCounters::new(url.expose(), options)
+        .map_err(|e| std::io::Error::other(mask_userinfo(&format!("cluster.redis: {e}"))))?;
     let shared = Arc::new(shared);
     Ok((Arc::clone(&shared) as Arc<dyn CounterBackend>, Some(shared)))
 }
@@ -390,16 +391,25 @@ impl BackgroundService for CooldownListener {
     }
 }
 
-/// Keeps the concurrency slots this process holds in Redis alive.
+/// Keeps the slots and reservations this process holds in Redis alive, closes its leases
+/// when their time is up, and gives back their unused units when the process stops.
 struct Heartbeat(Arc<RedisCounters>);
 
 #[async_trait]
 impl BackgroundService for Heartbeat {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut sweep = tokio::time::interval(Duration::from_millis(250));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut beat = tokio::time::interval(self.0.beat_every());
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tokio::time::sleep(self.0.beat_every()) => self.0.beat().await,
+                _ = shutdown.changed() => {
+                    self.0.close_leases().await;
+                    return;
+                }
+                _ = sweep.tick() => self.0.sweep(),
+                _ = beat.tick() => self.0.beat().await,
             }
         }
     }

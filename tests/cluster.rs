@@ -127,12 +127,18 @@ async fn concurrency_is_never_above_the_limit_across_instances() {
 async fn without_redis_local_mode_serves_and_refuse_mode_answers_503_until_it_is_back() {
     let redis = Redis::start();
     let up = MockUpstream::start("u").await.unwrap();
-    let local = Gateway::start(&config(&up.url(), &redis.url, "rpm: 1000", ""));
+    // Leases off: a lease taken before Redis stopped would serve the next request.
+    let local = Gateway::start(&config(
+        &up.url(),
+        &redis.url,
+        "rpm: 1000",
+        "  leases: false\n",
+    ));
     let strict = Gateway::start(&config(
         &up.url(),
         &redis.url,
         "rpm: 1000",
-        "  on_redis_error: refuse\n",
+        "  on_redis_error: refuse\n  leases: false\n",
     ));
     assert_eq!(status(&local, false).await, 200);
     assert_eq!(status(&strict, false).await, 200);
@@ -324,4 +330,81 @@ async fn requests_rejected_before_their_model_is_admitted_still_count_toward_req
     .await;
     assert!(limited, "requests for an unknown model were not counted");
     assert_eq!(up.hits(), 0);
+}
+
+/// Redis's count of script calls (`EVALSHA`) so far.
+fn script_calls(redis: &Redis) -> u64 {
+    redis
+        .cli(&["info", "commandstats"])
+        .lines()
+        .find(|l| l.starts_with("cmdstat_evalsha:"))
+        .and_then(|l| l.split("calls=").nth(1)?.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The key's request count in the current minute, in Redis.
+fn minute_count(redis: &Redis) -> String {
+    let name = redis.cli(&["--scan", "--pattern", "*:key:*:rpm"]);
+    redis.cli(&["hget", name.trim(), "c"]).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_large_limits_leases_spare_most_redis_calls_and_give_back_what_is_unused() {
+    let redis = Redis::start();
+    let up = MockUpstream::start("u").await.unwrap();
+    let text = config(
+        &up.url(),
+        &redis.url,
+        "rpm: 4800, concurrency: 3000",
+        "  expected_instances: 3\n",
+    );
+    let gws = [
+        Gateway::start(&text),
+        Gateway::start(&text),
+        Gateway::start(&text),
+    ];
+    away_from_a_minute_boundary().await;
+    let before = script_calls(&redis);
+    for i in 0..300 {
+        assert_eq!(status(&gws[i % 3], false).await, 200);
+    }
+    let calls = script_calls(&redis) - before;
+    eprintln!("300 requests, {calls} script calls");
+    assert!(calls < 100, "{calls} script calls for 300 requests");
+    // Once the leases close, Redis holds what was used, not what was leased.
+    let exact = eventually(Duration::from_secs(5), || minute_count(&redis) == "300").await;
+    assert!(exact, "the minute's count is {}", minute_count(&redis));
+    let released = eventually(Duration::from_secs(5), || redis.slots_held() == 0).await;
+    assert!(released, "{} slots still held", redis.slots_held());
+    assert_eq!(up.hits(), 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_never_let_a_limit_be_passed_and_fall_short_by_at_most_a_lease_per_instance() {
+    let redis = Redis::start();
+    let up = MockUpstream::start("u").await.unwrap();
+    // Leases of at most 480 / (16 x 3) = 10 requests.
+    let text = config(
+        &up.url(),
+        &redis.url,
+        "rpm: 480",
+        "  expected_instances: 3\n",
+    );
+    let gws = [
+        Gateway::start(&text),
+        Gateway::start(&text),
+        Gateway::start(&text),
+    ];
+    away_from_a_minute_boundary().await;
+    let mut admitted = 0;
+    for i in 0..600 {
+        match status(&gws[i % 3], false).await {
+            200 => admitted += 1,
+            429 => {}
+            s => panic!("status {s}"),
+        }
+    }
+    eprintln!("rpm 480 over 3 instances with leases: {admitted} admitted");
+    assert!((450..=480).contains(&admitted), "{admitted} admitted");
+    assert_eq!(up.hits(), admitted);
 }

@@ -141,6 +141,10 @@ pub struct ClusterSection {
     /// How long a concurrency slot outlives an instance that died holding it. Default 30s.
     #[serde(default = "default_slot_ttl")]
     pub slot_ttl: Seconds,
+    /// Whether instances take leases of room under large limits and budgets and spend
+    /// them in process (no Redis call for most requests). Default true.
+    #[serde(default = "default_leases")]
+    pub leases: bool,
 }
 
 impl Default for ClusterSection {
@@ -150,12 +154,17 @@ impl Default for ClusterSection {
             on_redis_error: Default::default(),
             expected_instances: default_instances(),
             slot_ttl: default_slot_ttl(),
+            leases: default_leases(),
         }
     }
 }
 
 fn default_instances() -> u64 {
     1
+}
+
+fn default_leases() -> bool {
+    true
 }
 
 fn default_slot_ttl() -> Seconds {

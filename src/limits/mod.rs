@@ -10,6 +10,7 @@
 mod backend;
 mod client_ip;
 mod headers;
+mod lease;
 mod local;
 mod scripts;
 mod shared;
@@ -18,7 +19,7 @@ pub use backend::CounterBackend;
 pub use client_ip::{client_ip, Cidr};
 pub use headers::{openai_duration, KeyHeaders, Room};
 pub use local::LocalCounters;
-pub use shared::{OnRedisError, RedisCounters};
+pub use shared::{OnRedisError, RedisCounters, SharedOptions};
 
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -323,6 +324,7 @@ impl Drop for Admission {
             let ends = |c: &Charge| {
                 matches!(c.dimension, Dimension::Concurrency | Dimension::Spend)
                     || c.settled.is_some()
+                    || c.mark & LEASED != 0
             };
             if self.held.iter().any(ends) {
                 backend.finish(&self.held);
@@ -442,6 +444,10 @@ pub const MAX_COUNT: u64 = 1 << 40;
 /// A charge's mark with this bit set: a shared backend could not be reached and counted
 /// it in this process.
 pub(crate) const COUNTED_HERE: u64 = 1 << 63;
+
+/// A charge's mark with this bit set: a shared backend took it from a lease this process
+/// holds (`cluster.leases`), and hears of its end whatever it counts.
+pub(crate) const LEASED: u64 = 1 << 62;
 
 /// The largest budget figure a shared counter holds, micro-USD (2^53, where Lua's numbers
 /// stop being exact integers; about $9 billion).

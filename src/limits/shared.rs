@@ -21,7 +21,9 @@
 //! again without a round trip until the window frees room.
 
 use super::backend::CounterBackend;
+use super::lease::{counter, Counter, Grant, Leases, Return, LEASED};
 use super::local::LocalCounters;
+use super::scripts::{argument, counter_name, key_name, window_ms, Field};
 use super::{Charge, Dimension, Refusal, Room, Scope};
 use crate::store::cluster::{SharedRedis, CALL_TIMEOUT};
 use async_trait::async_trait;
@@ -92,83 +94,27 @@ pub struct RedisCounters {
     seen: Mutex<HashMap<Counter, u64>>,
     next_slot: AtomicU64,
     last_warning: AtomicU64,
+    leases: Leases,
 }
 
-/// A counter, by what names it: its Redis key is written only for a call to Redis.
-type Counter = (Scope, u64, Dimension);
-
-fn counter(c: &Charge) -> Counter {
-    (c.scope, c.key, c.dimension)
-}
-
-fn key_name(c: &Charge) -> String {
-    counter_name(c.scope, c.key, c.dimension)
-}
-
-/// The Redis key of one counter: `tollgate:{tollgate-limits}:SCOPE:KEY:DIMENSION`, the
-/// key as 16 hex digits. Written by hand: a request names up to ten counters, and
-/// `format!` cost a thousand instructions each.
-fn counter_name(scope: Scope, key: u64, dimension: Dimension) -> String {
-    const PREFIX: &str = "tollgate:{tollgate-limits}:";
-    let dim = match dimension {
-        Dimension::Rps => "rps",
-        Dimension::Rpm => "rpm",
-        Dimension::Tpm => "tpm",
-        Dimension::Concurrency => "slots",
-        Dimension::Spend => "spend",
-    };
-    let mut name = String::with_capacity(PREFIX.len() + 6 + 1 + 16 + 1 + 5);
-    name.push_str(PREFIX);
-    name.push_str(scope.as_str());
-    name.push(':');
-    crate::spec::text::push_hex(&mut name, key, 16);
-    name.push(':');
-    name.push_str(dim);
-    name
-}
-
-/// One script argument: a charge's fields split by spaces, numbers in decimal, `-` for none
-/// (the scripts' `ARGV` layout).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Field {
-    Word(&'static str),
-    Number(u64),
-    Signed(i128),
-    None,
-}
-
-fn argument(fields: &[Field]) -> String {
-    use crate::spec::text::{push_i128, push_u64};
-    let mut out = String::with_capacity(fields.len() * 8);
-    for (i, f) in fields.iter().enumerate() {
-        if i > 0 {
-            out.push(' ');
-        }
-        match *f {
-            Field::Word(w) => out.push_str(w),
-            Field::Number(n) => push_u64(&mut out, n),
-            Field::Signed(n) => push_i128(&mut out, n),
-            Field::None => out.push('-'),
-        }
-    }
-    out
-}
-
-fn window_ms(d: Dimension) -> u64 {
-    match d {
-        Dimension::Rps => 1_000,
-        _ => 60_000,
-    }
+/// The options of [`RedisCounters::new`] (the `cluster` section).
+pub struct SharedOptions {
+    pub on_error: OnRedisError,
+    pub instances: u64,
+    pub slot_ttl: Duration,
+    /// `cluster.leases`.
+    pub leases: bool,
 }
 
 impl RedisCounters {
     /// Nothing connects until the first request.
-    pub fn new(
-        url: &str,
-        on_error: OnRedisError,
-        instances: u64,
-        slot_ttl: Duration,
-    ) -> Result<Self, String> {
+    pub fn new(url: &str, options: SharedOptions) -> Result<Self, String> {
+        let SharedOptions {
+            on_error,
+            instances,
+            slot_ttl,
+            leases,
+        } = options;
         let redis = std::sync::Arc::new(SharedRedis::open(url)?);
         let seed = crate::clock::Clock::now_ms(&crate::clock::SystemClock) as u64
             ^ (u64::from(std::process::id()) << 32);
@@ -184,8 +130,9 @@ impl RedisCounters {
             held: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
-            next_slot: AtomicU64::new(seed & !LOCAL),
+            next_slot: AtomicU64::new(seed & !(LOCAL | LEASED)),
             last_warning: AtomicU64::new(0),
+            leases: Leases::new(leases, instances),
         })
     }
 
@@ -259,17 +206,22 @@ impl RedisCounters {
         Ok(())
     }
 
+    /// A fresh slot, reservation or lease id.
+    fn next_id(&self) -> u64 {
+        self.next_slot.fetch_add(1, Ordering::Relaxed) & !(LOCAL | LEASED)
+    }
+
     /// The keys and arguments of a RESERVE call for `charges`, giving each slot and budget
-    /// reservation its id.
-    fn reserve_call(&self, charges: &mut [Charge]) -> (Vec<String>, Vec<String>) {
+    /// reservation its id; `wants`: the lease to ask for with each (none when empty).
+    fn reserve_call(&self, charges: &mut [Charge], wants: &[u64]) -> (Vec<String>, Vec<String>) {
         let slot_ttl = self.slot_ttl.as_millis() as u64;
         let mut keys = Vec::with_capacity(charges.len());
         let mut args = Vec::with_capacity(charges.len());
-        for c in charges.iter_mut() {
-            keys.push(key_name(c));
+        for (i, c) in charges.iter_mut().enumerate() {
+            keys.push(key_name(counter(c)));
             let (kind, span, id) = match c.dimension {
                 Dimension::Concurrency | Dimension::Spend => {
-                    let id = self.next_slot.fetch_add(1, Ordering::Relaxed) & !LOCAL;
+                    let id = self.next_id();
                     c.mark = id;
                     let kind = if c.dimension == Dimension::Spend {
                         "s"
@@ -292,13 +244,14 @@ impl RedisCounters {
                 Field::Number(span),
                 Field::Number(id),
                 Field::Number(c.base.min(cap)),
+                Field::Number(wants.get(i).copied().unwrap_or(0)),
             ]));
         }
         (keys, args)
     }
 
-    /// Spawns one FINISH call (nothing waits for it) with `items`: a key and its four
-    /// arguments each.
+    /// Spawns one FINISH call (nothing waits for it) with `items`: a key and its
+    /// argument each.
     fn finish_later(&self, items: Vec<(String, String)>) {
         if items.is_empty() {
             return;
@@ -323,52 +276,136 @@ impl RedisCounters {
 
     /// The FINISH items of `charges`: each slot and budget reservation given back, and
     /// each settled amount counted in place of its estimate (`undo`: every rate taken back
-    /// whole, and no cost charged).
+    /// whole, and no cost charged). Charges taken from a lease go to the lease, and only
+    /// what it gives back (if anything) becomes an item.
     fn finish_items(&self, charges: &[Charge], undo: bool) -> Vec<(String, String)> {
+        let mut back = Vec::new();
         let mut items = Vec::new();
-        let mut held = Self::lock(&self.held);
-        for c in charges.iter().filter(|c| c.mark & LOCAL == 0) {
-            let cap = |n: u64| i128::from(n.min(super::MAX_COUNT));
-            let args = match c.dimension {
-                Dimension::Concurrency => {
-                    held.remove(&c.mark);
-                    [
-                        Field::Word("c"),
-                        Field::Number(c.mark),
-                        Field::None,
-                        Field::None,
-                    ]
+        {
+            let mut held = Self::lock(&self.held);
+            for c in charges.iter().filter(|c| c.mark & LOCAL == 0) {
+                if c.mark & LEASED != 0 {
+                    self.leases.finish(c, undo, &mut back);
+                    continue;
                 }
-                Dimension::Spend => {
-                    held.remove(&c.mark);
-                    let cost = c.settled.filter(|_| !undo).map(|v| v.min(super::MAX_SPEND));
-                    [
-                        Field::Word("s"),
-                        Field::Number(c.mark),
-                        cost.map_or(Field::None, Field::Number),
-                        Field::Number(c.base),
-                    ]
-                }
-                _ => {
-                    let delta = match (undo, c.settled) {
-                        (true, _) => -cap(c.amount),
-                        (false, Some(actual)) => cap(actual) - cap(c.amount),
-                        (false, None) => 0,
-                    };
-                    if delta == 0 {
-                        continue;
+                let item = match c.dimension {
+                    Dimension::Concurrency | Dimension::Spend => {
+                        held.remove(&c.mark);
+                        let cost = (c.dimension == Dimension::Spend && !undo)
+                            .then_some(c.settled)
+                            .flatten();
+                        Return::Held {
+                            counter: counter(c),
+                            id: c.mark,
+                            amount: 0,
+                            cost,
+                            base: c.base,
+                            last: true,
+                        }
                     }
-                    [
+                    _ => {
+                        let cap = |n: u64| i128::from(n.min(super::MAX_COUNT));
+                        let delta = match (undo, c.settled) {
+                            (true, _) => -cap(c.amount),
+                            (false, Some(actual)) => cap(actual) - cap(c.amount),
+                            (false, None) => 0,
+                        };
+                        if delta == 0 {
+                            continue;
+                        }
+                        Return::Rate {
+                            counter: counter(c),
+                            window: c.mark,
+                            delta,
+                        }
+                    }
+                };
+                items.push(item);
+            }
+        }
+        items.extend(back);
+        self.items(items)
+    }
+
+    /// FINISH items, in the script's layout; a reservation given back for the last time
+    /// is no longer kept alive by the heartbeat.
+    fn items(&self, returns: Vec<Return>) -> Vec<(String, String)> {
+        if returns.is_empty() {
+            return Vec::new();
+        }
+        let mut held = Self::lock(&self.held);
+        returns
+            .into_iter()
+            .map(|r| match r {
+                Return::Rate {
+                    counter,
+                    window,
+                    delta,
+                } => {
+                    let args = [
                         Field::Word("t"),
-                        Field::Number(c.mark),
+                        Field::Number(window),
                         Field::Signed(delta),
                         Field::None,
-                    ]
+                        Field::None,
+                    ];
+                    (key_name(counter), argument(&args))
                 }
-            };
-            items.push((key_name(c), argument(&args)));
+                Return::Held {
+                    counter,
+                    id,
+                    amount,
+                    cost,
+                    base,
+                    last,
+                } => {
+                    if last {
+                        held.remove(&id);
+                    }
+                    let cost = cost.map(|v| v.min(super::MAX_SPEND));
+                    let args = [
+                        Field::Word("h"),
+                        Field::Number(id),
+                        Field::Number(amount),
+                        cost.map_or(Field::None, Field::Number),
+                        Field::Number(base),
+                    ];
+                    (key_name(counter), argument(&args))
+                }
+            })
+            .collect()
+    }
+
+    /// Sends what leases give back, in one call nothing waits for.
+    fn give_back(&self, back: Vec<Return>) {
+        let items = self.items(back);
+        self.finish_later(items);
+    }
+
+    /// Closes the leases past their time (run a few times a second).
+    pub fn sweep(&self) {
+        let mut back = Vec::new();
+        self.leases.sweep(crate::clock::monotonic_ms(), &mut back);
+        self.give_back(back);
+    }
+
+    /// Gives back every open lease's unused units (the instance stops), waiting for the
+    /// call.
+    pub async fn close_leases(&self) {
+        let mut back = Vec::new();
+        self.leases.close_all(&mut back);
+        let items = self.items(back);
+        if items.is_empty() {
+            return;
         }
-        items
+        let mut inv = self.finish.prepare_invoke();
+        for (key, arg) in &items {
+            inv.key(key);
+            inv.arg(arg);
+        }
+        if let Err(e) = self.run::<()>(&mut inv).await {
+            late_call_failed(&format!("the unused units of leases ({e})"));
+        }
     }
 
     /// Pushes the expiry of every slot held by this process forward (run every third of
@@ -398,13 +435,15 @@ impl RedisCounters {
     }
 }
 
-#[async_trait]
-impl CounterBackend for RedisCounters {
-    async fn reserve(&self, charges: &mut [Charge]) -> Result<(), Refusal> {
-        if let Some(r) = self.known_refusal(charges) {
-            return Err(r);
-        }
-        let (keys, args) = self.reserve_call(charges);
+impl RedisCounters {
+    /// Checks and counts `charges` in Redis, asking for the leases in `wants`.
+    async fn counted(
+        &self,
+        charges: &mut [Charge],
+        wants: &[u64],
+        now: u64,
+    ) -> Result<(), Refusal> {
+        let (keys, args) = self.reserve_call(charges, wants);
         let mut inv = self.reserve.prepare_invoke();
         for k in &keys {
             inv.key(k);
@@ -416,30 +455,7 @@ impl CounterBackend for RedisCounters {
             Ok(out) => {
                 let failed = out.first().copied().unwrap_or(0) as usize;
                 if failed == 0 {
-                    let n = charges.len();
-                    let mut held = Self::lock(&self.held);
-                    let mut seen = Self::lock(&self.seen);
-                    for (i, c) in charges.iter_mut().enumerate() {
-                        let figure = out.get(n + i + 1).copied().unwrap_or(0);
-                        match c.dimension {
-                            Dimension::Concurrency => {
-                                held.insert(c.mark, counter(c));
-                            }
-                            Dimension::Spend => {
-                                held.insert(c.mark, counter(c));
-                                // What the budget had spent, for this instance's figures.
-                                c.base = figure;
-                            }
-                            _ => {
-                                c.mark = out.get(i + 1).copied().unwrap_or(0);
-                                // Only the key scope's figures go in headers; keeping others
-                                // (one per client IP) would only grow the map.
-                                if c.scope == Scope::Key {
-                                    seen.insert(counter(c), figure);
-                                }
-                            }
-                        }
-                    }
+                    self.note_counted(charges, &out, now);
                     return Ok(());
                 }
                 let c = charges.get(failed - 1).copied().unwrap_or(charges[0]);
@@ -479,6 +495,101 @@ impl CounterBackend for RedisCounters {
         }
     }
 
+    /// Notes what a RESERVE call counted: each charge's mark, the shared figures, the
+    /// slots and reservations to keep alive, and the leases granted.
+    fn note_counted(&self, charges: &mut [Charge], out: &[u64], now: u64) {
+        let n = charges.len();
+        let at = |i: usize| out.get(i).copied().unwrap_or(0);
+        let mut back = Vec::new();
+        {
+            let mut held = Self::lock(&self.held);
+            let mut seen = Self::lock(&self.seen);
+            for (i, c) in charges.iter_mut().enumerate() {
+                let (figure, extra) = (at(n + i + 1), at(2 * n + i + 1));
+                let id = match c.dimension {
+                    Dimension::Concurrency | Dimension::Spend => {
+                        held.insert(c.mark, counter(c));
+                        if c.dimension == Dimension::Spend {
+                            // What the budget had spent, for this instance's figures.
+                            c.base = figure;
+                        }
+                        c.mark
+                    }
+                    _ => {
+                        c.mark = at(i + 1);
+                        // Only the key scope's figures go in headers; keeping others
+                        // (one per client IP) would only grow the map.
+                        if c.scope == Scope::Key {
+                            seen.insert(counter(c), figure.saturating_sub(extra));
+                        }
+                        if extra > 0 {
+                            self.next_id()
+                        } else {
+                            0
+                        }
+                    }
+                };
+                if extra > 0 {
+                    let grant = Grant {
+                        extra,
+                        id,
+                        window: at(i + 1),
+                        left_ms: at(3 * n + i + 1),
+                        figure,
+                    };
+                    self.leases.grant(c, &grant, now, &mut back);
+                }
+            }
+        }
+        self.give_back(back);
+    }
+}
+
+#[async_trait]
+impl CounterBackend for RedisCounters {
+    async fn reserve(&self, charges: &mut [Charge]) -> Result<(), Refusal> {
+        if let Some(r) = self.known_refusal(charges) {
+            return Err(r);
+        }
+        let now = crate::clock::monotonic_ms();
+        let (mut wants, mut back) = (Vec::new(), Vec::new());
+        let taken = self.leases.take(charges, now, &mut wants, &mut back);
+        self.give_back(back);
+        if taken == 0 {
+            return self.counted(charges, &wants, now).await;
+        }
+        let all = u64::MAX >> 64u32.saturating_sub(charges.len() as u32);
+        if taken == all {
+            return Ok(());
+        }
+        // Those the leases could not take make one call.
+        let mine = |i: usize| i < 64 && taken & (1 << i) != 0;
+        let (mut rest, mut rest_wants) = (Vec::new(), Vec::new());
+        for (i, c) in charges.iter().enumerate().filter(|(i, _)| !mine(*i)) {
+            rest.push(*c);
+            rest_wants.push(wants[i]);
+        }
+        match self.counted(&mut rest, &rest_wants, now).await {
+            Ok(()) => {
+                let mut counted = rest.into_iter();
+                for (i, c) in charges.iter_mut().enumerate() {
+                    if !mine(i) {
+                        if let Some(r) = counted.next() {
+                            *c = r;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Err(r) => {
+                let mut back = Vec::new();
+                self.leases.untake(charges, taken, &mut back);
+                self.give_back(back);
+                Err(r)
+            }
+        }
+    }
+
     fn finish(&self, charges: &[Charge]) {
         let local: Vec<Charge> = charges
             .iter()
@@ -494,22 +605,22 @@ impl CounterBackend for RedisCounters {
         let mut items = self.finish_items(charges, false);
         // Spend counted in this process while Redis could not be reached still goes to the
         // shared counter (no reservation to drop), so that it holds every instance's spend.
-        items.extend(
-            local
-                .iter()
-                .filter(|c| c.dimension == Dimension::Spend)
-                .filter_map(|c| {
-                    let cost = c.settled?.min(super::MAX_SPEND);
-                    // An id no reservation has (ids never set the top bit).
-                    let args = [
-                        Field::Word("s"),
-                        Field::Number(LOCAL),
-                        Field::Number(cost),
-                        Field::Number(c.base),
-                    ];
-                    Some((key_name(c), argument(&args)))
-                }),
-        );
+        let spent_here = local
+            .iter()
+            .filter(|c| c.dimension == Dimension::Spend)
+            .filter_map(|c| {
+                // An id no reservation has (ids never set the top bit).
+                Some(Return::Held {
+                    counter: counter(c),
+                    id: LOCAL,
+                    amount: 0,
+                    cost: Some(c.settled?),
+                    base: c.base,
+                    last: false,
+                })
+            })
+            .collect();
+        items.extend(self.items(spent_here));
         self.finish_later(items);
     }
 
@@ -533,10 +644,29 @@ impl CounterBackend for RedisCounters {
     fn count_later(&self, mut charges: Vec<Charge>) {
         // Request rates only (stage one has no slot): nothing to give back later.
         charges.retain(|c| matches!(c.dimension, Dimension::Rps | Dimension::Rpm));
+        // What leases can take is counted there at once, and ends at once.
+        let (mut wants, mut back) = (Vec::new(), Vec::new());
+        let taken = self.leases.take(
+            &mut charges,
+            crate::clock::monotonic_ms(),
+            &mut wants,
+            &mut back,
+        );
+        for (i, c) in charges.iter().enumerate() {
+            if i < 64 && taken & (1 << i) != 0 {
+                self.leases.finish(c, false, &mut back);
+            }
+        }
+        self.give_back(back);
+        let mut i = 0;
+        charges.retain(|_| {
+            i += 1;
+            i > 64 || taken & (1 << (i - 1)) == 0
+        });
         if charges.is_empty() {
             return;
         }
-        let (keys, args) = self.reserve_call(&mut charges);
+        let (keys, args) = self.reserve_call(&mut charges, &[]);
         let script = self.reserve.clone();
         // Connecting if need be: the request that ends here may be this instance's first.
         let redis = std::sync::Arc::clone(&self.redis);
@@ -592,43 +722,5 @@ impl CounterBackend for RedisCounters {
             remaining: limit.saturating_sub(count),
             reset: Duration::from_millis(span - wall % span),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counter_names_are_the_documented_keys() {
-        for (scope, key, dimension, dim) in [
-            (Scope::Key, 0xab, Dimension::Rpm, "rpm"),
-            (Scope::Ip, u64::MAX, Dimension::Concurrency, "slots"),
-            (
-                Scope::Team,
-                0x0123_4567_89ab_cdef,
-                Dimension::Spend,
-                "spend",
-            ),
-        ] {
-            assert_eq!(
-                counter_name(scope, key, dimension),
-                format!(
-                    "tollgate:{{tollgate-limits}}:{}:{key:016x}:{dim}",
-                    scope.as_str()
-                )
-            );
-        }
-    }
-
-    #[test]
-    fn arguments_are_fields_split_by_spaces() {
-        let fields = [
-            Field::Word("s"),
-            Field::Number(42),
-            Field::Signed(-7),
-            Field::None,
-        ];
-        assert_eq!(argument(&fields), "s 42 -7 -");
     }
 }

@@ -407,12 +407,18 @@ impl Redis {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Concurrency slots held in this server now (members of the `*:slots` sets).
+    /// Concurrency slots held in this server now (the amounts of the `r:ID` reservations
+    /// of the `*:inflight` hashes, leases included).
     #[allow(dead_code)]
     pub fn slots_held(&self) -> usize {
-        self.cli(&["--scan", "--pattern", "*:slots"])
+        self.cli(&["--scan", "--pattern", "*:inflight"])
             .lines()
-            .map(|k| self.cli(&["zcard", k]).trim().parse::<usize>().unwrap_or(0))
+            .flat_map(|k| {
+                self.cli(&["hvals", k])
+                    .lines()
+                    .filter_map(|v| v.split(':').next()?.parse::<usize>().ok())
+                    .collect::<Vec<_>>()
+            })
             .sum()
     }
 
