@@ -3,7 +3,7 @@
 //! for, and its slots and reservations kept alive by a heartbeat; and the keys and
 //! arguments they are called with.
 
-use super::lease::Counter;
+use super::lease::{Counter, Return};
 use super::{Dimension, Scope};
 
 /// Checks every charge, then counts all of them or none. ARGV: one per charge, seven fields
@@ -246,6 +246,44 @@ pub(super) fn window_ms(d: Dimension) -> u64 {
     match d {
         Dimension::Rps => 1_000,
         _ => 60_000,
+    }
+}
+
+/// One FINISH item (a key and its argument) of what a request or a lease gives back.
+pub(super) fn finish_item(r: &Return) -> (String, String) {
+    match *r {
+        Return::Rate {
+            counter,
+            window,
+            delta,
+        } => {
+            let args = [
+                Field::Word("t"),
+                Field::Number(window),
+                Field::Signed(delta),
+                Field::None,
+                Field::None,
+            ];
+            (key_name(counter), argument(&args))
+        }
+        Return::Held {
+            counter,
+            id,
+            amount,
+            cost,
+            base,
+            ..
+        } => {
+            let cost = cost.map(|v| v.min(super::MAX_SPEND));
+            let args = [
+                Field::Word("h"),
+                Field::Number(id),
+                Field::Number(amount),
+                cost.map_or(Field::None, Field::Number),
+                Field::Number(base),
+            ];
+            (key_name(counter), argument(&args))
+        }
     }
 }
 

@@ -23,7 +23,7 @@
 use super::backend::CounterBackend;
 use super::lease::{counter, Counter, Grant, Leases, Return, LEASED};
 use super::local::LocalCounters;
-use super::scripts::{argument, counter_name, key_name, window_ms, Field};
+use super::scripts::{argument, counter_name, finish_item, key_name, window_ms, Field};
 use super::{Charge, Dimension, Refusal, Room, Scope};
 use crate::store::cluster::{SharedRedis, CALL_TIMEOUT};
 use async_trait::async_trait;
@@ -334,46 +334,12 @@ impl RedisCounters {
             return Vec::new();
         }
         let mut held = Self::lock(&self.held);
-        returns
-            .into_iter()
-            .map(|r| match r {
-                Return::Rate {
-                    counter,
-                    window,
-                    delta,
-                } => {
-                    let args = [
-                        Field::Word("t"),
-                        Field::Number(window),
-                        Field::Signed(delta),
-                        Field::None,
-                        Field::None,
-                    ];
-                    (key_name(counter), argument(&args))
-                }
-                Return::Held {
-                    counter,
-                    id,
-                    amount,
-                    cost,
-                    base,
-                    last,
-                } => {
-                    if last {
-                        held.remove(&id);
-                    }
-                    let cost = cost.map(|v| v.min(super::MAX_SPEND));
-                    let args = [
-                        Field::Word("h"),
-                        Field::Number(id),
-                        Field::Number(amount),
-                        cost.map_or(Field::None, Field::Number),
-                        Field::Number(base),
-                    ];
-                    (key_name(counter), argument(&args))
-                }
-            })
-            .collect()
+        for r in &returns {
+            if let Return::Held { id, last: true, .. } = r {
+                held.remove(id);
+            }
+        }
+        returns.iter().map(finish_item).collect()
     }
 
     /// Sends what leases give back, in one call nothing waits for.
