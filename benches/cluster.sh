@@ -63,7 +63,7 @@ for _ in $(seq $N); do
   curl -s -o /dev/null -w '%{http_code}\n' -H "Authorization: Bearer $KEY" -H 'content-type: application/json' \
     -d @"$work/body.json" "$(url $SHARED)"
 done | sort | uniq -c | awk '$2 != 200 {print "unexpected status: " $0; bad=1} END {exit bad}'
-sleep 1  # the calls made when requests end are not waited for
+sleep 2  # the calls made when requests and leases end are not waited for
 after=$(calls); after_scripts=$(calls evalsha)
 # Less the INFO calls of this measurement itself.
 per_request=$(awk -v a="$before" -v b="$after" -v n="$N" 'BEGIN {printf "%.2f", (b - a - 2) / n}')
