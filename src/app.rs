@@ -409,6 +409,7 @@ impl BackgroundService for Heartbeat {
                     return;
                 }
                 _ = sweep.tick() => self.0.sweep(),
+                _ = self.0.ahead_ready.notified() => self.0.renew().await,
                 _ = beat.tick() => self.0.beat().await,
             }
         }

@@ -38,6 +38,11 @@ pub(super) const LIFE_MS: u64 = 1_000;
 /// clock (the call's latency, and units used late would count in the next window).
 const WINDOW_MARGIN_MS: u64 = 100;
 
+/// A lease is renewed ahead (in the background, no request waiting) once this much of it
+/// is used, in quarters, or this close to its end.
+const RENEW_AT_QUARTERS: u64 = 3;
+const RENEW_BEFORE_MS: u64 = 250;
+
 /// A book of leases is forgotten when it has held none for this long.
 const IDLE_MS: u64 = 10_000;
 
@@ -60,6 +65,8 @@ struct Lease {
     /// Monotonic ms after which it takes no admissions.
     until: u64,
     open: bool,
+    /// Its successor was asked for ahead.
+    renewing: bool,
     /// A budget: the spend Redis reported when it was granted, and the base of its counter.
     figure: u64,
     base: u64,
@@ -111,6 +118,8 @@ pub(super) struct Grant {
     pub left_ms: u64,
     /// A budget's spend before the request.
     pub figure: u64,
+    /// Asked for ahead, with no request: the lease starts unused.
+    pub ahead: bool,
 }
 
 /// Every lease this instance holds.
@@ -151,13 +160,15 @@ impl Leases {
     /// Takes each charge from its counter's open lease where that has room, marking it
     /// with the lease. Returns which were taken (bit i: charge i) and, in `wants`, the
     /// lease to ask for each of the others. Leases found expired or full are closed, their
-    /// returns added to `out`.
+    /// returns added to `out`; leases nearly used up or near their end are to be renewed
+    /// ahead: `ahead` gets a charge of nothing and the lease to ask for, for each.
     pub fn take(
         &self,
         charges: &mut [Charge],
         now: u64,
         wants: &mut Vec<u64>,
         out: &mut Vec<Return>,
+        ahead: &mut Vec<(Charge, u64)>,
     ) -> u64 {
         wants.clear();
         if self.instances == 0 {
@@ -179,6 +190,23 @@ impl Leases {
                         c.mark = LEASED | l.id;
                         if c.dimension == Dimension::Spend {
                             c.base = l.figure.saturating_add(l.settled);
+                        }
+                        let late = l.until.saturating_sub(now) <= RENEW_BEFORE_MS;
+                        let used = l.held().saturating_mul(4)
+                            >= l.granted.saturating_mul(RENEW_AT_QUARTERS);
+                        if !l.renewing && (late || used) {
+                            l.renewing = true;
+                            let demand = if used { l.granted } else { l.peak };
+                            let next = Charge {
+                                amount: 0,
+                                mark: 0,
+                                settled: None,
+                                ..*c
+                            };
+                            let want = self.want(c, demand);
+                            if want > 0 {
+                                ahead.push((next, want));
+                            }
                         }
                         taken |= 1 << i;
                         wants.push(0);
@@ -223,20 +251,25 @@ impl Leases {
             until = until.min(now + g.left_ms.saturating_sub(WINDOW_MARGIN_MS));
         }
         book.touched = now;
+        // A lease asked for ahead holds no request yet.
+        let inflight = u64::from(!g.ahead);
         book.leases.push(Lease {
             id: g.id,
             window: g.window,
             granted: c.amount.saturating_add(g.extra),
             used: c.amount,
             settled: 0,
-            inflight: 1,
+            inflight,
             peak: c.amount,
             until,
             open: true,
+            renewing: false,
             figure: g.figure,
             base: c.base,
         });
-        c.mark = LEASED | g.id;
+        if !g.ahead {
+            c.mark = LEASED | g.id;
+        }
     }
 
     /// A request admitted from a lease ended (`undo`: it was refused at a later stage and
@@ -384,6 +417,7 @@ mod tests {
             window: 9,
             left_ms: 30_000,
             figure: 0,
+            ahead: false,
         };
         leases.grant(c, &g, now, &mut out);
         out
@@ -409,22 +443,28 @@ mod tests {
         let mut first = rpm(1_000);
         assert!(granted(&leases, &mut first, 4, 0).is_empty());
         assert_eq!(first.mark, LEASED | 42);
-        let (mut wants, mut out) = (Vec::new(), Vec::new());
+        let (mut wants, mut out, mut ahead) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..4 {
             let mut c = [rpm(1_000)];
-            assert_eq!(leases.take(&mut c, 10, &mut wants, &mut out), 1);
+            assert_eq!(leases.take(&mut c, 10, &mut wants, &mut out, &mut ahead), 1);
             assert_eq!(c[0].mark, LEASED | 42);
         }
+        // Three quarters used: its successor was asked for ahead, once, at twice its size.
+        assert_eq!(ahead.len(), 1);
+        assert_eq!((ahead[0].0.amount, ahead[0].1), (0, 9));
         // Spent: closed, and the next lease is asked for at twice its demand.
         let mut c = [rpm(1_000)];
-        assert_eq!(leases.take(&mut c, 10, &mut wants, &mut out), 0);
+        assert_eq!(leases.take(&mut c, 10, &mut wants, &mut out, &mut ahead), 0);
         assert_eq!(wants, [9]);
         assert!(out.is_empty(), "a spent lease has nothing to give back");
         // A lease past its time gives back what it did not use.
         let mut second = rpm(1_000);
         granted(&leases, &mut second, 9, 20);
         let mut c = [rpm(1_000)];
-        assert_eq!(leases.take(&mut c, 20 + LIFE_MS, &mut wants, &mut out), 0);
+        assert_eq!(
+            leases.take(&mut c, 20 + LIFE_MS, &mut wants, &mut out, &mut ahead),
+            0
+        );
         assert_eq!(
             out,
             [Return::Rate {
@@ -480,15 +520,19 @@ mod tests {
                 window: 0,
                 left_ms: 0,
                 figure: 500,
+                ahead: false,
             },
             0,
             &mut out,
         );
         // A second request takes 40 more; the first ends costing 25.
-        let mut wants = Vec::new();
+        let (mut wants, mut ahead) = (Vec::new(), Vec::new());
         let mut second = [Charge { ..c }];
         second[0].mark = 0;
-        assert_eq!(leases.take(&mut second, 1, &mut wants, &mut out), 1);
+        assert_eq!(
+            leases.take(&mut second, 1, &mut wants, &mut out, &mut ahead),
+            1
+        );
         assert_eq!(second[0].base, 500);
         c.settled = Some(25);
         leases.finish(&c, false, &mut out);
@@ -528,12 +572,15 @@ mod tests {
         let leases = Leases::new(true, 1);
         let mut first = Charge::new(Scope::Key, 1, Dimension::Concurrency, 1_000, 1);
         granted(&leases, &mut first, 1, 0);
-        let (mut wants, mut out) = (Vec::new(), Vec::new());
+        let (mut wants, mut out, mut ahead) = (Vec::new(), Vec::new(), Vec::new());
         let mut c = [Charge { mark: 0, ..first }];
-        assert_eq!(leases.take(&mut c, 1, &mut wants, &mut out), 1);
+        assert_eq!(leases.take(&mut c, 1, &mut wants, &mut out, &mut ahead), 1);
         leases.untake(&c, 1, &mut out);
         let mut again = [Charge { mark: 0, ..first }];
-        assert_eq!(leases.take(&mut again, 1, &mut wants, &mut out), 1);
+        assert_eq!(
+            leases.take(&mut again, 1, &mut wants, &mut out, &mut ahead),
+            1
+        );
         assert!(out.is_empty());
     }
 }

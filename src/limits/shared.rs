@@ -25,6 +25,8 @@ use super::lease::{counter, Counter, Grant, Leases, Return, LEASED};
 use super::local::LocalCounters;
 use super::scripts::{argument, counter_name, finish_item, key_name, window_ms, Field};
 use super::{Charge, Dimension, Refusal, Room, Scope};
+
+mod leasing;
 use crate::store::cluster::{SharedRedis, CALL_TIMEOUT};
 use async_trait::async_trait;
 use std::collections::HashMap;
@@ -95,6 +97,10 @@ pub struct RedisCounters {
     next_slot: AtomicU64,
     last_warning: AtomicU64,
     leases: Leases,
+    /// Leases to renew ahead (a charge of nothing and the lease to ask for), and the
+    /// wake-up of the task that asks for them.
+    ahead: Mutex<Vec<(Charge, u64)>>,
+    pub(crate) ahead_ready: tokio::sync::Notify,
 }
 
 /// The options of [`RedisCounters::new`] (the `cluster` section).
@@ -133,6 +139,8 @@ impl RedisCounters {
             next_slot: AtomicU64::new(seed & !(LOCAL | LEASED)),
             last_warning: AtomicU64::new(0),
             leases: Leases::new(leases, instances),
+            ahead: Mutex::new(Vec::new()),
+            ahead_ready: tokio::sync::Notify::new(),
         })
     }
 
@@ -342,38 +350,6 @@ impl RedisCounters {
         returns.iter().map(finish_item).collect()
     }
 
-    /// Sends what leases give back, in one call nothing waits for.
-    fn give_back(&self, back: Vec<Return>) {
-        let items = self.items(back);
-        self.finish_later(items);
-    }
-
-    /// Closes the leases past their time (run a few times a second).
-    pub fn sweep(&self) {
-        let mut back = Vec::new();
-        self.leases.sweep(crate::clock::monotonic_ms(), &mut back);
-        self.give_back(back);
-    }
-
-    /// Gives back every open lease's unused units (the instance stops), waiting for the
-    /// call.
-    pub async fn close_leases(&self) {
-        let mut back = Vec::new();
-        self.leases.close_all(&mut back);
-        let items = self.items(back);
-        if items.is_empty() {
-            return;
-        }
-        let mut inv = self.finish.prepare_invoke();
-        for (key, arg) in &items {
-            inv.key(key);
-            inv.arg(arg);
-        }
-        if let Err(e) = self.run::<()>(&mut inv).await {
-            late_call_failed(&format!("the unused units of leases ({e})"));
-        }
-    }
-
     /// Pushes the expiry of every slot held by this process forward (run every third of
     /// `slot_ttl`).
     pub async fn beat(&self) {
@@ -421,7 +397,7 @@ impl RedisCounters {
             Ok(out) => {
                 let failed = out.first().copied().unwrap_or(0) as usize;
                 if failed == 0 {
-                    self.note_counted(charges, &out, now);
+                    self.note_counted(charges, &out, now, false);
                     return Ok(());
                 }
                 let c = charges.get(failed - 1).copied().unwrap_or(charges[0]);
@@ -463,7 +439,7 @@ impl RedisCounters {
 
     /// Notes what a RESERVE call counted: each charge's mark, the shared figures, the
     /// slots and reservations to keep alive, and the leases granted.
-    fn note_counted(&self, charges: &mut [Charge], out: &[u64], now: u64) {
+    fn note_counted(&self, charges: &mut [Charge], out: &[u64], now: u64, ahead: bool) {
         let n = charges.len();
         let at = |i: usize| out.get(i).copied().unwrap_or(0);
         let mut back = Vec::new();
@@ -502,8 +478,20 @@ impl RedisCounters {
                         window: at(i + 1),
                         left_ms: at(3 * n + i + 1),
                         figure,
+                        ahead,
                     };
                     self.leases.grant(c, &grant, now, &mut back);
+                } else if ahead && matches!(c.dimension, Dimension::Concurrency | Dimension::Spend)
+                {
+                    // Nothing granted: the empty reservation goes.
+                    back.push(Return::Held {
+                        counter: counter(c),
+                        id,
+                        amount: 0,
+                        cost: None,
+                        base: c.base,
+                        last: true,
+                    });
                 }
             }
         }
@@ -518,9 +506,12 @@ impl CounterBackend for RedisCounters {
             return Err(r);
         }
         let now = crate::clock::monotonic_ms();
-        let (mut wants, mut back) = (Vec::new(), Vec::new());
-        let taken = self.leases.take(charges, now, &mut wants, &mut back);
+        let (mut wants, mut back, mut ahead) = (Vec::new(), Vec::new(), Vec::new());
+        let taken = self
+            .leases
+            .take(charges, now, &mut wants, &mut back, &mut ahead);
         self.give_back(back);
+        self.renew_later(ahead);
         if taken == 0 {
             return self.counted(charges, &wants, now).await;
         }
@@ -611,13 +602,12 @@ impl CounterBackend for RedisCounters {
         // Request rates only (stage one has no slot): nothing to give back later.
         charges.retain(|c| matches!(c.dimension, Dimension::Rps | Dimension::Rpm));
         // What leases can take is counted there at once, and ends at once.
-        let (mut wants, mut back) = (Vec::new(), Vec::new());
-        let taken = self.leases.take(
-            &mut charges,
-            crate::clock::monotonic_ms(),
-            &mut wants,
-            &mut back,
-        );
+        let (mut wants, mut back, mut ahead) = (Vec::new(), Vec::new(), Vec::new());
+        let now = crate::clock::monotonic_ms();
+        let taken = self
+            .leases
+            .take(&mut charges, now, &mut wants, &mut back, &mut ahead);
+        self.renew_later(ahead);
         for (i, c) in charges.iter().enumerate() {
             if i < 64 && taken & (1 << i) != 0 {
                 self.leases.finish(c, false, &mut back);
