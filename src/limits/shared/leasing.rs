@@ -2,7 +2,8 @@
 //! their time is up or the process stops, and renewing them ahead of need.
 
 use super::{late_call_failed, RedisCounters, Return};
-use crate::limits::Charge;
+use crate::limits::lease::counter;
+use crate::limits::{Charge, Dimension};
 
 impl RedisCounters {
     /// Sends what leases give back, in one call nothing waits for.
@@ -68,7 +69,25 @@ impl RedisCounters {
                 self.note_counted(&mut charges, &out, now, true);
             }
             Ok(_) => {}
-            Err(e) => self.unreachable(&e),
+            Err(e) => {
+                self.unreachable(&e);
+                // A call that timed out may still have run: its slot and budget
+                // reservations are given back (a rate's units, if any were counted, stay
+                // until their window ends: fewer admitted, never more).
+                let back = charges
+                    .iter()
+                    .filter(|c| matches!(c.dimension, Dimension::Concurrency | Dimension::Spend))
+                    .map(|c| Return::Held {
+                        counter: counter(c),
+                        id: c.mark,
+                        amount: 0,
+                        cost: None,
+                        base: c.base,
+                        last: true,
+                    })
+                    .collect();
+                self.give_back(back);
+            }
         }
     }
 }
