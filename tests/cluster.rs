@@ -28,6 +28,15 @@ fn config_pg(url: &str, redis: &str, limits: &str, pg: &Postgres) -> String {
     )
 }
 
+/// Three instances of one config.
+fn three(text: &str) -> [Gateway; 3] {
+    [
+        Gateway::start(text),
+        Gateway::start(text),
+        Gateway::start(text),
+    ]
+}
+
 async fn status(gw: &Gateway, stream: bool) -> u16 {
     let r = client()
         .post(gw.url("/v1/chat/completions"))
@@ -59,11 +68,7 @@ async fn an_rpm_limit_admits_exactly_the_limit_across_three_instances() {
     let pg = Postgres::start();
     let up = MockUpstream::start("u").await.unwrap();
     let text = config_pg(&up.url(), &redis.url, "rpm: 30", &pg);
-    let gws = [
-        Gateway::start(&text),
-        Gateway::start(&text),
-        Gateway::start(&text),
-    ];
+    let gws = three(&text);
     away_from_a_minute_boundary().await;
     let mut admitted = [0; 3];
     let mut refused = 0;
@@ -102,11 +107,7 @@ async fn concurrency_is_never_above_the_limit_across_instances() {
     });
     let pg = Postgres::start();
     let text = config_pg(&up.url(), &redis.url, "concurrency: 2", &pg);
-    let gws = [
-        Gateway::start(&text),
-        Gateway::start(&text),
-        Gateway::start(&text),
-    ];
+    let gws = three(&text);
     let statuses = futures_util::future::join_all((0..6).map(|i| status(&gws[i % 3], true))).await;
     let ok = statuses.iter().filter(|s| **s == 200).count();
     assert_eq!(ok, 2, "{statuses:?}");
@@ -240,11 +241,7 @@ async fn a_quota_answer_seen_by_one_instance_cools_the_target_on_all_and_a_clear
         broke.url(),
         spare.url()
     );
-    let gws = [
-        Gateway::start(&text),
-        Gateway::start(&text),
-        Gateway::start(&text),
-    ];
+    let gws = three(&text);
     let cooling = |gw: &Gateway| {
         let url = gw.admin_url("/admin/cooldowns");
         async move {
@@ -358,11 +355,7 @@ async fn under_large_limits_leases_spare_most_redis_calls_and_give_back_what_is_
         "rpm: 4800, concurrency: 3000",
         "  expected_instances: 3\n",
     );
-    let gws = [
-        Gateway::start(&text),
-        Gateway::start(&text),
-        Gateway::start(&text),
-    ];
+    let gws = three(&text);
     away_from_a_minute_boundary().await;
     let before = script_calls(&redis);
     for i in 0..300 {
@@ -390,11 +383,7 @@ async fn leases_never_let_a_limit_be_passed_and_fall_short_by_at_most_a_lease_pe
         "rpm: 480",
         "  expected_instances: 3\n",
     );
-    let gws = [
-        Gateway::start(&text),
-        Gateway::start(&text),
-        Gateway::start(&text),
-    ];
+    let gws = three(&text);
     away_from_a_minute_boundary().await;
     let mut admitted = 0;
     for i in 0..600 {

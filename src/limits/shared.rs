@@ -378,13 +378,12 @@ impl RedisCounters {
 }
 
 impl RedisCounters {
-    /// Checks and counts `charges` in Redis, asking for the leases in `wants`.
-    async fn counted(
+    /// One RESERVE call for `charges` with the leases in `wants`: the script's answer.
+    async fn call_reserve(
         &self,
         charges: &mut [Charge],
         wants: &[u64],
-        now: u64,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Vec<u64>, String> {
         let (keys, args) = self.reserve_call(charges, wants);
         let mut inv = self.reserve.prepare_invoke();
         for k in &keys {
@@ -393,7 +392,17 @@ impl RedisCounters {
         for a in &args {
             inv.arg(a);
         }
-        match self.run::<Vec<u64>>(&mut inv).await {
+        self.run::<Vec<u64>>(&mut inv).await
+    }
+
+    /// Checks and counts `charges` in Redis, asking for the leases in `wants`.
+    async fn counted(
+        &self,
+        charges: &mut [Charge],
+        wants: &[u64],
+        now: u64,
+    ) -> Result<(), Refusal> {
+        match self.call_reserve(charges, wants).await {
             Ok(out) => {
                 let failed = out.first().copied().unwrap_or(0) as usize;
                 if failed == 0 {

@@ -55,15 +55,7 @@ impl RedisCounters {
             return;
         }
         let (mut charges, wants): (Vec<Charge>, Vec<u64>) = queued.into_iter().unzip();
-        let (keys, args) = self.reserve_call(&mut charges, &wants);
-        let mut inv = self.reserve.prepare_invoke();
-        for k in &keys {
-            inv.key(k);
-        }
-        for a in &args {
-            inv.arg(a);
-        }
-        match self.run::<Vec<u64>>(&mut inv).await {
+        match self.call_reserve(&mut charges, &wants).await {
             Ok(out) if out.first() == Some(&0) => {
                 let now = crate::clock::monotonic_ms();
                 self.note_counted(&mut charges, &out, now, true);
