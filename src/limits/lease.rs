@@ -28,6 +28,11 @@ pub(super) fn counter(c: &Charge) -> Counter {
     (c.scope, c.key, c.dimension)
 }
 
+/// Whether [`Leases::take`]'s answer `taken` holds charge `i` (only the first 64 can be).
+pub(super) fn is_taken(taken: u64, i: usize) -> bool {
+    i < 64 && taken & (1 << i) != 0
+}
+
 /// A mark with this bit set: the charge was taken from a lease (the rest is its id).
 pub(crate) const LEASED: u64 = super::LEASED;
 
@@ -75,6 +80,25 @@ struct Lease {
 impl Lease {
     fn held(&self) -> u64 {
         self.used.saturating_add(self.settled)
+    }
+
+    /// Takes `c` from this lease (it has room). Returns, once per lease, the demand to
+    /// renew it ahead with, when it is three-quarters used or near its end.
+    fn admit(&mut self, c: &mut Charge, now: u64) -> Option<u64> {
+        self.used += c.amount;
+        self.inflight += 1;
+        self.peak = self.peak.max(self.held());
+        c.mark = LEASED | self.id;
+        if c.dimension == Dimension::Spend {
+            c.base = self.figure.saturating_add(self.settled);
+        }
+        let late = self.until.saturating_sub(now) <= RENEW_BEFORE_MS;
+        let used = self.held().saturating_mul(4) >= self.granted.saturating_mul(RENEW_AT_QUARTERS);
+        if self.renewing || !(late || used) {
+            return None;
+        }
+        self.renewing = true;
+        Some(if used { self.granted } else { self.peak })
     }
 }
 
@@ -179,32 +203,20 @@ impl Leases {
         let mut taken = 0;
         for (i, c) in charges.iter_mut().enumerate() {
             let mut demand = 0;
-            if let Some(book) = books.get_mut(&counter(c)) {
-                let key = counter(c);
+            let key = counter(c);
+            if let Some(book) = books.get_mut(&key) {
                 close_expired(book, key, now, out);
                 if let Some(l) = book.leases.iter_mut().find(|l| l.open) {
                     if i < 64 && l.held().saturating_add(c.amount) <= l.granted {
-                        l.used += c.amount;
-                        l.inflight += 1;
-                        l.peak = l.peak.max(l.held());
-                        c.mark = LEASED | l.id;
-                        if c.dimension == Dimension::Spend {
-                            c.base = l.figure.saturating_add(l.settled);
-                        }
-                        let late = l.until.saturating_sub(now) <= RENEW_BEFORE_MS;
-                        let used = l.held().saturating_mul(4)
-                            >= l.granted.saturating_mul(RENEW_AT_QUARTERS);
-                        if !l.renewing && (late || used) {
-                            l.renewing = true;
-                            let demand = if used { l.granted } else { l.peak };
-                            let next = Charge {
-                                amount: 0,
-                                mark: 0,
-                                settled: None,
-                                ..*c
-                            };
+                        if let Some(demand) = l.admit(c, now) {
                             let want = self.want(c, demand);
                             if want > 0 {
+                                let next = Charge {
+                                    amount: 0,
+                                    mark: 0,
+                                    settled: None,
+                                    ..*c
+                                };
                                 ahead.push((next, want));
                             }
                         }
@@ -227,7 +239,7 @@ impl Leases {
     /// refused).
     pub fn untake(&self, charges: &[Charge], taken: u64, out: &mut Vec<Return>) {
         for (i, c) in charges.iter().enumerate() {
-            if i < 64 && taken & (1 << i) != 0 {
+            if is_taken(taken, i) {
                 self.finish(c, true, out);
             }
         }

@@ -6,11 +6,14 @@
 //!   current fixed window's index and count and the previous window's count; the
 //!   estimate is the same sliding one as in-process (`previous x (1 - elapsed fraction) +
 //!   current`). Each hash expires two windows after the start of the last window it was used in.
-//! - A concurrency limit is one sorted set per scope key of the requests holding a slot,
-//!   scored by when the slot expires (`cluster.slot_ttl`). Slots are released when the
-//!   request ends, by any path; while it lasts, a heartbeat pushes the expiry forward
-//!   every third of the TTL, so the slots of an instance that died come back within
-//!   `slot_ttl` and no request outlives its slot.
+//! - A concurrency limit is one hash per scope key of the slots held (`r:ID` =
+//!   `AMOUNT:EXPIRES`: one request's slot, or a lease of several), each expiring after
+//!   `cluster.slot_ttl`. Slots are released when the request (or the lease) ends, by any
+//!   path; while it lasts, a heartbeat pushes the expiry forward every third of the TTL,
+//!   so the slots of an instance that died come back within `slot_ttl` and no request
+//!   outlives its slot.
+//! - Under large limits most requests make no call at all: they are taken from leases
+//!   (`lease.rs`, driven by `shared/leasing.rs`).
 //! - Every key carries the hash tag `{tollgate-limits}`: a script may only touch keys of
 //!   one Redis Cluster slot, so all limit keys live on one shard.
 //!
@@ -21,7 +24,7 @@
 //! again without a round trip until the window frees room.
 
 use super::backend::CounterBackend;
-use super::lease::{counter, Counter, Grant, Leases, Return, LEASED};
+use super::lease::{counter, is_taken, Counter, Grant, Leases, Return, LEASED};
 use super::local::LocalCounters;
 use super::scripts::{argument, counter_name, finish_item, key_name, window_ms, Field};
 use super::{Charge, Dimension, Refusal, Room, Scope};
@@ -88,7 +91,7 @@ pub struct RedisCounters {
     on_error: OnRedisError,
     instances: u64,
     slot_ttl: Duration,
-    /// Slots held now (id -> counter), for the heartbeat.
+    /// Slots, budget reservations and leases held now (id -> counter), for the heartbeat.
     held: Mutex<HashMap<u64, Counter>>,
     /// Rates refused in their current window: counter -> until (monotonic ms).
     refused: Mutex<HashMap<Counter, u64>>,
@@ -529,9 +532,12 @@ impl CounterBackend for RedisCounters {
             return Ok(());
         }
         // Those the leases could not take make one call.
-        let mine = |i: usize| i < 64 && taken & (1 << i) != 0;
         let (mut rest, mut rest_wants) = (Vec::new(), Vec::new());
-        for (i, c) in charges.iter().enumerate().filter(|(i, _)| !mine(*i)) {
+        for (i, c) in charges
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !is_taken(taken, *i))
+        {
             rest.push(*c);
             rest_wants.push(wants[i]);
         }
@@ -539,7 +545,7 @@ impl CounterBackend for RedisCounters {
             Ok(()) => {
                 let mut counted = rest.into_iter();
                 for (i, c) in charges.iter_mut().enumerate() {
-                    if !mine(i) {
+                    if !is_taken(taken, i) {
                         if let Some(r) = counted.next() {
                             *c = r;
                         }
@@ -618,7 +624,7 @@ impl CounterBackend for RedisCounters {
             .take(&mut charges, now, &mut wants, &mut back, &mut ahead);
         self.renew_later(ahead);
         for (i, c) in charges.iter().enumerate() {
-            if i < 64 && taken & (1 << i) != 0 {
+            if is_taken(taken, i) {
                 self.leases.finish(c, false, &mut back);
             }
         }
@@ -626,7 +632,7 @@ impl CounterBackend for RedisCounters {
         let mut i = 0;
         charges.retain(|_| {
             i += 1;
-            i > 64 || taken & (1 << (i - 1)) == 0
+            !is_taken(taken, i - 1)
         });
         if charges.is_empty() {
             return;
