@@ -50,8 +50,11 @@ pub struct RunMode {
 /// usage rows still queued. Never returns.
 pub fn run(config: Config, mode: RunMode) -> ! {
     match start(config, mode) {
-        Ok((server, usage, store)) => {
+        Ok((server, usage, store, tracer)) => {
             server.run(pingora_core::server::RunArgs::default());
+            if let Some(t) = tracer {
+                t.flush(std::time::Duration::from_secs(5));
+            }
             match usage.flush_blocking(&store) {
                 Ok(n) if n > 0 => log::info!("store: {n} usage rows written at exit"),
                 Ok(_) => {}
@@ -92,7 +95,12 @@ fn open_store(config: &Config) -> std::io::Result<Arc<Directory>> {
     Ok(Arc::new(directory))
 }
 
-type Started = (Server, Arc<UsageQueue>, Store);
+type Started = (
+    Server,
+    Arc<UsageQueue>,
+    Store,
+    Option<Arc<crate::trace::Tracer>>,
+);
 
 fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
     // Listeners on port 0 are bound now, so their ports are known and stay ours; an
@@ -140,6 +148,17 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
         None => (None, None),
     };
 
+    let tracer = match &config.tracing {
+        Some(t) => {
+            log::info!(
+                "tracing: spans to {} ({} of new traces sampled)",
+                crate::secret::mask_userinfo(t.endpoint.split('?').next().unwrap_or("")),
+                t.sample_ratio
+            );
+            Some(crate::trace::Tracer::start(t.clone())?)
+        }
+        None => None,
+    };
     let s = &config.server;
     let conf = ServerConf {
         daemon: mode.daemon,
@@ -199,6 +218,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
                         alerts,
                         cache: Arc::clone(&cache),
                         cooldowns: cooldowns.clone(),
+                        tracer: tracer.clone(),
                     },
                 ),
             )),
@@ -349,7 +369,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
     println!("tollgate: admin on http://{admin_listen}");
     println!("tollgate: pid {}", std::process::id());
     let _ = std::io::stdout().flush();
-    Ok((server, usage, store))
+    Ok((server, usage, store, tracer))
 }
 
 /// The limit counters: in this process, or shared through `cluster.redis` (then also

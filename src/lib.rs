@@ -7,8 +7,8 @@
 //! stream and completion budget from the body), `route` (alias to tiers of targets),
 //! `upstream` (servers, their health, balancers), `attempt` (the attempt loop, one attempt
 //! over `transport` in `attempt::forward`, judging it with `provider::inspect`), `relay`
-//! (relaying the response, usage and pricing), `observe` (the access log, metrics and
-//! usage rows). `provider` holds what differs per provider; `config`, `admin`, `store`
+//! (relaying the response, usage and pricing), `observe` (the access log, metrics, trace
+//! spans and usage rows). `trace` holds the trace context and the OTLP exporter. `provider` holds what differs per provider; `config`, `admin`, `store`
 //! (with `store::cluster`, the Redis instances share), `app`, `ops` (reload, upgrade,
 //! listeners) and `cli` run the process; `import` holds the nginx importer; `demo` the
 //! embedded mock upstream (the demo's, tests' and benchmarks').
@@ -37,5 +37,6 @@ pub mod route;
 pub(crate) mod secret;
 pub mod spec;
 pub(crate) mod store;
+pub mod trace;
 pub(crate) mod transport;
 pub mod upstream;

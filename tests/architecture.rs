@@ -24,6 +24,7 @@ const LAYERS: &[&[&str]] = &[
         "metrics",
         "spec",
     ],
+    &["trace"],
     &["error"],
     &["store"],
     &["provider"],

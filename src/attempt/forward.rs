@@ -72,12 +72,14 @@ pub fn forwarded_for(req: &RequestHeader, peer: Option<std::net::IpAddr>) -> Str
 
 impl<'a> Outgoing<'a> {
     /// Client fields pass through as received, minus hop-by-hop ones and those in
-    /// `NOT_FORWARDED`; `anthropic-*` ones are kept apart.
+    /// `NOT_FORWARDED` (and `traceparent` when `traced`: each attempt sends its own);
+    /// `anthropic-*` ones are kept apart.
     pub fn new(
         client: &RequestHeader,
         suffix: &'a str,
         request_id: &'a str,
         forwarded_for: &'a str,
+        traced: bool,
     ) -> Self {
         let nominated = connection_nominated(&client.headers);
         let mut fields = Vec::with_capacity(client.headers.len() * 48);
@@ -85,6 +87,9 @@ impl<'a> Outgoing<'a> {
         for (name, value) in client.headers.iter() {
             let n = name.as_str();
             if is_hop_by_hop(name, &nominated) || NOT_FORWARDED.contains(&n) {
+                continue;
+            }
+            if traced && n == "traceparent" {
                 continue;
             }
             let into = if n.starts_with("anthropic-") {
@@ -165,6 +170,8 @@ impl TransportError {
 pub struct Wire<'a> {
     pub suffix: &'a str,
     pub query: Option<&'a str>,
+    /// The attempt's `traceparent`, when tracing is on.
+    pub traceparent: Option<&'a str>,
 }
 
 /// The upstream request line and header fields for one target, ready for the wire
@@ -199,6 +206,9 @@ pub fn request_head(
     let _ = write!(w, "content-length: {body_len}\r\n");
     push_field(&mut w, b"x-request-id", out.request_id.as_bytes());
     push_field(&mut w, b"x-forwarded-for", out.forwarded_for.as_bytes());
+    if let Some(tp) = wire.traceparent {
+        push_field(&mut w, b"traceparent", tp.as_bytes());
+    }
     for (name, prefix, value) in crate::provider::credential(
         server.api_key.as_ref(),
         upstream.provider,

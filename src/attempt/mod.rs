@@ -35,6 +35,24 @@ pub struct AttemptRecord {
     pub status: Option<u16>,
     /// Which alias of the chain the attempt belonged to (0: the requested one).
     pub alias_index: usize,
+    /// What a trace span of the attempt needs, when the request is traced.
+    pub span: Option<Box<AttemptSpan>>,
+}
+
+/// An attempt as its trace span shows it.
+#[derive(Debug, Clone)]
+pub struct AttemptSpan {
+    pub id: crate::trace::SpanId,
+    pub started: std::time::Instant,
+    /// When its outcome was known (the response header, or the failure).
+    pub ended: std::time::Instant,
+    /// The model the upstream was asked for.
+    pub model: String,
+    pub provider: crate::provider::Provider,
+    pub address: String,
+    pub port: u16,
+    /// The tier of its alias (0: the first).
+    pub tier: usize,
 }
 
 /// How one attempt ended; named only where it is logged or counted.
@@ -141,6 +159,9 @@ pub struct Plan<'a> {
     pub wants_usage: bool,
     /// Where cooldowns are shared with other instances (`cluster.redis`), if they are.
     pub cooldowns: Option<&'a Arc<SharedCooldowns>>,
+    /// The request's trace, when tracing is on: each attempt gets a span id, sent
+    /// upstream in `traceparent`.
+    pub trace: Option<&'a crate::trace::TraceCtx>,
 }
 
 /// An upstream error status a client can act on, relayed as sent when every attempt
@@ -265,7 +286,7 @@ async fn attempt_all(
         'aliases: while let Some(current) = queue.pop_front() {
             alias_index += 1;
             let alias_index = alias_index - 1;
-            for tier in &current.tiers {
+            for (tier_index, tier) in current.tiers.iter().enumerate() {
                 let order = tier.route_order(plan.need);
                 // (route index, server address): targets this request already tried.
                 let mut tried: Vec<(usize, usize)> = Vec::new();
@@ -322,7 +343,21 @@ async fn attempt_all(
                         usage_added,
                     } = prepared;
                     let in_flight = InFlight::new(&server.state);
+                    let mut span = plan.trace.map(|_| {
+                        Box::new(AttemptSpan {
+                            id: crate::trace::TraceCtx::new_span(),
+                            started: std::time::Instant::now(),
+                            ended: std::time::Instant::now(),
+                            model: model.to_string(),
+                            provider: upstream.provider,
+                            address: server.endpoint.host.clone(),
+                            port: server.endpoint.port,
+                            tier: tier_index,
+                        })
+                    });
+                    let traceparent = plan.trace.zip(span.as_ref()).map(|(t, s)| t.traceparent(s.id));
                     let wire = forward::Wire {
+                        traceparent: traceparent.as_deref(),
                         suffix: suffix.as_deref().unwrap_or(plan.out.suffix),
                         query: if suffix.is_some() {
                             query
@@ -364,12 +399,16 @@ async fn attempt_all(
                                     upstream.latency_decay,
                                 );
                             }
+                            if let Some(s) = span.as_mut() {
+                                s.ended = std::time::Instant::now();
+                            }
                             attempts.push(AttemptRecord {
                                 target: server.name.clone(),
                                 upstream: upstream.name.clone(),
                                 outcome: AttemptOutcome::Failed(e.failure()),
                                 status: None,
                                 alias_index,
+                                span,
                             });
                             continue;
                         }
@@ -396,12 +435,16 @@ async fn attempt_all(
                             &upstream.rules,
                         )
                     };
+                    if let Some(s) = span.as_mut() {
+                        s.ended = std::time::Instant::now();
+                    }
                     attempts.push(AttemptRecord {
                         target: server.name.clone(),
                         upstream: upstream.name.clone(),
                         outcome: AttemptOutcome::Answered(class),
                         status: Some(status),
                         alias_index,
+                        span,
                     });
                     let winner = Winner {
                         usage_added,

@@ -25,7 +25,7 @@ async fn attempt_over(
     model: &str,
 ) -> (Result<Winner, GatewayError>, Vec<AttemptRecord>) {
     let req = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
-    let out = Outgoing::new(&req, "/chat/completions", "test-request", "127.0.0.1");
+    let out = Outgoing::new(&req, "/chat/completions", "test-request", "127.0.0.1", false);
     let body = Bytes::from(format!(r#"{{"model":"{model}","messages":[]}}"#));
     let rewrite = |_: &str, _: bool| body.clone();
     let alias = config.router.resolve(model).unwrap().clone();
@@ -47,6 +47,7 @@ async fn attempt_over(
         rewrite: &rewrite,
         wants_usage: false,
         cooldowns: None,
+        trace: None,
     };
     let mut attempts = Vec::new();
     let result = run(&plan, &alias, &mut attempts).await;

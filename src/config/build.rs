@@ -400,3 +400,93 @@ pub(super) fn build_failover(file: &FileConfig, errors: &mut Vec<ConfigError>) -
         error_body_limit: f.error_body_limit.0.clamp(1024, 16 << 20) as usize,
     }
 }
+
+/// `tracing`: the exporter's settings, or `None` when no collector is configured.
+pub(super) fn build_tracing(
+    file: &FileConfig,
+    errors: &mut Vec<ConfigError>,
+) -> Option<crate::trace::Settings> {
+    let t = &file.tracing;
+    let mut err = |path: &str, message: String| {
+        errors.push(ConfigError {
+            path: format!("tracing.{path}"),
+            message,
+        })
+    };
+    let ratio = t.sample_ratio.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&ratio) {
+        err("sample_ratio", "must be from 0 to 1".into());
+    }
+    let content_limit = t.content_limit.map_or(4096, |b| b.0);
+    if content_limit > 1 << 20 {
+        err("content_limit", "must be at most 1MiB".into());
+    }
+    let queue = t.queue_size.unwrap_or(2048);
+    if !(1..=1_000_000).contains(&queue) {
+        err("queue_size", "must be from 1 to 1000000".into());
+    }
+    let batch = t.batch_size.unwrap_or(512);
+    if !(1..=queue.max(1)).contains(&batch) {
+        err("batch_size", "must be from 1 to queue_size".into());
+    }
+    let delay = t.batch_delay.map_or(Duration::from_secs(1), |d| d.0);
+    if delay.is_zero() || delay > Duration::from_secs(60) {
+        err("batch_delay", "must be from 1ms to 60s".into());
+    }
+    let service_name = t.service_name.clone().unwrap_or_else(|| "tollgate".into());
+    if service_name.trim().is_empty() {
+        err("service_name", "must not be empty".into());
+    }
+    for name in t.headers.keys() {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            err("headers", format!("{name:?} is not a header name"));
+        }
+    }
+    let Some(otlp) = &t.otlp else {
+        if !t.headers.is_empty() || t.sample_ratio.is_some() || t.capture_content {
+            err("otlp.endpoint", "is required when tracing is configured".into());
+        }
+        return None;
+    };
+    match otlp.protocol.as_deref() {
+        None | Some("http/protobuf") => {}
+        Some("grpc") => err(
+            "otlp.protocol",
+            "grpc is not served; point otlp.endpoint at the collector's OTLP/HTTP port (4318)".into(),
+        ),
+        Some(other) => err("otlp.protocol", format!("{other:?} is not http/protobuf")),
+    }
+    let url = otlp.endpoint.expose().trim();
+    let Some(rest) = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+    else {
+        err("otlp.endpoint", "must be an http:// or https:// URL".into());
+        return None;
+    };
+    // A base URL (no path) gets the traces path, as OTEL_EXPORTER_OTLP_ENDPOINT does.
+    let endpoint = match rest.find('/') {
+        None => format!("{url}/v1/traces"),
+        Some(i) if &rest[i..] == "/" => format!("{}v1/traces", url),
+        Some(_) => url.to_string(),
+    };
+    if otlp.timeout.0.is_zero() || otlp.timeout.0 > Duration::from_secs(60) {
+        err("otlp.timeout", "must be from 1ms to 60s".into());
+    }
+    Some(crate::trace::Settings {
+        endpoint,
+        headers: t
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect(),
+        sample_ratio: ratio,
+        service_name,
+        capture_content: t.capture_content,
+        content_limit: content_limit as usize,
+        queue,
+        batch,
+        delay,
+        timeout: otlp.timeout.0,
+    })
+}

@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 mod server;
+mod tracing;
 pub use server::{ServerSection, TlsListener};
+pub use tracing::{OtlpSection, TracingSection};
 
 #[derive(Debug, Deserialize, Default)]
 
@@ -55,6 +57,9 @@ pub struct FileConfig {
     /// State shared between instances.
     #[serde(default)]
     pub cluster: ClusterSection,
+    /// OpenTelemetry traces.
+    #[serde(default)]
+    pub tracing: TracingSection,
 }
 
 /// The database.

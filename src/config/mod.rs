@@ -96,6 +96,8 @@ pub struct Config {
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub router: Router,
     pub admin: file::AdminSection,
+    /// OpenTelemetry traces, when a collector is configured.
+    pub tracing: Option<crate::trace::Settings>,
 }
 
 impl Config {
@@ -403,6 +405,7 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
     check_pricing_and_log(&file, &mut errors);
     let pricing = catalogue::pricing(&file, &mut errors);
     let failover = build_failover(&file, &mut errors);
+    let tracing = build_tracing(&file, &mut errors);
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
@@ -435,6 +438,7 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
         router: Router::new(aliases, catch_all),
         server: file.server,
         admin: file.admin,
+        tracing,
     })
 }
 

@@ -17,6 +17,10 @@ const LATENCY: &[f64] = &[
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
     30.0, 60.0, 120.0, 300.0,
 ];
+/// Time per output token buckets (seconds), from the OpenTelemetry GenAI conventions.
+const TOKEN_TIME: &[f64] = &[
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+];
 /// Buckets for the gateway's own time, far below upstream latencies.
 const OVERHEAD: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -60,6 +64,8 @@ pub struct Metrics {
     pub budget_refusals: IntCounterVec,
     pub unpriced: IntCounter,
     pub alerts: IntCounterVec,
+    pub trace_spans: IntCounterVec,
+    pub time_per_output_token: HistogramVec,
 }
 
 fn build() -> prometheus::Result<Metrics> {
@@ -144,6 +150,17 @@ fn build() -> prometheus::Result<Metrics> {
         budget_refusals: register_int_counter_vec!("tollgate_budget_refusals_total", "Requests refused because a budget had no room, by scope (key or team).", &["scope"])?,
         unpriced: register_int_counter!("tollgate_unpriced_requests_total", "Answers from a model with no price, counted as zero cost (budgets.unpriced: allow).")?,
         alerts: register_int_counter_vec!("tollgate_budget_alerts_total", "Budget alerts by result (sent or failed).", &["result"])?,
+        trace_spans: register_int_counter_vec!(
+            "tollgate_trace_spans_total",
+            "Trace spans by fate (exported; dropped: the export queue was full; failed: the collector could not take them).",
+            &["result"]
+        )?,
+        time_per_output_token: register_histogram_vec!(
+            "gen_ai_server_time_per_output_token_seconds",
+            "Time per output token after the first, of streamed answers (OpenTelemetry GenAI gen_ai.server.time_per_output_token).",
+            &["gen_ai_request_model", "gen_ai_provider_name"],
+            TOKEN_TIME.to_vec()
+        )?,
     };
     m.build_info
         .with_label_values(&[env!("CARGO_PKG_VERSION")])

@@ -11,6 +11,7 @@ use crate::metrics;
 use crate::spec::text::push_u64;
 
 pub mod sink;
+pub mod spans;
 pub use sink::{flush_logs, LogWriter};
 
 use crate::relay::usage::Usage;
@@ -82,6 +83,8 @@ pub struct Record {
     pub cost_micro: Option<i64>,
     /// Time spent waiting for the client's body and for upstreams (not the gateway's own).
     pub waiting: Duration,
+    /// The request's trace, when tracing is on.
+    pub trace: Option<Box<spans::Traced>>,
 }
 
 impl Record {
@@ -115,6 +118,7 @@ impl Record {
             team: None,
             cost_micro: None,
             waiting: Duration::ZERO,
+            trace: None,
         }
     }
 }
@@ -206,6 +210,16 @@ fn record_metrics(r: &Record, config: &Config) {
     if r.target.is_none() || !(200..300).contains(&r.status) {
         return;
     }
+    if let (Some(u), Some(first), true) = (r.usage, r.first_byte, r.stream) {
+        // The conventions' time per output token: after the first, over the rest.
+        if u.output > 1 {
+            let rest = first.elapsed().as_secs_f64() / (u.output - 1) as f64;
+            let provider = upstream_provider(r, config);
+            m.time_per_output_token
+                .with_label_values(&[model, provider])
+                .observe(rest);
+        }
+    }
     match r.usage {
         Some(u) => {
             m.tokens
@@ -240,6 +254,14 @@ fn record_metrics(r: &Record, config: &Config) {
             m.usage_unreported.with_label_values(&[model, reason]).inc();
         }
     }
+}
+
+/// The conventions' provider name of the upstream that answered.
+fn upstream_provider(r: &Record, config: &Config) -> &'static str {
+    r.upstream
+        .as_deref()
+        .and_then(|u| config.upstreams.get(u))
+        .map_or("none", |u| spans::provider_name(u.provider))
 }
 
 /// The status code as a label, without an allocation.
@@ -323,6 +345,10 @@ fn text_line(r: &Record) -> String {
     push_field(&mut s, "strategy", r.strategy);
     push_field(&mut s, "translation", r.translation);
     push_field(&mut s, "cache", r.cache.map(crate::cache::Outcome::as_str));
+    if let Some(t) = &r.trace {
+        s.push_str(" trace_id=");
+        s.push_str(&t.ctx.trace_id_hex());
+    }
     s.push_str(" attempts=");
     if r.attempts.is_empty() {
         s.push('-');
@@ -382,7 +408,7 @@ fn json_line(r: &Record) -> String {
         .iter()
         .map(|a| serde_json::json!({"target": a.target, "outcome": a.outcome.as_str(), "status": a.status}))
         .collect();
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "time": humantime::format_rfc3339_millis(r.wall).to_string(),
         "request_id": r.request_id,
         "key": r.caller,
@@ -408,8 +434,11 @@ fn json_line(r: &Record) -> String {
         "bytes_in": r.bytes_in,
         "bytes_out": r.bytes_out,
         "error": r.error.map(Failure::as_str),
-    })
-    .to_string()
+    });
+    if let (Some(t), Some(o)) = (&r.trace, v.as_object_mut()) {
+        o.insert("trace_id".into(), t.ctx.trace_id_hex().into());
+    }
+    v.to_string()
 }
 
 /// Sets up logging: `RUST_LOG` levels (default `info`), to stderr or to `file`. Access-log

@@ -62,6 +62,9 @@ impl Reloader {
                 {
                     log::warn!("reload: listeners and threads are fixed at start; the change applies at the next upgrade or restart");
                 }
+                if new.tracing != old.tracing {
+                    log::warn!("reload: tracing is fixed at start; the change applies at the next upgrade or restart");
+                }
                 if new.store.url != old.store.url {
                     log::warn!("reload: store.url is fixed at start; the change applies at the next upgrade or restart");
                 }

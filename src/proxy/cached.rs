@@ -11,6 +11,10 @@ use crate::route::Alias;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use pingora_http::ResponseHeader;
+
+/// The largest answer a sampled trace keeps to read its id, model and finish reasons
+/// (and, with `tracing.capture_content`, its text) from; past it they are left out.
+const TRACE_ANSWER_LIMIT: usize = 1 << 20;
 use pingora_proxy::Session;
 use std::time::Duration;
 
@@ -111,6 +115,9 @@ impl Gateway {
         }
         resp.insert_header("x-request-id", ctx.record.request_id.as_str())?;
         resp.insert_header(X_TOLLGATE_CACHE, "hit")?;
+        if let Some((name, value)) = ctx.trace_header() {
+            resp.insert_header(name, value)?;
+        }
         if let Some(h) = &ctx.admission.key_headers {
             for (name, value) in h.pairs() {
                 resp.insert_header(name, value)?;
@@ -177,12 +184,15 @@ impl Gateway {
             .map(|c| (X_TOLLGATE_CACHE, HeaderValue::from_static(c.as_str())))
     }
 
-    /// The capture a plan needs.
+    /// The capture a plan needs, or a sampled trace (its answer's id, model and finish
+    /// reasons are read from it).
     pub(super) fn capture_for(
         config: &Config,
         plan: Option<&Plan>,
+        traced: bool,
     ) -> Option<crate::relay::Capture> {
         plan.filter(|p| p.store)
             .map(|_| crate::relay::Capture::new(entry_limit(config)))
+            .or_else(|| traced.then(|| crate::relay::Capture::new(TRACE_ANSWER_LIMIT)))
     }
 }

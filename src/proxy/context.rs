@@ -30,6 +30,26 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
+    /// `x-tollgate-trace-id`, when the request is traced.
+    pub(super) fn trace_header(&self) -> Option<(http::HeaderName, http::HeaderValue)> {
+        let t = self.record.trace.as_deref()?;
+        let value = http::HeaderValue::from_str(&t.ctx.trace_id_hex()).ok()?;
+        Some((crate::transport::headers::X_TOLLGATE_TRACE_ID, value))
+    }
+
+    /// The header fields the gateway adds to its answers: the key's rate-limit headers
+    /// and the trace id.
+    pub(super) fn answer_headers(&self) -> Vec<(http::HeaderName, http::HeaderValue)> {
+        let mut headers = self
+            .admission
+            .key_headers
+            .as_ref()
+            .map(|h| h.pairs())
+            .unwrap_or_default();
+        headers.extend(self.trace_header());
+        headers
+    }
+
     pub(super) fn new(counters: Arc<dyn CounterBackend>) -> Self {
         RequestCtx {
             record: Record::default(),

@@ -21,7 +21,9 @@ use crate::error::GatewayError;
 use crate::keys::alerts::Alerts;
 use crate::keys::Directory;
 use crate::limits::CounterBackend;
+use crate::observe::spans::Traced;
 use crate::observe::{self, Failure};
+use crate::trace::Tracer;
 use crate::relay::respond;
 use crate::store::usage::UsageQueue;
 use crate::transport::pool::Connections;
@@ -50,6 +52,8 @@ pub struct Gateway {
     cache: Arc<dyn CacheBackend>,
     /// Cooldowns shared with other instances (`cluster.redis`).
     cooldowns: Option<Arc<SharedCooldowns>>,
+    /// Traces, when `tracing.otlp` is set.
+    tracer: Option<Arc<Tracer>>,
 }
 
 /// What the gateway's shared state is made of, for [`Gateway::new`].
@@ -61,6 +65,7 @@ pub struct Shared {
     pub alerts: Option<Arc<Alerts>>,
     pub cache: Arc<dyn CacheBackend>,
     pub cooldowns: Option<Arc<SharedCooldowns>>,
+    pub tracer: Option<Arc<Tracer>>,
 }
 
 impl Gateway {
@@ -74,6 +79,7 @@ impl Gateway {
             alerts: shared.alerts,
             cache: shared.cache,
             cooldowns: shared.cooldowns,
+            tracer: shared.tracer,
         }
     }
 }
@@ -118,17 +124,18 @@ impl ProxyHttp for Gateway {
     ) -> pingora_core::Result<bool> {
         let config = self.config.load_full();
         ctx.begin(session, Arc::clone(&config));
+        if let Some(t) = &self.tracer {
+            let h = &session.req_header().headers;
+            let header = |name: &str| h.get(name).map(|v| v.as_bytes());
+            let trace = t.begin(header("traceparent"), header("tracestate"));
+            ctx.record.trace = Some(Box::new(Traced::new(trace)));
+        }
         match self.dispatch(session, ctx, &config).await {
             Ok(()) => Ok(true),
             Err(Outcome::Refused(e)) => {
                 ctx.record.status = e.status();
                 ctx.record.error = Some(Failure::Refused(e.kind()));
-                let extra = ctx
-                    .admission
-                    .key_headers
-                    .as_ref()
-                    .map(|h| h.pairs())
-                    .unwrap_or_default();
+                let extra = ctx.answer_headers();
                 let r = respond::Refusal {
                     request_id: &ctx.record.request_id,
                     body_unread: ctx.body_unread,
@@ -176,6 +183,11 @@ impl ProxyHttp for Gateway {
         // A request Pingora refused before request_filter has no config yet: the live one.
         let config = ctx.config.take().unwrap_or_else(|| self.config.load_full());
         observe::finish(&ctx.record, &config);
+        if let Some(t) = &self.tracer {
+            if ctx.record.trace.as_ref().is_some_and(|t| t.ctx.sampled) {
+                t.export(observe::spans::build(&ctx.record, &config));
+            }
+        }
         // The record's last use: its strings move into the row.
         if let Some(row) = observe::usage_row(&mut ctx.record, self.keys.now()) {
             self.usage.push(row);

@@ -14,6 +14,7 @@ use crate::error::GatewayError;
 use crate::keys::auth::Caller;
 use crate::keys::reserve::{self, Ask};
 use crate::limits;
+use crate::observe::spans::{mask_keys, push_capped, Params, Traced};
 use crate::observe::Failure;
 use crate::relay::pricing::Price;
 use crate::relay::{self, Relayed, Stamp};
@@ -44,6 +45,28 @@ async fn estimated_count(
         .map_err(Outcome::Aborted)
 }
 
+/// Whether the request is traced and sampled.
+fn sampled(ctx: &RequestCtx) -> bool {
+    ctx.record.trace.as_ref().is_some_and(|t| t.ctx.sampled)
+}
+
+/// What a sampled trace reads from the request: its alias, the parameters the GenAI
+/// conventions name and, with `tracing.capture_content`, the prompt (capped, keys masked).
+fn trace_request(t: &mut Traced, config: &Config, alias: &str, body: &[u8]) {
+    if !t.ctx.sampled {
+        return;
+    }
+    t.alias = Some(alias.to_string());
+    t.params = Params::read(body);
+    if let Some(s) = config.tracing.as_ref().filter(|s| s.capture_content) {
+        // Masked before the final cut, so a key across the limit is masked too.
+        let head = &body[..body.len().min(s.content_limit + 256)];
+        let mut prompt = String::new();
+        push_capped(&mut prompt, &mask_keys(&String::from_utf8_lossy(head)), s.content_limit);
+        t.prompt = Some(prompt);
+    }
+}
+
 impl Gateway {
     pub(super) async fn pipeline(
         &self,
@@ -72,6 +95,9 @@ impl Gateway {
             .router
             .resolve(&facts.model)
             .ok_or_else(|| GatewayError::ModelNotFound(facts.model.clone()))?;
+        if let Some(t) = ctx.record.trace.as_deref_mut() {
+            trace_request(t, config, &alias.name, &body);
+        }
         if !caller.may_use(&facts.model) {
             return Err(GatewayError::ModelNotAllowed(facts.model.clone()).into());
         }
@@ -140,7 +166,8 @@ impl Gateway {
 
         let req = session.req_header();
         let forwarded_for = forward::forwarded_for(req, ctx.peer);
-        let out = Outgoing::new(req, suffix, &ctx.record.request_id, &forwarded_for);
+        let traced = ctx.record.trace.is_some();
+        let out = Outgoing::new(req, suffix, &ctx.record.request_id, &forwarded_for, traced);
         let rewrite = |model: &str, add_usage: bool| body::prepare(&body, &facts, model, add_usage);
         let need = Need {
             client_model: &facts.model,
@@ -162,6 +189,7 @@ impl Gateway {
                 && !facts.stream_options
                 && matches!(suffix, "/chat/completions" | "/completions"),
             cooldowns: self.cooldowns.as_ref(),
+            trace: ctx.record.trace.as_deref().map(|t| &t.ctx),
         };
         let mut attempts = Vec::new();
         let attempts_started = Instant::now();
@@ -196,12 +224,7 @@ impl Gateway {
 
         let target = server.name.clone();
         ctx.record.strategy = Some(strategy.as_str());
-        let mut headers = ctx
-            .admission
-            .key_headers
-            .as_ref()
-            .map(|h| h.pairs())
-            .unwrap_or_default();
+        let mut headers = ctx.answer_headers();
         headers.extend(Self::cache_header(ctx));
         let stamp = Stamp {
             request_id: &ctx.record.request_id,
@@ -210,7 +233,7 @@ impl Gateway {
             headers: &headers,
         };
         let mut relayed = Relayed {
-            capture: Self::capture_for(config, cache_plan.as_ref()),
+            capture: Self::capture_for(config, cache_plan.as_ref(), sampled(ctx)),
             ..Relayed::default()
         };
         ctx.record.upstream = Some(upstream.name.clone());
@@ -233,6 +256,9 @@ impl Gateway {
         drop(in_flight);
         ctx.record.target = Some(target);
         ctx.record.waiting += relay_started.elapsed();
+        if let Some(t) = ctx.record.trace.as_deref_mut().filter(|t| t.ctx.sampled) {
+            t.answer = relayed.capture.as_ref().and_then(|c| c.body());
+        }
         self.account(ctx, price, &relayed);
         if let Some(plan) = cache_plan {
             self.cache_store(ctx, alias, facts.stream, &relayed, plan)

@@ -21,6 +21,7 @@ pub const HOP_BY_HOP_NAMES: [HeaderName; 9] = [
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
 pub const X_TOLLGATE_UPSTREAM: HeaderName = HeaderName::from_static("x-tollgate-upstream");
+pub const X_TOLLGATE_TRACE_ID: HeaderName = HeaderName::from_static("x-tollgate-trace-id");
 pub const X_TOLLGATE_ATTEMPTS: HeaderName = HeaderName::from_static("x-tollgate-attempts");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
