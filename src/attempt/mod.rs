@@ -355,7 +355,10 @@ async fn attempt_all(
                             tier: tier_index,
                         })
                     });
-                    let traceparent = plan.trace.zip(span.as_ref()).map(|(t, s)| t.traceparent(s.id));
+                    let traceparent = plan
+                        .trace
+                        .zip(span.as_ref())
+                        .map(|(t, s)| t.traceparent(s.id));
                     let wire = forward::Wire {
                         traceparent: traceparent.as_deref(),
                         suffix: suffix.as_deref().unwrap_or(plan.out.suffix),

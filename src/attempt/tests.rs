@@ -25,7 +25,13 @@ async fn attempt_over(
     model: &str,
 ) -> (Result<Winner, GatewayError>, Vec<AttemptRecord>) {
     let req = RequestHeader::build("POST", b"/v1/chat/completions", None).unwrap();
-    let out = Outgoing::new(&req, "/chat/completions", "test-request", "127.0.0.1", false);
+    let out = Outgoing::new(
+        &req,
+        "/chat/completions",
+        "test-request",
+        "127.0.0.1",
+        false,
+    );
     let body = Bytes::from(format!(r#"{{"model":"{model}","messages":[]}}"#));
     let rewrite = |_: &str, _: bool| body.clone();
     let alias = config.router.resolve(model).unwrap().clone();

@@ -444,7 +444,10 @@ pub(super) fn build_tracing(
     }
     let Some(otlp) = &t.otlp else {
         if !t.headers.is_empty() || t.sample_ratio.is_some() || t.capture_content {
-            err("otlp.endpoint", "is required when tracing is configured".into());
+            err(
+                "otlp.endpoint",
+                "is required when tracing is configured".into(),
+            );
         }
         return None;
     };
@@ -452,7 +455,8 @@ pub(super) fn build_tracing(
         None | Some("http/protobuf") => {}
         Some("grpc") => err(
             "otlp.protocol",
-            "grpc is not served; point otlp.endpoint at the collector's OTLP/HTTP port (4318)".into(),
+            "grpc is not served; point otlp.endpoint at the collector's OTLP/HTTP port (4318)"
+                .into(),
         ),
         Some(other) => err("otlp.protocol", format!("{other:?} is not http/protobuf")),
     }

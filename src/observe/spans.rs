@@ -127,7 +127,10 @@ pub fn build(r: &Record, config: &Config) -> Vec<SpanData> {
     let wall = |i: Instant| r.wall + i.saturating_duration_since(r.start);
     let end = SystemTime::now().max(r.wall);
     let op = operation(&r.path);
-    let answer = t.answer.as_deref().map(|b| Answer::read(b, r.stream, limit));
+    let answer = t
+        .answer
+        .as_deref()
+        .map(|b| Answer::read(b, r.stream, limit));
     let scope = InstrumentationScope::builder("tollgate")
         .with_version(env!("CARGO_PKG_VERSION"))
         .build();
@@ -152,7 +155,12 @@ pub fn build(r: &Record, config: &Config) -> Vec<SpanData> {
     if let Some(a) = &t.alias {
         attrs.push(kv("tollgate.alias", a.clone()));
     }
-    if let Some(tier) = r.attempts.last().and_then(|a| a.span.as_ref()).map(|s| s.tier) {
+    if let Some(tier) = r
+        .attempts
+        .last()
+        .and_then(|a| a.span.as_ref())
+        .map(|s| s.tier)
+    {
         attrs.push(kv("tollgate.tier", tier as i64));
     }
     for (key, value) in [
@@ -192,10 +200,21 @@ pub fn build(r: &Record, config: &Config) -> Vec<SpanData> {
     }
     if limit > 0 && settings.is_some_and(|s| s.capture_content) {
         if let Some(p) = &t.prompt {
-            events.events.push(content_event("gen_ai.content.prompt", "gen_ai.prompt", p, r.wall));
+            events.events.push(content_event(
+                "gen_ai.content.prompt",
+                "gen_ai.prompt",
+                p,
+                r.wall,
+            ));
         }
         if let Some(text) = answer.as_ref().map(|a| &a.text).filter(|t| !t.is_empty()) {
-            events.events.push(content_event("gen_ai.content.completion", "gen_ai.completion", text, end));
+            let text = mask_keys(text);
+            events.events.push(content_event(
+                "gen_ai.content.completion",
+                "gen_ai.completion",
+                &text,
+                end,
+            ));
         }
     }
     let name = match &r.model {
@@ -298,7 +317,10 @@ fn response_attributes(attrs: &mut Vec<KeyValue>, r: &Record, answer: Option<&An
         attrs.push(kv("gen_ai.usage.input_tokens", int(u.input)));
         attrs.push(kv("gen_ai.usage.output_tokens", int(u.output)));
         attrs.push(kv("gen_ai.usage.cache_read.input_tokens", int(u.cached)));
-        attrs.push(kv("gen_ai.usage.cache_creation.input_tokens", int(u.cache_write)));
+        attrs.push(kv(
+            "gen_ai.usage.cache_creation.input_tokens",
+            int(u.cache_write),
+        ));
     }
     let Some(a) = answer else { return };
     if let Some(id) = &a.id {
@@ -309,7 +331,10 @@ fn response_attributes(attrs: &mut Vec<KeyValue>, r: &Record, answer: Option<&An
     }
     if !a.finish.is_empty() {
         let reasons: Vec<StringValue> = a.finish.iter().cloned().map(StringValue::from).collect();
-        attrs.push(kv("gen_ai.response.finish_reasons", Value::Array(Array::String(reasons))));
+        attrs.push(kv(
+            "gen_ai.response.finish_reasons",
+            Value::Array(Array::String(reasons)),
+        ));
     }
 }
 
@@ -352,7 +377,11 @@ impl Answer {
     /// One JSON answer or stream event: OpenAI, Anthropic or Gemini shaped.
     fn take(&mut self, v: &serde_json::Value, limit: usize) {
         // Anthropic's stream wraps the message in `message_start`.
-        let v = if v["type"] == "message_start" { &v["message"] } else { v };
+        let v = if v["type"] == "message_start" {
+            &v["message"]
+        } else {
+            v
+        };
         let text = |s: &serde_json::Value| s.as_str().map(str::to_string);
         if self.id.is_none() {
             self.id = text(&v["id"]).or_else(|| text(&v["responseId"]));
@@ -455,12 +484,24 @@ data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text
 data: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":2}}
 "#;
         let a = Answer::read(anthropic, true, 100);
-        assert_eq!((a.id.as_deref(), a.model.as_deref()), (Some("msg_1"), Some("claude-x")));
-        assert_eq!((a.finish.as_slice(), a.text.as_str()), (&["end_turn".to_string()][..], "Hi"));
+        assert_eq!(
+            (a.id.as_deref(), a.model.as_deref()),
+            (Some("msg_1"), Some("claude-x"))
+        );
+        assert_eq!(
+            (a.finish.as_slice(), a.text.as_str()),
+            (&["end_turn".to_string()][..], "Hi")
+        );
         let gemini = br#"{"responseId":"r1","modelVersion":"gemini-2","candidates":[{"finishReason":"STOP","content":{"parts":[{"text":"ok"}]}}]}"#;
         let a = Answer::read(gemini, false, 100);
-        assert_eq!((a.id.as_deref(), a.model.as_deref()), (Some("r1"), Some("gemini-2")));
-        assert_eq!((a.finish.as_slice(), a.text.as_str()), (&["STOP".to_string()][..], "ok"));
+        assert_eq!(
+            (a.id.as_deref(), a.model.as_deref()),
+            (Some("r1"), Some("gemini-2"))
+        );
+        assert_eq!(
+            (a.finish.as_slice(), a.text.as_str()),
+            (&["STOP".to_string()][..], "ok")
+        );
     }
 
     #[test]
@@ -481,7 +522,10 @@ data: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"outpu
         assert_eq!(operation("/v1/messages"), "chat");
         assert_eq!(operation("/v1/completions"), "text_completion");
         assert_eq!(operation("/v1/embeddings"), "embeddings");
-        assert_eq!(operation("/v1beta/models/g:streamGenerateContent"), "generate_content");
+        assert_eq!(
+            operation("/v1beta/models/g:streamGenerateContent"),
+            "generate_content"
+        );
         assert_eq!(operation("/v1/models"), "other");
     }
 }

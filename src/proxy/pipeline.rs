@@ -62,7 +62,11 @@ fn trace_request(t: &mut Traced, config: &Config, alias: &str, body: &[u8]) {
         // Masked before the final cut, so a key across the limit is masked too.
         let head = &body[..body.len().min(s.content_limit + 256)];
         let mut prompt = String::new();
-        push_capped(&mut prompt, &mask_keys(&String::from_utf8_lossy(head)), s.content_limit);
+        push_capped(
+            &mut prompt,
+            &mask_keys(&String::from_utf8_lossy(head)),
+            s.content_limit,
+        );
         t.prompt = Some(prompt);
     }
 }

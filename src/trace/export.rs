@@ -4,7 +4,7 @@
 //! (counted in `tollgate_trace_spans_total{result="dropped"}`, logged at most every 10 s),
 //! and a slow or unreachable collector only ever delays this thread.
 
-use super::{SpanData, Settings};
+use super::{Settings, SpanData};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
 use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope;
@@ -117,7 +117,9 @@ impl Sender {
         let client = match client {
             Ok(c) => Some(c),
             Err(e) => {
-                log::error!("tracing: cannot build the OTLP client: {e}; spans will not be exported");
+                log::error!(
+                    "tracing: cannot build the OTLP client: {e}; spans will not be exported"
+                );
                 None
             }
         };

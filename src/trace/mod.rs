@@ -181,8 +181,12 @@ pub fn parse_traceparent(v: &[u8]) -> Option<(TraceId, SpanId, TraceFlags)> {
     }
     let (head, rest) = v.split_at(55);
     let mut parts = head.split('-');
-    let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let lower_hex = |s: &str| s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let lower_hex = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
     if version.len() != 2 || trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
         return None;
     }
@@ -193,8 +197,12 @@ pub fn parse_traceparent(v: &[u8]) -> Option<(TraceId, SpanId, TraceFlags)> {
     if !rest.is_empty() && !extra_allowed {
         return None;
     }
-    let trace = TraceId::from_hex(trace).ok().filter(|t| *t != TraceId::INVALID)?;
-    let span = SpanId::from_hex(span).ok().filter(|s| *s != SpanId::INVALID)?;
+    let trace = TraceId::from_hex(trace)
+        .ok()
+        .filter(|t| *t != TraceId::INVALID)?;
+    let span = SpanId::from_hex(span)
+        .ok()
+        .filter(|s| *s != SpanId::INVALID)?;
     let flags = u8::from_str_radix(flags, 16).ok()?;
     Some((trace, span, TraceFlags::new(flags & 1)))
 }
@@ -228,7 +236,10 @@ mod tests {
         let unsampled = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
         assert!(!parse_traceparent(unsampled).unwrap().2.is_sampled());
         // A later version may append fields.
-        assert!(parse_traceparent(b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-xyz").is_some());
+        assert!(
+            parse_traceparent(b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-xyz")
+                .is_some()
+        );
         for bad in [
             &b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"[..],
             b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
@@ -238,7 +249,11 @@ mod tests {
             b"00-4bf92f3577b34da6a3ce929d0e0e473-600f067aa0ba902b7-01",
             b"garbage",
         ] {
-            assert!(parse_traceparent(bad).is_none(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_traceparent(bad).is_none(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
