@@ -343,9 +343,13 @@ async fn attempt_all(
                         usage_added,
                     } = prepared;
                     let in_flight = InFlight::new(&server.state);
-                    let mut span = plan.trace.map(|_| {
+                    // Every traced attempt sends its own span id upstream; only a sampled
+                    // one keeps what its span will show.
+                    let span_id = plan.trace.map(|_| crate::trace::TraceCtx::new_span());
+                    let sampled = plan.trace.is_some_and(|t| t.sampled);
+                    let mut span = span_id.filter(|_| sampled).map(|id| {
                         Box::new(AttemptSpan {
-                            id: crate::trace::TraceCtx::new_span(),
+                            id,
                             started: std::time::Instant::now(),
                             ended: std::time::Instant::now(),
                             model: model.to_string(),
@@ -355,10 +359,7 @@ async fn attempt_all(
                             tier: tier_index,
                         })
                     });
-                    let traceparent = plan
-                        .trace
-                        .zip(span.as_ref())
-                        .map(|(t, s)| t.traceparent(s.id));
+                    let traceparent = plan.trace.zip(span_id).map(|(t, id)| t.traceparent(id));
                     let wire = forward::Wire {
                         traceparent: traceparent.as_deref(),
                         suffix: suffix.as_deref().unwrap_or(plan.out.suffix),

@@ -7,13 +7,10 @@
 use super::Record;
 use crate::attempt::{AttemptOutcome, AttemptRecord};
 use crate::config::Config;
-use crate::trace::{KeyValue, SpanData, TraceCtx};
+use crate::trace::wire::{self, Attrs, Enc, Event, Head, Kind, Val};
+use crate::trace::TraceCtx;
 use bytes::Bytes;
-use opentelemetry::trace::{SpanKind, Status};
-use opentelemetry::{Array, InstrumentationScope, StringValue, Value};
-use opentelemetry_sdk::trace::{SpanEvents, SpanLinks};
 use serde::Deserialize;
-use std::borrow::Cow;
 use std::time::{Instant, SystemTime};
 
 /// What a traced request carries besides its record.
@@ -109,21 +106,15 @@ pub fn provider_name(p: crate::provider::Provider) -> &'static str {
     }
 }
 
-fn kv(key: &'static str, value: impl Into<Value>) -> KeyValue {
-    KeyValue::new(key, value)
-}
-
-fn int(n: u64) -> Value {
-    Value::I64(i64::try_from(n).unwrap_or(i64::MAX))
-}
-
-/// The spans of a finished, sampled request: the SERVER span first.
-pub fn build(r: &Record, config: &Config) -> Vec<SpanData> {
+/// Writes the spans of a finished, sampled request into `enc` (the SERVER span first)
+/// and returns how many.
+pub fn write(r: &Record, config: &Config, enc: &mut Enc) -> usize {
     let Some(t) = r.trace.as_deref() else {
-        return Vec::new();
+        return 0;
     };
     let settings = config.tracing.as_ref();
     let limit = settings.map_or(0, |s| s.content_limit);
+    let capture = limit > 0 && settings.is_some_and(|s| s.capture_content);
     let wall = |i: Instant| r.wall + i.saturating_duration_since(r.start);
     let end = SystemTime::now().max(r.wall);
     let op = operation(&r.path);
@@ -131,155 +122,150 @@ pub fn build(r: &Record, config: &Config) -> Vec<SpanData> {
         .answer
         .as_deref()
         .map(|b| Answer::read(b, r.stream, limit));
-    let scope = InstrumentationScope::builder("tollgate")
-        .with_version(env!("CARGO_PKG_VERSION"))
-        .build();
-
-    let mut attrs = vec![
-        kv("gen_ai.operation.name", op),
-        kv("http.request.method", r.method.clone()),
-        kv("url.path", r.path.clone()),
-        kv("tollgate.request_id", r.request_id.clone()),
-    ];
-    if r.status != 0 {
-        attrs.push(kv("http.response.status_code", i64::from(r.status)));
-    }
-    if let Some(m) = &r.model {
-        attrs.push(kv("gen_ai.request.model", m.clone()));
-    }
-    if let Some(p) = r.upstream.as_deref().and_then(|u| config.upstreams.get(u)) {
-        attrs.push(kv("gen_ai.provider.name", provider_name(p.provider)));
-    }
-    request_params(&mut attrs, &t.params);
-    response_attributes(&mut attrs, r, answer.as_ref());
-    if let Some(a) = &t.alias {
-        attrs.push(kv("tollgate.alias", a.clone()));
-    }
-    if let Some(tier) = r
-        .attempts
-        .last()
-        .and_then(|a| a.span.as_ref())
-        .map(|s| s.tier)
-    {
-        attrs.push(kv("tollgate.tier", tier as i64));
-    }
-    for (key, value) in [
-        ("tollgate.key_id", r.key_id.as_ref()),
-        ("tollgate.team", r.team.as_ref()),
-        ("tollgate.upstream", r.upstream.as_ref()),
-        ("tollgate.target", r.target.as_ref()),
-    ] {
-        if let Some(v) = value {
-            attrs.push(kv(key, v.clone()));
-        }
-    }
-    if let Some(c) = r.cost_micro {
-        attrs.push(kv("tollgate.cost_micro_usd", c));
-    }
-    if let Some(c) = r.cache {
-        attrs.push(kv("tollgate.cache", c.as_str()));
-    }
-    if let Some(tr) = r.translation {
-        attrs.push(kv("tollgate.translation", tr));
-    }
-    attrs.push(kv("tollgate.attempts", r.attempts.len() as i64));
-    let mut events = SpanEvents::default();
-    if let Some(first) = r.first_byte {
-        let ttft = first.saturating_duration_since(r.start).as_secs_f64();
-        attrs.push(kv("tollgate.time_to_first_token", ttft));
-        events.events.push(opentelemetry::trace::Event::new(
-            "gen_ai.first_token",
-            wall(first),
-            Vec::new(),
-            0,
-        ));
-    }
     let failed = r.error.map(|e| e.as_str());
-    if let Some(e) = failed {
-        attrs.push(kv("error.type", e));
+    let provider = r
+        .upstream
+        .as_deref()
+        .and_then(|u| config.upstreams.get(u))
+        .map(|u| provider_name(u.provider));
+    let mut name = String::with_capacity(op.len() + 1 + r.model.as_deref().map_or(0, str::len));
+    name.push_str(op);
+    if let Some(m) = &r.model {
+        name.push(' ');
+        name.push_str(m);
     }
-    if limit > 0 && settings.is_some_and(|s| s.capture_content) {
-        if let Some(p) = &t.prompt {
-            events.events.push(content_event(
-                "gen_ai.content.prompt",
-                "gen_ai.prompt",
-                p,
-                r.wall,
-            ));
-        }
-        if let Some(text) = answer.as_ref().map(|a| &a.text).filter(|t| !t.is_empty()) {
-            let text = mask_keys(text);
-            events.events.push(content_event(
-                "gen_ai.content.completion",
-                "gen_ai.completion",
-                &text,
-                end,
-            ));
-        }
-    }
-    let name = match &r.model {
-        Some(m) => format!("{op} {m}"),
-        None => op.to_string(),
+    let head = Head {
+        trace_id: t.ctx.trace_id,
+        span_id: t.ctx.span_id,
+        parent: t.ctx.parent,
+        parent_is_remote: t.ctx.parent.is_some(),
+        sampled: true,
+        state: t.ctx.state.as_deref(),
+        name: &name,
+        kind: Kind::Server,
+        start: r.wall,
+        end,
+        error: failed.is_some() || r.status >= 500,
     };
-    let server = SpanData {
-        span_context: t.ctx.context(t.ctx.span_id),
-        parent_span_id: t.ctx.parent.unwrap_or(crate::trace::SpanId::INVALID),
-        parent_span_is_remote: t.ctx.parent.is_some(),
-        span_kind: SpanKind::Server,
-        name: Cow::Owned(name),
-        start_time: r.wall,
-        end_time: end,
-        attributes: attrs,
-        dropped_attributes_count: 0,
-        events,
-        links: SpanLinks::default(),
-        status: status(failed.is_some() || r.status >= 500),
-        instrumentation_scope: scope.clone(),
-    };
-    let mut spans = vec![server];
+    wire::span(enc, &head, |a, events| {
+        a.str("gen_ai.operation.name", op);
+        a.str("http.request.method", &r.method);
+        a.str("url.path", &r.path);
+        a.str("tollgate.request_id", &r.request_id);
+        if r.status != 0 {
+            a.int("http.response.status_code", u64::from(r.status));
+        }
+        if let Some(m) = &r.model {
+            a.str("gen_ai.request.model", m);
+        }
+        if let Some(p) = provider {
+            a.str("gen_ai.provider.name", p);
+        }
+        request_params(a, &t.params);
+        response_attributes(a, r, answer.as_ref());
+        if let Some(alias) = &t.alias {
+            a.str("tollgate.alias", alias);
+        }
+        if let Some(s) = r.attempts.last().and_then(|a| a.span.as_ref()) {
+            a.int("tollgate.tier", s.tier as u64);
+        }
+        for (key, value) in [
+            ("tollgate.key_id", &r.key_id),
+            ("tollgate.team", &r.team),
+            ("tollgate.upstream", &r.upstream),
+            ("tollgate.target", &r.target),
+        ] {
+            if let Some(v) = value {
+                a.str(key, v);
+            }
+        }
+        if let Some(c) = r.cost_micro {
+            a.add("tollgate.cost_micro_usd", Val::Int(c));
+        }
+        if let Some(c) = r.cache {
+            a.str("tollgate.cache", c.as_str());
+        }
+        if let Some(tr) = r.translation {
+            a.str("tollgate.translation", tr);
+        }
+        a.int("tollgate.attempts", r.attempts.len() as u64);
+        if let Some(first) = r.first_byte {
+            let ttft = first.saturating_duration_since(r.start).as_secs_f64();
+            a.add("tollgate.time_to_first_token", Val::F64(ttft));
+            events.push(Event {
+                name: "gen_ai.first_token",
+                at: wall(first),
+                attr: None,
+            });
+        }
+        if let Some(e) = failed {
+            a.str("error.type", e);
+        }
+        if capture {
+            if let Some(p) = &t.prompt {
+                events.push(Event {
+                    name: "gen_ai.content.prompt",
+                    at: r.wall,
+                    attr: Some(("gen_ai.prompt", p.clone())),
+                });
+            }
+            if let Some(text) = answer.as_ref().map(|a| &a.text).filter(|t| !t.is_empty()) {
+                events.push(Event {
+                    name: "gen_ai.content.completion",
+                    at: end,
+                    attr: Some(("gen_ai.completion", mask_keys(text))),
+                });
+            }
+        }
+    });
+    let mut n = 1;
     let last = r.attempts.len().checked_sub(1);
-    for (i, a) in r.attempts.iter().enumerate() {
-        let Some(s) = &a.span else { continue };
+    let mut attempt_name = String::new();
+    for (i, at) in r.attempts.iter().enumerate() {
+        let Some(s) = &at.span else { continue };
         // The attempt that answered lasts as long as its answer.
         let delivered = Some(i) == last && r.target.is_some();
-        let mut attrs = vec![
-            kv("gen_ai.operation.name", op),
-            kv("gen_ai.provider.name", provider_name(s.provider)),
-            kv("gen_ai.request.model", s.model.clone()),
-            kv("server.address", s.address.clone()),
-            kv("server.port", i64::from(s.port)),
-            kv("tollgate.upstream", a.upstream.clone()),
-            kv("tollgate.target", a.target.clone()),
-            kv("tollgate.tier", s.tier as i64),
-        ];
-        if let Some(code) = a.status {
-            attrs.push(kv("http.response.status_code", i64::from(code)));
-        }
-        let error = attempt_error(a);
-        if let Some(e) = error {
-            attrs.push(kv("error.type", e));
-        }
-        if delivered {
-            request_params(&mut attrs, &t.params);
-            response_attributes(&mut attrs, r, answer.as_ref());
-        }
-        spans.push(SpanData {
-            span_context: t.ctx.context(s.id),
-            parent_span_id: t.ctx.span_id,
-            parent_span_is_remote: false,
-            span_kind: SpanKind::Client,
-            name: Cow::Owned(format!("{op} {}", s.model)),
-            start_time: wall(s.started),
-            end_time: if delivered { end } else { wall(s.ended) },
-            attributes: attrs,
-            dropped_attributes_count: 0,
-            events: SpanEvents::default(),
-            links: SpanLinks::default(),
-            status: status(error.is_some() || delivered && failed.is_some()),
-            instrumentation_scope: scope.clone(),
+        let error = attempt_error(at);
+        attempt_name.clear();
+        attempt_name.push_str(op);
+        attempt_name.push(' ');
+        attempt_name.push_str(&s.model);
+        let head = Head {
+            trace_id: t.ctx.trace_id,
+            span_id: s.id,
+            parent: Some(t.ctx.span_id),
+            parent_is_remote: false,
+            sampled: true,
+            state: t.ctx.state.as_deref(),
+            name: &attempt_name,
+            kind: Kind::Client,
+            start: wall(s.started),
+            end: if delivered { end } else { wall(s.ended) },
+            error: error.is_some() || delivered && failed.is_some(),
+        };
+        wire::span(enc, &head, |a, _| {
+            a.str("gen_ai.operation.name", op);
+            a.str("gen_ai.provider.name", provider_name(s.provider));
+            a.str("gen_ai.request.model", &s.model);
+            a.str("server.address", &s.address);
+            a.int("server.port", u64::from(s.port));
+            a.str("tollgate.upstream", &at.upstream);
+            a.str("tollgate.target", &at.target);
+            a.int("tollgate.tier", s.tier as u64);
+            if let Some(code) = at.status {
+                a.int("http.response.status_code", u64::from(code));
+            }
+            if let Some(e) = error {
+                a.str("error.type", e);
+            }
+            if delivered {
+                request_params(a, &t.params);
+                response_attributes(a, r, answer.as_ref());
+            }
         });
+        n += 1;
     }
-    spans
+    n
 }
 
 /// Why an attempt failed, as its failover class; `None` for the one delivered.
@@ -290,61 +276,37 @@ fn attempt_error(a: &AttemptRecord) -> Option<&'static str> {
     }
 }
 
-fn status(error: bool) -> Status {
-    if error {
-        Status::error("")
-    } else {
-        Status::Unset
-    }
-}
-
-fn request_params(attrs: &mut Vec<KeyValue>, p: &Params) {
+fn request_params(a: &mut Attrs, p: &Params) {
     let g = p.generation.as_ref();
     if let Some(n) = p.max_tokens() {
-        attrs.push(kv("gen_ai.request.max_tokens", int(n)));
+        a.int("gen_ai.request.max_tokens", n);
     }
     if let Some(v) = p.temperature.or(g.and_then(|g| g.temperature)) {
-        attrs.push(kv("gen_ai.request.temperature", v));
+        a.add("gen_ai.request.temperature", Val::F64(v));
     }
     if let Some(v) = p.top_p.or(g.and_then(|g| g.top_p)) {
-        attrs.push(kv("gen_ai.request.top_p", v));
+        a.add("gen_ai.request.top_p", Val::F64(v));
     }
 }
 
-fn response_attributes(attrs: &mut Vec<KeyValue>, r: &Record, answer: Option<&Answer>) {
+fn response_attributes(a: &mut Attrs, r: &Record, answer: Option<&Answer>) {
     if let Some(u) = &r.usage {
         // Input tokens include the cached ones, as the conventions count them.
-        attrs.push(kv("gen_ai.usage.input_tokens", int(u.input)));
-        attrs.push(kv("gen_ai.usage.output_tokens", int(u.output)));
-        attrs.push(kv("gen_ai.usage.cache_read.input_tokens", int(u.cached)));
-        attrs.push(kv(
-            "gen_ai.usage.cache_creation.input_tokens",
-            int(u.cache_write),
-        ));
+        a.int("gen_ai.usage.input_tokens", u.input);
+        a.int("gen_ai.usage.output_tokens", u.output);
+        a.int("gen_ai.usage.cache_read.input_tokens", u.cached);
+        a.int("gen_ai.usage.cache_creation.input_tokens", u.cache_write);
     }
-    let Some(a) = answer else { return };
-    if let Some(id) = &a.id {
-        attrs.push(kv("gen_ai.response.id", id.clone()));
+    let Some(answer) = answer else { return };
+    if let Some(id) = &answer.id {
+        a.str("gen_ai.response.id", id);
     }
-    if let Some(m) = &a.model {
-        attrs.push(kv("gen_ai.response.model", m.clone()));
+    if let Some(m) = &answer.model {
+        a.str("gen_ai.response.model", m);
     }
-    if !a.finish.is_empty() {
-        let reasons: Vec<StringValue> = a.finish.iter().cloned().map(StringValue::from).collect();
-        attrs.push(kv(
-            "gen_ai.response.finish_reasons",
-            Value::Array(Array::String(reasons)),
-        ));
+    if !answer.finish.is_empty() {
+        a.add("gen_ai.response.finish_reasons", Val::Strs(&answer.finish));
     }
-}
-
-fn content_event(
-    name: &'static str,
-    key: &'static str,
-    text: &str,
-    at: SystemTime,
-) -> opentelemetry::trace::Event {
-    opentelemetry::trace::Event::new(name, at, vec![kv(key, text.to_string())], 0)
 }
 
 /// What the answer says about itself, in whichever format the client received it.

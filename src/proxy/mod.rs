@@ -185,7 +185,11 @@ impl ProxyHttp for Gateway {
         observe::finish(&ctx.record, &config);
         if let Some(t) = &self.tracer {
             if ctx.record.trace.as_ref().is_some_and(|t| t.ctx.sampled) {
-                t.export(observe::spans::build(&ctx.record, &config));
+                SPANS.with_borrow_mut(|enc| {
+                    enc.buf.clear();
+                    let n = observe::spans::write(&ctx.record, &config, enc);
+                    t.export(&enc.buf, n);
+                });
             }
         }
         // The record's last use: its strings move into the row.
@@ -193,6 +197,12 @@ impl ProxyHttp for Gateway {
             self.usage.push(row);
         }
     }
+}
+
+thread_local! {
+    /// Where a finished request's spans are written before they are queued, kept per
+    /// thread so that no request allocates its own.
+    static SPANS: std::cell::RefCell<crate::trace::wire::Enc> = std::cell::RefCell::default();
 }
 
 /// The limit scopes a request of `caller` from `client_ip` counts in.

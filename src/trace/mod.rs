@@ -5,16 +5,16 @@
 //! (and `tracestate`) is read, the parent-based sampler of the OpenTelemetry SDK decides,
 //! and span ids are drawn for the request's SERVER span and, as they happen, for each
 //! upstream attempt's CLIENT span (whose id goes upstream in `traceparent`). The spans
-//! themselves are built once, when the request has ended (`observe::spans`), from what the
-//! access log records: nothing is kept open while a stream runs. Unsampled requests still
-//! carry their trace id upstream (flag `00`) and are never exported.
+//! themselves are written once, when the request has ended (`observe::spans`), from what
+//! the access log records, straight into OTLP protobuf (`wire`): nothing is kept open
+//! while a stream runs. Unsampled requests still carry their trace id upstream (flag
+//! `00`) and are never exported.
 
 mod export;
+pub mod wire;
 
 pub use export::Exporter;
 pub use opentelemetry::trace::{SpanId, TraceId};
-pub use opentelemetry::KeyValue;
-pub use opentelemetry_sdk::trace::SpanData;
 
 use crate::secret::Secret;
 use opentelemetry::trace::{SpanContext, SpanKind, TraceContextExt, TraceFlags, TraceState};
@@ -121,11 +121,10 @@ impl Tracer {
         }
     }
 
-    /// Queues finished spans for export; a full queue drops them (counted).
-    pub fn export(&self, spans: Vec<SpanData>) {
-        for span in spans {
-            self.exporter.push(span);
-        }
+    /// Queues `n` finished spans written by [`wire::span`]; a full queue drops them
+    /// (counted).
+    pub fn export(&self, spans: &[u8], n: usize) {
+        self.exporter.push(spans, n);
     }
 
     /// Sends what is queued and waits up to `timeout` for it to be exported.
@@ -142,32 +141,28 @@ impl TraceCtx {
 
     /// The `traceparent` value that makes `span` the parent of what it calls.
     pub fn traceparent(&self, span: SpanId) -> String {
-        format!(
-            "00-{}-{}-{}",
-            self.trace_id,
-            span,
-            if self.sampled { "01" } else { "00" }
-        )
+        let mut s = String::with_capacity(55);
+        s.push_str("00-");
+        push_hex(&mut s, &self.trace_id.to_bytes());
+        s.push('-');
+        push_hex(&mut s, &span.to_bytes());
+        s.push_str(if self.sampled { "-01" } else { "-00" });
+        s
     }
 
     /// The trace id, 32 lowercase hex digits.
     pub fn trace_id_hex(&self) -> String {
-        self.trace_id.to_string()
+        let mut s = String::with_capacity(32);
+        push_hex(&mut s, &self.trace_id.to_bytes());
+        s
     }
+}
 
-    /// The span context of a span of this trace.
-    pub fn context(&self, span: SpanId) -> SpanContext {
-        let state = self
-            .state
-            .as_deref()
-            .and_then(|s| s.parse::<TraceState>().ok())
-            .unwrap_or_default();
-        let flags = if self.sampled {
-            TraceFlags::SAMPLED
-        } else {
-            TraceFlags::default()
-        };
-        SpanContext::new(self.trace_id, span, flags, false, state)
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 15)] as char);
     }
 }
 
