@@ -41,6 +41,7 @@ class Sink(BaseHTTPRequestHandler):
     def log_message(self, *a): pass
 ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
 PY
+SINK_PID=$!
 
 names=(off sampled all)
 tracing_of() { case $1 in
@@ -73,18 +74,19 @@ local f = io.open("$work/body.json", "rb"); wrk.body = f:read("*a"); f:close()
 LUA
 HZ=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-declare -A rps cpu
+declare -A rps cpu sink
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 for round in $(seq "$ROUNDS"); do
   for i in 0 1 2; do
     n=${names[$(( (i + round) % 3 ))]}
-    c0=$(cpu_ticks "${pid[$n]}")
+    c0=$(cpu_ticks "${pid[$n]}"); s0=$(cpu_ticks "$SINK_PID")
     out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$work/post.lua" "http://127.0.0.1:${port[$n]}/v1/chat/completions")
-    c1=$(cpu_ticks "${pid[$n]}")
+    c1=$(cpu_ticks "${pid[$n]}"); s1=$(cpu_ticks "$SINK_PID")
     done_n=$(echo "$out" | awk '/requests in/ {print $1}')
     if echo "$out" | grep -q Non-2xx; then echo "$n answered non-2xx responses:" >&2; echo "$out" >&2; exit 1; fi
     rps[$n]="${rps[$n]:-} $(echo "$out" | awk '/Requests\/sec/ {print $2}')"
     cpu[$n]="${cpu[$n]:-} $(python3 -c "print(($c1-$c0)/$HZ/$done_n*10000)")"
+    sink[$n]="${sink[$n]:-} $(python3 -c "print(($s1-$s0)/$HZ/$done_n*10000)")"
   done
 done
 sleep 2  # the last batches are sent within batch_delay (1 s)
@@ -95,6 +97,7 @@ r_off=$(echo "${rps[off]}" | median); r_s=$(echo "${rps[sampled]}" | median); r_
 c_off=$(echo "${cpu[off]}" | median); c_s=$(echo "${cpu[sampled]}" | median); c_a=$(echo "${cpu[all]}" | median)
 awk -v o="$r_off" -v s="$r_s" -v a="$r_a" 'BEGIN {printf "| requests/s | %.0f | %.0f (%.3f x) | %.0f (%.3f x) |\n", o, s, s / o, a, a / o}'
 awk -v o="$c_off" -v s="$c_s" -v a="$c_a" 'BEGIN {printf "| gateway CPU seconds per 10,000 requests | %.3f | %.3f (%.3f x) | %.3f (%.3f x) |\n", o, s, s / o, a, a / o}'
+awk -v o="$(echo "${sink[off]}" | median)" -v s="$(echo "${sink[sampled]}" | median)" -v a="$(echo "${sink[all]}" | median)" 'BEGIN {printf "| the collector'"'"'s CPU seconds per 10,000 requests (same machine) | %.3f | %.3f | %.3f |\n", o, s, a}'
 echo "| spans exported | $(spans off) | $(spans sampled) | $(spans all) |"
 echo
 echo "collector: $(cat "$work/sink.count" 2>/dev/null || echo '0 0') (export requests, bytes); $(date -u +%F)"

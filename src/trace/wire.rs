@@ -32,22 +32,31 @@ impl Enc {
         self.buf.push(v as u8);
     }
 
-    /// A length-delimited field written by `f`.
+    /// A length-delimited field written by `f`. One byte is kept for the length (most
+    /// attributes are shorter than 128 bytes); a longer message is moved up to make room.
     pub fn message(&mut self, field: u32, f: impl FnOnce(&mut Enc)) {
         self.key(field, LEN);
+        self.buf.push(0);
         let start = self.buf.len();
         f(self);
-        let n = (self.buf.len() - start) as u64;
+        let n = self.buf.len() - start;
+        if n < 0x80 {
+            self.buf[start - 1] = n as u8;
+            return;
+        }
         let mut len = [0u8; 10];
         let mut i = 0;
-        let mut v = n;
+        let mut v = n as u64;
         while v >= 0x80 {
             len[i] = (v as u8) | 0x80;
             v >>= 7;
             i += 1;
         }
         len[i] = v as u8;
-        self.buf.splice(start..start, len[..=i].iter().copied());
+        let end = self.buf.len();
+        self.buf.resize(end + i, 0);
+        self.buf.copy_within(start..end, start + i);
+        self.buf[start - 1..=start - 1 + i].copy_from_slice(&len[..=i]);
     }
 
     pub fn bytes(&mut self, field: u32, b: &[u8]) {
