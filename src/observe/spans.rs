@@ -1,8 +1,10 @@
 //! A finished request as OpenTelemetry spans (`tracing.*`), named and attributed by the
 //! GenAI semantic conventions: one SERVER span for the client's request, named
-//! `{operation} {model}`, and one CLIENT span per upstream attempt as its child. Built
-//! once, when the request has ended, from the record the access log is written from; the
-//! span of the attempt that answered, like the request's, ends after the last byte.
+//! `{operation} {model}`, and one CLIENT span per upstream attempt as its child; what the
+//! answer reports (its id, model, finish reasons, token usage) is on the attempt that
+//! delivered it. Written once, when the request has ended, from the record the access
+//! log is written from; the span of the attempt that answered, like the request's, ends
+//! after the last byte.
 
 use super::Record;
 use crate::attempt::{AttemptOutcome, AttemptRecord};
@@ -162,7 +164,12 @@ pub fn write(r: &Record, config: &Config, enc: &mut Enc) -> usize {
             a.str("gen_ai.provider.name", p);
         }
         request_params(a, &t.params);
-        response_attributes(a, r, answer.as_ref());
+        // The answer's model, id, reasons and usage are the attempt's that delivered it:
+        // on one span only, so that a backend summing token usage over spans counts
+        // them once. A cache hit (no attempt) carries them here.
+        if r.attempts.iter().all(|a| a.span.is_none()) {
+            response_attributes(a, r, answer.as_ref());
+        }
         if let Some(alias) = &t.alias {
             a.str("tollgate.alias", alias);
         }
