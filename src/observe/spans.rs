@@ -13,6 +13,7 @@ use crate::trace::wire::{self, Attrs, Enc, Event, Head, Kind, Val};
 use crate::trace::TraceCtx;
 use bytes::Bytes;
 use serde::Deserialize;
+use std::borrow::Cow;
 use std::time::{Instant, SystemTime};
 
 /// What a traced request carries besides its record.
@@ -332,59 +333,195 @@ impl Answer {
         if sse {
             for line in body.split(|b| *b == b'\n') {
                 if let Some(data) = line.strip_prefix(b"data:") {
-                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data.trim_ascii()) {
-                        a.take(&v, limit);
+                    if let Ok(d) = serde_json::from_slice::<Doc>(data.trim_ascii()) {
+                        a.take(d, limit);
                     }
                 }
             }
-        } else if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
-            a.take(&v, limit);
+        } else if let Ok(d) = serde_json::from_slice::<Doc>(body) {
+            a.take(d, limit);
         }
         a
     }
 
     /// One JSON answer or stream event: OpenAI, Anthropic or Gemini shaped.
-    fn take(&mut self, v: &serde_json::Value, limit: usize) {
+    fn take(&mut self, d: Doc, limit: usize) {
         // Anthropic's stream wraps the message in `message_start`.
-        let v = if v["type"] == "message_start" {
-            &v["message"]
-        } else {
-            v
+        let d = match d.message {
+            Some(m) if d.kind.as_ref().and_then(|t| t.0.as_deref()) == Some("message_start") => *m,
+            _ => d,
         };
-        let text = |s: &serde_json::Value| s.as_str().map(str::to_string);
+        let own = |t: Option<Text>| t.and_then(|t| t.0).map(Cow::into_owned);
         if self.id.is_none() {
-            self.id = text(&v["id"]).or_else(|| text(&v["responseId"]));
+            self.id = own(d.id).or_else(|| own(d.response_id));
         }
         if self.model.is_none() {
-            self.model = text(&v["model"]).or_else(|| text(&v["modelVersion"]));
+            self.model = own(d.model).or_else(|| own(d.model_version));
         }
-        let mut add_reason = |r: Option<&str>| {
-            if let Some(r) = r {
-                self.finish.push(r.to_string());
+        let delta = d.delta.unwrap_or_default();
+        let mut reasons = vec![d.stop_reason, delta.stop_reason];
+        let mut pieces: Vec<Text> = Vec::new();
+        for c in d.choices {
+            reasons.push(c.finish_reason);
+            pieces.extend(c.message.and_then(|m| m.content));
+            pieces.extend(c.delta.and_then(|m| m.content));
+            pieces.extend(c.text);
+        }
+        for c in d.candidates {
+            reasons.push(c.finish_reason);
+            pieces.extend(
+                c.content
+                    .into_iter()
+                    .flat_map(|c| c.parts)
+                    .filter_map(|p| p.text),
+            );
+        }
+        pieces.extend(d.content.into_iter().filter_map(|b| b.text));
+        pieces.extend(delta.text);
+        self.finish.extend(reasons.into_iter().filter_map(own));
+        for p in pieces.into_iter().filter_map(|p| p.0) {
+            push_capped(&mut self.text, &p, limit);
+        }
+    }
+}
+
+/// The members of an answer or stream event that a span shows, borrowed from it where
+/// they hold no escape; the rest is skipped unread.
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Doc<'a> {
+    #[serde(borrow, rename = "type")]
+    kind: Option<Text<'a>>,
+    #[serde(borrow)]
+    id: Option<Text<'a>>,
+    #[serde(borrow, rename = "responseId")]
+    response_id: Option<Text<'a>>,
+    #[serde(borrow)]
+    model: Option<Text<'a>>,
+    #[serde(borrow, rename = "modelVersion")]
+    model_version: Option<Text<'a>>,
+    #[serde(borrow)]
+    stop_reason: Option<Text<'a>>,
+    #[serde(borrow)]
+    message: Option<Box<Doc<'a>>>,
+    #[serde(borrow)]
+    delta: Option<Delta<'a>>,
+    #[serde(borrow)]
+    choices: Vec<Choice<'a>>,
+    #[serde(borrow)]
+    candidates: Vec<Candidate<'a>>,
+    #[serde(borrow)]
+    content: Vec<Part<'a>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Delta<'a> {
+    #[serde(borrow)]
+    stop_reason: Option<Text<'a>>,
+    #[serde(borrow)]
+    text: Option<Text<'a>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Choice<'a> {
+    #[serde(borrow)]
+    finish_reason: Option<Text<'a>>,
+    #[serde(borrow)]
+    message: Option<ChoiceText<'a>>,
+    #[serde(borrow)]
+    delta: Option<ChoiceText<'a>>,
+    #[serde(borrow)]
+    text: Option<Text<'a>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct ChoiceText<'a> {
+    #[serde(borrow)]
+    content: Option<Text<'a>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Candidate<'a> {
+    #[serde(borrow, rename = "finishReason")]
+    finish_reason: Option<Text<'a>>,
+    #[serde(borrow)]
+    content: Option<Parts<'a>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Parts<'a> {
+    #[serde(borrow)]
+    parts: Vec<Part<'a>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Part<'a> {
+    #[serde(borrow)]
+    text: Option<Text<'a>>,
+}
+
+/// A string member, or `None` for a member of any other type (`null`, an array of
+/// content parts, ...), which is skipped rather than failing the whole event.
+#[derive(Default)]
+struct Text<'a>(Option<Cow<'a, str>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any value")
             }
-        };
-        add_reason(v["stop_reason"].as_str());
-        add_reason(v["delta"]["stop_reason"].as_str());
-        let mut pieces: Vec<&str> = Vec::new();
-        for c in v["choices"].as_array().into_iter().flatten() {
-            add_reason(c["finish_reason"].as_str());
-            pieces.extend(c["message"]["content"].as_str());
-            pieces.extend(c["delta"]["content"].as_str());
-            pieces.extend(c["text"].as_str());
-        }
-        for c in v["candidates"].as_array().into_iter().flatten() {
-            add_reason(c["finishReason"].as_str());
-            for p in c["content"]["parts"].as_array().into_iter().flatten() {
-                pieces.extend(p["text"].as_str());
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Text(Some(Cow::Borrowed(v))))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Text(Some(Cow::Owned(v.to_string()))))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Text(Some(Cow::Owned(v))))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Text(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Text(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Text(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Text(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Text(None))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Self::Value, A::Error> {
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Text(None))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Self::Value, A::Error> {
+                while a
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Text(None))
             }
         }
-        for c in v["content"].as_array().into_iter().flatten() {
-            pieces.extend(c["text"].as_str());
-        }
-        pieces.extend(v["delta"]["text"].as_str());
-        for p in pieces {
-            push_capped(&mut self.text, p, limit);
-        }
+        d.deserialize_any(V)
     }
 }
 
@@ -471,6 +608,13 @@ data: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"outpu
             (a.finish.as_slice(), a.text.as_str()),
             (&["STOP".to_string()][..], "ok")
         );
+        // Members of another type than expected (a tool call's null content, content
+        // parts, a number) are skipped, not the whole answer.
+        let tools = br#"{"id":"c2","model":"m","choices":[{"message":{"content":null,"tool_calls":[{"id":"t"}]},"finish_reason":"tool_calls"},{"message":{"content":[{"type":"text","text":"x"}]},"finish_reason":7}]}"#;
+        let a = Answer::read(tools, false, 100);
+        assert_eq!(a.id.as_deref(), Some("c2"));
+        assert_eq!(a.finish, ["tool_calls"]);
+        assert_eq!(a.text, "");
     }
 
     #[test]
