@@ -28,6 +28,17 @@ pub struct RequestFacts {
     pub include_usage: bool,
     /// Offset of the object's opening brace.
     pub open: usize,
+    /// Where the sampling parameters are, read only for a traced request.
+    pub sampling: SamplingSpans,
+}
+
+/// Byte ranges of `temperature`, `top_p` and Gemini's `generationConfig` in the body
+/// (their values are not read on the way).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SamplingSpans {
+    pub temperature: Option<Range<usize>>,
+    pub top_p: Option<Range<usize>>,
+    pub generation: Option<Range<usize>>,
 }
 
 #[derive(Deserialize)]
@@ -48,6 +59,12 @@ struct Head<'a> {
     best_of: Option<serde_json::Number>,
     #[serde(default, borrow)]
     stream_options: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    temperature: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    top_p: Option<&'a RawValue>,
+    #[serde(default, borrow, rename = "generationConfig")]
+    generation: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -135,6 +152,10 @@ pub fn scan(body: &[u8], suffix: &str) -> Result<RequestFacts, String> {
         choices = choices.max(n);
     }
     // RawValue borrows from `text`, so its position is the value's offset in the body.
+    let span = |r: &RawValue| {
+        let start = r.get().as_ptr() as usize - text.as_ptr() as usize;
+        start..start + r.get().len()
+    };
     let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
     Ok(RequestFacts {
         model,
@@ -148,6 +169,11 @@ pub fn scan(body: &[u8], suffix: &str) -> Result<RequestFacts, String> {
                 .is_ok_and(|o| o.include_usage == Some(true))
         }),
         open: text.len() - text.trim_start().len(),
+        sampling: SamplingSpans {
+            temperature: head.temperature.map(span),
+            top_p: head.top_p.map(span),
+            generation: head.generation.map(span),
+        },
     })
 }
 

@@ -41,19 +41,14 @@ impl Traced {
     }
 }
 
-/// The request parameters the conventions name, read from the client's body.
-#[derive(Debug, Default, Deserialize)]
+/// The request parameters the conventions name.
+#[derive(Debug, Default)]
 pub struct Params {
-    #[serde(default)]
+    /// The completion budget the endpoint reads.
     pub max_tokens: Option<u64>,
-    #[serde(default)]
-    pub max_completion_tokens: Option<u64>,
-    #[serde(default)]
     pub temperature: Option<f64>,
-    #[serde(default)]
     pub top_p: Option<f64>,
     /// Gemini's native body.
-    #[serde(default, rename = "generationConfig")]
     pub generation: Option<Generation>,
 }
 
@@ -68,16 +63,23 @@ pub struct Generation {
 }
 
 impl Params {
-    /// The parameters of a JSON body (none, if it does not parse).
-    pub fn read(body: &[u8]) -> Params {
-        serde_json::from_slice(body).unwrap_or_default()
+    /// The parameters of a body whose facts were read (only their values are parsed
+    /// here; a value of the wrong type is left out).
+    pub fn read(body: &[u8], facts: &crate::body::RequestFacts) -> Params {
+        let s = &facts.sampling;
+        let at = |r: &Option<std::ops::Range<usize>>| r.clone().and_then(|r| body.get(r));
+        let number = |r| at(r).and_then(|v| serde_json::from_slice::<f64>(v).ok());
+        Params {
+            max_tokens: facts.max_tokens,
+            temperature: number(&s.temperature),
+            top_p: number(&s.top_p),
+            generation: at(&s.generation).and_then(|v| serde_json::from_slice(v).ok()),
+        }
     }
 
     fn max_tokens(&self) -> Option<u64> {
         let g = self.generation.as_ref();
-        self.max_tokens
-            .or(self.max_completion_tokens)
-            .or(g.and_then(|g| g.max_tokens))
+        self.max_tokens.or(g.and_then(|g| g.max_tokens))
     }
 }
 
@@ -627,6 +629,22 @@ data: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"outpu
         let mut s = String::new();
         push_capped(&mut s, "héllo", 2);
         assert_eq!(s, "h", "a cut never splits a character");
+    }
+
+    #[test]
+    fn sampling_parameters_are_read_where_the_body_scan_found_them() {
+        let body = br#"{"model":"m","temperature":"hot","top_p":0.5,"max_tokens":9,"messages":[{"role":"user","content":"{\"temperature\":1}"}]}"#;
+        let facts = crate::body::scan(body, "/chat/completions").unwrap();
+        let p = Params::read(body, &facts);
+        assert_eq!(
+            (p.max_tokens(), p.temperature, p.top_p),
+            (Some(9), None, Some(0.5))
+        );
+        let gemini = br#"{"contents":[],"model":"g","generationConfig":{"temperature":0.2,"maxOutputTokens":7}}"#;
+        let facts = crate::body::scan(gemini, "/models/g:generateContent").unwrap();
+        let p = Params::read(gemini, &facts);
+        let g = p.generation.as_ref().unwrap();
+        assert_eq!((p.max_tokens(), g.temperature), (Some(7), Some(0.2)));
     }
 
     #[test]

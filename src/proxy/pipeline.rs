@@ -52,12 +52,18 @@ fn sampled(ctx: &RequestCtx) -> bool {
 
 /// What a sampled trace reads from the request: its alias, the parameters the GenAI
 /// conventions name and, with `tracing.capture_content`, the prompt (capped, keys masked).
-fn trace_request(t: &mut Traced, config: &Config, alias: &str, body: &[u8]) {
+fn trace_request(
+    t: &mut Traced,
+    config: &Config,
+    alias: &str,
+    body: &[u8],
+    facts: &body::RequestFacts,
+) {
     if !t.ctx.sampled {
         return;
     }
     t.alias = Some(alias.to_string());
-    t.params = Params::read(body);
+    t.params = Params::read(body, facts);
     if let Some(s) = config.tracing.as_ref().filter(|s| s.capture_content) {
         // Masked before the final cut, so a key across the limit is masked too.
         let head = &body[..body.len().min(s.content_limit + 256)];
@@ -100,7 +106,7 @@ impl Gateway {
             .resolve(&facts.model)
             .ok_or_else(|| GatewayError::ModelNotFound(facts.model.clone()))?;
         if let Some(t) = ctx.record.trace.as_deref_mut() {
-            trace_request(t, config, &alias.name, &body);
+            trace_request(t, config, &alias.name, &body, &facts);
         }
         if !caller.may_use(&facts.model) {
             return Err(GatewayError::ModelNotAllowed(facts.model.clone()).into());
