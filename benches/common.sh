@@ -40,6 +40,16 @@ write_body() {
   python3 -c 'import json; print(json.dumps({"model":"bench","messages":[{"role":"system","content":"You are a terse assistant."},{"role":"user","content":("Summarise the following text. "+"lorem ipsum dolor sit amet "*35)[:900]}],"temperature":0.2,"max_tokens":64}), end="")' > "$1"
 }
 
+# write_post_lua FILE BODY KEY: a wrk script that POSTs the JSON in BODY with KEY.
+write_post_lua() {
+  cat > "$1" <<LUA
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $3"
+local f = io.open("$2", "rb"); wrk.body = f:read("*a"); f:close()
+LUA
+}
+
 # tollgate_features WORK LISTEN_PORT ADMIN_PORT KEY: the server section, one client key
 # with limits, and global and per-IP limits (auth, rate limits, metrics and the access log
 # on: what users run). The caller appends upstreams and models.

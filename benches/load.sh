@@ -89,12 +89,7 @@ NGX_PIDS="$NGX_MASTER $(pgrep -P "$NGX_MASTER" | tr '\n' ' ')"
 
 # A ~1 KB chat completion body.
 write_body "$work/body.json"
-cat > "$work/post.lua" <<LUA
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $KEY"
-local f = io.open("$work/body.json", "rb"); wrk.body = f:read("*a"); f:close()
-LUA
+write_post_lua "$work/post.lua" "$work/body.json" "$KEY"
 
 url_of() { case $1 in direct) echo "http://127.0.0.1:$MOCK/v1/chat/completions";; nginx) echo "http://127.0.0.1:$NGX/v1/chat/completions";; tollgate) echo "http://127.0.0.1:$TG/v1/chat/completions";; esac; }
 pids_of() { case $1 in direct) echo "${pids[0]}";; nginx) echo "$NGX_PIDS";; tollgate) echo "$TG_PID";; esac; }

@@ -66,12 +66,7 @@ for n in "${names[@]}"; do
   for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:${port[$n]}/health" && break; sleep 0.2; done
 done
 write_body "$work/body.json"
-cat > "$work/post.lua" <<LUA
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $KEY"
-local f = io.open("$work/body.json", "rb"); wrk.body = f:read("*a"); f:close()
-LUA
+write_post_lua "$work/post.lua" "$work/body.json" "$KEY"
 HZ=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 declare -A rps cpu sink
