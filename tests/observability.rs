@@ -306,11 +306,17 @@ async fn a_stream_cut_before_its_usage_is_counted_as_such_and_aborts_by_reason()
     let mut text = String::new();
     for _ in 0..50 {
         text = scrape(&gw).await;
+        // Both figures of the second request: they are counted one after the other.
         if value(
             &text,
             "tollgate_stream_aborts_total",
             &[("reason", "client_disconnect")],
         ) == 1.0
+            && value(
+                &text,
+                "tollgate_usage_unreported_total",
+                &[("model", "m"), ("reason", "stream_cut")],
+            ) == 2.0
         {
             break;
         }
