@@ -6,8 +6,6 @@
 
 use clap::{Args, Subcommand};
 use serde_json::{json, Map, Value};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 #[derive(Args, Debug, Clone)]
@@ -179,65 +177,46 @@ fn call(
 ) -> Result<(u16, String), String> {
     let master = std::env::var("TOLLGATE_MASTER_KEY")
         .map_err(|_| "set TOLLGATE_MASTER_KEY to the gateway's admin.master_key".to_string())?;
-    let rest = target
-        .admin
-        .strip_prefix("http://")
-        .ok_or("--admin must be an http:// URL (the admin listener)")?;
-    let authority = rest.trim_end_matches('/');
-    let mut stream = TcpStream::connect(authority)
-        .map_err(|e| format!("cannot reach the admin listener at {}: {e}", target.admin))?;
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    let payload = body.map(Value::to_string).unwrap_or_default();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {authority}\r\nauthorization: Bearer {master}\r\nconnection: close\r\ncontent-length: {}\r\n",
-        payload.len()
-    );
-    if body.is_some() {
-        req.push_str("content-type: application/json\r\n");
+    let base = target.admin.trim_end_matches('/');
+    if !base.starts_with("http://") && !base.starts_with("https://") {
+        return Err("--admin must be an http:// or https:// URL (the admin listener)".into());
     }
-    req.push_str("\r\n");
-    req.push_str(&payload);
-    stream
-        .write_all(req.as_bytes())
-        .map_err(|e| format!("cannot send to the admin listener: {e}"))?;
-    let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .map_err(|e| format!("cannot read the admin listener's answer: {e}"))?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or("the admin listener's answer is not HTTP")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or("the admin listener's answer is not HTTP")?;
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase().starts_with("transfer-encoding:")
-            && l.to_ascii_lowercase().contains("chunked")
-    });
-    let body = if chunked {
-        unchunk(body)
-    } else {
-        body.to_string()
-    };
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+    let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
+    let mut request = client
+        .request(method, format!("{base}{path}"))
+        .bearer_auth(master);
+    if let Some(b) = body {
+        request = request
+            .header("content-type", "application/json")
+            .body(b.to_string());
+    }
+    let response = request.send().map_err(|e| {
+        format!(
+            "cannot reach the admin listener at {}: {}",
+            target.admin,
+            describe(&e)
+        )
+    })?;
+    let status = response.status().as_u16();
+    let body = response
+        .text()
+        .map_err(|e| format!("cannot read the admin listener's answer: {}", describe(&e)))?;
     Ok((status, body))
 }
 
-fn unchunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
+/// A client error without its URL.
+fn describe(e: &reqwest::Error) -> &'static str {
+    if e.is_connect() {
+        "connection refused or unreachable"
+    } else if e.is_timeout() {
+        "no answer in time"
+    } else {
+        "the request failed"
     }
-    out
 }
 
 fn cell(v: &Value) -> String {
@@ -513,7 +492,6 @@ mod tests {
             t,
             "ID      TEAM      BLOCKED\na1      research  false\nb22222  -         true\n"
         );
-        assert_eq!(unchunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
         assert_eq!(enc("config:a b"), "config:a%20b");
     }
 }

@@ -220,10 +220,10 @@ pub(super) fn check_pricing_and_log(file: &FileConfig, errors: &mut Vec<ConfigEr
     }
     if let Some(w) = &file.alerts.webhook {
         let u = w.url.expose();
-        if !u.starts_with("http://") {
+        if !u.starts_with("http://") && !u.starts_with("https://") {
             err(
                 "alerts.webhook.url".into(),
-                "must be an http:// URL (put a local relay in front of an https receiver)".into(),
+                "must be an http:// or https:// URL".into(),
             );
         }
     }

@@ -13,7 +13,6 @@ use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 /// Alerts waiting for delivery, at most.
@@ -50,6 +49,8 @@ pub struct Delivery {
     webhook: Webhook,
     /// `cluster.redis`, where instances claim each alert.
     claims: Option<SharedRedis>,
+    /// The HTTP client (`http://` or `https://`); `None` if it could not be built.
+    client: Option<reqwest::Client>,
 }
 
 /// `redis`: the shared Redis, when instances share one (`cluster.redis`).
@@ -61,6 +62,11 @@ pub fn channel(webhook: Webhook, redis: Option<&str>) -> Result<(Alerts, Deliver
             rx: tokio::sync::Mutex::new(rx),
             webhook,
             claims: redis.map(SharedRedis::open).transpose()?,
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .map_err(|e| log::error!("alerts: cannot build the HTTP client: {e}"))
+                .ok(),
         },
     ))
 }
@@ -174,12 +180,18 @@ impl BackgroundService for Delivery {
                 continue;
             }
             let body = queued.event.to_string();
+            let Some(client) = self.client.as_ref() else {
+                count("failed");
+                continue;
+            };
             let mut delivered = false;
             for attempt in 0..ATTEMPTS {
                 if attempt > 0 {
                     tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
                 }
-                match tokio::time::timeout(self.webhook.timeout, post(&self.webhook, &body)).await {
+                match tokio::time::timeout(self.webhook.timeout, post(client, &self.webhook, &body))
+                    .await
+                {
                     Ok(Ok(status)) if (200..300).contains(&status) => {
                         delivered = true;
                         break;
@@ -194,53 +206,24 @@ impl BackgroundService for Delivery {
     }
 }
 
-/// One POST over HTTP/1.1 (`http://` URLs); the status code.
-async fn post(w: &Webhook, body: &str) -> std::io::Result<u16> {
-    let url = w.url.expose();
-    let rest = url.strip_prefix("http://").ok_or_else(|| {
-        std::io::Error::other(
-            "only http:// webhook URLs are delivered (put a local relay in front for https)",
-        )
-    })?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let host_port = if authority.contains(':') {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
-    };
-    let mut stream = tokio::net::TcpStream::connect(host_port).await?;
-    let mut req = format!(
-        "POST {path} HTTP/1.1\r\nhost: {authority}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nuser-agent: tollgate\r\nconnection: close\r\n",
-        body.len()
-    );
+/// One POST of `body` as JSON; the status code.
+async fn post(client: &reqwest::Client, w: &Webhook, body: &str) -> Result<u16, String> {
+    let mut request = client
+        .post(w.url.expose())
+        .header("content-type", "application/json")
+        .header("user-agent", "tollgate");
     for (name, value) in &w.headers {
         if valid_header(name, value) {
-            req.push_str(name);
-            req.push_str(": ");
-            req.push_str(value.expose());
-            req.push_str("\r\n");
+            request = request.header(name.as_str(), value.expose());
         }
     }
-    req.push_str("\r\n");
-    req.push_str(body);
-    stream.write_all(req.as_bytes()).await?;
-    let mut head = Vec::with_capacity(256);
-    let mut buf = [0u8; 256];
-    while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 8192 {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
+    match request.body(body.to_string()).send().await {
+        Ok(r) => Ok(r.status().as_u16()),
+        // Described without the URL, which may hold a credential.
+        Err(e) if e.is_connect() => Err("cannot connect".into()),
+        Err(e) if e.is_timeout() => Err("no answer in time".into()),
+        Err(_) => Err("the request failed".into()),
     }
-    let line = String::from_utf8_lossy(&head);
-    line.split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other("the webhook's answer is not HTTP"))
 }
 
 fn valid_header(name: &str, value: &Secret) -> bool {
