@@ -482,6 +482,48 @@ models:
     }
 
     #[test]
+    fn tracing_settings_are_checked_and_a_base_url_gets_the_traces_path() {
+        let parse = |t: &str| Config::parse(&format!("tracing:\n{t}{GOOD}"), &no_env);
+        let t = parse("  otlp: {endpoint: \"http://c:4318\"}\n")
+            .unwrap()
+            .tracing
+            .unwrap();
+        assert_eq!(
+            (t.endpoint.as_str(), t.sample_ratio),
+            ("http://c:4318/v1/traces", 1.0)
+        );
+        let t = parse("  otlp: {endpoint: \"https://c/otlp/v1/traces\"}\n")
+            .unwrap()
+            .tracing
+            .unwrap();
+        assert_eq!(t.endpoint, "https://c/otlp/v1/traces");
+        let errors = parse(
+            "  otlp: {endpoint: \"ftp://c\", protocol: grpc}\n  sample_ratio: 2\n  batch_size: 0\n",
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        for path in [
+            "tracing.otlp.endpoint",
+            "tracing.otlp.protocol",
+            "tracing.sample_ratio",
+            "tracing.batch_size",
+        ] {
+            assert!(errors.contains(path), "{path}: {errors}");
+        }
+        let errors = parse("  headers: {x-key: secret-value-1}\n")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            errors.contains("tracing.otlp.endpoint: is required"),
+            "{errors}"
+        );
+        assert!(!errors.contains("secret-value-1"));
+        assert!(parse("").unwrap().tracing.is_none());
+    }
+
+    #[test]
     fn a_viewer_key_needs_a_different_master_key() {
         let with = |admin: &str| {
             Config::parse(&format!("admin:\n{admin}{GOOD}"), &no_env)
