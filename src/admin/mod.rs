@@ -458,109 +458,149 @@ impl AdminApp {
         if let Some(r) = ui::serve(&path) {
             return r;
         }
-        if path == "/admin/whoami" {
-            let config = self.config.load();
-            let presented = session
-                .req_header()
-                .headers
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or_default();
-            // Without a master key the listener is open: everyone is admin.
-            let role = match &config.admin.master_key {
-                None => Some(Role::Admin),
-                Some(m) => role(presented, m, config.admin.viewer_key.as_ref()),
-            };
-            let body = serde_json::json!({
-                "role": role.map(Role::as_str),
-                "keys_api": config.admin.master_key.is_some(),
-            });
-            return reply(200, "application/json", body.to_string().into_bytes());
-        }
-        if path == "/admin/cache" {
-            if let Some(r) = only(&method, http::Method::DELETE) {
-                return r;
-            }
-            let query = session
-                .req_header()
-                .uri
-                .query()
-                .unwrap_or_default()
-                .to_string();
-            let model = query
-                .split('&')
-                .find_map(|p| p.strip_prefix("model="))
-                .map(percent_decode);
-            return match self.cache.clear(model.as_deref()).await {
-                Ok(n) => {
-                    log::info!(
-                        "admin: cache cleared ({n} answers, model {})",
-                        model.as_deref().unwrap_or("*")
-                    );
-                    let body = serde_json::json!({"cleared": n, "model": model});
-                    reply(200, "application/json", body.to_string().into_bytes())
-                }
-                Err(e) => error_reply(503, "api_error", "cache_unavailable", &e),
-            };
-        }
-        if path == "/admin/upstreams" {
-            if let Some(r) = only(&method, http::Method::GET) {
-                return r;
-            }
-            let config = self.config.load();
-            let body = route::upstreams(&config).to_string().into_bytes();
-            return reply(200, "application/json", body);
-        }
-        if path == "/admin/route" {
-            if let Some(r) = only(&method, http::Method::GET) {
-                return r;
-            }
-            let config = self.config.load();
-            let query = session.req_header().uri.query().unwrap_or_default();
-            return match route::explain(&config, query) {
-                Ok(v) => reply(200, "application/json", v.to_string().into_bytes()),
-                Err(m) => error_reply(400, "invalid_request_error", "bad_request", &m),
-            };
-        }
-        if path == "/admin/reload" {
-            return self.reload(&method).await;
-        }
-        match path.as_str() {
-            "/health" => reply(200, "application/json", b"{\"status\":\"ok\"}".to_vec()),
-            "/ready" => {
-                let config = self.config.load();
-                let mut unready: Vec<&str> = config
-                    .router
-                    .all()
-                    .filter(|a| !a.has_usable_target())
-                    .map(|a| a.name.as_str())
-                    .collect();
-                unready.sort_unstable();
-                let body = serde_json::json!({
-                    "status": if unready.is_empty() { "ready" } else { "not_ready" },
-                    "unavailable_models": unready,
-                });
-                reply(
-                    if unready.is_empty() { 200 } else { 503 },
-                    "application/json",
-                    body.to_string().into_bytes(),
-                )
-            }
-            "/metrics" => {
-                self.update_gauges();
-                let mut buf = Vec::new();
-                let encoder = prometheus::TextEncoder::new();
-                match encoder.encode(&prometheus::gather(), &mut buf) {
-                    Ok(()) => reply(200, encoder.format_type(), buf),
-                    Err(e) => reply(500, "text/plain", e.to_string().into_bytes()),
-                }
-            }
-            _ => reply(
+        let Some(page) = PAGES
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map(|(_, page)| *page)
+        else {
+            return reply(
                 404,
                 "application/json",
                 b"{\"error\":\"not found\"}".to_vec(),
-            ),
+            );
+        };
+        match page {
+            Page::Whoami => self.whoami(session),
+            Page::Cache => self.clear_cache(session, &method).await,
+            Page::Upstreams => only(&method, http::Method::GET).unwrap_or_else(|| {
+                let body = route::upstreams(&self.config.load())
+                    .to_string()
+                    .into_bytes();
+                reply(200, "application/json", body)
+            }),
+            Page::Route => only(&method, http::Method::GET)
+                .unwrap_or_else(|| self.explain(session.req_header().uri.query())),
+            Page::Reload => self.reload(&method).await,
+            Page::Health => reply(200, "application/json", b"{\"status\":\"ok\"}".to_vec()),
+            Page::Ready => self.ready(),
+            Page::Metrics => self.metrics(),
+        }
+    }
+
+    /// `/admin/whoami`: the role the presented bearer key has.
+    fn whoami(&self, session: &ServerSession) -> Response<Vec<u8>> {
+        let config = self.config.load();
+        let presented = session
+            .req_header()
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        // Without a master key the listener is open: everyone is admin.
+        let role = match &config.admin.master_key {
+            None => Some(Role::Admin),
+            Some(m) => role(presented, m, config.admin.viewer_key.as_ref()),
+        };
+        let body = serde_json::json!({
+            "role": role.map(Role::as_str),
+            "keys_api": config.admin.master_key.is_some(),
+        });
+        reply(200, "application/json", body.to_string().into_bytes())
+    }
+
+    /// `DELETE /admin/cache[?model=ALIAS]`.
+    async fn clear_cache(
+        &self,
+        session: &ServerSession,
+        method: &http::Method,
+    ) -> Response<Vec<u8>> {
+        if let Some(r) = only(method, http::Method::DELETE) {
+            return r;
+        }
+        let model = session
+            .req_header()
+            .uri
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .find_map(|p| p.strip_prefix("model="))
+            .map(percent_decode);
+        match self.cache.clear(model.as_deref()).await {
+            Ok(n) => {
+                log::info!(
+                    "admin: cache cleared ({n} answers, model {})",
+                    model.as_deref().unwrap_or("*")
+                );
+                let body = serde_json::json!({"cleared": n, "model": model});
+                reply(200, "application/json", body.to_string().into_bytes())
+            }
+            Err(e) => error_reply(503, "api_error", "cache_unavailable", &e),
+        }
+    }
+
+    /// `GET /admin/route?model=...`.
+    fn explain(&self, query: Option<&str>) -> Response<Vec<u8>> {
+        match route::explain(&self.config.load(), query.unwrap_or_default()) {
+            Ok(v) => reply(200, "application/json", v.to_string().into_bytes()),
+            Err(m) => error_reply(400, "invalid_request_error", "bad_request", &m),
+        }
+    }
+
+    /// `/ready`: 503 while an alias has no usable target.
+    fn ready(&self) -> Response<Vec<u8>> {
+        let config = self.config.load();
+        let mut unready: Vec<&str> = config
+            .router
+            .all()
+            .filter(|a| !a.has_usable_target())
+            .map(|a| a.name.as_str())
+            .collect();
+        unready.sort_unstable();
+        let body = serde_json::json!({
+            "status": if unready.is_empty() { "ready" } else { "not_ready" },
+            "unavailable_models": unready,
+        });
+        reply(
+            if unready.is_empty() { 200 } else { 503 },
+            "application/json",
+            body.to_string().into_bytes(),
+        )
+    }
+
+    /// `/metrics`: the Prometheus text format.
+    fn metrics(&self) -> Response<Vec<u8>> {
+        self.update_gauges();
+        let mut buf = Vec::new();
+        let encoder = prometheus::TextEncoder::new();
+        match encoder.encode(&prometheus::gather(), &mut buf) {
+            Ok(()) => reply(200, encoder.format_type(), buf),
+            Err(e) => reply(500, "text/plain", e.to_string().into_bytes()),
         }
     }
 }
+
+/// The pages served at one exact path (the keys API, cooldowns and the console are
+/// matched by prefix before these).
+#[derive(Debug, Clone, Copy)]
+enum Page {
+    Whoami,
+    Cache,
+    Upstreams,
+    Route,
+    Reload,
+    Health,
+    Ready,
+    Metrics,
+}
+
+const PAGES: &[(&str, Page)] = &[
+    ("/admin/whoami", Page::Whoami),
+    ("/admin/cache", Page::Cache),
+    ("/admin/upstreams", Page::Upstreams),
+    ("/admin/route", Page::Route),
+    ("/admin/reload", Page::Reload),
+    ("/health", Page::Health),
+    ("/ready", Page::Ready),
+    ("/metrics", Page::Metrics),
+];
