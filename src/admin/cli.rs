@@ -198,25 +198,17 @@ fn call(
         format!(
             "cannot reach the admin listener at {}: {}",
             target.admin,
-            describe(&e)
+            crate::transport::client_error(&e)
         )
     })?;
     let status = response.status().as_u16();
-    let body = response
-        .text()
-        .map_err(|e| format!("cannot read the admin listener's answer: {}", describe(&e)))?;
+    let body = response.text().map_err(|e| {
+        format!(
+            "cannot read the admin listener's answer: {}",
+            crate::transport::client_error(&e)
+        )
+    })?;
     Ok((status, body))
-}
-
-/// A client error without its URL.
-fn describe(e: &reqwest::Error) -> &'static str {
-    if e.is_connect() {
-        "connection refused or unreachable"
-    } else if e.is_timeout() {
-        "no answer in time"
-    } else {
-        "the request failed"
-    }
 }
 
 fn cell(v: &Value) -> String {

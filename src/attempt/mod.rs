@@ -348,10 +348,11 @@ async fn attempt_all(
                     let span_id = plan.trace.map(|_| crate::trace::TraceCtx::new_span());
                     let sampled = plan.trace.is_some_and(|t| t.sampled);
                     let mut span = span_id.filter(|_| sampled).map(|id| {
+                        let now = std::time::Instant::now();
                         Box::new(AttemptSpan {
                             id,
-                            started: std::time::Instant::now(),
-                            ended: std::time::Instant::now(),
+                            started: now,
+                            ended: now,
                             model: model.to_string(),
                             provider: upstream.provider,
                             address: server.endpoint.host.clone(),

@@ -219,10 +219,7 @@ async fn post(client: &reqwest::Client, w: &Webhook, body: &str) -> Result<u16, 
     }
     match request.body(body.to_string()).send().await {
         Ok(r) => Ok(r.status().as_u16()),
-        // Described without the URL, which may hold a credential.
-        Err(e) if e.is_connect() => Err("cannot connect".into()),
-        Err(e) if e.is_timeout() => Err("no answer in time".into()),
-        Err(_) => Err("the request failed".into()),
+        Err(e) => Err(crate::transport::client_error(&e).into()),
     }
 }
 

@@ -214,7 +214,7 @@ fn record_metrics(r: &Record, config: &Config) {
         // The conventions' time per output token: after the first, over the rest.
         if u.output > 1 {
             let rest = first.elapsed().as_secs_f64() / (u.output - 1) as f64;
-            let provider = upstream_provider(r, config);
+            let provider = upstream_provider(r, config).unwrap_or("none");
             m.time_per_output_token
                 .with_label_values(&[model, provider])
                 .observe(rest);
@@ -257,11 +257,11 @@ fn record_metrics(r: &Record, config: &Config) {
 }
 
 /// The conventions' provider name of the upstream that answered.
-fn upstream_provider(r: &Record, config: &Config) -> &'static str {
+fn upstream_provider(r: &Record, config: &Config) -> Option<&'static str> {
     r.upstream
         .as_deref()
         .and_then(|u| config.upstreams.get(u))
-        .map_or("none", |u| spans::provider_name(u.provider))
+        .map(|u| spans::provider_name(u.provider))
 }
 
 /// The status code as a label, without an allocation.

@@ -41,19 +41,19 @@ impl Traced {
     }
 }
 
-/// The request parameters the conventions name.
+/// The request parameters the conventions name (from the top of the body, or from
+/// Gemini's `generationConfig`).
 #[derive(Debug, Default)]
 pub struct Params {
     /// The completion budget the endpoint reads.
     pub max_tokens: Option<u64>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
-    /// Gemini's native body.
-    pub generation: Option<Generation>,
 }
 
+/// Gemini's native `generationConfig`.
 #[derive(Debug, Default, Deserialize)]
-pub struct Generation {
+struct Generation {
     #[serde(default, rename = "maxOutputTokens")]
     pub max_tokens: Option<u64>,
     #[serde(default)]
@@ -69,17 +69,14 @@ impl Params {
         let s = &facts.sampling;
         let at = |r: &Option<std::ops::Range<usize>>| r.clone().and_then(|r| body.get(r));
         let number = |r| at(r).and_then(|v| serde_json::from_slice::<f64>(v).ok());
+        let g: Generation = at(&s.generation)
+            .and_then(|v| serde_json::from_slice(v).ok())
+            .unwrap_or_default();
         Params {
-            max_tokens: facts.max_tokens,
-            temperature: number(&s.temperature),
-            top_p: number(&s.top_p),
-            generation: at(&s.generation).and_then(|v| serde_json::from_slice(v).ok()),
+            max_tokens: facts.max_tokens.or(g.max_tokens),
+            temperature: number(&s.temperature).or(g.temperature),
+            top_p: number(&s.top_p).or(g.top_p),
         }
-    }
-
-    fn max_tokens(&self) -> Option<u64> {
-        let g = self.generation.as_ref();
-        self.max_tokens.or(g.and_then(|g| g.max_tokens))
     }
 }
 
@@ -123,16 +120,14 @@ pub fn write(r: &Record, config: &Config, enc: &mut Enc) -> usize {
     let wall = |i: Instant| r.wall + i.saturating_duration_since(r.start);
     let end = SystemTime::now().max(r.wall);
     let op = operation(&r.path);
+    // Its text is collected only to be captured.
+    let text_limit = if capture { limit } else { 0 };
     let answer = t
         .answer
         .as_deref()
-        .map(|b| Answer::read(b, r.stream, limit));
+        .map(|b| Answer::read(b, r.stream, text_limit));
     let failed = r.error.map(|e| e.as_str());
-    let provider = r
-        .upstream
-        .as_deref()
-        .and_then(|u| config.upstreams.get(u))
-        .map(|u| provider_name(u.provider));
+    let provider = super::upstream_provider(r, config);
     let mut name = String::with_capacity(op.len() + 1 + r.model.as_deref().map_or(0, str::len));
     name.push_str(op);
     if let Some(m) = &r.model {
@@ -144,7 +139,6 @@ pub fn write(r: &Record, config: &Config, enc: &mut Enc) -> usize {
         span_id: t.ctx.span_id,
         parent: t.ctx.parent,
         parent_is_remote: t.ctx.parent.is_some(),
-        sampled: true,
         state: t.ctx.state.as_deref(),
         name: &name,
         kind: Kind::Server,
@@ -245,7 +239,6 @@ pub fn write(r: &Record, config: &Config, enc: &mut Enc) -> usize {
             span_id: s.id,
             parent: Some(t.ctx.span_id),
             parent_is_remote: false,
-            sampled: true,
             state: t.ctx.state.as_deref(),
             name: &attempt_name,
             kind: Kind::Client,
@@ -287,14 +280,13 @@ fn attempt_error(a: &AttemptRecord) -> Option<&'static str> {
 }
 
 fn request_params(a: &mut Attrs, p: &Params) {
-    let g = p.generation.as_ref();
-    if let Some(n) = p.max_tokens() {
+    if let Some(n) = p.max_tokens {
         a.int("gen_ai.request.max_tokens", n);
     }
-    if let Some(v) = p.temperature.or(g.and_then(|g| g.temperature)) {
+    if let Some(v) = p.temperature {
         a.add("gen_ai.request.temperature", Val::F64(v));
     }
-    if let Some(v) = p.top_p.or(g.and_then(|g| g.top_p)) {
+    if let Some(v) = p.top_p {
         a.add("gen_ai.request.top_p", Val::F64(v));
     }
 }
@@ -637,14 +629,13 @@ data: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"outpu
         let facts = crate::body::scan(body, "/chat/completions").unwrap();
         let p = Params::read(body, &facts);
         assert_eq!(
-            (p.max_tokens(), p.temperature, p.top_p),
+            (p.max_tokens, p.temperature, p.top_p),
             (Some(9), None, Some(0.5))
         );
         let gemini = br#"{"contents":[],"model":"g","generationConfig":{"temperature":0.2,"maxOutputTokens":7}}"#;
         let facts = crate::body::scan(gemini, "/models/g:generateContent").unwrap();
         let p = Params::read(gemini, &facts);
-        let g = p.generation.as_ref().unwrap();
-        assert_eq!((p.max_tokens(), g.temperature), (Some(7), Some(0.2)));
+        assert_eq!((p.max_tokens, p.temperature), (Some(7), Some(0.2)));
     }
 
     #[test]

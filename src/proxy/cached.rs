@@ -11,12 +11,12 @@ use crate::route::Alias;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use pingora_http::ResponseHeader;
+use pingora_proxy::Session;
+use std::time::Duration;
 
 /// The largest answer a sampled trace keeps to read its id, model and finish reasons
 /// (and, with `tracing.capture_content`, its text) from; past it they are left out.
 const TRACE_ANSWER_LIMIT: usize = 1 << 20;
-use pingora_proxy::Session;
-use std::time::Duration;
 
 pub(super) const X_TOLLGATE_CACHE: HeaderName = HeaderName::from_static("x-tollgate-cache");
 
@@ -115,13 +115,8 @@ impl Gateway {
         }
         resp.insert_header("x-request-id", ctx.record.request_id.as_str())?;
         resp.insert_header(X_TOLLGATE_CACHE, "hit")?;
-        if let Some((name, value)) = ctx.trace_header() {
+        for (name, value) in ctx.answer_headers() {
             resp.insert_header(name, value)?;
-        }
-        if let Some(h) = &ctx.admission.key_headers {
-            for (name, value) in h.pairs() {
-                resp.insert_header(name, value)?;
-            }
         }
         ctx.record.status = 200;
         ctx.record.saved = Some((

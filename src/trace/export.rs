@@ -239,8 +239,10 @@ impl Sender {
         let failure = match request.body(body).send() {
             Ok(r) if r.status().is_success() => None,
             Ok(r) => Some(format!("the collector answered {}", r.status().as_u16())),
-            // Without the URL: it may hold a credential.
-            Err(e) => Some(describe(&e)),
+            Err(e) => Some(format!(
+                "the collector: {}",
+                crate::transport::client_error(&e)
+            )),
         };
         match failure {
             None => count("exported", n),
@@ -252,15 +254,5 @@ impl Sender {
                 }
             }
         }
-    }
-}
-
-fn describe(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "the collector did not answer in time".into()
-    } else if e.is_connect() {
-        "cannot connect to the collector".into()
-    } else {
-        "the export request failed".into()
     }
 }

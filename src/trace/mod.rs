@@ -52,7 +52,6 @@ pub struct Settings {
 pub struct Tracer {
     sampler: Sampler,
     ids: RandomIdGenerator,
-    pub settings: Settings,
     exporter: Exporter,
 }
 
@@ -78,7 +77,6 @@ impl Tracer {
                 settings.sample_ratio,
             ))),
             ids: RandomIdGenerator::default(),
-            settings,
             exporter,
         }))
     }
@@ -143,9 +141,9 @@ impl TraceCtx {
     pub fn traceparent(&self, span: SpanId) -> String {
         let mut s = String::with_capacity(55);
         s.push_str("00-");
-        push_hex(&mut s, &self.trace_id.to_bytes());
+        push_trace_id(&mut s, self.trace_id);
         s.push('-');
-        push_hex(&mut s, &span.to_bytes());
+        crate::spec::text::push_hex(&mut s, u64::from_be_bytes(span.to_bytes()), 16);
         s.push_str(if self.sampled { "-01" } else { "-00" });
         s
     }
@@ -153,17 +151,16 @@ impl TraceCtx {
     /// The trace id, 32 lowercase hex digits.
     pub fn trace_id_hex(&self) -> String {
         let mut s = String::with_capacity(32);
-        push_hex(&mut s, &self.trace_id.to_bytes());
+        push_trace_id(&mut s, self.trace_id);
         s
     }
 }
 
-fn push_hex(out: &mut String, bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        out.push(HEX[usize::from(b >> 4)] as char);
-        out.push(HEX[usize::from(b & 15)] as char);
-    }
+/// A trace id as 32 lowercase hex digits.
+fn push_trace_id(out: &mut String, id: TraceId) {
+    let n = u128::from_be_bytes(id.to_bytes());
+    crate::spec::text::push_hex(out, (n >> 64) as u64, 16);
+    crate::spec::text::push_hex(out, n as u64, 16);
 }
 
 /// A W3C `traceparent`: `VERSION-TRACEID-PARENTID-FLAGS`, lowercase hex. Version `ff`,

@@ -19,17 +19,27 @@ const FIXED64: u32 = 1;
 const LEN: u32 = 2;
 const FIXED32: u32 = 5;
 
+/// `v` as a protobuf varint: the bytes and how many.
+fn varint(mut v: u64) -> ([u8; 10], usize) {
+    let mut out = [0u8; 10];
+    let mut i = 0;
+    while v >= 0x80 {
+        out[i] = (v as u8) | 0x80;
+        v >>= 7;
+        i += 1;
+    }
+    out[i] = v as u8;
+    (out, i + 1)
+}
+
 impl Enc {
     fn key(&mut self, field: u32, wire: u32) {
         self.varint(u64::from(field << 3 | wire));
     }
 
-    fn varint(&mut self, mut v: u64) {
-        while v >= 0x80 {
-            self.buf.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        self.buf.push(v as u8);
+    fn varint(&mut self, v: u64) {
+        let (bytes, n) = varint(v);
+        self.buf.extend_from_slice(&bytes[..n]);
     }
 
     /// A length-delimited field written by `f`. One byte is kept for the length (most
@@ -44,19 +54,11 @@ impl Enc {
             self.buf[start - 1] = n as u8;
             return;
         }
-        let mut len = [0u8; 10];
-        let mut i = 0;
-        let mut v = n as u64;
-        while v >= 0x80 {
-            len[i] = (v as u8) | 0x80;
-            v >>= 7;
-            i += 1;
-        }
-        len[i] = v as u8;
+        let (len, k) = varint(n as u64);
         let end = self.buf.len();
-        self.buf.resize(end + i, 0);
-        self.buf.copy_within(start..end, start + i);
-        self.buf[start - 1..=start - 1 + i].copy_from_slice(&len[..=i]);
+        self.buf.resize(end + k - 1, 0);
+        self.buf.copy_within(start..end, start + k - 1);
+        self.buf[start - 1..start - 1 + k].copy_from_slice(&len[..k]);
     }
 
     pub fn bytes(&mut self, field: u32, b: &[u8]) {
@@ -97,12 +99,6 @@ pub enum Val<'a> {
     Int(i64),
     F64(f64),
     Strs(&'a [String]),
-}
-
-impl From<&'static str> for Val<'static> {
-    fn from(s: &'static str) -> Self {
-        Val::Str(s)
-    }
 }
 
 /// Writes `KeyValue` attributes as field `field` of the message being written.
@@ -155,7 +151,6 @@ pub struct Head<'a> {
     pub span_id: SpanId,
     pub parent: Option<SpanId>,
     pub parent_is_remote: bool,
-    pub sampled: bool,
     pub state: Option<&'a str>,
     pub name: &'a str,
     pub kind: Kind,
@@ -166,7 +161,8 @@ pub struct Head<'a> {
 
 /// One `Span`, as an entry of `ScopeSpans.spans`: its head, then the attributes and
 /// events `body` writes.
-pub fn span(enc: &mut Enc, h: &Head, body: impl FnOnce(&mut Attrs, &mut Events)) {
+/// Only sampled spans are written: the sampled flag is always set.
+pub fn span(enc: &mut Enc, h: &Head, body: impl FnOnce(&mut Attrs, &mut Vec<Event>)) {
     enc.message(2, |e| {
         e.bytes(1, &h.trace_id.to_bytes());
         e.bytes(2, &h.span_id.to_bytes());
@@ -181,7 +177,7 @@ pub fn span(enc: &mut Enc, h: &Head, body: impl FnOnce(&mut Attrs, &mut Events))
         e.fixed64(7, unix_nanos(h.start));
         e.fixed64(8, unix_nanos(h.end));
         let mut events = Vec::new();
-        body(&mut Attrs { enc: e, field: 9 }, &mut Events(&mut events));
+        body(&mut Attrs { enc: e, field: 9 }, &mut events);
         for ev in events {
             e.message(11, |e| {
                 e.fixed64(1, unix_nanos(ev.at));
@@ -197,7 +193,7 @@ pub fn span(enc: &mut Enc, h: &Head, body: impl FnOnce(&mut Attrs, &mut Events))
         }
         // W3C flags, and whether the parent is remote (OTLP's SPAN_FLAGS_CONTEXT_* bits).
         let remote = if h.parent_is_remote { 0x300 } else { 0x100 };
-        e.fixed32(16, u32::from(h.sampled) | remote);
+        e.fixed32(16, 1 | remote);
     });
 }
 
@@ -206,15 +202,6 @@ pub struct Event {
     pub name: &'static str,
     pub at: SystemTime,
     pub attr: Option<(&'static str, String)>,
-}
-
-/// The events of the span being written.
-pub struct Events<'v>(&'v mut Vec<Event>);
-
-impl Events<'_> {
-    pub fn push(&mut self, e: Event) {
-        self.0.push(e);
-    }
 }
 
 /// The `Resource` and `InstrumentationScope` of every span this process sends, encoded
@@ -286,7 +273,6 @@ mod tests {
                 span_id: SpanId::from(9u64 + i as u64),
                 parent: (i % 2 == 1).then(|| SpanId::from(3u64)),
                 parent_is_remote: i == 1,
-                sampled: true,
                 state: Some("k=v"),
                 name: "chat m",
                 kind: if i == 0 { Kind::Server } else { Kind::Client },

@@ -6,3 +6,15 @@ pub mod h1;
 pub mod headers;
 pub mod pool;
 pub mod sent;
+
+/// What went wrong with a request of the gateway's own HTTP client (trace export, alert
+/// webhook, CLI), without its URL, which may hold a credential.
+pub fn client_error(e: &reqwest::Error) -> &'static str {
+    if e.is_connect() {
+        "cannot connect"
+    } else if e.is_timeout() {
+        "no answer in time"
+    } else {
+        "the request failed"
+    }
+}
