@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::metrics;
 use crate::spec::text::push_u64;
 
+pub mod answer;
 pub mod sink;
 pub mod spans;
 pub use sink::{flush_logs, LogWriter};
@@ -347,7 +348,7 @@ fn text_line(r: &Record) -> String {
     push_field(&mut s, "cache", r.cache.map(crate::cache::Outcome::as_str));
     if let Some(t) = &r.trace {
         s.push_str(" trace_id=");
-        s.push_str(&t.ctx.trace_id_hex());
+        s.push_str(t.ctx.trace_id_hex());
     }
     s.push_str(" attempts=");
     if r.attempts.is_empty() {

@@ -6,6 +6,7 @@
 //! log is written from; the span of the attempt that answered, like the request's, ends
 //! after the last byte.
 
+use super::answer::Answer;
 use super::Record;
 use crate::attempt::{AttemptOutcome, AttemptRecord};
 use crate::config::Config;
@@ -13,7 +14,6 @@ use crate::trace::wire::{self, Attrs, Enc, Event, Head, Kind, Val};
 use crate::trace::TraceCtx;
 use bytes::Bytes;
 use serde::Deserialize;
-use std::borrow::Cow;
 use std::time::{Instant, SystemTime};
 
 /// What a traced request carries besides its record.
@@ -82,7 +82,8 @@ impl Params {
 
 /// The conventions' operation name for a client path.
 pub fn operation(path: &str) -> &'static str {
-    let p = path.trim_start_matches("/v1").trim_start_matches("beta/");
+    let p = path.strip_prefix("/v1").unwrap_or(path);
+    let p = p.strip_prefix("beta/").unwrap_or(p);
     if p.starts_with("/chat/completions") || p == "/messages" || p.starts_with("/responses") {
         "chat"
     } else if p.starts_with("/completions") {
@@ -128,12 +129,12 @@ pub fn write(r: &Record, config: &Config, enc: &mut Enc) -> usize {
         .map(|b| Answer::read(b, r.stream, text_limit));
     let failed = r.error.map(|e| e.as_str());
     let provider = super::upstream_provider(r, config);
-    let mut name = String::with_capacity(op.len() + 1 + r.model.as_deref().map_or(0, str::len));
-    name.push_str(op);
-    if let Some(m) = &r.model {
-        name.push(' ');
-        name.push_str(m);
-    }
+    let model = r.model.as_deref();
+    let name = [
+        op,
+        if model.is_some() { " " } else { "" },
+        model.unwrap_or(""),
+    ];
     let head = Head {
         trace_id: t.ctx.trace_id,
         span_id: t.ctx.span_id,
@@ -224,23 +225,18 @@ pub fn write(r: &Record, config: &Config, enc: &mut Enc) -> usize {
     });
     let mut n = 1;
     let last = r.attempts.len().checked_sub(1);
-    let mut attempt_name = String::new();
     for (i, at) in r.attempts.iter().enumerate() {
         let Some(s) = &at.span else { continue };
         // The attempt that answered lasts as long as its answer.
         let delivered = Some(i) == last && r.target.is_some();
         let error = attempt_error(at);
-        attempt_name.clear();
-        attempt_name.push_str(op);
-        attempt_name.push(' ');
-        attempt_name.push_str(&s.model);
         let head = Head {
             trace_id: t.ctx.trace_id,
             span_id: s.id,
             parent: Some(t.ctx.span_id),
             parent_is_remote: false,
             state: t.ctx.state.as_deref(),
-            name: &attempt_name,
+            name: &[op, " ", &s.model],
             kind: Kind::Client,
             start: wall(s.started),
             end: if delivered { end } else { wall(s.ended) },
@@ -311,214 +307,6 @@ fn response_attributes(a: &mut Attrs, r: &Record, answer: Option<&Answer>) {
     }
 }
 
-/// What the answer says about itself, in whichever format the client received it.
-#[derive(Debug, Default)]
-struct Answer {
-    id: Option<String>,
-    model: Option<String>,
-    finish: Vec<String>,
-    /// The answer's text, capped (for `capture_content`).
-    text: String,
-}
-
-impl Answer {
-    fn read(body: &[u8], sse: bool, limit: usize) -> Answer {
-        let mut a = Answer::default();
-        if sse {
-            for line in body.split(|b| *b == b'\n') {
-                if let Some(data) = line.strip_prefix(b"data:") {
-                    if let Ok(d) = serde_json::from_slice::<Doc>(data.trim_ascii()) {
-                        a.take(d, limit);
-                    }
-                }
-            }
-        } else if let Ok(d) = serde_json::from_slice::<Doc>(body) {
-            a.take(d, limit);
-        }
-        a
-    }
-
-    /// One JSON answer or stream event: OpenAI, Anthropic or Gemini shaped.
-    fn take(&mut self, d: Doc, limit: usize) {
-        // Anthropic's stream wraps the message in `message_start`.
-        let d = match d.message {
-            Some(m) if d.kind.as_ref().and_then(|t| t.0.as_deref()) == Some("message_start") => *m,
-            _ => d,
-        };
-        let own = |t: Option<Text>| t.and_then(|t| t.0).map(Cow::into_owned);
-        if self.id.is_none() {
-            self.id = own(d.id).or_else(|| own(d.response_id));
-        }
-        if self.model.is_none() {
-            self.model = own(d.model).or_else(|| own(d.model_version));
-        }
-        let delta = d.delta.unwrap_or_default();
-        let mut reasons = vec![d.stop_reason, delta.stop_reason];
-        let mut pieces: Vec<Text> = Vec::new();
-        for c in d.choices {
-            reasons.push(c.finish_reason);
-            pieces.extend(c.message.and_then(|m| m.content));
-            pieces.extend(c.delta.and_then(|m| m.content));
-            pieces.extend(c.text);
-        }
-        for c in d.candidates {
-            reasons.push(c.finish_reason);
-            pieces.extend(
-                c.content
-                    .into_iter()
-                    .flat_map(|c| c.parts)
-                    .filter_map(|p| p.text),
-            );
-        }
-        pieces.extend(d.content.into_iter().filter_map(|b| b.text));
-        pieces.extend(delta.text);
-        self.finish.extend(reasons.into_iter().filter_map(own));
-        for p in pieces.into_iter().filter_map(|p| p.0) {
-            push_capped(&mut self.text, &p, limit);
-        }
-    }
-}
-
-/// The members of an answer or stream event that a span shows, borrowed from it where
-/// they hold no escape; the rest is skipped unread.
-#[derive(Default, Deserialize)]
-#[serde(default)]
-struct Doc<'a> {
-    #[serde(borrow, rename = "type")]
-    kind: Option<Text<'a>>,
-    #[serde(borrow)]
-    id: Option<Text<'a>>,
-    #[serde(borrow, rename = "responseId")]
-    response_id: Option<Text<'a>>,
-    #[serde(borrow)]
-    model: Option<Text<'a>>,
-    #[serde(borrow, rename = "modelVersion")]
-    model_version: Option<Text<'a>>,
-    #[serde(borrow)]
-    stop_reason: Option<Text<'a>>,
-    #[serde(borrow)]
-    message: Option<Box<Doc<'a>>>,
-    #[serde(borrow)]
-    delta: Option<Delta<'a>>,
-    #[serde(borrow)]
-    choices: Vec<Choice<'a>>,
-    #[serde(borrow)]
-    candidates: Vec<Candidate<'a>>,
-    #[serde(borrow)]
-    content: Vec<Part<'a>>,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(default)]
-struct Delta<'a> {
-    #[serde(borrow)]
-    stop_reason: Option<Text<'a>>,
-    #[serde(borrow)]
-    text: Option<Text<'a>>,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(default)]
-struct Choice<'a> {
-    #[serde(borrow)]
-    finish_reason: Option<Text<'a>>,
-    #[serde(borrow)]
-    message: Option<ChoiceText<'a>>,
-    #[serde(borrow)]
-    delta: Option<ChoiceText<'a>>,
-    #[serde(borrow)]
-    text: Option<Text<'a>>,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(default)]
-struct ChoiceText<'a> {
-    #[serde(borrow)]
-    content: Option<Text<'a>>,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(default)]
-struct Candidate<'a> {
-    #[serde(borrow, rename = "finishReason")]
-    finish_reason: Option<Text<'a>>,
-    #[serde(borrow)]
-    content: Option<Parts<'a>>,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(default)]
-struct Parts<'a> {
-    #[serde(borrow)]
-    parts: Vec<Part<'a>>,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(default)]
-struct Part<'a> {
-    #[serde(borrow)]
-    text: Option<Text<'a>>,
-}
-
-/// A string member, or `None` for a member of any other type (`null`, an array of
-/// content parts, ...), which is skipped rather than failing the whole event.
-#[derive(Default)]
-struct Text<'a>(Option<Cow<'a, str>>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Text<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("any value")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Text(Some(Cow::Borrowed(v))))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Text(Some(Cow::Owned(v.to_string()))))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
-                Ok(Text(Some(Cow::Owned(v))))
-            }
-            fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok(Text(None))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(Text(None))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(Text(None))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(Text(None))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(Text(None))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut a: A,
-            ) -> Result<Self::Value, A::Error> {
-                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                Ok(Text(None))
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut a: A,
-            ) -> Result<Self::Value, A::Error> {
-                while a
-                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
-                    .is_some()
-                {}
-                Ok(Text(None))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
 /// Appends `piece` to `out`, up to `limit` bytes in all (on a character boundary).
 pub fn push_capped(out: &mut String, piece: &str, limit: usize) {
     let room = limit.saturating_sub(out.len());
@@ -562,54 +350,6 @@ pub fn mask_keys(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn answers_of_each_format_give_their_id_model_reasons_and_text() {
-        let openai = br#"data: {"id":"c1","model":"gpt-4o-2024","choices":[{"delta":{"content":"Hel"}}]}
-
-data: {"id":"c1","model":"gpt-4o-2024","choices":[{"delta":{"content":"lo"},"finish_reason":"stop"}]}
-
-data: [DONE]
-"#;
-        let a = Answer::read(openai, true, 3);
-        assert_eq!(a.id.as_deref(), Some("c1"));
-        assert_eq!(a.model.as_deref(), Some("gpt-4o-2024"));
-        assert_eq!(a.finish, ["stop"]);
-        assert_eq!(a.text, "Hel", "capped at the limit");
-        let anthropic = br#"event: message_start
-data: {"type":"message_start","message":{"id":"msg_1","model":"claude-x","content":[]}}
-
-data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}
-
-data: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":2}}
-"#;
-        let a = Answer::read(anthropic, true, 100);
-        assert_eq!(
-            (a.id.as_deref(), a.model.as_deref()),
-            (Some("msg_1"), Some("claude-x"))
-        );
-        assert_eq!(
-            (a.finish.as_slice(), a.text.as_str()),
-            (&["end_turn".to_string()][..], "Hi")
-        );
-        let gemini = br#"{"responseId":"r1","modelVersion":"gemini-2","candidates":[{"finishReason":"STOP","content":{"parts":[{"text":"ok"}]}}]}"#;
-        let a = Answer::read(gemini, false, 100);
-        assert_eq!(
-            (a.id.as_deref(), a.model.as_deref()),
-            (Some("r1"), Some("gemini-2"))
-        );
-        assert_eq!(
-            (a.finish.as_slice(), a.text.as_str()),
-            (&["STOP".to_string()][..], "ok")
-        );
-        // Members of another type than expected (a tool call's null content, content
-        // parts, a number) are skipped, not the whole answer.
-        let tools = br#"{"id":"c2","model":"m","choices":[{"message":{"content":null,"tool_calls":[{"id":"t"}]},"finish_reason":"tool_calls"},{"message":{"content":[{"type":"text","text":"x"}]},"finish_reason":7}]}"#;
-        let a = Answer::read(tools, false, 100);
-        assert_eq!(a.id.as_deref(), Some("c2"));
-        assert_eq!(a.finish, ["tool_calls"]);
-        assert_eq!(a.text, "");
-    }
 
     #[test]
     fn key_shaped_words_are_masked_and_the_rest_kept() {

@@ -33,7 +33,7 @@ impl RequestCtx {
     /// `x-tollgate-trace-id`, when the request is traced.
     fn trace_header(&self) -> Option<(http::HeaderName, http::HeaderValue)> {
         let t = self.record.trace.as_deref()?;
-        let value = http::HeaderValue::from_str(&t.ctx.trace_id_hex()).ok()?;
+        let value = http::HeaderValue::from_str(t.ctx.trace_id_hex()).ok()?;
         Some((crate::transport::headers::X_TOLLGATE_TRACE_ID, value))
     }
 

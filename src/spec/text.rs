@@ -31,11 +31,12 @@ pub fn push_i128(out: &mut String, n: i128) {
 /// The low `digits` hex digits of `n`, lowercase, zero-padded (`{:0digits$x}` for a value
 /// that fits).
 pub fn push_hex(out: &mut String, n: u64, digits: u32) {
-    for shift in (0..digits).rev() {
-        out.push(char::from(
-            b"0123456789abcdef"[(n >> (shift * 4)) as usize & 15],
-        ));
+    let digits = digits.min(16) as usize;
+    let mut buf = [0u8; 16];
+    for (i, b) in buf[..digits].iter_mut().enumerate() {
+        *b = b"0123456789abcdef"[(n >> ((digits - 1 - i) * 4)) as usize & 15];
     }
+    out.push_str(std::str::from_utf8(&buf[..digits]).unwrap_or_default());
 }
 
 #[cfg(test)]

@@ -66,6 +66,27 @@ pub struct TraceCtx {
     pub sampled: bool,
     /// The client's `tracestate`, passed on unchanged.
     pub state: Option<String>,
+    /// The trace id in hex, written once for the log, the answer and the upstream.
+    hex: TraceIdHex,
+}
+
+/// A trace id as 32 lowercase hex digits.
+#[derive(Debug, Clone, Copy)]
+struct TraceIdHex([u8; 32]);
+
+impl TraceIdHex {
+    fn new(id: TraceId) -> TraceIdHex {
+        let mut out = [0u8; 32];
+        for (i, b) in id.to_bytes().iter().enumerate() {
+            out[2 * i] = b"0123456789abcdef"[usize::from(b >> 4)];
+            out[2 * i + 1] = b"0123456789abcdef"[usize::from(b & 15)];
+        }
+        TraceIdHex(out)
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }
 
 impl Tracer {
@@ -109,6 +130,7 @@ impl Tracer {
         );
         TraceCtx {
             trace_id,
+            hex: TraceIdHex::new(trace_id),
             span_id: self.ids.new_span_id(),
             parent: remote.map(|r| r.1),
             sampled,
@@ -141,7 +163,7 @@ impl TraceCtx {
     pub fn traceparent(&self, span: SpanId) -> String {
         let mut s = String::with_capacity(55);
         s.push_str("00-");
-        push_trace_id(&mut s, self.trace_id);
+        s.push_str(self.trace_id_hex());
         s.push('-');
         crate::spec::text::push_hex(&mut s, u64::from_be_bytes(span.to_bytes()), 16);
         s.push_str(if self.sampled { "-01" } else { "-00" });
@@ -149,18 +171,9 @@ impl TraceCtx {
     }
 
     /// The trace id, 32 lowercase hex digits.
-    pub fn trace_id_hex(&self) -> String {
-        let mut s = String::with_capacity(32);
-        push_trace_id(&mut s, self.trace_id);
-        s
+    pub fn trace_id_hex(&self) -> &str {
+        self.hex.as_str()
     }
-}
-
-/// A trace id as 32 lowercase hex digits.
-fn push_trace_id(out: &mut String, id: TraceId) {
-    let n = u128::from_be_bytes(id.to_bytes());
-    crate::spec::text::push_hex(out, (n >> 64) as u64, 16);
-    crate::spec::text::push_hex(out, n as u64, 16);
 }
 
 /// A W3C `traceparent`: `VERSION-TRACEID-PARENTID-FLAGS`, lowercase hex. Version `ff`,
@@ -268,5 +281,6 @@ mod tests {
         let c = all.begin(None, None);
         let s = TraceCtx::new_span();
         assert_eq!(c.traceparent(s), format!("00-{}-{}-01", c.trace_id, s));
+        assert_eq!(c.trace_id_hex(), c.trace_id.to_string());
     }
 }

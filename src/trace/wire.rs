@@ -7,8 +7,9 @@
 use super::{SpanId, TraceId};
 use std::time::SystemTime;
 
-/// A protobuf writer into one growing buffer. A nested message is written in place and
-/// its length inserted before it once known.
+/// A protobuf writer into one growing buffer. An attribute's lengths are known before
+/// it is written; a span's, whose attributes vary, is written after it, in the two bytes
+/// kept for it (the content is moved only when it needs one or three or more).
 #[derive(Debug, Default)]
 pub struct Enc {
     pub buf: Vec<u8>,
@@ -32,41 +33,70 @@ fn varint(mut v: u64) -> ([u8; 10], usize) {
     (out, i + 1)
 }
 
+/// How many bytes `v` takes as a varint.
+#[inline]
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// How many bytes a length-delimited field of `n` bytes takes, its one-byte key included
+/// (every field written through it is numbered below 16).
+#[inline]
+fn delimited(n: usize) -> usize {
+    1 + varint_len(n as u64) + n
+}
+
+/// The one-byte key of field `field` (below 16) with wire type `wire`.
+#[inline]
+const fn key1(field: u32, wire: u32) -> u8 {
+    (field << 3 | wire) as u8
+}
+
 impl Enc {
     fn key(&mut self, field: u32, wire: u32) {
         self.varint(u64::from(field << 3 | wire));
     }
 
+    #[inline]
     fn varint(&mut self, v: u64) {
-        let (bytes, n) = varint(v);
-        self.buf.extend_from_slice(&bytes[..n]);
+        if v < 0x80 {
+            self.buf.push(v as u8);
+        } else {
+            let (bytes, n) = varint(v);
+            self.buf.extend_from_slice(&bytes[..n]);
+        }
     }
 
-    /// A length-delimited field written by `f`. One byte is kept for the length (most
-    /// attributes are shorter than 128 bytes); a longer message is moved up to make room.
+    /// A length-delimited field written by `f`, its length found afterwards. Two bytes
+    /// are kept for it (a message of 128 to 16,383 bytes, as a span is); another length
+    /// moves the message.
     pub fn message(&mut self, field: u32, f: impl FnOnce(&mut Enc)) {
+        const KEPT: usize = 2;
         self.key(field, LEN);
-        self.buf.push(0);
+        self.buf.extend_from_slice(&[0; KEPT]);
         let start = self.buf.len();
         f(self);
         let n = self.buf.len() - start;
-        if n < 0x80 {
-            self.buf[start - 1] = n as u8;
-            return;
-        }
         let (len, k) = varint(n as u64);
-        let end = self.buf.len();
-        self.buf.resize(end + k - 1, 0);
-        self.buf.copy_within(start..end, start + k - 1);
-        self.buf[start - 1..start - 1 + k].copy_from_slice(&len[..k]);
+        if k != KEPT {
+            let end = self.buf.len();
+            if k > KEPT {
+                self.buf.resize(end + k - KEPT, 0);
+            }
+            self.buf.copy_within(start..end, start + k - KEPT);
+            self.buf.truncate(start - KEPT + k + n);
+        }
+        self.buf[start - KEPT..start - KEPT + k].copy_from_slice(&len[..k]);
     }
 
+    #[inline]
     pub fn bytes(&mut self, field: u32, b: &[u8]) {
         self.key(field, LEN);
         self.varint(b.len() as u64);
         self.buf.extend_from_slice(b);
     }
 
+    #[inline]
     pub fn string(&mut self, field: u32, s: &str) {
         self.bytes(field, s.as_bytes());
     }
@@ -85,10 +115,33 @@ impl Enc {
         self.key(field, FIXED32);
         self.buf.extend_from_slice(&v.to_le_bytes());
     }
+}
 
-    fn double(&mut self, field: u32, v: f64) {
-        self.key(field, FIXED64);
-        self.buf.extend_from_slice(&v.to_le_bytes());
+/// Up to four keys and varints, gathered before one copy into the buffer.
+#[derive(Default)]
+struct Small {
+    bytes: [u8; 32],
+    len: usize,
+}
+
+impl Small {
+    #[inline]
+    fn push(&mut self, b: u8) {
+        self.bytes[self.len] = b;
+        self.len += 1;
+    }
+
+    #[inline]
+    fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.push(v as u8);
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
     }
 }
 
@@ -98,36 +151,142 @@ pub enum Val<'a> {
     Str(&'a str),
     Int(i64),
     F64(f64),
-    Strs(&'a [String]),
+    Strs(&'a [std::borrow::Cow<'a, str>]),
 }
 
-/// Writes `KeyValue` attributes as field `field` of the message being written.
+impl Val<'_> {
+    /// The `AnyValue` message's length.
+    fn len(&self) -> usize {
+        match self {
+            Val::Str(s) => delimited(s.len()),
+            Val::Int(n) => 1 + varint_len(*n as u64),
+            Val::F64(_) => 9,
+            Val::Strs(list) => delimited(Val::array_len(list)),
+        }
+    }
+
+    /// An `ArrayValue` of strings' length.
+    fn array_len(list: &[std::borrow::Cow<str>]) -> usize {
+        list.iter().map(|s| delimited(delimited(s.len()))).sum()
+    }
+
+    fn write(&self, e: &mut Enc) {
+        match self {
+            Val::Str(s) => e.string(1, s),
+            Val::Int(n) => e.uint(3, *n as u64),
+            Val::F64(x) => {
+                e.buf.push(key1(4, FIXED64));
+                e.buf.extend_from_slice(&x.to_le_bytes());
+            }
+            Val::Strs(list) => {
+                e.buf.push(key1(5, LEN));
+                e.varint(Val::array_len(list) as u64);
+                for s in list.iter() {
+                    e.buf.push(key1(1, LEN));
+                    e.varint(delimited(s.len()) as u64);
+                    e.string(1, s);
+                }
+            }
+        }
+    }
+}
+
+/// Writes `KeyValue` attributes as field `field` (below 16) of the message being
+/// written.
 pub struct Attrs<'e> {
     enc: &'e mut Enc,
     field: u32,
 }
 
 impl Attrs<'_> {
+    /// Inlined: at a call site the key is a literal and the value's kind known, so the
+    /// lengths fold and the key is copied without a call.
+    #[inline(always)]
     pub fn add(&mut self, key: &str, value: Val) {
-        self.enc.message(self.field, |e| {
-            e.string(1, key);
-            e.message(2, |e| match value {
-                Val::Str(s) => e.string(1, s),
-                Val::Int(n) => e.uint(3, n as u64),
-                Val::F64(x) => e.double(4, x),
-                Val::Strs(list) => e.message(5, |e| {
-                    for s in list {
-                        e.message(1, |e| e.string(1, s));
-                    }
-                }),
-            });
-        });
+        // Most attributes are a short key and a short string or a number: every length
+        // is one byte.
+        let short = |n: usize| n < 0x80;
+        match value {
+            Val::Str(s) if short(key.len() + s.len() + 6) => {
+                let (k, v) = (key.len() as u8, s.len() as u8);
+                let kv = 6 + k + v;
+                let e = &mut self.enc.buf;
+                e.reserve(2 + usize::from(kv));
+                e.extend_from_slice(&[key1(self.field, LEN), kv, key1(1, LEN), k]);
+                e.extend_from_slice(key.as_bytes());
+                e.extend_from_slice(&[key1(2, LEN), 2 + v, key1(1, LEN), v]);
+                e.extend_from_slice(s.as_bytes());
+                return;
+            }
+            Val::Int(n) if short(key.len() + 15) => {
+                let (v, vn) = varint(n as u64);
+                let (k, any) = (key.len() as u8, 1 + vn as u8);
+                let e = &mut self.enc.buf;
+                e.reserve(6 + usize::from(k + any));
+                e.extend_from_slice(&[key1(self.field, LEN), 4 + k + any, key1(1, LEN), k]);
+                e.extend_from_slice(key.as_bytes());
+                e.extend_from_slice(&[key1(2, LEN), any, key1(3, VARINT)]);
+                e.extend_from_slice(&v[..vn]);
+                return;
+            }
+            Val::F64(x) if short(key.len() + 15) => {
+                let k = key.len() as u8;
+                let e = &mut self.enc.buf;
+                e.reserve(15 + usize::from(k));
+                e.extend_from_slice(&[key1(self.field, LEN), 13 + k, key1(1, LEN), k]);
+                e.extend_from_slice(key.as_bytes());
+                e.extend_from_slice(&[key1(2, LEN), 9, key1(4, FIXED64)]);
+                e.extend_from_slice(&x.to_le_bytes());
+                return;
+            }
+            _ => {}
+        }
+        self.add_any(key, value);
     }
 
+    /// Any attribute, its lengths as long as they need.
+    #[inline(never)]
+    fn add_any(&mut self, key: &str, value: Val) {
+        let any = value.len();
+        let kv = delimited(key.len()) + delimited(any);
+        // The keys and lengths before the key, and those between it and the value.
+        let mut head = Small::default();
+        head.push(key1(self.field, LEN));
+        head.varint(kv as u64);
+        head.push(key1(1, LEN));
+        head.varint(key.len() as u64);
+        let mut mid = Small::default();
+        mid.push(key1(2, LEN));
+        mid.varint(any as u64);
+        let e = &mut *self.enc;
+        e.buf.reserve(delimited(kv));
+        e.buf.extend_from_slice(head.bytes());
+        e.buf.extend_from_slice(key.as_bytes());
+        match value {
+            Val::Str(s) => {
+                mid.push(key1(1, LEN));
+                mid.varint(s.len() as u64);
+                e.buf.extend_from_slice(mid.bytes());
+                e.buf.extend_from_slice(s.as_bytes());
+            }
+            Val::Int(n) => {
+                mid.push(key1(3, VARINT));
+                mid.varint(n as u64);
+                e.buf.extend_from_slice(mid.bytes());
+            }
+            _ => {
+                e.buf.extend_from_slice(mid.bytes());
+                value.write(e);
+            }
+        }
+    }
+
+    #[inline(always)]
     pub fn str(&mut self, key: &str, value: &str) {
         self.add(key, Val::Str(value));
     }
 
+    #[inline(always)]
     pub fn int(&mut self, key: &str, value: u64) {
         self.add(key, Val::Int(i64::try_from(value).unwrap_or(i64::MAX)));
     }
@@ -152,7 +311,8 @@ pub struct Head<'a> {
     pub parent: Option<SpanId>,
     pub parent_is_remote: bool,
     pub state: Option<&'a str>,
-    pub name: &'a str,
+    /// The span's name, in pieces written one after another.
+    pub name: &'a [&'a str],
     pub kind: Kind,
     pub start: SystemTime,
     pub end: SystemTime,
@@ -162,7 +322,7 @@ pub struct Head<'a> {
 /// One `Span`, as an entry of `ScopeSpans.spans`: its head, then the attributes and
 /// events `body` writes.
 /// Only sampled spans are written: the sampled flag is always set.
-pub fn span(enc: &mut Enc, h: &Head, body: impl FnOnce(&mut Attrs, &mut Vec<Event>)) {
+pub fn span(enc: &mut Enc, h: &Head, body: impl FnOnce(&mut Attrs, &mut Events)) {
     enc.message(2, |e| {
         e.bytes(1, &h.trace_id.to_bytes());
         e.bytes(2, &h.span_id.to_bytes());
@@ -172,13 +332,17 @@ pub fn span(enc: &mut Enc, h: &Head, body: impl FnOnce(&mut Attrs, &mut Vec<Even
         if let Some(p) = h.parent {
             e.bytes(4, &p.to_bytes());
         }
-        e.string(5, h.name);
+        e.key(5, LEN);
+        e.varint(h.name.iter().map(|p| p.len()).sum::<usize>() as u64);
+        for piece in h.name {
+            e.buf.extend_from_slice(piece.as_bytes());
+        }
         e.uint(6, h.kind as u64);
         e.fixed64(7, unix_nanos(h.start));
         e.fixed64(8, unix_nanos(h.end));
-        let mut events = Vec::new();
+        let mut events = Events::default();
         body(&mut Attrs { enc: e, field: 9 }, &mut events);
-        for ev in events {
+        for ev in events.list.into_iter().flatten() {
             e.message(11, |e| {
                 e.fixed64(1, unix_nanos(ev.at));
                 e.string(2, ev.name);
@@ -195,6 +359,21 @@ pub fn span(enc: &mut Enc, h: &Head, body: impl FnOnce(&mut Attrs, &mut Vec<Even
         let remote = if h.parent_is_remote { 0x300 } else { 0x100 };
         e.fixed32(16, 1 | remote);
     });
+}
+
+/// A span's events: at most three (the first token, the prompt, the completion).
+#[derive(Default)]
+pub struct Events {
+    list: [Option<Event>; 3],
+}
+
+impl Events {
+    /// Adds `ev`; a fourth is not kept.
+    pub fn push(&mut self, ev: Event) {
+        if let Some(slot) = self.list.iter_mut().find(|s| s.is_none()) {
+            *slot = Some(ev);
+        }
+    }
 }
 
 /// A span event: a name, a time and at most one attribute.
@@ -267,14 +446,14 @@ mod tests {
             .enumerate()
         {
             let text = "é".repeat(*size / 2);
-            let reasons = vec!["stop".to_string(), String::new()];
+            let reasons = vec!["stop".into(), "".into()];
             let h = Head {
                 trace_id: TraceId::from(7u128 << 64 | i as u128),
                 span_id: SpanId::from(9u64 + i as u64),
                 parent: (i % 2 == 1).then(|| SpanId::from(3u64)),
                 parent_is_remote: i == 1,
                 state: Some("k=v"),
-                name: "chat m",
+                name: &["chat", " ", "m"],
                 kind: if i == 0 { Kind::Server } else { Kind::Client },
                 start: t0,
                 end: t0 + Duration::from_millis(5),
@@ -285,6 +464,11 @@ mod tests {
                 a.add("n", Val::Int(-5));
                 a.add("f", Val::F64(0.25));
                 a.add("list", Val::Strs(&reasons));
+                a.str("short", "value");
+                a.int("small", 127);
+                a.int("large", 128);
+                a.str(&"k".repeat(60), &"v".repeat(61));
+                a.str(&"k".repeat(60), &"v".repeat(62));
                 events.push(Event {
                     name: "e",
                     at: t0,
@@ -292,7 +476,11 @@ mod tests {
                 });
             });
         }
-        let req = ExportTraceServiceRequest::decode(p.request(&enc.buf).as_slice()).unwrap();
+        let bytes = p.request(&enc.buf);
+        let req = ExportTraceServiceRequest::decode(bytes.as_slice()).unwrap();
+        // Byte for byte what the reference encoder writes: fields in order, lengths as
+        // short as they can be.
+        assert_eq!(req.encode_to_vec(), bytes);
         let rs = &req.resource_spans[0];
         let service = &rs.resource.as_ref().unwrap().attributes[0];
         assert_eq!(service.key, "service.name");
