@@ -4,6 +4,7 @@
 //! borrowed from the body where they hold no escape; everything else is skipped unread.
 
 use super::spans::push_capped;
+use crate::spec::json::Walk;
 use serde::Deserialize;
 use std::borrow::Cow;
 
@@ -94,7 +95,7 @@ impl<'a> Meta<'a> {
     /// Reads one JSON document, walking only its top level and the members above; all
     /// else (the content, above all) is stepped over without being decoded.
     fn read(json: &'a [u8]) -> Option<Meta<'a>> {
-        let mut j = Json { s: json, i: 0 };
+        let mut j = Walk::new(json);
         let m = Meta::object(&mut j, false)?;
         j.end()?;
         Some(m)
@@ -102,7 +103,7 @@ impl<'a> Meta<'a> {
 
     /// One object's members; in a `message` (`nested`), a further `message` is stepped
     /// over, so that no document nests the reading deeper than that.
-    fn object(j: &mut Json<'a>, nested: bool) -> Option<Meta<'a>> {
+    fn object(j: &mut Walk<'a>, nested: bool) -> Option<Meta<'a>> {
         let mut m = Meta::default();
         let mut candidates = Vec::new();
         j.object(|j, key| {
@@ -141,7 +142,7 @@ impl<'a> Meta<'a> {
 
 /// An object's finish reason: its member named one of `names`, if a string. Two such
 /// members make the object unreadable.
-fn reason<'a>(j: &mut Json<'a>, names: &[&[u8]]) -> Option<Option<Cow<'a, str>>> {
+fn reason<'a>(j: &mut Walk<'a>, names: &[&[u8]]) -> Option<Option<Cow<'a, str>>> {
     let mut found = None;
     let mut seen = false;
     j.object(|j, key| {
@@ -155,158 +156,6 @@ fn reason<'a>(j: &mut Json<'a>, names: &[&[u8]]) -> Option<Option<Cow<'a, str>>>
         Some(())
     })?;
     Some(found)
-}
-
-/// A forward reader over one JSON document: it reads the members it is asked for and
-/// steps over every other value (strings found with `memchr`, nothing decoded). It
-/// checks the structure it walks, not every scalar's syntax.
-struct Json<'a> {
-    s: &'a [u8],
-    i: usize,
-}
-
-impl<'a> Json<'a> {
-    /// The next byte that is not whitespace, which becomes the current one.
-    fn peek(&mut self) -> Option<u8> {
-        while let Some(&b) = self.s.get(self.i) {
-            if !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
-                return Some(b);
-            }
-            self.i += 1;
-        }
-        None
-    }
-
-    fn eat(&mut self, b: u8) -> Option<()> {
-        (self.peek()? == b).then(|| self.i += 1)
-    }
-
-    /// Only whitespace is left.
-    fn end(&mut self) -> Option<()> {
-        self.peek().is_none().then_some(())
-    }
-
-    /// Steps over `null` if it is next.
-    fn null(&mut self) -> bool {
-        let at_null = self.peek() == Some(b'n') && self.s[self.i..].starts_with(b"null");
-        if at_null {
-            self.i += 4;
-        }
-        at_null
-    }
-
-    /// A string's bytes between its quotes, escapes as written.
-    fn raw_string(&mut self) -> Option<&'a [u8]> {
-        self.eat(b'"')?;
-        let start = self.i;
-        loop {
-            let at = self.i + memchr::memchr2(b'"', b'\\', self.s.get(self.i..)?)?;
-            if self.s[at] == b'"' {
-                self.i = at + 1;
-                return Some(&self.s[start..at]);
-            }
-            self.i = at + 2;
-        }
-    }
-
-    /// A string value, borrowed unless it holds an escape; `Some(None)` for a value of
-    /// another type, stepped over.
-    fn text(&mut self) -> Option<Option<Cow<'a, str>>> {
-        if self.peek()? != b'"' {
-            self.skip()?;
-            return Some(None);
-        }
-        let start = self.i;
-        let raw = self.raw_string()?;
-        if !raw.contains(&b'\\') {
-            return std::str::from_utf8(raw)
-                .ok()
-                .map(|s| Some(Cow::Borrowed(s)));
-        }
-        let quoted = &self.s[start..self.i];
-        serde_json::from_slice::<String>(quoted)
-            .ok()
-            .map(|s| Some(Cow::Owned(s)))
-    }
-
-    /// Steps over one value of any type.
-    fn skip(&mut self) -> Option<()> {
-        match self.peek()? {
-            b'"' => self.raw_string().map(drop),
-            b'{' | b'[' => {
-                let mut depth = 0usize;
-                loop {
-                    match *self.s.get(self.i)? {
-                        b'"' => {
-                            self.raw_string()?;
-                        }
-                        b'{' | b'[' => {
-                            depth += 1;
-                            self.i += 1;
-                        }
-                        b'}' | b']' => {
-                            depth -= 1;
-                            self.i += 1;
-                            if depth == 0 {
-                                return Some(());
-                            }
-                        }
-                        _ => self.i += 1,
-                    }
-                }
-            }
-            _ => {
-                let rest = &self.s[self.i..];
-                let len = rest
-                    .iter()
-                    .position(|b| b",}] \t\n\r".contains(b))
-                    .unwrap_or(rest.len());
-                (len > 0).then(|| self.i += len)
-            }
-        }
-    }
-
-    /// An object, each member's value read or stepped over by `member`, given its name.
-    fn object(&mut self, mut member: impl FnMut(&mut Self, &'a [u8]) -> Option<()>) -> Option<()> {
-        self.eat(b'{')?;
-        if self.peek()? == b'}' {
-            self.i += 1;
-            return Some(());
-        }
-        loop {
-            let key = self.raw_string()?;
-            self.eat(b':')?;
-            member(self, key)?;
-            match self.peek()? {
-                b',' => self.i += 1,
-                b'}' => {
-                    self.i += 1;
-                    return Some(());
-                }
-                _ => return None,
-            }
-        }
-    }
-
-    /// An array, each item read by `item`.
-    fn array(&mut self, mut item: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
-        self.eat(b'[')?;
-        if self.peek()? == b']' {
-            self.i += 1;
-            return Some(());
-        }
-        loop {
-            item(self)?;
-            match self.peek()? {
-                b',' => self.i += 1,
-                b']' => {
-                    self.i += 1;
-                    return Some(());
-                }
-                _ => return None,
-            }
-        }
-    }
 }
 
 /// The members of an answer or stream event that hold its text: OpenAI's

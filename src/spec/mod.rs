@@ -1,10 +1,13 @@
 //! Plain values that many layers share and that import nothing from the crate: how a
 //! tier orders its routes and an upstream balances its servers, what an unpriced model
 //! does under a budget, the failover settings, and how micro-USD read as dollars. Config files spell them; the
-//! request path reads them; neither needs the other to do so.
+//! request path reads them; neither needs the other to do so. Beside them, small readers
+//! and writers of text (`text`: numbers and hex; `json`: a walk that picks members out of
+//! a large document).
 
 use serde::Deserialize;
 
+pub mod json;
 pub mod text;
 
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
