@@ -412,18 +412,21 @@ impl Preamble {
         }
     }
 
-    /// An `ExportTraceServiceRequest` of spans written by [`span`].
+    /// An `ExportTraceServiceRequest` of spans written by [`span`]: the spans are copied
+    /// once, behind lengths computed first.
     pub fn request(&self, spans: &[u8]) -> Vec<u8> {
+        let scope_spans = delimited(self.scope.len()) + spans.len();
+        let resource_spans = delimited(self.resource.len()) + delimited(scope_spans);
         let mut e = Enc {
-            buf: Vec::with_capacity(spans.len() + self.resource.len() + 64),
+            buf: Vec::with_capacity(delimited(resource_spans)),
         };
-        e.message(1, |e| {
-            e.bytes(1, &self.resource);
-            e.message(2, |e| {
-                e.bytes(1, &self.scope);
-                e.buf.extend_from_slice(spans);
-            });
-        });
+        e.key(1, LEN);
+        e.varint(resource_spans as u64);
+        e.bytes(1, &self.resource);
+        e.key(2, LEN);
+        e.varint(scope_spans as u64);
+        e.bytes(1, &self.scope);
+        e.buf.extend_from_slice(spans);
         e.buf
     }
 }
