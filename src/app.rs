@@ -113,6 +113,15 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
         .map(|a| bind(&mut proxy_sockets, *a))
         .collect::<Result<_, _>>()?;
     let admin_listen = bind(&mut admin_sockets, config.admin_listen)?;
+    let tls_listen: Vec<SocketAddr> = config
+        .server
+        .tls
+        .iter()
+        .map(|t| {
+            let addr = t.listen.parse().map_err(std::io::Error::other)?;
+            bind(&mut proxy_sockets, addr)
+        })
+        .collect::<Result<_, _>>()?;
     config.resolve();
     crate::metrics::init();
     for w in config.warnings() {
@@ -230,13 +239,13 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
     for addr in &listen {
         proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(client_buffers()));
     }
-    for t in &tls {
+    for (t, addr) in tls.iter().zip(&tls_listen) {
         let mut settings = TlsSettings::intermediate(&t.cert, &t.key)
             .map_err(|e| std::io::Error::other(format!("TLS listener {}: {e}", t.listen)))?;
         // HTTP/2 for clients that offer it (ALPN), HTTP/1.1 for the rest.
         settings.enable_h2();
         proxy.add_listener(
-            ListenerConfig::tcp(t.listen.clone())
+            ListenerConfig::tcp(addr.to_string())
                 .tls(settings)
                 .l4_buffer(client_buffers()),
         );
@@ -363,6 +372,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
         listen
             .iter()
             .map(|a| format!("http://{a}"))
+            .chain(tls_listen.iter().map(|a| format!("https://{a}")))
             .collect::<Vec<_>>()
             .join(" ")
     );

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{admin_json, chat, chat_status, client, closed_port, eventually_async, Gateway};
+use common::{admin_json, chat, chat_status, client, eventually_async, Gateway};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 use tollgate::demo::mock::{MockUpstream, Reply};
@@ -149,20 +149,34 @@ async fn an_upgrade_and_a_reload_under_load_lose_no_request_and_cut_no_stream() 
         cut: false,
     };
     let dir = tempfile::tempdir().unwrap();
-    let listen = format!("127.0.0.1:{}", closed_port());
-    let admin = format!("127.0.0.1:{}", closed_port());
     let streams = MockUpstream::start("streams").await.unwrap();
     streams.set_default(stream_reply);
     let gw = Gateway::start(&text(
         dir.path(),
-        &listen,
-        &admin,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
         "5s",
         "  m:\n    routes: [{upstream: u}]\n  s:\n    routes: [{upstream: st}]\n",
         &up,
         &streams,
     ));
+    // The upgrade's new process takes over the listeners named in its file: name the
+    // ports this one got (a reload only warns that they changed).
     let path = gw.dir.path().join("tollgate.yaml");
+    let named = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(
+            "listen: [\"127.0.0.1:0\"]",
+            &format!("listen: [\"{}\"]", gw.url("").trim_start_matches("http://")),
+        )
+        .replace(
+            "admin_listen: \"127.0.0.1:0\"",
+            &format!(
+                "admin_listen: \"{}\"",
+                gw.admin_url("").trim_start_matches("http://")
+            ),
+        );
+    std::fs::write(&path, named).unwrap();
     let url = gw.url("/v1/chat/completions");
 
     let stop = Instant::now() + Duration::from_secs(5);

@@ -118,13 +118,14 @@ async fn a_tls_listener_serves_http2_and_http1_clients_with_streaming() {
     let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
     std::fs::write(&cert_path, &cert).unwrap();
     std::fs::write(&key_path, &key).unwrap();
-    let port = common::closed_port();
     let gw = Gateway::start(&format!(
-        "server:\n  listen: [\"127.0.0.1:0\"]\n  admin_listen: \"127.0.0.1:0\"\n  threads: 1\n  grace_period: 0s\n  tls:\n    - {{listen: \"127.0.0.1:{port}\", cert: {}, key: {}}}\nupstreams:\n  u:\n    servers: [{{url: \"{}\"}}]\nmodels:\n  m:\n    routes: [{{upstream: u}}]\n",
+        "server:\n  listen: [\"127.0.0.1:0\"]\n  admin_listen: \"127.0.0.1:0\"\n  threads: 1\n  grace_period: 0s\n  tls:\n    - {{listen: \"127.0.0.1:0\", cert: {}, key: {}}}\nupstreams:\n  u:\n    servers: [{{url: \"{}\"}}]\nmodels:\n  m:\n    routes: [{{upstream: u}}]\n",
         cert_path.display(),
         key_path.display(),
         up.url()
     ));
+    // Bound on port 0 and printed with the others.
+    let port = gw.tls_addrs[0].rsplit(':').next().unwrap().to_string();
     let url2 = format!("https://localhost:{port}/v1/chat/completions");
     let ca2 = cert_path.display().to_string();
     let body = chat("m", false).to_string();

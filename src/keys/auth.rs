@@ -10,20 +10,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
-/// Where client keys are looked up: the config's keys (`KeyRing`, reloaded with the
-/// file), then the keys managed at run time (`keys::Directory`).
-pub trait KeyStore: Send + Sync {
-    /// The caller for a presented key (`None` when the request carried none), or why
-    /// it is refused.
-    fn authenticate(
-        &self,
-        config_keys: &KeyRing,
-        presented: Option<&str>,
-    ) -> Result<Caller, Rejected>;
-}
-
-impl KeyStore for Directory {
-    fn authenticate(
+impl Directory {
+    /// The caller for a presented key (`None` when the request carried none), or why it
+    /// is refused: the config's keys (`KeyRing`, reloaded with the file) are looked up
+    /// first, then the keys managed at run time.
+    pub fn authenticate(
         &self,
         config_keys: &KeyRing,
         presented: Option<&str>,

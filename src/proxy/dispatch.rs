@@ -5,7 +5,7 @@
 use super::{Gateway, Outcome, RequestCtx};
 use crate::config::Config;
 use crate::error::GatewayError;
-use crate::keys::auth::{presented_key, Caller, KeyStore};
+use crate::keys::auth::{presented_key, Caller};
 use crate::limits::{self, Refusal};
 use crate::relay::respond;
 use bytes::Bytes;

@@ -615,6 +615,59 @@ mod tests {
         assert!(u.pick(|_| false).is_none());
     }
 
+    /// The `latency` balancer under a paused clock: each pick is answered at once with
+    /// the server's time to first byte as its sample.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_server_loses_its_share_and_takes_it_back_once_it_recovers() {
+        let decay = Duration::from_secs(1);
+        let mut s = section(Balance::Latency);
+        s.latency_decay = crate::config::units::Seconds(decay);
+        let servers = (0..2)
+            .map(|i| {
+                let url = format!("http://127.0.0.1:{}/v1", 9000 + i);
+                Server::new(
+                    format!("s{i}"),
+                    Endpoint::parse(&url).unwrap(),
+                    None,
+                    1,
+                    false,
+                )
+            })
+            .collect();
+        let u = Upstream::new("u".into(), &s, servers, Rules::default(), None);
+        // Requests `n` picks, 10 ms apart, with the slow server answering in `slow_ms`;
+        // returns how many it got.
+        let run = |n: usize, slow_ms: u64| {
+            let u = &u;
+            async move {
+                let mut slow = 0;
+                for _ in 0..n {
+                    let s = u.pick(|_| true).unwrap();
+                    let ttfb = if s.name == "s1" {
+                        slow += 1;
+                        slow_ms
+                    } else {
+                        1
+                    };
+                    let sample = Duration::from_millis(ttfb);
+                    s.state.latency.observe(sample, now_ms(), decay);
+                    tokio::time::advance(Duration::from_millis(10)).await;
+                }
+                slow
+            }
+        };
+        let slow = run(400, 50).await;
+        assert!(slow < 80, "the slow server got {slow} of 400");
+        // It recovers. Idle, its estimate decays below the fast one's next sample (in
+        // latency_decay x ln(50), about 4 s); the probe's fast answer is blended in, and
+        // within two seconds of traffic it has a third of the requests again.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let probed = run(200, 1).await;
+        let share = run(200, 1).await;
+        assert!(probed > 0, "the recovered server was not probed");
+        assert!(share >= 60, "after recovering, it got {share} of 200");
+    }
+
     #[test]
     fn urls_parse_into_endpoints() {
         let e = Endpoint::parse("https://api.openai.com/v1/").unwrap();

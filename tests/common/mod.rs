@@ -16,6 +16,8 @@ pub struct Gateway {
     /// Every process id the gateway printed (an upgrade starts a new process).
     pids: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
     pub addr: String,
+    /// The TLS listeners' addresses, in the order of `server.tls`.
+    pub tls_addrs: Vec<String>,
     pub admin: String,
     pub dir: tempfile::TempDir,
     pub stderr_path: PathBuf,
@@ -74,6 +76,7 @@ impl Gateway {
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let mut addr = String::new();
+        let mut tls_addrs = Vec::new();
         let mut admin = String::new();
         while addr.is_empty() || admin.is_empty() {
             let Some(Ok(line)) = lines.next() else {
@@ -83,8 +86,16 @@ impl Gateway {
                     std::fs::read_to_string(&stderr_path).unwrap_or_default()
                 );
             };
-            if let Some(a) = line.strip_prefix("tollgate: listening on http://") {
-                addr = a.split_whitespace().next().unwrap_or_default().to_string();
+            if let Some(urls) = line.strip_prefix("tollgate: listening on ") {
+                for url in urls.split_whitespace() {
+                    if let Some(a) = url.strip_prefix("https://") {
+                        tls_addrs.push(a.to_string());
+                    } else if let Some(a) = url.strip_prefix("http://") {
+                        if addr.is_empty() {
+                            addr = a.to_string();
+                        }
+                    }
+                }
             } else if let Some(a) = line.strip_prefix("tollgate: admin on http://") {
                 admin = a.trim().to_string();
             }
@@ -106,6 +117,7 @@ impl Gateway {
             child,
             pids,
             addr,
+            tls_addrs,
             admin,
             dir,
             stderr_path,
@@ -236,13 +248,6 @@ impl RefusingPort {
             port,
         }
     }
-}
-
-pub fn closed_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    drop(l);
-    port
 }
 
 pub fn client() -> reqwest::Client {
