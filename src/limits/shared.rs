@@ -30,8 +30,10 @@ use super::scripts::{argument, counter_name, finish_item, key_name, window_ms, F
 use super::{Charge, Dimension, Refusal, Room, Scope};
 
 mod leasing;
+mod refusals;
 use crate::store::cluster::{SharedRedis, CALL_TIMEOUT};
 use async_trait::async_trait;
+use refusals::Refusals;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -93,8 +95,8 @@ pub struct RedisCounters {
     slot_ttl: Duration,
     /// Slots, budget reservations and leases held now (id -> counter), for the heartbeat.
     held: Mutex<HashMap<u64, Counter>>,
-    /// Rates refused in their current window: counter -> until (monotonic ms).
-    refused: Mutex<HashMap<Counter, u64>>,
+    /// Rates refused in their current window.
+    refused: Refusals,
     /// The last shared count seen per rate counter, for the `x-ratelimit-*` headers.
     seen: Mutex<HashMap<Counter, u64>>,
     next_slot: AtomicU64,
@@ -137,7 +139,7 @@ impl RedisCounters {
             instances: instances.max(1),
             slot_ttl,
             held: Mutex::new(HashMap::new()),
-            refused: Mutex::new(HashMap::new()),
+            refused: Refusals::default(),
             seen: Mutex::new(HashMap::new()),
             next_slot: AtomicU64::new(seed & !(LOCAL | LEASED)),
             last_warning: AtomicU64::new(0),
@@ -169,16 +171,7 @@ impl RedisCounters {
 
     /// A rate refused in its window, without asking Redis again.
     fn known_refusal(&self, charges: &[Charge]) -> Option<Refusal> {
-        let mut refused = Self::lock(&self.refused);
-        if refused.is_empty() {
-            return None;
-        }
-        let now = crate::clock::monotonic_ms();
-        refused.retain(|_, until| *until > now);
-        charges.iter().find_map(|c| {
-            let until = *refused.get(&counter(c))?;
-            Some(c.refusal(Duration::from_millis(until.saturating_sub(now))))
-        })
+        self.refused.known(charges, crate::clock::monotonic_ms())
     }
 
     async fn run<T: redis::FromRedisValue>(
@@ -414,11 +407,8 @@ impl RedisCounters {
                 }
                 let c = charges.get(failed - 1).copied().unwrap_or(charges[0]);
                 let left = Duration::from_millis(out.get(1).copied().unwrap_or(1000));
-                // Only request counts: a token refusal says nothing about a smaller request.
-                if matches!(c.dimension, Dimension::Rps | Dimension::Rpm) {
-                    let until = crate::clock::monotonic_ms() + left.as_millis() as u64;
-                    Self::lock(&self.refused).insert(counter(&c), until);
-                }
+                self.refused
+                    .remember(&c, crate::clock::monotonic_ms(), left, CALL_TIMEOUT);
                 let mut r = c.refusal(left);
                 r.spent = out.get(2).copied().unwrap_or(0);
                 Err(r)
@@ -605,6 +595,8 @@ impl CounterBackend for RedisCounters {
         if !local.is_empty() {
             self.fallback.undo(&local);
         }
+        // Room given back: a rate refused in this window may fit again.
+        self.refused.undone(charges, crate::clock::monotonic_ms());
         let items = self.finish_items(charges, true);
         self.finish_later(items);
     }
