@@ -9,7 +9,8 @@ use super::{Dimension, Scope};
 /// Checks every charge, then counts all of them or none. ARGV: one per charge, seven fields
 /// split by spaces (one argument each cost the gateway an allocation): kind (`r` rate,
 /// `c` slot, `s` budget), limit, amount, window (ms) or slot and reservation TTL (ms),
-/// slot or reservation id, a budget's base (its spend if the counter is missing), and the
+/// slot or reservation id, a budget's base (its spend if the counter is missing, set even
+/// for a request then refused), and the
 /// lease wanted beyond the amount (0: none). Returns `{0, mark..., figure..., lease...,
 /// left...}` (a rate's mark is its window and its figure the count it now holds; a
 /// budget's figure is its spend before this request; a lease is what was granted beyond
@@ -75,8 +76,15 @@ for i = 1, n do
       if held + amount > limit then return {i, 1000, 0} end
       used[i] = held
     else
+      if s == nil then
+        -- A missing counter (Redis restarted or was flushed) starts at the caller's
+        -- figure of the spend, even for a request then refused: what this instance
+        -- counted while Redis was away reaches the others.
+        s = tonumber(base)
+        redis.call('HSET', KEYS[i], 's', s)
+        redis.call('PEXPIRE', KEYS[i], BUDGET_TTL)
+      end
       spent[i] = s
-      if s == nil then s = tonumber(base) end
       if s + held + amount > limit then return {i, 0, s} end
       used[i] = s + held
     end
@@ -99,11 +107,6 @@ for i = 1, n do
     out[i + 1] = w
     out[n + i + 1] = math.ceil(used[i] + take)
   else
-    if kind == 's' and spent[i] == nil then
-      redis.call('HSET', KEYS[i], 's', base)
-      redis.call('PEXPIRE', KEYS[i], BUDGET_TTL)
-      spent[i] = tonumber(base)
-    end
     redis.call('HSET', KEYS[i], 'r:' .. id, string.format('%d:%d', take, now + span))
     -- Writes cost the most in a script: the expiry is pushed only when it is near.
     if kind == 'c' and redis.call('PTTL', KEYS[i]) < span then

@@ -14,6 +14,20 @@ pub(crate) const CALL_TIMEOUT: Duration = Duration::from_millis(250);
 /// The longest wait for the first connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How a lost connection is made again: an attempt a second (with jitter), at most
+/// `RETRIES` in a row before the next call starts another round. redis-rs's defaults
+/// multiply the wait by 100 after each failure, so a Redis back after a restart of more
+/// than a second went unused for up to a minute, every call meanwhile failing over to
+/// counting in this process.
+fn reconnecting() -> redis::aio::ConnectionManagerConfig {
+    const RETRIES: usize = 5;
+    redis::aio::ConnectionManagerConfig::new()
+        .set_factor(1)
+        .set_max_delay(1_000)
+        .set_number_of_retries(RETRIES)
+        .set_connection_timeout(CONNECT_TIMEOUT)
+}
+
 pub(crate) struct SharedRedis {
     client: redis::Client,
     conn: OnceCell<ConnectionManager>,
@@ -32,8 +46,9 @@ impl SharedRedis {
     pub(crate) async fn conn(&self) -> Result<ConnectionManager, String> {
         let made = tokio::time::timeout(
             CONNECT_TIMEOUT,
-            self.conn
-                .get_or_try_init(|| ConnectionManager::new(self.client.clone())),
+            self.conn.get_or_try_init(|| {
+                ConnectionManager::new_with_config(self.client.clone(), reconnecting())
+            }),
         )
         .await;
         match made {
