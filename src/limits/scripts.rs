@@ -132,7 +132,10 @@ const BUDGET_TTL_MS: u64 = 35 * 24 * 3600 * 1000;
 ///   rolled).
 /// - `h` (a slot or budget reservation): id, amount, cost, base: sets the reservation to
 ///   `amount` (0 drops it) and adds `cost` (`-`: nothing) to the spend, which starts at
-///   `base` when missing.
+///   `base` when missing. Spend counted in this process while Redis was away has no base
+///   (`-`): it is added to a counter that exists, and a missing one starts from the
+///   figure of the next instance to reserve, which includes it (a base from before the
+///   outage would undercount).
 pub(super) const FINISH: &str = r#"
 for i = 1, #KEYS do
   local kind, a, b, c, d = string.match(ARGV[i], '^(%a) (%S+) (%S+) (%S+) (%S+)$')
@@ -158,9 +161,11 @@ for i = 1, #KEYS do
       if v then redis.call('HSET', KEYS[i], f, b .. string.match(v, '(:%d+)$')) end
     end
     if c ~= '-' then
-      redis.call('HSETNX', KEYS[i], 's', d)
-      redis.call('HINCRBY', KEYS[i], 's', c)
-      redis.call('PEXPIRE', KEYS[i], BUDGET_TTL)
+      if d ~= '-' then redis.call('HSETNX', KEYS[i], 's', d) end
+      if redis.call('HEXISTS', KEYS[i], 's') == 1 then
+        redis.call('HINCRBY', KEYS[i], 's', c)
+        redis.call('PEXPIRE', KEYS[i], BUDGET_TTL)
+      end
     end
   end
 end
@@ -283,7 +288,11 @@ pub(super) fn finish_item(r: &Return) -> (String, String) {
                 Field::Number(id),
                 Field::Number(amount),
                 cost.map_or(Field::None, Field::Number),
-                Field::Number(base),
+                if id == super::COUNTED_HERE {
+                    Field::None
+                } else {
+                    Field::Number(base)
+                },
             ];
             (key_name(counter), argument(&args))
         }
