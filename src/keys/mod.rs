@@ -16,12 +16,12 @@ pub mod reserve;
 
 use crate::clock::Clock;
 use crate::limits::Limits;
+use crate::store::records::{self, KeyRow, Owner as Column, TeamRow};
 use crate::store::{Store, StoreError};
 use arc_swap::ArcSwap;
 use budget::{Budget, BudgetSpec, Mode, Owner, Period};
 use sha2::{Digest, Sha256};
-use sqlx::any::AnyRow;
-use sqlx::{AnyPool, Row};
+use sqlx::AnyPool;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use subtle::ConstantTimeEq;
@@ -188,149 +188,110 @@ fn budget_from_db(s: &str) -> Option<BudgetSpec> {
     })
 }
 
+/// A JSON column's value (`None`: NULL).
 fn json_col<T: serde::de::DeserializeOwned>(
-    row: &AnyRow,
     col: &str,
+    text: Option<&str>,
 ) -> Result<Option<T>, StoreError> {
-    let text: Option<String> = row.try_get(col)?;
-    text.map(|t| serde_json::from_str(&t).map_err(|e| StoreError(format!("column {col}: {e}"))))
+    text.map(|t| serde_json::from_str(t).map_err(|e| StoreError(format!("column {col}: {e}"))))
         .transpose()
-}
-
-fn key_from_row(row: &AnyRow) -> Result<KeyRecord, StoreError> {
-    let budget: Option<String> = row.try_get("budget")?;
-    Ok(KeyRecord {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        team_id: row.try_get("team_id")?,
-        digest: row.try_get("digest")?,
-        prefix: row.try_get("prefix")?,
-        old_digest: row.try_get("old_digest")?,
-        old_valid_until: row.try_get("old_valid_until")?,
-        models: json_col(row, "models")?,
-        limits: json_col(row, "limits")?.unwrap_or_default(),
-        budget: budget.as_deref().and_then(budget_from_db),
-        expires_at: row.try_get("expires_at")?,
-        metadata: json_col(row, "metadata")?.unwrap_or(serde_json::Value::Null),
-        blocked: row.try_get::<i64, _>("blocked")? != 0,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-        spend_reset_at: row.try_get("spend_reset_at")?,
-        deleted_at: row.try_get("deleted_at")?,
-    })
-}
-
-fn team_from_row(row: &AnyRow) -> Result<TeamRecord, StoreError> {
-    let budget: Option<String> = row.try_get("budget")?;
-    Ok(TeamRecord {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        models: json_col(row, "models")?,
-        limits: json_col(row, "limits")?.unwrap_or_default(),
-        budget: budget.as_deref().and_then(budget_from_db),
-        metadata: json_col(row, "metadata")?.unwrap_or(serde_json::Value::Null),
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-        spend_reset_at: row.try_get("spend_reset_at")?,
-        deleted_at: row.try_get("deleted_at")?,
-    })
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
+impl KeyRecord {
+    fn from_row(r: KeyRow) -> Result<KeyRecord, StoreError> {
+        Ok(KeyRecord {
+            models: json_col("models", r.models.as_deref())?,
+            limits: json_col("limits", r.limits.as_deref())?.unwrap_or_default(),
+            budget: r.budget.as_deref().and_then(budget_from_db),
+            metadata: json_col("metadata", r.metadata.as_deref())?
+                .unwrap_or(serde_json::Value::Null),
+            id: r.id,
+            name: r.name,
+            team_id: r.team_id,
+            digest: r.digest,
+            prefix: r.prefix,
+            old_digest: r.old_digest,
+            old_valid_until: r.old_valid_until,
+            expires_at: r.expires_at,
+            blocked: r.blocked,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            spend_reset_at: r.spend_reset_at,
+            deleted_at: r.deleted_at,
+        })
+    }
+
+    fn row(&self) -> KeyRow {
+        KeyRow {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            team_id: self.team_id.clone(),
+            digest: self.digest.clone(),
+            prefix: self.prefix.clone(),
+            old_digest: self.old_digest.clone(),
+            old_valid_until: self.old_valid_until,
+            models: self.models.as_ref().map(to_json),
+            limits: Some(to_json(&self.limits)),
+            budget: self.budget.as_ref().map(budget_to_db),
+            expires_at: self.expires_at,
+            metadata: Some(to_json(&self.metadata)),
+            blocked: self.blocked,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            spend_reset_at: self.spend_reset_at,
+            deleted_at: self.deleted_at,
+        }
+    }
+}
+
+impl TeamRecord {
+    fn from_row(r: TeamRow) -> Result<TeamRecord, StoreError> {
+        Ok(TeamRecord {
+            models: json_col("models", r.models.as_deref())?,
+            limits: json_col("limits", r.limits.as_deref())?.unwrap_or_default(),
+            budget: r.budget.as_deref().and_then(budget_from_db),
+            metadata: json_col("metadata", r.metadata.as_deref())?
+                .unwrap_or(serde_json::Value::Null),
+            id: r.id,
+            name: r.name,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            spend_reset_at: r.spend_reset_at,
+            deleted_at: r.deleted_at,
+        })
+    }
+
+    fn row(&self) -> TeamRow {
+        TeamRow {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            models: self.models.as_ref().map(to_json),
+            limits: Some(to_json(&self.limits)),
+            budget: self.budget.as_ref().map(budget_to_db),
+            metadata: Some(to_json(&self.metadata)),
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            spend_reset_at: self.spend_reset_at,
+            deleted_at: self.deleted_at,
+        }
+    }
+}
+
 /// Writes a key record (insert or replace).
 pub async fn save_key(pool: &AnyPool, k: &KeyRecord) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO keys (id, name, team_id, digest, prefix, old_digest, old_valid_until, models, limits, budget, expires_at, metadata, blocked, created_at, updated_at, spend_reset_at, deleted_at)
-         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)
-         ON CONFLICT (id) DO UPDATE SET name=$2, team_id=$3, digest=$4, prefix=$5, old_digest=$6, old_valid_until=$7, models=$8, limits=$9, budget=$10, expires_at=$11, metadata=$12, blocked=$13, updated_at=$15, spend_reset_at=$16, deleted_at=$17",
-    )
-    .bind(k.id.clone())
-    .bind(k.name.clone())
-    .bind(k.team_id.clone())
-    .bind(k.digest.clone())
-    .bind(k.prefix.clone())
-    .bind(k.old_digest.clone())
-    .bind(k.old_valid_until)
-    .bind(k.models.as_ref().map(to_json))
-    .bind(to_json(&k.limits))
-    .bind(k.budget.as_ref().map(budget_to_db))
-    .bind(k.expires_at)
-    .bind(to_json(&k.metadata))
-    .bind(i64::from(k.blocked))
-    .bind(k.created_at)
-    .bind(k.updated_at)
-    .bind(k.spend_reset_at)
-    .bind(k.deleted_at)
-    .execute(pool)
-    .await?;
-    Ok(())
+    records::save_key(pool, &k.row()).await
 }
 
+/// Writes a team record (insert or replace).
 pub async fn save_team(pool: &AnyPool, t: &TeamRecord) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO teams (id, name, models, limits, budget, metadata, created_at, updated_at, spend_reset_at, deleted_at)
-         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)
-         ON CONFLICT (id) DO UPDATE SET name=$2, models=$3, limits=$4, budget=$5, metadata=$6, updated_at=$8, spend_reset_at=$9, deleted_at=$10",
-    )
-    .bind(t.id.clone())
-    .bind(t.name.clone())
-    .bind(t.models.as_ref().map(to_json))
-    .bind(to_json(&t.limits))
-    .bind(t.budget.as_ref().map(budget_to_db))
-    .bind(to_json(&t.metadata))
-    .bind(t.created_at)
-    .bind(t.updated_at)
-    .bind(t.spend_reset_at)
-    .bind(t.deleted_at)
-    .execute(pool)
-    .await?;
-    Ok(())
+    records::save_team(pool, &t.row()).await
 }
 
-/// The PostgreSQL channel on which a change to keys or teams is announced to every
-/// instance sharing the database.
-pub const CHANGES: &str = "tollgate_keys";
-
-/// Tells the other instances that keys or teams changed (PostgreSQL `NOTIFY`; a SQLite
-/// store has no other instance to tell).
-pub async fn announce(pool: &AnyPool, what: &str) -> Result<(), StoreError> {
-    if crate::store::Dialect::of(pool) == crate::store::Dialect::Postgres {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(CHANGES)
-            .bind(what.to_string())
-            .execute(pool)
-            .await?;
-    }
-    Ok(())
-}
-
-/// An audit row: who changed what, before and after (secrets and digests never).
-pub async fn audit(
-    pool: &AnyPool,
-    ts: i64,
-    actor: &str,
-    action: &str,
-    object: (&str, &str),
-    before: Option<serde_json::Value>,
-    after: Option<serde_json::Value>,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO audit (ts, actor, action, object_type, object_id, before_json, after_json) VALUES ($1,$2,$3,$4,$5,$6,$7)",
-    )
-    .bind(ts)
-    .bind(actor.to_string())
-    .bind(action.to_string())
-    .bind(object.0.to_string())
-    .bind(object.1.to_string())
-    .bind(before.map(|v| v.to_string()))
-    .bind(after.map(|v| v.to_string()))
-    .execute(pool)
-    .await?;
-    Ok(())
-}
+pub use crate::store::records::{announce, audit, CHANGES};
 
 /// Everything the directory is built from: records, and the spend already counted in
 /// the current period of each budget not yet live in memory.
@@ -353,17 +314,15 @@ pub async fn load(
     live: HashSet<String>,
     config_budgets: Vec<(String, BudgetSpec)>,
 ) -> Result<Loaded, StoreError> {
-    let keys = sqlx::query("SELECT * FROM keys")
-        .fetch_all(&pool)
+    let keys = records::keys(&pool)
         .await?
-        .iter()
-        .map(key_from_row)
+        .into_iter()
+        .map(KeyRecord::from_row)
         .collect::<Result<Vec<_>, _>>()?;
-    let teams = sqlx::query("SELECT * FROM teams")
-        .fetch_all(&pool)
+    let teams = records::teams(&pool)
         .await?
-        .iter()
-        .map(team_from_row)
+        .into_iter()
+        .map(TeamRecord::from_row)
         .collect::<Result<Vec<_>, _>>()?;
     let mut spent = HashMap::new();
     let mut wanted = Vec::new();
@@ -372,7 +331,7 @@ pub async fn load(
             let owner = owner_id("key", &k.id);
             if !live.contains(&owner) {
                 let from = Budget::counts_from(b, k.spend_reset_at, now);
-                wanted.push(("key_id", owner, k.id.clone(), from));
+                wanted.push((Column::Key, owner, k.id.clone(), from));
             }
         }
     }
@@ -381,7 +340,7 @@ pub async fn load(
             let owner = owner_id("team", &t.id);
             if !live.contains(&owner) {
                 let from = Budget::counts_from(b, t.spend_reset_at, now);
-                wanted.push(("team_id", owner, t.id.clone(), from));
+                wanted.push((Column::Team, owner, t.id.clone(), from));
             }
         }
     }
@@ -389,12 +348,12 @@ pub async fn load(
         let owner = owner_id("config", &name);
         if !live.contains(&owner) {
             let from = Budget::counts_from(&b, 0, now);
-            wanted.push(("key_id", owner.clone(), owner, from));
+            wanted.push((Column::Key, owner.clone(), owner, from));
         }
     }
     // One grouped query per owner column and period start, however many budgets share
     // them (every daily key budget without a reset of its own: one query).
-    let mut by_start: BTreeMap<(&'static str, i64), Vec<(String, String)>> = BTreeMap::new();
+    let mut by_start: BTreeMap<(Column, i64), Vec<(String, String)>> = BTreeMap::new();
     for (column, owner, id, from) in wanted {
         by_start
             .entry((column, from))
@@ -402,13 +361,7 @@ pub async fn load(
             .push((owner, id));
     }
     for ((column, from), owners) in by_start {
-        let sql = format!(
-            "SELECT {column} AS id, CAST(COALESCE(SUM(cost_micro_usd), 0) AS BIGINT) AS s FROM usage WHERE ts >= $1 AND {column} IS NOT NULL GROUP BY {column}"
-        );
-        let mut sums = HashMap::new();
-        for row in sqlx::query(&sql).bind(from).fetch_all(&pool).await? {
-            sums.insert(row.try_get::<String, _>("id")?, row.try_get::<i64, _>("s")?);
-        }
+        let sums = records::spend_since(&pool, column, from).await?;
         for (owner, id) in owners {
             let s = sums.get(&id).copied().unwrap_or(0);
             spent.insert(owner, s);

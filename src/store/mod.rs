@@ -11,6 +11,7 @@ pub(crate) mod cluster;
 
 pub mod litellm;
 
+pub mod records;
 pub mod usage;
 
 use crate::secret::mask_userinfo;
