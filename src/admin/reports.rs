@@ -6,9 +6,8 @@ use super::reply;
 use crate::clock::{parse_time, rfc3339};
 use crate::keys::Directory;
 use crate::relay::pricing::usd;
-use crate::store::StoreError;
+use crate::store::reports::{self, Group, SpendRow};
 use serde_json::{json, Value};
-use sqlx::Row;
 
 /// `from` and `to` of a query, as milliseconds (`to` exclusive; a date means its whole day).
 /// Refuses a query parameter a report does not take (400 naming it), so that a filter
@@ -67,12 +66,12 @@ pub(super) async fn spend(dir: &Directory, query: &str) -> Answer {
         &["group_by", "format", "from", "to", "since", "until"],
     )?;
     let group = param(query, "group_by").unwrap_or_else(|| "key".into());
-    let column = match group.as_str() {
-        "key" => "key_id",
-        "team" => "team_id",
-        "model" => "model",
-        "upstream" => "upstream",
-        "day" => "day",
+    let by = match group.as_str() {
+        "key" => Group::Key,
+        "team" => Group::Team,
+        "model" => Group::Model,
+        "upstream" => Group::Upstream,
+        "day" => Group::Day,
         _ => {
             return Err(ApiError::invalid(
                 "group_by",
@@ -86,37 +85,23 @@ pub(super) async fn spend(dir: &Directory, query: &str) -> Answer {
         Some(_) => return Err(ApiError::invalid("format", "expected json or csv")),
     };
     let (from, to) = range(query)?;
-    let sql = format!(
-        "SELECT {column} AS g, MAX(key_name) AS key_name, COUNT(*) AS requests, CAST(SUM(input_tokens) AS BIGINT) AS input, CAST(SUM(output_tokens) AS BIGINT) AS output, CAST(SUM(cached_tokens) AS BIGINT) AS cached, CAST(SUM(cost_micro_usd) AS BIGINT) AS cost
-         FROM usage WHERE ts >= $1 AND ts < $2 GROUP BY {column} ORDER BY cost DESC, g"
-    );
     let rows = dir
         .store
-        .run(move |pool| async move {
-            let rows = sqlx::query(&sql)
-                .bind(from)
-                .bind(to)
-                .fetch_all(&pool)
-                .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok((
-                        r.try_get::<Option<String>, _>("g")?,
-                        r.try_get::<Option<String>, _>("key_name")?,
-                        r.try_get::<i64, _>("requests")?,
-                        r.try_get::<i64, _>("input")?,
-                        r.try_get::<i64, _>("output")?,
-                        r.try_get::<i64, _>("cached")?,
-                        r.try_get::<i64, _>("cost")?,
-                    ))
-                })
-                .collect::<Result<Vec<_>, StoreError>>()
-        })
+        .run(move |pool| async move { reports::spend(&pool, by, from, to).await })
         .await?;
     let snap = dir.snapshot();
     let data: Vec<Value> = rows
         .into_iter()
-        .map(|(g, key_name, requests, input, output, cached, cost)| {
+        .map(|row| {
+            let SpendRow {
+                group: g,
+                key_name,
+                requests,
+                input,
+                output,
+                cached,
+                cost,
+            } = row;
             let mut v = json!({
                 "requests": requests,
                 "input_tokens": input,
@@ -226,48 +211,7 @@ pub(super) async fn usage(dir: &Directory, query: &str) -> Answer {
     let rows = dir
         .store
         .run(move |pool| async move {
-            let mut sql = String::from(
-                "SELECT request_id, ts, key_id, key_name, team_id, model, upstream, upstream_model, status, stream, input_tokens, output_tokens, cached_tokens, cost_micro_usd, priced, cache, saved_tokens, saved_micro_usd, translation, cache_write_tokens, reasoning_tokens FROM usage WHERE ts >= $1 AND ts < $2",
-            );
-            let filters = [("key_id", key), ("request_id", request_id)];
-            let mut n = 3;
-            for (column, _) in filters.iter().filter(|(_, v)| v.is_some()) {
-                n += 1;
-                sql.push_str(&format!(" AND {column} = ${n}"));
-            }
-            sql.push_str(" ORDER BY ts DESC LIMIT $3");
-            let mut q = sqlx::query(&sql).bind(from).bind(to).bind(limit as i64);
-            for value in filters.into_iter().filter_map(|(_, v)| v) {
-                q = q.bind(value);
-            }
-            let rows = q.fetch_all(&pool).await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(json!({
-                        "request_id": r.try_get::<String, _>("request_id")?,
-                        "time": rfc3339(r.try_get::<i64, _>("ts")?),
-                        "key_id": r.try_get::<String, _>("key_id")?,
-                        "key_name": r.try_get::<String, _>("key_name")?,
-                        "team_id": r.try_get::<Option<String>, _>("team_id")?,
-                        "model": r.try_get::<String, _>("model")?,
-                        "upstream": r.try_get::<Option<String>, _>("upstream")?,
-                        "upstream_model": r.try_get::<Option<String>, _>("upstream_model")?,
-                        "status": r.try_get::<i64, _>("status")?,
-                        "stream": r.try_get::<i64, _>("stream")? != 0,
-                        "input_tokens": r.try_get::<i64, _>("input_tokens")?,
-                        "output_tokens": r.try_get::<i64, _>("output_tokens")?,
-                        "cached_tokens": r.try_get::<i64, _>("cached_tokens")?,
-                        "cache_write_tokens": r.try_get::<i64, _>("cache_write_tokens")?,
-                        "reasoning_tokens": r.try_get::<i64, _>("reasoning_tokens")?,
-                        "cost_micro_usd": r.try_get::<i64, _>("cost_micro_usd")?,
-                        "priced": r.try_get::<i64, _>("priced")? != 0,
-                        "cache": r.try_get::<Option<String>, _>("cache")?,
-                        "saved_tokens": r.try_get::<i64, _>("saved_tokens")?,
-                        "saved_micro_usd": r.try_get::<i64, _>("saved_micro_usd")?,
-                        "translation": r.try_get::<Option<String>, _>("translation")?,
-                    }))
-                })
-                .collect::<Result<Vec<_>, StoreError>>()
+            reports::usage(&pool, (from, to), limit as i64, key, request_id).await
         })
         .await?;
     ok(200, json!({"object": "list", "data": rows}))
@@ -279,30 +223,7 @@ pub(super) async fn audit_log(dir: &Directory, query: &str) -> Answer {
     let (from, to) = range(query)?;
     let rows = dir
         .store
-        .run(move |pool| async move {
-            let rows = sqlx::query(
-                "SELECT ts, actor, action, object_type, object_id, before_json, after_json FROM audit WHERE ts >= $1 AND ts < $2 ORDER BY ts DESC LIMIT $3",
-            )
-            .bind(from)
-            .bind(to)
-            .bind(limit as i64)
-            .fetch_all(&pool)
-            .await?;
-            let parse = |s: Option<String>| s.and_then(|s| serde_json::from_str::<Value>(&s).ok());
-            rows.iter()
-                .map(|r| {
-                    Ok(json!({
-                        "time": rfc3339(r.try_get::<i64, _>("ts")?),
-                        "actor": r.try_get::<String, _>("actor")?,
-                        "action": r.try_get::<String, _>("action")?,
-                        "object_type": r.try_get::<String, _>("object_type")?,
-                        "object_id": r.try_get::<String, _>("object_id")?,
-                        "before": parse(r.try_get("before_json")?),
-                        "after": parse(r.try_get("after_json")?),
-                    }))
-                })
-                .collect::<Result<Vec<_>, StoreError>>()
-        })
+        .run(move |pool| async move { reports::audit(&pool, (from, to), limit as i64).await })
         .await?;
     ok(200, json!({"object": "list", "data": rows}))
 }

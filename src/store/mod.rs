@@ -12,6 +12,7 @@ pub(crate) mod cluster;
 pub mod litellm;
 
 pub mod records;
+pub mod reports;
 pub mod usage;
 
 use crate::secret::mask_userinfo;
