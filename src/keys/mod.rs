@@ -600,3 +600,78 @@ impl Directory {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::auth::KeyRing;
+    use super::*;
+    use crate::clock::ManualClock;
+
+    /// A directory on a new SQLite file, its time told by `clock`, holding one key whose
+    /// secret was rotated (the old one valid until `t0 + 500`) and which expires at
+    /// `t0 + 1000`; returns the directory and the old and new secrets.
+    fn directory(
+        dir: &std::path::Path,
+        clock: Arc<ManualClock>,
+        t0: i64,
+    ) -> (Directory, String, String) {
+        let url = format!("sqlite://{}/keys.db", dir.display());
+        crate::store::prepare(&url, |_| async { Ok(()) }).unwrap();
+        let (old, old_digest, _) = new_secret("k1").unwrap();
+        let (new, digest, prefix) = new_secret("k1").unwrap();
+        let rec = KeyRecord {
+            id: "k1".into(),
+            name: "ci".into(),
+            team_id: None,
+            digest,
+            prefix,
+            old_digest: Some(old_digest),
+            old_valid_until: Some(t0 + 500),
+            models: None,
+            limits: Limits::default(),
+            budget: None,
+            expires_at: Some(t0 + 1000),
+            metadata: serde_json::Value::Null,
+            blocked: false,
+            created_at: t0,
+            updated_at: t0,
+            spend_reset_at: 0,
+            deleted_at: None,
+        };
+        let d = Directory::new(Store::new(&url), clock);
+        d.store
+            .run_blocking(move |pool| async move { save_key(&pool, &rec).await })
+            .unwrap();
+        d.refresh_blocking(Vec::new()).unwrap();
+        (d, old, new)
+    }
+
+    #[test]
+    fn a_rotated_secret_and_then_the_key_stop_working_when_the_clock_says() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t0 = 1_800_000_000_000;
+        let clock = Arc::new(ManualClock::new(t0));
+        let (d, old, new) = directory(tmp.path(), Arc::clone(&clock), t0);
+        let ring = KeyRing::default();
+        let id = |r: Result<auth::Caller, Rejected>| r.map(|c| c.id());
+        assert_eq!(id(d.authenticate(&ring, Some(&old))), Ok("k1".into()));
+        assert_eq!(id(d.authenticate(&ring, Some(&new))), Ok("k1".into()));
+        clock.set(t0 + 499);
+        assert!(d.authenticate(&ring, Some(&old)).is_ok());
+        clock.set(t0 + 500);
+        assert_eq!(
+            id(d.authenticate(&ring, Some(&old))),
+            Err(Rejected::Rotated)
+        );
+        assert!(d.authenticate(&ring, Some(&new)).is_ok());
+        clock.set(t0 + 1000);
+        assert_eq!(
+            id(d.authenticate(&ring, Some(&new))),
+            Err(Rejected::Expired)
+        );
+        assert_eq!(
+            id(d.authenticate(&ring, Some("tg-k1-not-the-secret"))),
+            Err(Rejected::Unknown)
+        );
+    }
+}
