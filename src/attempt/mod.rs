@@ -6,12 +6,13 @@
 //! client, so no retry can ever follow a byte the client has seen.
 
 pub(crate) mod forward;
+mod one;
 
 use crate::clock::monotonic_ms as now_ms;
 use crate::error::GatewayError;
-use crate::provider::inspect::{self, Class};
+use crate::provider::inspect::Class;
 use crate::provider::translate::{Path, Target, Translation};
-use crate::route::{Alias, Need, Route, Router};
+use crate::route::{Alias, Need, Route, Router, Tier};
 use crate::spec::Strategy;
 use crate::transport::pool::Connections;
 use crate::upstream::health::Reason;
@@ -199,12 +200,15 @@ pub async fn run(
     result
 }
 
-async fn attempt_all(
+/// The aliases a request goes through, in order: its alias, then its `fallbacks`; or,
+/// when no route of those takes the request's context, its `context_fallbacks` (`true`:
+/// switched already). Refused when no route serves the endpoint, or none takes the
+/// context (with the largest window there is).
+fn aliases_in_order(
     plan: &Plan<'_>,
     alias: &Arc<Alias>,
-    attempts: &mut Vec<AttemptRecord>,
     skips: &Skips,
-) -> Result<Winner, GatewayError> {
+) -> Result<(VecDeque<Arc<Alias>>, bool), GatewayError> {
     let serves = |a: &Alias| {
         a.tiers
             .iter()
@@ -233,32 +237,104 @@ async fn attempt_all(
             .flat_map(|t| &t.routes)
             .any(|r| route_serves(r, plan.out.suffix) && r.fits(plan.need.client_model, needed))
     };
-    let mut context_first = false;
-    if !queue.iter().any(|a| fits(a)) {
-        skips.context.store(true, Ordering::Relaxed);
-        let switched: VecDeque<Arc<Alias>> = alias
-            .context_fallbacks
-            .iter()
-            .filter_map(|a| plan.router.resolve(a).cloned())
-            .collect();
-        if !switched.iter().any(|a| fits(a)) {
-            let largest = queue
-                .iter()
-                .chain(&switched)
-                .flat_map(|a| a.tiers.iter())
-                .flat_map(|t| &t.routes)
-                .filter_map(|r| r.context_window(plan.need.client_model))
-                .max()
-                .unwrap_or(0);
-            return Err(GatewayError::ContextLengthExceeded {
-                model: plan.need.client_model.to_string(),
-                needed,
-                largest,
-            });
-        }
-        queue = switched;
-        context_first = true;
+    if queue.iter().any(|a| fits(a)) {
+        return Ok((queue, false));
     }
+    skips.context.store(true, Ordering::Relaxed);
+    let switched: VecDeque<Arc<Alias>> = alias
+        .context_fallbacks
+        .iter()
+        .filter_map(|a| plan.router.resolve(a).cloned())
+        .collect();
+    if !switched.iter().any(|a| fits(a)) {
+        let largest = queue
+            .iter()
+            .chain(&switched)
+            .flat_map(|a| a.tiers.iter())
+            .flat_map(|t| &t.routes)
+            .filter_map(|r| r.context_window(plan.need.client_model))
+            .max()
+            .unwrap_or(0);
+        return Err(GatewayError::ContextLengthExceeded {
+            model: plan.need.client_model.to_string(),
+            needed,
+            largest,
+        });
+    }
+    Ok((switched, true))
+}
+
+/// The next target of `tier` in its route `order` that serves the request and was not
+/// tried yet, as (route index, server). Outside `last_resort`, a target the provider said
+/// cannot take the request before its reset is passed over (counted in `skips`).
+fn next_target(
+    plan: &Plan<'_>,
+    tier: &Tier,
+    order: &[crate::route::Placed],
+    tried: &[(usize, usize)],
+    last_resort: bool,
+    skips: &Skips,
+) -> Option<(usize, Arc<Server>)> {
+    let needed = plan.need.tokens();
+    let now = now_ms();
+    order.iter().find_map(|placed| {
+        let ri = placed.route;
+        let route = &tier.routes[ri];
+        if !route_serves(route, plan.out.suffix) {
+            return None;
+        }
+        if !route.fits(plan.need.client_model, needed) {
+            skips.context.store(true, Ordering::Relaxed);
+            return None;
+        }
+        route
+            .upstream
+            .pick_with(last_resort, |s| {
+                if tried.contains(&(ri, Arc::as_ptr(s) as usize)) {
+                    return false;
+                }
+                // The provider says this target cannot take it before its reset (only
+                // as a last resort is it asked anyway).
+                if !last_resort && !s.state.quota.covers(now, needed) {
+                    skips.quota.store(true, Ordering::Relaxed);
+                    return false;
+                }
+                true
+            })
+            .map(|s| (ri, Arc::clone(s)))
+    })
+}
+
+/// An answer that is not delivered: its server cooled down as its class says.
+fn cool_for(plan: &Plan<'_>, server: &Server, class: Class, status: u16) {
+    let f = plan.failover;
+    let now = now_ms();
+    match class {
+        Class::Transient { hint } => {
+            let d = hint.unwrap_or(f.cooldown).min(f.max_cooldown);
+            cool(plan, server, now, d, Reason::Transient);
+        }
+        Class::Quota => cool(plan, server, now, f.quota_cooldown, Reason::Quota),
+        Class::Credentials => {
+            log::error!(
+                "upstream {} rejected the gateway's credential ({}) with status {status}: check its api_key; no traffic for {}",
+                server.name,
+                server.api_key.as_ref().map_or_else(|| "none".to_string(), |k| crate::secret::mask(k.expose())),
+                humantime::format_duration(f.quota_cooldown)
+            );
+            cool(plan, server, now, f.quota_cooldown, Reason::Credentials);
+        }
+        Class::Deliver | Class::ContextLength | Class::Skip => {}
+    }
+}
+
+async fn attempt_all(
+    plan: &Plan<'_>,
+    alias: &Arc<Alias>,
+    attempts: &mut Vec<AttemptRecord>,
+    skips: &Skips,
+) -> Result<Winner, GatewayError> {
+    let (mut queue, context_first) = aliases_in_order(plan, alias, skips)?;
     let chain: Vec<Arc<Alias>> = queue.iter().cloned().collect();
     let mut last: Option<Winner> = None;
     // Why a route's format could not express the request, if one could not.
@@ -275,10 +351,10 @@ async fn attempt_all(
                 break;
             }
             log::info!(
-            "request {}: every target of model `{}` is cooling down; trying those with a transient cooldown",
-            plan.out.request_id,
-            plan.need.client_model
-        );
+                "request {}: every target of model `{}` is cooling down; trying those with a transient cooldown",
+                plan.out.request_id,
+                plan.need.client_model
+            );
             queue = chain.iter().cloned().collect();
         }
         let mut context_switched = context_first;
@@ -294,38 +370,13 @@ async fn attempt_all(
                     if attempts.len() >= plan.failover.max_attempts {
                         break 'aliases;
                     }
-                    let now = now_ms();
-                    let Some((ri, server)) = order.iter().find_map(|placed| {
-                        let ri = placed.route;
-                        let route = &tier.routes[ri];
-                        if !route_serves(route, plan.out.suffix) {
-                            return None;
-                        }
-                        if !route.fits(plan.need.client_model, needed) {
-                            skips.context.store(true, Ordering::Relaxed);
-                            return None;
-                        }
-                        route
-                            .upstream
-                            .pick_with(last_resort, |s| {
-                                if tried.contains(&(ri, Arc::as_ptr(s) as usize)) {
-                                    return false;
-                                }
-                                // The provider says this target cannot take it before its
-                                // reset (only as a last resort is it asked anyway).
-                                if !last_resort && !s.state.quota.covers(now, needed) {
-                                    skips.quota.store(true, Ordering::Relaxed);
-                                    return false;
-                                }
-                                true
-                            })
-                            .map(|s| (ri, Arc::clone(s)))
-                    }) else {
+                    let Some((ri, server)) =
+                        next_target(plan, tier, &order, &tried, last_resort, skips)
+                    else {
                         break;
                     };
                     tried.push((ri, Arc::as_ptr(&server) as usize));
                     let route = &tier.routes[ri];
-                    let upstream = &route.upstream;
                     let model = route.model.as_deref().unwrap_or(plan.need.client_model);
                     let prepared = match prepare(plan, route, model) {
                         Ok(p) => p,
@@ -334,134 +385,25 @@ async fn attempt_all(
                             continue;
                         }
                     };
-                    server.state.quota.spend(needed);
-                    let Prepared {
-                        body,
-                        suffix,
-                        query,
-                        translation,
-                        usage_added,
-                    } = prepared;
-                    let in_flight = InFlight::new(&server.state);
-                    // Every traced attempt sends its own span id upstream; only a sampled
-                    // one keeps what its span will show.
-                    let span_id = plan.trace.map(|_| crate::trace::TraceCtx::new_span());
-                    let sampled = plan.trace.is_some_and(|t| t.sampled);
-                    let mut span = span_id.filter(|_| sampled).map(|id| {
-                        let now = std::time::Instant::now();
-                        Box::new(AttemptSpan {
-                            id,
-                            started: now,
-                            ended: now,
-                            model: model.to_string(),
-                            provider: upstream.provider,
-                            address: server.endpoint.host.clone(),
-                            port: server.endpoint.port,
-                            tier: tier_index,
-                        })
-                    });
-                    let traceparent = plan.trace.zip(span_id).map(|(t, id)| t.traceparent(id));
-                    let wire = forward::Wire {
-                        traceparent: traceparent.as_deref(),
-                        suffix: suffix.as_deref().unwrap_or(plan.out.suffix),
-                        query: if suffix.is_some() {
-                            query
-                        } else {
-                            plan.out.query.as_deref()
-                        },
+                    server.state.quota.spend(plan.need.tokens());
+                    let target = one::Target {
+                        route,
+                        server: &server,
+                        model,
+                        tier,
+                        tier_index,
+                        alias_index,
                     };
-                    let head =
-                        forward::request_head(plan.out, &wire, &server, upstream, body.len());
-                    let health = &server.state.health;
-                    let sent_at = tokio::time::Instant::now();
-
-                    let mut sent = match forward::send(
-                        plan.connections,
-                        &server,
-                        upstream,
-                        &head,
-                        &body,
-                        plan.out.method == http::Method::HEAD,
-                    )
-                    .await
-                    {
-                        Ok(sent) => sent,
-                        Err(e) => {
-                            log::warn!(
-                                "request {}: attempt on {} failed: {}",
-                                plan.out.request_id,
-                                server.name,
-                                describe(&e)
-                            );
-                            health.record_failure(now_ms(), server.max_fails, server.fail_timeout);
-                            last_timeout = matches!(e, TransportError::Timeout);
-                            if last_timeout {
-                                // No header in time is a sample of at least that long.
-                                let waited = sent_at.elapsed();
-                                server.state.latency.observe(
-                                    waited,
-                                    now_ms(),
-                                    upstream.latency_decay,
-                                );
-                            }
-                            if let Some(s) = span.as_mut() {
-                                s.ended = std::time::Instant::now();
-                            }
-                            attempts.push(AttemptRecord {
-                                target: server.name.clone(),
-                                upstream: upstream.name.clone(),
-                                outcome: AttemptOutcome::Failed(e.failure()),
-                                status: None,
-                                alias_index,
-                                span,
-                            });
+                    let (record, outcome) = one::attempt(plan, &target, prepared).await;
+                    attempts.push(record);
+                    let (winner, class) = match outcome {
+                        Ok(answered) => answered,
+                        Err(timed_out) => {
+                            last_timeout = timed_out;
                             continue;
                         }
                     };
                     last_timeout = false;
-                    health.record_success();
-                    let state = &server.state;
-                    let now = now_ms();
-                    state
-                        .latency
-                        .observe(sent_at.elapsed(), now, upstream.latency_decay);
-                    let wall = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
-                    state.quota.observe(sent.headers(), now, wall);
-                    let status = sent.status();
-                    let class = if status < 400 {
-                        Class::Deliver
-                    } else {
-                        sent.read_prefix(plan.failover.error_body_limit, upstream.idle_timeout)
-                            .await;
-                        inspect::classify(
-                            status,
-                            sent.headers(),
-                            &sent.prefix_bytes(),
-                            &upstream.rules,
-                        )
-                    };
-                    if let Some(s) = span.as_mut() {
-                        s.ended = std::time::Instant::now();
-                    }
-                    attempts.push(AttemptRecord {
-                        target: server.name.clone(),
-                        upstream: upstream.name.clone(),
-                        outcome: AttemptOutcome::Answered(class),
-                        status: Some(status),
-                        alias_index,
-                        span,
-                    });
-                    let winner = Winner {
-                        usage_added,
-                        model: model.to_string(),
-                        sent,
-                        server: Arc::clone(&server),
-                        upstream: Arc::clone(upstream),
-                        _in_flight: in_flight,
-                        strategy: tier.strategy,
-                        translation,
-                    };
-                    let f = plan.failover;
                     match class {
                         Class::Deliver => {
                             recycle(plan.connections, last.take());
@@ -483,26 +425,13 @@ async fn attempt_all(
                             recycle(plan.connections, last.replace(winner));
                             continue 'aliases;
                         }
-                        Class::Transient { hint } => {
-                            let d = hint.unwrap_or(f.cooldown).min(f.max_cooldown);
-                            cool(plan, &server, now, d, Reason::Transient);
-                        }
-                        Class::Quota => cool(plan, &server, now, f.quota_cooldown, Reason::Quota),
-                        Class::Credentials => {
-                            log::error!(
-                            "upstream {} rejected the gateway's credential ({}) with status {status}: check its api_key; no traffic for {}",
-                            server.name,
-                            server.api_key.as_ref().map_or_else(|| "none".to_string(), |k| crate::secret::mask(k.expose())),
-                            humantime::format_duration(f.quota_cooldown)
-                        );
-                            cool(plan, &server, now, f.quota_cooldown, Reason::Credentials);
-                        }
-                        Class::Skip => {}
+                        other => cool_for(plan, &server, other, winner.sent.status()),
                     }
                     log::info!(
-                        "request {}: {} answered {status} ({}), trying the next target",
+                        "request {}: {} answered {} ({}), trying the next target",
                         plan.out.request_id,
                         server.name,
+                        winner.sent.status(),
                         class.outcome()
                     );
                     recycle(plan.connections, last.replace(winner));
