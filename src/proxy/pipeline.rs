@@ -124,55 +124,8 @@ impl Gateway {
         }
         // Counting tokens generates nothing and costs nothing: no budget is reserved.
         let free = suffix == COUNT_TOKENS;
-        let estimate = if free {
-            0
-        } else {
-            limits::estimate_tokens(body.len(), facts.output_ceiling(0))
-        };
-        let ask = Ask {
-            client_model: &facts.model,
-            body_len: body.len(),
-            output_tokens: facts.output_ceiling(config.budgets.default_max_tokens),
-        };
-        let prices = reserve::Prices {
-            router: &config.router,
-            pricing: &config.pricing,
-            unpriced: config.budgets.unpriced,
-        };
-        let budgets = if free {
-            None
-        } else {
-            reserve::plan(&self.keys, &prices, caller, alias, &ask)?
-        };
-        // A shared counter backend checks budgets with the limits, in the same call.
-        let shared = budgets.as_ref().filter(|_| ctx.admission.counts_spend());
-        let spend = shared.map(|p| p.charges()).unwrap_or_default();
-        let who = super::scopes(config, caller, &ctx.record.client_ip);
-        let model = (alias.name.as_str(), &alias.limits);
-        let admitted = limits::admit_model(&mut ctx.admission, &who, model, estimate, &spend).await;
-        let alerts = self.alerts.as_deref();
-        if let Err(r) = admitted {
-            return Err(match shared {
-                Some(p) if r.dimension == limits::Dimension::Spend && !r.unavailable => {
-                    p.refused(&r, alerts)
-                }
-                _ => refused(ctx, r),
-            }
-            .into());
-        }
-        let shared = shared.is_some();
-        ctx.hold = match &budgets {
-            None => None,
-            Some(p) => {
-                let reserved: Vec<&limits::Charge> = ctx.admission.spend_held().collect();
-                if shared && !reserved.is_empty() {
-                    Some(p.mirrored(&reserved))
-                } else {
-                    // In this process (also while a shared backend is unreachable).
-                    Some(p.hold(alerts)?)
-                }
-            }
-        };
+        self.admit(ctx, config, caller, alias, (body.len(), &facts), free)
+            .await?;
 
         let req = session.req_header();
         let forwarded_for = forward::forwarded_for(req, ctx.peer);
@@ -221,6 +174,25 @@ impl Gateway {
         if free && matches!(result, Err(GatewayError::NoRouteForEndpoint { .. })) {
             return estimated_count(session, ctx, body.len()).await;
         }
+        let winner = result?;
+        let stream = (facts.stream, facts.include_usage);
+        self.deliver(session, ctx, config, alias, winner, cache_plan, stream)
+            .await
+    }
+
+    /// The answer relayed to the client (translated if need be), then accounted for and
+    /// offered to the cache.
+    #[allow(clippy::too_many_arguments)]
+    async fn deliver(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        config: &Config,
+        alias: &crate::route::Alias,
+        winner: attempt::Winner,
+        cache_plan: Option<super::cached::Plan>,
+        (stream, include_usage): (bool, bool),
+    ) -> Result<(), Outcome> {
         let attempt::Winner {
             sent,
             server,
@@ -230,7 +202,7 @@ impl Gateway {
             _in_flight: in_flight,
             strategy,
             translation,
-        } = result?;
+        } = winner;
 
         let target = server.name.clone();
         ctx.record.strategy = Some(strategy.as_str());
@@ -259,7 +231,7 @@ impl Gateway {
             sent,
             idle_timeout: upstream.idle_timeout,
             usage_added,
-            translation: translation.map(|t| (t, facts.include_usage)),
+            translation: translation.map(|t| (t, include_usage)),
         };
         // `in_flight` holds the server's in-flight count until the answer is relayed.
         let result = relay::relay(session, &self.connections, answer, &stamp, &mut relayed).await;
@@ -271,10 +243,74 @@ impl Gateway {
         }
         self.account(ctx, price, &relayed);
         if let Some(plan) = cache_plan {
-            self.cache_store(ctx, alias, facts.stream, &relayed, plan)
-                .await;
+            self.cache_store(ctx, alias, stream, &relayed, plan).await;
         }
         result.map_err(Outcome::Aborted)
+    }
+
+    /// The second limits stage and the budgets: the request's token estimate counted
+    /// against its key's, team's and model's limits, and its most expensive answer
+    /// reserved against its budgets (with the limits, in one call, when a shared backend
+    /// counts budgets). `free`: nothing is reserved (token counting).
+    async fn admit(
+        &self,
+        ctx: &mut RequestCtx,
+        config: &Config,
+        caller: &Caller,
+        alias: &crate::route::Alias,
+        (body_len, facts): (usize, &body::RequestFacts),
+        free: bool,
+    ) -> Result<(), Outcome> {
+        let estimate = if free {
+            0
+        } else {
+            limits::estimate_tokens(body_len, facts.output_ceiling(0))
+        };
+        let ask = Ask {
+            client_model: &facts.model,
+            body_len,
+            output_tokens: facts.output_ceiling(config.budgets.default_max_tokens),
+        };
+        let prices = reserve::Prices {
+            router: &config.router,
+            pricing: &config.pricing,
+            unpriced: config.budgets.unpriced,
+        };
+        let budgets = if free {
+            None
+        } else {
+            reserve::plan(&self.keys, &prices, caller, alias, &ask)?
+        };
+        // A shared counter backend checks budgets with the limits, in the same call.
+        let shared = budgets.as_ref().filter(|_| ctx.admission.counts_spend());
+        let spend = shared.map(|p| p.charges()).unwrap_or_default();
+        let who = super::scopes(config, caller, &ctx.record.client_ip);
+        let model = (alias.name.as_str(), &alias.limits);
+        let admitted = limits::admit_model(&mut ctx.admission, &who, model, estimate, &spend).await;
+        let alerts = self.alerts.as_deref();
+        if let Err(r) = admitted {
+            return Err(match shared {
+                Some(p) if r.dimension == limits::Dimension::Spend && !r.unavailable => {
+                    p.refused(&r, alerts)
+                }
+                _ => refused(ctx, r),
+            }
+            .into());
+        }
+        let shared = shared.is_some();
+        ctx.hold = match &budgets {
+            None => None,
+            Some(p) => {
+                let reserved: Vec<&limits::Charge> = ctx.admission.spend_held().collect();
+                if shared && !reserved.is_empty() {
+                    Some(p.mirrored(&reserved))
+                } else {
+                    // In this process (also while a shared backend is unreachable).
+                    Some(p.hold(alerts)?)
+                }
+            }
+        };
+        Ok(())
     }
 
     /// The last stage: what the answer used and cost, settled against the token limits and
