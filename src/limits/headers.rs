@@ -1,6 +1,7 @@
 //! The `x-ratelimit-*` headers of the key scope, written the way OpenAI writes them, so
 //! that clients built for OpenAI pace themselves against the gateway's own limits.
 
+use crate::spec::text::push_u64;
 use http::{HeaderName, HeaderValue};
 use std::time::Duration;
 
@@ -34,35 +35,67 @@ impl KeyHeaders {
                 HeaderName::from_static("x-ratelimit-reset-tokens"),
             ],
         ];
-        let mut out = Vec::with_capacity(6);
+        // The values are written into one buffer and each header takes its slice: one
+        // allocation for all six.
+        let mut text = String::with_capacity(96);
+        let mut ends = [0usize; 6];
+        let mut names = Vec::with_capacity(6);
         for (budget, [limit, remaining, reset]) in
             [self.requests, self.tokens].into_iter().zip(NAMES)
         {
             if let Some(b) = budget {
-                out.push((limit, HeaderValue::from(b.limit)));
-                out.push((remaining, HeaderValue::from(b.remaining)));
-                if let Ok(v) = HeaderValue::from_str(&openai_duration(b.reset)) {
-                    out.push((reset, v));
-                }
+                push_u64(&mut text, b.limit);
+                ends[names.len()] = text.len();
+                names.push(limit);
+                push_u64(&mut text, b.remaining);
+                ends[names.len()] = text.len();
+                names.push(remaining);
+                push_openai_duration(&mut text, b.reset);
+                ends[names.len()] = text.len();
+                names.push(reset);
             }
         }
-        out
+        let shared = bytes::Bytes::from(text);
+        let mut start = 0;
+        names
+            .into_iter()
+            .zip(ends)
+            .filter_map(|(name, end)| {
+                let value = HeaderValue::from_maybe_shared(shared.slice(start..end)).ok();
+                start = end;
+                Some((name, value?))
+            })
+            .collect()
     }
 }
 
 /// Durations the way OpenAI writes them in `x-ratelimit-reset-*`: `120ms`, `17s`, `6m0s`, `1h2m3s`.
 pub fn openai_duration(d: Duration) -> String {
+    let mut out = String::new();
+    push_openai_duration(&mut out, d);
+    out
+}
+
+/// [`openai_duration`], appended to `out`.
+pub fn push_openai_duration(out: &mut String, d: Duration) {
     let ms = d.as_millis() as u64;
     if ms < 1000 {
-        return format!("{ms}ms");
+        push_u64(out, ms);
+        out.push_str("ms");
+        return;
     }
     let secs = d.as_secs() + u64::from(d.subsec_millis() > 0);
     let (h, m, s) = (secs / 3600, (secs % 3600) / 60, secs % 60);
-    match (h, m) {
-        (0, 0) => format!("{s}s"),
-        (0, _) => format!("{m}m{s}s"),
-        _ => format!("{h}h{m}m{s}s"),
+    if h > 0 {
+        push_u64(out, h);
+        out.push('h');
     }
+    if h > 0 || m > 0 {
+        push_u64(out, m);
+        out.push('m');
+    }
+    push_u64(out, s);
+    out.push('s');
 }
 
 #[cfg(test)]
@@ -76,5 +109,41 @@ mod tests {
         assert_eq!(openai_duration(Duration::from_secs(360)), "6m0s");
         assert_eq!(openai_duration(Duration::from_secs(3723)), "1h2m3s");
         assert_eq!(openai_duration(Duration::from_millis(1500)), "2s");
+        assert_eq!(openai_duration(Duration::from_secs(7200)), "2h0m0s");
+    }
+
+    #[test]
+    fn each_limit_gives_its_three_headers_from_one_buffer() {
+        let room = |limit, remaining, reset| Room {
+            limit,
+            remaining,
+            reset,
+        };
+        let both = KeyHeaders {
+            requests: Some(room(60, 59, Duration::from_millis(1500))),
+            tokens: Some(room(100_000, 0, Duration::from_secs(3723))),
+        };
+        let text = |h: &KeyHeaders| -> Vec<(String, String)> {
+            h.pairs()
+                .into_iter()
+                .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+                .collect()
+        };
+        let want = [
+            ("x-ratelimit-limit-requests", "60"),
+            ("x-ratelimit-remaining-requests", "59"),
+            ("x-ratelimit-reset-requests", "2s"),
+            ("x-ratelimit-limit-tokens", "100000"),
+            ("x-ratelimit-remaining-tokens", "0"),
+            ("x-ratelimit-reset-tokens", "1h2m3s"),
+        ]
+        .map(|(n, v)| (n.to_string(), v.to_string()));
+        assert_eq!(text(&both), want);
+        let tokens = KeyHeaders {
+            requests: None,
+            ..both
+        };
+        assert_eq!(text(&tokens), want[3..]);
+        assert!(KeyHeaders::default().pairs().is_empty());
     }
 }
