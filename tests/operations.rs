@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{admin_json, chat, chat_status, client, eventually_async, Gateway};
+use common::{admin_json, chat, chat_status, client, eventually, eventually_async, Gateway};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 use tollgate::demo::mock::{MockUpstream, Reply};
@@ -229,7 +229,12 @@ async fn an_upgrade_and_a_reload_under_load_lose_no_request_and_cut_no_stream() 
         }));
     }
 
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Under load: short requests answered and a stream under way.
+    assert!(
+        eventually(Duration::from_secs(5), || up.hits() >= 10
+            && streams.hits() >= 1)
+        .await
+    );
     // Reload: an extra alias.
     let v2 = std::fs::read_to_string(&path).unwrap() + "  extra:\n    routes: [{upstream: u}]\n";
     std::fs::write(&path, v2).unwrap();
