@@ -19,7 +19,7 @@ use crate::secret::mask_userinfo;
 use crate::store::usage::{UsageQueue, Writer};
 use crate::store::Store;
 use crate::transport::pool::{Connections, Pool, Sweeper};
-use crate::upstream::shared::SharedCooldowns;
+use crate::upstream::shared::{Cooldowns, LocalCooldowns, SharedCooldowns};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora_core::connectors::ConnectorOptions;
@@ -205,12 +205,16 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
     let max_connections = config.load().server.max_connections.unwrap_or(default_max);
     let cache = build_cache(&config.load())?;
     let (counters, shared_counters) = build_counters(&config.load())?;
-    let cooldowns = match &config.load().cluster.redis {
+    let shared_cooldowns = match &config.load().cluster.redis {
         Some(url) => Some(Arc::new(
             SharedCooldowns::new(url.expose())
                 .map_err(|e| std::io::Error::other(format!("cluster.redis: {e}")))?,
         )),
         None => None,
+    };
+    let cooldowns: Arc<dyn Cooldowns> = match &shared_cooldowns {
+        Some(shared) => Arc::clone(shared) as Arc<dyn Cooldowns>,
+        None => Arc::new(LocalCooldowns),
     };
     let mut proxy = Service::new(
         "tollgate proxy".to_string(),
@@ -331,7 +335,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
             },
         ));
     }
-    if let Some(shared) = cooldowns {
+    if let Some(shared) = shared_cooldowns {
         server.add_service(background_service(
             "shared cooldowns",
             CooldownListener(shared, Arc::clone(&config)),

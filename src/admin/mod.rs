@@ -34,7 +34,7 @@ pub struct AdminApp {
     /// The response cache, for `DELETE /admin/cache` and its gauges.
     pub cache: Arc<dyn crate::cache::CacheBackend>,
     /// Cooldowns shared with other instances, cleared everywhere from here.
-    pub cooldowns: Option<Arc<crate::upstream::shared::SharedCooldowns>>,
+    pub cooldowns: Arc<dyn crate::upstream::shared::Cooldowns>,
 }
 
 /// The largest admin request body read.
@@ -211,16 +211,9 @@ impl AdminApp {
             }
             http::Method::DELETE => {
                 let wanted = percent_decode(rest.trim_start_matches('/'));
-                let mut cleared = Vec::new();
-                for s in servers {
-                    if wanted.is_empty() || s.name == wanted {
-                        s.state.health.clear();
-                        cleared.push(s.name.clone());
-                    }
-                }
-                if let (Some(shared), false) = (&self.cooldowns, cleared.is_empty()) {
-                    shared.clear((!wanted.is_empty()).then_some(wanted.as_str()));
-                }
+                let only = (!wanted.is_empty()).then_some(wanted.as_str());
+                let servers: Vec<Arc<crate::upstream::Server>> = servers.cloned().collect();
+                let cleared = self.cooldowns.clear(&servers, only);
                 if cleared.is_empty() {
                     return reply(
                         404,

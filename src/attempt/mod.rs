@@ -16,7 +16,7 @@ use crate::route::{Alias, Need, Route, Router, Tier};
 use crate::spec::Strategy;
 use crate::transport::pool::Connections;
 use crate::upstream::health::Reason;
-use crate::upstream::shared::SharedCooldowns;
+use crate::upstream::shared::Cooldowns;
 use crate::upstream::{InFlight, Server, Upstream};
 use bytes::Bytes;
 use forward::{Outgoing, Sent, TransportError, TransportFailure};
@@ -158,8 +158,8 @@ pub struct Plan<'a> {
     pub rewrite: &'a (dyn Fn(&str, bool) -> Bytes + Sync),
     /// A streaming request without `stream_options` on an endpoint that supports it.
     pub wants_usage: bool,
-    /// Where cooldowns are shared with other instances (`cluster.redis`), if they are.
-    pub cooldowns: Option<&'a Arc<SharedCooldowns>>,
+    /// Where cooldowns apply: here, or also on every instance (`cluster.redis`).
+    pub cooldowns: &'a dyn Cooldowns,
     /// The request's trace, when tracing is on: each attempt gets a span id, sent
     /// upstream in `traceparent`.
     pub trace: Option<&'a crate::trace::TraceCtx>,
@@ -457,10 +457,7 @@ async fn attempt_all(
 
 /// Cools `server` here and, when cooldowns are shared, on every instance.
 fn cool(plan: &Plan<'_>, server: &Server, now: u64, d: std::time::Duration, reason: Reason) {
-    server.state.health.cool(now, d, reason);
-    if let Some(shared) = plan.cooldowns {
-        shared.cool(&server.name, d, reason);
-    }
+    plan.cooldowns.cool(server, now, d, reason);
 }
 
 /// Gives the connection of an attempt that will not be delivered back to the pool, when

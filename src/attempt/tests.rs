@@ -52,7 +52,7 @@ async fn attempt_over(
         need: &need,
         rewrite: &rewrite,
         wants_usage: false,
-        cooldowns: None,
+        cooldowns: &crate::upstream::shared::LocalCooldowns,
         trace: None,
     };
     let mut attempts = Vec::new();

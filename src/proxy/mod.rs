@@ -27,7 +27,7 @@ use crate::relay::respond;
 use crate::store::usage::UsageQueue;
 use crate::trace::Tracer;
 use crate::transport::pool::Connections;
-use crate::upstream::shared::SharedCooldowns;
+use crate::upstream::shared::Cooldowns;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora_core::modules::http::HttpModules;
@@ -51,7 +51,7 @@ pub struct Gateway {
     /// Stored answers of the aliases that cache.
     cache: Arc<dyn CacheBackend>,
     /// Cooldowns shared with other instances (`cluster.redis`).
-    cooldowns: Option<Arc<SharedCooldowns>>,
+    cooldowns: Arc<dyn Cooldowns>,
     /// Traces, when `tracing.otlp` is set.
     tracer: Option<Arc<Tracer>>,
 }
@@ -64,7 +64,7 @@ pub struct Shared {
     pub usage: Arc<UsageQueue>,
     pub alerts: Option<Arc<Alerts>>,
     pub cache: Arc<dyn CacheBackend>,
-    pub cooldowns: Option<Arc<SharedCooldowns>>,
+    pub cooldowns: Arc<dyn Cooldowns>,
     pub tracer: Option<Arc<Tracer>>,
 }
 

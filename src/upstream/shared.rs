@@ -32,24 +32,76 @@ enum Event {
     Clear { server: Option<String> },
 }
 
+/// Where a cooldown applies: on this instance only ([`LocalCooldowns`]), or on every
+/// instance sharing `cluster.redis` ([`SharedCooldowns`], which applies it here too).
+pub trait Cooldowns: Send + Sync {
+    /// `server` cools for `d` from `now` (`clock::monotonic_ms`) for `reason`.
+    fn cool(&self, server: &Server, now: u64, d: Duration, reason: Reason);
+
+    /// Ends the cooldowns of `servers` (of the one named `only`, or of all); returns the
+    /// names of those it ended.
+    fn clear(&self, servers: &[Arc<Server>], only: Option<&str>) -> Vec<String>;
+}
+
+/// Cooldowns kept on this instance.
+pub struct LocalCooldowns;
+
+impl Cooldowns for LocalCooldowns {
+    fn cool(&self, server: &Server, now: u64, d: Duration, reason: Reason) {
+        server.state.health.cool(now, d, reason);
+    }
+
+    fn clear(&self, servers: &[Arc<Server>], only: Option<&str>) -> Vec<String> {
+        servers
+            .iter()
+            .filter(|s| only.is_none_or(|name| s.name == name))
+            .map(|s| {
+                s.state.health.clear();
+                s.name.clone()
+            })
+            .collect()
+    }
+}
+
+impl Cooldowns for SharedCooldowns {
+    fn cool(&self, server: &Server, now: u64, d: Duration, reason: Reason) {
+        LocalCooldowns.cool(server, now, d, reason);
+        self.publish(Event::Cool {
+            server: server.name.clone(),
+            ms: d.as_millis() as u64,
+            reason: reason.as_str().to_string(),
+        });
+    }
+
+    fn clear(&self, servers: &[Arc<Server>], only: Option<&str>) -> Vec<String> {
+        let cleared = LocalCooldowns.clear(servers, only);
+        if !cleared.is_empty() {
+            self.publish(Event::Clear {
+                server: only.map(str::to_string),
+            });
+        }
+        cleared
+    }
+}
+
 pub struct SharedCooldowns {
-    redis: SharedRedis,
+    redis: Arc<SharedRedis>,
 }
 
 impl SharedCooldowns {
     pub fn new(url: &str) -> Result<Self, String> {
         Ok(SharedCooldowns {
-            redis: SharedRedis::open(url)?,
+            redis: Arc::new(SharedRedis::open(url)?),
         })
     }
 
-    fn publish(self: &Arc<Self>, event: Event) {
+    fn publish(&self, event: Event) {
         let Ok(text) = serde_json::to_string(&event) else {
             return;
         };
-        let me = Arc::clone(self);
+        let redis = Arc::clone(&self.redis);
         tokio::spawn(async move {
-            let Ok(mut conn) = me.redis.conn().await else {
+            let Ok(mut conn) = redis.conn().await else {
                 log::warn!("cooldowns: Redis unavailable; this cooldown stays on this instance");
                 return;
             };
@@ -84,22 +136,6 @@ impl SharedCooldowns {
                     "cooldowns: could not publish to Redis; this cooldown stays on this instance"
                 );
             }
-        });
-    }
-
-    /// Tells every instance that `server` cools for `d`.
-    pub fn cool(self: &Arc<Self>, server: &str, d: Duration, reason: Reason) {
-        self.publish(Event::Cool {
-            server: server.to_string(),
-            ms: d.as_millis() as u64,
-            reason: reason.as_str().to_string(),
-        });
-    }
-
-    /// Tells every instance to end the cooldown of `server` (all with `None`).
-    pub fn clear(self: &Arc<Self>, server: Option<&str>) {
-        self.publish(Event::Clear {
-            server: server.map(str::to_string),
         });
     }
 
