@@ -352,21 +352,13 @@ impl Budget {
     }
 }
 
-/// Where one budget's spend and reservations are counted: the seam a budget shared by
-/// several instances plugs into. [`Budget`] counts in this process (one mutex per
-/// budget); the request path only reserves, releases and settles through this trait.
-pub trait BudgetLedger: Send + Sync + std::fmt::Debug {
+/// The request path's use of a budget in this process: reserve before the request,
+/// then release or settle. (Budgets shared by instances are counted as spend charges by
+/// the limits' shared backend; see `keys::reserve`.)
+impl Budget {
     /// Reserves `amount` unless an enforced budget has no room for it; returns what was
     /// reserved (0 for a tracked budget).
-    fn reserve(&self, amount: i64, now: i64) -> Result<i64, Exceeded>;
-    /// Gives a reservation back (the request ended without an answer to charge).
-    fn release(&self, reserved: i64, now: i64);
-    /// Counts `cost` as spent in place of `reserved`; returns the alerts it crossed.
-    fn settle(&self, reserved: i64, cost: i64, now: i64) -> Vec<Alert>;
-}
-
-impl BudgetLedger for Budget {
-    fn reserve(&self, amount: i64, now: i64) -> Result<i64, Exceeded> {
+    pub fn reserve(&self, amount: i64, now: i64) -> Result<i64, Exceeded> {
         let mut s = self.lock(now);
         if s.spec.mode == Mode::Track {
             return Ok(0);
@@ -388,13 +380,14 @@ impl BudgetLedger for Budget {
         Ok(amount)
     }
 
-    fn release(&self, reserved: i64, now: i64) {
+    /// Gives a reservation back (the request ended without an answer to charge).
+    pub fn release(&self, reserved: i64, now: i64) {
         let mut s = self.lock(now);
         s.reserved = (s.reserved - reserved).max(0);
     }
 
     /// Counts `cost` as spent (in place of `reserved`); returns the alerts it crossed.
-    fn settle(&self, reserved: i64, cost: i64, now: i64) -> Vec<Alert> {
+    pub fn settle(&self, reserved: i64, cost: i64, now: i64) -> Vec<Alert> {
         let mut s = self.lock(now);
         s.reserved = (s.reserved - reserved).max(0);
         s.spent = s.spent.saturating_add(cost);
@@ -426,7 +419,7 @@ fn crossed(spec: &BudgetSpec, spent: i64) -> usize {
 /// What one request holds against its budgets. Dropped unsettled, it releases them.
 #[derive(Default)]
 pub struct Hold {
-    held: Vec<(Arc<dyn BudgetLedger>, i64)>,
+    held: Vec<(Arc<Budget>, i64)>,
     now: i64,
     /// Reserved by a shared backend (the limits' admission holds it there): here the
     /// budgets are only this instance's figures, settled for alerts.
@@ -435,11 +428,7 @@ pub struct Hold {
 
 impl Hold {
     /// Reserves `amount` against every budget of `budgets`, all or none.
-    pub fn reserve<L: BudgetLedger + 'static>(
-        budgets: &[&Arc<L>],
-        amount: i64,
-        now: i64,
-    ) -> Result<Hold, Exceeded> {
+    pub fn reserve(budgets: &[&Arc<Budget>], amount: i64, now: i64) -> Result<Hold, Exceeded> {
         let mut hold = Hold {
             held: Vec::with_capacity(budgets.len()),
             now,
@@ -448,8 +437,7 @@ impl Hold {
         for b in budgets {
             // On refusal `hold` drops and releases what was reserved before.
             let reserved = b.reserve(amount, now)?;
-            let ledger: Arc<dyn BudgetLedger> = Arc::clone(b) as Arc<dyn BudgetLedger>;
-            hold.held.push((ledger, reserved));
+            hold.held.push((Arc::clone(b), reserved));
         }
         Ok(hold)
     }
@@ -459,10 +447,7 @@ impl Hold {
     /// gives back nothing here.
     pub fn mirror(budgets: &[Arc<Budget>], amount: i64, now: i64) -> Hold {
         Hold {
-            held: budgets
-                .iter()
-                .map(|b| (Arc::clone(b) as Arc<dyn BudgetLedger>, 0))
-                .collect(),
+            held: budgets.iter().map(|b| (Arc::clone(b), 0)).collect(),
             now,
             mirrored: Some(amount),
         }
