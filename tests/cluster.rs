@@ -50,18 +50,6 @@ async fn status(gw: &Gateway, stream: bool) -> u16 {
     s
 }
 
-/// Waits, if needed, so that a burst does not straddle a minute's window boundary.
-async fn away_from_a_minute_boundary() {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-        % 60.0;
-    if secs > 50.0 {
-        tokio::time::sleep(Duration::from_secs_f64(61.0 - secs)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_rpm_limit_admits_exactly_the_limit_across_three_instances() {
     let redis = Redis::start();

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::Redis;
+use common::{away_from_a_minute_boundary, Redis};
 use std::time::{Duration, Instant};
 use tollgate::limits::{
     key_hash, Charge, CounterBackend, Dimension, LocalCounters, OnRedisError, RedisCounters,
@@ -60,19 +60,6 @@ async fn reserve_once_given_back(
             ),
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Waits, if needed, so that a case's minute windows do not straddle a boundary (the
-/// shared counters' windows are the wall clock's minutes).
-async fn away_from_a_minute_boundary() {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-        % 60.0;
-    if secs > 55.0 {
-        tokio::time::sleep(Duration::from_secs_f64(60.5 - secs)).await;
     }
 }
 

@@ -615,3 +615,17 @@ pub fn python() -> String {
         }
     })
 }
+
+/// Waits, if needed, so that what a test counts in minute windows does not straddle a
+/// boundary (shared counters' windows are the wall clock's minutes).
+#[allow(dead_code)]
+pub async fn away_from_a_minute_boundary() {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs_f64()
+        % 60.0;
+    if secs > 50.0 {
+        tokio::time::sleep(Duration::from_secs_f64(61.0 - secs)).await;
+    }
+}
