@@ -305,16 +305,19 @@ fn next_target(
     })
 }
 
-/// An answer that is not delivered: its server cooled down as its class says.
+/// An answer that is not delivered: its server cooled down as its class says (here and,
+/// when cooldowns are shared, on every instance).
 fn cool_for(plan: &Plan<'_>, server: &Server, class: Class, status: u16) {
     let f = plan.failover;
     let now = now_ms();
     match class {
         Class::Transient { hint } => {
             let d = hint.unwrap_or(f.cooldown).min(f.max_cooldown);
-            cool(plan, server, now, d, Reason::Transient);
+            plan.cooldowns.cool(server, now, d, Reason::Transient);
         }
-        Class::Quota => cool(plan, server, now, f.quota_cooldown, Reason::Quota),
+        Class::Quota => plan
+            .cooldowns
+            .cool(server, now, f.quota_cooldown, Reason::Quota),
         Class::Credentials => {
             log::error!(
                 "upstream {} rejected the gateway's credential ({}) with status {status}: check its api_key; no traffic for {}",
@@ -322,7 +325,8 @@ fn cool_for(plan: &Plan<'_>, server: &Server, class: Class, status: u16) {
                 server.api_key.as_ref().map_or_else(|| "none".to_string(), |k| crate::secret::mask(k.expose())),
                 humantime::format_duration(f.quota_cooldown)
             );
-            cool(plan, server, now, f.quota_cooldown, Reason::Credentials);
+            plan.cooldowns
+                .cool(server, now, f.quota_cooldown, Reason::Credentials);
         }
         Class::Deliver | Class::ContextLength | Class::Skip => {}
     }
@@ -453,11 +457,6 @@ async fn attempt_all(
         last_timeout,
         retry_after(&chain),
     ))
-}
-
-/// Cools `server` here and, when cooldowns are shared, on every instance.
-fn cool(plan: &Plan<'_>, server: &Server, now: u64, d: std::time::Duration, reason: Reason) {
-    plan.cooldowns.cool(server, now, d, reason);
 }
 
 /// Gives the connection of an attempt that will not be delivered back to the pool, when

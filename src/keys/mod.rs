@@ -16,7 +16,7 @@ pub mod reserve;
 
 use crate::clock::Clock;
 use crate::limits::Limits;
-use crate::store::records::{self, KeyRow, Owner as Column, TeamRow};
+use crate::store::records::{self, Column, KeyRow, TeamRow};
 use crate::store::{Store, StoreError};
 use arc_swap::ArcSwap;
 use budget::{Budget, BudgetSpec, Mode, Owner, Period};

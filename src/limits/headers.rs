@@ -35,37 +35,33 @@ impl KeyHeaders {
                 HeaderName::from_static("x-ratelimit-reset-tokens"),
             ],
         ];
-        // The values are written into one buffer and each header takes its slice: one
-        // allocation for all six.
+        // The values share one buffer; each header is a slice of it.
         let mut text = String::with_capacity(96);
-        let mut ends = [0usize; 6];
-        let mut names = Vec::with_capacity(6);
-        for (budget, [limit, remaining, reset]) in
-            [self.requests, self.tokens].into_iter().zip(NAMES)
-        {
+        // For each limit present, where its three values end in `text`.
+        let mut ends: [Option<[usize; 3]>; 2] = [None; 2];
+        for (i, budget) in [self.requests, self.tokens].into_iter().enumerate() {
             if let Some(b) = budget {
                 push_u64(&mut text, b.limit);
-                ends[names.len()] = text.len();
-                names.push(limit);
+                let limit = text.len();
                 push_u64(&mut text, b.remaining);
-                ends[names.len()] = text.len();
-                names.push(remaining);
+                let remaining = text.len();
                 push_openai_duration(&mut text, b.reset);
-                ends[names.len()] = text.len();
-                names.push(reset);
+                ends[i] = Some([limit, remaining, text.len()]);
             }
         }
         let shared = bytes::Bytes::from(text);
+        let mut out = Vec::with_capacity(6);
         let mut start = 0;
-        names
-            .into_iter()
-            .zip(ends)
-            .filter_map(|(name, end)| {
-                let value = HeaderValue::from_maybe_shared(shared.slice(start..end)).ok();
+        for (names, ends) in NAMES.into_iter().zip(ends) {
+            let Some(ends) = ends else { continue };
+            for (name, end) in names.into_iter().zip(ends) {
+                if let Ok(v) = HeaderValue::from_maybe_shared(shared.slice(start..end)) {
+                    out.push((name, v));
+                }
                 start = end;
-                Some((name, value?))
-            })
-            .collect()
+            }
+        }
+        out
     }
 }
 

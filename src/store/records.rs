@@ -165,12 +165,12 @@ pub async fn save_team(pool: &AnyPool, t: &TeamRow) -> Result<(), StoreError> {
 /// `team_id`).
 pub async fn spend_since(
     pool: &AnyPool,
-    column: Owner,
+    column: Column,
     from: i64,
 ) -> Result<HashMap<String, i64>, StoreError> {
     let sql = match column {
-        Owner::Key => "SELECT key_id AS id, CAST(COALESCE(SUM(cost_micro_usd), 0) AS BIGINT) AS s FROM usage WHERE ts >= $1 AND key_id IS NOT NULL GROUP BY key_id",
-        Owner::Team => "SELECT team_id AS id, CAST(COALESCE(SUM(cost_micro_usd), 0) AS BIGINT) AS s FROM usage WHERE ts >= $1 AND team_id IS NOT NULL GROUP BY team_id",
+        Column::Key => "SELECT key_id AS id, CAST(COALESCE(SUM(cost_micro_usd), 0) AS BIGINT) AS s FROM usage WHERE ts >= $1 AND key_id IS NOT NULL GROUP BY key_id",
+        Column::Team => "SELECT team_id AS id, CAST(COALESCE(SUM(cost_micro_usd), 0) AS BIGINT) AS s FROM usage WHERE ts >= $1 AND team_id IS NOT NULL GROUP BY team_id",
     };
     let mut sums = HashMap::new();
     for row in sqlx::query(sql).bind(from).fetch_all(pool).await? {
@@ -181,7 +181,7 @@ pub async fn spend_since(
 
 /// The usage column a budget's owner is found in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Owner {
+pub enum Column {
     Key,
     Team,
 }

@@ -117,34 +117,6 @@ impl Enc {
     }
 }
 
-/// Up to four keys and varints, gathered before one copy into the buffer.
-#[derive(Default)]
-struct Small {
-    bytes: [u8; 32],
-    len: usize,
-}
-
-impl Small {
-    #[inline]
-    fn push(&mut self, b: u8) {
-        self.bytes[self.len] = b;
-        self.len += 1;
-    }
-
-    #[inline]
-    fn varint(&mut self, mut v: u64) {
-        while v >= 0x80 {
-            self.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        self.push(v as u8);
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-}
-
 /// An attribute value (`AnyValue`).
 #[derive(Debug, Clone, Copy)]
 pub enum Val<'a> {
@@ -249,36 +221,14 @@ impl Attrs<'_> {
     fn add_any(&mut self, key: &str, value: Val) {
         let any = value.len();
         let kv = delimited(key.len()) + delimited(any);
-        // The keys and lengths before the key, and those between it and the value.
-        let mut head = Small::default();
-        head.push(key1(self.field, LEN));
-        head.varint(kv as u64);
-        head.push(key1(1, LEN));
-        head.varint(key.len() as u64);
-        let mut mid = Small::default();
-        mid.push(key1(2, LEN));
-        mid.varint(any as u64);
         let e = &mut *self.enc;
         e.buf.reserve(delimited(kv));
-        e.buf.extend_from_slice(head.bytes());
-        e.buf.extend_from_slice(key.as_bytes());
-        match value {
-            Val::Str(s) => {
-                mid.push(key1(1, LEN));
-                mid.varint(s.len() as u64);
-                e.buf.extend_from_slice(mid.bytes());
-                e.buf.extend_from_slice(s.as_bytes());
-            }
-            Val::Int(n) => {
-                mid.push(key1(3, VARINT));
-                mid.varint(n as u64);
-                e.buf.extend_from_slice(mid.bytes());
-            }
-            _ => {
-                e.buf.extend_from_slice(mid.bytes());
-                value.write(e);
-            }
-        }
+        e.buf.push(key1(self.field, LEN));
+        e.varint(kv as u64);
+        e.string(1, key);
+        e.buf.push(key1(2, LEN));
+        e.varint(any as u64);
+        value.write(e);
     }
 
     #[inline(always)]

@@ -500,9 +500,9 @@ mod tests {
         crate::config::file::UpstreamSection::new(Provider::Generic, balance)
     }
 
-    fn upstream(balance: Balance, servers: &[(usize, bool)]) -> Upstream {
-        let servers = servers
-            .iter()
+    /// Servers `s0`, `s1`, ... with these weights and backup flags.
+    fn servers(list: &[(usize, bool)]) -> Vec<Server> {
+        list.iter()
             .enumerate()
             .map(|(i, &(weight, backup))| {
                 let url = format!("http://127.0.0.1:{}/v1", 9000 + i);
@@ -514,11 +514,14 @@ mod tests {
                     backup,
                 )
             })
-            .collect();
+            .collect()
+    }
+
+    fn upstream(balance: Balance, list: &[(usize, bool)]) -> Upstream {
         Upstream::new(
             "u".into(),
             &section(balance),
-            servers,
+            servers(list),
             Rules::default(),
             None,
         )
@@ -622,19 +625,8 @@ mod tests {
         let decay = Duration::from_secs(1);
         let mut s = section(Balance::Latency);
         s.latency_decay = crate::config::units::Seconds(decay);
-        let servers = (0..2)
-            .map(|i| {
-                let url = format!("http://127.0.0.1:{}/v1", 9000 + i);
-                Server::new(
-                    format!("s{i}"),
-                    Endpoint::parse(&url).unwrap(),
-                    None,
-                    1,
-                    false,
-                )
-            })
-            .collect();
-        let u = Upstream::new("u".into(), &s, servers, Rules::default(), None);
+        let two = servers(&[(1, false), (1, false)]);
+        let u = Upstream::new("u".into(), &s, two, Rules::default(), None);
         // Requests `n` picks, 10 ms apart, with the slow server answering in `slow_ms`;
         // returns how many it got.
         let run = |n: usize, slow_ms: u64| {

@@ -234,19 +234,16 @@ async fn running(conn: &mut impl redis::aio::ConnectionLike) -> Vec<String> {
 pub type ServersNow = Arc<dyn Fn() -> Vec<Arc<Server>> + Send + Sync>;
 
 fn apply(servers: &[Arc<Server>], event: Event) {
-    let now = crate::clock::monotonic_ms();
-    let servers = servers.iter();
     match event {
         Event::Cool { server, ms, reason } => {
             let reason = Reason::parse(&reason).unwrap_or(Reason::Transient);
-            for s in servers.filter(|s| s.name == server) {
-                s.state.health.cool(now, Duration::from_millis(ms), reason);
+            let now = crate::clock::monotonic_ms();
+            for s in servers.iter().filter(|s| s.name == server) {
+                LocalCooldowns.cool(s, now, Duration::from_millis(ms), reason);
             }
         }
         Event::Clear { server } => {
-            for s in servers.filter(|s| server.as_ref().is_none_or(|n| *n == s.name)) {
-                s.state.health.clear();
-            }
+            LocalCooldowns.clear(servers, server.as_deref());
         }
     }
 }

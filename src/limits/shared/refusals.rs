@@ -7,8 +7,9 @@
 
 use super::super::lease::{counter, Counter};
 use super::super::{Charge, Dimension, Refusal};
+use super::RedisCounters;
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use std::time::Duration;
 
 #[derive(Default)]
@@ -19,10 +20,6 @@ pub(super) struct Refusals {
     undone: Mutex<HashMap<Counter, u64>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn is_rate(c: &Charge) -> bool {
     matches!(c.dimension, Dimension::Rps | Dimension::Rpm)
 }
@@ -30,7 +27,7 @@ fn is_rate(c: &Charge) -> bool {
 impl Refusals {
     /// The refusal of the first of `charges` refused in its window, if any.
     pub(super) fn known(&self, charges: &[Charge], now: u64) -> Option<Refusal> {
-        let mut refused = lock(&self.refused);
+        let mut refused = RedisCounters::lock(&self.refused);
         if refused.is_empty() {
             return None;
         }
@@ -48,18 +45,21 @@ impl Refusals {
             return;
         }
         {
-            let mut undone = lock(&self.undone);
+            let mut undone = RedisCounters::lock(&self.undone);
             undone.retain(|_, at| now.saturating_sub(*at) < in_flight.as_millis() as u64);
             if undone.contains_key(&counter(c)) {
                 return;
             }
         }
-        lock(&self.refused).insert(counter(c), now + left.as_millis() as u64);
+        RedisCounters::lock(&self.refused).insert(counter(c), now + left.as_millis() as u64);
     }
 
     /// Requests were taken back from these charges' rates at `now`.
     pub(super) fn undone(&self, charges: &[Charge], now: u64) {
-        let (mut refused, mut undone) = (lock(&self.refused), lock(&self.undone));
+        let (mut refused, mut undone) = (
+            RedisCounters::lock(&self.refused),
+            RedisCounters::lock(&self.undone),
+        );
         for c in charges.iter().filter(|c| is_rate(c)) {
             refused.remove(&counter(c));
             undone.insert(counter(c), now);
