@@ -135,23 +135,16 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
         log::warn!("admin.master_key is not set: the keys, teams and spend API (/admin/keys, /admin/teams, /admin/spend) is off");
     }
     let usage = UsageQueue::new(config.store.queue_size);
-    let flush_interval = config.store.flush_interval.0;
-    let (alerts, delivery) = match &config.alerts.webhook {
+    let flush_interval = config.store.flush_interval;
+    let (alerts, delivery) = match &config.webhook {
         Some(w) => {
             let redis = config
                 .cluster
                 .redis
                 .as_ref()
                 .map(|r| r.expose().to_string());
-            let (a, d) = crate::keys::alerts::channel(
-                crate::keys::alerts::Webhook {
-                    url: w.url.clone(),
-                    headers: w.headers.clone().into_iter().collect(),
-                    timeout: w.timeout.0,
-                },
-                redis.as_deref(),
-            )
-            .map_err(|e| std::io::Error::other(format!("cluster.redis: {e}")))?;
+            let (a, d) = crate::keys::alerts::channel(w.clone(), redis.as_deref())
+                .map_err(|e| std::io::Error::other(format!("cluster.redis: {e}")))?;
             (Some(Arc::new(a)), Some(d))
         }
         None => (None, None),
@@ -174,7 +167,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
         pid_file: s.pid_file.clone(),
         upgrade_sock: s.upgrade_sock.clone(),
         threads: s.threads,
-        grace_period_seconds: Some(s.grace_period.0.as_secs()),
+        grace_period_seconds: Some(s.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(5),
         ca_file: s.ca_file.clone(),
         ..ServerConf::default()
@@ -294,7 +287,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
     server.add_service(background_service(
         "log writer",
         crate::observe::LogWriter {
-            interval: config.load().log.flush_interval.0,
+            interval: config.load().log.flush_interval,
         },
     ));
     server.add_service(background_service(
@@ -328,7 +321,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
                     let config = Arc::clone(&config);
                     Arc::new(move || {
                         let c = config.load();
-                        (c.store.refresh_interval.0, c.keys.budgets())
+                        (c.store.refresh_interval, c.keys.budgets())
                     })
                 },
                 url,
@@ -398,7 +391,7 @@ fn build_counters(config: &Config) -> std::io::Result<Counters> {
     let options = crate::limits::SharedOptions {
         on_error: c.on_redis_error,
         instances: c.expected_instances,
-        slot_ttl: c.slot_ttl.0,
+        slot_ttl: c.slot_ttl,
         leases: c.leases,
     };
     let shared = RedisCounters::new(url.expose(), options)
@@ -452,7 +445,7 @@ impl BackgroundService for Heartbeat {
 
 /// The response cache's backend, from the config at start (a reload does not move it).
 fn build_cache(config: &Config) -> std::io::Result<Arc<dyn CacheBackend>> {
-    use crate::config::file::CacheBackendKind;
+    use crate::spec::CacheBackendKind;
     match (config.cache.backend, &config.cluster.redis) {
         (CacheBackendKind::Redis, Some(url)) => {
             let c = RedisCache::new(url.expose()).map_err(|e| {
@@ -460,7 +453,7 @@ fn build_cache(config: &Config) -> std::io::Result<Arc<dyn CacheBackend>> {
             })?;
             Ok(Arc::new(c))
         }
-        _ => Ok(Arc::new(MemoryCache::new(config.cache.max_size.0))),
+        _ => Ok(Arc::new(MemoryCache::new(config.cache.max_size))),
     }
 }
 

@@ -14,7 +14,6 @@ mod teams;
 mod ui;
 
 use crate::clock::monotonic_ms as now_ms;
-use crate::config::file::AdminSection;
 use crate::config::Config;
 use crate::ops::reload::Reloader;
 use arc_swap::ArcSwap;
@@ -306,7 +305,10 @@ fn role(
 /// sending it on behalf of another site (403): an `Origin` that is not the admin
 /// listener's own, `Sec-Fetch-Site: cross-site`, or a body type other than JSON (the
 /// types a web form can send without asking).
-fn refuse(req: &pingora_http::RequestHeader, admin: &AdminSection) -> Option<Response<Vec<u8>>> {
+fn refuse(
+    req: &pingora_http::RequestHeader,
+    admin: &crate::config::settings::Admin,
+) -> Option<Response<Vec<u8>>> {
     let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
     let reads = matches!(
         req.method,

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 mod server;
 mod tracing;
+pub use crate::spec::{CacheBackendKind, CacheScope, LogFormat};
 pub use server::{ServerSection, TlsListener};
 pub use tracing::{OtlpSection, TracingSection};
 
@@ -109,23 +110,6 @@ impl Default for CacheSection {
 
 fn default_cache_size() -> ByteSize {
     ByteSize(256 << 20)
-}
-
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum CacheBackendKind {
-    #[default]
-    Memory,
-    Redis,
-}
-
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum CacheScope {
-    #[default]
-    Key,
-    Team,
-    Global,
 }
 
 /// State shared between instances.
@@ -343,14 +327,6 @@ pub struct LogSection {
 
 fn default_log_flush() -> Seconds {
     Seconds(Duration::from_millis(100))
-}
-
-#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
 }
 
 fn default_true() -> bool {

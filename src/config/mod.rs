@@ -7,6 +7,7 @@ mod build;
 pub mod catalogue;
 mod check;
 pub mod file;
+pub mod settings;
 pub mod units;
 
 use crate::keys::auth::KeyRing;
@@ -79,14 +80,15 @@ pub struct Limits {
 
 /// The validated runtime configuration the proxy serves from.
 pub struct Config {
-    pub server: file::ServerSection,
+    pub server: settings::Server,
     pub pricing: crate::relay::pricing::Pricing,
-    pub store: file::StoreSection,
-    pub budgets: file::BudgetsSection,
-    pub alerts: file::AlertsSection,
-    pub cache: file::CacheSection,
-    pub cluster: file::ClusterSection,
-    pub log: file::LogSection,
+    pub store: settings::Storage,
+    pub budgets: settings::Budgets,
+    /// `alerts.webhook`, when budget alerts are posted.
+    pub webhook: Option<crate::keys::alerts::Webhook>,
+    pub cache: settings::Cache,
+    pub cluster: settings::Cluster,
+    pub log: settings::Log,
     pub failover: Failover,
     pub limits: Limits,
     pub trusted_proxies: Vec<Cidr>,
@@ -95,7 +97,7 @@ pub struct Config {
     pub keys: KeyRing,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub router: Router,
-    pub admin: file::AdminSection,
+    pub admin: settings::Admin,
     /// OpenTelemetry traces, when a collector is configured.
     pub tracing: Option<crate::trace::Settings>,
 }
@@ -411,7 +413,7 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
     }
     Ok(Config {
         pricing,
-        log: file.log.clone(),
+        log: (&file.log).into(),
         failover,
         listen,
         admin_listen,
@@ -424,11 +426,11 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
             };
             (&k.key, info)
         })),
-        store: file.store.clone(),
-        budgets: file.budgets.clone(),
-        alerts: file.alerts.clone(),
-        cache: file.cache.clone(),
-        cluster: file.cluster.clone(),
+        store: (&file.store).into(),
+        budgets: (&file.budgets).into(),
+        webhook: file.alerts.webhook.as_ref().map(Into::into),
+        cache: (&file.cache).into(),
+        cluster: (&file.cluster).into(),
         limits: Limits {
             global: file.limits.global,
             per_ip: file.limits.per_ip,
@@ -436,8 +438,8 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
         trusted_proxies,
         upstreams,
         router: Router::new(aliases, catch_all),
-        server: file.server,
-        admin: file.admin,
+        server: (&file.server).into(),
+        admin: (&file.admin).into(),
         tracing,
     })
 }
@@ -477,7 +479,7 @@ models:
     fn minimal_config_is_valid_with_defaults() {
         let c = Config::parse(GOOD, &no_env).unwrap();
         assert_eq!(c.listen, vec!["0.0.0.0:8080".parse().unwrap()]);
-        assert_eq!(c.server.max_body_size.0, 32 << 20);
+        assert_eq!(c.server.max_body_size, 32 << 20);
         assert!(c.keys.is_empty());
     }
 

@@ -69,8 +69,8 @@ where
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
         }
-        let header_timeout = s.header_timeout.0;
-        let keepalive = s.keepalive_timeout.0.as_secs();
+        let header_timeout = s.header_timeout;
+        let keepalive = s.keepalive_timeout.as_secs();
         drop(config);
 
         let watched: Stream = Box::new(HeaderDeadline::new(stream, header_timeout));

@@ -4,8 +4,8 @@
 //! `metrics` holds the Prometheus metrics it (and the connection stage) update.
 
 use crate::attempt::AttemptRecord;
-use crate::config::file::LogFormat;
 use crate::config::Config;
+use crate::spec::LogFormat;
 
 use crate::metrics;
 use crate::spec::text::push_u64;

@@ -3,11 +3,11 @@
 
 use super::{Gateway, Outcome, RequestCtx};
 use crate::cache::{self, Directives, Entry, Key};
-use crate::config::file::CacheScope;
 use crate::config::Config;
 use crate::keys::auth::Caller;
 use crate::relay::{self, Relayed};
 use crate::route::Alias;
+use crate::spec::CacheScope;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use pingora_http::ResponseHeader;
@@ -22,7 +22,7 @@ pub(super) const X_TOLLGATE_CACHE: HeaderName = HeaderName::from_static("x-tollg
 
 /// The largest answer kept: a sixteenth of `cache.max_size`, at most 16 MiB.
 fn entry_limit(config: &Config) -> usize {
-    (config.cache.max_size.0 / 16).min(16 << 20) as usize
+    (config.cache.max_size / 16).min(16 << 20) as usize
 }
 
 /// What the cache stage decided for a request of a cached alias.

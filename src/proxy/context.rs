@@ -93,12 +93,12 @@ impl RequestCtx {
         // Transfer-Encoding and Content-Length (RFC 9112 6.1: a proxy in front may have
         // framed it by the length); only a connection that may be kept gets the timeout.
         if session.get_keepalive().is_some() {
-            session.set_keepalive(Some(config.server.keepalive_timeout.0.as_secs()));
+            session.set_keepalive(Some(config.server.keepalive_timeout.as_secs()));
         }
         // Pingora times each body read with this: the longest pause within a body.
         session
             .downstream_session
-            .set_read_timeout(Some(config.server.body_timeout.0));
+            .set_read_timeout(Some(config.server.body_timeout));
         self.config = Some(config);
     }
 }

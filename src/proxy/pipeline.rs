@@ -88,7 +88,7 @@ impl Gateway {
     ) -> Result<(), Outcome> {
         let body_started = Instant::now();
         let s = &config.server;
-        let body = intake::read_body(session, s.max_body_size.0, s.body_timeout.0).await?;
+        let body = intake::read_body(session, s.max_body_size, s.body_timeout).await?;
         ctx.record.waiting += body_started.elapsed();
         ctx.body_unread = false;
         let facts = body::scan(&body, suffix).map_err(GatewayError::BadRequest)?;

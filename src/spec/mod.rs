@@ -95,3 +95,31 @@ pub struct Failover {
     pub quota_cooldown: std::time::Duration,
     pub error_body_limit: usize,
 }
+
+/// Where cached answers are kept.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheBackendKind {
+    #[default]
+    Memory,
+    Redis,
+}
+
+/// Whose requests share cached answers.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheScope {
+    #[default]
+    Key,
+    Team,
+    Global,
+}
+
+/// The access log's form.
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
