@@ -79,7 +79,7 @@ fn open_store(config: &Config) -> std::io::Result<Arc<Directory>> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let now = clock.now_ms();
     let config_budgets = config.keys.budgets();
-    let loaded = crate::store::prepare(&config.store.url, move |pool| {
+    let loaded = crate::store::prepare(&config.store.url, now, move |pool| {
         crate::keys::load(pool, now, Default::default(), config_budgets)
     })
     .map_err(|e| {
@@ -197,7 +197,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
     let default_max = default_max_connections();
     let max_connections = config.load().server.max_connections.unwrap_or(default_max);
     let cache = build_cache(&config.load())?;
-    let (counters, shared_counters) = build_counters(&config.load())?;
+    let (counters, shared_counters) = build_counters(&config.load(), Arc::clone(&directory.clock))?;
     let shared_cooldowns = match &config.load().cluster.redis {
         Some(url) => Some(Arc::new(
             SharedCooldowns::new(url.expose())
@@ -225,6 +225,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
                         cache: Arc::clone(&cache),
                         cooldowns: cooldowns.clone(),
                         tracer: tracer.clone(),
+                        clock: Arc::clone(&directory.clock),
                     },
                 ),
             )),
@@ -383,7 +384,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
 /// returned for the heartbeat that keeps its slots alive).
 type Counters = (Arc<dyn CounterBackend>, Option<Arc<RedisCounters>>);
 
-fn build_counters(config: &Config) -> std::io::Result<Counters> {
+fn build_counters(config: &Config, clock: Arc<dyn Clock>) -> std::io::Result<Counters> {
     let Some(url) = &config.cluster.redis else {
         return Ok((Arc::new(LocalCounters::default()), None));
     };
@@ -393,6 +394,7 @@ fn build_counters(config: &Config) -> std::io::Result<Counters> {
         instances: c.expected_instances,
         slot_ttl: c.slot_ttl,
         leases: c.leases,
+        clock,
     };
     let shared = RedisCounters::new(url.expose(), options)
         .map_err(|e| std::io::Error::other(mask_userinfo(&format!("cluster.redis: {e}"))))?;

@@ -358,7 +358,7 @@ fn import_litellm_keys(config_path: &str, from: Option<String>, dry_run: bool) -
             return 1;
         }
     };
-    let now = chrono::Utc::now().timestamp_millis();
+    let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
     let plan = crate::admin::litellm::plan(&teams, &keys, now);
     if dry_run {
         print!("{}", plan.describe(now));

@@ -230,3 +230,25 @@ fn the_checker_sees_a_use_and_ignores_unit_tests() {
     assert!(kept.contains("crate::a::B") && kept.contains("crate::f::g"));
     assert!(!kept.contains("crate::d") && !kept.contains("crate::e"));
 }
+
+/// The calendar is read in one place: `clock::SystemClock`. Everything else is handed a
+/// `Clock` (or a time read from one), so tests can set the date with `ManualClock`.
+#[test]
+fn wall_time_is_read_only_through_the_clock() {
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    let readers = ["SystemTime::now", "Utc::now", "Local::now"];
+    let found: Vec<String> = files
+        .iter()
+        .filter(|f| !f.ends_with("clock.rs"))
+        .filter_map(|f| {
+            let text = code(&std::fs::read_to_string(f).unwrap());
+            let hit = readers.iter().find(|r| text.contains(*r))?;
+            Some(format!("{} reads {hit}", f.display()))
+        })
+        .collect();
+    assert!(
+        found.is_empty(),
+        "read wall time through crate::clock: {found:?}"
+    );
+}

@@ -25,6 +25,7 @@ fn backends() -> Vec<(&'static str, Box<dyn CounterBackend>, Option<Redis>)> {
             instances: 1,
             slot_ttl: Duration::from_secs(30),
             leases: false,
+            clock: std::sync::Arc::new(tollgate::clock::SystemClock),
         },
     )
     .unwrap();

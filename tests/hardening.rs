@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{chat, chat_status, client, eventually, single, Gateway};
+use common::{chat, chat_status, client, eventually, eventually_async, scrape, single, Gateway};
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -113,10 +113,15 @@ async fn idle_and_half_sent_connections_are_closed_and_their_fds_given_back() {
     let gw = Gateway::start_with_server("  header_timeout: 5s\n", &single(&up.url()));
     let pid = gw.pid();
     assert!(eventually(Duration::from_secs(5), || fds(pid) > 0).await);
-    // A steady baseline: one request served and, after a flush interval (1 s), its usage
-    // row written, so the store's files (database, WAL, shared memory) are already open.
+    // A steady baseline: one request served and its usage row written, so the store's
+    // files (database, WAL, shared memory) are already open.
     assert_eq!(chat_status(&client(), &gw, "m").await, 200);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let written = || async {
+        scrape(&gw)
+            .await
+            .contains("tollgate_usage_rows_total{result=\"written\"} 1")
+    };
+    assert!(eventually_async(Duration::from_secs(5), written).await);
     let baseline = fds(pid);
     let mut conns = Vec::new();
     for i in 0..100 {

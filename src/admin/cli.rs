@@ -413,9 +413,9 @@ pub fn spend(target: &Target, args: &SpendArgs) -> i32 {
     if let Some(since) = &args.since {
         let from = match humantime::parse_duration(since) {
             Ok(d) => {
-                let now = std::time::SystemTime::now();
-                let t = now.checked_sub(d).unwrap_or(std::time::UNIX_EPOCH);
-                humantime::format_rfc3339_seconds(t).to_string()
+                let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+                let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+                crate::clock::rfc3339(now.saturating_sub(ms).max(0))
             }
             Err(_) => since.clone(),
         };

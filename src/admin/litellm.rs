@@ -338,7 +338,7 @@ impl Plan {
     /// Writes the plan into the store at `store_url` (migrated first), replacing what an
     /// earlier run wrote, and tells the other instances sharing it.
     pub fn apply(self, store_url: &str, now: i64) -> Result<(), StoreError> {
-        crate::store::prepare(store_url, |pool| async move {
+        crate::store::prepare(store_url, now, |pool| async move {
             for t in &self.teams {
                 keys::save_team(&pool, t).await?;
                 let after = json!({"name": t.name, "from": "litellm"});

@@ -128,7 +128,7 @@ pub(super) async fn attempt(
     state
         .latency
         .observe(sent_at.elapsed(), now, upstream.latency_decay);
-    let wall = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+    let wall = plan.clock.now_ms();
     state.quota.observe(sent.headers(), now, wall);
     let status = sent.status();
     let class = if status < 400 {
@@ -141,6 +141,7 @@ pub(super) async fn attempt(
             sent.headers(),
             &sent.prefix_bytes(),
             &upstream.rules,
+            wall,
         )
     };
     if let Some(s) = span.as_mut() {

@@ -54,6 +54,7 @@ async fn attempt_over(
         wants_usage: false,
         cooldowns: &crate::upstream::shared::LocalCooldowns,
         trace: None,
+        clock: &crate::clock::SystemClock,
     };
     let mut attempts = Vec::new();
     let result = run(&plan, &alias, &mut attempts).await;

@@ -106,6 +106,7 @@ pub struct RedisCounters {
     /// wake-up of the task that asks for them.
     ahead: Mutex<Vec<(Charge, u64)>>,
     pub(crate) ahead_ready: tokio::sync::Notify,
+    clock: std::sync::Arc<dyn crate::clock::Clock>,
 }
 
 /// The options of [`RedisCounters::new`] (the `cluster` section).
@@ -115,6 +116,8 @@ pub struct SharedOptions {
     pub slot_ttl: Duration,
     /// `cluster.leases`.
     pub leases: bool,
+    /// Wall time: when the minute windows of the rate-limit headers end.
+    pub clock: std::sync::Arc<dyn crate::clock::Clock>,
 }
 
 impl RedisCounters {
@@ -125,10 +128,10 @@ impl RedisCounters {
             instances,
             slot_ttl,
             leases,
+            clock,
         } = options;
         let redis = std::sync::Arc::new(SharedRedis::open(url)?);
-        let seed = crate::clock::Clock::now_ms(&crate::clock::SystemClock) as u64
-            ^ (u64::from(std::process::id()) << 32);
+        let seed = clock.now_ms() as u64 ^ (u64::from(std::process::id()) << 32);
         Ok(RedisCounters {
             redis,
             reserve: script(RESERVE),
@@ -146,6 +149,7 @@ impl RedisCounters {
             leases: Leases::new(leases, instances),
             ahead: Mutex::new(Vec::new()),
             ahead_ready: tokio::sync::Notify::new(),
+            clock,
         })
     }
 
@@ -679,7 +683,7 @@ impl CounterBackend for RedisCounters {
             .copied()
             .unwrap_or(0);
         let span = window_ms(dimension);
-        let wall = crate::clock::Clock::now_ms(&crate::clock::SystemClock) as u64;
+        let wall = self.clock.now_ms().max(0) as u64;
         Room {
             limit,
             remaining: limit.saturating_sub(count),

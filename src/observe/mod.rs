@@ -4,6 +4,7 @@
 //! `metrics` holds the Prometheus metrics it (and the connection stage) update.
 
 use crate::attempt::AttemptRecord;
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::spec::LogFormat;
 
@@ -89,10 +90,11 @@ pub struct Record {
 }
 
 impl Record {
-    pub fn new() -> Self {
+    /// A request that starts now, at `wall_ms` on the gateway's clock.
+    pub fn at(wall_ms: i64) -> Self {
         Record {
             start: Instant::now(),
-            wall: SystemTime::now(),
+            wall: SystemTime::UNIX_EPOCH + Duration::from_millis(wall_ms.max(0) as u64),
             request_id: String::new(),
             caller: "-".into(),
             client_ip: "-".into(),
@@ -125,8 +127,9 @@ impl Record {
 }
 
 impl Default for Record {
+    /// A request that starts now on the system's clock.
     fn default() -> Self {
-        Record::new()
+        Record::at(SystemClock.now_ms())
     }
 }
 
@@ -453,10 +456,12 @@ pub fn init_logging(file: Option<&str>) -> std::io::Result<()> {
         if record.target() == "tollgate::access" {
             writeln!(buf, "{}", record.args())
         } else {
+            let mut stamp = String::with_capacity(24);
+            crate::clock::push_rfc3339_millis(&mut stamp, Clock::now_ms(&SystemClock));
             writeln!(
                 buf,
                 "[{} {} {}] {}",
-                humantime::format_rfc3339_millis(SystemTime::now()),
+                stamp,
                 record.level(),
                 record.target(),
                 record.args()

@@ -14,7 +14,7 @@ use crate::trace::wire::{self, Attrs, Enc, Event, Head, Kind, Val};
 use crate::trace::TraceCtx;
 use bytes::Bytes;
 use serde::Deserialize;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 /// What a traced request carries besides its record.
 #[derive(Debug)]
@@ -119,7 +119,7 @@ pub fn write(r: &Record, config: &Config, enc: &mut Enc) -> usize {
     let limit = settings.map_or(0, |s| s.content_limit);
     let capture = limit > 0 && settings.is_some_and(|s| s.capture_content);
     let wall = |i: Instant| r.wall + i.saturating_duration_since(r.start);
-    let end = SystemTime::now().max(r.wall);
+    let end = wall(Instant::now());
     let op = operation(&r.path);
     // Its text is collected only to be captured.
     let text_limit = if capture { limit } else { 0 };

@@ -118,13 +118,21 @@ const CONTEXT_MARKERS: &[&str] = &[
 ];
 
 /// Classifies an upstream answer. `body` is the (bounded) start of the error body.
-pub fn classify(status: u16, headers: &HeaderMap, body: &[u8], rules: &Rules) -> Class {
+/// `wall_ms`: when the answer arrived (milliseconds since the Unix epoch), for a
+/// `retry-after` written as a date.
+pub fn classify(
+    status: u16,
+    headers: &HeaderMap,
+    body: &[u8],
+    rules: &Rules,
+    wall_ms: i64,
+) -> Class {
     if status < 400 {
         return Class::Deliver;
     }
     let text = String::from_utf8_lossy(body).to_ascii_lowercase();
     let has = |m: &str| text.contains(m);
-    let hint = retry_hint(headers, &text);
+    let hint = retry_hint(headers, &text, wall_ms);
 
     if QUOTA_MARKERS.iter().any(|m| has(m)) || status == 402 {
         return Class::Quota;
@@ -160,7 +168,8 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &[u8], rules: &Rules) ->
 /// The provider's hint of when to come back, in order of precision: `retry-after-ms`,
 /// `retry-after` (seconds or an HTTP date), a `retryDelay` in the body (Gemini),
 /// `x-ratelimit-reset-requests` / `-tokens` (durations like `6m0s`, the later of the two).
-pub fn retry_hint(headers: &HeaderMap, lowercase_body: &str) -> Option<Duration> {
+/// A date counts from `wall_ms`.
+pub fn retry_hint(headers: &HeaderMap, lowercase_body: &str, wall_ms: i64) -> Option<Duration> {
     let header = |name: &str| {
         headers
             .get(name)
@@ -178,7 +187,8 @@ pub fn retry_hint(headers: &HeaderMap, lowercase_body: &str) -> Option<Duration>
                 return Some(Duration::from_secs_f64(secs));
             }
         } else if let Ok(at) = httpdate::parse_http_date(v) {
-            return Some(at.duration_since(SystemTime::now()).unwrap_or_default());
+            let now = SystemTime::UNIX_EPOCH + Duration::from_millis(wall_ms.max(0) as u64);
+            return Some(at.duration_since(now).unwrap_or_default());
         }
     }
     if let Some(pos) = lowercase_body.find("\"retrydelay\"") {
@@ -232,6 +242,8 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
+    /// When the answers of these tests arrived: 2023-11-14T22:13:20Z.
+    pub(super) const NOW: i64 = 1_700_000_000_000;
     use super::*;
 
     fn h(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -246,7 +258,7 @@ mod tests {
     }
 
     fn class(status: u16, headers: &[(&str, &str)], body: &str) -> Class {
-        classify(status, &h(headers), body.as_bytes(), &Rules::default())
+        classify(status, &h(headers), body.as_bytes(), &Rules::default(), NOW)
     }
 
     #[test]
@@ -428,16 +440,16 @@ mod tests {
         )])
         .unwrap();
         assert_eq!(
-            classify(418, &HeaderMap::new(), b"teapot", &rules),
+            classify(418, &HeaderMap::new(), b"teapot", &rules, NOW),
             Class::Transient { hint: None }
         );
         let only_body = Rules::new([(&vec![][..], &vec!["try later".into()][..])]).unwrap();
         assert_eq!(
-            classify(400, &HeaderMap::new(), b"please TRY LATER", &only_body),
+            classify(400, &HeaderMap::new(), b"please TRY LATER", &only_body, NOW),
             Class::Transient { hint: None }
         );
         assert_eq!(
-            classify(400, &HeaderMap::new(), b"bad", &only_body),
+            classify(400, &HeaderMap::new(), b"bad", &only_body, NOW),
             Class::Deliver
         );
         assert!(Rules::new([(&vec!["6xx".into()][..], &vec![][..])]).is_err());
@@ -447,34 +459,40 @@ mod tests {
     #[test]
     fn retry_hints_are_read_in_order_of_precision() {
         assert_eq!(
-            retry_hint(&h(&[("retry-after-ms", "1500"), ("retry-after", "9")]), ""),
+            retry_hint(
+                &h(&[("retry-after-ms", "1500"), ("retry-after", "9")]),
+                "",
+                NOW
+            ),
             Some(Duration::from_millis(1500))
         );
         assert_eq!(
-            retry_hint(&h(&[("retry-after", "2")]), ""),
+            retry_hint(&h(&[("retry-after", "2")]), "", NOW),
             Some(Duration::from_secs(2))
         );
-        let future = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
-        let d = retry_hint(&h(&[("retry-after", &future)]), "").unwrap();
-        assert!(
-            d > Duration::from_secs(27) && d <= Duration::from_secs(30),
-            "{d:?}"
-        );
+        let at = |ms: i64| SystemTime::UNIX_EPOCH + Duration::from_millis(ms as u64);
+        let future = httpdate::fmt_http_date(at(NOW + 30_000));
+        let d = retry_hint(&h(&[("retry-after", &future)]), "", NOW);
+        assert_eq!(d, Some(Duration::from_secs(30)));
+        let past = httpdate::fmt_http_date(at(NOW - 5_000));
+        let d = retry_hint(&h(&[("retry-after", &past)]), "", NOW);
+        assert_eq!(d, Some(Duration::ZERO));
         assert_eq!(
             retry_hint(
                 &h(&[
                     ("x-ratelimit-reset-requests", "12ms"),
                     ("x-ratelimit-reset-tokens", "6m0s")
                 ]),
-                ""
+                "",
+                NOW
             ),
             Some(Duration::from_secs(360))
         );
         assert_eq!(
-            retry_hint(&HeaderMap::new(), r#"{"retrydelay": "1.5s"}"#),
+            retry_hint(&HeaderMap::new(), r#"{"retrydelay": "1.5s"}"#, NOW),
             Some(Duration::from_millis(1500))
         );
-        assert_eq!(retry_hint(&h(&[("retry-after", "soon")]), ""), None);
+        assert_eq!(retry_hint(&h(&[("retry-after", "soon")]), "", NOW), None);
     }
 
     #[test]
@@ -494,6 +512,7 @@ mod tests {
 mod props {
     use super::*;
     use proptest::prelude::*;
+    use tests::NOW;
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
@@ -514,11 +533,11 @@ mod props {
             if let Ok(v) = http::HeaderValue::from_str(&reset) {
                 headers.insert("x-ratelimit-reset-requests", v);
             }
-            let class = classify(status, &headers, &body, &Rules::default());
+            let class = classify(status, &headers, &body, &Rules::default(), NOW);
             if (200..300).contains(&status) {
-                prop_assert_eq!(class.outcome(), classify(200, &HeaderMap::new(), b"", &Rules::default()).outcome());
+                prop_assert_eq!(class.outcome(), classify(200, &HeaderMap::new(), b"", &Rules::default(), NOW).outcome());
             }
-            let _ = retry_hint(&headers, &String::from_utf8_lossy(&body).to_lowercase());
+            let _ = retry_hint(&headers, &String::from_utf8_lossy(&body).to_lowercase(), NOW);
         }
 
         #[test]

@@ -50,9 +50,10 @@ impl RequestCtx {
         headers
     }
 
-    pub(super) fn new(counters: Arc<dyn CounterBackend>) -> Self {
+    /// A request that starts at `wall_ms` (milliseconds since the Unix epoch).
+    pub(super) fn new(counters: Arc<dyn CounterBackend>, wall_ms: i64) -> Self {
         RequestCtx {
-            record: Record::default(),
+            record: Record::at(wall_ms),
             body_unread: false,
             peer: None,
             admission: Admission::new(counters),
@@ -108,9 +109,7 @@ fn new_request_id() -> String {
     static SEED: OnceLock<u64> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let seed = *SEED.get_or_init(|| {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
+        let t = crate::clock::Clock::now_ms(&crate::clock::SystemClock) as u64;
         t ^ (u64::from(std::process::id()) << 40)
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);

@@ -16,6 +16,7 @@ mod pipeline;
 pub use context::RequestCtx;
 
 use crate::cache::CacheBackend;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::keys::alerts::Alerts;
@@ -54,6 +55,8 @@ pub struct Gateway {
     cooldowns: Arc<dyn Cooldowns>,
     /// Traces, when `tracing.otlp` is set.
     tracer: Option<Arc<Tracer>>,
+    /// Wall time: request timestamps, quota resets, translated answers' `created`.
+    clock: Arc<dyn Clock>,
 }
 
 /// What the gateway's shared state is made of, for [`Gateway::new`].
@@ -66,6 +69,7 @@ pub struct Shared {
     pub cache: Arc<dyn CacheBackend>,
     pub cooldowns: Arc<dyn Cooldowns>,
     pub tracer: Option<Arc<Tracer>>,
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Gateway {
@@ -80,6 +84,7 @@ impl Gateway {
             cache: shared.cache,
             cooldowns: shared.cooldowns,
             tracer: shared.tracer,
+            clock: shared.clock,
         }
     }
 }
@@ -114,7 +119,7 @@ impl ProxyHttp for Gateway {
     fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new(Arc::clone(&self.counters))
+        RequestCtx::new(Arc::clone(&self.counters), self.clock.now_ms())
     }
 
     async fn request_filter(

@@ -153,6 +153,7 @@ impl Gateway {
                 && matches!(suffix, "/chat/completions" | "/completions"),
             cooldowns: self.cooldowns.as_ref(),
             trace: ctx.record.trace.as_deref().map(|t| &t.ctx),
+            clock: self.clock.as_ref(),
         };
         let mut attempts = Vec::new();
         let attempts_started = Instant::now();
@@ -232,6 +233,7 @@ impl Gateway {
             idle_timeout: upstream.idle_timeout,
             usage_added,
             translation: translation.map(|t| (t, include_usage)),
+            created: (self.clock.now_ms() / 1000).max(0) as u64,
         };
         // `in_flight` holds the server's in-flight count until the answer is relayed.
         let result = relay::relay(session, &self.connections, answer, &stamp, &mut relayed).await;

@@ -267,6 +267,9 @@ pub struct Answer {
     /// The route's price: a whole (not streamed) answer it prices gets its cost in
     /// `x-tollgate-cost-usd`.
     pub price: Option<pricing::Price>,
+    /// When the answer arrived, in seconds since the Unix epoch: a translated answer's
+    /// `created`.
+    pub created: u64,
 }
 
 /// The response field that carries what a whole answer cost.

@@ -26,12 +26,6 @@ fn untranslatable(t: Translation, why: &str) -> (u16, Vec<u8>) {
     (502, body)
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Relays `answer`, translated by `t`. `include_usage`: an OpenAI client asked for the
 /// usage chunk.
 pub async fn relay(
@@ -47,6 +41,7 @@ pub async fn relay(
         mut sent,
         idle_timeout,
         price,
+        created,
         ..
     } = answer;
     let status = sent.status();
@@ -78,7 +73,7 @@ pub async fn relay(
         usage.feed(&body);
         relayed.usage = usage.finish();
         let (status, out) = if status < 300 {
-            match t.answer(&body, unix_now()) {
+            match t.answer(&body, created) {
                 Ok(out) => (status, out),
                 Err(why) => untranslatable(t, &why),
             }
@@ -118,7 +113,7 @@ pub async fn relay(
     session
         .write_response_header(Box::new(header), false)
         .await?;
-    let mut stream = t.stream(unix_now(), include_usage);
+    let mut stream = t.stream(created, include_usage);
     let mut up = sent.conn;
     let mut out = Vec::with_capacity(1024);
     for chunk in prefix {

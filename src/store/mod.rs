@@ -281,7 +281,11 @@ fn create_private(path: &std::path::Path) -> Result<(), StoreError> {
 /// Start-up: creates the file and its directory when missing (SQLite), migrates the
 /// schema and runs `load` on the database, all on a throwaway runtime that is gone when
 /// this returns.
-pub fn prepare<T, F>(url: &str, load: impl FnOnce(AnyPool) -> F) -> Result<T, StoreError>
+pub fn prepare<T, F>(
+    url: &str,
+    now_ms: i64,
+    load: impl FnOnce(AnyPool) -> F,
+) -> Result<T, StoreError>
 where
     F: Future<Output = Result<T, StoreError>>,
 {
@@ -302,7 +306,7 @@ where
                 .execute(&pool)
                 .await?;
         }
-        migrate(&pool).await?;
+        migrate(&pool, now_ms).await?;
         let loaded = load(pool.clone()).await;
         pool.close().await;
         loaded
@@ -468,7 +472,8 @@ async fn version_on(conn: &mut AnyConnection, dialect: Dialect) -> Result<i64, S
 /// starting together migrate one after the other.
 const MIGRATION_LOCK: i64 = 0x746f_6c6c_6761_7465;
 
-async fn migrate(pool: &AnyPool) -> Result<(), StoreError> {
+/// `now_ms`: the time each applied version is recorded with.
+async fn migrate(pool: &AnyPool, now_ms: i64) -> Result<(), StoreError> {
     let dialect = Dialect::of(pool);
     // One transaction for the whole migration: on PostgreSQL it holds the advisory lock
     // until it commits, and DDL is transactional, so a failed step leaves nothing behind.
@@ -496,7 +501,7 @@ async fn migrate(pool: &AnyPool) -> Result<(), StoreError> {
         }
         sqlx::query("INSERT INTO tollgate_schema (version, applied_at) VALUES ($1, $2)")
             .bind(*version)
-            .bind(crate::clock::Clock::now_ms(&crate::clock::SystemClock))
+            .bind(now_ms)
             .execute(&mut *tx)
             .await?;
         log::info!("store: schema migrated to version {version}");
@@ -513,7 +518,7 @@ mod tests {
     fn a_version_1_database_keeps_its_usage_rows_through_migration_2() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("v1.db").display());
-        let rows = prepare(&url, |pool| async move {
+        let rows = prepare(&url, 1, |pool| async move {
             // Roll the fresh database back to what version 1 wrote, with one usage row.
             sqlx::query("DROP TABLE usage").execute(&pool).await?;
             let v1 = MIGRATIONS[0].1;
@@ -529,7 +534,7 @@ mod tests {
                 .execute(&pool)
                 .await?;
             assert_eq!(schema_version(&pool).await?, 1);
-            migrate(&pool).await?;
+            migrate(&pool, 1).await?;
             assert_eq!(schema_version(&pool).await?, SCHEMA_VERSION);
             let row = sqlx::query("SELECT cost_micro_usd, saved_tokens, saved_micro_usd FROM usage")
                 .fetch_one(&pool)
@@ -550,12 +555,12 @@ mod tests {
         let path = dir.path().join("sub/t.db");
         let url = format!("sqlite://{}", path.display());
         assert!(Store::check(&url).unwrap().contains("will be created"));
-        let v = prepare(&url, |pool| async move { schema_version(&pool).await }).unwrap();
+        let v = prepare(&url, 1, |pool| async move { schema_version(&pool).await }).unwrap();
         assert_eq!(v, SCHEMA_VERSION);
         let at = format!("schema version {SCHEMA_VERSION}");
         assert!(Store::check(&url).unwrap().contains(&at));
         // Migrating again is a no-op; the live store reads what start-up wrote.
-        prepare(&url, |_| async { Ok(()) }).unwrap();
+        prepare(&url, 1, |_| async { Ok(()) }).unwrap();
         let store = Store::new(&url);
         let v = store
             .run_blocking(|pool| async move { schema_version(&pool).await })

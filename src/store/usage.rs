@@ -2,7 +2,7 @@
 //! short lock) and written in batches by a background task every `store.flush_interval`,
 //! at reload, and once more when the process exits. When the database is slow or down,
 //! rows wait in the queue up to `store.queue_size`; what arrives past that is dropped,
-//! counted (`tollgate_usage_rows_dropped_total`) and logged. A `kill -9` loses what is
+//! counted (`tollgate_usage_rows_total{result="dropped"}`) and logged. A `kill -9` loses what is
 //! queued: at most one flush interval of rows.
 
 use super::{Dialect, Store, StoreError};
