@@ -163,6 +163,8 @@ pub struct Plan<'a> {
     /// The request's trace, when tracing is on: each attempt gets a span id, sent
     /// upstream in `traceparent`.
     pub trace: Option<&'a crate::trace::TraceCtx>,
+    /// Wall time, for quota resets and `retry-after` dates.
+    pub clock: &'a dyn crate::clock::Clock,
 }
 
 /// An upstream error status a client can act on, relayed as sent when every attempt
@@ -338,125 +340,192 @@ async fn attempt_all(
     attempts: &mut Vec<AttemptRecord>,
     skips: &Skips,
 ) -> Result<Winner, GatewayError> {
-    let (mut queue, context_first) = aliases_in_order(plan, alias, skips)?;
+    let (queue, context_first) = aliases_in_order(plan, alias, skips)?;
     let chain: Vec<Arc<Alias>> = queue.iter().cloned().collect();
-    let mut last: Option<Winner> = None;
-    // Why a route's format could not express the request, if one could not.
-    let mut untranslatable: Option<String> = None;
-    let mut last_timeout = false;
-
+    let mut search = Search {
+        plan,
+        attempts,
+        skips,
+        last: None,
+        untranslatable: None,
+        last_timeout: false,
+    };
+    if let Some(w) = search.pass(queue, context_first, false).await {
+        return Ok(w);
+    }
     // When every target is cooling down, the ones cooling for a transient failure are tried
     // anyway rather than failing the request outright: a single server's one bad answer
     // must not take a model offline for the whole cooldown (nginx likewise never marks the
     // only server of a group unavailable). Quota and credential cooldowns always hold.
-    for last_resort in [false, true] {
-        if last_resort {
-            if !attempts.is_empty() {
-                break;
-            }
-            log::info!(
-                "request {}: every target of model `{}` is cooling down; trying those with a transient cooldown",
-                plan.out.request_id,
-                plan.need.client_model
-            );
-            queue = chain.iter().cloned().collect();
+    if search.attempts.is_empty() {
+        log::info!(
+            "request {}: every target of model `{}` is cooling down; trying those with a transient cooldown",
+            plan.out.request_id,
+            plan.need.client_model
+        );
+        let queue = chain.iter().cloned().collect();
+        if let Some(w) = search.pass(queue, context_first, true).await {
+            return Ok(w);
         }
-        let mut context_switched = context_first;
+    }
+    search.fail(&chain)
+}
+
+/// One request's search for an answer across its aliases, tiers and targets.
+struct Search<'p, 'a> {
+    plan: &'p Plan<'a>,
+    attempts: &'p mut Vec<AttemptRecord>,
+    skips: &'p Skips,
+    /// The last answer that failed: relayed when every target failed and the client can
+    /// act on it.
+    last: Option<Winner>,
+    /// Why a route's format could not express the request, if one could not.
+    untranslatable: Option<String>,
+    /// Whether the last attempt timed out.
+    last_timeout: bool,
+}
+
+/// What trying the targets of one tier came to. Returned once per tier and matched at
+/// once: boxing the answer would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum TierEnd {
+    /// An answer to deliver.
+    Delivered(Winner),
+    /// The context was too long: go on with these aliases instead.
+    Context(VecDeque<Arc<Alias>>),
+    /// No target of the tier is left to try.
+    Exhausted,
+    /// `failover.max_attempts` is reached.
+    Spent,
+}
+
+impl Search<'_, '_> {
+    /// Goes through `queue`'s aliases and their tiers in order (`last_resort`: trying
+    /// targets in a transient cooldown too). `context_switched`: the queue is already
+    /// the context fallbacks.
+    async fn pass(
+        &mut self,
+        mut queue: VecDeque<Arc<Alias>>,
+        mut context_switched: bool,
+        last_resort: bool,
+    ) -> Option<Winner> {
         let mut alias_index = 0;
-        'aliases: while let Some(current) = queue.pop_front() {
-            alias_index += 1;
-            let alias_index = alias_index - 1;
+        while let Some(current) = queue.pop_front() {
+            let may_switch = !context_switched && !current.context_fallbacks.is_empty();
             for (tier_index, tier) in current.tiers.iter().enumerate() {
-                let order = tier.route_order(plan.need);
-                // (route index, server address): targets this request already tried.
-                let mut tried: Vec<(usize, usize)> = Vec::new();
-                loop {
-                    if attempts.len() >= plan.failover.max_attempts {
-                        break 'aliases;
+                let at = (alias_index, tier_index);
+                match self.tier(&current, tier, at, last_resort, may_switch).await {
+                    TierEnd::Delivered(w) => {
+                        recycle(self.plan.connections, self.last.take());
+                        return Some(w);
                     }
-                    let Some((ri, server)) =
-                        next_target(plan, tier, &order, &tried, last_resort, skips)
-                    else {
+                    TierEnd::Context(next) => {
+                        context_switched = true;
+                        queue = next;
                         break;
-                    };
-                    tried.push((ri, Arc::as_ptr(&server) as usize));
-                    let route = &tier.routes[ri];
-                    let model = route.model.as_deref().unwrap_or(plan.need.client_model);
-                    let prepared = match prepare(plan, route, model) {
-                        Ok(p) => p,
-                        Err(message) => {
-                            untranslatable = Some(message);
-                            continue;
-                        }
-                    };
-                    server.state.quota.spend(plan.need.tokens());
-                    let target = one::Target {
-                        route,
-                        server: &server,
-                        model,
-                        tier,
-                        tier_index,
-                        alias_index,
-                    };
-                    let (record, outcome) = one::attempt(plan, &target, prepared).await;
-                    attempts.push(record);
-                    let (winner, class) = match outcome {
-                        Ok(answered) => answered,
-                        Err(timed_out) => {
-                            last_timeout = timed_out;
-                            continue;
-                        }
-                    };
-                    last_timeout = false;
-                    match class {
-                        Class::Deliver => {
-                            recycle(plan.connections, last.take());
-                            return Ok(winner);
-                        }
-                        Class::ContextLength => {
-                            if context_switched || current.context_fallbacks.is_empty() {
-                                recycle(plan.connections, last.take());
-                                return Ok(winner);
-                            }
-                            context_switched = true;
-                            queue.clear();
-                            queue.extend(
-                                current
-                                    .context_fallbacks
-                                    .iter()
-                                    .filter_map(|a| plan.router.resolve(a).cloned()),
-                            );
-                            recycle(plan.connections, last.replace(winner));
-                            continue 'aliases;
-                        }
-                        other => cool_for(plan, &server, other, winner.sent.status()),
                     }
-                    log::info!(
-                        "request {}: {} answered {} ({}), trying the next target",
-                        plan.out.request_id,
-                        server.name,
-                        winner.sent.status(),
-                        class.outcome()
-                    );
-                    recycle(plan.connections, last.replace(winner));
+                    TierEnd::Exhausted => {}
+                    TierEnd::Spent => return None,
                 }
             }
+            alias_index += 1;
+        }
+        None
+    }
+
+    /// Tries the targets of one tier (`at`: alias and tier index) until one answers for
+    /// good or none is left. `may_switch`: a context-length answer moves the request to
+    /// the alias's context fallbacks rather than being delivered.
+    async fn tier(
+        &mut self,
+        current: &Alias,
+        tier: &Tier,
+        at: (usize, usize),
+        last_resort: bool,
+        may_switch: bool,
+    ) -> TierEnd {
+        let plan = self.plan;
+        let order = tier.route_order(plan.need);
+        // (route index, server address): targets this request already tried.
+        let mut tried: Vec<(usize, usize)> = Vec::new();
+        loop {
+            if self.attempts.len() >= plan.failover.max_attempts {
+                return TierEnd::Spent;
+            }
+            let Some((ri, server)) =
+                next_target(plan, tier, &order, &tried, last_resort, self.skips)
+            else {
+                return TierEnd::Exhausted;
+            };
+            tried.push((ri, Arc::as_ptr(&server) as usize));
+            let route = &tier.routes[ri];
+            let model = route.model.as_deref().unwrap_or(plan.need.client_model);
+            let prepared = match prepare(plan, route, model) {
+                Ok(p) => p,
+                Err(message) => {
+                    self.untranslatable = Some(message);
+                    continue;
+                }
+            };
+            server.state.quota.spend(plan.need.tokens());
+            let target = one::Target {
+                route,
+                server: &server,
+                model,
+                tier,
+                tier_index: at.1,
+                alias_index: at.0,
+            };
+            let (record, outcome) = one::attempt(plan, &target, prepared).await;
+            self.attempts.push(record);
+            let (winner, class) = match outcome {
+                Ok(answered) => answered,
+                Err(timed_out) => {
+                    self.last_timeout = timed_out;
+                    continue;
+                }
+            };
+            self.last_timeout = false;
+            match class {
+                Class::Deliver => return TierEnd::Delivered(winner),
+                Class::ContextLength if !may_switch => return TierEnd::Delivered(winner),
+                Class::ContextLength => {
+                    recycle(plan.connections, self.last.replace(winner));
+                    let fallbacks = current.context_fallbacks.iter();
+                    let next = fallbacks.filter_map(|a| plan.router.resolve(a).cloned());
+                    return TierEnd::Context(next.collect());
+                }
+                other => cool_for(plan, &server, other, winner.sent.status()),
+            }
+            log::info!(
+                "request {}: {} answered {} ({}), trying the next target",
+                plan.out.request_id,
+                server.name,
+                winner.sent.status(),
+                class.outcome()
+            );
+            recycle(plan.connections, self.last.replace(winner));
         }
     }
 
-    match last {
-        Some(w) if client_meaningful(w.sent.status()) => return Ok(w),
-        other => recycle(plan.connections, other),
+    /// Every target failed: the last answer when the client can act on it, else why.
+    fn fail(mut self, chain: &[Arc<Alias>]) -> Result<Winner, GatewayError> {
+        match self.last.take() {
+            Some(w) if client_meaningful(w.sent.status()) => return Ok(w),
+            other => recycle(self.plan.connections, other),
+        }
+        let translated_none = self.attempts.is_empty();
+        if let Some(message) = self.untranslatable.take().filter(|_| translated_none) {
+            return Err(GatewayError::BadRequest(message));
+        }
+        let model = self.plan.need.client_model;
+        Err(all_failed(
+            model,
+            self.attempts,
+            self.last_timeout,
+            retry_after(chain),
+        ))
     }
-    if let Some(message) = untranslatable.filter(|_| attempts.is_empty()) {
-        return Err(GatewayError::BadRequest(message));
-    }
-    Err(all_failed(
-        plan.need.client_model,
-        attempts,
-        last_timeout,
-        retry_after(&chain),
-    ))
 }
 
 /// Gives the connection of an attempt that will not be delivered back to the pool, when
