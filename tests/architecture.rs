@@ -252,3 +252,29 @@ fn wall_time_is_read_only_through_the_clock() {
         "read wall time through crate::clock: {found:?}"
     );
 }
+
+/// SQL lives in `store/`: the rest of the crate calls its functions.
+#[test]
+fn sql_is_written_only_in_the_store() {
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    let store = src().join("store");
+    let sql = [
+        "sqlx::query",
+        "PgListener",
+        "\"SELECT ",
+        "\"INSERT ",
+        "\"UPDATE ",
+        "\"DELETE ",
+    ];
+    let found: Vec<String> = files
+        .iter()
+        .filter(|f| !f.starts_with(&store))
+        .filter_map(|f| {
+            let text = code(&std::fs::read_to_string(f).unwrap());
+            let hit = sql.iter().find(|s| text.contains(*s))?;
+            Some(format!("{} has {hit}", f.display()))
+        })
+        .collect();
+    assert!(found.is_empty(), "move SQL into store/: {found:?}");
+}

@@ -8,8 +8,7 @@
 //! budget's spend from the usage rows of all instances (one sum query per budget).
 
 use super::budget::BudgetSpec;
-use super::{Directory, CHANGES};
-use crate::secret::mask_userinfo;
+use super::Directory;
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
@@ -28,64 +27,15 @@ pub struct Follower {
     pub url: String,
 }
 
-/// Signals `changed` on every notification, and once per reconnect.
-async fn listen(url: String, changed: mpsc::Sender<()>) {
-    let mut failing = false;
-    loop {
-        let listener = async {
-            let mut l = sqlx::postgres::PgListener::connect(&url).await?;
-            l.listen(CHANGES).await?;
-            Ok::<_, sqlx::Error>(l)
-        };
-        match listener.await {
-            Ok(mut l) => {
-                if failing {
-                    log::info!("store: listening for key changes again");
-                }
-                // What was announced while not listening was lost: re-read.
-                let _ = changed.try_send(());
-                loop {
-                    match l.try_recv().await {
-                        // `None`: the connection dropped and will be made again.
-                        Ok(Some(_)) | Ok(None) => {
-                            if changed.try_send(()).is_err() && changed.is_closed() {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            log::warn!(
-                                "store: key change notifications stopped ({}); retrying",
-                                mask_userinfo(&e.to_string())
-                            );
-                            failing = true;
-                            break;
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                if !failing {
-                    log::warn!(
-                        "store: cannot listen for key changes ({}); retrying every second, and keys are re-read every store.refresh_interval",
-                        mask_userinfo(&e.to_string())
-                    );
-                }
-                failing = true;
-            }
-        }
-        if changed.is_closed() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
 #[async_trait]
 impl BackgroundService for Follower {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         // A one-slot channel: changes arriving during a re-read make one more re-read.
         let (tx, mut rx) = mpsc::channel(1);
-        let listening = self.directory.store.spawn(listen(self.url.clone(), tx));
+        let listening = self
+            .directory
+            .store
+            .spawn(crate::store::records::listen(self.url.clone(), tx));
         loop {
             let (every, _) = (self.settings)();
             let periodic = tokio::select! {

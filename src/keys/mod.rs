@@ -291,7 +291,7 @@ pub async fn save_team(pool: &AnyPool, t: &TeamRecord) -> Result<(), StoreError>
     records::save_team(pool, &t.row()).await
 }
 
-pub use crate::store::records::{announce, audit, CHANGES};
+pub use crate::store::records::{announce, audit};
 
 /// Everything the directory is built from: records, and the spend already counted in
 /// the current period of each budget not yet live in memory.

@@ -227,3 +227,57 @@ pub async fn audit(
     .await?;
     Ok(())
 }
+
+/// Listens on [`CHANGES`] at the PostgreSQL store `url`: signals `changed` on every
+/// notification, and once per (re)connect, since what was announced while not listening
+/// is lost. Retries every second; returns when `changed` is closed.
+pub async fn listen(url: String, changed: tokio::sync::mpsc::Sender<()>) {
+    let mut failing = false;
+    loop {
+        let listener = async {
+            let mut l = sqlx::postgres::PgListener::connect(&url).await?;
+            l.listen(CHANGES).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        match listener.await {
+            Ok(mut l) => {
+                if failing {
+                    log::info!("store: listening for key changes again");
+                }
+                // What was announced while not listening was lost: re-read.
+                let _ = changed.try_send(());
+                loop {
+                    match l.try_recv().await {
+                        // `None`: the connection dropped and will be made again.
+                        Ok(Some(_)) | Ok(None) => {
+                            if changed.try_send(()).is_err() && changed.is_closed() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            log::warn!(
+                                "store: key change notifications stopped ({}); retrying",
+                                crate::secret::mask_userinfo(&e.to_string())
+                            );
+                            failing = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    log::warn!(
+                        "store: cannot listen for key changes ({}); retrying every second, and keys are re-read every store.refresh_interval",
+                        crate::secret::mask_userinfo(&e.to_string())
+                    );
+                }
+                failing = true;
+            }
+        }
+        if changed.is_closed() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
