@@ -6,7 +6,6 @@
 use super::reply;
 use crate::clock::{parse_time, rfc3339};
 use crate::config::Config;
-use crate::keys::auth::Caller;
 use crate::keys::budget::{Budget, BudgetSpec};
 use crate::keys::{self, Directory, KeyRecord, Snapshot, StoredKey};
 use crate::limits::Limits;
@@ -211,58 +210,6 @@ pub(super) fn key_audit(r: &KeyRecord) -> Value {
         "expires_at": r.expires_at.map(rfc3339), "metadata": r.metadata, "blocked": r.blocked,
         "deleted": r.deleted_at.is_some(),
     })
-}
-
-/// `GET /v1/key/info`: the calling key's own view.
-pub fn key_info(caller: &Caller, dir: &Directory) -> Value {
-    let now = dir.now();
-    let budget = |scope: &str, spec: &BudgetSpec, live: &Arc<Budget>| {
-        let f = live.figures(now);
-        json!({
-            "scope": scope,
-            "max_usd": usd(spec.max_micro),
-            "spend_usd": usd(f.spent_micro),
-            "period": spec.period.as_str(),
-            "mode": spec.mode.as_str(),
-            "resets_at": f.resets_at.map(rfc3339),
-        })
-    };
-    match caller {
-        Caller::Anonymous => {
-            json!({"key": null, "message": "the gateway is open: no key is needed"})
-        }
-        Caller::Key(k) => {
-            let budgets: Vec<Value> = k
-                .budget
-                .iter()
-                .map(|spec| budget("key", spec, &dir.config_budget(&k.name, spec)))
-                .collect();
-            json!({
-                "id": keys::owner_id("config", &k.name), "name": k.name, "team": null,
-                "models": k.models, "limits": k.limits, "expires_at": null, "budgets": budgets,
-            })
-        }
-        Caller::Stored(k) => {
-            let mut budgets = Vec::new();
-            if let (Some(spec), Some(live)) = (&k.rec.budget, &k.budget) {
-                budgets.push(budget("key", spec, live));
-            }
-            if let Some(t) = &k.team {
-                if let (Some(spec), Some(live)) = (&t.rec.budget, &t.budget) {
-                    budgets.push(budget("team", spec, live));
-                }
-            }
-            json!({
-                "id": k.rec.id,
-                "name": k.rec.name,
-                "team": k.team.as_ref().map(|t| json!({"id": t.rec.id, "name": t.rec.name, "models": t.rec.models, "limits": t.rec.limits})),
-                "models": k.rec.models,
-                "limits": k.rec.limits,
-                "expires_at": k.rec.expires_at.map(rfc3339),
-                "budgets": budgets,
-            })
-        }
-    }
 }
 
 // ---- fields ----

@@ -12,6 +12,7 @@ pub(crate) mod auth;
 pub mod alerts;
 pub mod budget;
 pub mod follow;
+pub mod info;
 pub mod reserve;
 
 use crate::clock::Clock;

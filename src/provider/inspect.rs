@@ -7,6 +7,7 @@
 //! (OpenAI-compatible providers reuse shapes, so they apply to every upstream); config
 //! adds statuses and body patterns. Pure functions: no I/O, no clock.
 
+use super::duration::parse_duration;
 use http::HeaderMap;
 use std::time::{Duration, SystemTime};
 
@@ -199,45 +200,14 @@ pub fn retry_hint(headers: &HeaderMap, lowercase_body: &str, wall_ms: i64) -> Op
             .trim_start()
             .trim_start_matches('"');
         let end = value.find('"').unwrap_or(value.len());
-        if let Some(d) = parse_go_duration(&value[..end]) {
+        if let Some(d) = parse_duration(&value[..end]) {
             return Some(d);
         }
     }
     ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"]
         .iter()
-        .filter_map(|h| header(h).and_then(parse_go_duration))
+        .filter_map(|h| header(h).and_then(parse_duration))
         .max()
-}
-
-/// Parses durations like `22s`, `1.5s`, `12ms`, `6m0s`, `1h2m3.5s`.
-pub fn parse_go_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    if s.is_empty() {
-        return None;
-    }
-    let mut total = 0f64;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_end = rest.find(|c: char| !c.is_ascii_digit() && c != '.')?;
-        if num_end == 0 {
-            return None;
-        }
-        let value: f64 = rest[..num_end].parse().ok()?;
-        rest = &rest[num_end..];
-        let unit_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let scale = match &rest[..unit_end] {
-            "ms" => 0.001,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
-        };
-        total += value * scale;
-        rest = &rest[unit_end..];
-    }
-    total.is_finite().then(|| Duration::from_secs_f64(total))
 }
 
 #[cfg(test)]
@@ -494,18 +464,6 @@ mod tests {
         );
         assert_eq!(retry_hint(&h(&[("retry-after", "soon")]), "", NOW), None);
     }
-
-    #[test]
-    fn go_durations_parse() {
-        assert_eq!(
-            parse_go_duration("1h2m3.5s"),
-            Some(Duration::from_secs_f64(3723.5))
-        );
-        assert_eq!(parse_go_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_go_duration("5"), None);
-        assert_eq!(parse_go_duration("s"), None);
-        assert_eq!(parse_go_duration("3d"), None);
-    }
 }
 
 #[cfg(test)]
@@ -538,11 +496,6 @@ mod props {
                 prop_assert_eq!(class.outcome(), classify(200, &HeaderMap::new(), b"", &Rules::default(), NOW).outcome());
             }
             let _ = retry_hint(&headers, &String::from_utf8_lossy(&body).to_lowercase(), NOW);
-        }
-
-        #[test]
-        fn any_go_duration_parses_or_not(s in "[0-9.hmsun]{0,12}") {
-            let _ = parse_go_duration(&s);
         }
     }
 }

@@ -7,6 +7,7 @@
 //! that knows each provider's markers.)
 
 pub mod anthropic;
+pub mod duration;
 pub mod gemini;
 pub mod inspect;
 pub mod openai;

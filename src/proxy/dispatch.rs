@@ -71,7 +71,7 @@ impl Gateway {
         if suffix == "/key/info" {
             get_only()?;
             crate::keys::reserve::read_shared(&self.keys, &caller, &*self.counters).await;
-            let body = crate::admin::keys::key_info(&caller, &self.keys);
+            let body = crate::keys::info::key_info(&caller, &self.keys);
             return answer(session, ctx, Bytes::from(body.to_string())).await;
         }
         if suffix == "/models" || suffix.starts_with("/models/") {

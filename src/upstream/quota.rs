@@ -7,6 +7,7 @@
 //! request sent to a target takes its share off what is left, so that requests in flight
 //! together do not all count on the same last slot; the next answer's headers correct it.
 
+use crate::provider::duration::parse_duration;
 use http::{HeaderMap, HeaderName};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -137,40 +138,6 @@ impl Quota {
     }
 }
 
-/// A Go-style duration as OpenAI, Azure and Groq write resets: `1s`, `6m0s`, `20ms`,
-/// `2m59.56s`, `1h2m3s`; a bare number is seconds.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    if let Ok(secs) = s.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
-    }
-    let mut total = 0.0f64;
-    let mut rest = s;
-    let mut any = false;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let value: f64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let (unit, scale) = if rest.starts_with("ms") {
-            ("ms", 1e-3)
-        } else if rest.starts_with('h') {
-            ("h", 3600.0)
-        } else if rest.starts_with('m') {
-            ("m", 60.0)
-        } else if rest.starts_with('s') {
-            ("s", 1.0)
-        } else {
-            return None;
-        };
-        rest = &rest[unit.len()..];
-        total += value * scale;
-        any = true;
-    }
-    (any && total.is_finite() && total < 1e9).then(|| Duration::from_secs_f64(total))
-}
-
 /// The time from `wall_ms` until an RFC 3339 time (zero when it has passed).
 fn until_time(s: &str, wall_ms: i64) -> Option<Duration> {
     let t = chrono::DateTime::parse_from_rfc3339(s.trim()).ok()?;
@@ -189,22 +156,6 @@ mod tests {
             h.insert(*k, v.parse().unwrap());
         }
         h
-    }
-
-    #[test]
-    fn openai_style_resets_are_read() {
-        assert_eq!(parse_duration("1s"), Some(Duration::from_secs(1)));
-        assert_eq!(parse_duration("20ms"), Some(Duration::from_millis(20)));
-        assert_eq!(parse_duration("6m0s"), Some(Duration::from_secs(360)));
-        assert_eq!(parse_duration("1h2m3s"), Some(Duration::from_secs(3723)));
-        assert_eq!(
-            parse_duration("2m59.56s"),
-            Some(Duration::from_secs_f64(179.56))
-        );
-        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
-        for bad in ["", "s", "1x", "-1s", "1.2.3s"] {
-            assert_eq!(parse_duration(bad), None, "{bad}");
-        }
     }
 
     #[test]
@@ -265,7 +216,6 @@ mod tests {
     proptest! {
         #[test]
         fn any_header_value_is_read_without_panicking(v in "\\PC{0,24}") {
-            let _ = parse_duration(&v);
             let q = Quota::default();
             if let Ok(value) = v.parse::<http::HeaderValue>() {
                 let mut h = HeaderMap::new();
