@@ -26,12 +26,17 @@ impl Directory {
             return Ok(Caller::Anonymous);
         }
         // One digest serves both lookups: SHA-256 is the largest single cost of a request
-        // with a key.
-        let d = crate::keys::digest(presented.ok_or(Rejected::Unknown)?);
-        if let Some(c) = config_keys.by_digest(&d) {
-            return Ok(c);
+        // with a key, so the digests of keys that matched are remembered.
+        let presented = presented.ok_or(Rejected::Unknown)?;
+        let (d, remembered) = self.digests.of(presented);
+        let found = match config_keys.by_digest(&d) {
+            Some(c) => Ok(c),
+            None => snapshot.find_digest(&d, self.now()).map(Caller::Stored),
+        };
+        if found.is_ok() && !remembered {
+            self.digests.remember(presented, d);
         }
-        snapshot.find_digest(&d, self.now()).map(Caller::Stored)
+        found
     }
 }
 

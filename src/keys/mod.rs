@@ -11,6 +11,7 @@ pub(crate) mod auth;
 
 pub mod alerts;
 pub mod budget;
+pub mod digests;
 pub mod follow;
 pub mod info;
 pub mod reserve;
@@ -381,6 +382,8 @@ pub struct Directory {
     config_spend: Mutex<HashMap<String, i64>>,
     /// Admin writes one at a time, so a rebuild never races another change.
     pub writes: tokio::sync::Mutex<()>,
+    /// Digests of keys that authenticated recently.
+    digests: digests::Digests,
 }
 
 impl Directory {
@@ -392,6 +395,7 @@ impl Directory {
             budgets: Mutex::new(HashMap::new()),
             config_spend: Mutex::new(HashMap::new()),
             writes: tokio::sync::Mutex::new(()),
+            digests: digests::Digests::default(),
         }
     }
 

@@ -277,9 +277,15 @@ pub const COST_HEADER: &str = "x-tollgate-cost-usd";
 
 /// Micro-USD as the decimal `x-tollgate-cost-usd` carries (`0.002565`): exact, six places.
 pub fn cost_value(micro: i64) -> HeaderValue {
-    let m = micro.max(0);
-    HeaderValue::from_str(&format!("{}.{:06}", m / 1_000_000, m % 1_000_000))
-        .unwrap_or(HeaderValue::from_static("0.000000"))
+    let m = micro.max(0) as u64;
+    let mut s = String::with_capacity(24);
+    crate::spec::text::push_u64(&mut s, m / 1_000_000);
+    s.push('.');
+    let fraction = m % 1_000_000;
+    for scale in [100_000, 10_000, 1_000, 100, 10, 1] {
+        s.push(char::from(b'0' + (fraction / scale % 10) as u8));
+    }
+    HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("0.000000"))
 }
 
 /// Reads the rest of a body into `chunks`, holding at most `limit` bytes: `Ok(true)` when
@@ -490,6 +496,20 @@ pub async fn relay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn costs_are_written_with_six_places() {
+        for (micro, text) in [
+            (0, "0.000000"),
+            (-5, "0.000000"),
+            (2_565, "0.002565"),
+            (1_000_000, "1.000000"),
+            (12_345_678_901, "12345.678901"),
+            (i64::MAX, "9223372036854.775807"),
+        ] {
+            assert_eq!(cost_value(micro), text);
+        }
+    }
 
     #[test]
     fn the_usage_chunk_is_removed_and_everything_else_passes_whole() {
