@@ -213,7 +213,9 @@ pub struct Admission {
     /// Stage one's charges, when the backend checks them with stage two's.
     deferred: Vec<Charge>,
     held: Vec<Charge>,
-    pub key_headers: Option<KeyHeaders>,
+    /// The key whose `x-ratelimit-*` headers the answer carries: its counter key and its
+    /// rpm and tpm limits. The rooms are read when the headers are written.
+    key_room: Option<(u64, Option<u64>, Option<u64>)>,
 }
 
 impl Admission {
@@ -222,7 +224,7 @@ impl Admission {
             backend: Some(backend),
             deferred: Vec::new(),
             held: Vec::new(),
-            key_headers: None,
+            key_room: None,
         }
     }
 
@@ -303,15 +305,21 @@ impl Admission {
             .filter(|c| c.dimension == Dimension::Spend && c.mark & COUNTED_HERE == 0)
     }
 
-    /// The key scope's rooms, for the `x-ratelimit-*` headers.
+    /// Notes the key whose rooms the `x-ratelimit-*` headers show.
     fn note_key_headers(&mut self, key: u64, limits: &Limits) {
-        let Some(backend) = &self.backend else { return };
+        self.key_room =
+            (limits.rpm.is_some() || limits.tpm.is_some()).then_some((key, limits.rpm, limits.tpm));
+    }
+
+    /// The key scope's rooms as they stand now, for the `x-ratelimit-*` headers.
+    pub fn key_headers(&self) -> Option<KeyHeaders> {
+        let (key, rpm, tpm) = self.key_room?;
+        let backend = self.backend.as_ref()?;
         let room = |d, l| backend.room(Scope::Key, key, d, l);
-        let h = KeyHeaders {
-            requests: limits.rpm.map(|l| room(Dimension::Rpm, l)),
-            tokens: limits.tpm.map(|l| room(Dimension::Tpm, l)),
-        };
-        self.key_headers = (h.requests.is_some() || h.tokens.is_some()).then_some(h);
+        Some(KeyHeaders {
+            requests: rpm.map(|l| room(Dimension::Rpm, l)),
+            tokens: tpm.map(|l| room(Dimension::Tpm, l)),
+        })
     }
 }
 

@@ -42,8 +42,7 @@ impl RequestCtx {
     pub(super) fn answer_headers(&self) -> Vec<(http::HeaderName, http::HeaderValue)> {
         let mut headers = self
             .admission
-            .key_headers
-            .as_ref()
+            .key_headers()
             .map(|h| h.pairs())
             .unwrap_or_default();
         headers.extend(self.trace_header());

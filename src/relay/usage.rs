@@ -167,9 +167,6 @@ impl UsageScanner {
     }
 }
 
-/// Gemini's usage member.
-const GEMINI: &[u8] = b"\"usageMetadata\"";
-
 /// Finds `"usage`, the start of both `"usage"` and Gemini's `"usageMetadata"`.
 static USAGE_START: std::sync::LazyLock<memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memmem::Finder::new(b"\"usage"));
@@ -233,40 +230,39 @@ struct Nested {
     usage: Option<UsageFields>,
 }
 
-/// The usage of a JSON response body. Only the `usage` object is parsed, found from the
-/// end because every provider writes it after the (much longer) content. A quote inside a
-/// JSON string is always escaped, so `"usage"` followed by a colon is a member name.
-/// Reverse finders built once: `memmem::rfind` builds one per call, which cost more than
-/// the search on a 1 KB answer.
-static GEMINI_FROM_END: std::sync::LazyLock<memmem::FinderRev<'static>> =
-    std::sync::LazyLock::new(|| memmem::FinderRev::new(GEMINI));
+/// The usage of a JSON response body. Only the usage object is parsed, found from the
+/// end because every provider writes it after the (much longer) content: one reverse
+/// search for `"usage`, the start of both `"usage"` and Gemini's `"usageMetadata"`. A
+/// quote inside a JSON string is always escaped, so either name followed by a colon is a
+/// member name. The finder is built once: `memmem::rfind` builds one per call, which cost
+/// more than the search on a 1 KB answer.
 static USAGE_FROM_END: std::sync::LazyLock<memmem::FinderRev<'static>> =
-    std::sync::LazyLock::new(|| memmem::FinderRev::new(b"\"usage\""));
+    std::sync::LazyLock::new(|| memmem::FinderRev::new(b"\"usage"));
 
 fn json_usage(body: &[u8]) -> Option<Usage> {
-    if let Some(at) = GEMINI_FROM_END.rfind(body) {
-        let value = body[at + GEMINI.len()..]
-            .trim_ascii_start()
-            .strip_prefix(b":")?;
-        let mut de = serde_json::Deserializer::from_slice(value);
-        let v = Value::deserialize(&mut de).ok()?;
-        return gemini_usage(&v);
-    }
-    const NAME: &[u8] = b"\"usage\"";
     let mut end = body.len();
     while let Some(at) = USAGE_FROM_END.rfind(&body[..end]) {
         end = at;
-        let rest = body[at + NAME.len()..].trim_ascii_start();
-        let Some(value) = rest.strip_prefix(b":") else {
+        let after = &body[at + b"\"usage".len()..];
+        let (gemini, rest) = if let Some(rest) = after.strip_prefix(b"Metadata\"") {
+            (true, rest)
+        } else if let Some(rest) = after.strip_prefix(b"\"") {
+            (false, rest)
+        } else {
             continue;
         };
+        let Some(value) = rest.trim_ascii_start().strip_prefix(b":") else {
+            continue;
+        };
+        let mut de = serde_json::Deserializer::from_slice(value);
+        if gemini {
+            return gemini_usage(&Value::deserialize(&mut de).ok()?);
+        }
         if !value.trim_ascii_start().starts_with(b"{") {
             // `"usage": null`: the response says it has none.
             return None;
         }
-        let mut de = serde_json::Deserializer::from_slice(value);
-        let u = UsageFields::deserialize(&mut de).ok()?;
-        return u.normalise();
+        return UsageFields::deserialize(&mut de).ok()?.normalise();
     }
     None
 }
@@ -523,6 +519,17 @@ mod tests {
         let mut s = UsageScanner::new(false);
         s.feed(br#"{"usage":null,"choices":[]}"#);
         assert_eq!(s.finish(), None);
+        // Content that quotes Gemini's member name does not hide an OpenAI answer's usage.
+        let mut s = UsageScanner::new(false);
+        s.feed(br#"{"choices":[{"message":{"content":"\"usageMetadata\": {}"}}],"usage":{"prompt_tokens":2,"completion_tokens":1}}"#);
+        assert_eq!(
+            s.finish(),
+            Some(Usage {
+                input: 2,
+                output: 1,
+                ..Default::default()
+            })
+        );
     }
 
     #[test]

@@ -226,25 +226,20 @@ pub async fn replace(
 }
 
 async fn insert(pool: &sqlx::AnyPool, rows: &[UsageRow]) -> Result<(), StoreError> {
-    type Sql = std::sync::OnceLock<(String, String)>;
-    static SQLITE: Sql = std::sync::OnceLock::new();
-    static POSTGRES: Sql = std::sync::OnceLock::new();
+    // The statement for each number of rows up to BATCH, made once per dialect: a flush
+    // is full batches and one statement for the rest, never a statement per row.
+    type Sql = [std::sync::OnceLock<String>; BATCH];
+    static SQLITE: Sql = [const { std::sync::OnceLock::new() }; BATCH];
+    static POSTGRES: Sql = [const { std::sync::OnceLock::new() }; BATCH];
     let dialect = Dialect::of(pool);
     let sql = match dialect {
         Dialect::Sqlite => &SQLITE,
         Dialect::Postgres => &POSTGRES,
     };
-    let (batch_sql, one_sql) =
-        sql.get_or_init(|| (insert_sql(BATCH, dialect), insert_sql(1, dialect)));
     let mut tx = pool.begin().await?;
-    let mut chunks = rows.chunks_exact(BATCH);
-    for chunk in chunks.by_ref() {
-        bind_rows(sqlx::query(batch_sql), chunk)
-            .execute(&mut *tx)
-            .await?;
-    }
-    for row in chunks.remainder() {
-        bind_rows(sqlx::query(one_sql), std::slice::from_ref(row))
+    for chunk in rows.chunks(BATCH) {
+        let text = sql[chunk.len() - 1].get_or_init(|| insert_sql(chunk.len(), dialect));
+        bind_rows(sqlx::query(text), chunk)
             .execute(&mut *tx)
             .await?;
     }
@@ -331,5 +326,70 @@ impl BackgroundService for Writer {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Row;
+
+    fn row(i: usize) -> UsageRow {
+        UsageRow {
+            request_id: format!("r{i}"),
+            ts: 1_800_000_000_000 + i as i64,
+            key_id: "k".into(),
+            key_name: "n".into(),
+            team_id: None,
+            model: "m".into(),
+            upstream: Some("u".into()),
+            upstream_model: None,
+            status: 200,
+            stream: false,
+            input_tokens: i as u64,
+            output_tokens: 1,
+            cached_tokens: 0,
+            cache_write_tokens: 0,
+            reasoning_tokens: 0,
+            cost_micro: 7,
+            priced: true,
+            cache: None,
+            saved_tokens: 0,
+            saved_micro: 0,
+            translation: None,
+        }
+    }
+
+    /// Every size of flush is written whole: one row, a part batch, whole batches and
+    /// whole batches with a rest.
+    #[test]
+    fn flushes_of_any_size_write_every_row_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("u.db").display());
+        let counts = [1, BATCH - 1, BATCH, BATCH + 1, 3 * BATCH + 5];
+        let written = crate::store::prepare(&url, 1, |pool| async move {
+            let mut next = 0;
+            let mut seen = Vec::new();
+            for n in counts {
+                let rows: Vec<UsageRow> = (next..next + n).map(row).collect();
+                next += n;
+                insert(&pool, &rows).await?;
+                let r = sqlx::query("SELECT COUNT(*) AS n, SUM(input_tokens) AS t FROM usage")
+                    .fetch_one(&pool)
+                    .await?;
+                seen.push((r.try_get::<i64, _>("n")?, r.try_get::<i64, _>("t")?));
+            }
+            Ok(seen)
+        })
+        .unwrap();
+        let mut total = 0;
+        let expected: Vec<(i64, i64)> = counts
+            .iter()
+            .map(|n| {
+                total += n;
+                (total as i64, (0..total).sum::<usize>() as i64)
+            })
+            .collect();
+        assert_eq!(written, expected);
     }
 }
