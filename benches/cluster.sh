@@ -58,6 +58,8 @@ url() { echo "http://127.0.0.1:$1/v1/chat/completions"; }
 # Redis calls per request: its command counts around a known number of requests.
 calls() { redis-cli -p "$REDIS" info commandstats | awk -F'[:=,]' -v only="${1:-}" '/^cmdstat_/ && (only == "" || $1 == "cmdstat_" only) {n += $3} END {print n + 0}'; }
 N=200
+by_command() { redis-cli -p "$REDIS" info commandstats | awk -F'[:=,]' '/^cmdstat_/ {sub("cmdstat_", "", $1); print $1, $3}'; }
+by_command > "$work/commands-before"
 before=$(calls); before_scripts=$(calls evalsha)
 for _ in $(seq $N); do
   curl -s -o /dev/null -w '%{http_code}\n' -H "Authorization: Bearer $KEY" -H 'content-type: application/json' \
@@ -65,6 +67,10 @@ for _ in $(seq $N); do
 done | sort | uniq -c | awk '$2 != 200 {print "unexpected status: " $0; bad=1} END {exit bad}'
 sleep 2  # the calls made when requests and leases end are not waited for
 after=$(calls); after_scripts=$(calls evalsha)
+by_command > "$work/commands-after"
+# Which commands, per request (the INFO calls of this measurement included).
+breakdown=$(awk -v n="$N" 'NR == FNR {b[$1] = $2; next} {d = $2 - b[$1]; if (d > 0) printf "%s %.2f, ", $1, d / n}' \
+  "$work/commands-before" "$work/commands-after" | sed 's/, $//')
 # Less the INFO calls of this measurement itself.
 per_request=$(awk -v a="$before" -v b="$after" -v n="$N" 'BEGIN {printf "%.2f", (b - a - 2) / n}')
 scripts_per_request=$(awk -v a="$before_scripts" -v b="$after_scripts" -v n="$N" 'BEGIN {printf "%.2f", (b - a) / n}')
@@ -93,4 +99,4 @@ awk -v a="$(col rate-local 2)" -v b="$(col rate-shared 2)" -v r="$RATE" 'BEGIN {
 awk -v a="$(col rate-local 3)" -v b="$(col rate-shared 3)" -v r="$RATE" 'BEGIN {printf "| p99 latency at %d req/s (ms) | %.3f | %.3f | %+.3f |\n", r, a, b, b - a}'
 awk -v a="$(col tput-local 1)" -v b="$(col tput-shared 1)" -v c="$CONNS" 'BEGIN {printf "| requests/s, %d connections | %d | %d | %.2f x |\n", c, a, b, b / a}'
 echo
-echo "Redis commands per request, over $N requests: $per_request, of which script calls (EVALSHA): $scripts_per_request; redis $(redis-server --version | awk '{print $3}'); $(date -u +%F)"
+echo "Redis calls per request, over $N requests: $scripts_per_request script calls (EVALSHA, each one round trip; the gateway sends no other command on the request path); commands run, the scripts' own included: $per_request (by command: $breakdown); redis $(redis-server --version | awk '{print $3}'); $(date -u +%F)"
