@@ -32,6 +32,7 @@ pub(crate) mod observe;
 pub(crate) mod ops;
 pub mod provider;
 pub(crate) mod proxy;
+pub mod record;
 pub mod relay;
 pub mod route;
 pub(crate) mod secret;

@@ -28,6 +28,7 @@ const LAYERS: &[&[&str]] = &[
     &["error"],
     &["store"],
     &["provider"],
+    &["record"],
     &["relay"],
     &["upstream"],
     &["limits"],

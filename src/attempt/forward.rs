@@ -133,26 +133,7 @@ pub enum TransportError {
     Broken(String),
 }
 
-/// What kind of transport failure an attempt met, without its details.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TransportFailure {
-    Unresolved,
-    Connect,
-    Timeout,
-    Reset,
-}
-
-impl TransportFailure {
-    /// Low-cardinality outcome name for logs and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TransportFailure::Unresolved => "unresolved",
-            TransportFailure::Connect => "connect_error",
-            TransportFailure::Timeout => "timeout",
-            TransportFailure::Reset => "reset",
-        }
-    }
-}
+pub use crate::record::TransportFailure;
 
 impl TransportError {
     pub fn failure(&self) -> TransportFailure {

@@ -19,62 +19,13 @@ use crate::upstream::health::Reason;
 use crate::upstream::shared::Cooldowns;
 use crate::upstream::{InFlight, Server, Upstream};
 use bytes::Bytes;
-use forward::{Outgoing, Sent, TransportError, TransportFailure};
+use forward::{Outgoing, Sent, TransportError};
 use std::collections::VecDeque;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// One attempt as it appears in the access log and in an all-failed error.
-#[derive(Debug, Clone)]
-pub struct AttemptRecord {
-    /// The server's name (`upstream/server`).
-    pub target: String,
-    pub upstream: String,
-    pub outcome: AttemptOutcome,
-    /// The upstream's status, when it answered.
-    pub status: Option<u16>,
-    /// Which alias of the chain the attempt belonged to (0: the requested one).
-    pub alias_index: usize,
-    /// What a trace span of the attempt needs, when the request is traced.
-    pub span: Option<Box<AttemptSpan>>,
-}
-
-/// An attempt as its trace span shows it.
-#[derive(Debug, Clone)]
-pub struct AttemptSpan {
-    pub id: crate::trace::SpanId,
-    pub started: std::time::Instant,
-    /// When its outcome was known (the response header, or the failure).
-    pub ended: std::time::Instant,
-    /// The model the upstream was asked for.
-    pub model: String,
-    pub provider: crate::provider::Provider,
-    pub address: String,
-    pub port: u16,
-    /// The tier of its alias (0: the first).
-    pub tier: usize,
-}
-
-/// How one attempt ended; named only where it is logged or counted.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum AttemptOutcome {
-    /// The upstream answered; how its answer was classified.
-    Answered(Class),
-    /// No answer: the connection failed.
-    Failed(TransportFailure),
-}
-
-impl AttemptOutcome {
-    /// The name in the access log and the `outcome` metric label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AttemptOutcome::Answered(class) => class.outcome(),
-            AttemptOutcome::Failed(f) => f.as_str(),
-        }
-    }
-}
-
+pub use crate::record::{AttemptOutcome, AttemptRecord, AttemptSpan};
 pub use crate::spec::Failover;
 
 /// The attempt whose response is delivered, holding its server's in-flight slot.

@@ -3,9 +3,9 @@
 //! key's *name*, never a key. Runs after the response; it must not fail or block.
 //! `metrics` holds the Prometheus metrics it (and the connection stage) update.
 
-use crate::attempt::AttemptRecord;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::record::{AttemptRecord, StreamEnd, Usage};
 use crate::spec::LogFormat;
 
 use crate::metrics;
@@ -16,8 +16,6 @@ pub mod sink;
 pub mod spans;
 pub use sink::{flush_logs, LogWriter};
 
-use crate::relay::usage::Usage;
-use crate::relay::StreamEnd;
 use std::io::Write as _;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -196,7 +194,7 @@ fn record_metrics(r: &Record, config: &Config) {
     }
     if let Some((tokens, micro)) = r.saved {
         m.cache_saved_tokens.inc_by(tokens);
-        m.cache_saved_usd.inc_by(crate::relay::pricing::usd(micro));
+        m.cache_saved_usd.inc_by(crate::spec::usd(micro));
     }
     if let Some(scope) = r.limited {
         m.ratelimited.with_label_values(&[scope]).inc();
@@ -209,7 +207,7 @@ fn record_metrics(r: &Record, config: &Config) {
     if let Some(micro) = r.cost_micro.filter(|c| *c > 0) {
         m.cost
             .with_label_values(&[model, upstream])
-            .inc_by(crate::relay::pricing::usd(micro));
+            .inc_by(crate::spec::usd(micro));
     }
     if r.target.is_none() || !(200..300).contains(&r.status) {
         return;
@@ -434,7 +432,7 @@ fn json_line(r: &Record) -> String {
         "tokens_in": r.usage.map(|u| u.input),
         "tokens_out": r.usage.map(|u| u.output),
         "tokens_cached": r.usage.map(|u| u.cached),
-        "cost_usd": r.cost_micro.map(crate::relay::pricing::usd),
+        "cost_usd": r.cost_micro.map(crate::spec::usd),
         "bytes_in": r.bytes_in,
         "bytes_out": r.bytes_out,
         "error": r.error.map(Failure::as_str),

@@ -8,8 +8,8 @@
 
 use super::answer::Answer;
 use super::Record;
-use crate::attempt::{AttemptOutcome, AttemptRecord};
 use crate::config::Config;
+use crate::record::{AttemptOutcome, AttemptRecord};
 use crate::trace::wire::{self, Attrs, Enc, Event, Head, Kind, Val};
 use crate::trace::TraceCtx;
 use bytes::Bytes;

@@ -27,25 +27,7 @@ use pingora_proxy::Session;
 use std::time::Duration;
 use std::time::Instant;
 
-/// How a relayed response ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StreamEnd {
-    Complete,
-    ClientGone,
-    UpstreamError,
-    UpstreamTimeout,
-}
-
-impl StreamEnd {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StreamEnd::Complete => "complete",
-            StreamEnd::ClientGone => "client_disconnect",
-            StreamEnd::UpstreamError => "upstream_error",
-            StreamEnd::UpstreamTimeout => "upstream_timeout",
-        }
-    }
-}
+pub use crate::record::StreamEnd;
 
 /// What the relay observed, for the access log and metrics.
 #[derive(Debug, Default)]

@@ -9,36 +9,7 @@ use memchr::memmem;
 use serde::Deserialize;
 use serde_json::Value;
 
-/// Tokens of one response.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    /// Every input token, cached ones included (Anthropic's cache reads and writes are
-    /// added to its `input_tokens`, so both dialects mean the same).
-    pub input: u64,
-    pub output: u64,
-    /// Input tokens read from the provider's prompt cache (OpenAI
-    /// `prompt_tokens_details.cached_tokens`, Anthropic `cache_read_input_tokens`).
-    pub cached: u64,
-    /// Input tokens written to Anthropic's prompt cache for 5 minutes
-    /// (`cache_creation.ephemeral_5m_input_tokens`, or all of
-    /// `cache_creation_input_tokens` when it is not split).
-    pub cache_write: u64,
-    /// Input tokens written to Anthropic's prompt cache for an hour
-    /// (`cache_creation.ephemeral_1h_input_tokens`).
-    pub cache_write_1h: u64,
-    /// Of the output, the tokens spent reasoning (OpenAI
-    /// `completion_tokens_details.reasoning_tokens`, the Responses API's
-    /// `output_tokens_details.reasoning_tokens`, Gemini `thoughtsTokenCount`); reported
-    /// apart, priced as output. Anthropic counts thinking in `output_tokens` without a
-    /// split.
-    pub reasoning: u64,
-}
-
-impl Usage {
-    pub fn total(&self) -> u64 {
-        self.input.saturating_add(self.output)
-    }
-}
+pub use crate::record::Usage;
 
 /// Largest JSON body kept to read its usage, and largest SSE line.
 const MAX_KEPT: usize = 4 << 20;
