@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{chat, client, Gateway};
+use common::{chat, client, eventually, Gateway};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -261,14 +261,7 @@ async fn misbehaving_upstreams_get_clear_answers_and_the_gateway_keeps_serving()
     }
     // Nothing is kept per failed exchange: descriptors are back (idle pooled
     // connections to the good upstream aside) and memory is near where it started.
-    let mut settled = false;
-    for _ in 0..100 {
-        if fds(pid) <= fds0 + 2 {
-            settled = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let settled = eventually(Duration::from_secs(5), || fds(pid) <= fds0 + 2).await;
     assert!(settled, "fds {} -> {}", fds0, fds(pid));
     let rss = rss_kib(pid);
     assert!(

@@ -63,17 +63,16 @@ async fn health_on(s: &mut TcpStream) {
 
 /// Waits until the gateway counts no client connection (`tollgate_client_connections`).
 async fn wait_for_no_connections(gw: &Gateway) {
-    for _ in 0..100 {
+    let none = || async {
         let metrics = common::scrape(gw).await;
-        if metrics
+        metrics
             .lines()
             .any(|l| l == "tollgate_client_connections 0")
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("client connections stay open");
+    };
+    assert!(
+        eventually_async(Duration::from_secs(2), none).await,
+        "client connections stay open"
+    );
 }
 
 /// Regression: a client sending its header one byte at a time was never cut off.
@@ -207,14 +206,8 @@ async fn connections_over_the_per_ip_cap_are_closed_on_arrival() {
     );
     drop(a);
     drop(b);
-    let mut ok = false;
-    for _ in 0..50 {
-        if c.get(gw.url("/health")).send().await.is_ok() {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let connects = || async { c.get(gw.url("/health")).send().await.is_ok() };
+    let ok = eventually_async(Duration::from_millis(2500), connects).await;
     assert!(ok, "the IP can connect again");
     let logs = gw.logs();
     assert!(

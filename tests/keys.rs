@@ -765,15 +765,8 @@ async fn a_restart_keeps_keys_and_spend_and_kill_9_loses_at_most_one_flush_inter
         }
     };
     // Wait for a flush, then send three more and kill -9 at once.
-    let mut flushed = false;
-    for _ in 0..100 {
-        if usage(&gw).await == 5 {
-            flushed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(flushed);
+    let flushed = eventually_async(Duration::from_secs(2), || async { usage(&gw).await == 5 });
+    assert!(flushed.await);
     for _ in 0..3 {
         assert_eq!(chat_with(&gw, &key, &msg("m")).await.0, 200);
     }
@@ -815,17 +808,12 @@ async fn a_locked_database_does_not_stop_traffic_and_overflow_is_counted() {
         "{:?}",
         started.elapsed()
     );
-    let mut dropped = false;
-    for _ in 0..200 {
-        if scrape(&gw)
+    let dropped = || async {
+        scrape(&gw)
             .await
             .contains("tollgate_usage_rows_total{result=\"dropped\"} 3")
-        {
-            dropped = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
+    let dropped = eventually_async(Duration::from_secs(10), dropped).await;
     assert!(dropped, "{}", scrape(&gw).await);
     assert!(gw.logs().contains("usage rows dropped"));
     sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();

@@ -124,15 +124,11 @@ async fn a_reload_swaps_a_valid_file_keeps_cooldowns_and_refuses_a_bad_one() {
     // SIGHUP reloads too.
     std::fs::write(&path, v2 + "  o:\n    routes: [{upstream: u}]\n").unwrap();
     kill(gw.pid(), "-HUP");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let s = chat_status(&c, &gw, "o").await;
-        if s == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "SIGHUP did not reload");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let reloaded = || async { chat_status(&c, &gw, "o").await == 200 };
+    assert!(
+        eventually_async(Duration::from_secs(5), reloaded).await,
+        "SIGHUP did not reload"
+    );
     assert_eq!(metric(&gw, "ok").await, 2.0);
     assert_eq!(metric(&gw, "error").await, 1.0);
 }
@@ -254,15 +250,11 @@ async fn an_upgrade_and_a_reload_under_load_lose_no_request_and_cut_no_stream() 
     );
     // Binary upgrade: a new process takes the listeners over; the old one finishes its streams.
     kill(gw.pid(), "-USR2");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while gw.pids().len() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "no new process after SIGUSR2:\n{}",
-            gw.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        eventually(Duration::from_secs(5), || gw.pids().len() >= 2).await,
+        "no new process after SIGUSR2:\n{}",
+        gw.logs()
+    );
 
     let mut total_ok = 0;
     let mut failures = Vec::new();
