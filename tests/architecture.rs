@@ -232,22 +232,28 @@ fn the_checker_sees_a_use_and_ignores_unit_tests() {
     assert!(!kept.contains("crate::d") && !kept.contains("crate::e"));
 }
 
+/// Files of `src/` outside `allowed` whose code (unit tests aside) names one of
+/// `needles`, each with the first it names.
+fn naming(needles: &[&str], allowed: impl Fn(&Path) -> bool) -> Vec<String> {
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    files
+        .iter()
+        .filter(|f| !allowed(f))
+        .filter_map(|f| {
+            let text = code(&std::fs::read_to_string(f).unwrap());
+            let hit = needles.iter().find(|n| text.contains(*n))?;
+            Some(format!("{} has {hit}", f.display()))
+        })
+        .collect()
+}
+
 /// The calendar is read in one place: `clock::SystemClock`. Everything else is handed a
 /// `Clock` (or a time read from one), so tests can set the date with `ManualClock`.
 #[test]
 fn wall_time_is_read_only_through_the_clock() {
-    let mut files = Vec::new();
-    rust_files(&src(), &mut files);
     let readers = ["SystemTime::now", "Utc::now", "Local::now"];
-    let found: Vec<String> = files
-        .iter()
-        .filter(|f| !f.ends_with("clock.rs"))
-        .filter_map(|f| {
-            let text = code(&std::fs::read_to_string(f).unwrap());
-            let hit = readers.iter().find(|r| text.contains(*r))?;
-            Some(format!("{} reads {hit}", f.display()))
-        })
-        .collect();
+    let found = naming(&readers, |f| f.ends_with("clock.rs"));
     assert!(
         found.is_empty(),
         "read wall time through crate::clock: {found:?}"
@@ -257,9 +263,6 @@ fn wall_time_is_read_only_through_the_clock() {
 /// SQL lives in `store/`: the rest of the crate calls its functions.
 #[test]
 fn sql_is_written_only_in_the_store() {
-    let mut files = Vec::new();
-    rust_files(&src(), &mut files);
-    let store = src().join("store");
     let sql = [
         "sqlx::query",
         "PgListener",
@@ -268,14 +271,7 @@ fn sql_is_written_only_in_the_store() {
         "\"UPDATE ",
         "\"DELETE ",
     ];
-    let found: Vec<String> = files
-        .iter()
-        .filter(|f| !f.starts_with(&store))
-        .filter_map(|f| {
-            let text = code(&std::fs::read_to_string(f).unwrap());
-            let hit = sql.iter().find(|s| text.contains(*s))?;
-            Some(format!("{} has {hit}", f.display()))
-        })
-        .collect();
+    let store = src().join("store");
+    let found = naming(&sql, |f| f.starts_with(&store));
     assert!(found.is_empty(), "move SQL into store/: {found:?}");
 }
