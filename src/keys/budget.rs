@@ -185,6 +185,9 @@ pub struct Budget {
 struct State {
     spec: BudgetSpec,
     period_start: i64,
+    /// Where the period ends (`None`: it does not): until then `now` is in it, with no
+    /// calendar arithmetic.
+    period_end: Option<i64>,
     spent: i64,
     reserved: i64,
     /// How many of `alert_at` were crossed in this period.
@@ -232,13 +235,14 @@ pub struct Figures {
 impl Budget {
     /// A budget with `spent` already counted in the period holding `now`.
     pub fn new(owner: Owner, spec: BudgetSpec, spent: i64, reset_at: i64, now: i64) -> Budget {
-        let (period_start, _) = spec.period.bounds(now);
+        let (period_start, period_end) = spec.period.bounds(now);
         let alerted = crossed(&spec, spent);
         Budget {
             owner,
             state: Mutex::new(State {
                 spec,
                 period_start,
+                period_end,
                 spent,
                 reserved: 0,
                 alerted,
@@ -250,7 +254,11 @@ impl Budget {
 
     fn lock(&self, now: i64) -> MutexGuard<'_, State> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (start, _) = s.spec.period.bounds(now);
+        if now >= s.period_start && s.period_end.is_none_or(|end| now < end) {
+            return s;
+        }
+        let (start, end) = s.spec.period.bounds(now);
+        s.period_end = end;
         if start != s.period_start {
             // A new period: what was spent belongs to the last one. Reservations in
             // flight stay reserved and settle into the new period.
@@ -266,8 +274,9 @@ impl Budget {
     pub fn respec(&self, spec: BudgetSpec, now: i64) {
         let mut s = self.lock(now);
         s.alerted = crossed(&spec, s.spent);
-        let (start, _) = spec.period.bounds(now);
+        let (start, end) = spec.period.bounds(now);
         s.period_start = start;
+        s.period_end = end;
         s.spec = spec;
     }
 
@@ -285,7 +294,7 @@ impl Budget {
     /// tracked budget), and the spend this instance knows of, to start a missing counter.
     pub fn counter(&self, now: i64) -> (u64, u64, u64) {
         let s = self.lock(now);
-        let from = Budget::counts_from(&s.spec, s.reset_at, now);
+        let from = s.period_start.max(s.reset_at);
         let name = format!("{}:{}@{from}", self.owner.scope, self.owner.id);
         let max = crate::limits::MAX_SPEND;
         let limit = match s.spec.mode {
@@ -327,7 +336,7 @@ impl Budget {
             max_micro: s.spec.max_micro,
             spent_micro: spent,
             period: s.spec.period,
-            resets_at: s.spec.period.bounds(now).1,
+            resets_at: s.period_end,
         }
     }
 
@@ -347,7 +356,7 @@ impl Budget {
             spec: s.spec.clone(),
             spent_micro: s.spent,
             reserved_micro: s.reserved,
-            resets_at: s.spec.period.bounds(now).1,
+            resets_at: s.period_end,
         }
     }
 }
@@ -373,7 +382,7 @@ impl Budget {
                 max_micro: s.spec.max_micro,
                 spent_micro: s.spent,
                 period: s.spec.period,
-                resets_at: s.spec.period.bounds(now).1,
+                resets_at: s.period_end,
             });
         }
         s.reserved += amount;
