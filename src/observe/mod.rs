@@ -12,6 +12,7 @@ use crate::metrics;
 use crate::spec::text::push_u64;
 
 pub mod answer;
+mod handles;
 pub mod sink;
 pub mod spans;
 pub use sink::{flush_logs, LogWriter};
@@ -157,16 +158,19 @@ fn record_metrics(r: &Record, config: &Config) {
     let model = model_label(r, config);
     let upstream = r.upstream.as_deref().unwrap_or("none");
     let total = r.start.elapsed();
-    let mut code_buf = [0u8; 3];
-    m.requests
-        .with_label_values(&[model, upstream, status_label(r.status, &mut code_buf)])
-        .inc();
-    m.duration
-        .with_label_values(&[model, upstream])
-        .observe(total.as_secs_f64());
+    let route = handles::route(model, upstream);
+    if r.status == 200 {
+        route.ok(m).inc();
+    } else {
+        let mut code_buf = [0u8; 3];
+        m.requests
+            .with_label_values(&[model, upstream, status_label(r.status, &mut code_buf)])
+            .inc();
+    }
+    route.duration(m).observe(total.as_secs_f64());
     if let Some(t) = r.first_byte {
-        m.ttft
-            .with_label_values(&[model, upstream])
+        route
+            .ttft(m)
             .observe(t.duration_since(r.start).as_secs_f64());
     }
     m.overhead
@@ -205,9 +209,7 @@ fn record_metrics(r: &Record, config: &Config) {
     // What the request was charged: the figure of its usage row and its budgets (an
     // answer that reported no usage is charged its reservation).
     if let Some(micro) = r.cost_micro.filter(|c| *c > 0) {
-        m.cost
-            .with_label_values(&[model, upstream])
-            .inc_by(crate::spec::usd(micro));
+        route.cost(m).inc_by(crate::spec::usd(micro));
     }
     if r.target.is_none() || !(200..300).contains(&r.status) {
         return;
@@ -224,12 +226,8 @@ fn record_metrics(r: &Record, config: &Config) {
     }
     match r.usage {
         Some(u) => {
-            m.tokens
-                .with_label_values(&[model, upstream, "input"])
-                .inc_by(u.input);
-            m.tokens
-                .with_label_values(&[model, upstream, "output"])
-                .inc_by(u.output);
+            route.input_tokens(m).inc_by(u.input);
+            route.output_tokens(m).inc_by(u.output);
             if u.cached > 0 {
                 m.tokens
                     .with_label_values(&[model, upstream, "cached_input"])
