@@ -188,6 +188,7 @@ fn strategies(c: &mut Criterion) {
                     model: Some(Arc::from(*m)),
                     weight: 1 + i as u32 % 3,
                     max_context: None,
+                    price: None,
                 }
             })
             .collect();

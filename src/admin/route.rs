@@ -81,7 +81,7 @@ fn tiers(alias: &Alias, need: &Need, suffix: &str) -> Vec<Value> {
                 .map(|placed| {
                     let route = &tier.routes[placed.route];
                     let upstream_model = route.model_for(need.client_model);
-                    let price = need.pricing.for_route(upstream_model, need.alias);
+                    let price = route.price(need.pricing, need.client_model, need.alias);
                     let window = route.context_window(need.client_model);
                     let servers: Vec<Value> = route
                         .upstream

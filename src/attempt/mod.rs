@@ -43,6 +43,8 @@ pub struct Winner {
     pub strategy: Strategy,
     /// The answer is in another format than the client's.
     pub translation: Option<Translation>,
+    /// The route's price (resolved at config build, or looked up for a `*` route).
+    pub price: Option<crate::relay::pricing::Price>,
 }
 
 fn route_serves(route: &Route, suffix: &str) -> bool {

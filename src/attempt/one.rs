@@ -156,6 +156,7 @@ pub(super) async fn attempt(
         _in_flight: in_flight,
         strategy: tier.strategy,
         translation,
+        price: route.price(plan.need.pricing, plan.need.client_model, plan.need.alias),
     };
     let answered = AttemptOutcome::Answered(class);
     (record(answered, Some(status), span), Ok((winner, class)))

@@ -274,6 +274,7 @@ pub(super) fn build_upstreams(
 pub(super) fn build_models(
     file: &FileConfig,
     upstreams: &BTreeMap<String, Arc<Upstream>>,
+    pricing: &crate::relay::pricing::Pricing,
     errors: &mut Vec<ConfigError>,
 ) -> (HashMap<String, Arc<Alias>>, Option<Arc<Alias>>) {
     let mut err = |path: String, message: String| errors.push(ConfigError { path, message });
@@ -321,11 +322,13 @@ pub(super) fn build_models(
                     .as_deref()
                     .and_then(crate::relay::pricing::shipped_context)
             });
+            let price = model.as_deref().map(|m| pricing.for_route(m, alias));
             by_priority.entry(r.priority).or_default().push(Route {
                 upstream: Arc::clone(upstream),
                 model,
                 weight: r.weight,
                 max_context,
+                price,
             });
         }
         let tiers = by_priority
@@ -493,4 +496,42 @@ pub(super) fn build_tracing(
         delay,
         timeout: otlp.timeout.0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A route's price is resolved when the config is built: its model's, else its
+    /// alias's; a route of `*` passes the client's model and is priced per request.
+    #[test]
+    fn route_prices_are_resolved_at_build() {
+        let text = r#"
+upstreams:
+  local: {servers: [{url: "http://127.0.0.1:8000/v1"}]}
+pricing:
+  named-model: {input: 1, output: 2}
+  cheap: {input: 3, output: 4}
+models:
+  cheap:
+    routes:
+      - {upstream: local, model: named-model}
+      - {upstream: local, model: tollgate-unlisted-model}
+  "*":
+    routes:
+      - {upstream: local}
+"#;
+        let c = Config::parse(text, &|_| None).unwrap();
+        let prices = |alias: &str| -> Vec<Option<Option<crate::relay::pricing::Price>>> {
+            let a = c.router.resolve(alias).unwrap();
+            a.tiers[0].routes.iter().map(|r| r.price).collect()
+        };
+        let named = c.pricing.get("named-model");
+        let alias = c.pricing.get("cheap");
+        assert!(named.is_some() && alias.is_some() && named != alias);
+        assert_eq!(prices("cheap"), [Some(named), Some(alias)]);
+        assert_eq!(prices("some-client-model"), [None]);
+        let star = &c.router.resolve("named-model").unwrap().tiers[0].routes[0];
+        assert_eq!(star.price(&c.pricing, "named-model", "*"), named);
+    }
 }

@@ -403,9 +403,9 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
     check_limits(&file, &mut errors);
     check_keys(&file, &mut errors);
     let upstreams = build_upstreams(&file, previous, &mut errors);
-    let (aliases, catch_all) = build_models(&file, &upstreams, &mut errors);
     check_pricing_and_log(&file, &mut errors);
     let pricing = catalogue::pricing(&file, &mut errors);
+    let (aliases, catch_all) = build_models(&file, &upstreams, &pricing, &mut errors);
     let failover = build_failover(&file, &mut errors);
     let tracing = build_tracing(&file, &mut errors);
     if !errors.is_empty() {

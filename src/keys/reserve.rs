@@ -235,8 +235,7 @@ fn dearest_price(
     };
     for a in aliases {
         for route in a.tiers.iter().flat_map(|t| &t.routes) {
-            let model = route.model.as_deref().unwrap_or(client_model);
-            let p = prices.pricing.for_route(model, &a.name)?;
+            let p = route.price(prices.pricing, client_model, &a.name)?;
             // Anthropic bills prompt-cache writes above the input price: the
             // reservation covers an input that is all writes.
             let writes = route.upstream.provider == crate::provider::Provider::Anthropic;

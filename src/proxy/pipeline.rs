@@ -203,6 +203,7 @@ impl Gateway {
             _in_flight: in_flight,
             strategy,
             translation,
+            price,
         } = winner;
 
         let target = server.name.clone();
@@ -223,10 +224,6 @@ impl Gateway {
         ctx.record.upstream_model = Some(model);
         ctx.record.translation = translation.map(|t| t.label());
         let relay_started = Instant::now();
-        let price = config.pricing.for_route(
-            ctx.record.upstream_model.as_deref().unwrap_or_default(),
-            &alias.name,
-        );
         let answer = relay::Answer {
             price,
             sent,

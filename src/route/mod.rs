@@ -5,7 +5,7 @@
 //! cheapest first for the request's estimated tokens (`cost`). Picking a server of a
 //! route's upstream is the upstream's balancer's job.
 
-use crate::relay::pricing::Pricing;
+use crate::relay::pricing::{Price, Pricing};
 use crate::spec::Strategy;
 use crate::upstream::balance::{next_random, p2c_by_scores};
 use crate::upstream::{latency, Upstream};
@@ -24,12 +24,24 @@ pub struct Route {
     /// The model's context window in tokens, when configured or known from the shipped
     /// table (for `*`, looked up with the client's model).
     pub max_context: Option<u64>,
+    /// The route's price, resolved when the config is built: its model's, else its
+    /// alias's (`Some(None)`: neither is priced). `None` for a route of `*`, whose model is
+    /// the client's and is looked up per request.
+    pub price: Option<Option<Price>>,
 }
 
 impl Route {
     /// The model name sent upstream for a request naming `client_model`.
     pub fn model_for<'a>(&'a self, client_model: &'a str) -> &'a str {
         self.model.as_deref().unwrap_or(client_model)
+    }
+
+    /// The price of this route for a request naming `client_model` to `alias`.
+    pub fn price(&self, pricing: &Pricing, client_model: &str, alias: &str) -> Option<Price> {
+        match self.price {
+            Some(resolved) => resolved,
+            None => pricing.for_route(self.model_for(client_model), alias),
+        }
     }
 
     /// The context window for a request naming `client_model`.
@@ -138,8 +150,7 @@ impl Tier {
             }
             Strategy::Cost => {
                 let cost = |r: &Route| {
-                    need.pricing
-                        .for_route(r.model_for(need.client_model), need.alias)
+                    r.price(need.pricing, need.client_model, need.alias)
                         .map(|p| p.most(need.input_tokens, need.output_tokens) as f64)
                 };
                 let mut order: Vec<Placed> = rotated
@@ -293,6 +304,7 @@ mod tests {
             model: Some(Arc::from(model)),
             weight,
             max_context: None,
+            price: None,
         }
     }
 
