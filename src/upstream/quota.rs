@@ -95,6 +95,15 @@ impl Quota {
     /// Reads the rate-limit headers of an answer received at `now_ms` (wall clock `wall_ms`
     /// for Anthropic's reset times).
     pub fn observe(&self, headers: &HeaderMap, now_ms: u64, wall_ms: i64) {
+        // Most answers of self-hosted servers carry none: one pass over the names (no
+        // hashing) says so before four lookups.
+        let any = headers.keys().any(|k| {
+            let k = k.as_str();
+            k.starts_with("x-ratelimit-remaining-") || k.starts_with("anthropic-ratelimit-")
+        });
+        if !any {
+            return;
+        }
         let get = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
         for (left, [remaining, reset], anthropic) in [
             (&self.requests, &OPENAI_REQUESTS, false),
