@@ -279,6 +279,11 @@ fn status_label(status: u16, buf: &mut [u8; 3]) -> &str {
 /// Writes `s` (at most 128 characters) with whitespace, controls and quotes as `_`, so a
 /// value cannot split or forge fields of a text line.
 fn push_clean(out: &mut String, s: &str) {
+    // The usual value is short printable ASCII without a quote: copied as it is.
+    if s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic() && b != b'"') {
+        out.push_str(s);
+        return;
+    }
     for c in s.chars().take(128) {
         out.push(if c.is_whitespace() || c.is_control() || c == '"' {
             '_'
@@ -526,6 +531,20 @@ pub fn usage_row(r: &mut Record, now: i64) -> Option<crate::store::usage::UsageR
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_strings_cannot_split_or_forge_fields() {
+        let clean = |v: &str| {
+            let mut s = String::new();
+            push_clean(&mut s, v);
+            s
+        };
+        assert_eq!(clean("/v1/chat/completions"), "/v1/chat/completions");
+        assert_eq!(clean("a b\tc\"d\ne\u{7f}"), "a_b_c_d_e_");
+        assert_eq!(clean("modèle\u{2028}x"), "modèle_x");
+        assert_eq!(clean(&"x".repeat(200)).len(), 128);
+        assert_eq!(clean(&"é".repeat(200)).chars().count(), 128);
+    }
 
     #[test]
     fn status_labels_are_three_digits() {
