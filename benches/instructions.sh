@@ -77,8 +77,13 @@ phase() {
   for _ in $(seq 100); do curl -s -o /dev/null "$url" && break; sleep 0.3; done
   local post=(-m POST -H "Authorization: Bearer $key" -T application/json -D "$body")
   hey -n "$WARMUP" -c "$c" "${post[@]}" "$url" >/dev/null
+  # Usage rows are written a second at a time (store.flush_interval): wait out a flush
+  # on both sides, so the counts hold the writing of exactly the measured requests' rows
+  # (without it, how many rows fell inside the window moved the total by up to 8k).
+  sleep 1.5
   callgrind_control -z "$pid" >/dev/null 2>&1
   hey -n "$n" -c "$c" "${post[@]}" "$url" > "$work/hey-$name.txt"
+  sleep 1.5
   callgrind_control -d "$pid" >/dev/null 2>&1
   sleep 1
   if ! grep -q "\[200\].*$n responses" "$work/hey-$name.txt"; then
