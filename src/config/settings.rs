@@ -46,12 +46,6 @@ impl From<&file::ServerSection> for Server {
     }
 }
 
-impl Default for Server {
-    fn default() -> Self {
-        Server::from(&file::ServerSection::default())
-    }
-}
-
 /// `store`: the database and how usage reaches it.
 #[derive(Debug, Clone)]
 pub struct Storage {
@@ -137,12 +131,6 @@ impl From<&file::ClusterSection> for Cluster {
             slot_ttl: s.slot_ttl.0,
             leases: s.leases,
         }
-    }
-}
-
-impl Default for Cluster {
-    fn default() -> Self {
-        Cluster::from(&file::ClusterSection::default())
     }
 }
 

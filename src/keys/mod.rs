@@ -203,14 +203,53 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())
 }
 
+/// What keys and teams both keep in JSON columns: models, limits, budget, metadata.
+type Grants = (
+    Option<Vec<String>>,
+    Limits,
+    Option<BudgetSpec>,
+    serde_json::Value,
+);
+
+/// The shared JSON columns of a row (`models`, `limits`, `budget`, `metadata`), read.
+fn read_grants(columns: [Option<&str>; 4]) -> Result<Grants, StoreError> {
+    let [models, limits, budget, metadata] = columns;
+    Ok((
+        json_col("models", models)?,
+        json_col("limits", limits)?.unwrap_or_default(),
+        budget.and_then(budget_from_db),
+        json_col("metadata", metadata)?.unwrap_or(serde_json::Value::Null),
+    ))
+}
+
+/// The shared JSON columns, written in the order [`read_grants`] reads them.
+fn write_grants(
+    models: &Option<Vec<String>>,
+    limits: &Limits,
+    budget: &Option<BudgetSpec>,
+    metadata: &serde_json::Value,
+) -> [Option<String>; 4] {
+    [
+        models.as_ref().map(to_json),
+        Some(to_json(limits)),
+        budget.as_ref().map(budget_to_db),
+        Some(to_json(metadata)),
+    ]
+}
+
 impl KeyRecord {
     fn from_row(r: KeyRow) -> Result<KeyRecord, StoreError> {
+        let (models, limits, budget, metadata) = read_grants([
+            r.models.as_deref(),
+            r.limits.as_deref(),
+            r.budget.as_deref(),
+            r.metadata.as_deref(),
+        ])?;
         Ok(KeyRecord {
-            models: json_col("models", r.models.as_deref())?,
-            limits: json_col("limits", r.limits.as_deref())?.unwrap_or_default(),
-            budget: r.budget.as_deref().and_then(budget_from_db),
-            metadata: json_col("metadata", r.metadata.as_deref())?
-                .unwrap_or(serde_json::Value::Null),
+            models,
+            limits,
+            budget,
+            metadata,
             id: r.id,
             name: r.name,
             team_id: r.team_id,
@@ -228,6 +267,8 @@ impl KeyRecord {
     }
 
     fn row(&self) -> KeyRow {
+        let [models, limits, budget, metadata] =
+            write_grants(&self.models, &self.limits, &self.budget, &self.metadata);
         KeyRow {
             id: self.id.clone(),
             name: self.name.clone(),
@@ -236,11 +277,11 @@ impl KeyRecord {
             prefix: self.prefix.clone(),
             old_digest: self.old_digest.clone(),
             old_valid_until: self.old_valid_until,
-            models: self.models.as_ref().map(to_json),
-            limits: Some(to_json(&self.limits)),
-            budget: self.budget.as_ref().map(budget_to_db),
+            models,
+            limits,
+            budget,
             expires_at: self.expires_at,
-            metadata: Some(to_json(&self.metadata)),
+            metadata,
             blocked: self.blocked,
             created_at: self.created_at,
             updated_at: self.updated_at,
@@ -252,12 +293,17 @@ impl KeyRecord {
 
 impl TeamRecord {
     fn from_row(r: TeamRow) -> Result<TeamRecord, StoreError> {
+        let (models, limits, budget, metadata) = read_grants([
+            r.models.as_deref(),
+            r.limits.as_deref(),
+            r.budget.as_deref(),
+            r.metadata.as_deref(),
+        ])?;
         Ok(TeamRecord {
-            models: json_col("models", r.models.as_deref())?,
-            limits: json_col("limits", r.limits.as_deref())?.unwrap_or_default(),
-            budget: r.budget.as_deref().and_then(budget_from_db),
-            metadata: json_col("metadata", r.metadata.as_deref())?
-                .unwrap_or(serde_json::Value::Null),
+            models,
+            limits,
+            budget,
+            metadata,
             id: r.id,
             name: r.name,
             created_at: r.created_at,
@@ -268,13 +314,15 @@ impl TeamRecord {
     }
 
     fn row(&self) -> TeamRow {
+        let [models, limits, budget, metadata] =
+            write_grants(&self.models, &self.limits, &self.budget, &self.metadata);
         TeamRow {
             id: self.id.clone(),
             name: self.name.clone(),
-            models: self.models.as_ref().map(to_json),
-            limits: Some(to_json(&self.limits)),
-            budget: self.budget.as_ref().map(budget_to_db),
-            metadata: Some(to_json(&self.metadata)),
+            models,
+            limits,
+            budget,
+            metadata,
             created_at: self.created_at,
             updated_at: self.updated_at,
             spend_reset_at: self.spend_reset_at,

@@ -65,14 +65,8 @@ impl KeyHeaders {
     }
 }
 
-/// Durations the way OpenAI writes them in `x-ratelimit-reset-*`: `120ms`, `17s`, `6m0s`, `1h2m3s`.
-pub fn openai_duration(d: Duration) -> String {
-    let mut out = String::new();
-    push_openai_duration(&mut out, d);
-    out
-}
-
-/// [`openai_duration`], appended to `out`.
+/// Appends a duration the way OpenAI writes it in `x-ratelimit-reset-*`: `120ms`, `17s`,
+/// `6m0s`, `1h2m3s`.
 pub fn push_openai_duration(out: &mut String, d: Duration) {
     let ms = d.as_millis() as u64;
     if ms < 1000 {
@@ -97,6 +91,12 @@ pub fn push_openai_duration(out: &mut String, d: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn openai_duration(d: Duration) -> String {
+        let mut out = String::new();
+        push_openai_duration(&mut out, d);
+        out
+    }
 
     #[test]
     fn durations_are_written_like_openai() {

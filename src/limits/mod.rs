@@ -17,7 +17,7 @@ mod shared;
 
 pub use backend::CounterBackend;
 pub use client_ip::{client_ip, Cidr};
-pub use headers::{openai_duration, KeyHeaders, Room};
+pub use headers::{KeyHeaders, Room};
 pub use local::LocalCounters;
 pub use shared::{OnRedisError, RedisCounters, SharedOptions};
 

@@ -125,13 +125,6 @@ impl Record {
     }
 }
 
-impl Default for Record {
-    /// A request that starts now on the system's clock.
-    fn default() -> Self {
-        Record::at(SystemClock.now_ms())
-    }
-}
-
 /// Records a finished request: metrics, then the access log.
 pub fn finish(r: &Record, config: &Config) {
     record_metrics(r, config);

@@ -230,7 +230,8 @@ impl Gateway {
             idle_timeout: upstream.idle_timeout,
             usage_added,
             translation: translation.map(|t| (t, include_usage)),
-            created: (self.clock.now_ms() / 1000).max(0) as u64,
+            // Only a translated answer says when it was made.
+            created: translation.map_or(0, |_| (self.clock.now_ms() / 1000).max(0) as u64),
         };
         // `in_flight` holds the server's in-flight count until the answer is relayed.
         let result = relay::relay(session, &self.connections, answer, &stamp, &mut relayed).await;

@@ -249,8 +249,8 @@ pub struct Answer {
     /// The route's price: a whole (not streamed) answer it prices gets its cost in
     /// `x-tollgate-cost-usd`.
     pub price: Option<pricing::Price>,
-    /// When the answer arrived, in seconds since the Unix epoch: a translated answer's
-    /// `created`.
+    /// When a translated answer arrived, in seconds since the Unix epoch: its `created`
+    /// (0 for an answer passed through, which keeps its own).
     pub created: u64,
 }
 
