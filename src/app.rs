@@ -209,26 +209,28 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
         Some(shared) => Arc::clone(shared) as Arc<dyn Cooldowns>,
         None => Arc::new(LocalCooldowns),
     };
+    let gateway = Gateway::new(
+        Arc::clone(&config),
+        Shared {
+            connections: Arc::clone(&connections),
+            counters: Arc::clone(&counters),
+            keys: Arc::clone(&directory),
+            usage: Arc::clone(&usage),
+            alerts,
+            cache: Arc::clone(&cache),
+            cooldowns: cooldowns.clone(),
+            tracer: tracer.clone(),
+            clock: Arc::clone(&directory.clock),
+        },
+    );
     let mut proxy = Service::new(
         "tollgate proxy".to_string(),
         ClientListener {
             proxy: Arc::new(pingora_proxy::http_proxy(
                 &server.configuration,
-                Gateway::new(
-                    Arc::clone(&config),
-                    Shared {
-                        connections: Arc::clone(&connections),
-                        counters: Arc::clone(&counters),
-                        keys: Arc::clone(&directory),
-                        usage: Arc::clone(&usage),
-                        alerts,
-                        cache: Arc::clone(&cache),
-                        cooldowns: cooldowns.clone(),
-                        tracer: tracer.clone(),
-                        clock: Arc::clone(&directory.clock),
-                    },
-                ),
+                gateway.clone(),
             )),
+            server: Arc::new(gateway),
             config: Arc::clone(&config),
             counts: Arc::new(ConnectionCounts::default()),
             default_max,

@@ -12,6 +12,7 @@ mod context;
 mod dispatch;
 mod intake;
 mod pipeline;
+mod serve;
 
 pub use context::RequestCtx;
 
@@ -37,7 +38,9 @@ use pingora_core::{Error, ErrorType};
 use pingora_proxy::{ProxyHttp, Session};
 use std::sync::Arc;
 
-/// The gateway service: the live config and the state every request shares.
+/// The gateway service: the live config and the state every request shares (a clone
+/// shares all of it).
+#[derive(Clone)]
 pub struct Gateway {
     pub config: Arc<ArcSwap<Config>>,
     connections: Arc<Connections>,
@@ -127,6 +130,37 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora_core::Result<bool> {
+        self.answer(session, ctx).await.map(|()| true)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> pingora_core::Result<Box<HttpPeer>> {
+        // Every request is answered in request_filter; reaching Pingora's own proxy path
+        // would be a bug, and it must not silently proxy somewhere.
+        Error::e_explain(ErrorType::InternalError, "no native proxy path")
+    }
+
+    async fn logging(
+        &self,
+        session: &mut Session,
+        e: Option<&pingora_core::Error>,
+        ctx: &mut RequestCtx,
+    ) {
+        self.record(session, e, ctx);
+    }
+}
+
+impl Gateway {
+    /// Answers a request (the LLM endpoints, the few others, or an error); `Err` when the
+    /// request ends without a whole answer (the client left, or the answer broke off).
+    async fn answer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora_core::Result<()> {
         let config = self.config.load_full();
         ctx.begin(session, Arc::clone(&config));
         if let Some(t) = &self.tracer {
@@ -136,7 +170,7 @@ impl ProxyHttp for Gateway {
             ctx.record.trace = Some(Box::new(Traced::new(trace)));
         }
         match self.dispatch(session, ctx, &config).await {
-            Ok(()) => Ok(true),
+            Ok(()) => Ok(()),
             Err(Outcome::Refused(e)) => {
                 ctx.record.status = e.status();
                 ctx.record.error = Some(Failure::Refused(e.kind()));
@@ -156,28 +190,14 @@ impl ProxyHttp for Gateway {
                 if ctx.body_unread && !matches!(e, GatewayError::RequestTimeout { .. }) {
                     intake::linger(session).await;
                 }
-                Ok(true)
+                Ok(())
             }
             Err(Outcome::Aborted(e)) => Err(e),
         }
     }
 
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        _ctx: &mut RequestCtx,
-    ) -> pingora_core::Result<Box<HttpPeer>> {
-        // Every request is answered in request_filter; reaching Pingora's own proxy path
-        // would be a bug, and it must not silently proxy somewhere.
-        Error::e_explain(ErrorType::InternalError, "no native proxy path")
-    }
-
-    async fn logging(
-        &self,
-        session: &mut Session,
-        e: Option<&pingora_core::Error>,
-        ctx: &mut RequestCtx,
-    ) {
+    /// Records a finished request: the access log, metrics, its spans and its usage row.
+    fn record(&self, session: &Session, e: Option<&pingora_core::Error>, ctx: &mut RequestCtx) {
         if ctx.record.status == 0 {
             ctx.record.status = session.response_written().map_or(0, |r| r.status.as_u16());
         }
