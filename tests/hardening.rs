@@ -580,3 +580,57 @@ fn the_open_file_limit_is_raised_to_the_hard_limit_at_start() {
     let soft: u64 = numbers[0].parse().unwrap_or(u64::MAX);
     assert_eq!(soft, hard.min(1 << 20), "{files}");
 }
+
+/// A request header that is not HTTP gets 400 and a CONNECT 405, each closing its
+/// connection; neither reaches the upstream, and the next client is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_request_line_gets_400_and_connect_gets_405() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let gw = Gateway::start(&single(&up.url()));
+    for (head, status) in [
+        (&b"this is not http\r\n\r\n"[..], 400),
+        (
+            &b"CONNECT api.openai.com:443 HTTP/1.1\r\nhost: api.openai.com:443\r\n\r\n"[..],
+            405,
+        ),
+    ] {
+        let mut s = TcpStream::connect(&gw.addr).await.unwrap();
+        s.write_all(head).await.unwrap();
+        let got = read_until_closed(&mut s, Duration::from_secs(5)).await;
+        assert_eq!(
+            responses(&got),
+            [status],
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    assert_eq!(up.hits(), 0);
+    assert_eq!(chat_status(&client(), &gw, "m").await, 200);
+    assert_eq!(up.hits(), 1);
+}
+
+/// When the server starts shutting down (SIGTERM), a keep-alive connection waiting for
+/// its next request is closed at once, not at the end of the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_idle_keep_alive_connections_at_once() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "server:\n  listen: [\"127.0.0.1:0\"]\n  admin_listen: \"127.0.0.1:0\"\n  threads: 1\n  grace_period: 30s\n  pid_file: {d}/tollgate.pid\n  upgrade_sock: {d}/upgrade.sock\n{}",
+        single(&up.url()),
+        d = dir.path().display()
+    );
+    let gw = Gateway::start(&text);
+    let mut s = TcpStream::connect(&gw.addr).await.unwrap();
+    health_on(&mut s).await;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &gw.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(closed_within(&mut s, Duration::from_secs(5)).await);
+    assert!(
+        std::path::Path::new(&format!("/proc/{}", gw.pid())).exists(),
+        "the gateway is still in its grace period"
+    );
+}
