@@ -191,7 +191,7 @@ if [ "${ONLY:-}" = translation ]; then
 
 Translating a streamed answer costs $(python3 -c "print(round(($tr_stream-$tr_direct_stream)/max($events,1)))") instructions per client event more than passing it through ($events events per stream).
 TABLE
-  [ -n "${KEEP:-}" ] && cp "$work"/cg-translated.out* "$KEEP"/ 2>/dev/null
+  [ -n "${KEEP:-}" ] && mkdir -p "$KEEP" && cp "$work"/cg-translated.out* "$KEEP"/ 2>/dev/null
   exit 0
 fi
 valgrind --tool=callgrind --callgrind-out-file="$work/cg-nginx.out" \
@@ -223,4 +223,4 @@ TABLE
 )
 echo "$table"
 if [ -n "$OUT" ]; then echo "$table" > "$OUT"; fi
-if [ -n "${KEEP:-}" ]; then cp "$work"/cg-*.out* "$KEEP"/ 2>/dev/null || true; fi
+if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP"; cp "$work"/cg-*.out* "$KEEP"/ 2>/dev/null || true; fi

@@ -120,7 +120,9 @@ impl Gateway {
             let model = (alias.name.as_str(), &alias.limits);
             let admitted = limits::admit_model(&mut ctx.admission, &who, model, 0, &[]).await;
             admitted.map_err(|r| refused(ctx, r))?;
-            return self.answer_hit(session, ctx, entry).await;
+            // Boxed, as the other rare paths below: a future's size is that of its largest
+            // state, and every request (an idle stream too) holds the whole of it.
+            return Box::pin(self.answer_hit(session, ctx, entry)).await;
         }
         // Counting tokens generates nothing and costs nothing: no budget is reserved.
         let free = suffix == COUNT_TOKENS;
@@ -173,7 +175,7 @@ impl Gateway {
             )));
         };
         if free && matches!(result, Err(GatewayError::NoRouteForEndpoint { .. })) {
-            return estimated_count(session, ctx, body.len()).await;
+            return Box::pin(estimated_count(session, ctx, body.len())).await;
         }
         let winner = result?;
         let stream = (facts.stream, facts.include_usage);

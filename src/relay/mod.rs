@@ -313,7 +313,9 @@ pub async fn relay(
     relayed: &mut Relayed,
 ) -> pingora_core::Result<()> {
     if let Some((t, include_usage)) = answer.translation {
-        return translated::relay(
+        // Boxed: the translator's state would otherwise make every relay, and so every
+        // request held open, as large as a translated one.
+        return Box::pin(translated::relay(
             session,
             connections,
             answer,
@@ -321,7 +323,7 @@ pub async fn relay(
             include_usage,
             stamp,
             relayed,
-        )
+        ))
         .await;
     }
     let Answer {
