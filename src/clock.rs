@@ -70,10 +70,15 @@ pub fn rfc3339(ms: i64) -> String {
 /// instructions a call.
 pub fn day(ms: i64) -> String {
     let mut s = String::with_capacity(10);
-    if in_range(ms) {
-        push_date(&mut s, ms.div_euclid(DAY_MS));
-    }
+    push_day(&mut s, ms);
     s
+}
+
+/// [`day`], appended to `out`.
+pub fn push_day(out: &mut String, ms: i64) {
+    if in_range(ms) {
+        push_date(out, ms.div_euclid(DAY_MS));
+    }
 }
 
 /// `2026-12-02T17:06:45.123Z`, a millisecond timestamp as the access log writes it

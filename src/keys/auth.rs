@@ -43,7 +43,7 @@ impl Directory {
 /// The configured client keys, stored only as digests.
 #[derive(Default)]
 pub struct KeyRing {
-    by_digest: HashMap<[u8; 32], Arc<KeyInfo>>,
+    by_digest: HashMap<[u8; 32], Arc<KeyInfo>, foldhash::fast::RandomState>,
 }
 
 /// What the gateway knows about a config-file key.

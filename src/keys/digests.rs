@@ -19,7 +19,9 @@ use std::sync::RwLock;
 pub const MAX_ENTRIES: usize = 65_536;
 
 pub struct Digests {
-    seen: RwLock<HashMap<u128, [u8; 32]>>,
+    /// Tags are already uniform: a light hasher for the map (foldhash), the keyed ones
+    /// below for the tags.
+    seen: RwLock<HashMap<u128, [u8; 32], foldhash::fast::RandomState>>,
     first: RandomState,
     second: RandomState,
 }
@@ -27,7 +29,7 @@ pub struct Digests {
 impl Default for Digests {
     fn default() -> Self {
         Digests {
-            seen: RwLock::new(HashMap::new()),
+            seen: RwLock::new(HashMap::default()),
             first: RandomState::new(),
             second: RandomState::new(),
         }

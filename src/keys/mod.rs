@@ -90,7 +90,7 @@ struct Entry {
 /// What the request path reads: every stored key by digest, every team.
 #[derive(Default)]
 pub struct Snapshot {
-    by_digest: HashMap<[u8; 32], Entry>,
+    by_digest: HashMap<[u8; 32], Entry, foldhash::fast::RandomState>,
     pub keys: BTreeMap<String, Arc<StoredKey>>,
     pub teams: BTreeMap<String, Arc<StoredTeam>>,
 }

@@ -66,10 +66,14 @@ impl Route {
 }
 
 /// Pairs made so far, and each model's upstreams.
-type Table = (usize, HashMap<Box<str>, HashMap<Box<str>, Rc<Route>>>);
+type Fast = foldhash::fast::RandomState;
+type Table = (
+    usize,
+    HashMap<Box<str>, HashMap<Box<str>, Rc<Route>, Fast>, Fast>,
+);
 
 thread_local! {
-    static ROUTES: RefCell<Table> = RefCell::new((0, HashMap::new()));
+    static ROUTES: RefCell<Table> = RefCell::new((0, HashMap::default()));
 }
 
 /// The metrics of `model` (its label) served by `upstream`.

@@ -129,6 +129,12 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
 /// The database. Connections are made lazily on the store's own runtime, which is
 /// started on first use: after Pingora has forked into the background (`-d`), since a
 /// fork keeps no thread. Start-up work (migrations, loading keys) goes through
@@ -341,6 +347,14 @@ impl Store {
                 Ok((pool, rt))
             })
             .clone()
+    }
+
+    /// The SQLite file, when the store is one.
+    pub fn sqlite_file(&self) -> Option<std::path::PathBuf> {
+        match location(&self.url) {
+            Ok(Location::Sqlite(path)) => Some(path),
+            _ => None,
+        }
     }
 
     /// `tollgate -t`: the store is reachable and its schema version is known, without

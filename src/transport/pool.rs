@@ -86,7 +86,7 @@ impl Idle {
 #[derive(Default)]
 struct Lists {
     /// Per target (Pingora's peer reuse hash), oldest first.
-    by_target: HashMap<u64, Vec<Idle>>,
+    by_target: HashMap<u64, Vec<Idle>, foldhash::fast::RandomState>,
     total: usize,
 }
 
