@@ -169,7 +169,7 @@ fn aliases_in_order(
             .iter()
             .any(|t| t.routes.iter().any(|r| route_serves(r, plan.out.suffix)))
     };
-    let mut queue: VecDeque<Arc<Alias>> = VecDeque::new();
+    let mut queue: VecDeque<Arc<Alias>> = VecDeque::with_capacity(1 + alias.fallbacks.len());
     queue.push_back(Arc::clone(alias));
     queue.extend(
         alias

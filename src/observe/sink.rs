@@ -26,6 +26,9 @@ struct Held {
 
 struct Shared {
     held: Mutex<Held>,
+    /// The buffer written last, emptied, for the next batch to fill: a buffer keeps the
+    /// capacity a busy second grew it to instead of growing again from 64 KiB.
+    spare: Mutex<Vec<u8>>,
     wake: Condvar,
     /// The file or stderr. Locked after `held`, never before.
     out: Mutex<Box<dyn Write + Send>>,
@@ -45,6 +48,7 @@ impl LogSink {
                 bytes: Vec::with_capacity(WAKE_AT),
                 buffered: false,
             }),
+            spare: Mutex::new(Vec::with_capacity(WAKE_AT)),
             wake: Condvar::new(),
             out: Mutex::new(out),
         });
@@ -90,12 +94,16 @@ impl Shared {
         if held.bytes.is_empty() {
             return;
         }
-        let bytes = std::mem::replace(&mut held.bytes, Vec::with_capacity(WAKE_AT));
+        let spare = std::mem::take(&mut *lock(&self.spare));
+        let mut bytes = std::mem::replace(&mut held.bytes, spare);
         let mut out = lock(&self.out);
         drop(held);
         // Nowhere to report a failed log write; the next batch tries again.
         let _ = out.write_all(&bytes);
         let _ = out.flush();
+        drop(out);
+        bytes.clear();
+        *lock(&self.spare) = bytes;
     }
 
     /// The writer thread: a batch every `interval`, or sooner when woken, until told to
@@ -188,6 +196,7 @@ mod tests {
                 bytes: Vec::new(),
                 buffered,
             }),
+            spare: Mutex::new(Vec::new()),
             wake: Condvar::new(),
             out: Mutex::new(Box::new(rec.clone())),
         });

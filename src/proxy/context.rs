@@ -85,8 +85,10 @@ impl RequestCtx {
                 .get(crate::transport::headers::X_FORWARDED_FOR)
                 .and_then(|v| v.to_str().ok());
             let ip = limits::client_ip(peer, xff, &config.trusted_proxies);
-            r.client_ip.clear();
-            crate::transport::headers::push_ip(&mut r.client_ip, ip);
+            // Sized for the longest IPv6 text: no regrowth.
+            let mut text = String::with_capacity(39);
+            crate::transport::headers::push_ip(&mut text, ip);
+            r.client_ip = text;
         }
         self.body_unread = !session.is_body_empty();
         // Pingora turns keep-alive off when the request says so, and when it carries both
