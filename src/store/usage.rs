@@ -263,6 +263,19 @@ fn statement(rows: usize, dialect: Dialect) -> &'static str {
     sql[rows - 1].get_or_init(|| insert_sql(rows, dialect))
 }
 
+/// SQLite's writer's INSERT of `rows` rows: `OR ROLLBACK`, so that SQLite keeps no
+/// statement journal. With a plain INSERT in a transaction of several statements, SQLite
+/// journals every page a statement touches so as to undo that statement alone; past
+/// 64 KiB the journal went to a temporary file, two `pwrite`s a row. Here any failure
+/// ends the whole flush anyway: the transaction is rolled back and the rows queued again.
+fn rollback_statement(rows: usize) -> &'static str {
+    static SQL: [std::sync::OnceLock<String>; BATCH] =
+        [const { std::sync::OnceLock::new() }; BATCH];
+    SQL[rows - 1].get_or_init(|| {
+        insert_sql(rows, Dialect::Sqlite).replacen("INSERT INTO", "INSERT OR ROLLBACK INTO", 1)
+    })
+}
+
 async fn insert(pool: &sqlx::AnyPool, rows: &[UsageRow]) -> Result<(), StoreError> {
     let dialect = Dialect::of(pool);
     let mut tx = pool.begin().await?;
@@ -308,7 +321,7 @@ fn write_rows(c: &rusqlite::Connection, rows: &[UsageRow]) -> Result<(), rusqlit
     let tx = c.unchecked_transaction()?;
     let mut day = String::with_capacity(10);
     for chunk in rows.chunks(BATCH) {
-        let mut insert = tx.prepare_cached(statement(chunk.len(), Dialect::Sqlite))?;
+        let mut insert = tx.prepare_cached(rollback_statement(chunk.len()))?;
         let mut at = 0;
         let mut bind = |v: &dyn rusqlite::ToSql| {
             at += 1;
