@@ -101,7 +101,8 @@ pub fn push_rfc3339_millis(out: &mut String, ms: i64) {
     out.push('Z');
 }
 
-const DAY_MS: i64 = 86_400_000;
+/// Milliseconds in a day.
+pub const DAY_MS: i64 = 86_400_000;
 
 /// Years 0 to 9999: what four digits hold.
 fn in_range(ms: i64) -> bool {

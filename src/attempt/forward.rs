@@ -12,7 +12,6 @@ use crate::upstream::{Server, Upstream};
 use bytes::Bytes;
 use pingora_core::upstreams::peer::Peer;
 use pingora_http::RequestHeader;
-use std::io::Write;
 use std::time::Duration;
 
 /// Client headers that never reach an upstream, besides hop-by-hop ones: the client's
@@ -183,8 +182,11 @@ pub fn request_head(
     if anthropic {
         w.extend_from_slice(&out.anthropic_fields);
     }
-    // Writing into a Vec cannot fail.
-    let _ = write!(w, "content-length: {body_len}\r\n");
+    push_field(
+        &mut w,
+        b"content-length",
+        itoa::Buffer::new().format(body_len).as_bytes(),
+    );
     push_field(&mut w, b"x-request-id", out.request_id.as_bytes());
     push_field(&mut w, b"x-forwarded-for", out.forwarded_for.as_bytes());
     if let Some(tp) = wire.traceparent {

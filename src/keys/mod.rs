@@ -353,7 +353,13 @@ pub struct Loaded {
 
 /// Budget owner names: `key:ID`, `team:ID`, `config:NAME`.
 pub fn owner_id(scope: &str, id: &str) -> String {
-    format!("{scope}:{id}")
+    // By hand: a config key's id is made for each of its requests, and `format!` cost
+    // 700 instructions.
+    let mut s = String::with_capacity(scope.len() + 1 + id.len());
+    s.push_str(scope);
+    s.push(':');
+    s.push_str(id);
+    s
 }
 
 /// Reads every key and team, and sums the current period's spend of the budgets in

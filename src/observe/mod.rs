@@ -133,7 +133,9 @@ pub fn finish(r: &Record, config: &Config) {
             LogFormat::Text => text_line(r),
             LogFormat::Json => json_line(r),
         };
-        log::info!(target: "tollgate::access", "{line}");
+        if !sink::access_line(&line) {
+            log::info!(target: "tollgate::access", "{line}");
+        }
     }
 }
 
@@ -475,6 +477,7 @@ pub fn init_logging(file: Option<&str>) -> std::io::Result<()> {
     if let Some(sink) = sink::LogSink::new(out) {
         b.target(env_logger::Target::Pipe(Box::new(sink)));
         if b.try_init().is_ok() {
+            sink::activate();
             // A panic's own message goes to stderr directly; the lines before it should
             // not wait in memory.
             let previous = std::panic::take_hook();

@@ -59,26 +59,7 @@ impl LogSink {
 
 impl Write for LogSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut held = lock(&self.0.held);
-        if !held.buffered {
-            // Held bytes go first: lines stay in order.
-            let earlier = std::mem::take(&mut held.bytes);
-            let mut out = lock(&self.0.out);
-            drop(held);
-            out.write_all(&earlier)?;
-            out.write_all(buf)?;
-            return Ok(buf.len());
-        }
-        held.bytes.extend_from_slice(buf);
-        let len = held.bytes.len();
-        if len >= MAX_HELD {
-            let full = std::mem::take(&mut held.bytes);
-            let mut out = lock(&self.0.out);
-            drop(held);
-            out.write_all(&full)?;
-        } else if len >= WAKE_AT {
-            self.0.wake.notify_one();
-        }
+        self.0.append(&[buf])?;
         Ok(buf.len())
     }
 
@@ -89,6 +70,36 @@ impl Write for LogSink {
 }
 
 impl Shared {
+    /// Adds `parts` (one line) to what is held, or writes them out when lines are not
+    /// held.
+    fn append(&self, parts: &[&[u8]]) -> std::io::Result<()> {
+        let mut held = lock(&self.held);
+        if !held.buffered {
+            // Held bytes go first: lines stay in order.
+            let earlier = std::mem::take(&mut held.bytes);
+            let mut out = lock(&self.out);
+            drop(held);
+            out.write_all(&earlier)?;
+            for part in parts {
+                out.write_all(part)?;
+            }
+            return Ok(());
+        }
+        for part in parts {
+            held.bytes.extend_from_slice(part);
+        }
+        let len = held.bytes.len();
+        if len >= MAX_HELD {
+            let full = std::mem::take(&mut held.bytes);
+            let mut out = lock(&self.out);
+            drop(held);
+            out.write_all(&full)?;
+        } else if len >= WAKE_AT {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
     /// Writes out whatever is held.
     fn write_held(&self, mut held: std::sync::MutexGuard<'_, Held>) {
         if held.bytes.is_empty() {
@@ -123,6 +134,27 @@ impl Shared {
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Whether the sink is the process's logger's output (set once the logger is installed).
+static ACTIVE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Marks the sink as the installed logger's output.
+pub fn activate() {
+    ACTIVE.store(true, std::sync::atomic::Ordering::Release);
+}
+
+/// Adds an access-log line (without its line break) straight to the sink, as the logger
+/// would write it, without the logger's formatting machinery. False when the sink is not
+/// the installed logger's output: the caller logs the line through `log` then.
+pub fn access_line(line: &str) -> bool {
+    if !ACTIVE.load(std::sync::atomic::Ordering::Acquire) {
+        return false;
+    }
+    let Some(s) = SINK.get() else { return false };
+    // Nowhere to report a failed log write, as for every other line.
+    let _ = s.append(&[line.as_bytes(), b"\n"]);
+    true
 }
 
 /// Writes out every held line now (at exit, and from the panic hook).

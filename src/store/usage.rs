@@ -320,6 +320,7 @@ fn insert_sqlite(
 fn write_rows(c: &rusqlite::Connection, rows: &[UsageRow]) -> Result<(), rusqlite::Error> {
     let tx = c.unchecked_transaction()?;
     let mut day = String::with_capacity(10);
+    let mut day_of = i64::MIN;
     for chunk in rows.chunks(BATCH) {
         let mut insert = tx.prepare_cached(rollback_statement(chunk.len()))?;
         let mut at = 0;
@@ -328,8 +329,13 @@ fn write_rows(c: &rusqlite::Connection, rows: &[UsageRow]) -> Result<(), rusqlit
             insert.raw_bind_parameter(at, v)
         };
         for r in chunk {
-            day.clear();
-            crate::clock::push_day(&mut day, r.ts);
+            // Rows of a flush are nearly all of one day: its text is written once.
+            let this_day = r.ts.div_euclid(crate::clock::DAY_MS);
+            if this_day != day_of {
+                day.clear();
+                crate::clock::push_day(&mut day, r.ts);
+                day_of = this_day;
+            }
             bind(&r.request_id)?;
             bind(&r.ts)?;
             bind(&day)?;
@@ -513,6 +519,8 @@ mod tests {
             r.cache = Some("miss");
             r.translation = Some("openai->anthropic");
         }
+        // Ten rows a day, so that a flush spans days.
+        r.ts += (i as i64 / 10) * crate::clock::DAY_MS;
         r.stream = i % 3 == 0;
         r.priced = i % 5 != 0;
         r.key_name = "quote ' and \u{e9}".into();
