@@ -297,6 +297,9 @@ fn clamp(left: u64) -> usize {
     usize::try_from(left).unwrap_or(usize::MAX)
 }
 
+/// Fields the gateway may add to an upstream's response header (see `relay`).
+const ADDED_FIELDS: usize = 12;
+
 /// Parses a complete response header at the start of `buf`: the head and its length.
 /// The third value says whether the connection may carry another exchange afterwards.
 fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize, bool)>, Error> {
@@ -319,7 +322,9 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize, bool)>, Error> {
         .ok_or(Error::Malformed("invalid status code"))?;
     // One copy of the header block; every value is a slice of it, not an allocation.
     let block = Bytes::copy_from_slice(&buf[..len]);
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    // Room for the fields the gateway adds before the map goes to the client (request id,
+    // target, attempts, cost, rate limits, framing): adding them then rehashes nothing.
+    let mut headers = HeaderMap::with_capacity(resp.headers.len() + ADDED_FIELDS);
     for f in resp.headers.iter() {
         let name = HeaderName::from_bytes(f.name.as_bytes())
             .map_err(|_| Error::Malformed("invalid header name"))?;
