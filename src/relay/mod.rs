@@ -119,7 +119,13 @@ pub fn downstream_header(up: Head, http1_client: bool, stamp: &Stamp) -> Respons
     };
     set(X_REQUEST_ID, stamp.request_id);
     set(X_TOLLGATE_UPSTREAM, stamp.target);
-    headers.insert(X_TOLLGATE_ATTEMPTS, HeaderValue::from(stamp.attempts));
+    // Nearly always one digit: a static value, not an allocation.
+    const DIGITS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    let attempts = DIGITS.get(stamp.attempts).map_or_else(
+        || HeaderValue::from(stamp.attempts),
+        |d| HeaderValue::from_static(d),
+    );
+    headers.insert(X_TOLLGATE_ATTEMPTS, attempts);
     for (name, value) in stamp.headers {
         headers.insert(name.clone(), value.clone());
     }

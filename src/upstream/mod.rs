@@ -457,6 +457,10 @@ impl Upstream {
                 .get(index_of(b))
                 .is_some_and(|s| s.backup == backup && usable(s) && s.has_room() && accept(s))
         };
+        // One server (most upstreams): picked when eligible, whatever the balancer.
+        if let [only] = self.servers.as_slice() {
+            return (usable(only) && only.has_room() && accept(only)).then_some(only);
+        }
         // Round robin's fallback order is pseudo-random; enough steps to visit every
         // server with near certainty.
         let steps = 16 + self.servers.len() * 8;
@@ -607,6 +611,23 @@ mod tests {
             crate::upstream::health::Reason::Quota,
         );
         assert_eq!(count(&u, 10), vec![0, 10]);
+    }
+
+    #[test]
+    fn a_lone_server_is_picked_as_a_balancer_would_pick_it() {
+        use crate::upstream::health::Reason::{Quota, Transient};
+        for balance in [Balance::Weighted, Balance::LeastConn, Balance::Latency] {
+            for backup in [false, true] {
+                let u = upstream(balance, &[(1, backup)]);
+                assert_eq!(u.pick(|_| true).unwrap().name, "s0");
+                assert!(u.pick(|_| false).is_none());
+                let health = &u.servers[0].state.health;
+                health.cool(now_ms(), Duration::from_secs(60), Transient);
+                assert!(u.pick(|_| true).is_none() && u.pick_with(true, |_| true).is_some());
+                health.cool(now_ms(), Duration::from_secs(120), Quota);
+                assert!(u.pick_with(true, |_| true).is_none(), "out of quota");
+            }
+        }
     }
 
     #[test]
