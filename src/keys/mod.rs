@@ -212,8 +212,8 @@ type Grants = (
 );
 
 /// The shared JSON columns of a row (`models`, `limits`, `budget`, `metadata`), read.
-fn read_grants(columns: [Option<&str>; 4]) -> Result<Grants, StoreError> {
-    let [models, limits, budget, metadata] = columns;
+fn read_grants(columns: [&Option<String>; 4]) -> Result<Grants, StoreError> {
+    let [models, limits, budget, metadata] = columns.map(Option::as_deref);
     Ok((
         json_col("models", models)?,
         json_col("limits", limits)?.unwrap_or_default(),
@@ -239,12 +239,8 @@ fn write_grants(
 
 impl KeyRecord {
     fn from_row(r: KeyRow) -> Result<KeyRecord, StoreError> {
-        let (models, limits, budget, metadata) = read_grants([
-            r.models.as_deref(),
-            r.limits.as_deref(),
-            r.budget.as_deref(),
-            r.metadata.as_deref(),
-        ])?;
+        let (models, limits, budget, metadata) =
+            read_grants([&r.models, &r.limits, &r.budget, &r.metadata])?;
         Ok(KeyRecord {
             models,
             limits,
@@ -293,12 +289,8 @@ impl KeyRecord {
 
 impl TeamRecord {
     fn from_row(r: TeamRow) -> Result<TeamRecord, StoreError> {
-        let (models, limits, budget, metadata) = read_grants([
-            r.models.as_deref(),
-            r.limits.as_deref(),
-            r.budget.as_deref(),
-            r.metadata.as_deref(),
-        ])?;
+        let (models, limits, budget, metadata) =
+            read_grants([&r.models, &r.limits, &r.budget, &r.metadata])?;
         Ok(TeamRecord {
             models,
             limits,

@@ -16,7 +16,7 @@ pub use deadline::HeaderDeadline;
 use crate::config::Config;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use pingora_core::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
+use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
@@ -87,15 +87,13 @@ where
 
         let mut watched: Box<HeaderDeadline<Stream>> =
             Box::new(HeaderDeadline::new(stream, header_timeout));
-        let mut settings = None;
+        let mut settings: Option<HttpPersistentSettings> = None;
         let mut closing = shutdown.clone();
         loop {
             let mut session = Session::new_h1(watched);
             let downstream = &mut session.downstream_session;
             match settings {
-                Some(settings) => pingora_core::apps::HttpPersistentSettings::apply_to_session(
-                    settings, downstream,
-                ),
+                Some(settings) => settings.apply_to_session(downstream),
                 None => {
                     // Pipelined requests are answered in order, one after the other
                     // (RFC 9112 9.3.2).

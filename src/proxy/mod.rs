@@ -1,8 +1,8 @@
-//! The Pingora `ProxyHttp` implementation: a thin dispatcher. Each hook calls one stage;
-//! the LLM endpoints are answered entirely inside `request_filter` by the pipeline
-//! (`pipeline`, around the attempt loop in `failover`), because Pingora's own retry can
-//! neither read an error body nor replay a body over 64 KiB. `logging` always runs and is
-//! where a request is recorded.
+//! A request's stages: `Gateway::answer` answers it (the LLM endpoints entirely, by the
+//! pipeline around the attempt loop, because Pingora's own retry can neither read an
+//! error body nor replay a body over 64 KiB) and `Gateway::record` records it, whatever
+//! path it ended by. `serve` calls them for HTTP/1.x requests; the Pingora `ProxyHttp`
+//! hooks `request_filter` and `logging` call them for HTTP/2.
 //!
 //! `context` holds the per-request state, `dispatch` picks the endpoint, `intake` reads
 //! the request body, `pipeline` runs the LLM stages one call each.

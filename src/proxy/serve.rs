@@ -3,12 +3,11 @@
 //! in `request_filter`, with the gateway's stages called directly instead of through
 //! boxed hooks.
 
-use super::{Gateway, RequestCtx};
+use super::Gateway;
 use crate::listen::Serve;
 use pingora_core::apps::{HttpPersistentSettings, ReusedHttpStream};
 use pingora_core::server::ShutdownWatch;
 use pingora_proxy::{ProxyHttp, Session};
-use std::sync::Arc;
 
 impl Serve for Gateway {
     async fn serve(
@@ -20,7 +19,7 @@ impl Serve for Gateway {
             // The connection closes after this answer.
             session.set_keepalive(None);
         }
-        let mut ctx = RequestCtx::new(Arc::clone(&self.counters), self.clock.now_ms());
+        let mut ctx = self.new_ctx();
         match self.answer(&mut session, &mut ctx).await {
             Ok(()) => {
                 self.record(&session, None, &mut ctx);
