@@ -10,6 +10,7 @@ use crate::keys::Directory;
 use crate::limits::{CounterBackend, LocalCounters, RedisCounters};
 use crate::listen::{
     default_max_connections, raise_open_file_limit, ClientListener, ConnectionCounts,
+    PlainListeners,
 };
 use crate::ops::listeners::Prebound;
 use crate::ops::reload::{HangupReload, Reloader};
@@ -25,7 +26,7 @@ use async_trait::async_trait;
 use pingora_core::connectors::ConnectorOptions;
 use pingora_core::connectors::TransportConnector;
 use pingora_core::listeners::tls::TlsSettings;
-use pingora_core::listeners::{L4BufferSettings, ListenerConfig, DEFAULT_L4_WRITE_BUFFER_SIZE};
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{Server, ShutdownWatch};
 use pingora_core::services::background::{background_service, BackgroundService};
@@ -105,7 +106,11 @@ type Started = (
 fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
     // Listeners on port 0 are bound now, so their ports are known and stay ours; an
     // upgrade takes the old process's sockets instead.
-    let (mut proxy_sockets, mut admin_sockets) = (Prebound::default(), Prebound::default());
+    let (mut proxy_sockets, mut tls_sockets, mut admin_sockets) = (
+        Prebound::default(),
+        Prebound::default(),
+        Prebound::default(),
+    );
     let bind = |p: &mut Prebound, a: SocketAddr| if mode.upgrade { Ok(a) } else { p.bind(a) };
     let listen: Vec<SocketAddr> = config
         .listen
@@ -119,7 +124,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
         .iter()
         .map(|t| {
             let addr = t.listen.parse().map_err(std::io::Error::other)?;
-            bind(&mut proxy_sockets, addr)
+            bind(&mut tls_sockets, addr)
         })
         .collect::<Result<_, _>>()?;
     config.resolve();
@@ -223,34 +228,41 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
             clock: Arc::clone(&directory.clock),
         },
     );
-    let mut proxy = Service::new(
-        "tollgate proxy".to_string(),
-        ClientListener {
-            proxy: Arc::new(pingora_proxy::http_proxy(
-                &server.configuration,
-                gateway.clone(),
-            )),
-            server: Arc::new(gateway),
-            config: Arc::clone(&config),
-            counts: Arc::new(ConnectionCounts::default()),
-            default_max,
-        },
+    let client_listener = ClientListener {
+        proxy: Arc::new(pingora_proxy::http_proxy(
+            &server.configuration,
+            gateway.clone(),
+        )),
+        server: Arc::new(gateway),
+        config: Arc::clone(&config),
+        counts: Arc::new(ConnectionCounts::default()),
+        default_max,
+    };
+    // Plain listeners are accepted by the gateway's own loop; TLS ones by Pingora's.
+    let tls_proxy = (!tls.is_empty()).then(|| -> std::io::Result<_> {
+        let mut proxy = Service::new("tollgate proxy (TLS)".to_string(), client_listener.clone());
+        for (t, addr) in tls.iter().zip(&tls_listen) {
+            let mut settings = TlsSettings::intermediate(&t.cert, &t.key)
+                .map_err(|e| std::io::Error::other(format!("TLS listener {}: {e}", t.listen)))?;
+            // HTTP/2 for clients that offer it (ALPN), HTTP/1.1 for the rest.
+            settings.enable_h2();
+            // Unbuffered: HTTP/1.x writes are gathered by the connection's own buffer,
+            // and HTTP/2's by h2.
+            proxy.add_listener(
+                ListenerConfig::tcp(addr.to_string())
+                    .tls(settings)
+                    .l4_buffer(L4BufferSettings::unbuffered()),
+            );
+        }
+        proxy.threads = Some(threads);
+        Ok(proxy)
+    });
+    let proxy = PlainListeners::new(
+        "tollgate proxy",
+        listen.iter().map(ToString::to_string).collect(),
+        client_listener,
+        threads,
     );
-    for addr in &listen {
-        proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(client_buffers()));
-    }
-    for (t, addr) in tls.iter().zip(&tls_listen) {
-        let mut settings = TlsSettings::intermediate(&t.cert, &t.key)
-            .map_err(|e| std::io::Error::other(format!("TLS listener {}: {e}", t.listen)))?;
-        // HTTP/2 for clients that offer it (ALPN), HTTP/1.1 for the rest.
-        settings.enable_h2();
-        proxy.add_listener(
-            ListenerConfig::tcp(addr.to_string())
-                .tls(settings)
-                .l4_buffer(client_buffers()),
-        );
-    }
-    proxy.threads = Some(threads);
 
     let reloader = mode.config_path.as_ref().map(|path| {
         let (usage, directory) = (Arc::clone(&usage), Arc::clone(&directory));
@@ -280,6 +292,9 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
         upstream.add_health_service(&mut server);
     }
     server.add_service(proxy_sockets.serve(proxy));
+    if let Some(tls_proxy) = tls_proxy {
+        server.add_service(tls_sockets.serve(tls_proxy?));
+    }
     server.add_service(admin_sockets.serve(admin));
     server.add_service(background_service(
         "resolver",
@@ -505,13 +520,4 @@ impl BackgroundService for Resolver {
             }
         }
     }
-}
-
-/// Socket buffers of client connections. Pingora's default puts a 64 KiB read buffer in
-/// front of every accepted socket and keeps it for the connection's life, which is most
-/// of what an idle stream costs. The gateway's own reads are already sized (the request
-/// header buffer, then exactly the remaining body), so reads go straight to the socket;
-/// writes keep a small buffer so a response header and its first chunk leave together.
-fn client_buffers() -> L4BufferSettings {
-    L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE)
 }

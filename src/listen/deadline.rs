@@ -1,6 +1,10 @@
 //! The deadline on each request header: a thin wrapper around a client connection's
 //! stream that watches the bytes read for the blank line that ends a header, and answers
 //! 408 and closes when it does not come in time. Pingora's own parsing is untouched.
+//!
+//! The wrapper also gathers small writes until a flush, so a response header and a short
+//! body leave in one send. Its buffer exists only between a write and the flush after it:
+//! an idle connection, or a stream waiting for its next event, holds none.
 
 use async_trait::async_trait;
 use pingora_core::protocols::raw_connect::ProxyDigest;
@@ -14,7 +18,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
@@ -50,16 +54,22 @@ enum Phase {
 }
 
 /// A client stream with a deadline on each request header.
-pub struct HeaderDeadline<T> {
+pub struct HeaderDeadline<T: AsyncWrite + Unpin> {
     inner: T,
     timeout: Duration,
     phase: Phase,
     /// Set by the proxy once it has the request header: a pipelined header is parsed
     /// from bytes read earlier, so the wrapper never sees it go by.
     header_in: AtomicBool,
+    /// Bytes written and not yet sent, and how many of them are sent.
+    out: Vec<u8>,
+    sent: usize,
 }
 
-impl<T> HeaderDeadline<T> {
+/// The most a connection gathers before sending: one TCP segment on Ethernet.
+const GATHER: usize = 1460;
+
+impl<T: AsyncWrite + Unpin> HeaderDeadline<T> {
     /// A new connection: its first header must arrive within `timeout` from now.
     pub fn new(inner: T, timeout: Duration) -> Self {
         HeaderDeadline {
@@ -72,6 +82,8 @@ impl<T> HeaderDeadline<T> {
                 line_start: false,
             },
             header_in: AtomicBool::new(false),
+            out: Vec::new(),
+            sent: 0,
         }
     }
 
@@ -185,20 +197,59 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeaderDeadline<T> {
     }
 }
 
+impl<T: AsyncWrite + Unpin> HeaderDeadline<T> {
+    /// Sends what is gathered, then lets the buffer go.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.sent < self.out.len() {
+            match ready!(Pin::new(&mut self.inner).poll_write(cx, &self.out[self.sent..])) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => self.sent += n,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        self.out = Vec::new();
+        self.sent = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Makes room for `len` more bytes: sends what is gathered when they would not fit.
+    /// Ready(true) when they are to be gathered, Ready(false) when they are large enough
+    /// to go straight to the socket.
+    fn poll_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<bool>> {
+        if self.out.len() + len > GATHER {
+            ready!(self.poll_send(cx))?;
+        }
+        if len >= GATHER {
+            return Poll::Ready(Ok(false));
+        }
+        if self.out.capacity() == 0 {
+            self.out.reserve_exact(GATHER);
+        }
+        Poll::Ready(Ok(true))
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for HeaderDeadline<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        if !ready!(this.poll_room(cx, buf.len()))? {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        }
+        this.out.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_send(cx))?;
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_send(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 
@@ -207,15 +258,35 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for HeaderDeadline<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        let len = bufs.iter().map(|b| b.len()).sum();
+        if !ready!(this.poll_room(cx, len))? {
+            return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        }
+        for b in bufs {
+            this.out.extend_from_slice(b);
+        }
+        Poll::Ready(Ok(len))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        true
     }
 }
 
-impl<T> std::fmt::Debug for HeaderDeadline<T> {
+impl<T: AsyncWrite + Unpin> Drop for HeaderDeadline<T> {
+    /// A connection dropped with bytes gathered (an answer cut by an upstream failure)
+    /// sends them if the socket takes them now, as Pingora's own stream does.
+    fn drop(&mut self) {
+        if self.sent < self.out.len() {
+            let _ = self.poll_send(&mut Context::from_waker(
+                futures_util::task::noop_waker_ref(),
+            ));
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> std::fmt::Debug for HeaderDeadline<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HeaderDeadline")
             .field("timeout", &self.timeout)
@@ -228,6 +299,8 @@ impl<T> std::fmt::Debug for HeaderDeadline<T> {
 #[async_trait]
 impl Shutdown for HeaderDeadline<Stream> {
     async fn shutdown(&mut self) {
+        // What is gathered goes first; a failure shows in the shutdown that follows.
+        let _ = std::future::poll_fn(|cx| self.poll_send(cx)).await;
         self.inner.shutdown().await;
     }
 }
@@ -358,6 +431,104 @@ mod tests {
         let err = watched.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), Duration::from_secs(10));
+    }
+
+    /// A socket that records each send and takes at most `room` bytes at a time.
+    struct Sends {
+        sends: Vec<Vec<u8>>,
+        room: usize,
+        shut: bool,
+    }
+
+    impl AsyncWrite for Sends {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.room);
+            self.sends.push(buf[..n].to_vec());
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.shut = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn sends(room: usize) -> HeaderDeadline<Sends> {
+        let socket = Sends {
+            sends: Vec::new(),
+            room,
+            shut: false,
+        };
+        HeaderDeadline::new(socket, Duration::from_secs(10))
+    }
+
+    #[tokio::test]
+    async fn small_writes_leave_in_one_send_at_the_flush_and_the_buffer_goes_with_them() {
+        let mut out = sends(usize::MAX);
+        out.write_all(&[b'h'; 100]).await.unwrap();
+        out.write_all(&[b'b'; 50]).await.unwrap();
+        assert!(out.inner.sends.is_empty());
+        out.flush().await.unwrap();
+        assert_eq!(out.inner.sends.len(), 1);
+        assert_eq!(
+            out.inner.sends[0],
+            [[b'h'; 100].as_slice(), &[b'b'; 50]].concat()
+        );
+        assert_eq!(
+            out.out.capacity(),
+            0,
+            "a flushed connection holds no buffer"
+        );
+
+        // A write that would overflow the buffer sends what is gathered first; one as
+        // large as the buffer goes straight through.
+        out.write_all(&[b'x'; 10]).await.unwrap();
+        out.write_all(&[b'y'; GATHER]).await.unwrap();
+        let sizes: Vec<usize> = out.inner.sends.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [150, 10, GATHER]);
+
+        // Vectored writes are gathered whole.
+        let parts = [io::IoSlice::new(b"3\r\n"), io::IoSlice::new(b"abc")];
+        assert_eq!(out.write_vectored(&parts).await.unwrap(), 6);
+        out.flush().await.unwrap();
+        assert_eq!(out.inner.sends.last().unwrap(), b"3\r\nabc");
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_takes_part_gets_the_rest_in_order_and_shutdown_sends_first() {
+        let mut out = sends(64);
+        let body: Vec<u8> = (0..150u8).collect();
+        out.write_all(&body).await.unwrap();
+        out.shutdown().await.unwrap();
+        let sizes: Vec<usize> = out.inner.sends.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [64, 64, 22]);
+        assert_eq!(out.inner.sends.concat(), body);
+        assert!(out.inner.shut);
+    }
+
+    #[tokio::test]
+    async fn a_connection_dropped_with_bytes_gathered_sends_them() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut watched = HeaderDeadline::new(server, Duration::from_secs(10));
+        watched
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 400\r\n\r\n{\"id\"")
+            .await
+            .unwrap();
+        drop(watched);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(
+            got,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 400\r\n\r\n{\"id\""
+        );
     }
 
     #[tokio::test(start_paused = true)]

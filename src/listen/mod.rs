@@ -9,7 +9,10 @@
 //! one future: read a header, let [`Serve`] answer it, keep the stream when the
 //! connection may carry another. HTTP/2 connections go to `HttpProxy` as they are.
 
+mod accept;
 mod deadline;
+
+pub use accept::PlainListeners;
 
 pub use deadline::HeaderDeadline;
 
@@ -55,18 +58,26 @@ pub struct ClientListener<P, S> {
     pub default_max: usize,
 }
 
-#[async_trait]
-impl<P, S> ServerApp for ClientListener<P, S>
+impl<P, S> Clone for ClientListener<P, S> {
+    fn clone(&self) -> Self {
+        ClientListener {
+            proxy: Arc::clone(&self.proxy),
+            server: Arc::clone(&self.server),
+            config: Arc::clone(&self.config),
+            counts: Arc::clone(&self.counts),
+            default_max: self.default_max,
+        }
+    }
+}
+
+impl<P, S> ClientListener<P, S>
 where
     P: ProxyHttp + Send + Sync + 'static,
     P::CTX: Send + Sync,
     S: Serve,
 {
-    async fn process_new(
-        self: &Arc<Self>,
-        stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
+    /// Serves one client connection to its end.
+    pub async fn connection(&self, stream: Stream, shutdown: &ShutdownWatch) {
         let config = self.config.load_full();
         let s = &config.server;
         let peer = stream
@@ -77,9 +88,16 @@ where
             per_ip: s.max_connections_per_ip,
         };
         // Dropping the stream on refusal closes it at once, before anything is read.
-        let _slot = self.counts.open(peer, caps)?;
+        let Some(_slot) = self.counts.open(peer, caps) else {
+            return;
+        };
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+            drop(config);
+            let mut next = Some(stream);
+            while let Some(stream) = next {
+                next = ServerApp::process_new(&self.proxy, stream, shutdown).await;
+            }
+            return;
         }
         let header_timeout = s.header_timeout;
         let keepalive = s.keepalive_timeout.as_secs();
@@ -106,16 +124,37 @@ where
                 }
             }
             if !read_header(downstream, &mut closing).await {
-                return None;
+                return;
             }
-            let (stream, next) = self.server.serve(session, shutdown).await?.consume();
-            watched = stream
-                .into_any()
-                .downcast::<HeaderDeadline<Stream>>()
-                .ok()?;
+            let Some(reused) = self.server.serve(session, shutdown).await else {
+                return;
+            };
+            let (stream, next) = reused.consume();
+            let Ok(stream) = stream.into_any().downcast::<HeaderDeadline<Stream>>() else {
+                return;
+            };
+            watched = stream;
             watched.next_request();
             settings = next;
         }
+    }
+}
+
+/// TLS listeners run on Pingora's listening service, which hands each connection here.
+#[async_trait]
+impl<P, S> ServerApp for ClientListener<P, S>
+where
+    P: ProxyHttp + Send + Sync + 'static,
+    P::CTX: Send + Sync,
+    S: Serve,
+{
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        self.connection(stream, shutdown).await;
+        None
     }
 
     async fn cleanup(&self) {
