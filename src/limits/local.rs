@@ -1,52 +1,44 @@
-//! The in-process counter backend, on pingora-limits. Counting uses count-min sketches
-//! (fixed memory whatever the number of keys or IPs; a hash collision can only
-//! over-count, never under-count). Rates use a sliding-window estimate:
-//! `previous window x (1 - elapsed fraction) + current window`, the way Cloudflare does.
-//! The counters live on the service, so they survive config reloads.
+//! The in-process counter backend. Counting uses count-min sketches (fixed memory whatever
+//! the number of keys or IPs; a hash collision can only over-count, never under-count):
+//! rates in [`Window`]s, with a sliding-window estimate (`previous window x (1 - elapsed
+//! fraction) + current window`, the way Cloudflare does), requests in flight in
+//! pingora-limits' `Estimator`. The counters live on the service, so they survive config
+//! reloads.
 
 use super::backend::CounterBackend;
+use super::window::{random_seed, Window};
 use super::{count, Charge, Dimension, Refusal, Room, Scope};
+use crate::clock::monotonic_ms;
 use async_trait::async_trait;
 use pingora_limits::estimator::Estimator;
-use pingora_limits::rate::{Rate, RateComponents};
 use std::time::Duration;
 
 /// Counters of one scope.
 struct ScopeCounters {
-    rps: Rate,
-    rpm: Rate,
-    tpm: Rate,
+    rps: Window,
+    rpm: Window,
+    tpm: Window,
     in_flight: Estimator,
 }
 
 impl ScopeCounters {
-    fn new(slots: usize) -> Self {
+    fn new(slots: usize, seed: u64) -> Self {
         ScopeCounters {
-            rps: Rate::new_with_estimator_config(Duration::from_secs(1), 4, slots),
-            rpm: Rate::new_with_estimator_config(Duration::from_secs(60), 4, slots),
-            tpm: Rate::new_with_estimator_config(Duration::from_secs(60), 4, slots),
+            rps: Window::new(Duration::from_secs(1), slots, seed),
+            rpm: Window::new(Duration::from_secs(60), slots, seed),
+            tpm: Window::new(Duration::from_secs(60), slots, seed),
             // pingora-limits' own Inflight uses 4 x 8192.
             in_flight: Estimator::new(4, 8192),
         }
     }
 
-    fn rate(&self, d: Dimension) -> &Rate {
+    fn rate(&self, d: Dimension) -> &Window {
         match d {
             Dimension::Rps => &self.rps,
             Dimension::Tpm => &self.tpm,
             Dimension::Rpm | Dimension::Concurrency | Dimension::Spend => &self.rpm,
         }
     }
-}
-
-/// The sliding estimate of a window and the time until the current window ends.
-fn estimate(c: RateComponents) -> (f64, Duration) {
-    let prev = c.prev_samples.max(0) as f64;
-    let curr = c.curr_samples.max(0) as f64;
-    let left = c
-        .interval
-        .mul_f64((1.0 - c.current_interval_fraction).clamp(0.0, 1.0));
-    (prev * (1.0 - c.current_interval_fraction) + curr, left)
 }
 
 /// Every limit counter of the process.
@@ -56,15 +48,16 @@ pub struct LocalCounters {
 
 impl Default for LocalCounters {
     fn default() -> Self {
+        let seed = random_seed();
         LocalCounters {
             // In `Scope` order. 4 x 16384 counters per window: about 1 MiB per rate; more
             // room for IPs and keys.
             scopes: [
-                ScopeCounters::new(64),
-                ScopeCounters::new(16384),
-                ScopeCounters::new(16384),
-                ScopeCounters::new(4096),
-                ScopeCounters::new(4096),
+                ScopeCounters::new(64, seed),
+                ScopeCounters::new(16384, seed),
+                ScopeCounters::new(16384, seed),
+                ScopeCounters::new(4096, seed),
+                ScopeCounters::new(4096, seed),
             ],
         }
     }
@@ -93,15 +86,16 @@ impl LocalCounters {
         let rate = counters.rate(c.dimension);
         // A charge that alone exceeds its limit is refused before it touches a counter: a
         // client's number never reaches the sketch unbounded (it would wrap the counter).
+        let now = monotonic_ms();
         if c.amount > c.limit {
-            let (_, left) = rate.rate_with(&c.key, estimate);
+            let (_, left) = rate.estimate(now, c.key);
             return Err(c.refusal(left));
         }
         let n = count(c.amount);
-        rate.observe(&c.key, n);
-        let (est, left) = rate.rate_with(&c.key, estimate);
+        rate.add(now, c.key, n);
+        let (est, left) = rate.estimate(now, c.key);
         if est > c.limit as f64 {
-            rate.observe(&c.key, -n);
+            rate.add(now, c.key, -n);
             return Err(c.refusal(left));
         }
         Ok(())
@@ -127,7 +121,7 @@ impl CounterBackend for LocalCounters {
                 (Dimension::Tpm, Some(actual)) => {
                     let delta = count(actual).saturating_sub(count(c.amount));
                     if delta != 0 {
-                        self.of(c.scope).tpm.observe(&c.key, delta);
+                        self.of(c.scope).tpm.add(monotonic_ms(), c.key, delta);
                     }
                 }
                 _ => {}
@@ -142,47 +136,20 @@ impl CounterBackend for LocalCounters {
                 Dimension::Concurrency => counters.in_flight.decr(c.key, 1),
                 Dimension::Spend => {}
                 d => {
-                    counters.rate(d).observe(&c.key, -count(c.amount));
+                    counters
+                        .rate(d)
+                        .add(monotonic_ms(), c.key, -count(c.amount));
                 }
             }
         }
     }
 
     fn room(&self, scope: Scope, key: u64, dimension: Dimension, limit: u64) -> Room {
-        let (est, left) = self.of(scope).rate(dimension).rate_with(&key, estimate);
+        let (est, left) = self.of(scope).rate(dimension).estimate(monotonic_ms(), key);
         Room {
             limit,
             remaining: (limit as f64 - est).max(0.0) as u64,
             reset: left,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn comps(prev: isize, curr: isize, fraction: f64) -> RateComponents {
-        // RateComponents is non-exhaustive: build it through a Rate-shaped closure.
-        let r = Rate::new(Duration::from_secs(60));
-        r.rate_with(&0u8, |mut c| {
-            c.prev_samples = prev;
-            c.curr_samples = curr;
-            c.current_interval_fraction = fraction;
-            c
-        })
-    }
-
-    #[test]
-    fn the_sliding_estimate_weighs_the_previous_window_by_what_is_left() {
-        let (est, left) = estimate(comps(60, 0, 0.25));
-        assert_eq!(est, 45.0);
-        assert_eq!(left, Duration::from_secs(45));
-        let (est, _) = estimate(comps(60, 10, 0.5));
-        assert_eq!(est, 40.0);
-        // Window rollover: the previous window no longer counts once the new one is over.
-        let (est, left) = estimate(comps(0, 3, 0.999));
-        assert_eq!(est, 3.0);
-        assert!(left < Duration::from_millis(100));
     }
 }

@@ -14,6 +14,7 @@ mod lease;
 mod local;
 mod scripts;
 mod shared;
+mod window;
 
 pub use backend::CounterBackend;
 pub use client_ip::{client_ip, Cidr};
