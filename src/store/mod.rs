@@ -13,6 +13,7 @@ pub mod litellm;
 
 pub mod records;
 pub mod reports;
+mod sqlite_rows;
 pub mod usage;
 
 use crate::secret::mask_userinfo;

@@ -5,6 +5,7 @@
 //! counted (`tollgate_usage_rows_total{result="dropped"}`) and logged. A `kill -9` loses what is
 //! queued: at most one flush interval of rows.
 
+use super::sqlite_rows::RowWriter;
 use super::{Dialect, Store, StoreError};
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
@@ -57,7 +58,7 @@ pub struct UsageQueue {
     flushing: tokio::sync::Mutex<()>,
     /// With a SQLite store: the writer's own connection, opened on the first flush and
     /// again after a failed one.
-    sqlite: Arc<Mutex<Option<rusqlite::Connection>>>,
+    sqlite: Arc<Mutex<Option<RowWriter>>>,
 }
 
 impl UsageQueue {
@@ -213,8 +214,8 @@ const COLUMNS: &str = "request_id, ts, day, key_id, key_name, team_id, model, up
 /// then reused from the connection's statement cache; on SQLite, positional `?`
 /// parameters spare a lookup by name per parameter (with `$N` names that lookup is
 /// linear, and it cost more than writing the rows). PostgreSQL only takes `$N`.
-const BATCH: usize = 32;
-const FIELDS: usize = 22;
+pub(super) const BATCH: usize = 32;
+pub(super) const FIELDS: usize = 22;
 
 fn insert_sql(rows: usize, dialect: Dialect) -> String {
     let values: Vec<String> = (0..rows)
@@ -268,7 +269,7 @@ fn statement(rows: usize, dialect: Dialect) -> &'static str {
 /// journals every page a statement touches so as to undo that statement alone; past
 /// 64 KiB the journal went to a temporary file, two `pwrite`s a row. Here any failure
 /// ends the whole flush anyway: the transaction is rolled back and the rows queued again.
-fn rollback_statement(rows: usize) -> &'static str {
+pub(super) fn rollback_statement(rows: usize) -> &'static str {
     static SQL: [std::sync::OnceLock<String>; BATCH] =
         [const { std::sync::OnceLock::new() }; BATCH];
     SQL[rows - 1].get_or_init(|| {
@@ -288,80 +289,22 @@ async fn insert(pool: &sqlx::AnyPool, rows: &[UsageRow]) -> Result<(), StoreErro
     Ok(())
 }
 
-/// Writes `rows` to the SQLite `file` in one transaction, through the same batched
-/// statements as the pool's, prepared once and bound in place. The connection is kept for
-/// the next flush, or dropped after a failure so that the next one starts afresh.
+/// Writes `rows` to the SQLite `file` in one transaction, through the writer's own
+/// connection (`sqlite_rows`). The connection is kept for the next flush, or dropped
+/// after a failure so that the next one starts afresh.
 fn insert_sqlite(
-    conn: &Mutex<Option<rusqlite::Connection>>,
+    conn: &Mutex<Option<RowWriter>>,
     file: &std::path::Path,
     rows: &[UsageRow],
 ) -> Result<(), StoreError> {
     let mut slot = conn.lock().unwrap_or_else(|e| e.into_inner());
-    let c = match slot.take() {
-        Some(c) => c,
-        None => {
-            let c = rusqlite::Connection::open_with_flags(
-                file,
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
-                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )?;
-            // Other store work writes through sqlx's connection: wait for it, not fail.
-            c.busy_timeout(Duration::from_secs(5))?;
-            // A statement for each flush size stays prepared.
-            c.set_prepared_statement_cache_capacity(BATCH + 1);
-            c
-        }
+    let mut writer = match slot.take() {
+        Some(w) => w,
+        None => RowWriter::open(file)?,
     };
-    write_rows(&c, rows)?;
-    *slot = Some(c);
+    writer.write(rows)?;
+    *slot = Some(writer);
     Ok(())
-}
-
-fn write_rows(c: &rusqlite::Connection, rows: &[UsageRow]) -> Result<(), rusqlite::Error> {
-    let tx = c.unchecked_transaction()?;
-    let mut day = String::with_capacity(10);
-    let mut day_of = i64::MIN;
-    for chunk in rows.chunks(BATCH) {
-        let mut insert = tx.prepare_cached(rollback_statement(chunk.len()))?;
-        let mut at = 0;
-        let mut bind = |v: &dyn rusqlite::ToSql| {
-            at += 1;
-            insert.raw_bind_parameter(at, v)
-        };
-        for r in chunk {
-            // Rows of a flush are nearly all of one day: its text is written once.
-            let this_day = r.ts.div_euclid(crate::clock::DAY_MS);
-            if this_day != day_of {
-                day.clear();
-                crate::clock::push_day(&mut day, r.ts);
-                day_of = this_day;
-            }
-            bind(&r.request_id)?;
-            bind(&r.ts)?;
-            bind(&day)?;
-            bind(&r.key_id)?;
-            bind(&r.key_name)?;
-            bind(&r.team_id)?;
-            bind(&r.model)?;
-            bind(&r.upstream)?;
-            bind(&r.upstream_model)?;
-            bind(&r.status)?;
-            bind(&r.stream)?;
-            bind(&sat(r.input_tokens))?;
-            bind(&sat(r.output_tokens))?;
-            bind(&sat(r.cached_tokens))?;
-            bind(&r.cost_micro)?;
-            bind(&r.priced)?;
-            bind(&r.cache)?;
-            bind(&sat(r.saved_tokens))?;
-            bind(&r.saved_micro)?;
-            bind(&r.translation)?;
-            bind(&sat(r.cache_write_tokens))?;
-            bind(&sat(r.reasoning_tokens))?;
-        }
-        insert.raw_execute()?;
-    }
-    tx.commit()
 }
 
 type Query<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
@@ -395,7 +338,7 @@ fn bind_rows<'q>(mut q: Query<'q>, rows: &[UsageRow]) -> Query<'q> {
     q
 }
 
-fn sat(n: u64) -> i64 {
+pub(super) fn sat(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
@@ -573,5 +516,47 @@ mod tests {
             crate::store::prepare(&native, 1, |pool| async move { dump(&pool).await }).unwrap();
         assert_eq!(got.len(), 70);
         assert_eq!(got, expected);
+    }
+
+    /// A flush SQLite refuses part-way (here a trigger, on the 40th row of 45) writes
+    /// nothing and keeps every row; once SQLite takes them, a flush writes each once.
+    #[test]
+    fn a_flush_sqlite_refuses_keeps_its_rows_for_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("usage.db");
+        let url = format!("sqlite://{}", file.display());
+        crate::store::prepare(&url, 1, |_| async { Ok(()) }).unwrap();
+        let admin = rusqlite::Connection::open(&file).unwrap();
+        admin
+            .execute_batch(
+                "CREATE TRIGGER refuse BEFORE INSERT ON usage WHEN NEW.request_id = 'r39' \
+                 BEGIN SELECT RAISE(ROLLBACK, 'refused by the test'); END",
+            )
+            .unwrap();
+        let store = Store::new(&url);
+        let queue = UsageQueue::new(1000);
+        let rows: Vec<UsageRow> = (0..45).map(varied).collect();
+        assert_eq!(rows[39].request_id, "r39");
+        for r in &rows {
+            queue.push(r.clone());
+        }
+        let err = queue.flush_blocking(&store).unwrap_err();
+        assert!(err.to_string().contains("refused by the test"), "{err}");
+        assert_eq!(queue.depth(), 45);
+        let count = |c: &rusqlite::Connection| -> i64 {
+            c.query_row("SELECT COUNT(*) FROM usage", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(count(&admin), 0);
+
+        admin.execute_batch("DROP TRIGGER refuse").unwrap();
+        assert_eq!(queue.flush_blocking(&store).unwrap(), 45);
+        assert_eq!(count(&admin), 45);
+        let distinct: i64 = admin
+            .query_row("SELECT COUNT(DISTINCT request_id) FROM usage", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(distinct, 45);
     }
 }
