@@ -210,10 +210,16 @@ impl Binder<'_> {
 }
 
 /// Turns SQLite's result code into an error with its message.
+#[inline]
 fn check(conn: &rusqlite::Connection, rc: c_int) -> Result<(), rusqlite::Error> {
     if rc == ffi::SQLITE_OK || rc == ffi::SQLITE_DONE {
         return Ok(());
     }
+    Err(error(conn, rc))
+}
+
+#[cold]
+fn error(conn: &rusqlite::Connection, rc: c_int) -> rusqlite::Error {
     // SAFETY: the connection is open; SQLite's message stays valid until its next call,
     // and is copied here at once.
     let message = unsafe {
@@ -224,7 +230,7 @@ fn check(conn: &rusqlite::Connection, rc: c_int) -> Result<(), rusqlite::Error> 
                 .into_owned()
         })
     };
-    Err(rusqlite::Error::SqliteFailure(ffi::Error::new(rc), message))
+    rusqlite::Error::SqliteFailure(ffi::Error::new(rc), message)
 }
 
 fn failure(rc: c_int, message: &str) -> rusqlite::Error {
