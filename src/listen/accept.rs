@@ -66,6 +66,7 @@ where
                 Err(e) => {
                     // A gateway that cannot listen where it was told to must not look up.
                     log::error!("cannot listen on {addr}: {e}");
+                    crate::observe::flush_logs();
                     std::process::exit(1);
                 }
             };
