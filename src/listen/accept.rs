@@ -7,13 +7,12 @@
 //! socket handed over by a graceful upgrade is taken from it, and one bound here is put in
 //! it for the next upgrade to hand over.
 
-use super::{ClientListener, Serve};
+use super::{ClientListener, H2Proxy, Serve};
 use async_trait::async_trait;
 use pingora_core::apps::HttpServerApp;
 use pingora_core::protocols::l4::listener::Listener;
 use pingora_core::server::{ListenFds, ShutdownWatch};
 use pingora_core::services::Service;
-use pingora_proxy::ProxyHttp;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::Arc;
@@ -49,8 +48,7 @@ impl<P, S> PlainListeners<P, S> {
 #[async_trait]
 impl<P, S> Service for PlainListeners<P, S>
 where
-    P: ProxyHttp + Send + Sync + 'static,
-    P::CTX: Send + Sync,
+    P: H2Proxy,
     S: Serve,
 {
     async fn start_service(
@@ -103,8 +101,7 @@ async fn accept_loop<P, S>(
     app: Arc<ClientListener<P, S>>,
     mut shutdown: ShutdownWatch,
 ) where
-    P: ProxyHttp + Send + Sync + 'static,
-    P::CTX: Send + Sync,
+    P: H2Proxy,
     S: Serve,
 {
     loop {

@@ -44,6 +44,11 @@ pub trait Serve: Send + Sync + 'static {
     ) -> impl Future<Output = Option<ReusedHttpStream>> + Send + 'a;
 }
 
+/// What HTTP/2 connections go to: Pingora's proxy over the gateway's hooks.
+pub trait H2Proxy: ProxyHttp<CTX: Send + Sync> + Send + Sync + 'static {}
+
+impl<T: ProxyHttp<CTX: Send + Sync> + Send + Sync + 'static> H2Proxy for T {}
+
 /// The proxy service's application: admits a connection, then serves its HTTP/1.x
 /// requests one after the other with a header deadline each (HTTP/2 connections go to
 /// Pingora's `HttpProxy`; their streams have their own flow control).
@@ -72,8 +77,7 @@ impl<P, S> Clone for ClientListener<P, S> {
 
 impl<P, S> ClientListener<P, S>
 where
-    P: ProxyHttp + Send + Sync + 'static,
-    P::CTX: Send + Sync,
+    P: H2Proxy,
     S: Serve,
 {
     /// Serves one client connection to its end.
@@ -144,8 +148,7 @@ where
 #[async_trait]
 impl<P, S> ServerApp for ClientListener<P, S>
 where
-    P: ProxyHttp + Send + Sync + 'static,
-    P::CTX: Send + Sync,
+    P: H2Proxy,
     S: Serve,
 {
     async fn process_new(
