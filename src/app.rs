@@ -257,12 +257,15 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
         proxy.threads = Some(threads);
         Ok(proxy)
     });
-    let proxy = PlainListeners::new(
-        "tollgate proxy",
-        listen.iter().map(ToString::to_string).collect(),
-        client_listener,
-        threads,
-    );
+    // None when only TLS listeners are configured.
+    let proxy = (!listen.is_empty()).then(|| {
+        PlainListeners::new(
+            "tollgate proxy",
+            listen.iter().map(ToString::to_string).collect(),
+            client_listener,
+            threads,
+        )
+    });
 
     let reloader = mode.config_path.as_ref().map(|path| {
         let (usage, directory) = (Arc::clone(&usage), Arc::clone(&directory));
@@ -291,7 +294,9 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
     for upstream in config.load().upstreams.values() {
         upstream.add_health_service(&mut server);
     }
-    server.add_service(proxy_sockets.serve(proxy));
+    if let Some(proxy) = proxy {
+        server.add_service(proxy_sockets.serve(proxy));
+    }
     if let Some(tls_proxy) = tls_proxy {
         server.add_service(tls_sockets.serve(tls_proxy?));
     }

@@ -183,3 +183,51 @@ async fn a_tls_listener_serves_http2_and_http1_clients_with_streaming() {
     assert_eq!(up.hits(), 3);
     drop(gw);
 }
+
+/// With only TLS listeners configured, the gateway starts (no plain-TCP service at all)
+/// and serves both HTTP versions on the TLS one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_with_only_tls_listeners_serves_both_http_versions() {
+    let (cert, key) = certificate();
+    let up = MockUpstream::start("the mock upstream").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    std::fs::write(&cert_path, &cert).unwrap();
+    std::fs::write(&key_path, &key).unwrap();
+    let gw = Gateway::start(&format!(
+        "server:\n  listen: []\n  admin_listen: \"127.0.0.1:0\"\n  threads: 1\n  grace_period: 0s\n  tls:\n    - {{listen: \"127.0.0.1:0\", cert: {}, key: {}}}\nupstreams:\n  u:\n    servers: [{{url: \"{}\"}}]\nmodels:\n  m:\n    routes: [{{upstream: u}}]\n",
+        cert_path.display(),
+        key_path.display(),
+        up.url()
+    ));
+    assert_eq!(gw.tls_addrs.len(), 1);
+    let port = gw.tls_addrs[0].rsplit(':').next().unwrap().to_string();
+    let url = format!("https://localhost:{port}/v1/chat/completions");
+    let ca = cert_path.display().to_string();
+    let body = chat("m", false).to_string();
+    let answers = tokio::task::spawn_blocking(move || {
+        ["--http1.1", "--http2"].map(|version| {
+            curl(&[
+                "-sS",
+                "-v",
+                version,
+                "--cacert",
+                &ca,
+                "-H",
+                "content-type: application/json",
+                "-d",
+                &body,
+                &url,
+            ])
+        })
+    })
+    .await
+    .unwrap();
+    let [(h1_out, h1_err), (h2_out, h2_err)] = answers;
+    assert!(h1_err.contains("< HTTP/1.1 200"), "{h1_err}");
+    assert!(h2_err.contains("< HTTP/2 200"), "{h2_err}");
+    for out in [h1_out, h2_out] {
+        assert!(out.contains("Hello from the mock upstream"), "{out}");
+    }
+    assert_eq!(up.hits(), 2);
+}

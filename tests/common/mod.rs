@@ -78,7 +78,8 @@ impl Gateway {
         let mut addr = String::new();
         let mut tls_addrs = Vec::new();
         let mut admin = String::new();
-        while addr.is_empty() || admin.is_empty() {
+        // A gateway with only TLS listeners prints no plain address.
+        while (addr.is_empty() && tls_addrs.is_empty()) || admin.is_empty() {
             let Some(Ok(line)) = lines.next() else {
                 let _ = child.kill();
                 panic!(
@@ -131,7 +132,9 @@ impl Gateway {
         while Instant::now() < deadline {
             // Listeners on port 0 are bound before the server runs: wait for the admin
             // listener to answer (a request to the proxy would be in the access log).
-            if answers(&self.admin) && std::net::TcpStream::connect(&self.addr).is_ok() {
+            let proxy = self.tls_addrs.first().filter(|_| self.addr.is_empty());
+            let proxy = proxy.unwrap_or(&self.addr);
+            if answers(&self.admin) && std::net::TcpStream::connect(proxy).is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
