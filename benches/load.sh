@@ -172,4 +172,13 @@ except ValueError:
   echo "| resident memory per idle SSE stream (KiB, $STREAMS streams) | | ${rss[nginx]} | ${rss[tollgate]} | $(ratio "${rss[tollgate]}" "${rss[nginx]}") | |"
   echo
   echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr); nginx $("$NGINX" -v 2>&1 | sed 's/.*\///'); each proxy one worker; $ROUNDS rounds of ${DURATION}s runs, medians; $(date -u +%Y-%m-%d)."
-} | tee "$OUT"
+} > "$work/table.md"
+cat "$work/table.md"
+# The table replaces the file's first section; the sections after it (other benches'
+# figures, each under a "## " heading) are kept.
+if [ -f "$OUT" ] && grep -q '^## ' "$OUT"; then
+  { cat "$work/table.md"; echo; sed -n '/^## /,$p' "$OUT"; } > "$work/results.md"
+  cp "$work/results.md" "$OUT"
+else
+  cp "$work/table.md" "$OUT"
+fi
