@@ -92,8 +92,7 @@ impl LocalCounters {
             return Err(c.refusal(left));
         }
         let n = count(c.amount);
-        rate.add(now, c.key, n);
-        let (est, left) = rate.estimate(now, c.key);
+        let (est, left) = rate.add_and_estimate(now, c.key, n);
         if est > c.limit as f64 {
             rate.add(now, c.key, -n);
             return Err(c.refusal(left));

@@ -82,13 +82,14 @@ impl Window {
     }
 
     /// Moves to a new window when the current one is over, and says how far into its
-    /// window `now` is. The first caller past the end resets; a window with no traffic
-    /// in it starts again with the next one (as pingora-limits' `Rate` does).
-    fn roll(&self, now: u64) -> Phase {
+    /// window `now` is (0 when it starts one). The first caller past the end resets; a
+    /// window with no traffic in it starts again with the next one (as pingora-limits'
+    /// `Rate` does).
+    fn roll(&self, now: u64) -> u64 {
         let began = self.began.load(Ordering::Acquire);
         let past = now.saturating_sub(began);
         if past < self.interval_ms {
-            return Phase::Within(past);
+            return past;
         }
         let current = self.current.load(Ordering::Acquire);
         if self
@@ -104,11 +105,7 @@ impl Window {
                 self.slots[current].clear();
             }
         }
-        if past >= 2 * self.interval_ms {
-            Phase::Stale
-        } else {
-            Phase::JustEnded
-        }
+        0
     }
 
     /// Counts `n` for `key` (negative to take back) at `now`.
@@ -118,33 +115,35 @@ impl Window {
         slot.add(mix(key ^ self.seed), n);
     }
 
+    /// Counts `n` for `key` at `now` and gives the estimate with it counted: [`add`] then
+    /// [`estimate`], with the key mixed and the window rolled once.
+    ///
+    /// [`add`]: Window::add
+    /// [`estimate`]: Window::estimate
+    pub fn add_and_estimate(&self, now: u64, key: u64, n: isize) -> (f64, Duration) {
+        let mixed = mix(key ^ self.seed);
+        let into = self.roll(now);
+        let current = self.current.load(Ordering::Acquire);
+        self.slots[current].add(mixed, n);
+        self.estimate_mixed(into, current, mixed)
+    }
+
     /// The sliding estimate for `key` at `now`, and the time until its window ends.
     pub fn estimate(&self, now: u64, key: u64) -> (f64, Duration) {
         let mixed = mix(key ^ self.seed);
-        let phase = self.roll(now);
+        let into = self.roll(now);
         let current = self.current.load(Ordering::Acquire);
-        let (previous, filling, into) = match phase {
-            Phase::Stale => (0, 0, 0),
-            // The window that just ended is the previous one now.
-            Phase::JustEnded => (self.slots[1 - current].get(mixed), 0, 0),
-            Phase::Within(into) => (
-                self.slots[1 - current].get(mixed),
-                self.slots[current].get(mixed),
-                into,
-            ),
-        };
+        self.estimate_mixed(into, current, mixed)
+    }
+
+    /// The estimate `into` milliseconds into the window of slot `current`. Just after a
+    /// roll, the slot before holds the window that ended (or nothing, when it ended two
+    /// windows ago) and the current one holds what was counted since.
+    fn estimate_mixed(&self, into: u64, current: usize, mixed: u64) -> (f64, Duration) {
+        let previous = self.slots[1 - current].get(mixed);
+        let filling = self.slots[current].get(mixed);
         sliding(previous, filling, into, self.interval_ms)
     }
-}
-
-/// Where a time falls against the current window.
-enum Phase {
-    /// This many milliseconds into it.
-    Within(u64),
-    /// It ended: a new one starts now.
-    JustEnded,
-    /// It and the one before ended: nothing counted is recent.
-    Stale,
 }
 
 /// The sliding estimate from a window's counts, `into` milliseconds into the current one.
@@ -209,6 +208,25 @@ mod tests {
         assert_eq!(w.estimate(t0 + 3 * MINUTE + 20_001, b).0, 0.0);
         w.add(t0 + 3 * MINUTE + 20_002, b, 1);
         assert_eq!(w.estimate(t0 + 3 * MINUTE + 20_003, b).0, 1.0);
+    }
+
+    #[test]
+    fn counting_and_estimating_in_one_call_is_the_two_calls() {
+        let seed = random_seed();
+        let (one, two) = (
+            Window::new(Duration::from_secs(60), 1024, seed),
+            Window::new(Duration::from_secs(60), 1024, seed),
+        );
+        let k = super::super::key_hash("k");
+        for (t, n) in [
+            (1_000_000, 3),
+            (1_020_000, 2),
+            (1_070_000, 4),
+            (1_300_000, 1),
+        ] {
+            two.add(t, k, n);
+            assert_eq!(one.add_and_estimate(t, k, n), two.estimate(t, k), "at {t}");
+        }
     }
 
     #[test]
