@@ -110,8 +110,9 @@ fn curl(args: &[&str]) -> (String, String) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tls_listener_serves_http2_and_http1_clients_with_streaming() {
+/// A gateway with one TLS listener (port 0) besides the plain ones in `listen`, in front
+/// of a mock upstream; the certificate's file is the CA a client trusts.
+async fn tls_gateway(listen: &str) -> (Gateway, MockUpstream, tempfile::TempDir, String) {
     let (cert, key) = certificate();
     let up = MockUpstream::start("the mock upstream").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -119,15 +120,21 @@ async fn a_tls_listener_serves_http2_and_http1_clients_with_streaming() {
     std::fs::write(&cert_path, &cert).unwrap();
     std::fs::write(&key_path, &key).unwrap();
     let gw = Gateway::start(&format!(
-        "server:\n  listen: [\"127.0.0.1:0\"]\n  admin_listen: \"127.0.0.1:0\"\n  threads: 1\n  grace_period: 0s\n  tls:\n    - {{listen: \"127.0.0.1:0\", cert: {}, key: {}}}\nupstreams:\n  u:\n    servers: [{{url: \"{}\"}}]\nmodels:\n  m:\n    routes: [{{upstream: u}}]\n",
+        "server:\n  listen: [{listen}]\n  admin_listen: \"127.0.0.1:0\"\n  threads: 1\n  grace_period: 0s\n  tls:\n    - {{listen: \"127.0.0.1:0\", cert: {}, key: {}}}\nupstreams:\n  u:\n    servers: [{{url: \"{}\"}}]\nmodels:\n  m:\n    routes: [{{upstream: u}}]\n",
         cert_path.display(),
         key_path.display(),
         up.url()
     ));
+    let ca = cert_path.display().to_string();
+    (gw, up, dir, ca)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_listener_serves_http2_and_http1_clients_with_streaming() {
+    let (gw, up, _dir, ca2) = tls_gateway("\"127.0.0.1:0\"").await;
     // Bound on port 0 and printed with the others.
     let port = gw.tls_addrs[0].rsplit(':').next().unwrap().to_string();
     let url2 = format!("https://localhost:{port}/v1/chat/completions");
-    let ca2 = cert_path.display().to_string();
     let body = chat("m", false).to_string();
     let stream_body = chat("m", true).to_string();
     let results = tokio::task::spawn_blocking(move || {
@@ -188,22 +195,10 @@ async fn a_tls_listener_serves_http2_and_http1_clients_with_streaming() {
 /// and serves both HTTP versions on the TLS one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_with_only_tls_listeners_serves_both_http_versions() {
-    let (cert, key) = certificate();
-    let up = MockUpstream::start("the mock upstream").await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
-    std::fs::write(&cert_path, &cert).unwrap();
-    std::fs::write(&key_path, &key).unwrap();
-    let gw = Gateway::start(&format!(
-        "server:\n  listen: []\n  admin_listen: \"127.0.0.1:0\"\n  threads: 1\n  grace_period: 0s\n  tls:\n    - {{listen: \"127.0.0.1:0\", cert: {}, key: {}}}\nupstreams:\n  u:\n    servers: [{{url: \"{}\"}}]\nmodels:\n  m:\n    routes: [{{upstream: u}}]\n",
-        cert_path.display(),
-        key_path.display(),
-        up.url()
-    ));
+    let (gw, up, _dir, ca) = tls_gateway("").await;
     assert_eq!(gw.tls_addrs.len(), 1);
     let port = gw.tls_addrs[0].rsplit(':').next().unwrap().to_string();
     let url = format!("https://localhost:{port}/v1/chat/completions");
-    let ca = cert_path.display().to_string();
     let body = chat("m", false).to_string();
     let answers = tokio::task::spawn_blocking(move || {
         ["--http1.1", "--http2"].map(|version| {
