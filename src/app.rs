@@ -239,24 +239,29 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
         default_max,
     };
     // Plain listeners are accepted by the gateway's own loop; TLS ones by Pingora's.
-    let tls_proxy = (!tls.is_empty()).then(|| -> std::io::Result<_> {
-        let mut proxy = Service::new("tollgate proxy (TLS)".to_string(), client_listener.clone());
-        for (t, addr) in tls.iter().zip(&tls_listen) {
-            let mut settings = TlsSettings::intermediate(&t.cert, &t.key)
-                .map_err(|e| std::io::Error::other(format!("TLS listener {}: {e}", t.listen)))?;
-            // HTTP/2 for clients that offer it (ALPN), HTTP/1.1 for the rest.
-            settings.enable_h2();
-            // Unbuffered: HTTP/1.x writes are gathered by the connection's own buffer,
-            // and HTTP/2's by h2.
-            proxy.add_listener(
-                ListenerConfig::tcp(addr.to_string())
-                    .tls(settings)
-                    .l4_buffer(L4BufferSettings::unbuffered()),
-            );
-        }
-        proxy.threads = Some(threads);
-        Ok(proxy)
-    });
+    let tls_proxy = (!tls.is_empty())
+        .then(|| -> std::io::Result<_> {
+            let mut proxy =
+                Service::new("tollgate proxy (TLS)".to_string(), client_listener.clone());
+            for (t, addr) in tls.iter().zip(&tls_listen) {
+                let mut settings = TlsSettings::intermediate(&t.cert, &t.key).map_err(|e| {
+                    std::io::Error::other(format!("TLS listener {}: {e}", t.listen))
+                })?;
+                // HTTP/2 for clients that offer it (ALPN), HTTP/1.1 for the rest.
+                settings.enable_h2();
+                // Unbuffered: HTTP/1.x writes are gathered by the connection's own buffer,
+                // and HTTP/2's by h2; reads go straight to the socket (Pingora's default is
+                // a 64 KiB read buffer for the connection's life).
+                proxy.add_listener(
+                    ListenerConfig::tcp(addr.to_string())
+                        .tls(settings)
+                        .l4_buffer(L4BufferSettings::unbuffered()),
+                );
+            }
+            proxy.threads = Some(threads);
+            Ok(proxy)
+        })
+        .transpose()?;
     // None when only TLS listeners are configured.
     let proxy = (!listen.is_empty()).then(|| {
         PlainListeners::new(
@@ -298,7 +303,7 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
         server.add_service(proxy_sockets.serve(proxy));
     }
     if let Some(tls_proxy) = tls_proxy {
-        server.add_service(tls_sockets.serve(tls_proxy?));
+        server.add_service(tls_sockets.serve(tls_proxy));
     }
     server.add_service(admin_sockets.serve(admin));
     server.add_service(background_service(

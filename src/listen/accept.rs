@@ -62,7 +62,8 @@ where
             let listener = match listen(addr, fds.as_ref()).await {
                 Ok(listener) => Arc::new(listener),
                 Err(e) => {
-                    // A gateway that cannot listen where it was told to must not look up.
+                    // A gateway that cannot listen where it was told to must not seem to
+                    // run.
                     log::error!("cannot listen on {addr}: {e}");
                     crate::observe::flush_logs();
                     std::process::exit(1);

@@ -53,7 +53,8 @@ enum Phase {
     Done,
 }
 
-/// A client stream with a deadline on each request header.
+/// A client stream with a deadline on each request header, gathering small writes until
+/// a flush.
 pub struct HeaderDeadline<T: AsyncWrite + Unpin> {
     inner: T,
     timeout: Duration,

@@ -8,7 +8,8 @@
 //! - a statement is used by one thread at a time: [`RowWriter`] is only reached through
 //!   the usage queue's mutex, and its connection is opened without SQLite's own mutex;
 //! - a text bound in place lives, unchanged, until the statement has run: the rows are
-//!   borrowed for the whole of [`RowWriter::write`], and day texts are only ever added;
+//!   borrowed for the whole of [`RowWriter::write`], and the day texts are all made
+//!   before the first binding;
 //! - every parameter is bound again before each run (a statement has exactly the
 //!   parameters of its rows), so no binding outlives what it points at into a later run;
 //! - statements are finalised before their connection closes (field order).
@@ -61,17 +62,18 @@ impl RowWriter {
     /// Writes `rows` in one transaction.
     pub fn write(&mut self, rows: &[UsageRow]) -> Result<(), rusqlite::Error> {
         let tx = self.conn.unchecked_transaction()?;
-        // Rows of a flush are nearly all of one day: each day's text is made once.
+        // Rows of a flush are nearly all of one day: each day's text is made once, before
+        // anything is bound to it.
         let mut days: Vec<(i64, String)> = Vec::with_capacity(2);
-        for chunk in rows.chunks(BATCH) {
-            for r in chunk {
-                let day = r.ts.div_euclid(crate::clock::DAY_MS);
-                if !days.iter().any(|(d, _)| *d == day) {
-                    let mut text = String::with_capacity(10);
-                    crate::clock::push_day(&mut text, r.ts);
-                    days.push((day, text));
-                }
+        for r in rows {
+            let day = r.ts.div_euclid(crate::clock::DAY_MS);
+            if !days.iter().any(|(d, _)| *d == day) {
+                let mut text = String::with_capacity(10);
+                crate::clock::push_day(&mut text, r.ts);
+                days.push((day, text));
             }
+        }
+        for chunk in rows.chunks(BATCH) {
             let insert = prepared(&self.conn, &mut self.inserts[chunk.len() - 1], chunk.len())?;
             let mut bind = Binder {
                 stmt: insert.0.as_ptr(),
