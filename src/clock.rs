@@ -4,17 +4,81 @@
 //! [`monotonic_ms`], read from tokio's clock, so tests run with paused time
 //! (`#[tokio::test(start_paused = true)]`, `tokio::time::advance`) and never sleep.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::OnceLock;
+use std::task::Poll;
+use std::time::Duration;
 
-/// Milliseconds on the process's monotonic clock (never 0). Outside a runtime with paused
-/// time this is the system's monotonic clock; under paused time it moves only with
-/// `tokio::time::advance` or the runtime's auto-advance, together with every timeout.
+/// Milliseconds on the system's monotonic clock (never 0), for cooldowns, health, rate
+/// windows and leases: what needs milliseconds, not microseconds. Read from the kernel's
+/// coarse clock ([`coarse_ms`]), which costs a few nanoseconds where the precise one costs
+/// about 25 on a virtual machine, and runs behind it by at most one scheduler tick (4 ms at
+/// 250 Hz). Under test, read from tokio's clock instead, so unit tests run with paused
+/// time and move it with `tokio::time::advance`.
 pub fn monotonic_ms() -> u64 {
-    static START: OnceLock<std::time::Instant> = OnceLock::new();
-    let start = *START.get_or_init(std::time::Instant::now);
-    let now = tokio::time::Instant::now().into_std();
-    now.saturating_duration_since(start).as_millis() as u64 + 1
+    #[cfg(not(test))]
+    {
+        coarse_ms()
+    }
+    #[cfg(test)]
+    {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let start = *START.get_or_init(std::time::Instant::now);
+        let now = tokio::time::Instant::now().into_std();
+        now.saturating_duration_since(start).as_millis() as u64 + 1
+    }
+}
+
+/// The kernel's coarse monotonic clock (`CLOCK_MONOTONIC_COARSE`, updated once a tick), in
+/// milliseconds since boot, plus one.
+pub fn coarse_ms() -> u64 {
+    use nix::time::{clock_gettime, ClockId};
+    match clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE) {
+        Ok(t) => t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000 + 1,
+        // Not on this kernel (before 2.6.32): the precise clock, on the same time base.
+        Err(_) => match clock_gettime(ClockId::CLOCK_MONOTONIC) {
+            Ok(t) => t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000 + 1,
+            Err(_) => 1,
+        },
+    }
+}
+
+/// `fut`'s output, or `None` when it waits longer than `wait`. The timer, and the clock
+/// read it takes, are made only when `fut` has to wait: most reads and writes on the
+/// request path are ready at once.
+pub async fn within<F: Future>(wait: Duration, fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(wait)));
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+    .await
+}
+
+/// `fut`'s output, adding to `waited` how long it waited: from its first poll that could
+/// not finish to its end. The clock is read only when it waits (a request body that came
+/// with its header does not).
+pub async fn add_wait<F: Future>(waited: &mut Duration, fut: F) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    // tokio's clock: the system's, or paused time under test.
+    let mut since: Option<tokio::time::Instant> = None;
+    let out = std::future::poll_fn(|cx| {
+        let polled = fut.as_mut().poll(cx);
+        if polled.is_pending() {
+            since.get_or_insert_with(tokio::time::Instant::now);
+        }
+        polled
+    })
+    .await;
+    if let Some(since) = since {
+        *waited += since.elapsed();
+    }
+    out
 }
 
 /// Milliseconds since the Unix epoch, UTC.
@@ -188,5 +252,46 @@ mod tests {
         let c = ManualClock::new(5);
         c.advance(10);
         assert_eq!(c.now_ms(), 15);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_is_timed_only_when_it_waits_and_a_timer_fires_only_on_a_wait() {
+        let mut waited = Duration::ZERO;
+        assert_eq!(add_wait(&mut waited, async { 7 }).await, 7);
+        assert_eq!(waited, Duration::ZERO);
+        let slow = tokio::time::sleep(Duration::from_millis(300));
+        add_wait(&mut waited, slow).await;
+        assert_eq!(waited, Duration::from_millis(300));
+
+        assert_eq!(within(Duration::ZERO, async { 1 }).await, Some(1));
+        let slow = tokio::time::sleep(Duration::from_secs(2));
+        assert_eq!(within(Duration::from_secs(1), slow).await, None);
+        let quick = tokio::time::sleep(Duration::from_millis(999));
+        assert_eq!(within(Duration::from_secs(1), quick).await, Some(()));
+    }
+
+    #[test]
+    fn the_coarse_clock_keeps_within_a_tick_of_the_precise_one() {
+        use nix::time::{clock_gettime, ClockId};
+        let precise = || {
+            let t = clock_gettime(ClockId::CLOCK_MONOTONIC).unwrap();
+            t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000 + 1
+        };
+        let mut last = coarse_ms();
+        for _ in 0..5 {
+            let before = precise();
+            let coarse = coarse_ms();
+            let after = precise();
+            // A tick is at most 10 ms (100 Hz); the coarse clock never runs ahead.
+            assert!(coarse <= after, "{coarse} > {after}");
+            assert!(
+                coarse + 10 >= before,
+                "{coarse} is more than a tick behind {before}"
+            );
+            assert!(coarse >= last);
+            last = coarse;
+            std::thread::sleep(std::time::Duration::from_millis(7));
+        }
+        assert!(last > 1);
     }
 }

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 /// Top-level modules, lowest layer first.
 const LAYERS: &[&[&str]] = &[
+    &["clock"],
     &[
-        "clock",
         "secret",
         "body",
         "transport",

@@ -128,12 +128,14 @@ pub(super) async fn attempt(
     state
         .latency
         .observe(sent_at.elapsed(), now, upstream.latency_decay);
-    let wall = plan.clock.now_ms();
-    state.quota.observe(sent.headers(), now, wall);
+    state
+        .quota
+        .observe(sent.headers(), now, || plan.clock.now_ms());
     let status = sent.status();
     let class = if status < 400 {
         Class::Deliver
     } else {
+        let wall = plan.clock.now_ms();
         sent.read_prefix(plan.failover.error_body_limit, upstream.idle_timeout)
             .await;
         inspect::classify(

@@ -1,23 +1,24 @@
 //! The accept loop for plain-TCP client listeners. Pingora's listening service runs each
 //! connection in a task whose future has room for a TLS handshake (about 9 KiB, held for
 //! the connection's whole life, TLS or not). Here a plain connection's task is the
-//! connection's own future and nothing else. TLS listeners stay on Pingora's service.
+//! connection's own future and nothing else, and its socket is handed to Pingora as a
+//! [`ClientTcp`] rather than Pingora's stream. TLS listeners stay on Pingora's service.
 //!
 //! Listening sockets live in Pingora's table of listening sockets, as Pingora's own do: a
 //! socket handed over by a graceful upgrade is taken from it, and one bound here is put in
 //! it for the next upgrade to hand over.
 
+use super::tcp::ClientTcp;
 use super::{ClientListener, H2Proxy, Serve};
 use async_trait::async_trait;
 use pingora_core::apps::HttpServerApp;
-use pingora_core::protocols::l4::listener::Listener;
 use pingora_core::server::{ListenFds, ShutdownWatch};
 use pingora_core::services::Service;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpSocket;
+use tokio::net::{TcpListener, TcpSocket};
 
 /// The backlog of a listening socket (Pingora's).
 const BACKLOG: u32 = 65535;
@@ -98,7 +99,7 @@ where
 
 /// Accepts connections until shutdown starts; each runs in a task of its own.
 async fn accept_loop<P, S>(
-    listener: Arc<Listener>,
+    listener: Arc<TcpListener>,
     app: Arc<ClientListener<P, S>>,
     mut shutdown: ShutdownWatch,
 ) where
@@ -111,9 +112,10 @@ async fn accept_loop<P, S>(
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok(stream) => {
+            Ok((stream, peer)) => {
                 let (app, shutdown) = (Arc::clone(&app), shutdown.clone());
-                tokio::spawn(async move { app.connection(Box::new(stream), &shutdown).await });
+                let stream = Box::new(ClientTcp::new(stream, peer));
+                tokio::spawn(async move { app.connection(stream, &shutdown).await });
             }
             Err(e) => {
                 log::error!("accepting a client connection: {e}");
@@ -129,7 +131,7 @@ async fn accept_loop<P, S>(
 
 /// The listening socket for `addr`: the one in the table (handed over by an upgrade, or
 /// bound ahead of the server) or a new one, then put in the table.
-async fn listen(addr: &str, fds: Option<&ListenFds>) -> std::io::Result<Listener> {
+async fn listen(addr: &str, fds: Option<&ListenFds>) -> std::io::Result<TcpListener> {
     let handed_over = fds.and_then(|table| table.lock().get(addr).copied());
     if let Some(fd) = handed_over {
         return from_fd(fd);
@@ -138,18 +140,18 @@ async fn listen(addr: &str, fds: Option<&ListenFds>) -> std::io::Result<Listener
     if let Some(table) = fds {
         table.lock().add(addr.to_string(), listener.as_raw_fd());
     }
-    Ok(listener.into())
+    Ok(listener)
 }
 
 /// A listening socket from the table. Listening again only sets the backlog.
 #[allow(unsafe_code)]
-fn from_fd(fd: RawFd) -> std::io::Result<Listener> {
+fn from_fd(fd: RawFd) -> std::io::Result<TcpListener> {
     // SAFETY: the table holds listening sockets only, and each is taken by one listener.
     let socket = TcpSocket::from_std_stream(unsafe { std::net::TcpStream::from_raw_fd(fd) });
-    Ok(socket.listen(BACKLOG)?.into())
+    socket.listen(BACKLOG)
 }
 
-async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+async fn bind(addr: &str) -> std::io::Result<TcpListener> {
     let at: SocketAddr = addr.to_socket_addrs()?.next().ok_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind")
     })?;

@@ -39,12 +39,13 @@ enum Phase {
     /// Between keep-alive requests: the keep-alive timeout applies (Pingora's), and the
     /// header deadline starts with the next request's first byte.
     Idle,
-    /// Reading a header that began at `started`. The timer is made only when a read has
-    /// to wait (most headers arrive in one read and never need it). `seen`: some of the
+    /// Reading a header that began at `started` (read from the clock only when the header
+    /// did not come whole in its first read). The timer is made only when a read has to
+    /// wait (most headers arrive in one read and never need it). `seen`: some of the
     /// header arrived; `line_start`: the last byte ended a line, so a line break now ends
     /// the header.
     Header {
-        started: Instant,
+        started: Option<Instant>,
         timer: Option<Pin<Box<Sleep>>>,
         seen: bool,
         line_start: bool,
@@ -77,7 +78,7 @@ impl<T: AsyncWrite + Unpin> HeaderDeadline<T> {
             inner,
             timeout,
             phase: Phase::Header {
-                started: Instant::now(),
+                started: Some(Instant::now()),
                 timer: None,
                 seen: false,
                 line_start: false,
@@ -114,7 +115,7 @@ impl<T: AsyncWrite + Unpin> HeaderDeadline<T> {
         }
         if matches!(self.phase, Phase::Idle) {
             self.phase = Phase::Header {
-                started: Instant::now(),
+                started: None,
                 timer: None,
                 seen: false,
                 line_start: false,
@@ -139,6 +140,10 @@ impl<T: AsyncWrite + Unpin> HeaderDeadline<T> {
         }
         if !blank(rest) {
             *line_start = false;
+        }
+        // The header goes on past this read: its deadline counts from now.
+        if let Phase::Header { started, .. } = &mut self.phase {
+            started.get_or_insert_with(Instant::now);
         }
     }
 }
@@ -173,7 +178,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeaderDeadline<T> {
                 else {
                     return Poll::Pending;
                 };
-                let deadline = *started + this.timeout;
+                let deadline = *started.get_or_insert_with(Instant::now) + this.timeout;
                 let timer =
                     timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                 if timer.as_mut().poll(cx).is_pending() {

@@ -11,6 +11,7 @@
 
 mod accept;
 mod deadline;
+mod tcp;
 
 pub use accept::PlainListeners;
 

@@ -97,10 +97,10 @@ impl RequestCtx {
         if session.get_keepalive().is_some() {
             session.set_keepalive(Some(config.server.keepalive_timeout.as_secs()));
         }
-        // Pingora times each body read with this: the longest pause within a body.
-        session
-            .downstream_session
-            .set_read_timeout(Some(config.server.body_timeout));
+        // The body's reads are timed by `intake::read_body` (`server.body_timeout`), with a
+        // timer only for a read that waits; Pingora's own timer would read the clock for
+        // every read.
+        session.downstream_session.set_read_timeout(None);
         self.config = Some(config);
     }
 }

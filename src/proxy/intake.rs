@@ -3,6 +3,7 @@
 //! chunked framing 400; and, after an early answer, draining what the client still sends.
 
 use super::Outcome;
+use crate::clock::within;
 use crate::error::GatewayError;
 use bytes::{Bytes, BytesMut};
 use pingora_core::{Error, ErrorType};
@@ -49,19 +50,22 @@ const INVALID_CHUNK: ErrorType = ErrorType::new("InvalidChunk");
 /// (408) and broken chunked framing (400) are answered; a connection that broke is not.
 fn body_error(e: Box<Error>, timeout: Duration) -> Outcome {
     match &e.etype {
-        ErrorType::ReadTimedout => {
-            if let Some(m) = crate::metrics::get() {
-                m.client_timeouts.with_label_values(&["body"]).inc();
-            }
-            Outcome::Refused(GatewayError::RequestTimeout {
-                secs: timeout.as_secs(),
-            })
-        }
+        ErrorType::ReadTimedout => body_timed_out(timeout),
         t if *t == INVALID_CHUNK => Outcome::Refused(GatewayError::BadRequest(
             "The request body's chunked framing is malformed.".into(),
         )),
         _ => Outcome::Aborted(e),
     }
+}
+
+/// A body that paused longer than `timeout`: 408.
+fn body_timed_out(timeout: Duration) -> Outcome {
+    if let Some(m) = crate::metrics::get() {
+        m.client_timeouts.with_label_values(&["body"]).inc();
+    }
+    Outcome::Refused(GatewayError::RequestTimeout {
+        secs: timeout.as_secs(),
+    })
 }
 
 /// Reads the whole request body, refusing more than `limit` bytes. Answers
@@ -90,16 +94,31 @@ pub(super) async fn read_body(
         session.write_continue_response().await?;
         session.set_close_on_response_before_downstream_finish(true);
     }
-    let mut buf = BytesMut::with_capacity(declared.unwrap_or(16 * 1024).min(limit) as usize);
-    while let Some(chunk) = session
-        .read_request_body()
-        .await
-        .map_err(|e| body_error(e, gap))?
-    {
-        if (buf.len() + chunk.len()) as u64 > limit {
+    // Each read may pause at most `gap`. A body that came in one piece (the usual case:
+    // it arrived with the header) is returned as that piece, without a copy.
+    let mut first: Option<Bytes> = None;
+    let mut buf = BytesMut::new();
+    loop {
+        let chunk = within(gap, session.read_request_body())
+            .await
+            .ok_or_else(|| body_timed_out(gap))?
+            .map_err(|e| body_error(e, gap))?;
+        let Some(chunk) = chunk else { break };
+        let held = first.as_ref().map_or(0, Bytes::len) + buf.len();
+        if (held + chunk.len()) as u64 > limit {
             return Err(too_large().into());
         }
-        buf.extend_from_slice(&chunk);
+        match first.take() {
+            None if buf.is_empty() => first = Some(chunk),
+            earlier => {
+                if let Some(earlier) = earlier {
+                    let size = declared.unwrap_or(16 * 1024).min(limit) as usize;
+                    buf.reserve(size.max(earlier.len() + chunk.len()));
+                    buf.extend_from_slice(&earlier);
+                }
+                buf.extend_from_slice(&chunk);
+            }
+        }
     }
-    Ok(buf.freeze())
+    Ok(first.unwrap_or_else(|| buf.freeze()))
 }

@@ -86,10 +86,12 @@ impl Gateway {
         caller: &Caller,
         suffix: &str,
     ) -> Result<(), Outcome> {
-        let body_started = Instant::now();
         let s = &config.server;
-        let body = intake::read_body(session, s.max_body_size, s.body_timeout).await?;
-        ctx.record.waiting += body_started.elapsed();
+        let body = crate::clock::add_wait(
+            &mut ctx.record.waiting,
+            intake::read_body(session, s.max_body_size, s.body_timeout),
+        )
+        .await?;
         ctx.body_unread = false;
         let facts = body::scan(&body, suffix).map_err(GatewayError::BadRequest)?;
         if facts.choices > config.budgets.max_n {
@@ -239,7 +241,9 @@ impl Gateway {
         let result = relay::relay(session, &self.connections, answer, &stamp, &mut relayed).await;
         drop(in_flight);
         ctx.record.target = Some(target);
-        ctx.record.waiting += relay_started.elapsed();
+        let relay_ended = Instant::now();
+        ctx.record.waiting += relay_ended.saturating_duration_since(relay_started);
+        ctx.record.ended = Some(relay_ended);
         if let Some(t) = ctx.record.trace.as_deref_mut().filter(|t| t.ctx.sampled) {
             t.answer = relayed.capture.as_ref().and_then(|c| c.body());
         }

@@ -131,15 +131,17 @@ impl Conn {
         Ok(())
     }
 
+    /// Writes `bytes` within `wait` (a request usually goes into the socket's buffer at
+    /// once, without a timer).
     async fn write(&mut self, bytes: &[u8], wait: Duration) -> Result<(), Error> {
         let write = async {
             self.stream.write_all(bytes).await?;
             self.stream.flush().await
         };
-        match tokio::time::timeout(wait, write).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Error::Io(e)),
-            Err(_) => Err(Error::Timeout),
+        match crate::clock::within(wait, write).await {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(Error::Io(e)),
+            None => Err(Error::Timeout),
         }
     }
 

@@ -9,6 +9,7 @@
 //! nothing lingers without traffic either. New connections (connect, TLS) still come from
 //! Pingora's `TransportConnector`.
 
+use crate::clock::monotonic_ms;
 use crate::transport::h1::Conn;
 use pingora_core::connectors::TransportConnector;
 use pingora_core::protocols::Stream;
@@ -19,7 +20,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncRead, ReadBuf};
 
 /// How often idle connections are swept.
@@ -73,13 +74,14 @@ impl BackgroundService for Sweeper {
 
 struct Idle {
     stream: Stream,
-    since: Instant,
+    /// When it was put back (`clock::monotonic_ms`).
+    since: u64,
     max_idle: Duration,
 }
 
 impl Idle {
-    fn expired(&self, now: Instant) -> bool {
-        now.duration_since(self.since) >= self.max_idle
+    fn expired(&self, now: u64) -> bool {
+        u128::from(now.saturating_sub(self.since)) >= self.max_idle.as_millis()
     }
 }
 
@@ -110,7 +112,7 @@ impl Pool {
 
     /// The newest live idle connection to `target`, if any.
     pub fn take(&self, target: u64) -> Option<Stream> {
-        let now = Instant::now();
+        let now = monotonic_ms();
         let mut dead = Vec::new();
         let found = {
             let mut lists = self.lock();
@@ -159,7 +161,7 @@ impl Pool {
             };
             lists.by_target.entry(target).or_default().push(Idle {
                 stream,
-                since: Instant::now(),
+                since: monotonic_ms(),
                 max_idle,
             });
             lists.total += 1;
@@ -170,7 +172,7 @@ impl Pool {
 
     /// Closes connections idle past their time or closed by their server.
     pub fn sweep(&self) {
-        let now = Instant::now();
+        let now = monotonic_ms();
         let mut dead = Vec::new();
         {
             let mut lists = self.lock();

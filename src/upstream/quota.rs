@@ -92,9 +92,9 @@ pub struct Room {
 }
 
 impl Quota {
-    /// Reads the rate-limit headers of an answer received at `now_ms` (wall clock `wall_ms`
-    /// for Anthropic's reset times).
-    pub fn observe(&self, headers: &HeaderMap, now_ms: u64, wall_ms: i64) {
+    /// Reads the rate-limit headers of an answer received at `now_ms`; `wall_ms` reads the
+    /// wall clock, only for Anthropic's reset times.
+    pub fn observe(&self, headers: &HeaderMap, now_ms: u64, wall_ms: impl Fn() -> i64) {
         // Most answers of self-hosted servers carry none: one pass over the names (no
         // hashing) says so before four lookups.
         let any = headers.keys().any(|k| {
@@ -117,7 +117,7 @@ impl Quota {
             let reset = get(reset)
                 .and_then(|v| {
                     if anthropic {
-                        until_time(v, wall_ms)
+                        until_time(v, wall_ms())
                     } else {
                         parse_duration(v)
                     }
@@ -177,7 +177,7 @@ mod tests {
                 ("x-ratelimit-reset-requests", "2s"),
             ]),
             1_000,
-            0,
+            || 0,
         );
         assert!(!q.covers(1_000, 1));
         assert!(!q.covers(2_999, 1));
@@ -194,7 +194,7 @@ mod tests {
                 ("x-ratelimit-reset-tokens", "500ms"),
             ]),
             1_000,
-            0,
+            || 0,
         );
         assert!(q.covers(1_000, 1000));
         assert!(!q.covers(1_000, 1001));
@@ -215,7 +215,7 @@ mod tests {
                 ("anthropic-ratelimit-requests-reset", "2026-12-03T10:00:05Z"),
             ]),
             100,
-            wall,
+            || wall,
         );
         assert_eq!(q.room(100).requests, Some((0, Duration::from_secs(5))),);
         assert!(!q.covers(5_099, 1));
@@ -232,7 +232,7 @@ mod tests {
                 h.insert("x-ratelimit-reset-requests", value.clone());
                 h.insert("anthropic-ratelimit-tokens-remaining", value.clone());
                 h.insert("anthropic-ratelimit-tokens-reset", value);
-                q.observe(&h, 1, 0);
+                q.observe(&h, 1, || 0);
                 let _ = q.covers(1, 1);
             }
         }
