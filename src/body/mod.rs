@@ -1,11 +1,14 @@
-//! Stage 3, `request_filter`: the request body. Finds `model` and `stream` in one pass
-//! of serde_json over the borrowed bytes (unknown fields are skipped, not built), and
-//! rewrites only the bytes of the model value when a route renames it. The rest of the
-//! body is forwarded byte for byte; nothing here re-encodes the whole JSON.
+//! Stage 3, `request_filter`: the request body. Finds `model`, `stream` and the other
+//! members the gateway reads in one pass over the borrowed bytes ([`skim`]: the whole
+//! document's grammar is checked, nothing is built, and only the values read go through
+//! serde_json), and rewrites only the bytes of the model value when a route renames it.
+//! The rest of the body is forwarded byte for byte; nothing here re-encodes the JSON.
+
+mod skim;
 
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
-use serde_json::value::RawValue;
+use serde_json::Number;
 use std::ops::Range;
 
 /// What the gateway needs from a request body.
@@ -41,30 +44,99 @@ pub struct SamplingSpans {
     pub generation: Option<Range<usize>>,
 }
 
-#[derive(Deserialize)]
-struct Head<'a> {
-    #[serde(borrow)]
-    model: Option<&'a RawValue>,
-    #[serde(default)]
+/// The members the gateway reads, as the body has them: the JSON text of the values kept
+/// as text, the numbers and the stream flag read. A `null` is no value.
+#[derive(Debug, Default)]
+struct Found<'a> {
+    model: Option<&'a str>,
     stream: Option<bool>,
-    #[serde(default)]
-    max_tokens: Option<serde_json::Number>,
-    #[serde(default)]
-    max_completion_tokens: Option<serde_json::Number>,
-    #[serde(default)]
-    max_output_tokens: Option<serde_json::Number>,
-    #[serde(default)]
-    n: Option<serde_json::Number>,
-    #[serde(default)]
-    best_of: Option<serde_json::Number>,
-    #[serde(default, borrow)]
-    stream_options: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    temperature: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    top_p: Option<&'a RawValue>,
-    #[serde(default, borrow, rename = "generationConfig")]
-    generation: Option<&'a RawValue>,
+    max_tokens: Option<Number>,
+    max_completion_tokens: Option<Number>,
+    max_output_tokens: Option<Number>,
+    n: Option<Number>,
+    best_of: Option<Number>,
+    stream_options: Option<&'a str>,
+    temperature: Option<&'a str>,
+    top_p: Option<&'a str>,
+    generation: Option<&'a str>,
+}
+
+/// The members [`Found`] holds, by their names in the body.
+const MEMBERS: [&str; 11] = [
+    "model",
+    "stream",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "n",
+    "best_of",
+    "stream_options",
+    "temperature",
+    "top_p",
+    "generationConfig",
+];
+
+/// The members the gateway reads, found by [`skim`] in one pass; the same answers as
+/// deserializing them from the whole body with serde_json (a member twice is an error,
+/// a value of the wrong type too), which the tests hold it to.
+fn found(text: &str) -> Result<Found<'_>, String> {
+    let mut at: [Option<&str>; MEMBERS.len()] = Default::default();
+    skim::members(text, |key, value| {
+        let Some(i) = MEMBERS.iter().position(|m| *m == key) else {
+            return Ok(());
+        };
+        match at[i].replace(&text[value]) {
+            Some(_) => Err(format!("duplicate field `{key}`")),
+            None => Ok(()),
+        }
+    })
+    .map_err(|e| format!("Request body is not valid JSON: {e}"))?;
+    let [model, stream, max_tokens, max_completion_tokens, max_output_tokens, n, best_of, stream_options, temperature, top_p, generation] =
+        at.map(|v| v.filter(|v| *v != "null"));
+    let stream = match stream {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(v) => Some(serde_json::from_str(v).map_err(|e| invalid("stream", &e))?),
+    };
+    Ok(Found {
+        model,
+        stream,
+        max_tokens: number("max_tokens", max_tokens)?,
+        max_completion_tokens: number("max_completion_tokens", max_completion_tokens)?,
+        max_output_tokens: number("max_output_tokens", max_output_tokens)?,
+        n: number("n", n)?,
+        best_of: number("best_of", best_of)?,
+        stream_options,
+        temperature,
+        top_p,
+        generation,
+    })
+}
+
+fn invalid(name: &str, e: &serde_json::Error) -> String {
+    format!("Request body is not valid JSON: {name}: {e}")
+}
+
+/// A member's number; a plain count is read without serde_json.
+fn number(name: &str, value: Option<&str>) -> Result<Option<Number>, String> {
+    let Some(v) = value else { return Ok(None) };
+    if v.len() <= 19 && v.bytes().all(|b| b.is_ascii_digit()) {
+        if let Ok(n) = v.parse::<u64>() {
+            return Ok(Some(Number::from(n)));
+        }
+    }
+    serde_json::from_str(v)
+        .map(Some)
+        .map_err(|e| invalid(name, &e))
+}
+
+/// A model name: the string's text as it stands when it holds no escape.
+fn model_name(raw: &str) -> Option<String> {
+    match raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+        Some(plain) if !plain.contains('\\') => Some(plain.to_string()),
+        _ => serde_json::from_str(raw).ok(),
+    }
 }
 
 #[derive(Deserialize)]
@@ -102,19 +174,26 @@ pub const MAX_COMPLETION_TOKENS: u64 = i32::MAX as u64;
 /// object body of a request to `suffix` (the path after `/v1`). Errors are client-facing
 /// messages.
 pub fn scan(body: &[u8], suffix: &str) -> Result<RequestFacts, String> {
+    scan_with(body, suffix, found)
+}
+
+fn scan_with(
+    body: &[u8],
+    suffix: &str,
+    found: for<'a> fn(&'a str) -> Result<Found<'a>, String>,
+) -> Result<RequestFacts, String> {
     let text =
         std::str::from_utf8(body).map_err(|_| "Request body is not valid UTF-8.".to_string())?;
     if !text.trim_start().starts_with('{') {
         return Err("Request body must be a JSON object.".into());
     }
-    let head: Head =
-        serde_json::from_str(text).map_err(|e| format!("Request body is not valid JSON: {e}"))?;
+    let head = found(text)?;
     let raw = head
         .model
         .ok_or_else(|| "You must provide a model parameter.".to_string())?;
-    let model: String = serde_json::from_str(raw.get())
-        .map_err(|_| "The model parameter must be a string.".to_string())?;
-    let number = |name: &str, value: &serde_json::Number| {
+    let model =
+        model_name(raw).ok_or_else(|| "The model parameter must be a string.".to_string())?;
+    let number = |name: &str, value: &Number| {
         value
             .as_u64()
             .filter(|n| *n <= MAX_COMPLETION_TOKENS)
@@ -151,22 +230,20 @@ pub fn scan(body: &[u8], suffix: &str) -> Result<RequestFacts, String> {
         }
         choices = choices.max(n);
     }
-    // RawValue borrows from `text`, so its position is the value's offset in the body.
-    let span = |r: &RawValue| {
-        let start = r.get().as_ptr() as usize - text.as_ptr() as usize;
-        start..start + r.get().len()
+    // Each value borrows from `text`, so its position is its offset in the body.
+    let span = |r: &str| {
+        let start = r.as_ptr() as usize - text.as_ptr() as usize;
+        start..start + r.len()
     };
-    let start = raw.get().as_ptr() as usize - text.as_ptr() as usize;
     Ok(RequestFacts {
         model,
-        model_span: start..start + raw.get().len(),
+        model_span: span(raw),
         stream: head.stream.unwrap_or(false),
         max_tokens,
         choices,
         stream_options: head.stream_options.is_some(),
         include_usage: head.stream_options.is_some_and(|raw| {
-            serde_json::from_str::<StreamOptions>(raw.get())
-                .is_ok_and(|o| o.include_usage == Some(true))
+            serde_json::from_str::<StreamOptions>(raw).is_ok_and(|o| o.include_usage == Some(true))
         }),
         open: text.len() - text.trim_start().len(),
         sampling: SamplingSpans {
@@ -337,11 +414,125 @@ mod tests {
 mod props {
     use super::*;
     use proptest::prelude::*;
+    use serde_json::value::RawValue;
 
     const CHAT: &str = "/chat/completions";
 
+    /// The members the gateway reads, as serde_json deserializes them from a whole body.
+    #[derive(Deserialize)]
+    struct Head<'a> {
+        #[serde(borrow)]
+        model: Option<&'a RawValue>,
+        stream: Option<bool>,
+        max_tokens: Option<Number>,
+        max_completion_tokens: Option<Number>,
+        max_output_tokens: Option<Number>,
+        n: Option<Number>,
+        best_of: Option<Number>,
+        #[serde(borrow)]
+        stream_options: Option<&'a RawValue>,
+        #[serde(borrow)]
+        temperature: Option<&'a RawValue>,
+        #[serde(borrow)]
+        top_p: Option<&'a RawValue>,
+        #[serde(borrow, rename = "generationConfig")]
+        generation: Option<&'a RawValue>,
+    }
+
+    /// The reference: [`Head`] deserialized from the whole body by serde_json.
+    fn found_by_serde(text: &str) -> Result<Found<'_>, String> {
+        let h: Head = serde_json::from_str(text)
+            .map_err(|e| format!("Request body is not valid JSON: {e}"))?;
+        Ok(Found {
+            model: h.model.map(RawValue::get),
+            stream: h.stream,
+            max_tokens: h.max_tokens,
+            max_completion_tokens: h.max_completion_tokens,
+            max_output_tokens: h.max_output_tokens,
+            n: h.n,
+            best_of: h.best_of,
+            stream_options: h.stream_options.map(RawValue::get),
+            temperature: h.temperature.map(RawValue::get),
+            top_p: h.top_p.map(RawValue::get),
+            generation: h.generation.map(RawValue::get),
+        })
+    }
+
+    /// A member's key: one the gateway reads (sometimes escaped), or another.
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            proptest::sample::select(MEMBERS.to_vec()).prop_map(|k| format!("\"{k}\"")),
+            Just(r#""mod\u0065l""#.to_string()),
+            Just(r#""str\u0065am""#.to_string()),
+            "[a-z_]{1,8}".prop_map(|k| format!("\"{k}\"")),
+        ]
+    }
+
+    /// A member's value, of a type the gateway expects or not.
+    fn value() -> impl Strategy<Value = String> {
+        let any_json = any::<(bool, i32, String)>().prop_map(|(b, n, s)| {
+            serde_json::json!({"b": b, "n": n, "s": s, "list": [n, s, null]}).to_string()
+        });
+        prop_oneof![
+            proptest::sample::select(vec![
+                "null",
+                "true",
+                "false",
+                "0",
+                "1",
+                "64",
+                "-1",
+                "1.5",
+                "1e3",
+                "2147483647",
+                "2147483648",
+                "18446744073709551616",
+                r#""gpt-4o""#,
+                r#""a\"b""#,
+                r#""\u00e9""#,
+                "{}",
+                r#"{"include_usage":true}"#,
+                r#"{"include_usage":false}"#,
+                r#"{"include_usage":"yes"}"#,
+                "[1,2]",
+                r#"{"temperature":0.5}"#,
+                " 7 ",
+            ])
+            .prop_map(str::to_string),
+            any_json,
+        ]
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// The walker and serde_json find the same facts in any body, and refuse the same
+        /// bodies: members the gateway reads or not, of the right type or not, twice or
+        /// not, and the text cut or changed anywhere.
+        #[test]
+        fn the_walker_reads_bodies_as_serde_json_does(
+            members in proptest::collection::vec((key(), value()), 0..7),
+            damage in proptest::option::of((any::<proptest::sample::Index>(), 0..3u8, proptest::sample::select(b"\"{}[],:\\ 0e-.".to_vec()))),
+            suffix in proptest::sample::select(vec!["/chat/completions", "/completions", "/messages", "/responses"]),
+        ) {
+            let inner: Vec<String> = members.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+            let mut body = format!("{{{}}}", inner.join(",")).into_bytes();
+            if let Some((at, how, byte)) = damage {
+                let i = at.index(body.len() + 1);
+                match how {
+                    0 => body.truncate(i),
+                    1 if i < body.len() => body[i] = byte,
+                    _ => body.insert(i, byte),
+                }
+            }
+            let walked = scan(&body, suffix);
+            let parsed = scan_with(&body, suffix, found_by_serde);
+            match (&walked, &parsed) {
+                (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+                (Err(_), Err(_)) => {}
+                _ => prop_assert!(false, "{:?}: walked {:?}, serde_json {:?}", String::from_utf8_lossy(&body), walked, parsed),
+            }
+        }
 
         /// Any body: facts or a client-facing message, never a panic.
         #[test]
