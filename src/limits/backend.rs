@@ -20,6 +20,15 @@ pub trait CounterBackend: Send + Sync {
     /// did not fit.
     async fn reserve(&self, charges: &mut [Charge]) -> Result<(), Refusal>;
 
+    /// [`reserve`]'s answer at once, for a backend that never waits (counters in this
+    /// process): without the boxed future an `async` trait method costs a call. `None`:
+    /// call [`reserve`].
+    ///
+    /// [`reserve`]: CounterBackend::reserve
+    fn reserve_now(&self, _charges: &mut [Charge]) -> Option<Result<(), Refusal>> {
+        None
+    }
+
     /// The request ended (by any path; called from `Admission`'s drop): gives back its
     /// in-flight slots and budget reservations, and counts what it really used
     /// (`settled`) in place of the estimates of its `Tpm` and `Spend` charges. A shared

@@ -68,6 +68,17 @@ impl LocalCounters {
         &self.scopes[scope as usize]
     }
 
+    /// Counts every charge, or refuses the first that does not fit and counts none.
+    fn take_all(&self, charges: &[Charge]) -> Result<(), Refusal> {
+        for (i, c) in charges.iter().enumerate() {
+            if let Err(r) = self.take(c) {
+                self.undo(&charges[..i]);
+                return Err(r);
+            }
+        }
+        Ok(())
+    }
+
     /// Counts one charge, or refuses it without counting.
     fn take(&self, c: &Charge) -> Result<(), Refusal> {
         let counters = self.of(c.scope);
@@ -104,13 +115,11 @@ impl LocalCounters {
 #[async_trait]
 impl CounterBackend for LocalCounters {
     async fn reserve(&self, charges: &mut [Charge]) -> Result<(), Refusal> {
-        for (i, c) in charges.iter().enumerate() {
-            if let Err(r) = self.take(c) {
-                self.undo(&charges[..i]);
-                return Err(r);
-            }
-        }
-        Ok(())
+        self.take_all(charges)
+    }
+
+    fn reserve_now(&self, charges: &mut [Charge]) -> Option<Result<(), Refusal>> {
+        Some(self.take_all(charges))
     }
 
     fn finish(&self, charges: &[Charge]) {

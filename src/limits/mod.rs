@@ -247,7 +247,11 @@ impl Admission {
         if charges.is_empty() {
             return Ok(());
         }
-        match backend.reserve(charges).await {
+        let reserved = match backend.reserve_now(charges) {
+            Some(now) => now,
+            None => backend.reserve(charges).await,
+        };
+        match reserved {
             Ok(()) => {
                 self.held.extend_from_slice(charges);
                 Ok(())
