@@ -151,17 +151,30 @@ pub fn push_rfc3339_millis(out: &mut String, ms: i64) {
     if !in_range(ms) {
         return;
     }
-    push_date(out, ms.div_euclid(DAY_MS));
-    let in_day = ms.rem_euclid(DAY_MS);
-    let secs = in_day / 1000;
-    out.push('T');
-    push_digits(out, secs / 3600, 2);
-    out.push(':');
-    push_digits(out, secs / 60 % 60, 2);
-    out.push(':');
-    push_digits(out, secs % 60, 2);
-    out.push('.');
-    push_digits(out, in_day % 1000, 3);
+    thread_local! {
+        /// The last second written and its text up to the milliseconds: a busy thread
+        /// writes the same second many times over.
+        static SECOND: std::cell::RefCell<(i64, String)> =
+            std::cell::RefCell::new((i64::MIN, String::with_capacity(20)));
+    }
+    let second = ms.div_euclid(1000);
+    SECOND.with_borrow_mut(|(cached, text)| {
+        if *cached != second {
+            text.clear();
+            push_date(text, ms.div_euclid(DAY_MS));
+            let secs = ms.rem_euclid(DAY_MS) / 1000;
+            text.push('T');
+            push_digits(text, secs / 3600, 2);
+            text.push(':');
+            push_digits(text, secs / 60 % 60, 2);
+            text.push(':');
+            push_digits(text, secs % 60, 2);
+            text.push('.');
+            *cached = second;
+        }
+        out.push_str(text);
+    });
+    push_digits(out, ms.rem_euclid(1000), 3);
     out.push('Z');
 }
 
@@ -236,6 +249,23 @@ mod tests {
         let mut s = String::new();
         push_rfc3339_millis(&mut s, 0);
         assert_eq!(s, "1970-01-01T00:00:00.000Z");
+        // Within one second the second's text is reused; across seconds, and back to an
+        // earlier one, it is not.
+        for ms in [
+            1_796_617_652_020,
+            1_796_617_652_999,
+            1_796_617_653_000,
+            1_796_617_652_500,
+            -1,
+            0,
+            -1000,
+            -1001,
+        ] {
+            let mut s = String::new();
+            push_rfc3339_millis(&mut s, ms);
+            let t = chrono::DateTime::from_timestamp_millis(ms).unwrap();
+            assert_eq!(s, t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(), "{ms}");
+        }
         assert_eq!(day(-1), "1969-12-31");
         assert_eq!(day(parse_time("0000-01-01").unwrap()), "0000-01-01");
     }

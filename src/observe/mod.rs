@@ -137,14 +137,26 @@ pub fn finish(r: &Record, config: &Config) {
         .saturating_duration_since(r.start);
     record_metrics(r, config, total);
     if config.log.access && log::log_enabled!(target: "tollgate::access", log::Level::Info) {
-        let line = match config.log.format {
-            LogFormat::Text => text_line(r, total),
-            LogFormat::Json => json_line(r, total),
+        let write = |line: &str| {
+            if !sink::access_line(line) {
+                log::info!(target: "tollgate::access", "{line}");
+            }
         };
-        if !sink::access_line(&line) {
-            log::info!(target: "tollgate::access", "{line}");
+        match config.log.format {
+            // Written into a buffer the thread keeps: no allocation a line.
+            LogFormat::Text => LINE.with_borrow_mut(|line| {
+                line.clear();
+                text_line(line, r, total);
+                write(line);
+            }),
+            LogFormat::Json => write(&json_line(r, total)),
         }
     }
+}
+
+thread_local! {
+    /// The text access-log line being written (a usual line is 400-500 bytes).
+    static LINE: std::cell::RefCell<String> = std::cell::RefCell::new(String::with_capacity(640));
 }
 
 /// The metrics label of a client's model: a configured alias, else `other`.
@@ -323,36 +335,30 @@ fn push_field(out: &mut String, name: &str, value: Option<&str>) {
 }
 
 /// One text access-log line, written into a single buffer.
-fn text_line(r: &Record, total: Duration) -> String {
-    // A usual line is 400-500 bytes: one allocation, no regrowth.
-    let mut s = String::with_capacity(640);
+fn text_line(s: &mut String, r: &Record, total: Duration) {
     let wall = r
         .wall
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-    crate::clock::push_rfc3339_millis(&mut s, wall);
-    push_field(&mut s, "id", Some(&r.request_id));
-    push_field(&mut s, "key", Some(&r.caller));
-    push_field(&mut s, "key_id", r.key_id.as_deref());
-    push_field(&mut s, "team", r.team.as_deref());
-    push_field(&mut s, "ip", Some(&r.client_ip));
-    push_field(&mut s, "method", Some(&r.method));
+    crate::clock::push_rfc3339_millis(s, wall);
+    push_field(s, "id", Some(&r.request_id));
+    push_field(s, "key", Some(&r.caller));
+    push_field(s, "key_id", r.key_id.as_deref());
+    push_field(s, "team", r.team.as_deref());
+    push_field(s, "ip", Some(&r.client_ip));
+    push_field(s, "method", Some(&r.method));
     s.push_str(" path=");
-    push_clean(&mut s, &r.path);
+    push_clean(s, &r.path);
     s.push_str(" model=");
     match r.model.as_deref() {
-        Some(m) => push_clean(&mut s, m),
+        Some(m) => push_clean(s, m),
         None => s.push('-'),
     }
-    push_field(
-        &mut s,
-        "stream",
-        Some(if r.stream { "true" } else { "false" }),
-    );
-    push_field(&mut s, "target", r.target.as_deref());
-    push_field(&mut s, "strategy", r.strategy);
-    push_field(&mut s, "translation", r.translation);
-    push_field(&mut s, "cache", r.cache.map(crate::cache::Outcome::as_str));
+    push_field(s, "stream", Some(if r.stream { "true" } else { "false" }));
+    push_field(s, "target", r.target.as_deref());
+    push_field(s, "strategy", r.strategy);
+    push_field(s, "translation", r.translation);
+    push_field(s, "cache", r.cache.map(crate::cache::Outcome::as_str));
     if let Some(t) = &r.trace {
         s.push_str(" trace_id=");
         s.push_str(t.ctx.trace_id_hex());
@@ -370,22 +376,22 @@ fn text_line(r: &Record, total: Duration) -> String {
         s.push_str(a.outcome.as_str());
         if let Some(st) = a.status {
             s.push(':');
-            push_u64(&mut s, u64::from(st));
+            push_u64(s, u64::from(st));
         }
     }
     s.push_str(" status=");
-    push_u64(&mut s, u64::from(r.status));
+    push_u64(s, u64::from(r.status));
     s.push_str(" duration_ms=");
-    push_ms(&mut s, total);
+    push_ms(s, total);
     s.push_str(" ttfb_ms=");
     match r.first_byte {
-        Some(t) => push_ms(&mut s, t.duration_since(r.start)),
+        Some(t) => push_ms(s, t.duration_since(r.start)),
         None => s.push('-'),
     }
     s.push_str(" tokens_in=");
-    push_or_dash(&mut s, r.usage.map(|u| u.input));
+    push_or_dash(s, r.usage.map(|u| u.input));
     s.push_str(" tokens_out=");
-    push_or_dash(&mut s, r.usage.map(|u| u.output));
+    push_or_dash(s, r.usage.map(|u| u.output));
     s.push_str(" cost_usd=");
     match r.cost_micro {
         Some(c) => {
@@ -393,7 +399,7 @@ fn text_line(r: &Record, total: Duration) -> String {
                 s.push('-');
             }
             let c = c.unsigned_abs();
-            push_u64(&mut s, c / 1_000_000);
+            push_u64(s, c / 1_000_000);
             s.push('.');
             let frac = c % 1_000_000;
             for div in [100_000, 10_000, 1_000, 100, 10, 1] {
@@ -403,11 +409,10 @@ fn text_line(r: &Record, total: Duration) -> String {
         None => s.push('-'),
     }
     s.push_str(" bytes_in=");
-    push_u64(&mut s, r.bytes_in as u64);
+    push_u64(s, r.bytes_in as u64);
     s.push_str(" bytes_out=");
-    push_u64(&mut s, r.bytes_out as u64);
-    push_field(&mut s, "error", r.error.map(Failure::as_str));
-    s
+    push_u64(s, r.bytes_out as u64);
+    push_field(s, "error", r.error.map(Failure::as_str));
 }
 
 fn json_line(r: &Record, total: Duration) -> String {
