@@ -182,6 +182,32 @@ async fn a_stalled_body_gets_408_at_body_timeout_and_holds_no_concurrency_slot()
     assert_eq!(up.hits(), 1);
 }
 
+/// A body the answer did not need (a health check's) never holds the connection: whether
+/// it came whole or stalled part way, the connection is closed after the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_left_unread_after_an_answer_never_holds_the_connection() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let gw = Gateway::start_with_server("  body_timeout: 30s\n", &single(&up.url()));
+    for request in [
+        &b"POST /health HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nabcd"[..],
+        b"POST /health HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{",
+    ] {
+        let mut s = TcpStream::connect(&gw.addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let started = Instant::now();
+        let answer = read_until_closed(&mut s, Duration::from_secs(8)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
+        // Far less than the 30 s a stalled body may take.
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "closed after {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(up.hits(), 0);
+}
+
 /// The per-IP cap: connections over it are closed on arrival, logged, and the IP can
 /// connect again once one of its connections ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

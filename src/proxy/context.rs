@@ -99,8 +99,12 @@ impl RequestCtx {
         }
         // The body's reads are timed by `intake::read_body` (`server.body_timeout`), with a
         // timer only for a read that waits; Pingora's own timer would read the clock for
-        // every read.
-        session.downstream_session.set_read_timeout(None);
+        // every read. A connection whose answer starts before its body is read is closed
+        // (Pingora's rule); should Pingora drain such a body instead, it does so for at most
+        // as long.
+        let downstream = &mut session.downstream_session;
+        downstream.set_read_timeout(None);
+        downstream.set_total_drain_timeout(Some(config.server.body_timeout));
         self.config = Some(config);
     }
 }
