@@ -27,8 +27,13 @@ pub struct ClientTcp {
 }
 
 impl ClientTcp {
-    /// The connection `stream`, accepted from `peer`.
+    /// The connection `stream`, accepted from `peer`, with Nagle's algorithm off (as
+    /// Pingora's listeners do): a stream's events go out as they are written rather than
+    /// waiting for the client's acknowledgement of the one before.
     pub fn new(stream: TcpStream, peer: SocketAddr) -> Self {
+        if let Err(e) = stream.set_nodelay(true) {
+            log::debug!("cannot turn Nagle's algorithm off for a client connection: {e}");
+        }
         let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
         // A new digest's address cell is empty, so this cannot fail.
         let _ = digest.peer_addr.set(Some(peer.into()));
@@ -135,7 +140,10 @@ mod tests {
             .await
             .unwrap();
         let (accepted, peer) = listener.accept().await.unwrap();
-        let mut conn: Box<dyn IO> = Box::new(ClientTcp::new(accepted, peer));
+        assert!(!accepted.nodelay().unwrap());
+        let tcp = ClientTcp::new(accepted, peer);
+        assert!(tcp.stream.nodelay().unwrap(), "Nagle's algorithm is off");
+        let mut conn: Box<dyn IO> = Box::new(tcp);
         let digest = conn.get_socket_digest().unwrap();
         assert_eq!(
             digest.peer_addr().and_then(|a| a.as_inet().copied()),
