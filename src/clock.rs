@@ -1,8 +1,9 @@
 //! Time, in two kinds. Wall-clock time for what depends on the calendar (budget periods,
 //! key expiry, usage timestamps): the [`Clock`] trait, so tests move it by hand
 //! (`ManualClock`). Monotonic time for cooldowns, health and the attempt loop:
-//! [`monotonic_ms`], read from tokio's clock, so tests run with paused time
-//! (`#[tokio::test(start_paused = true)]`, `tokio::time::advance`) and never sleep.
+//! [`monotonic_ms`], the kernel's coarse clock, and under test tokio's, so tests run with
+//! paused time (`#[tokio::test(start_paused = true)]`, `tokio::time::advance`) and never
+//! sleep. [`within`] and [`add_wait`] read the clock only for a future that has to wait.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,7 +14,7 @@ use std::time::Duration;
 /// Milliseconds on the system's monotonic clock (never 0), for cooldowns, health, rate
 /// windows and leases: what needs milliseconds, not microseconds. Read from the kernel's
 /// coarse clock ([`coarse_ms`]), which costs a few nanoseconds where the precise one costs
-/// about 25 on a virtual machine, and runs behind it by at most one scheduler tick (4 ms at
+/// about 20 on a virtual machine, and runs behind it by at most one scheduler tick (4 ms at
 /// 250 Hz). Under test, read from tokio's clock instead, so unit tests run with paused
 /// time and move it with `tokio::time::advance`.
 pub fn monotonic_ms() -> u64 {
@@ -33,15 +34,17 @@ pub fn monotonic_ms() -> u64 {
 /// The kernel's coarse monotonic clock (`CLOCK_MONOTONIC_COARSE`, updated once a tick), in
 /// milliseconds since boot, plus one.
 pub fn coarse_ms() -> u64 {
-    use nix::time::{clock_gettime, ClockId};
-    match clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE) {
-        Ok(t) => t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000 + 1,
-        // Not on this kernel (before 2.6.32): the precise clock, on the same time base.
-        Err(_) => match clock_gettime(ClockId::CLOCK_MONOTONIC) {
-            Ok(t) => t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000 + 1,
-            Err(_) => 1,
-        },
-    }
+    use nix::time::ClockId;
+    // Not on this kernel (before 2.6.32): the precise clock, on the same time base.
+    millis_plus_one(ClockId::CLOCK_MONOTONIC_COARSE)
+        .or_else(|| millis_plus_one(ClockId::CLOCK_MONOTONIC))
+        .unwrap_or(1)
+}
+
+/// The clock `id` in milliseconds, plus one (so never 0).
+fn millis_plus_one(id: nix::time::ClockId) -> Option<u64> {
+    let t = nix::time::clock_gettime(id).ok()?;
+    Some(t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000 + 1)
 }
 
 /// `fut`'s output, or `None` when it waits longer than `wait`. The timer, and the clock
@@ -302,11 +305,7 @@ mod tests {
 
     #[test]
     fn the_coarse_clock_keeps_within_a_tick_of_the_precise_one() {
-        use nix::time::{clock_gettime, ClockId};
-        let precise = || {
-            let t = clock_gettime(ClockId::CLOCK_MONOTONIC).unwrap();
-            t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000 + 1
-        };
+        let precise = || millis_plus_one(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
         let mut last = coarse_ms();
         for _ in 0..5 {
             let before = precise();

@@ -46,7 +46,7 @@ pub struct SamplingSpans {
 
 /// The members the gateway reads, as the body has them: the JSON text of the values kept
 /// as text, the numbers and the stream flag read. A `null` is no value.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Found<'a> {
     model: Option<&'a str>,
     stream: Option<bool>,
@@ -102,11 +102,11 @@ fn found(text: &str) -> Result<Found<'_>, String> {
     Ok(Found {
         model,
         stream,
-        max_tokens: number("max_tokens", max_tokens)?,
-        max_completion_tokens: number("max_completion_tokens", max_completion_tokens)?,
-        max_output_tokens: number("max_output_tokens", max_output_tokens)?,
-        n: number("n", n)?,
-        best_of: number("best_of", best_of)?,
+        max_tokens: read_number("max_tokens", max_tokens)?,
+        max_completion_tokens: read_number("max_completion_tokens", max_completion_tokens)?,
+        max_output_tokens: read_number("max_output_tokens", max_output_tokens)?,
+        n: read_number("n", n)?,
+        best_of: read_number("best_of", best_of)?,
         stream_options,
         temperature,
         top_p,
@@ -119,7 +119,7 @@ fn invalid(name: &str, e: &serde_json::Error) -> String {
 }
 
 /// A member's number; a plain count is read without serde_json.
-fn number(name: &str, value: Option<&str>) -> Result<Option<Number>, String> {
+fn read_number(name: &str, value: Option<&str>) -> Result<Option<Number>, String> {
     let Some(v) = value else { return Ok(None) };
     if v.len() <= 19 && v.bytes().all(|b| b.is_ascii_digit()) {
         if let Ok(n) = v.parse::<u64>() {

@@ -1,10 +1,10 @@
 //! A JSON walker for a request body's top-level object. It checks the whole document's
 //! grammar as serde_json does (strings without raw control characters or bad escapes,
-//! numbers in JSON's form, nothing after the object) but
-//! builds nothing: it hands over each top-level member's key and the byte range of its
-//! value. A string's body is crossed with `memchr` (vector instructions) instead of byte
-//! by byte, which is most of a chat request: serde_json's skipping cost about 3 of its
-//! 4 instructions a byte.
+//! numbers in JSON's form, nothing after the object) but builds nothing: it hands over
+//! each top-level member's key and the byte range of its value. Strings, most of a chat
+//! request, are crossed eight bytes at a time for their first [`SHORT`] bytes and with
+//! `memchr` (vector instructions) after that, where serde_json's skipping looked at each
+//! byte in turn.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -88,7 +88,7 @@ impl Closers {
     }
 }
 
-/// Bytes of a string looked at one by one before `memchr` takes over.
+/// Bytes of a string looked at eight at a time ([`short_run`]) before `memchr` takes over.
 const SHORT: usize = 16;
 
 /// Where a string's first quote, backslash or control character is among the first
@@ -198,8 +198,8 @@ impl Walk<'_> {
         let mut escaped = false;
         loop {
             let rest = &self.b[self.i..];
-            // A short run (keys, roles, names) byte by byte; a long one with memchr, then
-            // a check for control characters sixteen bytes at a time.
+            // A short run (keys, roles, names) eight bytes at a time; a long one with
+            // memchr, then a check for control characters sixteen bytes at a time.
             let n = match short_run(rest) {
                 Some(n) => n,
                 None if rest.len() <= SHORT => {

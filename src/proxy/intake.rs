@@ -47,10 +47,10 @@ fn expects_continue(session: &Session) -> bool {
 const INVALID_CHUNK: ErrorType = ErrorType::new("InvalidChunk");
 
 /// What a failed body read means for the client: a stall past `server.body_timeout`
-/// (408) and broken chunked framing (400) are answered; a connection that broke is not.
-fn body_error(e: Box<Error>, timeout: Duration) -> Outcome {
+/// (408, timed by `read_body` itself) and broken chunked framing (400) are answered; a
+/// connection that broke is not.
+fn body_error(e: Box<Error>) -> Outcome {
     match &e.etype {
-        ErrorType::ReadTimedout => body_timed_out(timeout),
         t if *t == INVALID_CHUNK => Outcome::Refused(GatewayError::BadRequest(
             "The request body's chunked framing is malformed.".into(),
         )),
@@ -102,23 +102,22 @@ pub(super) async fn read_body(
         let chunk = within(gap, session.read_request_body())
             .await
             .ok_or_else(|| body_timed_out(gap))?
-            .map_err(|e| body_error(e, gap))?;
+            .map_err(body_error)?;
         let Some(chunk) = chunk else { break };
         let held = first.as_ref().map_or(0, Bytes::len) + buf.len();
         if (held + chunk.len()) as u64 > limit {
             return Err(too_large().into());
         }
-        match first.take() {
-            None if buf.is_empty() => first = Some(chunk),
-            earlier => {
-                if let Some(earlier) = earlier {
-                    let size = declared.unwrap_or(16 * 1024).min(limit) as usize;
-                    buf.reserve(size.max(earlier.len() + chunk.len()));
-                    buf.extend_from_slice(&earlier);
-                }
-                buf.extend_from_slice(&chunk);
-            }
+        if first.is_none() && buf.is_empty() {
+            first = Some(chunk);
+            continue;
         }
+        if let Some(earlier) = first.take() {
+            let size = declared.unwrap_or(16 * 1024).min(limit) as usize;
+            buf.reserve(size.max(earlier.len() + chunk.len()));
+            buf.extend_from_slice(&earlier);
+        }
+        buf.extend_from_slice(&chunk);
     }
     Ok(first.unwrap_or_else(|| buf.freeze()))
 }
