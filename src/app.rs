@@ -19,7 +19,7 @@ use crate::proxy::{Gateway, Shared};
 use crate::secret::mask_userinfo;
 use crate::store::usage::{UsageQueue, Writer};
 use crate::store::Store;
-use crate::transport::pool::{Connections, Pool, Sweeper};
+use crate::transport::pool::{Connections, Dial, Pool, Sweeper};
 use crate::upstream::shared::{Cooldowns, LocalCooldowns, SharedCooldowns};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -193,9 +193,9 @@ fn start(config: Config, mode: RunMode) -> std::io::Result<Started> {
     let summary = summary(&config, &listen, admin_listen);
     let config = Arc::new(ArcSwap::from_pointee(config));
     let connections = Arc::new(Connections {
-        dialer: Box::new(TransportConnector::new(Some(
+        dialer: Box::new(Dial(TransportConnector::new(Some(
             ConnectorOptions::from_server_conf(&server.configuration),
-        ))),
+        )))),
         pool: Pool::new(pool_size),
     });
     raise_open_file_limit();

@@ -2,14 +2,14 @@
 //! connection in a task whose future has room for a TLS handshake (about 9 KiB, held for
 //! the connection's whole life, TLS or not). Here a plain connection's task is the
 //! connection's own future and nothing else, and its socket is handed to Pingora as a
-//! [`ClientTcp`] rather than Pingora's stream. TLS listeners stay on Pingora's service.
+//! [`PlainTcp`] rather than Pingora's stream. TLS listeners stay on Pingora's service.
 //!
 //! Listening sockets live in Pingora's table of listening sockets, as Pingora's own do: a
 //! socket handed over by a graceful upgrade is taken from it, and one bound here is put in
 //! it for the next upgrade to hand over.
 
-use super::tcp::ClientTcp;
 use super::{ClientListener, H2Proxy, Serve};
+use crate::transport::tcp::PlainTcp;
 use async_trait::async_trait;
 use pingora_core::apps::HttpServerApp;
 use pingora_core::server::{ListenFds, ShutdownWatch};
@@ -114,7 +114,7 @@ async fn accept_loop<P, S>(
         match accepted {
             Ok((stream, peer)) => {
                 let (app, shutdown) = (Arc::clone(&app), shutdown.clone());
-                let stream = Box::new(ClientTcp::new(stream, peer));
+                let stream = Box::new(PlainTcp::new(stream, peer));
                 tokio::spawn(async move { app.connection(stream, &shutdown).await });
             }
             Err(e) => {

@@ -11,7 +11,6 @@
 
 mod accept;
 mod deadline;
-mod tcp;
 
 pub use accept::PlainListeners;
 

@@ -41,6 +41,28 @@ impl Dialer for TransportConnector {
     }
 }
 
+/// The gateway's dialer: a plain-TCP upstream is dialled with tokio and carried as a
+/// [`PlainTcp`](super::tcp::PlainTcp), without the timing of every read and write that
+/// Pingora's stream adds (about 0.6 % of the gateway's CPU under load, two clock reads a
+/// read). TLS, Unix-socket and proxied peers go through Pingora's connector.
+pub struct Dial(pub TransportConnector);
+
+#[async_trait::async_trait]
+impl Dialer for Dial {
+    async fn dial(&self, peer: &HttpPeer) -> pingora_core::Result<Stream> {
+        use pingora_core::upstreams::peer::Peer;
+        match peer.address() {
+            pingora_core::protocols::l4::socket::SocketAddr::Inet(addr)
+                if !peer.tls() && peer.get_proxy().is_none() =>
+            {
+                let tcp = super::tcp::dial(*addr, peer.connection_timeout()).await?;
+                Ok(Box::new(tcp))
+            }
+            _ => self.0.new_stream(peer).await,
+        }
+    }
+}
+
 /// Where upstream connections come from: the idle pool first, else a new one from the
 /// dialer.
 pub struct Connections {

@@ -1,8 +1,9 @@
-//! A plain-TCP client connection as Pingora's HTTP session sees it: tokio's socket and
-//! the peer's address, nothing more. Pingora's own stream type also times every read and
-//! write that waits (two clock reads each, about 20 ns apiece on a virtual machine) and
-//! carries a buffer layer the gateway does not use; the gateway reads neither figure, so
-//! its plain listeners hand Pingora this instead. TLS connections keep Pingora's stream.
+//! A plain-TCP connection as Pingora's HTTP session and the gateway's upstream exchange
+//! see it: tokio's socket and the peer's address, nothing more. Pingora's own stream type
+//! also times every read and write that waits (two clock reads each, about 20 ns apiece
+//! on a virtual machine) and carries a buffer layer the gateway does not use; the gateway
+//! reads neither figure, so its plain listeners hand Pingora this instead, and plain-TCP
+//! upstreams are dialled into it ([`dial`]). TLS connections keep Pingora's stream.
 
 use async_trait::async_trait;
 use pingora_core::protocols::raw_connect::ProxyDigest;
@@ -19,32 +20,32 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-/// An accepted client connection.
+/// A client connection accepted, or an upstream connection dialled.
 #[derive(Debug)]
-pub struct ClientTcp {
+pub struct PlainTcp {
     stream: TcpStream,
     digest: Arc<SocketDigest>,
 }
 
-impl ClientTcp {
-    /// The connection `stream`, accepted from `peer`, with Nagle's algorithm off (as
-    /// Pingora's listeners do): a stream's events go out as they are written rather than
-    /// waiting for the client's acknowledgement of the one before.
+impl PlainTcp {
+    /// The connection `stream` to `peer`, with Nagle's algorithm off (as Pingora's
+    /// listeners and connector do): a stream's events go out as they are written rather
+    /// than waiting for the other end's acknowledgement of the one before.
     pub fn new(stream: TcpStream, peer: SocketAddr) -> Self {
         if let Err(e) = stream.set_nodelay(true) {
-            log::debug!("cannot turn Nagle's algorithm off for a client connection: {e}");
+            log::debug!("cannot turn Nagle's algorithm off for a connection: {e}");
         }
         let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
         // A new digest's address cell is empty, so this cannot fail.
         let _ = digest.peer_addr.set(Some(peer.into()));
-        ClientTcp {
+        PlainTcp {
             stream,
             digest: Arc::new(digest),
         }
     }
 }
 
-impl AsyncRead for ClientTcp {
+impl AsyncRead for PlainTcp {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -54,7 +55,7 @@ impl AsyncRead for ClientTcp {
     }
 }
 
-impl AsyncWrite for ClientTcp {
+impl AsyncWrite for PlainTcp {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -85,36 +86,36 @@ impl AsyncWrite for ClientTcp {
 }
 
 #[async_trait]
-impl Shutdown for ClientTcp {
+impl Shutdown for PlainTcp {
     async fn shutdown(&mut self) {
         if let Err(e) = AsyncWriteExt::shutdown(&mut self.stream).await {
-            log::debug!("closing a client connection: {e}");
+            log::debug!("closing a connection: {e}");
         }
     }
 }
 
-impl UniqueID for ClientTcp {
+impl UniqueID for PlainTcp {
     fn id(&self) -> UniqueIDType {
         self.stream.as_raw_fd()
     }
 }
 
-impl Ssl for ClientTcp {}
+impl Ssl for PlainTcp {}
 
-impl GetTimingDigest for ClientTcp {
+impl GetTimingDigest for PlainTcp {
     /// Not kept: nothing in the gateway reads it.
     fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
         Vec::new()
     }
 }
 
-impl GetProxyDigest for ClientTcp {
+impl GetProxyDigest for PlainTcp {
     fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
         None
     }
 }
 
-impl GetSocketDigest for ClientTcp {
+impl GetSocketDigest for PlainTcp {
     fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
         Some(Arc::clone(&self.digest))
     }
@@ -125,7 +126,40 @@ impl GetSocketDigest for ClientTcp {
 }
 
 #[async_trait]
-impl Peek for ClientTcp {}
+impl Peek for PlainTcp {}
+
+/// A new connection to `addr`, given up after `timeout`, with Pingora's error types for
+/// what went wrong (as its connector reports them).
+pub async fn dial(
+    addr: SocketAddr,
+    timeout: Option<std::time::Duration>,
+) -> pingora_core::Result<PlainTcp> {
+    use pingora_core::{Error, ErrorType};
+    let connect = TcpStream::connect(addr);
+    let connected = match timeout {
+        Some(t) => crate::clock::within(t, connect).await.ok_or_else(|| {
+            Error::explain(
+                ErrorType::ConnectTimedout,
+                format!("no connection to {addr} within {t:?}"),
+            )
+        })?,
+        None => connect.await,
+    };
+    match connected {
+        Ok(stream) => Ok(PlainTcp::new(stream, addr)),
+        Err(e) => {
+            let kind = match e.kind() {
+                io::ErrorKind::ConnectionRefused => ErrorType::ConnectRefused,
+                io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+                    ErrorType::ConnectNoRoute
+                }
+                io::ErrorKind::TimedOut => ErrorType::ConnectTimedout,
+                _ => ErrorType::ConnectError,
+            };
+            Error::e_because(kind, format!("connecting to {addr}"), e)
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -141,7 +175,7 @@ mod tests {
             .unwrap();
         let (accepted, peer) = listener.accept().await.unwrap();
         assert!(!accepted.nodelay().unwrap());
-        let tcp = ClientTcp::new(accepted, peer);
+        let tcp = PlainTcp::new(accepted, peer);
         assert!(tcp.stream.nodelay().unwrap(), "Nagle's algorithm is off");
         let mut conn: Box<dyn IO> = Box::new(tcp);
         let digest = conn.get_socket_digest().unwrap();
@@ -163,5 +197,40 @@ mod tests {
         let mut back = Vec::new();
         client.read_to_end(&mut back).await.unwrap();
         assert_eq!(back, b"pong");
+    }
+
+    #[tokio::test]
+    async fn a_dialled_connection_has_nagle_off_and_knows_both_ends() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tcp = dial(addr, Some(std::time::Duration::from_secs(5)))
+            .await
+            .unwrap();
+        assert!(tcp.stream.nodelay().unwrap(), "Nagle's algorithm is off");
+        let (mut accepted, _) = listener.accept().await.unwrap();
+        let mut conn: Box<dyn IO> = Box::new(tcp);
+        let digest = conn.get_socket_digest().unwrap();
+        assert_eq!(
+            digest.peer_addr().and_then(|a| a.as_inet().copied()),
+            Some(addr)
+        );
+        assert_eq!(
+            digest.local_addr().and_then(|a| a.as_inet().copied()),
+            Some(accepted.peer_addr().unwrap())
+        );
+        conn.write_all(b"GET").await.unwrap();
+        let mut got = [0u8; 3];
+        accepted.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"GET");
+    }
+
+    #[tokio::test]
+    async fn a_refused_dial_is_reported_as_refused() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let e = dial(addr, None).await.unwrap_err();
+        assert_eq!(e.etype(), &pingora_core::ErrorType::ConnectRefused);
+        assert!(e.to_string().contains(&addr.to_string()), "{e}");
     }
 }
