@@ -105,6 +105,34 @@ async fn a_header_sent_a_byte_at_a_time_gets_408_at_header_timeout() {
     assert_eq!(up.hits(), 1, "only the normal request reached the upstream");
 }
 
+/// An idle keep-alive connection is closed after `keepalive_timeout`, counted from the end
+/// of its last answer, and one that keeps sending requests stays open past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_at_keepalive_timeout() {
+    let up = MockUpstream::start("u").await.unwrap();
+    let gw = Gateway::start_with_server("  keepalive_timeout: 1s\n", &single(&up.url()));
+    let mut busy = TcpStream::connect(&gw.addr).await.unwrap();
+    let mut idle = TcpStream::connect(&gw.addr).await.unwrap();
+    health_on(&mut idle).await;
+    let answered = Instant::now();
+    for _ in 0..6 {
+        health_on(&mut busy).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // 1.8 s of requests 0.3 s apart: never idle for 1 s.
+    health_on(&mut busy).await;
+    assert!(closed_within(&mut idle, Duration::from_secs(3)).await);
+    let idle_for = answered.elapsed();
+    assert!(
+        idle_for >= Duration::from_millis(950),
+        "closed after {idle_for:?}"
+    );
+    assert!(
+        closed_within(&mut busy, Duration::from_millis(2500)).await,
+        "and the busy one once it idles"
+    );
+}
+
 /// Regression: idle connections and half headers were kept until the fd limit ran out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_half_sent_connections_are_closed_and_their_fds_given_back() {

@@ -6,6 +6,7 @@
 //! body leave in one send. Its buffer exists only between a write and the flush after it:
 //! an idle connection, or a stream waiting for its next event, holds none.
 
+use crate::clock;
 use async_trait::async_trait;
 use pingora_core::protocols::raw_connect::ProxyDigest;
 use pingora_core::protocols::tls::TlsRef;
@@ -36,8 +37,8 @@ static REQUEST_TIMEOUT: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(
 
 /// Where a connection is in reading a request header.
 enum Phase {
-    /// Between keep-alive requests: the keep-alive timeout applies (Pingora's), and the
-    /// header deadline starts with the next request's first byte.
+    /// Between keep-alive requests: the keep-alive limit applies, and the header deadline
+    /// starts with the next request's first byte.
     Idle,
     /// Reading a header that began at `started` (read from the clock only when the header
     /// did not come whole in its first read). The timer is made only when a read has to
@@ -66,6 +67,13 @@ pub struct HeaderDeadline<T: AsyncWrite + Unpin> {
     /// Bytes written and not yet sent, and how many of them are sent.
     out: Vec<u8>,
     sent: usize,
+    /// How long the connection may wait for its next request, in milliseconds (0: as long
+    /// as it likes), and when it began to wait ([`clock::monotonic_ms`]).
+    keepalive_ms: u64,
+    idle_since: u64,
+    /// The connection's one keep-alive timer, made the first time it waits for a request
+    /// and reset only when it fires: a request costs a coarse clock read, not a timer.
+    idle_timer: Option<Pin<Box<Sleep>>>,
 }
 
 /// The most a connection gathers before sending: one TCP segment on Ethernet.
@@ -86,7 +94,18 @@ impl<T: AsyncWrite + Unpin> HeaderDeadline<T> {
             header_in: AtomicBool::new(false),
             out: Vec::new(),
             sent: 0,
+            keepalive_ms: 0,
+            idle_since: 0,
+            idle_timer: None,
         }
+    }
+
+    /// Between requests, the connection waits at most `limit` for the next one, then
+    /// reads as closed (Pingora closes it quietly, as after its own keep-alive timeout).
+    /// Zero: no limit.
+    pub fn keep_alive(mut self, limit: Duration) -> Self {
+        self.keepalive_ms = limit.as_millis().try_into().unwrap_or(u64::MAX);
+        self
     }
 
     /// The request's header is parsed: what is read next is its body.
@@ -98,6 +117,31 @@ impl<T: AsyncWrite + Unpin> HeaderDeadline<T> {
     pub fn next_request(&mut self) {
         self.phase = Phase::Idle;
         *self.header_in.get_mut() = false;
+        if self.keepalive_ms > 0 {
+            self.idle_since = clock::monotonic_ms();
+        }
+    }
+
+    /// A read between requests has to wait: Ready (as end of stream) once the connection
+    /// has waited its keep-alive limit. The timer set for an earlier wait may fire before
+    /// this one's limit; it is then set again for what remains.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.keepalive_ms == 0 {
+            return Poll::Pending;
+        }
+        let limit = Duration::from_millis(self.keepalive_ms);
+        let timer = self
+            .idle_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        while timer.as_mut().poll(cx).is_ready() {
+            let waited = clock::monotonic_ms().saturating_sub(self.idle_since);
+            if waited >= self.keepalive_ms {
+                return Poll::Ready(Ok(()));
+            }
+            let left = Duration::from_millis(self.keepalive_ms - waited);
+            timer.as_mut().reset(Instant::now() + left);
+        }
+        Poll::Pending
     }
 
     /// Whether the connection has a header deadline running.
@@ -168,6 +212,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for HeaderDeadline<T> {
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending if matches!(this.phase, Phase::Idle) => this.poll_idle(cx),
             Poll::Pending => {
                 let Phase::Header {
                     started,
@@ -437,6 +482,44 @@ mod tests {
         let err = watched.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_reads_as_closed_after_its_keep_alive_limit() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut watched = HeaderDeadline::new(server, Duration::from_secs(10))
+            .keep_alive(Duration::from_secs(60));
+        let mut buf = [0u8; 256];
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!(watched.read(&mut buf).await.unwrap(), 18);
+
+        // A first wait of 30 s makes the timer (due at 60 s); the request that ends it
+        // comes in time.
+        watched.next_request();
+        let wait = async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        };
+        let (read, ()) = tokio::join!(watched.read(&mut buf), wait);
+        assert_eq!(read.unwrap(), 18);
+
+        // The next wait has its own 60 s, though the timer first fires 30 s into it.
+        watched.next_request();
+        let started = Instant::now();
+        assert_eq!(watched.read(&mut buf).await.unwrap(), 0, "end of stream");
+        assert_eq!(started.elapsed(), Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_keep_alive_limit_an_idle_connection_waits() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut watched = HeaderDeadline::new(server, Duration::from_secs(10));
+        let mut buf = [0u8; 256];
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!(watched.read(&mut buf).await.unwrap(), 18);
+        watched.next_request();
+        let read = tokio::time::timeout(Duration::from_secs(3600), watched.read(&mut buf)).await;
+        assert!(read.is_err(), "still waiting after an hour");
     }
 
     /// A socket that records each send and takes at most `room` bytes at a time.

@@ -28,6 +28,7 @@ use pingora_proxy::{HttpProxy, ProxyHttp, Session};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -104,13 +105,21 @@ where
             return;
         }
         let header_timeout = s.header_timeout;
-        let keepalive = s.keepalive_timeout.as_secs();
+        let keepalive = s.keepalive_timeout;
         drop(config);
 
+        // The keep-alive limit is the wrapper's (one timer a connection); Pingora's own
+        // would set a timer around every request's first read.
         let mut watched: Box<HeaderDeadline<Stream>> =
-            Box::new(HeaderDeadline::new(stream, header_timeout));
+            Box::new(HeaderDeadline::new(stream, header_timeout).keep_alive(keepalive));
         let mut settings: Option<HttpPersistentSettings> = None;
+        // One wait for the shutdown for the connection's life, polled while it waits for
+        // a request: a new one each request would join and leave the watch's waiters.
         let mut closing = shutdown.clone();
+        let mut closed = std::pin::pin!(async move {
+            // An error is the sender gone: the server is stopping too.
+            let _ = closing.wait_for(|shutting_down| *shutting_down).await;
+        });
         loop {
             let mut session = Session::new_h1(watched);
             let downstream = &mut session.downstream_session;
@@ -120,14 +129,11 @@ where
                     // Pipelined requests are answered in order, one after the other
                     // (RFC 9112 9.3.2).
                     downstream.set_pipelining_enabled(true);
-                    downstream.set_keepalive(if *shutdown.borrow() {
-                        None
-                    } else {
-                        Some(keepalive)
-                    });
+                    // Some(0): keep-alive with no limit of Pingora's.
+                    downstream.set_keepalive(if *shutdown.borrow() { None } else { Some(0) });
                 }
             }
-            if !read_header(downstream, &mut closing).await {
+            if !read_header(downstream, closed.as_mut()).await {
                 return;
             }
             let Some(reused) = self.server.serve(session, shutdown).await else {
@@ -169,12 +175,15 @@ where
 /// is answered 400 and a CONNECT 405, both closing the connection. False when there is
 /// no request to answer (the client closed, the read failed, or the server is shutting
 /// down while the connection waits for a request).
-async fn read_header(session: &mut ServerSession, closing: &mut ShutdownWatch) -> bool {
+async fn read_header(
+    session: &mut ServerSession,
+    closed: Pin<&mut impl Future<Output = ()>>,
+) -> bool {
     let read = tokio::select! {
         // A request already buffered is read before a shutdown is looked at.
         biased;
         read = session.read_request() => read,
-        _ = closing.wait_for(|shutting_down| *shutting_down) => return false,
+        () = closed => return false,
     };
     let refuse = match read {
         Ok(true) if session.req_header().method == http::Method::CONNECT => 405,

@@ -93,9 +93,12 @@ impl RequestCtx {
         self.body_unread = !session.is_body_empty();
         // Pingora turns keep-alive off when the request says so, and when it carries both
         // Transfer-Encoding and Content-Length (RFC 9112 6.1: a proxy in front may have
-        // framed it by the length); only a connection that may be kept gets the timeout.
+        // framed it by the length). A connection that may be kept is kept with no limit of
+        // Pingora's: `server.keepalive_timeout` is the connection's header deadline's
+        // (`listen::HeaderDeadline::keep_alive`, one timer a connection, where Pingora's
+        // would set one around every request's first read).
         if session.get_keepalive().is_some() {
-            session.set_keepalive(Some(config.server.keepalive_timeout.as_secs()));
+            session.set_keepalive(Some(0));
         }
         // The body's reads are timed by `intake::read_body` (`server.body_timeout`), with a
         // timer only for a read that waits; Pingora's own timer would read the clock for
