@@ -79,11 +79,11 @@ async fn a_key_made_or_blocked_on_one_instance_applies_on_all_within_a_second() 
         Gateway::start(&text),
     ];
     // All three migrated the one database (one after the other) and agree on it.
-    // (5, the latest migration, drops the usage rows' index by team.)
-    assert_eq!(pg.psql("SELECT MAX(version) FROM tollgate_schema"), "5");
+    // (5 and 6, the latest migrations, drop the usage rows' indexes by team and by key.)
+    assert_eq!(pg.psql("SELECT MAX(version) FROM tollgate_schema"), "6");
     assert_eq!(
         pg.psql("SELECT string_agg(indexname, ',' ORDER BY indexname) FROM pg_indexes WHERE tablename = 'usage'"),
-        "usage_key_ts,usage_ts"
+        "usage_ts"
     );
     // Closed to keys it does not know (the config key closes it).
     assert_eq!(status(&gws[1], "tg-not-a-key").await, 401);
