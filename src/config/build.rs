@@ -317,12 +317,18 @@ pub(super) fn build_models(
                     "must be at least 1 token".into(),
                 );
             }
-            let max_context = r.max_context.or_else(|| {
-                model
-                    .as_deref()
-                    .and_then(crate::relay::pricing::shipped_context)
-            });
-            let price = model.as_deref().map(|m| pricing.for_route(m, alias));
+            // The model a route sends: its own, else (a named alias being matched exactly)
+            // the alias's name; only a `*` route sends whatever the client named, and its
+            // window and price are looked up per request.
+            let sent = match (model.as_deref(), alias.as_str()) {
+                (Some(m), _) => Some(m),
+                (None, "*") => None,
+                (None, name) => Some(name),
+            };
+            let max_context = r
+                .max_context
+                .or_else(|| sent.and_then(crate::relay::pricing::shipped_context));
+            let price = sent.map(|m| pricing.for_route(m, alias));
             by_priority.entry(r.priority).or_default().push(Route {
                 upstream: Arc::clone(upstream),
                 model,
@@ -502,8 +508,9 @@ pub(super) fn build_tracing(
 mod tests {
     use super::*;
 
-    /// A route's price is resolved when the config is built: its model's, else its
-    /// alias's; a route of `*` passes the client's model and is priced per request.
+    /// A route's price is resolved when the config is built: its model's (the alias's
+    /// name when it names none), else its alias's; a route of `*` passes the client's
+    /// model and is priced per request.
     #[test]
     fn route_prices_are_resolved_at_build() {
         let text = r#"
@@ -517,6 +524,13 @@ models:
     routes:
       - {upstream: local, model: named-model}
       - {upstream: local, model: tollgate-unlisted-model}
+      - {upstream: local}
+  gpt-4o:
+    routes:
+      - {upstream: local}
+  plain:
+    routes:
+      - {upstream: local}
   "*":
     routes:
       - {upstream: local}
@@ -529,7 +543,12 @@ models:
         let named = c.pricing.get("named-model");
         let alias = c.pricing.get("cheap");
         assert!(named.is_some() && alias.is_some() && named != alias);
-        assert_eq!(prices("cheap"), [Some(named), Some(alias)]);
+        assert_eq!(prices("cheap"), [Some(named), Some(alias), Some(alias)]);
+        // A named alias without a model sends its own name: priced as that name.
+        let shipped = c.pricing.get("gpt-4o");
+        assert!(shipped.is_some());
+        assert_eq!(prices("gpt-4o"), [Some(shipped)]);
+        assert_eq!(prices("plain"), [Some(None)]);
         assert_eq!(prices("some-client-model"), [None]);
         let star = &c.router.resolve("named-model").unwrap().tiers[0].routes[0];
         assert_eq!(star.price(&c.pricing, "named-model", "*"), named);

@@ -22,11 +22,13 @@ pub struct Route {
     /// Share of the tier under `strategy: weighted`.
     pub weight: u32,
     /// The model's context window in tokens, when configured or known from the shipped
-    /// table (for `*`, looked up with the client's model).
+    /// table for the model the route sends (for a `*` route without a model, looked up
+    /// with the client's model per request).
     pub max_context: Option<u64>,
-    /// The route's price, resolved when the config is built: its model's, else its
-    /// alias's (`Some(None)`: neither is priced). `None` for a route of `*`, whose model is
-    /// the client's and is looked up per request.
+    /// The route's price, resolved when the config is built: the model it sends (its
+    /// own, else the alias's name), else its alias's (`Some(None)`: neither is priced).
+    /// `None` for a `*` route without a model, whose model is the client's and is looked
+    /// up per request.
     pub price: Option<Option<Price>>,
 }
 
@@ -46,9 +48,10 @@ impl Route {
 
     /// The context window for a request naming `client_model`.
     pub fn context_window(&self, client_model: &str) -> Option<u64> {
-        match (&self.model, self.max_context) {
-            (_, Some(w)) => Some(w),
-            (Some(_), None) => None,
+        match (self.max_context, self.price) {
+            (Some(w), _) => Some(w),
+            // Resolved at build: no window is known.
+            (None, Some(_)) => None,
             (None, None) => crate::relay::pricing::shipped_context(client_model),
         }
     }
@@ -405,5 +408,8 @@ mod tests {
         r.model = None;
         assert!(!r.fits("gpt-4o", 200_000));
         assert!(r.fits("gpt-4.1", 200_000));
+        // Resolved at build (a named alias's route): no window known, nothing looked up.
+        r.price = Some(None);
+        assert!(r.fits("gpt-4o", 200_000));
     }
 }
