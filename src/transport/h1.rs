@@ -12,11 +12,20 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use pingora_core::protocols::Stream;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-/// Smallest read, and what an idle stream holds: room for a provider's response header
-/// (about 1 KiB) or a few SSE events (a few hundred bytes each).
+/// Smallest read: room for a provider's response header (about 1 KiB) or a few SSE
+/// events (a few hundred bytes each). Reads this small land in the thread's [`SCRATCH`]
+/// first, so a connection waiting for its next event holds no buffer.
 const MIN_READ: usize = 2 * 1024;
+
+thread_local! {
+    /// Where a small read lands before its bytes are copied to the connection's buffer:
+    /// borrowed only within one poll, so an idle stream (an SSE stream between events, an
+    /// exchange waiting for its answer) holds none of it. Reading straight into a buffer
+    /// of the connection's own kept `MIN_READ` bytes reserved through every wait.
+    static SCRATCH: std::cell::RefCell<[u8; MIN_READ]> = const { std::cell::RefCell::new([0; MIN_READ]) };
+}
 /// Largest read, reached only while reads keep filling the buffer.
 const MAX_READ: usize = 64 * 1024;
 /// A response header larger than this is refused.
@@ -268,12 +277,22 @@ impl Conn {
     /// Reads once, at most `limit` bytes, into the buffer. Returns 0 at end of stream.
     async fn fill(&mut self, limit: usize, wait: Duration) -> Result<usize, Error> {
         let want = self.read_size.min(limit).max(1);
-        self.buf.reserve(want);
-        let mut limited = (&mut self.stream).take(want as u64);
-        let n = match tokio::time::timeout(wait, limited.read_buf(&mut self.buf)).await {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => return Err(Error::Io(e)),
-            Err(_) => return Err(Error::Timeout),
+        let read = if want <= MIN_READ && self.buf.capacity() - self.buf.len() < want {
+            let (stream, buf) = (&mut self.stream, &mut self.buf);
+            crate::clock::within(
+                wait,
+                std::future::poll_fn(|cx| poll_read_via_scratch(stream, cx, want, buf)),
+            )
+            .await
+        } else {
+            self.buf.reserve(want);
+            let mut limited = (&mut self.stream).take(want as u64);
+            crate::clock::within(wait, limited.read_buf(&mut self.buf)).await
+        };
+        let n = match read {
+            Some(Ok(n)) => n,
+            Some(Err(e)) => return Err(Error::Io(e)),
+            None => return Err(Error::Timeout),
         };
         if n > 0 {
             self.received = true;
@@ -293,6 +312,22 @@ impl Conn {
         let done = self.framing == Framing::Done && self.buf.is_empty();
         (self.request_complete && self.persistent && done).then_some(self.stream)
     }
+}
+
+/// Reads at most `want` (at most [`MIN_READ`]) bytes from `stream` into the thread's
+/// scratch buffer and appends them to `buf`, which grows by what arrived only.
+fn poll_read_via_scratch(
+    stream: &mut Stream,
+    cx: &mut std::task::Context<'_>,
+    want: usize,
+    buf: &mut BytesMut,
+) -> std::task::Poll<std::io::Result<usize>> {
+    SCRATCH.with_borrow_mut(|scratch| {
+        let mut read = tokio::io::ReadBuf::new(&mut scratch[..want]);
+        std::task::ready!(std::pin::Pin::new(&mut *stream).poll_read(cx, &mut read))?;
+        buf.extend_from_slice(read.filled());
+        std::task::Poll::Ready(Ok(read.filled().len()))
+    })
 }
 
 fn clamp(left: u64) -> usize {

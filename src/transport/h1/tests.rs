@@ -203,3 +203,29 @@ async fn the_read_size_grows_with_a_bulk_body_and_shrinks_when_it_thins() {
     assert_eq!(body_of(&mut conn).await.unwrap(), b"ababababab");
     assert!(conn.read_size < MAX_READ, "read size {}", conn.read_size);
 }
+
+/// Between SSE events a stream holds no read buffer of its own: each event is read
+/// through the thread's scratch buffer and handed out whole.
+#[tokio::test]
+async fn a_stream_waiting_for_its_next_event_holds_no_read_buffer() {
+    let mut conn = answered_with(&[
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+        b"b\r\ndata: one\n\n\r\n",
+        b"b\r\ndata: two\n\n\r\n",
+        b"0\r\n\r\n",
+    ])
+    .await;
+    conn.read_head(WAIT, false).await.unwrap();
+    let mut events = Vec::new();
+    while let Some(piece) = conn.read_body(WAIT).await.unwrap() {
+        events.push(piece);
+        // What is held is what arrived and is not yet handed out (the chunk's CRLF),
+        // not MIN_READ reserved for the next read.
+        assert!(
+            conn.buf.capacity() < MIN_READ / 8,
+            "{} held",
+            conn.buf.capacity()
+        );
+    }
+    assert_eq!(events.concat(), b"data: one\n\ndata: two\n\n");
+}
