@@ -149,9 +149,9 @@ fn carried_row(now: i64, id: String, key: (&str, &str), team: Option<&str>, cost
     UsageRow {
         request_id: id,
         ts: now,
-        key_id: key.0.to_string(),
-        key_name: key.1.to_string(),
-        team_id: team.map(str::to_string),
+        key_id: key.0.into(),
+        key_name: key.1.into(),
+        team_id: team.map(Into::into),
         model: CARRIED_MODEL.into(),
         upstream: None,
         upstream_model: None,

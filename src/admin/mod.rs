@@ -156,7 +156,7 @@ impl AdminApp {
         }
         for u in config.upstreams.values() {
             for s in &u.servers {
-                let labels = [u.name.as_str(), s.name.as_str()];
+                let labels = [&*u.name, &*s.name];
                 m.upstream_up
                     .with_label_values(&labels)
                     .set(i64::from(s.usable(now)));

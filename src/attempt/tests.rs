@@ -70,7 +70,7 @@ fn config(text: &str) -> Config {
 fn outcomes(attempts: &[AttemptRecord]) -> Vec<(String, &'static str)> {
     attempts
         .iter()
-        .map(|a| (a.upstream.clone(), a.outcome.as_str()))
+        .map(|a| (a.upstream.to_string(), a.outcome.as_str()))
         .collect()
 }
 
@@ -90,7 +90,7 @@ async fn a_rate_limited_tier_is_cooled_for_its_hint_and_the_next_tier_answers() 
     ));
     let (result, attempts) = attempt(&c, "m").await;
     let winner = result.unwrap();
-    assert_eq!(winner.upstream.name, "b");
+    assert_eq!(&*winner.upstream.name, "b");
     assert_eq!(winner.sent.status(), 200);
     assert_eq!(
         outcomes(&attempts),
@@ -158,7 +158,7 @@ async fn a_quota_failure_cools_for_the_quota_cooldown_and_a_refused_connection_i
         ok.url()
     ));
     let (result, attempts) = attempt(&c, "m").await;
-    assert_eq!(result.unwrap().upstream.name, "ok");
+    assert_eq!(&*result.unwrap().upstream.name, "ok");
     assert_eq!(
         outcomes(&attempts),
         [
@@ -267,7 +267,7 @@ async fn a_slow_first_byte_times_out_after_first_byte_timeout_and_the_next_tier_
     let c = two_tiers("first_byte_timeout: 20s, ");
     let started = tokio::time::Instant::now();
     let (result, attempts) = attempt_over(&connections, &c, "m").await;
-    assert_eq!(result.unwrap().upstream.name, "b");
+    assert_eq!(&*result.unwrap().upstream.name, "b");
     assert_eq!(
         outcomes(&attempts),
         [("a".to_string(), "timeout"), ("b".to_string(), "ok")]
@@ -284,13 +284,13 @@ async fn a_cooled_tier_is_skipped_until_its_hint_has_passed_then_tried_again() {
     up.answer("127.0.0.12:80", Duration::ZERO, OK);
     let c = two_tiers("");
     let (result, attempts) = attempt_over(&connections, &c, "m").await;
-    assert_eq!(result.unwrap().upstream.name, "b");
+    assert_eq!(&*result.unwrap().upstream.name, "b");
     assert_eq!(attempts.len(), 2);
 
     // Within its 7 s hint, a is not asked again.
     tokio::time::advance(Duration::from_millis(6_900)).await;
     let (result, attempts) = attempt_over(&connections, &c, "m").await;
-    assert_eq!(result.unwrap().upstream.name, "b");
+    assert_eq!(&*result.unwrap().upstream.name, "b");
     assert_eq!(outcomes(&attempts), [("b".to_string(), "ok")]);
     assert_eq!(up.hits("127.0.0.11:80"), 1);
 
@@ -298,7 +298,7 @@ async fn a_cooled_tier_is_skipped_until_its_hint_has_passed_then_tried_again() {
     tokio::time::advance(Duration::from_millis(200)).await;
     up.answer("127.0.0.11:80", Duration::ZERO, OK);
     let (result, attempts) = attempt_over(&connections, &c, "m").await;
-    assert_eq!(result.unwrap().upstream.name, "a");
+    assert_eq!(&*result.unwrap().upstream.name, "a");
     assert_eq!(outcomes(&attempts), [("a".to_string(), "ok")]);
     assert_eq!((up.hits("127.0.0.11:80"), up.hits("127.0.0.12:80")), (2, 2));
 }

@@ -181,7 +181,7 @@ impl Config {
         upstream
             .servers
             .iter()
-            .find(|s| s.name == name && s.url == url)
+            .find(|s| *s.name == *name && s.url == url)
             .map(|s| Arc::clone(&s.state))
     }
 
@@ -420,6 +420,8 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
         keys: KeyRing::new(file.keys.iter().map(|k| {
             let info = crate::keys::auth::KeyInfo {
                 name: k.name.clone(),
+                shared_name: k.name.as_str().into(),
+                shared_id: crate::keys::owner_id("config", &k.name).into(),
                 limits: k.limits,
                 models: k.models.clone(),
                 budget: k.budget.as_ref().and_then(|b| budget_spec(b).ok()),

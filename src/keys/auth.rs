@@ -50,6 +50,10 @@ pub struct KeyRing {
 #[derive(Debug, PartialEq)]
 pub struct KeyInfo {
     pub name: String,
+    /// `name` and the owner id usage rows are kept under (`config:NAME`), made once and
+    /// shared with every request's record and usage row.
+    pub shared_name: Arc<str>,
+    pub shared_id: Arc<str>,
     pub limits: Limits,
     /// Aliases it may call (`None`: all).
     pub models: Option<Vec<String>>,
@@ -90,11 +94,20 @@ impl Caller {
 
     /// The id usage rows and spend are kept under: a stored key's id, `config:NAME`
     /// for a config key, `-` for anonymous callers.
-    pub fn id(&self) -> String {
+    pub fn id(&self) -> Arc<str> {
         match self {
-            Caller::Anonymous => "-".into(),
-            Caller::Key(k) => crate::keys::owner_id("config", &k.name),
-            Caller::Stored(k) => k.rec.id.clone(),
+            Caller::Anonymous => Arc::from("-"),
+            Caller::Key(k) => Arc::clone(&k.shared_id),
+            Caller::Stored(k) => Arc::clone(&k.id),
+        }
+    }
+
+    /// [`name`](Self::name), shared rather than copied.
+    pub fn shared_name(&self) -> Arc<str> {
+        match self {
+            Caller::Anonymous => Arc::from("-"),
+            Caller::Key(k) => Arc::clone(&k.shared_name),
+            Caller::Stored(k) => Arc::clone(&k.name),
         }
     }
 
@@ -207,6 +220,8 @@ mod tests {
         let k = Secret::new("tg-team-a-0123456789");
         let info = KeyInfo {
             name: "team-a".into(),
+            shared_name: "team-a".into(),
+            shared_id: "config:team-a".into(),
             limits: Limits::default(),
             models: None,
             budget: None,

@@ -69,6 +69,9 @@ pub struct TeamRecord {
 #[derive(Debug)]
 pub struct StoredKey {
     pub rec: KeyRecord,
+    /// `rec.id` and `rec.name`, shared with every request's record and usage row.
+    pub id: Arc<str>,
+    pub name: Arc<str>,
     pub team: Option<Arc<StoredTeam>>,
     pub budget: Option<Arc<Budget>>,
 }
@@ -76,6 +79,8 @@ pub struct StoredKey {
 #[derive(Debug)]
 pub struct StoredTeam {
     pub rec: TeamRecord,
+    /// `rec.id`, shared with every request's record and usage row.
+    pub id: Arc<str>,
     pub budget: Option<Arc<Budget>>,
 }
 
@@ -534,7 +539,8 @@ impl Directory {
                 t.spend_reset_at,
                 &loaded.spent,
             );
-            teams.insert(t.id.clone(), Arc::new(StoredTeam { rec: t, budget }));
+            let id = t.id.as_str().into();
+            teams.insert(t.id.clone(), Arc::new(StoredTeam { rec: t, id, budget }));
         }
         let mut snapshot = Snapshot::default();
         for k in loaded.keys {
@@ -553,6 +559,8 @@ impl Directory {
                 k.old_digest.as_deref().and_then(unhex).map(|d| (d, true)),
             ];
             let key = Arc::new(StoredKey {
+                id: k.id.as_str().into(),
+                name: k.name.as_str().into(),
                 rec: k,
                 team,
                 budget,

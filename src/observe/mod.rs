@@ -18,6 +18,7 @@ pub mod spans;
 pub use sink::{flush_logs, LogWriter};
 
 use std::io::Write as _;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 /// Why a request did not end normally. Named (`as_str`) only in the access log and metrics.
@@ -48,7 +49,7 @@ pub struct Record {
     pub start: Instant,
     pub wall: SystemTime,
     pub request_id: String,
-    pub caller: String,
+    pub caller: Arc<str>,
     pub client_ip: String,
     pub method: String,
     pub path: String,
@@ -57,8 +58,8 @@ pub struct Record {
     pub stream: bool,
     pub attempts: Vec<AttemptRecord>,
     /// The server that answered (`upstream/server`), its upstream and the model it was sent.
-    pub target: Option<String>,
-    pub upstream: Option<String>,
+    pub target: Option<Arc<str>>,
+    pub upstream: Option<Arc<str>>,
     pub upstream_model: Option<String>,
     pub status: u16,
     pub first_byte: Option<Instant>,
@@ -80,8 +81,8 @@ pub struct Record {
     pub cache: Option<crate::cache::Outcome>,
     pub saved: Option<(u64, i64)>,
     /// The caller's key id (`config:NAME` for a config key) and team id.
-    pub key_id: Option<String>,
-    pub team: Option<String>,
+    pub key_id: Option<Arc<str>>,
+    pub team: Option<Arc<str>>,
     /// What the answer cost, micro-USD (`None`: no usage, or no price).
     pub cost_micro: Option<i64>,
     /// Time spent waiting for the client's body and for upstreams (not the gateway's own).
@@ -194,7 +195,7 @@ fn record_metrics(r: &Record, config: &Config, total: Duration) {
     }
     for a in &r.attempts {
         m.attempts
-            .with_label_values(&[a.upstream.as_str(), a.target.as_str(), a.outcome.as_str()])
+            .with_label_values(&[&*a.upstream, &*a.target, a.outcome.as_str()])
             .inc();
     }
     for pair in r.attempts.windows(2) {
@@ -516,7 +517,7 @@ pub fn usage_row(r: &mut Record, now: i64) -> Option<crate::store::usage::UsageR
         request_id: take(&mut r.request_id),
         ts: now,
         key_id: r.key_id.take().unwrap_or_else(|| "-".into()),
-        key_name: take(&mut r.caller),
+        key_name: std::mem::replace(&mut r.caller, Arc::from("")),
         team_id: r.team.take(),
         model: r.model.take().unwrap_or_default(),
         upstream: r.upstream.take(),

@@ -175,10 +175,10 @@ pub fn write(r: &Record, config: &Config, enc: &mut Enc) -> usize {
             a.int("tollgate.tier", s.tier as u64);
         }
         for (key, value) in [
-            ("tollgate.key_id", &r.key_id),
-            ("tollgate.team", &r.team),
-            ("tollgate.upstream", &r.upstream),
-            ("tollgate.target", &r.target),
+            ("tollgate.key_id", r.key_id.as_deref()),
+            ("tollgate.team", r.team.as_deref()),
+            ("tollgate.upstream", r.upstream.as_deref()),
+            ("tollgate.target", r.target.as_deref()),
         ] {
             if let Some(v) = value {
                 a.str(key, v);

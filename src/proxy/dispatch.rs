@@ -56,10 +56,10 @@ impl Gateway {
             .keys
             .authenticate(&config.keys, key)
             .map_err(GatewayError::Unauthorized)?;
-        ctx.record.caller = caller.name().to_string();
+        ctx.record.caller = caller.shared_name();
         if !matches!(caller, Caller::Anonymous) {
             ctx.record.key_id = Some(caller.id());
-            ctx.record.team = caller.team().map(|t| t.rec.id.clone());
+            ctx.record.team = caller.team().map(|t| std::sync::Arc::clone(&t.id));
         }
         let get_only = || {
             if method == http::Method::GET {

@@ -8,9 +8,9 @@ use crate::provider::inspect::Class;
 /// One attempt as it appears in the access log and in an all-failed error.
 #[derive(Debug, Clone)]
 pub struct AttemptRecord {
-    /// The server's name (`upstream/server`).
-    pub target: String,
-    pub upstream: String,
+    /// The server's name (`upstream/server`) and its upstream's, shared with the config.
+    pub target: std::sync::Arc<str>,
+    pub upstream: std::sync::Arc<str>,
     pub outcome: AttemptOutcome,
     /// The upstream's status, when it answered.
     pub status: Option<u16>,

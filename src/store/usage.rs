@@ -21,11 +21,12 @@ pub struct UsageRow {
     pub request_id: String,
     /// Milliseconds since the epoch, UTC.
     pub ts: i64,
-    pub key_id: String,
-    pub key_name: String,
-    pub team_id: Option<String>,
+    /// Shared with the key directory and the config: a row copies none of these.
+    pub key_id: Arc<str>,
+    pub key_name: Arc<str>,
+    pub team_id: Option<Arc<str>>,
     pub model: String,
-    pub upstream: Option<String>,
+    pub upstream: Option<Arc<str>>,
     pub upstream_model: Option<String>,
     pub status: u16,
     pub stream: bool,
@@ -331,11 +332,11 @@ fn bind_rows<'q>(mut q: Query<'q>, rows: &[UsageRow]) -> Query<'q> {
             .bind(r.request_id.clone())
             .bind(r.ts)
             .bind(crate::clock::day(r.ts))
-            .bind(r.key_id.clone())
-            .bind(r.key_name.clone())
-            .bind(r.team_id.clone())
+            .bind(r.key_id.to_string())
+            .bind(r.key_name.to_string())
+            .bind(r.team_id.as_deref().map(str::to_string))
             .bind(r.model.clone())
-            .bind(r.upstream.clone())
+            .bind(r.upstream.as_deref().map(str::to_string))
             .bind(r.upstream_model.clone())
             .bind(i64::from(r.status))
             .bind(i64::from(r.stream))
@@ -473,7 +474,7 @@ mod tests {
     fn varied(i: usize) -> UsageRow {
         let mut r = row(i);
         if i % 2 == 0 {
-            r.team_id = Some(format!("t{i}"));
+            r.team_id = Some(format!("t{i}").into());
             r.upstream_model = Some("gpt-4o-mini".into());
             r.cache = Some("miss");
             r.translation = Some("openai->anthropic");

@@ -213,8 +213,8 @@ impl Drop for InFlight {
 /// One member of an upstream. Two servers on one host with different keys are two
 /// servers (and two targets).
 pub struct Server {
-    /// `upstream/host:port[#n]`: used in logs, metrics and response headers.
-    pub name: String,
+    /// `upstream/host:port[#n]`: logs, metrics, response headers (shared, never copied).
+    pub name: Arc<str>,
     pub endpoint: Endpoint,
     pub api_key: Option<Secret>,
     pub weight: usize,
@@ -237,7 +237,7 @@ impl Server {
         backup: bool,
     ) -> Self {
         Server {
-            name,
+            name: name.into(),
             endpoint,
             api_key,
             weight,
@@ -270,7 +270,7 @@ impl Server {
 
 /// A named group of servers with one balancing method and one provider kind.
 pub struct Upstream {
-    pub name: String,
+    pub name: Arc<str>,
     pub provider: Provider,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
@@ -391,7 +391,7 @@ impl Upstream {
             }
         };
         Upstream {
-            name,
+            name: name.into(),
             provider: section.provider,
             connect_timeout: section.connect_timeout,
             first_byte_timeout: section.first_byte_timeout,
@@ -581,11 +581,11 @@ mod tests {
         let _g2 = InFlight::new(&u.servers[2].state);
         // s1 is idle: it is chosen every time while it stays idle.
         for _ in 0..5 {
-            assert_eq!(u.pick(|_| true).unwrap().name, "s1");
+            assert_eq!(&*u.pick(|_| true).unwrap().name, "s1");
         }
         let _g3 = InFlight::new(&u.servers[1].state);
         // s0: 1/1, s1: 1/1, s2: 1/2 -> s2.
-        assert_eq!(u.pick(|_| true).unwrap().name, "s2");
+        assert_eq!(&*u.pick(|_| true).unwrap().name, "s2");
     }
 
     #[test]
@@ -619,7 +619,7 @@ mod tests {
         for balance in [Balance::Weighted, Balance::LeastConn, Balance::Latency] {
             for backup in [false, true] {
                 let u = upstream(balance, &[(1, backup)]);
-                assert_eq!(u.pick(|_| true).unwrap().name, "s0");
+                assert_eq!(&*u.pick(|_| true).unwrap().name, "s0");
                 assert!(u.pick(|_| false).is_none());
                 let health = &u.servers[0].state.health;
                 health.cool(now_ms(), Duration::from_secs(60), Transient);
@@ -634,8 +634,8 @@ mod tests {
     fn backups_only_when_no_primary_is_accepted() {
         let u = upstream(Balance::Weighted, &[(1, false), (1, true)]);
         assert_eq!(count(&u, 20), vec![20, 0]);
-        let chosen = u.pick(|s| s.name != "s0").unwrap();
-        assert_eq!(chosen.name, "s1");
+        let chosen = u.pick(|s| &*s.name != "s0").unwrap();
+        assert_eq!(&*chosen.name, "s1");
         assert!(u.pick(|_| false).is_none());
     }
 
@@ -656,7 +656,7 @@ mod tests {
                 let mut slow = 0;
                 for _ in 0..n {
                     let s = u.pick(|_| true).unwrap();
-                    let ttfb = if s.name == "s1" {
+                    let ttfb = if &*s.name == "s1" {
                         slow += 1;
                         slow_ms
                     } else {

@@ -54,10 +54,10 @@ impl Cooldowns for LocalCooldowns {
     fn clear(&self, servers: &[Arc<Server>], only: Option<&str>) -> Vec<String> {
         servers
             .iter()
-            .filter(|s| only.is_none_or(|name| s.name == name))
+            .filter(|s| only.is_none_or(|name| *s.name == *name))
             .map(|s| {
                 s.state.health.clear();
-                s.name.clone()
+                s.name.to_string()
             })
             .collect()
     }
@@ -67,7 +67,7 @@ impl Cooldowns for SharedCooldowns {
     fn cool(&self, server: &Server, now: u64, d: Duration, reason: Reason) {
         LocalCooldowns.cool(server, now, d, reason);
         self.publish(Event::Cool {
-            server: server.name.clone(),
+            server: server.name.to_string(),
             ms: d.as_millis() as u64,
             reason: reason.as_str().to_string(),
         });
@@ -238,7 +238,7 @@ fn apply(servers: &[Arc<Server>], event: Event) {
         Event::Cool { server, ms, reason } => {
             let reason = Reason::parse(&reason).unwrap_or(Reason::Transient);
             let now = crate::clock::monotonic_ms();
-            for s in servers.iter().filter(|s| s.name == server) {
+            for s in servers.iter().filter(|s| *s.name == *server) {
                 LocalCooldowns.cool(s, now, Duration::from_millis(ms), reason);
             }
         }
