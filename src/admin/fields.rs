@@ -65,7 +65,7 @@ pub(super) fn invisible(c: char) -> bool {
 /// Refuses a stored key's name that a config key has: the two would be told apart in the
 /// console, logs and reports only by their ids.
 pub(super) fn not_a_config_key_name(config: &Config, name: &str) -> Result<(), ApiError> {
-    if config.keys.infos().any(|k| k.name == name) {
+    if config.keys.infos().any(|k| *k.name == *name) {
         return Err(ApiError::invalid(
             "name",
             format!("{name:?} is the name of a key in the config file"),

@@ -347,7 +347,7 @@ pub(super) fn read_only(id: &str) -> Result<(), ApiError> {
 pub(super) fn show_key(dir: &Directory, config: &Config, id: &str) -> Answer {
     let now = dir.now();
     if let Some(name) = id.strip_prefix("config:") {
-        return match config.keys.infos().find(|k| k.name == name) {
+        return match config.keys.infos().find(|k| *k.name == *name) {
             Some(k) => ok(200, config_key_view(dir, k, now)),
             None => Err(ApiError::not_found("key", id)),
         };

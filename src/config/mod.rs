@@ -419,9 +419,8 @@ fn build(file: FileConfig, previous: Option<&Config>) -> Result<Config, ConfigEr
         admin_listen,
         keys: KeyRing::new(file.keys.iter().map(|k| {
             let info = crate::keys::auth::KeyInfo {
-                name: k.name.clone(),
-                shared_name: k.name.as_str().into(),
-                shared_id: crate::keys::owner_id("config", &k.name).into(),
+                name: k.name.as_str().into(),
+                id: crate::keys::owner_id("config", &k.name).into(),
                 limits: k.limits,
                 models: k.models.clone(),
                 budget: k.budget.as_ref().and_then(|b| budget_spec(b).ok()),

@@ -49,11 +49,10 @@ pub struct KeyRing {
 /// What the gateway knows about a config-file key.
 #[derive(Debug, PartialEq)]
 pub struct KeyInfo {
-    pub name: String,
-    /// `name` and the owner id usage rows are kept under (`config:NAME`), made once and
-    /// shared with every request's record and usage row.
-    pub shared_name: Arc<str>,
-    pub shared_id: Arc<str>,
+    /// The key's name, and the owner id usage rows are kept under (`config:NAME`), made
+    /// once and shared with every request's record and usage row.
+    pub name: Arc<str>,
+    pub id: Arc<str>,
     pub limits: Limits,
     /// Aliases it may call (`None`: all).
     pub models: Option<Vec<String>>,
@@ -96,8 +95,8 @@ impl Caller {
     /// for a config key, `-` for anonymous callers.
     pub fn id(&self) -> Arc<str> {
         match self {
-            Caller::Anonymous => Arc::from("-"),
-            Caller::Key(k) => Arc::clone(&k.shared_id),
+            Caller::Anonymous => crate::record::unnamed(),
+            Caller::Key(k) => Arc::clone(&k.id),
             Caller::Stored(k) => Arc::clone(&k.id),
         }
     }
@@ -105,8 +104,8 @@ impl Caller {
     /// [`name`](Self::name), shared rather than copied.
     pub fn shared_name(&self) -> Arc<str> {
         match self {
-            Caller::Anonymous => Arc::from("-"),
-            Caller::Key(k) => Arc::clone(&k.shared_name),
+            Caller::Anonymous => crate::record::unnamed(),
+            Caller::Key(k) => Arc::clone(&k.name),
             Caller::Stored(k) => Arc::clone(&k.name),
         }
     }
@@ -173,7 +172,7 @@ impl KeyRing {
     pub fn budgets(&self) -> Vec<(String, BudgetSpec)> {
         self.by_digest
             .values()
-            .filter_map(|k| k.budget.clone().map(|b| (k.name.clone(), b)))
+            .filter_map(|k| k.budget.clone().map(|b| (k.name.to_string(), b)))
             .collect()
     }
 
@@ -220,8 +219,7 @@ mod tests {
         let k = Secret::new("tg-team-a-0123456789");
         let info = KeyInfo {
             name: "team-a".into(),
-            shared_name: "team-a".into(),
-            shared_id: "config:team-a".into(),
+            id: "config:team-a".into(),
             limits: Limits::default(),
             models: None,
             budget: None,

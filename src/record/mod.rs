@@ -4,13 +4,21 @@
 //! without depending on either.
 
 use crate::provider::inspect::Class;
+use std::sync::{Arc, LazyLock};
+
+/// `-`, the name and key id a request without a key is recorded under: one shared string,
+/// so no request allocates it.
+pub fn unnamed() -> Arc<str> {
+    static DASH: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("-"));
+    Arc::clone(&DASH)
+}
 
 /// One attempt as it appears in the access log and in an all-failed error.
 #[derive(Debug, Clone)]
 pub struct AttemptRecord {
     /// The server's name (`upstream/server`) and its upstream's, shared with the config.
-    pub target: std::sync::Arc<str>,
-    pub upstream: std::sync::Arc<str>,
+    pub target: Arc<str>,
+    pub upstream: Arc<str>,
     pub outcome: AttemptOutcome,
     /// The upstream's status, when it answered.
     pub status: Option<u16>,

@@ -124,7 +124,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         6,
         // Nor by key first: spend per key and the reports range over `ts` (`usage_ts`),
-        // and keeping this index cost every row about 1,300 instructions of SQLite's.
+        // and keeping this index cost about 2,200 instructions a request (80,306 -> 78,105).
         "DROP INDEX IF EXISTS usage_key_ts",
     ),
 ];
