@@ -13,6 +13,7 @@
 #   ONLY=translation benches/instructions.sh   # only the translated cases
 #   ONLY=core benches/instructions.sh          # all but the translated cases
 #   KEEP=DIR benches/instructions.sh           # keeps the callgrind profiles in DIR
+#   BIN=path/to/tollgate benches/instructions.sh   # another build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-4000}
@@ -24,8 +25,12 @@ OUT=${OUT:-}
 . benches/common.sh
 need_tools nginx:nginx hey:hey curl:curl valgrind:valgrind callgrind_control:valgrind redis-server:redis-server
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-cargo build --release --quiet
-BIN=target/release/tollgate
+# BIN=path/to/tollgate measures another build (an earlier commit's, or one with line
+# tables for annotating a KEEP profile by source line).
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --quiet
+  BIN=target/release/tollgate
+fi
 
 with_workdir
 
