@@ -36,13 +36,14 @@ use std::time::Duration;
 /// What answers an HTTP/1.x request whose header is in. `shutdown` says whether the
 /// server is shutting down (the connection is then not kept).
 pub trait Serve: Send + Sync + 'static {
-    /// Answers the request in `session`; the stream back when the connection may carry
-    /// another request.
+    /// Answers the request in `session`; whether it ended so that the connection may
+    /// carry another request (the connection then finishes the session and keeps it if
+    /// the session allows).
     fn serve<'a>(
         &'a self,
-        session: Session,
+        session: &'a mut Session,
         shutdown: &'a ShutdownWatch,
-    ) -> impl Future<Output = Option<ReusedHttpStream>> + Send + 'a;
+    ) -> impl Future<Output = bool> + Send + 'a;
 }
 
 /// What HTTP/2 connections go to: Pingora's proxy over the gateway's hooks.
@@ -136,9 +137,17 @@ where
             if !read_header(downstream, closed.as_mut()).await {
                 return;
             }
-            let Some(reused) = self.server.serve(session, shutdown).await else {
+            // The session stays here, and is finished here: in the answer's future it
+            // would take room twice, and Pingora's finishing (a 3.7 KB future) would add
+            // to the request's state in every connection's task.
+            if !self.server.serve(&mut session, shutdown).await {
+                return;
+            }
+            let kept = HttpPersistentSettings::for_session(&session.downstream_session);
+            let Ok(Some(reusable)) = session.downstream_session.finish().await else {
                 return;
             };
+            let reused = ReusedHttpStream::from_reusable_stream(reusable, kept);
             let (stream, next) = reused.consume();
             let Ok(stream) = stream.into_any().downcast::<HeaderDeadline<Stream>>() else {
                 return;

@@ -77,6 +77,15 @@ fn trace_request(
     }
 }
 
+/// What an upstream answered, ready to relay.
+struct Chosen<'c> {
+    alias: &'c std::sync::Arc<crate::route::Alias>,
+    winner: attempt::Winner,
+    cache_plan: Option<super::cached::Plan>,
+    /// The client's `stream` and `stream_options.include_usage`.
+    stream: (bool, bool),
+}
+
 impl Gateway {
     pub(super) async fn pipeline(
         &self,
@@ -86,6 +95,32 @@ impl Gateway {
         caller: &Caller,
         suffix: &str,
     ) -> Result<(), Outcome> {
+        // Two stages, so that what only choosing needs (the request body above all) is
+        // freed before the answer is relayed, however long it streams.
+        let Some(chosen) = self.choose(session, ctx, config, caller, suffix).await? else {
+            return Ok(());
+        };
+        let Chosen {
+            alias,
+            winner,
+            cache_plan,
+            stream,
+        } = chosen;
+        self.deliver(session, ctx, config, alias, winner, cache_plan, stream)
+            .await
+    }
+
+    /// The body read, the model routed, the request admitted and sent until an upstream
+    /// answered; `None` when the gateway answered itself (a cache hit, an estimated token
+    /// count).
+    async fn choose<'c>(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        config: &'c Config,
+        caller: &Caller,
+        suffix: &str,
+    ) -> Result<Option<Chosen<'c>>, Outcome> {
         let s = &config.server;
         let body = crate::clock::add_wait(
             &mut ctx.record.waiting,
@@ -124,18 +159,53 @@ impl Gateway {
             admitted.map_err(|r| refused(ctx, r))?;
             // Boxed, as the other rare paths below: a future's size is that of its largest
             // state, and every request (an idle stream too) holds the whole of it.
-            return Box::pin(self.answer_hit(session, ctx, entry)).await;
+            Box::pin(self.answer_hit(session, ctx, entry)).await?;
+            return Ok(None);
         }
         // Counting tokens generates nothing and costs nothing: no budget is reserved.
         let free = suffix == COUNT_TOKENS;
         self.admit(ctx, config, caller, alias, (body.len(), &facts), free)
             .await?;
 
+        // Boxed: the attempt loop's future is the largest of a request's, and a future is
+        // as large as its largest state, so inline it would be held by every stream for
+        // its whole length.
+        let search = self.search(session, ctx, config, alias, (&body, &facts), suffix);
+        let Some(result) = Box::pin(search).await else {
+            ctx.record.error = Some(Failure::Stream(relay::StreamEnd::ClientGone));
+            return Err(Outcome::Aborted(Error::explain(
+                ErrorType::ConnectionClosed,
+                "client disconnected before the response",
+            )));
+        };
+        if free && matches!(result, Err(GatewayError::NoRouteForEndpoint { .. })) {
+            Box::pin(estimated_count(session, ctx, body.len())).await?;
+            return Ok(None);
+        }
+        Ok(Some(Chosen {
+            alias,
+            winner: result?,
+            cache_plan,
+            stream: (facts.stream, facts.include_usage),
+        }))
+    }
+
+    /// The attempt loop, watching for the client leaving: `None` when the client left
+    /// before an upstream answered. The attempts made are in `ctx.record`.
+    async fn search(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        config: &Config,
+        alias: &std::sync::Arc<crate::route::Alias>,
+        (body, facts): (&bytes::Bytes, &body::RequestFacts),
+        suffix: &str,
+    ) -> Option<Result<attempt::Winner, GatewayError>> {
         let req = session.req_header();
         let forwarded_for = forward::forwarded_for(req, ctx.peer);
         let traced = ctx.record.trace.is_some();
         let out = Outgoing::new(req, suffix, &ctx.record.request_id, &forwarded_for, traced);
-        let rewrite = |model: &str, add_usage: bool| body::prepare(&body, &facts, model, add_usage);
+        let rewrite = |model: &str, add_usage: bool| body::prepare(body, facts, model, add_usage);
         let need = Need {
             client_model: &facts.model,
             alias: &alias.name,
@@ -148,7 +218,7 @@ impl Gateway {
             router: &config.router,
             failover: &config.failover,
             out: &out,
-            body: &body,
+            body,
             default_max_tokens: config.budgets.default_max_tokens,
             need: &need,
             rewrite: &rewrite,
@@ -169,20 +239,7 @@ impl Gateway {
         };
         ctx.record.waiting += attempts_started.elapsed();
         ctx.record.attempts = attempts;
-        let Some(result) = result else {
-            ctx.record.error = Some(Failure::Stream(relay::StreamEnd::ClientGone));
-            return Err(Outcome::Aborted(Error::explain(
-                ErrorType::ConnectionClosed,
-                "client disconnected before the response",
-            )));
-        };
-        if free && matches!(result, Err(GatewayError::NoRouteForEndpoint { .. })) {
-            return Box::pin(estimated_count(session, ctx, body.len())).await;
-        }
-        let winner = result?;
-        let stream = (facts.stream, facts.include_usage);
-        self.deliver(session, ctx, config, alias, winner, cache_plan, stream)
-            .await
+        result
     }
 
     /// The answer relayed to the client (translated if need be), then accounted for and

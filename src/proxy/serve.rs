@@ -5,43 +5,35 @@
 
 use super::Gateway;
 use crate::listen::Serve;
-use pingora_core::apps::{HttpPersistentSettings, ReusedHttpStream};
 use pingora_core::server::ShutdownWatch;
 use pingora_proxy::{ProxyHttp, Session};
 
 impl Serve for Gateway {
-    async fn serve(
-        &self,
-        mut session: Session,
-        shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
+    async fn serve(&self, session: &mut Session, shutdown: &ShutdownWatch) -> bool {
         if *shutdown.borrow() {
             // The connection closes after this answer.
             session.set_keepalive(None);
         }
+        // What the request held is given back before the connection waits for the next
+        // one.
         let mut ctx = self.new_ctx();
-        match self.answer(&mut session, &mut ctx).await {
+        match self.answer(session, &mut ctx).await {
             Ok(()) => {
-                self.record(&session, None, &mut ctx);
-                // What the request held is given back before the connection waits for
-                // the next one.
-                drop(ctx);
-                let settings = HttpPersistentSettings::for_session(&session.downstream_session);
-                let reusable = session.downstream_session.finish().await.ok().flatten()?;
-                Some(ReusedHttpStream::from_reusable_stream(reusable, settings))
+                self.record(session, None, &mut ctx);
+                true
             }
             Err(e) => {
                 // As Pingora's proxy ends a request whose filter failed: an error status
                 // when no answer started, the error logged, the connection not kept.
-                let failed = self.fail_to_proxy(&mut session, &e, &mut ctx).await;
+                let failed = self.fail_to_proxy(session, &e, &mut ctx).await;
                 log::error!(
                     "Fail to filter request: {e}, status: {}, {}",
                     failed.error_code,
-                    self.request_summary(&session, &ctx)
+                    self.request_summary(session, &ctx)
                 );
-                self.record(&session, Some(&e), &mut ctx);
+                self.record(session, Some(&e), &mut ctx);
                 session.downstream_session.on_proxy_failure(e);
-                None
+                false
             }
         }
     }
