@@ -17,7 +17,7 @@ use tollgate::limits::{
 use tollgate::provider::inspect::Rules;
 use tollgate::relay::pricing::Pricing;
 use tollgate::relay::usage::UsageScanner;
-use tollgate::route::{Need, Route, Tier};
+use tollgate::route::{Need, Route, Sends, Tier};
 use tollgate::upstream::health::Reason;
 use tollgate::upstream::{Endpoint, InFlight, Server, Upstream};
 
@@ -188,7 +188,7 @@ fn strategies(c: &mut Criterion) {
                     model: Some(Arc::from(*m)),
                     weight: 1 + i as u32 % 3,
                     max_context: None,
-                    price: None,
+                    sends: Sends::Client,
                 }
             })
             .collect();

@@ -328,13 +328,18 @@ pub(super) fn build_models(
             let max_context = r
                 .max_context
                 .or_else(|| sent.and_then(crate::relay::pricing::shipped_context));
-            let price = sent.map(|m| pricing.for_route(m, alias));
+            let sends = match sent {
+                Some(m) => Sends::Fixed {
+                    price: pricing.for_route(m, alias),
+                },
+                None => Sends::Client,
+            };
             by_priority.entry(r.priority).or_default().push(Route {
                 upstream: Arc::clone(upstream),
                 model,
                 weight: r.weight,
                 max_context,
-                price,
+                sends,
             });
         }
         let tiers = by_priority
@@ -536,20 +541,21 @@ models:
       - {upstream: local}
 "#;
         let c = Config::parse(text, &|_| None).unwrap();
-        let prices = |alias: &str| -> Vec<Option<Option<crate::relay::pricing::Price>>> {
+        let prices = |alias: &str| -> Vec<Sends> {
             let a = c.router.resolve(alias).unwrap();
-            a.tiers[0].routes.iter().map(|r| r.price).collect()
+            a.tiers[0].routes.iter().map(|r| r.sends).collect()
         };
+        let fixed = |price| Sends::Fixed { price };
         let named = c.pricing.get("named-model");
         let alias = c.pricing.get("cheap");
         assert!(named.is_some() && alias.is_some() && named != alias);
-        assert_eq!(prices("cheap"), [Some(named), Some(alias), Some(alias)]);
+        assert_eq!(prices("cheap"), [fixed(named), fixed(alias), fixed(alias)]);
         // A named alias without a model sends its own name: priced as that name.
         let shipped = c.pricing.get("gpt-4o");
         assert!(shipped.is_some());
-        assert_eq!(prices("gpt-4o"), [Some(shipped)]);
-        assert_eq!(prices("plain"), [Some(None)]);
-        assert_eq!(prices("some-client-model"), [None]);
+        assert_eq!(prices("gpt-4o"), [fixed(shipped)]);
+        assert_eq!(prices("plain"), [fixed(None)]);
+        assert_eq!(prices("some-client-model"), [Sends::Client]);
         let star = &c.router.resolve("named-model").unwrap().tiers[0].routes[0];
         assert_eq!(star.price(&c.pricing, "named-model", "*"), named);
     }

@@ -13,7 +13,7 @@ pub mod units;
 use crate::keys::auth::KeyRing;
 use crate::limits::Cidr;
 use crate::provider::inspect::Rules;
-use crate::route::{Alias, Route, Router, Tier};
+use crate::route::{Alias, Route, Router, Sends, Tier};
 use crate::upstream::{Endpoint, Server, ServerState, Upstream};
 use build::*;
 use check::*;

@@ -25,11 +25,19 @@ pub struct Route {
     /// table for the model the route sends (for a `*` route without a model, looked up
     /// with the client's model per request).
     pub max_context: Option<u64>,
-    /// The route's price, resolved when the config is built: the model it sends (its
-    /// own, else the alias's name), else its alias's (`Some(None)`: neither is priced).
-    /// `None` for a `*` route without a model, whose model is the client's and is looked
-    /// up per request.
-    pub price: Option<Option<Price>>,
+    pub sends: Sends,
+}
+
+/// Which model a route sends, as far as its price and context window go.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Sends {
+    /// One model whatever the client named (the route's own, else its alias's name):
+    /// price and window were resolved when the config was built. The price is the
+    /// model's, else its alias's; `None` when neither is priced.
+    Fixed { price: Option<Price> },
+    /// The client's model (a `*` route without a model): its price and window are
+    /// looked up per request.
+    Client,
 }
 
 impl Route {
@@ -40,19 +48,19 @@ impl Route {
 
     /// The price of this route for a request naming `client_model` to `alias`.
     pub fn price(&self, pricing: &Pricing, client_model: &str, alias: &str) -> Option<Price> {
-        match self.price {
-            Some(resolved) => resolved,
-            None => pricing.for_route(self.model_for(client_model), alias),
+        match self.sends {
+            Sends::Fixed { price } => price,
+            Sends::Client => pricing.for_route(self.model_for(client_model), alias),
         }
     }
 
     /// The context window for a request naming `client_model`.
     pub fn context_window(&self, client_model: &str) -> Option<u64> {
-        match (self.max_context, self.price) {
+        match (self.max_context, self.sends) {
             (Some(w), _) => Some(w),
             // Resolved at build: no window is known.
-            (None, Some(_)) => None,
-            (None, None) => crate::relay::pricing::shipped_context(client_model),
+            (None, Sends::Fixed { .. }) => None,
+            (None, Sends::Client) => crate::relay::pricing::shipped_context(client_model),
         }
     }
 
@@ -312,7 +320,7 @@ mod tests {
             model: Some(Arc::from(model)),
             weight,
             max_context: None,
-            price: None,
+            sends: Sends::Client,
         }
     }
 
@@ -409,7 +417,7 @@ mod tests {
         assert!(!r.fits("gpt-4o", 200_000));
         assert!(r.fits("gpt-4.1", 200_000));
         // Resolved at build (a named alias's route): no window known, nothing looked up.
-        r.price = Some(None);
+        r.sends = Sends::Fixed { price: None };
         assert!(r.fits("gpt-4o", 200_000));
     }
 }
