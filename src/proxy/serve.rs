@@ -1,8 +1,7 @@
-//! An HTTP/1.x request from its header to the stream kept for the next one, in place of
-//! Pingora's `HttpProxy` (see `listen`): the same steps it takes for a request answered
-//! in `request_filter`, with the gateway's stages called directly instead of through
-//! boxed hooks.
-
+//! An HTTP/1.x request from its header to its record, in place of Pingora's `HttpProxy`
+//! (see `listen`): the same steps it takes for a request answered in `request_filter`,
+//! with the gateway's stages called directly instead of through boxed hooks. The
+//! connection loop then finishes the session and keeps the stream for the next request.
 use super::Gateway;
 use crate::listen::Serve;
 use pingora_core::server::ShutdownWatch;
