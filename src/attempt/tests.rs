@@ -3,7 +3,7 @@
 use super::*;
 use crate::config::Config;
 use crate::demo::mock::{MockUpstream, Reply};
-use crate::transport::pool::Pool;
+use crate::transport::pool::{Dial, Pool};
 use pingora_core::connectors::TransportConnector;
 use pingora_http::RequestHeader;
 use std::time::Duration;
@@ -13,7 +13,7 @@ async fn attempt(
     model: &str,
 ) -> (Result<Winner, GatewayError>, Vec<AttemptRecord>) {
     let connections = Connections {
-        dialer: Box::new(TransportConnector::new(None)),
+        dialer: Box::new(Dial(TransportConnector::new(None))),
         pool: Pool::new(8),
     };
     attempt_over(&connections, config, model).await

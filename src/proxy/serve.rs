@@ -2,6 +2,7 @@
 //! (see `listen`): the same steps it takes for a request answered in `request_filter`,
 //! with the gateway's stages called directly instead of through boxed hooks. The
 //! connection loop then finishes the session and keeps the stream for the next request.
+
 use super::Gateway;
 use crate::listen::Serve;
 use pingora_core::server::ShutdownWatch;

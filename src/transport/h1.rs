@@ -4,9 +4,9 @@
 //! Pingora's HTTP/1 client writes the request header and the body in separate writes and
 //! reads every response body through a fixed 64 KiB buffer that lives as long as the
 //! exchange. Here the request leaves in one write, and the read buffer follows the
-//! traffic: 2 KiB while a stream idles between tokens, growing to 64 KiB only while a
-//! large body keeps filling it. Connections still come from, and go back to, Pingora's
-//! `TransportConnector`, which keeps doing connect, TLS and idle-pool upkeep.
+//! traffic: none while a stream idles between tokens (small reads go through a per-thread
+//! scratch buffer), growing to 64 KiB only while a large body keeps filling it.
+//! Connections come from, and go back to, the gateway's pool (`pool`).
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};

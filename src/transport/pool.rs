@@ -6,8 +6,9 @@
 //! a connection is checked when it comes back and when it is taken (a closed one, or one
 //! with unexpected bytes waiting, is dropped), the newest is reused first, and a sweep
 //! closes those idle past their upstream's `idle_timeout` or closed by the server, so
-//! nothing lingers without traffic either. New connections (connect, TLS) still come from
-//! Pingora's `TransportConnector`.
+//! nothing lingers without traffic either. New connections come from [`Dial`]: plain TCP
+//! dialled with tokio, TLS, Unix-socket and proxied peers through Pingora's
+//! `TransportConnector`.
 
 use crate::clock::monotonic_ms;
 use crate::transport::h1::Conn;
@@ -26,19 +27,11 @@ use tokio::io::{AsyncRead, ReadBuf};
 /// How often idle connections are swept.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
-/// Opens new upstream connections. The gateway dials with Pingora's connector (TCP and
-/// TLS); the attempt loop's tests dial scripted in-memory upstreams, so it runs under
-/// paused time.
+/// Opens new upstream connections: the gateway's is [`Dial`]; tests may dial scripted
+/// in-memory upstreams, so that the attempt loop runs under paused time.
 #[async_trait::async_trait]
 pub trait Dialer: Send + Sync {
     async fn dial(&self, peer: &HttpPeer) -> pingora_core::Result<Stream>;
-}
-
-#[async_trait::async_trait]
-impl Dialer for TransportConnector {
-    async fn dial(&self, peer: &HttpPeer) -> pingora_core::Result<Stream> {
-        self.new_stream(peer).await
-    }
 }
 
 /// The gateway's dialer: a plain-TCP upstream is dialled with tokio and carried as a
